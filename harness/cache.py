@@ -1,0 +1,176 @@
+"""The artifact cache: every dataset, checkpoint and adapter, keyed by a hash of the settings that made it.
+
+Layout: ``<root>/<kind>/<name>-<hash12>/`` holding the artifact's files plus ``manifest.json``, which
+records the settings and a SHA-256 of every file. An entry is written into a temporary folder and
+renamed into place, so a reader never sees a half-written entry; on load every checksum is verified and
+a corrupt or truncated entry is removed and rebuilt, never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+ENV_VAR = "HARNESS_CACHE"
+
+
+def cache_root() -> Path:
+    """The cache folder: ``$HARNESS_CACHE``, else ``$XDG_CACHE_HOME/harness``, else ``~/.cache/harness``."""
+    if os.environ.get(ENV_VAR):
+        return Path(os.environ[ENV_VAR]).expanduser().resolve()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return (Path(base) / "harness").resolve()
+
+
+def _canonical(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _canonical(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(obj, (list, tuple)):
+        return [_canonical(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, float) and obj.is_integer():
+        return int(obj)  # 1.0 and 1 make the same artifact
+    return obj
+
+
+def settings_hash(settings: dict[str, Any]) -> str:
+    """A stable hex digest of a settings dict (key order and int/float spelling do not matter)."""
+    blob = json.dumps(_canonical(settings), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class CorruptArtifactError(Exception):
+    """A cache entry failed verification."""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A verified cache entry: its folder and the settings that made it."""
+
+    path: Path
+    settings: dict[str, Any]
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+
+class ArtifactCache:
+    """Get-or-build access to cached artifacts."""
+
+    def __init__(self, root: Path | str | None = None):
+        self.root = Path(root) if root is not None else cache_root()
+
+    def entry_dir(self, kind: str, name: str, settings: dict[str, Any]) -> Path:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+        return self.root / kind / f"{safe}-{settings_hash(settings)[:12]}"
+
+    def verify(self, path: Path) -> dict[str, Any]:
+        """Check an entry's manifest and checksums; return its settings or raise CorruptArtifactError."""
+        manifest_path = path / "manifest.json"
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, ValueError) as e:
+            raise CorruptArtifactError(f"{manifest_path}: unreadable manifest ({e})") from e
+        for fname, meta in manifest.get("files", {}).items():
+            fpath = path / fname
+            if not fpath.is_file():
+                raise CorruptArtifactError(f"{fpath}: missing")
+            if fpath.stat().st_size != meta["size"]:
+                raise CorruptArtifactError(
+                    f"{fpath}: size {fpath.stat().st_size} bytes, expected {meta['size']} (truncated?)")
+            if file_sha256(fpath) != meta["sha256"]:
+                raise CorruptArtifactError(f"{fpath}: checksum mismatch")
+        return manifest["settings"]
+
+    def lookup(self, kind: str, name: str, settings: dict[str, Any]) -> Artifact | None:
+        """The verified entry, or None when it is absent or corrupt (a corrupt one is removed)."""
+        path = self.entry_dir(kind, name, settings)
+        if not path.exists():
+            return None
+        try:
+            stored = self.verify(path)
+        except CorruptArtifactError as e:
+            import warnings
+
+            warnings.warn(f"cache entry is corrupt and will be rebuilt: {e}", stacklevel=2)
+            shutil.rmtree(path, ignore_errors=True)
+            return None
+        return Artifact(path, stored)
+
+    def get_or_build(
+        self,
+        kind: str,
+        name: str,
+        settings: dict[str, Any],
+        build: Callable[[Path], None],
+    ) -> Artifact:
+        """Return the cached entry, building it with ``build(tmpdir)`` first when absent or corrupt.
+
+        ``build`` writes its files into the given empty folder; the folder is then checksummed and renamed
+        into place atomically. Concurrent builders of the same entry are safe: the first rename wins.
+        """
+        found = self.lookup(kind, name, settings)
+        if found is not None:
+            return found
+        final = self.entry_dir(kind, name, settings)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+        try:
+            build(tmp)
+            files = {
+                str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+                for p in sorted(tmp.rglob("*")) if p.is_file()
+            }
+            manifest = {"kind": kind, "name": name, "settings": _canonical(settings),
+                        "files": files, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=1, default=str))
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                # Another process finished the same entry first; keep theirs if it verifies.
+                shutil.rmtree(tmp, ignore_errors=True)
+                found = self.lookup(kind, name, settings)
+                if found is None:
+                    raise
+                return found
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return Artifact(final, _canonical(settings))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a text file atomically (temporary file in the same folder, fsync, rename)."""
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,226 @@
+"""The interface every adapter method follows, on both tracks.
+
+A track builds its model (with the task head already in place), describes it with an
+:class:`AdapterSite`, and drives the method through its life:
+
+    settings = method.resolve_settings(user_settings)        # validated, defaults filled in
+    model = method.wrap(model, site, settings, ctx)          # base frozen, adapter + head trainable
+    for step ...:
+        loss = task_loss (+ method.extra_loss(model) when not None)
+        ... optimizer.step(); method.on_step(model, step, ctx)
+    model = method.finalize(model, site, settings, ctx)      # e.g. GLoRA's evolutionary search
+    counts = method.count(model, site)                       # adapter params, head params apart
+    method.save(model, site, settings, folder)               # safetensors + JSON
+    model = method.load(fresh_base, site, settings, folder)  # same outputs as before save
+    merged = method.merge(model)                             # plain modules, same outputs
+
+Every trainable tensor that is not the head is the method's own and is counted the way the papers do.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from harness.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class AdapterSite:
+    """Where a method may act on a track's model.
+
+    targets: module-name suffixes of the ``nn.Linear`` layers to adapt (matched like PEFT's
+        ``target_modules`` list: exact name or dotted suffix), e.g. ``("qkv", "attn.proj", "fc1", "fc2")``.
+    head: names of the task-head modules; every method trains them, and they are counted apart.
+    """
+
+    targets: tuple[str, ...]
+    head: tuple[str, ...]
+
+    def is_target(self, module_name: str) -> bool:
+        return any(module_name == t or module_name.endswith("." + t) for t in self.targets)
+
+    def is_head_param(self, param_name: str) -> bool:
+        parts = param_name.split(".")
+        for h in self.head:
+            hp = h.split(".")
+            for i in range(len(parts) - len(hp) + 1):
+                if parts[i:i + len(hp)] == hp:
+                    return True
+        return False
+
+    def target_linears(self, model: nn.Module) -> list[tuple[str, nn.Linear]]:
+        """The targeted Linear layers, in module order; an error when none match."""
+        found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and self.is_target(n)]
+        if not found:
+            raise ConfigError(f"no nn.Linear in the model matches the adapter targets {list(self.targets)}")
+        return found
+
+
+@dataclass
+class MethodContext:
+    """What a method may need from the trial beyond the model.
+
+    total_steps: the trial's number of optimiser updates (AdaLoRA's budget schedule).
+    init_batches: returns an iterable of batches from the trial's training data (EVA's initialisation).
+    forward_fn: calls the model on one such batch.
+    layer_inputs_fn: maps a targeted layer's captured input to a 2-d (tokens x features) tensor,
+        dropping padding (EVA on the DT).
+    evaluate: scores a model on the validation split, higher is better (GLoRA's search).
+    adapter_bank: folders of saved LoRA adapters of the same base model (EigenLoRA), the current task's
+        own already left out.
+    device: where the model lives.
+    """
+
+    total_steps: int = 1000
+    seed: int = 0
+    init_batches: Callable[[], Iterable[Any]] | None = None
+    forward_fn: Callable[[nn.Module, Any], Any] | None = None
+    layer_inputs_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+    evaluate: Callable[[nn.Module], float] | None = None
+    adapter_bank: list[str] = field(default_factory=list)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One method setting: its default, type, help and (optional) allowed values."""
+
+    default: Any
+    help: str
+    choices: tuple[Any, ...] | None = None
+    kind: type | tuple[type, ...] | None = None  # inferred from the default when None
+
+    def check(self, method: str, key: str, value: Any) -> Any:
+        kind = self.kind or (type(self.default) if self.default is not None else None)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if kind is not None and value is not None and not isinstance(value, kind):
+            raise ConfigError(f"method {method!r} setting {key!r}={value!r}: expected {getattr(kind, '__name__', kind)}")
+        if self.choices is not None and value not in self.choices:
+            raise ConfigError(f"method {method!r} setting {key!r}={value!r}; valid values: {list(self.choices)}")
+        return value
+
+
+# Settings every method takes: the optimiser's, so a sweep can search them per method.
+COMMON_SETTINGS: dict[str, Setting] = {
+    "lr": Setting(None, "learning rate (None: the track's default for this method)", kind=(float, type(None))),
+    "weight_decay": Setting(None, "AdamW weight decay (None: the track's default)", kind=(float, type(None))),
+}
+
+
+def freeze(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def unfreeze_head(model: nn.Module, site: AdapterSite) -> None:
+    for name, p in model.named_parameters():
+        if site.is_head_param(name):
+            p.requires_grad_(True)
+
+
+def head_state(model: nn.Module, site: AdapterSite) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if site.is_head_param(n)}
+
+
+def load_head_state(model: nn.Module, site: AdapterSite, state: dict[str, torch.Tensor]) -> None:
+    """Load head tensors by name suffix (PEFT prefixes names with base_model.model.)."""
+    params = dict(model.named_parameters())
+    for name, tensor in state.items():
+        match = [n for n in params if n == name or n.endswith("." + name) or name.endswith("." + n)]
+        if len(match) != 1:
+            raise ConfigError(f"saved head tensor {name!r} matches {len(match)} parameters of the model")
+        with torch.no_grad():
+            params[match[0]].copy_(tensor.to(params[match[0]].device, params[match[0]].dtype))
+
+
+class Method:
+    """Base class: subclasses set ``name``, ``summary``, ``settings`` and implement ``wrap``."""
+
+    name: str = ""
+    summary: str = ""
+    settings: dict[str, Setting] = {}
+    needs_bank: bool = False  # EigenLoRA: runs after the trials whose adapters form its bank
+
+    def all_settings(self) -> dict[str, Setting]:
+        return {**COMMON_SETTINGS, **self.settings}
+
+    def resolve_settings(self, given: dict[str, Any] | None) -> dict[str, Any]:
+        """Defaults merged with ``given``; an unknown key or bad value raises ConfigError."""
+        given = dict(given or {})
+        spec = self.all_settings()
+        unknown = sorted(set(given) - set(spec))
+        if unknown:
+            raise ConfigError(
+                f"unknown setting(s) {unknown} for method {self.name!r}; valid: {', '.join(sorted(spec))}")
+        return {k: s.check(self.name, k, given.get(k, s.default)) for k, s in spec.items()}
+
+    # --- life cycle -------------------------------------------------------------------------------
+    def wrap(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any], ctx: MethodContext) -> nn.Module:
+        raise NotImplementedError
+
+    def on_step(self, model: nn.Module, step: int, ctx: MethodContext) -> None:
+        """Called after each optimiser step, before zero_grad."""
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        """A regulariser added to the task loss, if the method has one."""
+        return None
+
+    def finalize(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any], ctx: MethodContext) -> nn.Module:
+        """Called once after training, before the final evaluation."""
+        return model
+
+    def count(self, model: nn.Module, site: AdapterSite) -> tuple[int, int]:
+        """(method's trainable parameters, head parameters), as the papers count them."""
+        own = head = 0
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            if site.is_head_param(name):
+                head += p.numel()
+            else:
+                own += p.numel()
+        return own, head
+
+    def save(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any], folder: Path) -> None:
+        """Write the trainable state (safetensors) and the settings (JSON) into ``folder``."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(state, str(folder / "trainable.safetensors"))
+        write_settings(folder, self.name, settings)
+
+    def load(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any], folder: Path,
+             ctx: MethodContext | None = None) -> nn.Module:
+        """Rebuild the adapted model on a fresh ``model`` (same base as at wrap time) from ``folder``."""
+        from safetensors.torch import load_file
+
+        wrapped = self.wrap(model, site, settings, ctx or MethodContext())
+        state = load_file(str(Path(folder) / "trainable.safetensors"))
+        missing = [n for n in state if n not in dict(wrapped.named_parameters())]
+        if missing:
+            raise ConfigError(f"{folder}: saved tensors {missing[:3]} do not exist in the model")
+        wrapped.load_state_dict(state, strict=False)
+        return wrapped
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """A plain model with the adapter folded into its weights (identity when there is nothing to fold)."""
+        return model
+
+
+def write_settings(folder: Path, method: str, settings: dict[str, Any]) -> None:
+    (Path(folder) / "method.json").write_text(json.dumps({"method": method, "settings": settings}, indent=1,
+                                                         sort_keys=True, default=str))
+
+
+def read_settings(folder: Path) -> tuple[str, dict[str, Any]]:
+    data = json.loads((Path(folder) / "method.json").read_text())
+    return data["method"], data["settings"]
