@@ -1,0 +1,64 @@
+"""Trained adapters in the artifact cache: saved by every trial, read back as EigenLoRA's bank."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from harness.cache import ArtifactCache
+from harness.methods.base import AdapterSite, Method
+from harness.trial import TrialSpec
+
+KIND = "adapters"
+
+
+def save_trial_adapter(method: Method, model: nn.Module, site: AdapterSite, settings: dict[str, Any],
+                       spec: TrialSpec, base_key: str, cache: ArtifactCache | None = None) -> Path:
+    """Save a trained adapter into the cache, tagged with the base model's key and the trial's task.
+
+    ``base_key`` identifies the frozen base model (e.g. the hash of the pretrained checkpoint); only
+    adapters of the same base are ever combined into a bank.
+    """
+    cache = cache or ArtifactCache()
+    key = {"spec": asdict(spec), "base_key": base_key}
+
+    def build(folder: Path) -> None:
+        method.save(model, site, settings, folder)
+        tag = {"track": spec.track, "benchmark": spec.benchmark, "task": spec.task, "method": spec.method,
+               "seed": spec.seed, "settings": settings, "base_key": base_key}
+        (folder / "trial.json").write_text(json.dumps(tag, indent=1, sort_keys=True, default=str))
+
+    # A rerun of the same trial replaces its adapter: drop the old entry first.
+    old = cache.lookup(KIND, f"{spec.task}-{spec.method}", key)
+    if old is not None:
+        import shutil
+
+        shutil.rmtree(old.path, ignore_errors=True)
+    return cache.get_or_build(KIND, f"{spec.task}-{spec.method}", key, build).path
+
+
+def find_bank(base_key: str, exclude_task: str, methods: tuple[str, ...] = ("lora",),
+              cache: ArtifactCache | None = None) -> list[Path]:
+    """Verified adapter folders of ``methods`` on ``base_key``, leaving ``exclude_task``'s own out."""
+    cache = cache or ArtifactCache()
+    root = cache.root / KIND
+    found: list[Path] = []
+    if not root.is_dir():
+        return found
+    for tag_path in sorted(root.glob("*/trial.json")):
+        try:
+            tag = json.loads(tag_path.read_text())
+        except ValueError:
+            continue
+        if tag.get("base_key") != base_key or tag.get("task") == exclude_task or tag.get("method") not in methods:
+            continue
+        try:
+            cache.verify(tag_path.parent)
+        except Exception:
+            continue
+        found.append(tag_path.parent)
+    return found
