@@ -4,9 +4,18 @@
 :class:`TrialSpec`; a flat :class:`TrialRecord` of metrics comes out. The sweep driver and the command
 line call :func:`run_trial` and know nothing track-specific: each track is a module exposing
 
-    BENCHMARKS: dict[str, list[str]]                 benchmark -> task names
-    DEFAULTS: dict[str, Any]                          default track settings
+    BENCHMARKS: dict[str, list[str]]                 benchmark -> task names (in the papers' order)
+    GROUPS: dict[str, dict[str, list[str]]]           benchmark -> group -> tasks (may be empty)
+    DEFAULTS: dict[str, Any]                          default track settings (model size, data, ...)
+    BUDGET: dict[str, Any]                            default budget (steps, eval episodes, stage, ...)
+    PRIMARY_METRIC: str                               the metric the leaderboard ranks by
+    DATA_SOURCE(track_settings) -> str                "real" or "synthetic"
+    prepare(track_settings, benchmark, tasks, report) build cached data / pretrained models once,
+                                                      before trials start (the driver calls it)
     run(spec: TrialSpec, report: Reporter) -> TrialResult
+
+The budget key ``stage`` is "select" (train on the training split, score on validation) or "final"
+(train on train+val, score on test); a track without such a split treats both alike.
 
 registered by import path in :data:`TRACKS`.
 """

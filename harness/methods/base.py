@@ -147,6 +147,7 @@ class Method:
     summary: str = ""
     settings: dict[str, Setting] = {}
     needs_bank: bool = False  # EigenLoRA: runs after the trials whose adapters form its bank
+    default_lr: float | None = None  # a method whose paper trains at another lr than the track's (VeRA)
 
     def all_settings(self) -> dict[str, Setting]:
         return {**COMMON_SETTINGS, **self.settings}
