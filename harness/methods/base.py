@@ -69,8 +69,8 @@ class MethodContext:
     total_steps: the trial's number of optimiser updates (AdaLoRA's budget schedule).
     init_batches: returns an iterable of batches from the trial's training data (EVA's initialisation).
     forward_fn: calls the model on one such batch.
-    layer_inputs_fn: maps a targeted layer's captured input to a 2-d (tokens x features) tensor,
-        dropping padding (EVA on the DT).
+    layer_inputs_fn: ``(layer_input, batch) -> 2-d (tokens x features) tensor``: a targeted layer's
+        captured input with padded tokens dropped (EVA on the DT); None flattens all tokens.
     evaluate: scores a model on the validation split, higher is better (GLoRA's search).
     adapter_bank: folders of saved LoRA adapters of the same base model (EigenLoRA), the current task's
         own already left out.
@@ -81,7 +81,7 @@ class MethodContext:
     seed: int = 0
     init_batches: Callable[[], Iterable[Any]] | None = None
     forward_fn: Callable[[nn.Module, Any], Any] | None = None
-    layer_inputs_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+    layer_inputs_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None = None
     evaluate: Callable[[nn.Module], float] | None = None
     adapter_bank: list[str] = field(default_factory=list)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -176,6 +176,10 @@ class Method:
     def finalize(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any], ctx: MethodContext) -> nn.Module:
         """Called once after training, before the final evaluation."""
         return model
+
+    def describe(self, model: nn.Module) -> dict[str, Any]:
+        """Method-specific facts worth recording with the trial (EVA's rank per layer, GLoRA's subnet)."""
+        return {}
 
     def count(self, model: nn.Module, site: AdapterSite) -> tuple[int, int]:
         """(method's trainable parameters, head parameters), as the papers count them."""
