@@ -1,0 +1,358 @@
+"""The methods whose reference implementation is ``peft``: LoRA, DoRA, PiSSA, OLoRA, AdaLoRA, EVA,
+EVA+DoRA, VeRA and RandLoRA.
+
+Each wraps the track's model with ``peft.get_peft_model`` on the site's target Linears, then unfreezes
+the task head (trained by every method, saved beside the adapter in ``head.safetensors``). Saving uses
+``save_pretrained``; PiSSA and OLoRA, which overwrite the base weights, are saved as the equivalent
+plain LoRA of rank 2r on the untouched base, so a reload needs nothing but the original base.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from harness.errors import ConfigError
+from harness.methods.base import (AdapterSite, Method, MethodContext, Setting, head_state, load_head_state,
+                                  unfreeze_head, write_settings)
+
+_INIT_DIR_ATTR = "_harness_initial_adapter"
+
+
+def _check_rank(model: nn.Module, site: AdapterSite, r: int, method: str) -> None:
+    for name, layer in site.target_linears(model):
+        limit = min(layer.in_features, layer.out_features)
+        if r > limit:
+            raise ConfigError(f"method {method!r}: rank r={r} is larger than layer {name!r} allows "
+                              f"({layer.out_features}x{layer.in_features}, at most {limit})")
+
+
+class PeftMethod(Method):
+    """Shared life cycle of the PEFT-backed methods; subclasses build the config."""
+
+    def peft_config(self, settings: dict[str, Any], site: AdapterSite, ctx: MethodContext):
+        raise NotImplementedError
+
+    def wrap(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any], ctx: MethodContext) -> nn.Module:
+        from peft import get_peft_model
+
+        if "r" in settings and self.rank_limited:
+            _check_rank(model, site, int(settings["r"]), self.name)
+        site.target_linears(model)  # fails clearly when nothing matches
+        peft_model = get_peft_model(model, self.peft_config(settings, site, ctx))
+        self.after_wrap(peft_model, settings, ctx)
+        unfreeze_head(peft_model, site)
+        return peft_model
+
+    rank_limited = True
+
+    def after_wrap(self, model: nn.Module, settings: dict[str, Any], ctx: MethodContext) -> None:
+        """Hook for initialisations that need the wrapped model (EVA, the PiSSA save anchor)."""
+
+    def save(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any], folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        init_dir = getattr(model, _INIT_DIR_ATTR, None)
+        if init_dir:
+            model.save_pretrained(str(folder), path_initial_model_for_weight_conversion=init_dir)
+        else:
+            model.save_pretrained(str(folder))
+        save_file(head_state(model, site), str(folder / "head.safetensors"))
+        write_settings(folder, self.name, settings)
+
+    def load(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any], folder: Path,
+             ctx: MethodContext | None = None) -> nn.Module:
+        from peft import PeftModel
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if not (folder / "adapter_config.json").is_file():
+            raise ConfigError(f"{folder}: no adapter_config.json; not a saved {self.name!r} adapter")
+        loaded = PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+        unfreeze_head(loaded, site)
+        load_head_state(loaded, site, load_file(str(folder / "head.safetensors")))
+        return loaded
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        return model.merge_and_unload()
+
+
+def _lora_kwargs(settings: dict[str, Any], site: AdapterSite) -> dict[str, Any]:
+    r = int(settings["r"])
+    alpha = settings["alpha"] if settings["alpha"] is not None else r
+    return dict(r=r, lora_alpha=alpha, lora_dropout=settings["dropout"], target_modules=list(site.targets),
+                exclude_modules=list(site.head), use_rslora=settings.get("rslora", False), bias="none")
+
+
+LORA_SETTINGS: dict[str, Setting] = {
+    "r": Setting(8, "rank", kind=int),
+    "alpha": Setting(None, "scale numerator (update scaled by alpha/r); None: alpha = r, a scale of 1",
+                     kind=(float, int, type(None))),
+    "dropout": Setting(0.0, "dropout on the adapter input (0 keeps the fast path)"),
+    "rslora": Setting(False, "rank-stabilised scaling alpha/sqrt(r)"),
+}
+
+
+class LoRA(PeftMethod):
+    name = "lora"
+    summary = "LoRA (Hu et al. 2021) through peft: Delta W = B A, rank r, B starts at 0"
+    settings = dict(LORA_SETTINGS)
+    init: Any = True
+    dora = False
+
+    def init_weights(self, settings: dict[str, Any]) -> Any:
+        return self.init
+
+    def peft_config(self, settings, site, ctx):
+        from peft import LoraConfig
+
+        return LoraConfig(**_lora_kwargs(settings, site), init_lora_weights=self.init_weights(settings),
+                          use_dora=self.dora)
+
+
+class DoRA(LoRA):
+    name = "dora"
+    summary = "DoRA (Liu et al. 2024) through peft: LoRA direction plus a trained magnitude per output"
+    dora = True
+
+
+class _BaseRewritingLoRA(LoRA):
+    """PiSSA and OLoRA overwrite the base weight; keep the untrained adapter so saves convert cleanly."""
+
+    def after_wrap(self, model, settings, ctx):
+        init_dir = tempfile.mkdtemp(prefix=f"harness-{self.name}-init-")
+        cfg = model.peft_config["default"]
+        chosen = cfg.init_lora_weights
+        cfg.init_lora_weights = True  # peft's documented way to store the initial adapter for conversion
+        try:
+            model.save_pretrained(init_dir)
+        finally:
+            cfg.init_lora_weights = chosen
+        object.__setattr__(model, _INIT_DIR_ATTR, init_dir)
+
+    def load(self, model, site, settings, folder, ctx=None):
+        # The saved adapter is a plain LoRA (rank 2r) on the untouched base: load it as such.
+        return LoRA.load(self, model, site, settings, folder, ctx)
+
+
+class PiSSA(_BaseRewritingLoRA):
+    name = "pissa"
+    summary = "PiSSA (Meng et al. 2024) through peft: A, B from the top-r singular vectors of W"
+    settings = {**LORA_SETTINGS, "niter": Setting(None, "None: exact SVD; K: randomised SVD with K iterations",
+                                                  kind=(int, type(None)))}
+
+    def init_weights(self, settings):
+        return "pissa" if settings["niter"] is None else f"pissa_niter_{int(settings['niter'])}"
+
+
+class OLoRA(_BaseRewritingLoRA):
+    name = "olora"
+    summary = "OLoRA (Buyukakyuz 2024) through peft: A, B from a QR decomposition of W"
+    init = "olora"
+
+
+class AdaLoRA(PeftMethod):
+    name = "adalora"
+    summary = "AdaLoRA (Zhang et al. 2023) through peft: SVD-form adapters, rank budget reallocated during training"
+    settings = {
+        "r": Setting(8, "target average rank after pruning", kind=int),
+        "init_r_extra": Setting(4, "ranks start at r + this (EVA's protocol: r + 4)", kind=int),
+        "alpha": Setting(None, "scale numerator; None: alpha = r", kind=(float, int, type(None))),
+        "dropout": Setting(0.0, "adapter dropout"),
+        "tinit": Setting(0.1, "share of the steps before pruning starts"),
+        "tfinal": Setting(0.2, "share of the steps at the end with the budget fixed"),
+        "delta_t": Setting(10, "steps between budget reallocations", kind=int),
+        "orth_reg_weight": Setting(0.5, "weight of the orthogonality penalty on P and Q"),
+    }
+
+    def peft_config(self, settings, site, ctx):
+        from peft import AdaLoraConfig
+
+        total = max(int(ctx.total_steps), 1)
+        tinit, tfinal = int(settings["tinit"] * total), int(settings["tfinal"] * total)
+        if tinit >= total - tfinal:  # peft requires tinit < total - tfinal; tiny budgets get a short schedule
+            tinit, tfinal = 0, 0
+        r = int(settings["r"])
+        return AdaLoraConfig(init_r=r + int(settings["init_r_extra"]), target_r=r,
+                             lora_alpha=settings["alpha"] if settings["alpha"] is not None else r,
+                             lora_dropout=settings["dropout"], tinit=tinit, tfinal=tfinal,
+                             deltaT=int(settings["delta_t"]), total_step=total,
+                             orth_reg_weight=settings["orth_reg_weight"], target_modules=list(site.targets),
+                             exclude_modules=list(site.head))
+
+    def wrap(self, model, site, settings, ctx):
+        _check_rank(model, site, int(settings["r"]) + int(settings["init_r_extra"]), self.name)
+        wrapped = super().wrap(model, site, settings, ctx)
+        object.__setattr__(wrapped, "_harness_orth_weight", float(settings["orth_reg_weight"]))
+        return wrapped
+
+    def on_step(self, model, step, ctx):
+        model.base_model.update_and_allocate(step)
+
+    def extra_loss(self, model):
+        # peft adds this penalty only when the model output has `.loss`, which neither track's model has.
+        weight = getattr(model, "_harness_orth_weight", 0.0)
+        if weight <= 0:
+            return None
+        terms = []
+        for name, p in model.named_parameters():
+            if not p.requires_grad or ("lora_A" not in name and "lora_B" not in name) or p.numel() == 0:
+                continue
+            gram = p @ p.T if "lora_A" in name else p.T @ p
+            eye = torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)
+            terms.append(torch.linalg.norm(gram - eye, ord="fro"))
+        return weight * torch.stack(terms).mean() if terms else None
+
+    def describe(self, model):
+        ranks = {}
+        for name, module in model.named_modules():
+            mask = getattr(module, "ranknum", None)
+            lora_e = getattr(module, "lora_E", None)
+            if mask is not None and lora_e is not None and "default" in lora_e:
+                ranks[name] = int((lora_e["default"].detach() != 0).sum())
+        return {"rank_per_layer": ranks}
+
+
+class EVA(LoRA):
+    name = "eva"
+    summary = ("EVA (Paischer et al. 2024) through peft: A from the SVD of the trial's own activations, "
+               "ranks redistributed by explained variance")
+    settings = {
+        **LORA_SETTINGS,
+        "alpha": Setting(1.0, "scale numerator (EVA uses alpha = 1)", kind=(float, int, type(None))),
+        "rho": Setting(2.0, "a layer may get up to rho * r ranks (1: uniform ranks)"),
+        "tau": Setting(0.99, "convergence threshold of the incremental PCA (cosine similarity)"),
+        "whiten": Setting(False, "whiten A (suggested for vision)"),
+        "init_batches": Setting(16, "minibatches of the trial's data offered to the initialisation", kind=int),
+    }
+    init = "eva"
+
+    def peft_config(self, settings, site, ctx):
+        from peft import EvaConfig, LoraConfig
+
+        return LoraConfig(**_lora_kwargs(settings, site), init_lora_weights="eva", use_dora=self.dora,
+                          eva_config=EvaConfig(rho=float(settings["rho"]), tau=float(settings["tau"]),
+                                               whiten=bool(settings["whiten"])))
+
+    def wrap(self, model, site, settings, ctx):
+        from peft import get_peft_model
+
+        _check_rank(model, site, int(settings["r"]), self.name)
+        if ctx.init_batches is None or ctx.forward_fn is None:
+            raise ConfigError("method 'eva' needs the trial's training batches for its initialisation "
+                              "(MethodContext.init_batches and forward_fn); this track did not provide them")
+        site.target_linears(model)
+        peft_model = get_peft_model(model, self.peft_config(settings, site, ctx), low_cpu_mem_usage=True)
+        self._initialise(peft_model, settings, ctx)
+        unfreeze_head(peft_model, site)
+        return peft_model
+
+    def _initialise(self, model, settings, ctx: MethodContext) -> None:
+        from peft import initialize_lora_eva_weights
+
+        batches = []
+        for i, batch in enumerate(ctx.init_batches()):
+            if i >= int(settings["init_batches"]):
+                break
+            batches.append(batch)
+        if not batches:
+            raise ConfigError("method 'eva': the trial offered no training batches for the initialisation")
+        user_fn = ctx.layer_inputs_fn
+
+        def layer_inputs(layer_input, model_input, layer_name):
+            x = layer_input[0] if isinstance(layer_input, (tuple, list)) else layer_input
+            if user_fn is not None:
+                return user_fn(x, model_input)
+            return x.reshape(-1, x.shape[-1])
+
+        was_training = model.training
+        model.eval()  # dropout off while the activations are collected
+        initialize_lora_eva_weights(model, dataloader=batches, forward_fn=ctx.forward_fn,
+                                    prepare_model_inputs_fn=None, prepare_layer_inputs_fn=layer_inputs,
+                                    show_progress_bar=False)
+        model.train(was_training)
+
+    def describe(self, model):
+        ranks = {}
+        for name, module in model.named_modules():
+            r = getattr(module, "r", None)
+            if isinstance(r, dict) and "default" in r and hasattr(module, "lora_A"):
+                ranks[name.removeprefix("base_model.model.")] = int(r["default"])
+        return {"rank_per_layer": ranks, "rho": model.peft_config["default"].eva_config.rho}
+
+    def load(self, model, site, settings, folder, ctx=None):
+        from peft import LoraConfig, PeftModel
+        from safetensors.torch import load_file
+
+        # The saved config says init "eva"; ranks are in its rank_pattern, so load as plain LoRA weights.
+        cfg = LoraConfig.from_pretrained(str(folder))
+        cfg.init_lora_weights = True
+        cfg.eva_config = None
+        loaded = PeftModel.from_pretrained(model, str(folder), config=cfg, is_trainable=True)
+        unfreeze_head(loaded, site)
+        load_head_state(loaded, site, load_file(str(Path(folder) / "head.safetensors")))
+        return loaded
+
+
+class EVADoRA(EVA):
+    name = "eva-dora"
+    summary = "EVA initialisation with DoRA's magnitude vectors"
+    dora = True
+
+
+class VeRA(PeftMethod):
+    name = "vera"
+    summary = "VeRA (Kopiczko et al. 2024) through peft: one frozen random A/B pair shared by all layers, trained scaling vectors"
+    default_lr = 1e-2
+    rank_limited = False  # the shared projections are sliced; r may exceed a layer's width
+    settings = {
+        "r": Setting(256, "rank of the shared random projections", kind=int),
+        "d_initial": Setting(0.1, "initial value of the d scaling vector"),
+        "dropout": Setting(0.0, "adapter dropout"),
+        "prng_key": Setting(0, "seed of the shared projections", kind=int),
+    }
+
+    def peft_config(self, settings, site, ctx):
+        from peft import VeraConfig
+
+        return VeraConfig(r=int(settings["r"]), d_initial=settings["d_initial"], vera_dropout=settings["dropout"],
+                          projection_prng_key=int(settings["prng_key"]), save_projection=True,
+                          target_modules=list(site.targets))
+
+
+class RandLoRA(PeftMethod):
+    name = "randlora"
+    summary = "RandLoRA (Albert et al. 2025) through peft: full-rank update from frozen random rank-r bases, trained scalings"
+    rank_limited = True
+    settings = {
+        "r": Setting(32, "rank of each random basis (lower r: more bases, more parameters)", kind=int),
+        "alpha": Setting(None, "scale numerator, update scaled by alpha/r; None: 20 r (peft's default scale "
+                              "of 20; the RandLoRA repo uses alpha = 1 with a higher lr)", kind=(float, int, type(None))),
+        "dropout": Setting(0.0, "adapter dropout"),
+        "prng_key": Setting(0, "seed of the random bases", kind=int),
+    }
+
+    def peft_config(self, settings, site, ctx):
+        from peft import RandLoraConfig
+
+        # save_projection=False: peft 0.21.x writes the shared bases once per layer (issue #3709); they are
+        # regenerated from prng_key on load instead.
+        r = int(settings["r"])
+        alpha = settings["alpha"] if settings["alpha"] is not None else 20 * r
+        return RandLoraConfig(r=r, randlora_alpha=alpha,
+                              randlora_dropout=settings["dropout"], projection_prng_key=int(settings["prng_key"]),
+                              save_projection=False, target_modules=list(site.targets))
+
+
+def cleanup_initial_adapter(model: nn.Module) -> None:
+    """Remove the temporary initial-adapter folder of a PiSSA/OLoRA model once it is saved."""
+    init_dir = getattr(model, _INIT_DIR_ATTR, None)
+    if init_dir:
+        shutil.rmtree(init_dir, ignore_errors=True)
