@@ -1,0 +1,237 @@
+"""The command line: ``python -m harness {sweep,run,pretrain,data,leaderboard,methods,tasks,bench}``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from harness.errors import ConfigError, HarnessError
+
+DEFAULT_SWEEP = "sweeps/quickstart.yaml"
+
+
+def _parse_sets(items: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. steps=100")
+        k, v = item.split("=", 1)
+        out.append((k.strip(), yaml.safe_load(v)))
+    return out
+
+
+def _split_run_sets(args, method_name: str, mod) -> tuple[dict, dict, dict]:
+    """Sort ``--set`` pairs into method settings, track settings and budget (prefix or bare key)."""
+    from harness.methods import get_method
+
+    method_keys = set(get_method(method_name).all_settings())
+    method, track, budget = {}, {}, {}
+    for key, value in _parse_sets(args.set):
+        prefix, _, name = key.partition(".")
+        if name and prefix in ("method", "settings", "budget"):
+            {"method": method, "settings": track, "budget": budget}[prefix][name] = value
+        elif key in method_keys:
+            method[key] = value
+        elif key in mod.DEFAULTS:
+            track[key] = value
+        elif key in mod.BUDGET:
+            budget[key] = value
+        else:
+            raise ConfigError(
+                f"--set {key!r}: not a setting of method {method_name!r} ({', '.join(sorted(method_keys))}), "
+                f"of the {args.track} track ({', '.join(sorted(mod.DEFAULTS))}) or of the budget "
+                f"({', '.join(sorted(mod.BUDGET))})")
+    return method, track, budget
+
+
+def cmd_sweep(args) -> int:
+    from harness.driver import run_sweep
+    from harness.sweep_file import load_sweep
+
+    sweep = load_sweep(args.file, args.set)
+    run_sweep(sweep, Path(args.results), Path(args.leaderboard), resume=args.resume, address=args.address,
+              dashboard=not args.no_dashboard)
+    from harness.leaderboard import render
+
+    render(Path(args.leaderboard))
+    print(f"[sweep] done; leaderboard in {args.leaderboard}/", flush=True)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from harness.trial import TrialSpec, print_reporter, resolve_budget, run_trial, track_module
+
+    mod = track_module(args.track)
+    method, track, budget = _split_run_sets(args, args.method, mod)
+    for flag, key in (("data_root", "data_root"), ("backbone", "backbone"), ("weights", "weights")):
+        value = getattr(args, flag)
+        if value is not None:
+            if key not in mod.DEFAULTS:
+                raise ConfigError(f"--{flag.replace('_', '-')} is not a setting of the {args.track} track")
+            track[key] = value
+    if args.steps is not None:
+        budget["steps"] = args.steps
+    budget = resolve_budget(mod.BUDGET, budget, f"{args.track} budget")
+    spec = TrialSpec(track=args.track, benchmark=args.benchmark, task=args.task, method=args.method,
+                     method_settings=method, seed=args.seed, budget=budget, track_settings=track)
+    from harness.trial import validate_spec
+
+    validate_spec(spec)
+    report = (lambda m: print(f"[trial] {json.dumps(m, default=str)}", file=sys.stderr, flush=True)) \
+        if args.json else print_reporter
+    mod.prepare(track, args.benchmark, [args.task], report)
+    record = run_trial(spec, report)
+    if args.json:
+        print(json.dumps(record.flat(), default=str, sort_keys=True), flush=True)
+    else:
+        print(yaml.safe_dump(record.flat(), sort_keys=False))
+    return 0 if record.status == "ok" else 1
+
+
+def _track_settings(args) -> tuple[Any, dict]:
+    from harness.trial import track_module
+
+    mod = track_module(args.track)
+    settings = dict(_parse_sets(args.set))
+    unknown = sorted(set(settings) - set(mod.DEFAULTS))
+    if unknown:
+        raise ConfigError(f"unknown {args.track} setting(s) {unknown}; valid: {', '.join(sorted(mod.DEFAULTS))}")
+    return mod, settings
+
+
+def cmd_pretrain(args) -> int:
+    mod, settings = _track_settings(args)
+    print(json.dumps(mod.pretrain(settings), indent=1, default=str))
+    return 0
+
+
+def cmd_data(args) -> int:
+    mod, settings = _track_settings(args)
+    print(json.dumps(mod.make_data(settings, args.tasks or None), indent=1, default=str))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    if args.track == "methods":
+        from harness.bench_methods import bench_methods
+
+        print(json.dumps(bench_methods(dict(_parse_sets(args.set))), indent=1, default=str))
+        return 0
+    mod, settings = _track_settings(args)
+    print(json.dumps(mod.bench(settings), indent=1, default=str))
+    return 0
+
+
+def cmd_leaderboard(args) -> int:
+    from harness.leaderboard import render
+
+    out = Path(args.out)
+    if not any(out.glob("*.csv")):
+        raise ConfigError(f"no leaderboard CSVs in {out}/: run a sweep first (python -m harness sweep)")
+    for p in render(out):
+        print(p)
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from harness.methods import get_method, method_names
+
+    for name in method_names():
+        try:
+            m = get_method(name)
+        except ImportError as e:
+            print(f"{name:10s} (not available: {e})")
+            continue
+        print(f"{name:10s} {m.summary}")
+        for key, s in m.all_settings().items():
+            choices = f" {list(s.choices)}" if s.choices else ""
+            print(f"    {key:16s} default {s.default!r:10s} {s.help}{choices}")
+    return 0
+
+
+def cmd_tasks(args) -> int:
+    from harness.trial import TRACKS, track_module
+
+    for track in TRACKS:
+        mod = track_module(track)
+        for bench, tasks in mod.BENCHMARKS.items():
+            groups = getattr(mod, "GROUPS", {}).get(bench, {})
+            print(f"{track}/{bench} ({len(tasks)} tasks)")
+            if groups:
+                for g, ts in groups.items():
+                    print(f"    {g}: {', '.join(ts)}")
+            else:
+                print(f"    {', '.join(tasks)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m harness", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("sweep", help="run a sweep file through Ray Tune (default: sweeps/quickstart.yaml)")
+    s.add_argument("file", nargs="?", default=DEFAULT_SWEEP)
+    s.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished trials are kept")
+    s.add_argument("--address", default=None, help="address of an existing Ray cluster (e.g. auto or ray://host:10001)")
+    s.add_argument("--results", default="results", help="folder for Ray Tune results (default: results)")
+    s.add_argument("--leaderboard", default="leaderboard", help="folder for leaderboard CSVs (default: leaderboard)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a sweep key, e.g. budget.steps=200 or seeds=[0]")
+    s.add_argument("--no-dashboard", action="store_true", help="start Ray without its dashboard")
+    s.set_defaults(fn=cmd_sweep)
+
+    r = sub.add_parser("run", help="run one trial without Ray")
+    r.add_argument("--track", required=True)
+    r.add_argument("--benchmark", required=True)
+    r.add_argument("--task", required=True)
+    r.add_argument("--method", required=True)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--steps", type=int, default=None, help="cap the training updates")
+    r.add_argument("--data-root", default=None)
+    r.add_argument("--backbone", default=None)
+    r.add_argument("--weights", default=None)
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method setting, track setting or budget key (prefix method./settings./budget. to be explicit)")
+    r.add_argument("--json", action="store_true", help="print the trial record as JSON on the last line")
+    r.set_defaults(fn=cmd_run)
+
+    for name, fn, helptext in (("pretrain", cmd_pretrain, "pretrain a track's backbone (cached)"),
+                               ("data", cmd_data, "generate a track's datasets (cached)")):
+        c = sub.add_parser(name, help=helptext)
+        c.add_argument("track", choices=["rl", "vision"] if name == "pretrain" else ["rl", "vision"])
+        c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a track setting")
+        if name == "data":
+            c.add_argument("--tasks", nargs="*", default=None)
+        c.set_defaults(fn=fn)
+
+    b = sub.add_parser("bench", help="measure training and rollout speed")
+    b.add_argument("track", choices=["rl", "vision", "methods"])
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    b.set_defaults(fn=cmd_bench)
+
+    lb = sub.add_parser("leaderboard", help="render markdown tables and plots from the leaderboard CSVs")
+    lb.add_argument("--out", default="leaderboard")
+    lb.set_defaults(fn=cmd_leaderboard)
+
+    sub.add_parser("methods", help="list every method with its settings").set_defaults(fn=cmd_methods)
+    sub.add_parser("tasks", help="list benchmarks and tasks").set_defaults(fn=cmd_tasks)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except HarnessError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command with --resume to continue; finished trials are kept",
+              file=sys.stderr)
+        return 130

@@ -1,0 +1,175 @@
+"""Leaderboard CSVs: one row per (method, task) with mean and standard error over seeds, plus a summary.
+
+Files in the leaderboard folder, per board (the benchmark, or the study's ``leaderboard`` name):
+``<board>.csv`` (per task), ``<board>-summary.csv`` (per method: group means, their average, parameters),
+and, from ``python -m harness leaderboard``, ``<board>.md`` and two plots. Writes are atomic; a rerun
+replaces the rows of the (method, task, backbone) it reran and keeps the rest, so rows never duplicate.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from harness import __version__
+from harness.cache import atomic_write_bytes, atomic_write_text
+from harness.trial import TrialRecord, track_module
+
+ROW_KEY = ["method", "task", "backbone"]
+_BOOKKEEPING = {f.name for f in fields(TrialRecord)} | {"extra"}
+
+
+def metric_columns(df: pd.DataFrame) -> list[str]:
+    return [c for c in df.columns if c not in _BOOKKEEPING and pd.api.types.is_numeric_dtype(df[c])]
+
+
+def _se(x: pd.Series) -> float:
+    x = x.dropna()
+    return float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
+
+
+def aggregate(records: list[dict[str, Any]], primary: str, groups: dict[str, list[str]]) -> pd.DataFrame:
+    """Per (method, task): the best settings by mean ``primary`` over seeds, with mean and SE of each metric."""
+    ok = pd.DataFrame([r for r in records if r.get("status") == "ok"])
+    if ok.empty:
+        return pd.DataFrame()
+    metrics = metric_columns(ok)
+    rows = []
+    for (method, task, backbone), part in ok.groupby(["method", "task", "backbone"], sort=False):
+        by_settings = part.groupby("settings")
+        best = by_settings[primary].mean().idxmax() if primary in part else next(iter(by_settings.groups))
+        chosen = by_settings.get_group(best)
+        row: dict[str, Any] = {"method": method, "task": task,
+                               "group": next((g for g, ts in groups.items() if task in ts), ""),
+                               "benchmark": chosen["benchmark"].iloc[0]}
+        for m in metrics:
+            row[f"{m}_mean"] = float(chosen[m].mean())
+            row[f"{m}_se"] = _se(chosen[m])
+        row.update(
+            n_seeds=int(chosen["seed"].nunique()), trainable_params=int(chosen["trainable_params"].max()),
+            head_params=int(chosen["head_params"].max()), peak_memory_mb=float(chosen["peak_memory_mb"].max()),
+            wall_time_s=float(chosen["wall_time_s"].mean()), settings=best, backbone=backbone,
+            data_source=str(chosen["data_source"].iloc[0]), harness_version=__version__,
+            date=str(chosen["date"].max()),
+        )
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def summarise(table: pd.DataFrame, primary: str, groups: dict[str, list[str]]) -> pd.DataFrame:
+    """Per method: group means, the average (of group means when there are groups), mean parameters."""
+    col = f"{primary}_mean"
+    rows = []
+    for method, part in table.groupby("method", sort=False):
+        row: dict[str, Any] = {"method": method, "n_tasks": int(part["task"].nunique())}
+        group_means = []
+        for g in groups:
+            sub = part[part["group"] == g]
+            if len(sub):
+                row[f"{g}_{primary}"] = float(sub[col].mean())
+                group_means.append(row[f"{g}_{primary}"])
+        row[f"average_{primary}"] = float(sum(group_means) / len(group_means)) if group_means else float(part[col].mean())
+        ses = part[f"{primary}_se"].dropna()
+        row[f"average_{primary}_se"] = float(math.sqrt((ses ** 2).sum()) / len(part)) if len(ses) == len(part) else float("nan")
+        row["trainable_params"] = float(part["trainable_params"].mean())
+        row["data_source"] = ",".join(sorted(set(part["data_source"])))
+        row["backbone"] = ",".join(sorted(set(part["backbone"])))
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values(f"average_{primary}", ascending=False)
+
+
+def _write_csv(df: pd.DataFrame, path: Path) -> None:
+    buf = io.StringIO()
+    df.to_csv(buf, index=False)
+    atomic_write_text(path, buf.getvalue())
+
+
+def _board_meta(path: Path) -> dict[str, Any]:
+    meta = path.with_suffix(".json")
+    return json.loads(meta.read_text()) if meta.exists() else {}
+
+
+def update(records: list[dict[str, Any]], study, out_dir: Path) -> list[Path]:
+    """Merge a study's records into its board's CSVs; return the files written."""
+    mod = track_module(study.track)
+    groups = getattr(mod, "GROUPS", {}).get(study.benchmark, {})
+    table = aggregate(records, mod.PRIMARY_METRIC, groups)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{study.board_name}.csv"
+    if table.empty:
+        return []
+    if path.exists():
+        old = pd.read_csv(path, keep_default_na=True)
+        keys = set(map(tuple, table[ROW_KEY].astype(str).values))
+        keep = old[[tuple(k) not in keys for k in old[ROW_KEY].astype(str).values]]
+        table = pd.concat([keep, table], ignore_index=True)
+    table = table.sort_values(["method", "task"]).reset_index(drop=True)
+    _write_csv(table, path)
+    atomic_write_text(path.with_suffix(".json"), json.dumps(
+        {"track": study.track, "benchmark": study.benchmark, "primary_metric": mod.PRIMARY_METRIC,
+         "groups": groups}, indent=1))
+    summary_path = out_dir / f"{study.board_name}-summary.csv"
+    _write_csv(summarise(table, mod.PRIMARY_METRIC, groups), summary_path)
+    return [path, summary_path]
+
+
+def render(out_dir: Path) -> list[Path]:
+    """Markdown tables and plots for every board in ``out_dir``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for path in sorted(out_dir.glob("*.csv")):
+        if path.stem.endswith("-summary"):
+            continue
+        meta = _board_meta(path)
+        primary = meta.get("primary_metric", "score")
+        table = pd.read_csv(path)
+        summary = summarise(table, primary, meta.get("groups", {}))
+        synthetic = "synthetic" in set(table["data_source"].astype(str))
+        title = f"{path.stem}" + (" (synthetic data: the harness's built-in suite)" if synthetic else "")
+        pivot = table.pivot_table(index="method", columns="task", values=f"{primary}_mean")
+        md = [f"# {title}", "", f"Ranked by `{primary}` (mean over seeds; per task, the best settings).", "",
+              "## Summary", "", summary.to_markdown(index=False, floatfmt=".3f"), "",
+              "## Per task", "", pivot.to_markdown(floatfmt=".3f"), ""]
+        atomic_write_text(path.with_suffix(".md"), "\n".join(md))
+        written.append(path.with_suffix(".md"))
+
+        fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(summary) + 2), 3.5))
+        avg, se = summary[f"average_{primary}"], summary[f"average_{primary}_se"].fillna(0)
+        ax.bar(summary["method"], avg, yerr=se, capsize=4, color="tab:blue")
+        ax.set_ylabel(f"average {primary}")
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(axis="x", rotation=45)
+        fig.tight_layout()
+        written.append(_save_fig(fig, path.with_name(f"{path.stem}-{primary}.png")))
+        plt.close(fig)
+
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        x = summary["trainable_params"].clip(lower=1)
+        ax.scatter(x, avg)
+        for xi, yi, name in zip(x, avg, summary["method"]):
+            ax.annotate(name, (xi, yi), fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters (method's own, head excluded)")
+        ax.set_ylabel(f"average {primary}")
+        ax.set_title(title, fontsize=9)
+        fig.tight_layout()
+        written.append(_save_fig(fig, path.with_name(f"{path.stem}-params.png")))
+        plt.close(fig)
+    return written
+
+
+def _save_fig(fig, path: Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    atomic_write_bytes(path, buf.getvalue())
+    return path

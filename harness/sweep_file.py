@@ -1,0 +1,221 @@
+"""Sweep files: the YAML schema, its full validation before any compute, and the expansion into trials.
+
+A sweep file names one study (track, benchmark, tasks, methods with their search spaces, seeds, budget,
+track settings, resources) at its top level, or several under ``studies:`` (the quickstart has an RL and
+a vision study). A list in a method's settings is a grid axis; a scalar is fixed. Every error names the
+key, the bad value and the valid choices.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from harness.errors import ConfigError, choices_message
+from harness.trial import TrialSpec, resolve_budget, track_module
+
+Scalar = int | float | str | bool | None
+
+
+class Resources(BaseModel):
+    """Per-trial resources and concurrency; fractional GPUs let several small trials share one GPU."""
+
+    model_config = ConfigDict(extra="forbid")
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float | Literal["auto"] = "auto"  # auto: 0.25 when the cluster has a GPU, else 0
+    max_concurrent: int | None = Field(None, ge=1)
+
+
+class Selection(BaseModel):
+    """select-then-final protocol: settings chosen on the validation split, then final runs on test."""
+
+    model_config = ConfigDict(extra="forbid")
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    budget: dict[str, Any] = Field(default_factory=dict)
+
+
+class Study(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    track: str
+    benchmark: str
+    tasks: list[str] | Literal["all"] = "all"
+    methods: dict[str, dict[str, Scalar | list[Scalar]]]
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    budget: dict[str, Any] = Field(default_factory=dict)
+    settings: dict[str, Any] = Field(default_factory=dict)
+    protocol: Literal["grid", "select-then-final"] = "grid"
+    selection: Selection = Field(default_factory=Selection)
+    resources: Resources = Field(default_factory=Resources)
+    leaderboard: str | None = None  # CSV name; default: the benchmark
+
+    @field_validator("methods")
+    @classmethod
+    def _some_methods(cls, v: dict) -> dict:
+        if not v:
+            raise ValueError("name at least one method")
+        return {k: (dict(s) if s else {}) for k, s in v.items()}
+
+    @property
+    def board_name(self) -> str:
+        return self.leaderboard or self.benchmark
+
+
+class SweepFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    description: str = ""
+    studies: list[Study]
+
+
+_STUDY_KEYS = set(Study.model_fields)
+
+
+def _normalise(raw: Any, source: str) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: a sweep file is a YAML mapping, got {type(raw).__name__}")
+    raw = dict(raw)
+    if "studies" not in raw:
+        study = {k: raw.pop(k) for k in list(raw) if k in _STUDY_KEYS and k != "name"}
+        study["name"] = raw.get("name", "main")
+        raw["studies"] = [study]
+    raw.setdefault("name", Path(source).stem)
+    return raw
+
+
+def _pydantic_message(e: ValidationError, source: str) -> str:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        if err["type"] == "extra_forbidden":
+            parent = err["loc"][:-1]
+            model = SweepFile
+            for part in parent:
+                if part == "studies":
+                    model = Study
+                elif part in ("resources",):
+                    model = Resources
+                elif part == "selection":
+                    model = Selection
+            valid = [k for k in model.model_fields]
+            lines.append(f"unknown key {loc!r}; valid keys here: {', '.join(valid)}")
+        else:
+            lines.append(f"key {loc!r}: {err['msg']} (got {err.get('input')!r})")
+    return f"{source}: invalid sweep file:\n  " + "\n  ".join(lines)
+
+
+def expand_grid(settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """All combinations of a method's settings, lists being grid axes."""
+    keys = list(settings)
+    axes = [v if isinstance(v, list) else [v] for v in settings.values()]
+    return [dict(zip(keys, combo)) for combo in itertools.product(*axes)]
+
+
+def study_tasks(study: Study) -> list[str]:
+    mod = track_module(study.track)
+    return list(mod.BENCHMARKS[study.benchmark]) if study.tasks == "all" else list(study.tasks)
+
+
+def validate_study(study: Study, where: str) -> None:
+    """Semantic checks that need the registries: names, settings, budgets."""
+    from harness.methods import get_method
+
+    mod = track_module(study.track)
+    if study.benchmark not in mod.BENCHMARKS:
+        raise ConfigError(f"{where}.benchmark: " + choices_message(f"{study.track} benchmark", study.benchmark,
+                                                                   list(mod.BENCHMARKS)))
+    valid_tasks = mod.BENCHMARKS[study.benchmark]
+    for t in study_tasks(study):
+        if t not in valid_tasks:
+            raise ConfigError(f"{where}.tasks: " + choices_message(f"task of {study.benchmark}", t, valid_tasks))
+    for name, space in study.methods.items():
+        try:
+            method = get_method(name)
+            for combo in expand_grid(space):
+                method.resolve_settings(combo)
+        except ConfigError as e:
+            raise ConfigError(f"{where}.methods.{name}: {e}") from None
+    unknown = sorted(set(study.settings) - set(mod.DEFAULTS))
+    if unknown:
+        raise ConfigError(f"{where}.settings: unknown {study.track} setting(s) {unknown}; "
+                          f"valid: {', '.join(sorted(mod.DEFAULTS))}")
+    resolve_budget(mod.BUDGET, study.budget, f"{where}.budget")
+    resolve_budget(mod.BUDGET, study.selection.budget, f"{where}.selection.budget")
+    if not study.seeds:
+        raise ConfigError(f"{where}.seeds: give at least one seed")
+
+
+def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepFile:
+    """Read, override (``--set key=value``), and validate a sweep file in full."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file {str(path)!r} does not exist" + _available_sweeps())
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    raw = _normalise(raw, str(path))
+    for item in overrides or []:
+        apply_override(raw, item)
+    try:
+        sweep = SweepFile.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_pydantic_message(e, str(path))) from None
+    names = [s.name for s in sweep.studies]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{path}: study names must be unique, got {names}")
+    for i, study in enumerate(sweep.studies):
+        validate_study(study, f"{path}: studies[{i}] ({study.name})")
+    return sweep
+
+
+def _available_sweeps() -> str:
+    root = Path("sweeps")
+    files = sorted(p.name for p in root.glob("*.yaml")) if root.is_dir() else []
+    return f"; sweep files in ./sweeps: {', '.join(files)}" if files else ""
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """``key.sub=value`` (value parsed as YAML). Keys without ``studies.`` apply to every study."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. budget.steps=100")
+    key, value = item.split("=", 1)
+    parsed = yaml.safe_load(value)
+    parts = key.strip().split(".")
+    targets = [raw] if parts[0] in ("name", "description", "studies") else raw["studies"]
+    for target in targets:
+        node = target
+        for p in parts[:-1]:
+            if isinstance(node, list):
+                node = node[int(p)]
+            else:
+                node = node.setdefault(p, {})
+                if not isinstance(node, (dict, list)):
+                    raise ConfigError(f"--set {item!r}: {p!r} is not a mapping")
+        node[parts[-1]] = parsed
+
+
+def study_trials(study: Study, stage: str, chosen: dict[tuple[str, str], dict[str, Any]] | None = None
+                 ) -> list[TrialSpec]:
+    """The trials of one stage. ``chosen`` maps (method, task) to the settings picked in selection."""
+    mod = track_module(study.track)
+    budget = resolve_budget(mod.BUDGET, study.budget, study.name)
+    seeds = study.seeds
+    if stage == "select":
+        budget = {**budget, **study.selection.budget}
+        seeds = study.selection.seeds
+    budget["stage"] = stage if study.protocol == "select-then-final" else budget.get("stage", "final")
+    specs = []
+    for method, space in study.methods.items():
+        for task in study_tasks(study):
+            combos = [chosen[(method, task)]] if chosen is not None else expand_grid(space)
+            for combo in combos:
+                for seed in seeds:
+                    specs.append(TrialSpec(track=study.track, benchmark=study.benchmark, task=task, method=method,
+                                           method_settings=dict(combo), seed=int(seed), budget=dict(budget),
+                                           track_settings=dict(study.settings)))
+    return specs
