@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,7 @@ class _BaseRewritingLoRA(LoRA):
         finally:
             cfg.init_lora_weights = chosen
         object.__setattr__(model, _INIT_DIR_ATTR, init_dir)
+        weakref.finalize(model, shutil.rmtree, init_dir, True)  # the folder lives as long as the model
 
     def load(self, model, site, settings, folder, ctx=None):
         # The saved adapter is a plain LoRA (rank 2r) on the untouched base: load it as such.
@@ -349,10 +351,3 @@ class RandLoRA(PeftMethod):
         return RandLoraConfig(r=r, randlora_alpha=alpha,
                               randlora_dropout=settings["dropout"], projection_prng_key=int(settings["prng_key"]),
                               save_projection=False, target_modules=list(site.targets))
-
-
-def cleanup_initial_adapter(model: nn.Module) -> None:
-    """Remove the temporary initial-adapter folder of a PiSSA/OLoRA model once it is saved."""
-    init_dir = getattr(model, _INIT_DIR_ATTR, None)
-    if init_dir:
-        shutil.rmtree(init_dir, ignore_errors=True)
