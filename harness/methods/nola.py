@@ -1,0 +1,154 @@
+"""NoLA (Koohpayegani et al., ICLR 2024): LoRA's two factors as trainable mixtures of fixed random bases.
+
+For a frozen Linear ``y = W0 x + b0`` (W0: d_out x d_in) NoLA adds, as the authors' ViT code computes it,
+
+    A = sum_i alpha_i A_i   (A_i: d_in x r,  k bases)
+    B = sum_j beta_j  B_j   (B_j: r x d_out, l bases)
+    y = W0 x + b0 + (1/r) * (x A) B          i.e.  Delta W = (1/r) (A B)^T
+
+Only alpha (k) and beta (l) train: (k + l) parameters per adapted matrix, whatever its size or the rank.
+
+Choices, following the public code (UCDvision/NOLA, ``vit/NOLA.py``):
+
+- Bases: Kaiming-uniform with a = sqrt(5), i.e. uniform in +-1/sqrt(fan_in), where torch computes the
+  fan-in of a (k, d_in, r) tensor as d_in * r and of an (l, r, d_out) tensor as r * d_out. They come
+  from a private ``torch.Generator`` on the CPU (so they are the same on every device and never disturb
+  the global RNG), are cast to the layer's dtype and device, and live in non-persistent buffers: a save
+  stores only the seed and the coefficients, and a load regenerates the bases from the seed.
+- Seeds: the authors' code seeds every layer with 0, so layers of the same shape share their bases
+  (``shared_bases=True``, the default). With ``shared_bases=False`` layer i uses ``seed + i`` (module
+  order). Shared bases are also generated once and shared in memory between same-shape layers.
+- Initialisation: both alpha and beta start at 1/k and 1/l, as in the code. The update is therefore
+  *not* zero at step 0 (it is the product of the mean bases, small: about 1/sqrt(k l) of a single
+  basis product), and both sides get gradients from the first step. ``zero_init=True`` starts beta at 0
+  instead (a zero update at step 0, LoRA-style; alpha still gets no gradient until beta moves).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from harness.errors import ConfigError
+from harness.methods._linear_adapters import (AdaptedLinear, adapted_modules, load_adapter_tensors, merge_linears,
+                                              replace_linears, save_adapter_tensors)
+from harness.methods.base import AdapterSite, Method, MethodContext, Setting, freeze, unfreeze_head, write_settings
+
+_STATE_FILE = "nola.safetensors"
+
+
+class NoLALinear(AdaptedLinear):
+    """A frozen Linear plus NoLA's update; ``bases_a`` (k, d_in, r) and ``bases_b`` (l, r, d_out) are fixed."""
+
+    def __init__(self, base: nn.Linear, bases_a: torch.Tensor, bases_b: torch.Tensor, r: int, seed: int,
+                 zero_init: bool = False):
+        super().__init__(base)
+        k, l = bases_a.shape[0], bases_b.shape[0]
+        self.r = r
+        self.seed = seed
+        self.scale = 1.0 / r
+        # non-persistent: the bases are regenerated from the seed, never saved
+        self.register_buffer("bases_a", bases_a, persistent=False)
+        self.register_buffer("bases_b", bases_b, persistent=False)
+        dtype, device = base.weight.dtype, base.weight.device
+        self.nola_alpha = nn.Parameter(torch.full((k,), 1.0 / k, dtype=dtype, device=device))
+        beta0 = 0.0 if zero_init else 1.0 / l
+        self.nola_beta = nn.Parameter(torch.full((l,), beta0, dtype=dtype, device=device))
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A: d_in x r, B: r x d_out): the coefficients are contracted with the bases first, so no
+        per-token work scales with k or l."""
+        a = torch.einsum("k,kir->ir", self.nola_alpha, self.bases_a)
+        b = torch.einsum("l,lro->ro", self.nola_beta, self.bases_b)
+        return a, b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.factors()
+        return self.base(x) + self.scale * ((x.to(a.dtype) @ a) @ b).to(x.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """Delta W (d_out x d_in) = (1/r) (A B)^T."""
+        a, b = self.factors()
+        return self.scale * (a @ b).T
+
+    def merged_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.base.weight + self.delta_weight().to(self.base.weight.dtype), self.base.bias
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, r={self.r}, k={self.nola_alpha.numel()}, "
+                f"l={self.nola_beta.numel()}, seed={self.seed}")
+
+
+class NoLA(Method):
+    name = "nola"
+    summary = ("NoLA (Koohpayegani et al. 2024): Delta W = A B with A, B trainable mixtures of k and l fixed "
+               "random bases from a seed; k + l parameters per matrix")
+    settings = {
+        "r": Setting(1, "rank of A (d_in x r) and B (r x d_out); the update is scaled by 1/r", kind=int),
+        "k": Setting(1024, "number of random bases (and trainable coefficients) for A", kind=int),
+        "l": Setting(1024, "number of random bases (and trainable coefficients) for B", kind=int),
+        "seed": Setting(0, "seed of the random bases (stored with the adapter; the bases are regenerated)",
+                        kind=int),
+        "shared_bases": Setting(True, "True (the authors' code): every layer uses `seed`, so same-shape layers "
+                                      "share bases; False: layer i uses seed + i"),
+        "zero_init": Setting(False, "False (the authors' code): alpha = 1/k and beta = 1/l, a small non-zero "
+                                    "update at step 0; True: beta starts at 0 (zero update at step 0)"),
+    }
+    default_lr = 5e-3  # the paper's ViT runs: Adam, lr 5e-3 with a cosine decay
+
+    def _check(self, settings: dict[str, Any]) -> None:
+        for key in ("r", "k", "l"):
+            if int(settings[key]) < 1:
+                raise ConfigError(f"method 'nola' setting {key!r}={settings[key]!r}: must be at least 1")
+
+    def wrap(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any], ctx: MethodContext) -> nn.Module:
+        self._check(settings)
+        r, k, l, seed = int(settings["r"]), int(settings["k"]), int(settings["l"]), int(settings["seed"])
+        shared = bool(settings["shared_bases"])
+        freeze(model)
+        cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        index = [0]
+
+        def build(name: str, linear: nn.Linear) -> NoLALinear:
+            d_in, d_out = linear.in_features, linear.out_features
+            layer_seed = seed if shared else seed + index[0]
+            index[0] += 1
+            key = (layer_seed, d_in, d_out, linear.weight.dtype, linear.weight.device)
+            if key not in cache:
+                # The A bases and the B bases come from one generator stream, A first, as in the code.
+                gen = torch.Generator(device="cpu").manual_seed(layer_seed)
+                bound_a, bound_b = 1.0 / math.sqrt(d_in * r), 1.0 / math.sqrt(r * d_out)
+                a = torch.rand(k, d_in, r, generator=gen).mul_(2 * bound_a).sub_(bound_a)
+                b = torch.rand(l, r, d_out, generator=gen).mul_(2 * bound_b).sub_(bound_b)
+                cache[key] = (a.to(linear.weight.device, linear.weight.dtype),
+                              b.to(linear.weight.device, linear.weight.dtype))
+            a, b = cache[key]
+            return NoLALinear(linear, a, b, r=r, seed=layer_seed, zero_init=bool(settings["zero_init"]))
+
+        replace_linears(model, site, build)
+        unfreeze_head(model, site)
+        return model
+
+    def describe(self, model: nn.Module) -> dict[str, Any]:
+        layers = list(adapted_modules(model, NoLALinear))
+        return {"adapted_matrices": len(layers), "seeds": sorted({m.seed for _, m in layers})}
+
+    def save(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any], folder: Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        # Coefficients and head only: the bases are non-persistent and regenerated from settings["seed"].
+        save_adapter_tensors(model, site, folder / _STATE_FILE)
+        write_settings(folder, self.name, settings)
+
+    def load(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any], folder: Path,
+             ctx: MethodContext | None = None) -> nn.Module:
+        wrapped = self.wrap(model, site, settings, ctx or MethodContext())
+        load_adapter_tensors(wrapped, site, Path(folder) / _STATE_FILE)
+        return wrapped
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        return merge_linears(model)
