@@ -1,0 +1,453 @@
+"""GLoRA (Chavan et al. 2023): a supernet of per-layer adapter forms, evolutionary search, re-parameterised merge.
+
+Every targeted frozen Linear (W0: d_out x d_in, b0) gets shared storage of supernet rank r = max(ranks):
+A_d, B_d (d_out x r), A_u, B_u (r x d_in), C_d (d_in x r), C_u (r x 1), D, E (d_out). A layer's *form*
+picks, for each of A..E, how it is read from that storage (the authors' public code, ViT-Slim ``GLoRA/``):
+
+    A, B: "lora<r1>" = X_d[:, :r1] @ X_u[:r1] | "vector" = X_d[:, 0] as a column | "scalar" = X_d[0, 0] | "none"
+    C:    "lora<r1>" = C_d[:, :r1] @ C_u[:r1] (d_in x 1) | "vector" = C_d[:, 0] | "none"
+    D, E: "vector" = the whole vector | "scalar" = its first element | "none"
+
+    W' = W0 + W0 * A + B   (elementwise, broadcast)     b' = b0 + b0 * D + E  (E alone when there is no b0)
+    p  = W0 @ C                                          y  = x W'^T + b' + p
+
+With ranks {8, 4}: 4 x 4 x 3 x 3 x 3 = 432 forms per layer. A_d, B_d, C_d, D, E start at zero and A_u, B_u,
+C_u Xavier-uniform, so every form is the identity at step 0.
+
+Life cycle here:
+- training (``subnet`` None): each layer draws one form uniformly (each of A..E independently) at every
+  forward pass in training mode. In eval mode an unfixed layer uses its largest form (max-rank LoRA for
+  A, B, C; vector for D, E), so evaluations during training are deterministic.
+- ``finalize``: the evolutionary search of the code (population 50, 20 generations, parents from the top
+  10, 25 mutants with per-choice probability 0.2, 25 crossovers, random top-up, candidates seen before
+  skipped, candidates outside [param_budget_min, param_budget_max] rejected before scoring), scored with
+  ``ctx.evaluate`` (validation, higher is better) and the inherited supernet weights; the best subnet is
+  then fixed in every layer (no retraining). ``search=False``: the largest form is fixed instead.
+- ``subnet`` set ("largest", "random" or one form for every layer, e.g. "A=lora4,B=vector,C=none,D=scalar,
+  E=vector"): the subnet is fixed at wrap time, no sampling and no search.
+- ``count``: the fixed subnet's parameters by the paper's per-layer formula (A or B as LoRA r1:
+  r1 (d_in + d_out), vector d_out, scalar 1; C as LoRA r1 (d_in + 1), vector d_in; D, E vector d_out,
+  scalar 1), not the supernet storage. An unfixed layer counts its largest form, which equals its storage.
+- ``merge``: W' and b' + p written into a plain Linear.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness.errors import ConfigError
+from harness.methods._linear_adapters import (AdaptedLinear, adapted_modules, load_adapter_tensors, merge_linears,
+                                              replace_linears, save_adapter_tensors)
+from harness.methods.base import AdapterSite, Method, MethodContext, Setting, freeze, unfreeze_head, write_settings
+
+_STATE_FILE = "glora.safetensors"
+_SUBNET_FILE = "glora_subnet.json"
+_SEARCH_ATTR = "_harness_glora_search"
+TENSORS = ("A", "B", "C", "D", "E")
+
+
+@dataclass(frozen=True)
+class LayerForm:
+    """One layer's choice for each of A..E: "lora<r1>", "vector", "scalar" or "none"."""
+
+    A: str
+    B: str
+    C: str
+    D: str
+    E: str
+
+    def text(self) -> str:
+        return ",".join(f"{t}={getattr(self, t)}" for t in TENSORS)
+
+    @staticmethod
+    def parse(text: str, choices: dict[str, tuple[str, ...]]) -> "LayerForm":
+        """Parse "A=lora4,B=vector,C=none,D=scalar,E=vector" (all five keys), checked against ``choices``."""
+        parts = dict(p.split("=", 1) for p in text.replace(" ", "").split(",") if "=" in p)
+        if set(parts) != set(TENSORS):
+            raise ConfigError(f"method 'glora' subnet {text!r}: give a form for each of A, B, C, D, E, e.g. "
+                              "'A=lora4,B=vector,C=none,D=scalar,E=vector', or 'largest' / 'random'")
+        for t, form in parts.items():
+            if form not in choices[t]:
+                raise ConfigError(f"method 'glora' subnet {text!r}: {t}={form!r}; valid forms of {t}: "
+                                  f"{list(choices[t])}")
+        return LayerForm(**parts)
+
+
+def form_choices(ranks: Sequence[int]) -> dict[str, tuple[str, ...]]:
+    """The forms each tensor may take with LoRA ranks ``ranks`` (largest rank first)."""
+    loras = tuple(f"lora{r}" for r in ranks)
+    return {"A": loras + ("vector", "scalar", "none"), "B": loras + ("vector", "scalar", "none"),
+            "C": loras + ("vector", "none"), "D": ("vector", "scalar", "none"), "E": ("vector", "scalar", "none")}
+
+
+def largest_form(ranks: Sequence[int]) -> LayerForm:
+    lora = f"lora{max(ranks)}"
+    return LayerForm(A=lora, B=lora, C=lora, D="vector", E="vector")
+
+
+def _lora_rank(form: str) -> int:
+    return int(form[len("lora"):])
+
+
+def form_params(form: LayerForm, d_in: int, d_out: int) -> int:
+    """Parameters of one layer's form, by the paper's (and the search code's) per-layer formula."""
+    total = 0
+    for t in ("A", "B"):
+        f = getattr(form, t)
+        total += _lora_rank(f) * (d_in + d_out) if f.startswith("lora") else {"vector": d_out, "scalar": 1,
+                                                                              "none": 0}[f]
+    total += _lora_rank(form.C) * (d_in + 1) if form.C.startswith("lora") else {"vector": d_in, "none": 0}[form.C]
+    for t in ("D", "E"):
+        total += {"vector": d_out, "scalar": 1, "none": 0}[getattr(form, t)]
+    return total
+
+
+class GLoRALinear(AdaptedLinear):
+    """A frozen Linear with GLoRA's shared storage; ``form`` fixed, or sampled per forward when None."""
+
+    def __init__(self, base: nn.Linear, ranks: Sequence[int], rng: random.Random):
+        super().__init__(base)
+        self.ranks = tuple(ranks)
+        self.choices = form_choices(self.ranks)
+        self.form: LayerForm | None = None
+        self._rng = rng
+        r = max(self.ranks)
+        d_in, d_out = base.in_features, base.out_features
+        kw = dict(dtype=base.weight.dtype, device=base.weight.device)
+        self.A_d = nn.Parameter(torch.zeros(d_out, r, **kw))
+        self.A_u = nn.Parameter(nn.init.xavier_uniform_(torch.empty(r, d_in, **kw)))
+        self.B_d = nn.Parameter(torch.zeros(d_out, r, **kw))
+        self.B_u = nn.Parameter(nn.init.xavier_uniform_(torch.empty(r, d_in, **kw)))
+        self.C_d = nn.Parameter(torch.zeros(d_in, r, **kw))
+        self.C_u = nn.Parameter(nn.init.xavier_uniform_(torch.empty(r, 1, **kw)))
+        self.D = nn.Parameter(torch.zeros(d_out, **kw))
+        self.E = nn.Parameter(torch.zeros(d_out, **kw))
+
+    def random_form(self, rng: random.Random) -> LayerForm:
+        return LayerForm(**{t: rng.choice(self.choices[t]) for t in TENSORS})
+
+    def active_form(self) -> LayerForm:
+        """The fixed form; else a fresh uniform draw in training mode, the largest form in eval mode."""
+        if self.form is not None:
+            return self.form
+        if self.training:
+            return self.random_form(self._rng)
+        return largest_form(self.ranks)
+
+    @staticmethod
+    def _matrix(form: str, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
+        if form.startswith("lora"):
+            r1 = _lora_rank(form)
+            return down[:, :r1] @ up[:r1]
+        if form == "vector":
+            return down[:, :1]  # a column: broadcast along each row
+        if form == "scalar":
+            return down[0, 0]
+        return None
+
+    @staticmethod
+    def _vector(form: str, v: torch.Tensor) -> torch.Tensor | None:
+        return {"vector": v, "scalar": v[:1], "none": None}[form]
+
+    def effective(self, form: LayerForm) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W', b' + p) of ``form``: the weight and bias of the equivalent plain Linear."""
+        w0, b0 = self.base.weight, self.base.bias
+        weight = w0
+        a = self._matrix(form.A, self.A_d, self.A_u)
+        if a is not None:
+            weight = weight + w0 * a
+        b = self._matrix(form.B, self.B_d, self.B_u)
+        if b is not None:
+            weight = weight + b
+        bias = b0 if b0 is not None else torch.zeros(w0.shape[0], dtype=w0.dtype, device=w0.device)
+        d = self._vector(form.D, self.D)
+        if d is not None and b0 is not None:
+            bias = bias + b0 * d
+        e = self._vector(form.E, self.E)
+        if e is not None:
+            bias = bias + e
+        c = self._matrix(form.C, self.C_d, self.C_u)
+        if c is not None:
+            bias = bias + (w0 @ c).squeeze(-1)  # the prompt p = W0 @ C
+        return weight, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.effective(self.active_form())
+        return F.linear(x, weight, bias)
+
+    def merged_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        form = self.form if self.form is not None else largest_form(self.ranks)
+        return self.effective(form)
+
+    def params_of(self, form: LayerForm) -> int:
+        return form_params(form, self.in_features, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"ranks={list(self.ranks)}, form={self.form.text() if self.form else 'sampled'}"
+
+
+Candidate = tuple[LayerForm, ...]
+
+
+@dataclass
+class SearchResult:
+    """What the evolutionary search found; kept on the model and reported by ``describe``."""
+
+    best_score: float
+    best_params: int
+    scored: int  # candidates evaluated with ctx.evaluate
+    rejected_budget: int  # candidates outside the parameter budget, never scored
+    best_per_generation: list[float] = field(default_factory=list)
+
+
+@dataclass
+class SearchConfig:
+    population: int = 50
+    generations: int = 20
+    parents: int = 10
+    mutations: int = 25
+    mutation_prob: float = 0.2
+    crossovers: int = 25
+    budget_min: float = 0
+    budget_max: float | None = None
+    seed: int = 0
+
+
+def evolutionary_search(layers: list[GLoRALinear], score: Callable[[Candidate], float],
+                        cfg: SearchConfig) -> tuple[Candidate, SearchResult]:
+    """The GLoRA code's evolutionary search over one form per layer; returns the best candidate found."""
+    rng = random.Random(cfg.seed)
+    seen: dict[Candidate, float | None] = {}  # None: outside the budget, never scored
+    rejected = [0]
+
+    def n_params(cand: Candidate) -> int:
+        return sum(layer.params_of(f) for layer, f in zip(layers, cand))
+
+    def try_add(cand: Candidate) -> bool:
+        """Score ``cand`` unless seen before or outside the budget; True when it was scored."""
+        if cand in seen:
+            return False
+        n = n_params(cand)
+        if n < cfg.budget_min or (cfg.budget_max is not None and n > cfg.budget_max):
+            seen[cand] = None
+            rejected[0] += 1
+            return False
+        seen[cand] = float(score(cand))
+        return True
+
+    def random_cand() -> Candidate:
+        return tuple(layer.random_form(rng) for layer in layers)
+
+    def fill(pool: list[Candidate], target: int, make: Callable[[], Candidate], max_tries: int) -> None:
+        while len(pool) < target and max_tries > 0:
+            max_tries -= 1
+            cand = make()
+            if try_add(cand):
+                pool.append(cand)
+
+    def mutate() -> Candidate:
+        parent = rng.choice(top)
+        return tuple(LayerForm(**{t: rng.choice(layer.choices[t]) if rng.random() < cfg.mutation_prob
+                                  else getattr(f, t) for t in TENSORS}) for layer, f in zip(layers, parent))
+
+    def cross() -> Candidate:
+        p1, p2 = rng.choice(top), rng.choice(top)
+        return tuple(LayerForm(**{t: getattr(rng.choice((f1, f2)), t) for t in TENSORS}) for f1, f2 in zip(p1, p2))
+
+    candidates: list[Candidate] = []
+    # Random draws can fail often under a tight budget; bound the attempts so the search always ends.
+    fill(candidates, cfg.population, random_cand, max_tries=cfg.population * 100)
+    if not candidates:
+        smallest = sum(layer.params_of(LayerForm("none", "none", "none", "none", "none")) for layer in layers)
+        largest = sum(layer.params_of(largest_form(layer.ranks)) for layer in layers)
+        raise ConfigError(f"method 'glora': no random subnet fell inside the parameter budget "
+                          f"[{cfg.budget_min}, {cfg.budget_max}] in {cfg.population * 100} draws; subnets range "
+                          f"from {smallest} to {largest} parameters (a typical one has about {(smallest + largest) // 2})")
+    top: list[Candidate] = []
+    best_per_generation: list[float] = []
+    for _ in range(cfg.generations):
+        # dict.fromkeys: dedupe in a fixed order, so ties break the same way in every process
+        top = sorted(dict.fromkeys(top + candidates), key=lambda c: seen[c], reverse=True)[:cfg.parents]
+        best_per_generation.append(seen[top[0]])
+        mutants: list[Candidate] = []
+        fill(mutants, cfg.mutations, mutate, max_tries=cfg.mutations * 10)
+        crosses: list[Candidate] = []
+        fill(crosses, cfg.crossovers, cross, max_tries=cfg.crossovers * 10)
+        candidates = mutants + crosses
+        fill(candidates, cfg.population, random_cand, max_tries=cfg.population * 100)
+    scored = {c: s for c, s in seen.items() if s is not None}
+    best = max(scored, key=lambda c: scored[c])
+    best_per_generation.append(scored[best])
+    return best, SearchResult(best_score=scored[best], best_params=n_params(best), scored=len(scored),
+                              rejected_budget=rejected[0], best_per_generation=best_per_generation)
+
+
+def _ranks(settings: dict[str, Any]) -> tuple[int, ...]:
+    ranks = settings["ranks"]
+    if isinstance(ranks, int):
+        ranks = (ranks,)
+    try:
+        out = tuple(sorted({int(r) for r in ranks}, reverse=True))
+    except (TypeError, ValueError):
+        raise ConfigError(f"method 'glora' setting 'ranks'={ranks!r}: expected a list of positive integers, "
+                          "e.g. [8, 4]") from None
+    if not out or min(out) < 1:
+        raise ConfigError(f"method 'glora' setting 'ranks'={ranks!r}: expected a non-empty list of positive "
+                          "integers, e.g. [8, 4] (the paper's supernets: [8, 4], [4, 2], [2])")
+    return out
+
+
+def glora_layers(model: nn.Module) -> list[tuple[str, GLoRALinear]]:
+    return list(adapted_modules(model, GLoRALinear))
+
+
+class GLoRA(Method):
+    name = "glora"
+    summary = ("GLoRA (Chavan et al. 2023): per-layer supernet of LoRA/vector/scalar/none forms for W0*A + B, "
+               "the prompt W0 C and the bias D, E; evolutionary search under a parameter budget; merges into W")
+    settings = {
+        "ranks": Setting((8, 4), "LoRA ranks of the supernet's LoRA forms; storage rank is the largest "
+                                 "(the paper's supernets: [8, 4] 0.86M, [4, 2] 0.44M, [2] 0.29M on ViT-B)",
+                         kind=(tuple, list, int)),
+        "subnet": Setting(None, "None: supernet training then search; 'largest' (alias 'lora-all': max-rank LoRA "
+                                "for A, B, C, vector D, E), 'random' (one seeded draw per layer), or one form for "
+                                "every layer, e.g. 'A=lora4,B=vector,C=none,D=scalar,E=vector': fixed from the "
+                                "start, no sampling, no search", kind=(str, type(None))),
+        "search": Setting(True, "run the evolutionary search after training (needs the track's validation "
+                                "scorer); False: fix the largest form in every layer instead"),
+        "search_population": Setting(50, "candidates per generation", kind=int),
+        "search_generations": Setting(20, "generations", kind=int),
+        "search_parents": Setting(10, "parents drawn from this many best candidates", kind=int),
+        "search_mutations": Setting(25, "mutants per generation", kind=int),
+        "search_mutation_prob": Setting(0.2, "probability that a mutant redraws each choice"),
+        "search_crossovers": Setting(25, "crossovers per generation (each choice from either parent)", kind=int),
+        "param_budget_min": Setting(0, "fewest parameters a searched subnet may have (absolute count)",
+                                    kind=(int, float)),
+        "param_budget_max": Setting(None, "most parameters a searched subnet may have (absolute count; None: "
+                                          "no limit)", kind=(int, float, type(None))),
+    }
+
+    def _fixed_subnet(self, layer: GLoRALinear, spec: str, rng: random.Random) -> LayerForm:
+        if spec in ("largest", "lora-all"):
+            return largest_form(layer.ranks)
+        if spec == "random":
+            return layer.random_form(rng)
+        return LayerForm.parse(spec, layer.choices)
+
+    def wrap(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any], ctx: MethodContext) -> nn.Module:
+        ranks = _ranks(settings)
+        for name, layer in site.target_linears(model):
+            if max(ranks) > min(layer.in_features, layer.out_features):
+                raise ConfigError(f"method 'glora': rank {max(ranks)} is larger than layer {name!r} allows "
+                                  f"({layer.out_features}x{layer.in_features}, at most "
+                                  f"{min(layer.in_features, layer.out_features)})")
+        for key in ("search_population", "search_generations", "search_parents"):
+            if int(settings[key]) < 1:
+                raise ConfigError(f"method 'glora' setting {key!r}={settings[key]!r}: must be at least 1")
+        freeze(model)
+        # One stream for the per-forward draws of every layer: reproducible under the trial's seed.
+        rng = random.Random(ctx.seed)
+        replace_linears(model, site, lambda _n, linear: GLoRALinear(linear, ranks, rng))
+        spec = settings["subnet"]
+        if spec is not None:
+            pick = random.Random(ctx.seed + 1)
+            for _, layer in glora_layers(model):
+                layer.form = self._fixed_subnet(layer, spec, pick)
+        unfreeze_head(model, site)
+        return model
+
+    def finalize(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any], ctx: MethodContext) -> nn.Module:
+        layers = [m for _, m in glora_layers(model)]
+        if all(m.form is not None for m in layers):
+            return model  # a fixed subnet (setting 'subnet') or already searched
+        if not settings["search"]:
+            for m in layers:
+                m.form = largest_form(m.ranks)
+            return model
+        if ctx.evaluate is None:
+            raise ConfigError("method 'glora': the evolutionary search needs a validation scorer (ctx.evaluate) "
+                              "and the track gave none; set search=False to keep the largest form, or fix a "
+                              "subnet with the 'subnet' setting")
+        was_training = model.training
+
+        def score(cand: Candidate) -> float:
+            for m, f in zip(layers, cand):
+                m.form = f
+            model.eval()
+            with torch.no_grad():
+                return float(ctx.evaluate(model))
+
+        cfg = SearchConfig(population=int(settings["search_population"]),
+                           generations=int(settings["search_generations"]),
+                           parents=int(settings["search_parents"]), mutations=int(settings["search_mutations"]),
+                           mutation_prob=float(settings["search_mutation_prob"]),
+                           crossovers=int(settings["search_crossovers"]),
+                           budget_min=settings["param_budget_min"], budget_max=settings["param_budget_max"],
+                           seed=ctx.seed)
+        try:
+            best, result = evolutionary_search(layers, score, cfg)
+        except ConfigError:
+            for m in layers:
+                m.form = None
+            raise
+        for m, f in zip(layers, best):
+            m.form = f
+        object.__setattr__(model, _SEARCH_ATTR, result)
+        model.train(was_training)
+        return model
+
+    def count(self, model: nn.Module, site: AdapterSite) -> tuple[int, int]:
+        own = head = 0
+        layer_params = set()
+        for _, m in glora_layers(model):
+            own += m.params_of(m.form if m.form is not None else largest_form(m.ranks))
+            layer_params.update(id(p) for p in m.parameters())
+        for name, p in model.named_parameters():
+            if not p.requires_grad or id(p) in layer_params:
+                continue
+            if site.is_head_param(name):
+                head += p.numel()
+            else:
+                own += p.numel()
+        return own, head
+
+    def describe(self, model: nn.Module) -> dict[str, Any]:
+        layers = glora_layers(model)
+        out: dict[str, Any] = {"subnet": {n: (m.form.text() if m.form else "sampled") for n, m in layers}}
+        result = getattr(model, _SEARCH_ATTR, None)
+        if result is not None:
+            out["search"] = asdict(result)
+        return out
+
+    def save(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any], folder: Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_adapter_tensors(model, site, folder / _STATE_FILE)
+        subnet = {n: (asdict(m.form) if m.form else None) for n, m in glora_layers(model)}
+        (folder / _SUBNET_FILE).write_text(json.dumps(subnet, indent=1))
+        write_settings(folder, self.name, settings)
+
+    def load(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any], folder: Path,
+             ctx: MethodContext | None = None) -> nn.Module:
+        folder = Path(folder)
+        wrapped = self.wrap(model, site, settings, ctx or MethodContext())
+        load_adapter_tensors(wrapped, site, folder / _STATE_FILE)
+        subnet = json.loads((folder / _SUBNET_FILE).read_text())
+        layers = dict(glora_layers(wrapped))
+        if set(subnet) != set(layers):
+            raise ConfigError(f"{folder}: the saved subnet covers layers {sorted(subnet)[:3]}..., the model has "
+                              f"{sorted(layers)[:3]}...")
+        for name, form in subnet.items():
+            layers[name].form = LayerForm(**form) if form else None
+        return wrapped
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        return merge_linears(model)
