@@ -1,0 +1,149 @@
+"""Training and evaluation on tensors: the data sits on the device as uint8, batches are sliced from it
+and normalised on the fly (no decoding, no DataLoader). bf16 autocast on GPU, AdamW with warm-up and
+cosine (harness.training), top-1."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness.training import autocast, check_finite, make_adamw, set_lr, warmup_cosine
+from vision.images import Split
+
+
+@dataclass
+class DeviceSplit:
+    """A split moved to the device once, resized to the backbone input; batches are normalised floats."""
+
+    images: torch.Tensor  # uint8 N x 3 x S x S on the device (or CPU when too big, moved per batch)
+    labels: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    device: torch.device
+
+    @staticmethod
+    def make(split: Split, size: int, mean, std, device: torch.device, max_bytes: float = 4e9) -> "DeviceSplit":
+        imgs = split.images
+        on = device if imgs.numel() * (size / max(1, imgs.shape[-1])) ** 2 < max_bytes else torch.device("cpu")
+        imgs = imgs.to(on)
+        if imgs.shape[-1] != size or imgs.shape[-2] != size:
+            # resize straight to the backbone input (bicubic), in chunks to bound memory
+            out = []
+            for i in range(0, imgs.shape[0], 512):
+                x = F.interpolate(imgs[i:i + 512].float(), size=(size, size), mode="bicubic", align_corners=False)
+                out.append(x.round().clamp(0, 255).to(torch.uint8))
+            imgs = torch.cat(out) if out else imgs.new_zeros(0, 3, size, size)
+        m = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+        s = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+        return DeviceSplit(imgs, split.labels.to(device), m, s, device)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.images[idx.to(self.images.device)].to(self.device, non_blocking=True).float()
+        return (x - self.mean) / self.std, self.labels[idx.to(self.labels.device)]
+
+
+@dataclass
+class TrainResult:
+    updates: int
+    final_loss: float
+    wall_s: float
+    data_share: float  # share of step time spent producing batches
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def schedule(n_train: int, budget: dict[str, Any]) -> tuple[int, int, int]:
+    """(total updates, warm-up updates, batch size) from a budget of epochs (or a ``steps`` cap)."""
+    bs = min(int(budget["batch_size"]), n_train)
+    per_epoch = max(1, math.ceil(n_train / bs))
+    total = per_epoch * int(budget["epochs"])
+    warmup = per_epoch * int(budget["warmup_epochs"])
+    if budget.get("steps"):
+        steps = int(budget["steps"])
+        warmup = int(round(warmup * steps / max(1, total)))
+        total = steps
+    return total, min(warmup, max(0, total - 1)), bs
+
+
+def batches(n: int, bs: int, g: torch.Generator, device: torch.device):
+    """Endless shuffled epochs of index batches (the last short batch of an epoch is kept)."""
+    while True:
+        perm = torch.randperm(n, generator=g).to(device)
+        for i in range(0, n, bs):
+            yield perm[i:i + bs]
+
+
+def train(model: nn.Module, data: DeviceSplit, total: int, warmup: int, bs: int, lr: float, weight_decay: float,
+          seed: int, on_step: Callable[[int], None] | None = None, extra_loss: Callable[[], Any] | None = None,
+          report: Callable[[dict], None] | None = None, report_every: int = 50,
+          min_lr_ratio: float = 0.01) -> TrainResult:
+    """Train ``model`` for ``total`` updates on ``data``; NaN loss raises (harness.training.check_finite)."""
+    device = data.device
+    opt = make_adamw(model, lr, weight_decay)
+    g = torch.Generator().manual_seed(seed)
+    it = batches(len(data), bs, g, torch.device("cpu"))
+    model.train()
+    started, data_time, loss_value, history = time.time(), 0.0, float("nan"), []
+    per_epoch = max(1, math.ceil(len(data) / bs))
+    for step in range(total):
+        t0 = time.time()
+        x, y = data.batch(next(it))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        data_time += time.time() - t0
+        set_lr(opt, warmup_cosine(step, total, warmup, lr, lr * min_lr_ratio))
+        with autocast(device):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        if extra_loss is not None:
+            reg = extra_loss()
+            if reg is not None:
+                loss = loss + reg
+        loss_value = check_finite(loss, step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if on_step is not None:
+            on_step(step)
+        if report is not None and (step % report_every == 0 or step == total - 1):
+            entry = {"update": step + 1, "epoch": round((step + 1) / per_epoch, 2), "loss": round(loss_value, 5)}
+            history.append(entry)
+            report(entry)
+    wall = time.time() - started
+    return TrainResult(total, loss_value, wall, data_time / max(wall, 1e-9), history)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: DeviceSplit, bs: int = 256, classes: list[int] | None = None) -> torch.Tensor:
+    """Predicted labels; with ``classes``, only those logits compete (ImageNet-A/-R's 200-class subsets)."""
+    was = model.training
+    model.eval()
+    out = []
+    sub = torch.as_tensor(classes, device=data.device) if classes is not None else None
+    for i in range(0, len(data), bs):
+        x, _ = data.batch(torch.arange(i, min(i + bs, len(data))))
+        with autocast(data.device):
+            logits = model(x).float()
+        if sub is not None:
+            pred = sub[logits[:, sub].argmax(-1)]
+        else:
+            pred = logits.argmax(-1)
+        out.append(pred)
+    model.train(was)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=data.device)
+
+
+def top1(model: nn.Module, data: DeviceSplit, bs: int = 256, classes: list[int] | None = None) -> float:
+    """Top-1 accuracy in percent."""
+    if len(data) == 0:
+        return float("nan")
+    pred = predict(model, data, bs, classes)
+    return float((pred == data.labels).float().mean()) * 100.0
