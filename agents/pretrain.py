@@ -1,0 +1,124 @@
+"""MT40 pretraining: data for the pretraining tasks, one DT trained on windows mixing the tasks, cached.
+
+The checkpoint is cached (kind ``rl-pretrain``) under a key made of the data settings, the model
+config, the optimiser settings, the number of updates and the seed; ``base_key`` (a hash of that key)
+names the frozen base model that adapters are trained on, so EigenLoRA only ever combines adapters of
+the same base. An interrupted pretraining resumes from its last checkpoint (kept outside the final
+entry until it is complete).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from harness.cache import ArtifactCache, settings_hash
+from harness.errors import ConfigError
+from harness.training import pick_device
+from agents.data import DataSettings, Episodes, WindowSampler, build_datasets
+from agents.dt import DTConfig, DecisionTransformer
+from agents.tasks import MT40, check_task
+from agents.train import TrainConfig, train
+
+KIND = "rl-pretrain"
+EVAL_KIND = "rl-eval"
+WEIGHTS = "model.pt"
+
+
+@dataclass(frozen=True)
+class PretrainPlan:
+    """Everything that defines a pretrained DT."""
+
+    tasks: tuple[str, ...]
+    data: DataSettings
+    model: DTConfig
+    train: TrainConfig
+    seed: int = 0
+
+    def key(self) -> dict[str, Any]:
+        t = self.train
+        return {"tasks": list(self.tasks), "data": self.data.key("*"), "model": self.model.to_dict(),
+                "train": {"steps": t.steps, "lr": t.lr, "weight_decay": t.weight_decay, "warmup": t.warmup,
+                          "min_lr": t.min_lr, "grad_clip": t.grad_clip, "batch_size": t.batch_size},
+                "seed": self.seed}
+
+    def base_key(self) -> str:
+        return settings_hash(self.key())[:16]
+
+
+@dataclass
+class Pretrained:
+    path: Path  # the weights file
+    base_key: str
+    info: dict[str, Any]
+
+
+def load_model(path: Path, cfg: DTConfig, device: torch.device | str = "cpu") -> DecisionTransformer:
+    model = DecisionTransformer(cfg)
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model.to(device).eval()
+
+
+def pretrain(plan: PretrainPlan, device: torch.device | None = None, data_workers: int | None = None,
+             cache: ArtifactCache | None = None, log: Callable[[str], None] = print) -> Pretrained:
+    """Build (or reuse) the pretrained DT of ``plan``."""
+    cache = cache or ArtifactCache()
+    if not plan.tasks:
+        raise ConfigError(f"pretraining needs at least one task; MT40 is: {', '.join(MT40)}")
+    for t in plan.tasks:
+        check_task(t)
+    key = plan.key()
+    name = f"dt-{len(plan.tasks)}tasks"
+    found = cache.lookup(KIND, name, key)
+    if found is not None:
+        return Pretrained(found.file(WEIGHTS), plan.base_key(), json.loads(found.file("info.json").read_text()))
+    device = device or pick_device("auto")
+    paths = build_datasets(list(plan.tasks), plan.data, data_workers, cache, log)
+    sampler = WindowSampler([Episodes.load(paths[t]) for t in plan.tasks], plan.model.context, seed=plan.seed)
+    torch.manual_seed(plan.seed)
+    model = DecisionTransformer(plan.model).to(device)
+    # Resumable: the partial checkpoint sits beside the cache entries, under the same key.
+    partial = cache.root / KIND / ".partial" / f"{plan.base_key()}.pt"
+    log(f"[rl-pretrain] {plan.model.describe()}, {model.num_params() / 1e6:.2f}M params, "
+        f"{plan.train.steps} updates on {len(plan.tasks)} task(s), device {device}")
+    every = max(1, plan.train.report_every)
+
+    def report(m: dict[str, Any]) -> None:
+        if m["update"] % (every * 10) == 0 or m["update"] == plan.train.steps:
+            log(f"[rl-pretrain] update {m['update']}/{plan.train.steps} loss {m['loss']:.4f}")
+
+    cfg = plan.train
+    if not cfg.checkpoint_every:
+        cfg = TrainConfig(**{**cfg.__dict__, "checkpoint_every": max(1000, cfg.steps // 20)})
+    stats = train(model, sampler.sample, cfg, device, report=report, checkpoint=partial)
+    info = {"base_key": plan.base_key(), "final_loss": stats.final_loss, "steps_per_s": stats.steps_per_s,
+            "wall_s": stats.wall_s, "resumed_from": stats.resumed_from, "params": model.num_params(),
+            "losses": stats.losses, "tasks": list(plan.tasks), "model": plan.model.to_dict()}
+
+    def build(folder: Path) -> None:
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, folder / WEIGHTS)
+        (folder / "info.json").write_text(json.dumps(info, indent=1))
+
+    art = cache.get_or_build(KIND, name, key, build)
+    partial.unlink(missing_ok=True)
+    log(f"[rl-pretrain] done: loss {stats.final_loss:.4f}, {stats.steps_per_s:.1f} updates/s, {stats.wall_s:.0f}s")
+    return Pretrained(art.file(WEIGHTS), plan.base_key(), info)
+
+
+def cached_eval(cache: ArtifactCache, name: str, key: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """A small JSON result (rollout scores) cached like any artifact, so it is computed once."""
+    def build(folder: Path) -> None:
+        (folder / "result.json").write_text(json.dumps(compute(), indent=1))
+
+    return json.loads(cache.get_or_build(EVAL_KIND, name, key, build).file("result.json").read_text())
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    t0 = time.time()
+    out = fn()
+    return out, time.time() - t0
