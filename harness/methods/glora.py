@@ -11,7 +11,8 @@ picks, for each of A..E, how it is read from that storage (the authors' public c
     W' = W0 + W0 * A + B   (elementwise, broadcast)     b' = b0 + b0 * D + E  (E alone when there is no b0)
     p  = W0 @ C                                          y  = x W'^T + b' + p
 
-With ranks {8, 4}: 4 x 4 x 3 x 3 x 3 = 432 forms per layer. A_d, B_d, C_d, D, E start at zero and A_u, B_u,
+With one LoRA rank: 4 x 4 x 3 x 3 x 3 = 432 forms per layer (the paper's count); each further rank in
+``ranks`` adds one LoRA choice for A, B and C (ranks {8, 4}: 5 x 5 x 4 x 3 x 3 = 900). A_d, B_d, C_d, D, E start at zero and A_u, B_u,
 C_u Xavier-uniform, so every form is the identity at step 0.
 
 Life cycle here:
