@@ -160,7 +160,7 @@ def run_study(sweep: SweepFile, study: Study, results_dir: Path, resume: bool) -
         from harness.sweep_file import expand_grid
 
         for m, t in missing:
-            chosen[(m, t)] = expand_grid(study.methods[m])[0]
+            chosen[(m, t)] = expand_grid(study.methods[m], m)[0]
         records = waves("final", chosen)
     else:
         records = waves("final")

@@ -18,7 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from harness.errors import ConfigError, choices_message
 from harness.trial import TrialSpec, resolve_budget, track_module
 
-Scalar = int | float | str | bool | None
 
 
 class Resources(BaseModel):
@@ -44,7 +43,7 @@ class Study(BaseModel):
     track: str
     benchmark: str
     tasks: list[str] | Literal["all"] = "all"
-    methods: dict[str, dict[str, Scalar | list[Scalar]]]
+    methods: dict[str, dict[str, Any]]
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     budget: dict[str, Any] = Field(default_factory=dict)
     settings: dict[str, Any] = Field(default_factory=dict)
@@ -72,25 +71,26 @@ class SweepFile(BaseModel):
     studies: list[Study]
 
 
-_STUDY_KEYS = set(Study.model_fields)
 
 
 def _normalise(raw: Any, source: str) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: a sweep file is a YAML mapping, got {type(raw).__name__}")
     raw = dict(raw)
-    if "studies" not in raw:
-        study = {k: raw.pop(k) for k in list(raw) if k in _STUDY_KEYS and k != "name"}
+    if "studies" not in raw:  # a single-study file: every key but the sweep's own belongs to the study
+        study = {k: raw.pop(k) for k in list(raw) if k not in ("name", "description")}
         study["name"] = raw.get("name", "main")
         raw["studies"] = [study]
+        raw["_single"] = True
     raw.setdefault("name", Path(source).stem)
     return raw
 
 
-def _pydantic_message(e: ValidationError, source: str) -> str:
+def _pydantic_message(e: ValidationError, source: str, single: bool) -> str:
     lines = []
     for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"])
+        shown = err["loc"][2:] if single and err["loc"][:2] == ("studies", 0) else err["loc"]
+        loc = ".".join(str(x) for x in shown)
         if err["type"] == "extra_forbidden":
             parent = err["loc"][:-1]
             model = SweepFile
@@ -108,10 +108,24 @@ def _pydantic_message(e: ValidationError, source: str) -> str:
     return f"{source}: invalid sweep file:\n  " + "\n  ".join(lines)
 
 
-def expand_grid(settings: dict[str, Any]) -> list[dict[str, Any]]:
-    """All combinations of a method's settings, lists being grid axes."""
+def expand_grid(settings: dict[str, Any], method: str | None = None) -> list[dict[str, Any]]:
+    """All combinations of a method's settings, lists being grid axes.
+
+    A setting whose value is itself a list (GLoRA's ``ranks``) is a grid axis only as a list of lists:
+    ``ranks: [8, 4]`` is one value, ``ranks: [[8, 4], [2]]`` two.
+    """
+    list_valued: set[str] = set()
+    if method is not None:
+        from harness.methods import get_method
+
+        list_valued = {k for k, s in get_method(method).all_settings().items() if isinstance(s.default, (list, tuple))}
     keys = list(settings)
-    axes = [v if isinstance(v, list) else [v] for v in settings.values()]
+    axes = []
+    for k, v in settings.items():
+        if k in list_valued:
+            axes.append(v if isinstance(v, list) and v and all(isinstance(x, list) for x in v) else [v])
+        else:
+            axes.append(v if isinstance(v, list) else [v])
     return [dict(zip(keys, combo)) for combo in itertools.product(*axes)]
 
 
@@ -135,7 +149,7 @@ def validate_study(study: Study, where: str) -> None:
     for name, space in study.methods.items():
         try:
             method = get_method(name)
-            for combo in expand_grid(space):
+            for combo in expand_grid(space, name):
                 method.resolve_settings(combo)
         except ConfigError as e:
             raise ConfigError(f"{where}.methods.{name}: {e}") from None
@@ -159,17 +173,18 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepFil
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     raw = _normalise(raw, str(path))
+    single = raw.pop("_single", False)
     for item in overrides or []:
         apply_override(raw, item)
     try:
         sweep = SweepFile.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_pydantic_message(e, str(path))) from None
+        raise ConfigError(_pydantic_message(e, str(path), single)) from None
     names = [s.name for s in sweep.studies]
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: study names must be unique, got {names}")
     for i, study in enumerate(sweep.studies):
-        validate_study(study, f"{path}: studies[{i}] ({study.name})")
+        validate_study(study, str(path) if single else f"{path}: studies[{i}] ({study.name})")
     return sweep
 
 
@@ -212,7 +227,7 @@ def study_trials(study: Study, stage: str, chosen: dict[tuple[str, str], dict[st
     specs = []
     for method, space in study.methods.items():
         for task in study_tasks(study):
-            combos = [chosen[(method, task)]] if chosen is not None else expand_grid(space)
+            combos = [chosen[(method, task)]] if chosen is not None else expand_grid(space, method)
             for combo in combos:
                 for seed in seeds:
                     specs.append(TrialSpec(track=study.track, benchmark=study.benchmark, task=task, method=method,

@@ -1,0 +1,57 @@
+"""Leaderboard aggregation: best settings per (method, task), mean and SE over seeds, merge without duplicates."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from harness.leaderboard import aggregate, render, summarise, update
+from harness.sweep_file import Study
+
+
+def rec(method, task, seed, score, settings=None, status="ok", **extra):
+    return {"track": "vision", "benchmark": "builtin", "task": task, "method": method,
+            "settings": json.dumps(settings or {}, sort_keys=True), "seed": seed, "status": status, "error": "",
+            "trainable_params": 100, "head_params": 10, "peak_memory_mb": 0.0, "wall_time_s": 1.0,
+            "backbone": "vit", "data_source": "synthetic", "adapter_path": "", "harness_version": "0",
+            "date": "2026-11-23", "budget": "{}", "top1": score, "extra": "{}", **extra}
+
+
+def test_aggregate_picks_best_settings_and_computes_se():
+    records = [rec("lora", "a", s, v, {"r": 2}) for s, v in enumerate([0.5, 0.6, 0.7])]
+    records += [rec("lora", "a", s, v, {"r": 4}) for s, v in enumerate([0.8, 0.9, 1.0])]
+    records += [rec("lora", "a", 9, float("nan"), {"r": 8}, status="failed")]
+    table = aggregate(records, "top1", {})
+    (row,) = table.to_dict("records")
+    assert json.loads(row["settings"]) == {"r": 4}
+    assert row["top1_mean"] == pytest.approx(0.9)
+    assert row["top1_se"] == pytest.approx(0.1 / math.sqrt(3))
+    assert row["n_seeds"] == 3
+
+
+def test_summary_averages_group_means():
+    groups = {"natural": ["a", "b"], "structured": ["c"]}
+    records = [rec("full", t, 0, v) for t, v in (("a", 0.2), ("b", 0.4), ("c", 0.9))]
+    summary = summarise(aggregate(records, "top1", groups), "top1", groups)
+    row = summary.iloc[0]
+    assert row["natural_top1"] == pytest.approx(0.3)
+    assert row["structured_top1"] == pytest.approx(0.9)
+    assert row["average_top1"] == pytest.approx(0.6)  # mean of the group means, not of the tasks
+
+
+def test_update_merges_without_duplicates_and_renders(tmp_path):
+    study = Study(name="s", track="vision", benchmark="builtin", methods={"full": {}}, leaderboard="board")
+    from vision import trial as vision_track  # noqa: F401  (the board needs the track's metric)
+
+    update([rec("full", "a", 0, 0.5), rec("linear", "a", 0, 0.3)], study, tmp_path)
+    update([rec("full", "a", 0, 0.7), rec("full", "a", 1, 0.9)], study, tmp_path)
+    table = pd.read_csv(tmp_path / "board.csv")
+    assert len(table) == 2  # full/a replaced, linear/a kept
+    assert table.set_index("method").loc["full", "top1_mean"] == pytest.approx(0.8)
+    assert (table["data_source"] == "synthetic").all()
+    written = render(tmp_path)
+    assert (tmp_path / "board.md").read_text().count("synthetic") >= 1
+    assert any(p.suffix == ".png" for p in written)
