@@ -1,0 +1,116 @@
+"""RL track: the Decision Transformer (shapes, causality, padding, learning, PEFT) and the training loop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from harness.errors import NonFiniteLossError
+
+
+def tiny_cfg(**kw):
+    from agents.dt import DTConfig
+
+    return DTConfig(**{"n_layer": 2, "n_head": 2, "n_embd": 32, "context": 6, "dropout": 0.0, **kw})
+
+
+def batch(B=4, K=6, seed=0, pad=None):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(B, K, dtype=torch.bool)
+    if pad:
+        mask[0, :pad] = False
+    return {"states": torch.randn(B, K, 39, generator=g), "actions": torch.rand(B, K, 4, generator=g) * 2 - 1,
+            "returns_to_go": torch.rand(B, K, 1, generator=g), "rewards": torch.rand(B, K, 1, generator=g),
+            "timesteps": torch.arange(K).repeat(B, 1), "attention_mask": mask}
+
+
+def test_shapes_and_site():
+    from agents.dt import SITE, DecisionTransformer, forward_batch
+
+    m = DecisionTransformer(tiny_cfg()).eval()
+    out = forward_batch(m, batch())
+    assert out.shape == (4, 6, 4) and out.abs().max() <= 1
+    names = [n for n, _ in SITE.target_linears(m)]
+    assert "blocks.0.attn.qkv" in names and "blocks.1.mlp.fc2" in names and len(names) == 8
+    assert not any(n.startswith("embed") for n in names)
+    assert SITE.is_head_param("action_head.weight")
+
+
+def test_paper_scale_size():
+    from agents.dt import DTConfig, DecisionTransformer
+
+    n = DecisionTransformer(DTConfig()).num_params()
+    assert 12e6 < n < 16e6  # "about 12-16M parameters"
+
+
+def test_causal_action_independent_of_future():
+    from agents.dt import DecisionTransformer, forward_batch
+
+    m = DecisionTransformer(tiny_cfg()).eval()
+    b = batch()
+    out = forward_batch(m, b)
+    b2 = {k: v.clone() for k, v in b.items()}
+    t = 3
+    b2["states"][:, t + 1:] += 5.0
+    b2["returns_to_go"][:, t + 1:] += 5.0
+    b2["actions"][:, t:] += 5.0  # a_t itself comes after the R_t token
+    b2["rewards"][:, t:] += 5.0
+    out2 = forward_batch(m, b2)
+    assert torch.allclose(out[:, : t + 1], out2[:, : t + 1], atol=1e-5)
+    assert not torch.allclose(out[:, t + 1:], out2[:, t + 1:], atol=1e-3)
+    b3 = {k: v.clone() for k, v in b.items()}
+    b3["states"][:, t] += 5.0  # s_t is seen by R_t
+    assert not torch.allclose(forward_batch(m, b3)[:, t], out[:, t], atol=1e-4)
+
+
+def test_padding_is_ignored():
+    from agents.dt import DecisionTransformer, forward_batch
+
+    m = DecisionTransformer(tiny_cfg()).eval()
+    b = batch(pad=2)
+    out = forward_batch(m, b)
+    b2 = {k: v.clone() for k, v in b.items()}
+    b2["states"][0, :2] = 100.0
+    out2 = forward_batch(m, b2)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out[0, 2:], out2[0, 2:], atol=1e-5)
+
+
+def test_loss_decreases_and_nonfinite_raises(tmp_path):
+    from agents.dt import DecisionTransformer
+    from agents.train import TrainConfig, load_checkpoint, train
+
+    torch.manual_seed(0)
+    m = DecisionTransformer(tiny_cfg())
+    fixed = {k: v.numpy() for k, v in batch(B=8, pad=2).items()}
+    losses = []
+    stats = train(m, lambda bs: fixed, TrainConfig(steps=60, lr=3e-3, warmup=10, batch_size=8, report_every=5),
+                  torch.device("cpu"), report=lambda r: losses.append(r["loss"]), checkpoint=tmp_path / "ck.pt")
+    assert losses[-1] < 0.5 * losses[0] and stats.final_loss == losses[-1]
+    assert load_checkpoint(tmp_path / "ck.pt", m) == 60
+    # Resuming a finished run does no more updates.
+    again = train(m, lambda bs: fixed, TrainConfig(steps=60, lr=3e-3, batch_size=8), torch.device("cpu"),
+                  checkpoint=tmp_path / "ck.pt")
+    assert again.resumed_from == 60
+    bad = dict(fixed)
+    bad["actions"] = fixed["actions"].copy()
+    bad["actions"][0, -1, 0] = np.nan
+    with pytest.raises(NonFiniteLossError):
+        train(DecisionTransformer(tiny_cfg()), lambda bs: bad, TrainConfig(steps=5, batch_size=8), torch.device("cpu"))
+    with pytest.raises(NonFiniteLossError):
+        train(DecisionTransformer(tiny_cfg()), lambda bs: fixed, TrainConfig(steps=20, lr=1e30, warmup=0, batch_size=8),
+              torch.device("cpu"))
+
+
+def test_works_through_peft():
+    from peft import LoraConfig, get_peft_model
+
+    from agents.dt import SITE, DecisionTransformer, batch_loss, forward_batch
+
+    m = DecisionTransformer(tiny_cfg()).eval()
+    ref = forward_batch(m, batch())
+    pm = get_peft_model(m, LoraConfig(r=2, target_modules=list(SITE.targets)))
+    assert torch.allclose(forward_batch(pm, batch()), ref, atol=1e-6)  # LoRA starts as the identity
+    batch_loss(pm, batch()).backward()
+    assert all(p.grad is not None for n, p in pm.named_parameters() if p.requires_grad)

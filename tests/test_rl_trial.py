@@ -1,0 +1,113 @@
+"""RL track: rollouts, and tiny end-to-end trials through agents.trial (real Meta-World, real training)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness.errors import ConfigError
+
+TINY = {"n_layer": 1, "n_head": 2, "n_embd": 32, "context": 4, "dropout": 0.0, "data_episodes": 2,
+        "noise_levels": [0.0, 0.5], "pretrain_tasks": ["reach"], "pretrain_steps": 20, "pretrain_batch_size": 16,
+        "pretrain_eval_episodes": 0, "eval_workers": 2, "data_workers": 1, "device": "cpu", "compile": False}
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_rollout_two_envs_tiny_dt():
+    from agents.dt import DTConfig, DecisionTransformer
+    from agents.rollout import evaluate_dt, evaluate_scripted
+
+    m = DecisionTransformer(DTConfig(n_layer=1, n_head=2, n_embd=32, context=4, dropout=0.0))
+    r = evaluate_dt(m, "reach", episodes=2, target_return=1500.0, workers=2, seed=0)
+    assert r.episodes == 2 and len(r.returns) == 2 and r.wall_s > 0
+    assert 0.0 <= r.success <= r.success_any <= 1.0 and r.return_mean > 0
+    assert r.env_steps_per_s > 0
+    s = evaluate_scripted("reach", episodes=2, workers=1, seed=0)
+    assert s.success_any == 1.0 and s.return_mean > r.return_mean
+
+
+def test_rollout_pool_cleans_up_on_error():
+    from agents.rollout import RolloutPool
+
+    with pytest.raises(RuntimeError):
+        with RolloutPool("reach", 2, 2) as pool:
+            procs = list(pool.procs)
+            pool.reset()
+            raise RuntimeError("boom")
+    assert procs and not any(p.is_alive() for p in procs)
+
+
+def test_settings_are_checked():
+    from agents.trial import resolve_settings
+
+    with pytest.raises(ConfigError, match="n_embd"):
+        resolve_settings({"n_embed": 64})
+    with pytest.raises(ConfigError, match="window-close"):
+        resolve_settings({"pretrain_tasks": ["window-clos"]})
+    with pytest.raises(ConfigError, match="integer"):
+        resolve_settings({"n_layer": "two"})
+
+
+@pytest.mark.parametrize("method", ["full", "linear"])
+def test_trial_end_to_end(cache, method):
+    from agents import trial
+    from harness.trial import TrialSpec, run_trial
+
+    trial.prepare(TINY, "cw10", ["window-close"], None)
+    spec = TrialSpec(track="rl", benchmark="cw10", task="window-close", method=method, seed=0,
+                     budget={"steps": 30, "eval_episodes": 2, "batch_size": 16, "report_every": 10},
+                     track_settings=TINY)
+    seen = []
+    result = trial.run(spec, seen.append)
+    m = result.metrics
+    assert {"success", "success_any", "return", "final_loss", "pretrained_success"} <= set(m)
+    assert 0 <= m["success"] <= m["success_any"] <= 1 and m["return"] > 0
+    assert [r["update"] for r in seen[:3]] == [10, 20, 30]
+    assert result.data_source == "real" and "scripted" in result.extra["data"]
+    from agents.dt import DTConfig, DecisionTransformer
+
+    total = DecisionTransformer(DTConfig(n_layer=1, n_head=2, n_embd=32, context=4)).num_params()
+    assert result.head_params == 32 * 4 + 4
+    assert result.trainable_params == (total - result.head_params if method == "full" else 0)
+    assert (cache / "adapters").is_dir() and result.adapter_path
+    record = run_trial(spec, lambda r: None)  # through the harness' own entry point
+    assert record.status == "ok", record.error
+
+
+def test_trial_lora_if_available(cache):
+    pytest.importorskip("peft")
+    from agents import trial
+    from harness.methods import get_method
+
+    try:
+        get_method("lora")
+    except Exception as e:  # the PEFT methods module may not be finished yet
+        pytest.skip(f"lora not importable: {e}")
+    from harness.trial import TrialSpec
+
+    spec = TrialSpec(track="rl", benchmark="cw10", task="window-close", method="lora", method_settings={"r": 2},
+                     budget={"steps": 10, "eval_episodes": 2, "batch_size": 16}, track_settings=TINY)
+    result = trial.run(spec, lambda r: None)
+    assert result.trainable_params == 1 * (2 * (32 + 96) + 2 * (32 + 32) + 2 * (32 + 128) + 2 * (128 + 32))
+
+
+def test_nan_training_fails_the_trial(cache):
+    from harness.trial import TrialSpec, run_trial
+
+    spec = TrialSpec(track="rl", benchmark="cw10", task="window-close", method="full",
+                     method_settings={"lr": 1e30}, budget={"steps": 30, "eval_episodes": 1, "batch_size": 16},
+                     track_settings={**TINY, "warmup": 0, "grad_clip": 0.0})
+    record = run_trial(spec, lambda r: None)
+    assert record.status == "failed" and "NonFiniteLossError" in record.error
+
+
+def test_unknown_task_is_a_config_error(cache):
+    from agents import trial
+
+    with pytest.raises(ConfigError, match="valid"):
+        trial.prepare(TINY, "cw10", ["reach"], None)
