@@ -1,0 +1,103 @@
+"""End to end through Ray Tune: a tiny RL sweep writes the leaderboard, a NaN trial fails alone, and an
+interrupted sweep resumes without rerunning or duplicating finished trials."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = {"n_layer": 1, "n_head": 2, "n_embd": 32, "context": 4, "dropout": 0.0, "data_episodes": 2,
+        "noise_levels": [0.0, 0.5], "pretrain_tasks": ["reach"], "pretrain_steps": 20, "pretrain_batch_size": 16,
+        "pretrain_eval_episodes": 0, "eval_workers": 1, "data_workers": 1, "device": "cpu", "compile": False,
+        "warmup": 0, "grad_clip": 0.0, "eval_pretrained": False}
+
+
+def sweep_file(tmp_path: Path, methods: dict, seeds=(0,), max_concurrent=None) -> Path:
+    doc = {"name": "tiny", "track": "rl", "benchmark": "cw10", "tasks": ["window-close"], "methods": methods,
+           "seeds": list(seeds), "budget": {"steps": 8, "eval_episodes": 1, "batch_size": 8, "report_every": 4},
+           "settings": TINY, "leaderboard": "tiny-cw10",
+           "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0, "max_concurrent": max_concurrent}}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def run_cli(args: list[str], env: dict, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "harness", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
+
+
+@pytest.fixture()
+def env(tmp_path):
+    e = dict(os.environ)
+    e["HARNESS_CACHE"] = str(tmp_path / "cache")
+    e["RAY_DEDUP_LOGS"] = "0"
+    e.pop("RAY_ADDRESS", None)
+    return e
+
+
+def records(results: Path) -> list[dict]:
+    return [json.loads(line) for line in (results / "tiny" / "tiny-records.jsonl").read_text().splitlines()]
+
+
+def test_tiny_sweep_writes_leaderboard_and_survives_a_nan_trial(tmp_path, env):
+    path = sweep_file(tmp_path, {"full": {"lr": [1.0e-4, 1.0e30]}, "lora": {"r": 2, "lr": 1.0e-3}})
+    res, board = tmp_path / "results", tmp_path / "board"
+    proc = run_cli(["sweep", str(path), "--results", str(res), "--leaderboard", str(board), "--no-dashboard"], env)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    recs = records(res)
+    assert len(recs) == 3
+    failed = [r for r in recs if r["status"] == "failed"]
+    assert len(failed) == 1 and "NonFiniteLossError" in failed[0]["error"]
+    assert json.loads(failed[0]["settings"])["lr"] == 1e30
+    table = pd.read_csv(board / "tiny-cw10.csv")
+    assert sorted(table["method"]) == ["full", "lora"]
+    row = table.set_index("method").loc["lora"]
+    assert row["task"] == "window-close" and 0.0 <= row["success_mean"] <= 1.0
+    assert row["trainable_params"] > 0 and row["data_source"] == "real" and row["n_seeds"] == 1
+    assert json.loads(table.set_index("method").loc["full", "settings"]) == {"lr": 1e-4}
+    assert (board / "tiny-cw10-summary.csv").exists() and (board / "tiny-cw10.md").exists()
+    assert "failed window-close full" in out
+
+
+def test_interrupted_sweep_resumes_without_rerunning(tmp_path, env):
+    path = sweep_file(tmp_path, {"full": {"lr": [1.0e-4, 2.0e-4, 3.0e-4]}}, max_concurrent=1)
+    res, board = tmp_path / "results", tmp_path / "board"
+    args = ["sweep", str(path), "--results", str(res), "--leaderboard", str(board), "--no-dashboard"]
+    proc = run_cli(args, env)
+    exp = res / "tiny" / "tiny-final"
+    deadline = time.time() + 400
+    finished: list[Path] = []
+    while time.time() < deadline and proc.poll() is None:
+        finished = [p for p in exp.glob("*/result.json") if '"record"' in p.read_text()]
+        if finished:
+            break
+        time.sleep(0.5)
+    assert finished, "no trial finished before the deadline"
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0 or "resume" in out
+    done_before = {p.parent.name for p in exp.glob("*/result.json") if '"record"' in p.read_text()}
+    assert 1 <= len(done_before) < 3, out[-3000:]
+
+    proc = run_cli([*args, "--resume"], env)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    recs = records(res)
+    assert len(recs) == 3 and len({r["settings"] for r in recs}) == 3
+    for name in done_before:  # finished trials were not run again: one final record each
+        lines = (exp / name / "result.json").read_text().splitlines()
+        assert sum('"record"' in line for line in lines) == 1
+    assert len(pd.read_csv(board / "tiny-cw10.csv")) == 1
