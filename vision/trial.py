@@ -99,6 +99,14 @@ def settings(track_settings: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"unknown vision setting(s) {unknown}; valid: {', '.join(sorted(DEFAULTS))}")
     ts = {**DEFAULTS, **(track_settings or {})}
     check_model_name(ts["backbone"])
+    mk = ts["model_kwargs"] or {}
+    if not isinstance(mk, dict) or any(not isinstance(k, str) or v is None for k, v in mk.items()):
+        raise ConfigError(f"vision setting model_kwargs={mk!r}: expected a mapping of timm.create_model "
+                          "keyword arguments to values, e.g. {patch_size: 8, depth: 4}")
+    targets = ts["adapter_targets"]
+    if isinstance(targets, str) or not all(isinstance(t, str) for t in targets):
+        raise ConfigError(f"vision setting adapter_targets={targets!r}: expected a list of module names, "
+                          f"e.g. {list(DEFAULT_TARGETS)}")
     return ts
 
 
