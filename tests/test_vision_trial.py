@@ -1,0 +1,112 @@
+"""The vision track end to end on CPU: tiny ViTs, tiny folders written here, real timm and peft."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness.errors import ConfigError, DataError
+from harness.trial import TrialSpec, run_trial, validate_spec
+from tests.test_vision_data import write_fewshot, write_imagenet, write_vtab
+from vision import trial
+
+TINY = {"backbone": "vit_tiny_patch16_224", "img_size": 32, "model_kwargs": {"patch_size": 8, "depth": 2},
+        "drop_path": 0.0, "weights": "random", "threads": 1}
+SMALL_PRETRAIN = {"pretrain_classes": 4, "pretrain_steps": 3, "pretrain_batch_size": 8, "pretrain_points": 256}
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+
+
+def quiet(_m):
+    pass
+
+
+def _spec(benchmark, task, method="linear", stage="final", steps=2, **ts):
+    return TrialSpec("vision", benchmark, task, method, {}, 0, {"steps": steps, "stage": stage, "batch_size": 8},
+                     {**TINY, **ts})
+
+
+def test_interface_tables():
+    assert set(trial.BENCHMARKS) >= {"vtab1k", "fewshot", "domain_shift", "builtin", "builtin-fewshot", "builtin-shift"}
+    assert len(trial.BENCHMARKS["vtab1k"]) == 19 and len(trial.BENCHMARKS["fewshot"]) == 25
+    assert trial.PRIMARY_METRIC == "top1" and trial.BUDGET["stage"] in ("select", "final")
+    assert trial.DATA_SOURCE({}, "builtin") == "synthetic" and trial.DATA_SOURCE({}, "vtab1k") == "real"
+    with pytest.raises(ConfigError, match="unknown vision setting"):
+        trial.settings({"bakbone": "x"})
+
+
+def test_vtab_trial_select_and_final(tmp_path):
+    write_vtab(tmp_path / "vtab")
+    ts = {"data_root": str(tmp_path / "vtab")}
+    trial.prepare({**TINY, **ts}, "vtab1k", ["dtd"], quiet)
+    sel = run_trial(_spec("vtab1k", "dtd", "full", "select", **ts), quiet)
+    assert sel.status == "ok", sel.error
+    assert sel.extra["eval_split"] == "val200" and sel.extra["train_images"] == 8
+    fin = run_trial(_spec("vtab1k", "dtd", "linear", "final", **ts), quiet)
+    assert fin.status == "ok", fin.error
+    assert fin.extra["eval_split"] == "test" and fin.extra["train_images"] == 12
+    assert 0.0 <= fin.metrics["top1"] <= 100.0 and fin.data_source == "real"
+    assert fin.trainable_params == 0 and fin.head_params == 192 * 47 + 47
+    assert fin.backbone.startswith("vit_tiny_patch16_224 [random]")
+
+
+def test_prepare_fails_before_training_on_bad_folder(tmp_path):
+    folder = write_vtab(tmp_path / "vtab")
+    (folder / "test.txt").unlink()
+    with pytest.raises(DataError, match=r"test\.txt does not exist"):
+        trial.prepare({**TINY, "data_root": str(tmp_path / "vtab")}, "vtab1k", ["dtd"], quiet)
+    rec = run_trial(_spec("vtab1k", "dtd", data_root=str(tmp_path / "vtab")), quiet)
+    assert rec.status == "failed" and "test.txt does not exist" in rec.error and "traceback" not in rec.extra
+
+
+def test_unknown_backbone_fails_cleanly():
+    rec = run_trial(_spec("builtin", "shapes", backbone="vit_tiny_patch16_22"), quiet)
+    assert rec.status == "failed" and "close timm names" in rec.error and "traceback" not in rec.extra
+
+
+def test_builtin_lora_and_pretrained_backbone():
+    ts = {**SMALL_PRETRAIN, "weights": "builtin"}
+    out = trial.pretrain({**TINY, **ts})
+    assert out["steps"] == 3 and out["checkpoint"].endswith("model.safetensors")
+    assert trial.pretrain({**TINY, **ts})["checkpoint"] == out["checkpoint"]  # cached, not retrained
+    rec = run_trial(_spec("builtin", "shapes", "lora", **ts), quiet)
+    assert rec.status == "ok", rec.error
+    assert rec.data_source == "synthetic" and "[builtin:" in rec.backbone
+    assert rec.trainable_params > 0 and rec.head_params == 192 * 6 + 6
+    assert rec.adapter_path and rec.metrics["top1"] >= 0
+
+
+def test_builtin_shift_and_fewshot_metrics():
+    rec = run_trial(_spec("builtin-shift", "digits"), quiet)
+    assert rec.status == "ok", rec.error
+    assert {"top1", "top1_sketch", "top1_noise", "top1_recolor"} <= set(rec.metrics)
+    assert rec.extra["train_images"] == 160 and len(rec.extra["shot_paths"]) == 160
+    fs = run_trial(_spec("builtin-fewshot", "textures-1shot"), quiet)
+    assert fs.status == "ok" and fs.extra["train_images"] == 8
+
+
+def test_fewshot_and_domain_shift_trials(tmp_path):
+    write_fewshot(tmp_path / "data")
+    write_imagenet(tmp_path / "data")
+    ts = {"data_root": str(tmp_path / "data"), "shift_shots": 2}
+    fs = run_trial(_spec("fewshot", "food101-2shot", **ts), quiet)
+    assert fs.status == "ok", fs.error
+    assert len(fs.extra["shot_paths"]) == 6
+    ds = run_trial(_spec("domain_shift", "imagenet", **ts), quiet)
+    assert ds.status == "ok", ds.error
+    assert {"top1", "top1_imagenet", "top1_v2", "top1_a"} <= set(ds.metrics)
+    assert ds.extra["skipped_test_sets"] == ["sketch", "r"]
+
+
+def test_validate_spec_accepts_vision_specs():
+    validate_spec(_spec("builtin", "count"))
+    with pytest.raises(ConfigError, match="did you mean 'count'"):
+        validate_spec(_spec("builtin", "cont"))
+
+
+def test_bench_runs_on_cpu():
+    out = trial.bench({**TINY, "bench_steps": 2})
+    assert out["full"]["images_per_s"] > 0
+    assert "images_per_s" in out["lora"] and 0 <= out["full"]["data_share"] <= 1
