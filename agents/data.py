@@ -140,14 +140,20 @@ def _units(task: str, settings: DataSettings) -> list[tuple]:
     return units
 
 
+def say(message: str) -> None:
+    """Progress to the console, flushed (it often goes to a log file or a Ray worker's stream)."""
+    print(message, flush=True)
+
+
 def default_workers() -> int:
     return max(1, min(16, os.cpu_count() or 1))
 
 
 def build_datasets(tasks: Sequence[str], settings: DataSettings, workers: int | None = None,
-                   cache: ArtifactCache | None = None, log: Callable[[str], None] = print) -> dict[str, Path]:
+                   cache: ArtifactCache | None = None, log: Callable[[str], None] | None = None) -> dict[str, Path]:
     """Generate (or reuse from the cache) every task's dataset; returns task -> path of its ``.npz``."""
     cache = cache or ArtifactCache()
+    log = log or say
     for t in tasks:
         check_task(t)
     paths: dict[str, Path] = {}
@@ -192,7 +198,7 @@ def _store(cache: ArtifactCache, task: str, settings: DataSettings, parts: list[
 
 
 def load_dataset(task: str, settings: DataSettings, workers: int | None = None,
-                 cache: ArtifactCache | None = None, log: Callable[[str], None] = print) -> Episodes:
+                 cache: ArtifactCache | None = None, log: Callable[[str], None] | None = None) -> Episodes:
     """A task's episodes, generating them first when not cached."""
     return Episodes.load(build_datasets([task], settings, workers, cache, log)[task])
 

@@ -20,7 +20,7 @@ import torch
 from harness.cache import ArtifactCache, settings_hash
 from harness.errors import ConfigError
 from harness.training import pick_device
-from agents.data import DataSettings, Episodes, WindowSampler, build_datasets
+from agents.data import DataSettings, Episodes, WindowSampler, build_datasets, say
 from agents.dt import DTConfig, DecisionTransformer
 from agents.tasks import MT40, check_task
 from agents.train import TrainConfig, train
@@ -65,9 +65,10 @@ def load_model(path: Path, cfg: DTConfig, device: torch.device | str = "cpu") ->
 
 
 def pretrain(plan: PretrainPlan, device: torch.device | None = None, data_workers: int | None = None,
-             cache: ArtifactCache | None = None, log: Callable[[str], None] = print) -> Pretrained:
+             cache: ArtifactCache | None = None, log: Callable[[str], None] | None = None) -> Pretrained:
     """Build (or reuse) the pretrained DT of ``plan``."""
     cache = cache or ArtifactCache()
+    log = log or say
     if not plan.tasks:
         raise ConfigError(f"pretraining needs at least one task; MT40 is: {', '.join(MT40)}")
     for t in plan.tasks:
