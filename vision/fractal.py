@@ -104,7 +104,7 @@ def make_codes(classes: int, seed: int, max_maps: int = 4, min_fill: float = 0.1
 
 
 def render_batch(codes: IFSCodes, labels: torch.Tensor, size: int, g: torch.Generator | None = None,
-                 points: int = 384, iters: int = 12, perturb: float = 0.06) -> torch.Tensor:
+                 points: int = 384, iters: int = 12, perturb: float = 0.06, max_rotation: float = 0.3) -> torch.Tensor:
     """Float images (B x 3 x size x size, in [0, 1]) of the classes ``labels``, each a new instance."""
     dev = codes.maps.device
     B = labels.shape[0]
@@ -112,14 +112,15 @@ def render_batch(codes: IFSCodes, labels: torch.Tensor, size: int, g: torch.Gene
     # instance variation: jitter every parameter of the class code a little (FractalDB's "instances")
     maps = maps * (1 + perturb * (torch.rand(maps.shape, device=dev, generator=g) * 2 - 1))
     probs = codes.probs[labels]
-    # rotation and flips as augmentation: rotate the maps' output by conjugating with a rotation
-    theta = torch.rand(B, device=dev, generator=g) * 2 * math.pi
+    # small rotations (radians, +-max_rotation) and flips as augmentation; FractalDB itself uses flips only,
+    # and full rotations made the classes much harder to learn in short (CPU) pretraining runs
+    theta = (torch.rand(B, device=dev, generator=g) * 2 - 1) * max_rotation
     pts = chaos_points(maps, probs, points, iters, g)
     c, s = torch.cos(theta)[:, None], torch.sin(theta)[:, None]
     flip = torch.where(torch.rand(B, device=dev, generator=g) < 0.5, -1.0, 1.0)[:, None]
     x, y = pts[..., 0] * flip, pts[..., 1]
     pts = torch.stack([c * x - s * y, s * x + c * y], -1)
-    scale = 0.6 + 0.35 * torch.rand(B, device=dev, generator=g)
+    scale = 0.75 + 0.25 * torch.rand(B, device=dev, generator=g)
     shift = (torch.rand(B, 2, device=dev, generator=g) * 2 - 1) * (1 - scale[:, None]) / 2
     dens = rasterise(pts, size, scale, shift)  # B x H x W
     fg = 0.4 + 0.6 * torch.rand(B, 3, 1, 1, device=dev, generator=g)

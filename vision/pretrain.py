@@ -19,7 +19,7 @@ from harness.training import autocast, check_finite, make_adamw, pick_device, se
 from vision import backbones, fractal
 
 KIND = "vision-pretrain"
-VERSION = 1
+VERSION = 2  # 2: milder augmentation
 CHECKPOINT = "model.safetensors"
 
 
