@@ -94,12 +94,12 @@ def cmd_run(args) -> int:
     return 0 if record.status == "ok" else 1
 
 
-def _track_settings(args) -> tuple[Any, dict]:
+def _track_settings(args, allow_bench: bool = False) -> tuple[Any, dict]:
     from harness.trial import track_module
 
     mod = track_module(args.track)
     settings = dict(_parse_sets(args.set))
-    unknown = sorted(set(settings) - set(mod.DEFAULTS))
+    unknown = sorted(k for k in set(settings) - set(mod.DEFAULTS) if not (allow_bench and k.startswith("bench_")))
     if unknown:
         raise ConfigError(f"unknown {args.track} setting(s) {unknown}; valid: {', '.join(sorted(mod.DEFAULTS))}")
     return mod, settings
@@ -123,7 +123,7 @@ def cmd_bench(args) -> int:
 
         print(json.dumps(bench_methods(dict(_parse_sets(args.set))), indent=1, default=str))
         return 0
-    mod, settings = _track_settings(args)
+    mod, settings = _track_settings(args, allow_bench=True)
     print(json.dumps(mod.bench(settings), indent=1, default=str))
     return 0
 
