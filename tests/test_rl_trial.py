@@ -111,3 +111,11 @@ def test_unknown_task_is_a_config_error(cache):
 
     with pytest.raises(ConfigError, match="valid"):
         trial.prepare(TINY, "cw10", ["reach"], None)
+
+
+def test_bench_reports_speeds():
+    from agents import trial
+
+    out = trial.bench({**TINY, "bench_steps": 5, "bench_envs": 2})
+    assert out["train_steps_per_s"] > 0 and out["dt_env_steps_per_s"] > 0 and out["scripted_env_steps_per_s"] > 0
+    assert out["rollout_workers"] == 2 and out["dt_over_scripted"] > 0
