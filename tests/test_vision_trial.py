@@ -78,6 +78,14 @@ def test_builtin_lora_and_pretrained_backbone():
     assert rec.adapter_path and rec.metrics["top1"] >= 0
 
 
+def test_pretrain_instance_pool():
+    """pretrain_instances > 0 trains on a pre-rendered pool; it is part of the cache key."""
+    a = trial.pretrain({**TINY, **SMALL_PRETRAIN})
+    b = trial.pretrain({**TINY, **SMALL_PRETRAIN, "pretrain_instances": 3})
+    assert b["instances"] == 3 and a["instances"] == 0 and b["checkpoint"] != a["checkpoint"]
+    assert b["final_loss"] is not None
+
+
 def test_builtin_shift_and_fewshot_metrics():
     rec = run_trial(_spec("builtin-shift", "digits"), quiet)
     assert rec.status == "ok", rec.error

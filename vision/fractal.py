@@ -103,9 +103,9 @@ def make_codes(classes: int, seed: int, max_maps: int = 4, min_fill: float = 0.1
     return IFSCodes(maps, probs).to(torch.device(device))
 
 
-def render_batch(codes: IFSCodes, labels: torch.Tensor, size: int, g: torch.Generator | None = None,
-                 points: int = 384, iters: int = 12, perturb: float = 0.06, max_rotation: float = 0.3) -> torch.Tensor:
-    """Float images (B x 3 x size x size, in [0, 1]) of the classes ``labels``, each a new instance."""
+def render_density(codes: IFSCodes, labels: torch.Tensor, size: int, g: torch.Generator | None = None,
+                   points: int = 384, iters: int = 12, perturb: float = 0.06, max_rotation: float = 0.3) -> torch.Tensor:
+    """Density maps (B x size x size, in [0, 1]) of new instances of the classes ``labels``."""
     dev = codes.maps.device
     B = labels.shape[0]
     maps = codes.maps[labels].clone()
@@ -122,8 +122,20 @@ def render_batch(codes: IFSCodes, labels: torch.Tensor, size: int, g: torch.Gene
     pts = torch.stack([c * x - s * y, s * x + c * y], -1)
     scale = 0.75 + 0.25 * torch.rand(B, device=dev, generator=g)
     shift = (torch.rand(B, 2, device=dev, generator=g) * 2 - 1) * (1 - scale[:, None]) / 2
-    dens = rasterise(pts, size, scale, shift)  # B x H x W
+    return rasterise(pts, size, scale, shift)  # B x H x W
+
+
+def colourise(dens: torch.Tensor, g: torch.Generator | None = None) -> torch.Tensor:
+    """Density maps (B x H x W) -> float images (B x 3 x H x W, in [0, 1]): a random foreground colour on a
+    random dark background, so colour carries no class information."""
+    B, dev = dens.shape[0], dens.device
     fg = 0.4 + 0.6 * torch.rand(B, 3, 1, 1, device=dev, generator=g)
     bg = 0.3 * torch.rand(B, 3, 1, 1, device=dev, generator=g)
     img = bg + (fg - bg) * dens[:, None]
     return img.clamp(0, 1)
+
+
+def render_batch(codes: IFSCodes, labels: torch.Tensor, size: int, g: torch.Generator | None = None,
+                 points: int = 384, iters: int = 12, perturb: float = 0.06, max_rotation: float = 0.3) -> torch.Tensor:
+    """Float images (B x 3 x size x size, in [0, 1]) of the classes ``labels``, each a new instance."""
+    return colourise(render_density(codes, labels, size, g, points, iters, perturb, max_rotation), g)

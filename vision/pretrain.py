@@ -19,7 +19,7 @@ from harness.training import autocast, check_finite, make_adamw, pick_device, se
 from vision import backbones, fractal
 
 KIND = "vision-pretrain"
-VERSION = 2  # 2: milder augmentation
+VERSION = 3  # 2: milder augmentation; 3: no label smoothing, optional pre-rendered instance pool
 CHECKPOINT = "model.safetensors"
 
 
@@ -31,6 +31,7 @@ def pretrain_key(ts: dict[str, Any]) -> dict[str, Any]:
         "steps": int(ts["pretrain_steps"]), "batch_size": int(ts["pretrain_batch_size"]),
         "lr": float(ts["pretrain_lr"]), "weight_decay": float(ts["pretrain_weight_decay"]),
         "points": int(ts["pretrain_points"]), "seed": int(ts["pretrain_seed"]),
+        "instances": int(ts.get("pretrain_instances") or 0),
     }
 
 
@@ -46,18 +47,35 @@ def _train(key: dict[str, Any], device: torch.device, folder: Path, log: Callabl
     steps, bs = key["steps"], key["batch_size"]
     warmup = max(1, steps // 20)
     iters = max(4, key["points"] // 256)
+    pool = None
+    if key["instances"] > 0:
+        # FractalDB's recipe: a fixed set of instances per class (it uses 1000), rendered once and revisited
+        # every epoch; only the colouring is redrawn per step. Rendering is cheap next to a training step, so
+        # the pool is not about speed: a finite set of instances is what FractalDB trains on and is easier to
+        # fit in a short run than an endless stream of new instances.
+        with torch.no_grad():
+            pool_labels = torch.arange(key["classes"], device=device).repeat_interleave(key["instances"])
+            pool = torch.cat([fractal.render_density(codes, pool_labels[i:i + 1024], size, g, points=256, iters=iters)
+                              for i in range(0, len(pool_labels), 1024)])
+            pool = (pool * 255).round().to(torch.uint8)  # 1 byte a pixel
     model.train()
     started, data_time, ema_acc, last = time.time(), 0.0, 0.0, {}
     for step in range(steps):
         t0 = time.time()
-        labels = torch.randint(0, key["classes"], (bs,), device=device, generator=g)
         with torch.no_grad():
-            x = (fractal.render_batch(codes, labels, size, g, points=256, iters=iters) - mean) / std
+            if pool is None:
+                labels = torch.randint(0, key["classes"], (bs,), device=device, generator=g)
+                x = fractal.render_batch(codes, labels, size, g, points=256, iters=iters)
+            else:
+                idx = torch.randint(0, pool.shape[0], (bs,), device=device, generator=g)
+                labels = pool_labels[idx]
+                x = fractal.colourise(pool[idx].float() / 255, g)
+            x = (x - mean) / std
         data_time += time.time() - t0
         set_lr(opt, warmup_cosine(step, steps, warmup, key["lr"], key["lr"] * 0.01))
         with autocast(device):
             logits = model(x)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=0.1)
+            loss = F.cross_entropy(logits.float(), labels)  # no label smoothing: it slowed short runs down
         value = check_finite(loss, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -71,6 +71,7 @@ DEFAULTS: dict[str, Any] = {
     "pretrain_lr": 1e-3,
     "pretrain_weight_decay": 0.05,
     "pretrain_points": 3072,
+    "pretrain_instances": 0,  # >0: a pool of this many pre-rendered instances per class (FractalDB: 1000); 0: new every step
     "pretrain_seed": 0,
 }
 BUDGET: dict[str, Any] = {
