@@ -12,6 +12,11 @@ Each task has VTAB's splits (train800, val200, train800val200 = both, test of 50
   heavy noise (``top1_noise``) and in other colours (``top1_recolor``).
 The difficulty (clutter, noise, jitter, overlapping class cues) is set so that no task is at 100% and a
 linear probe stays clearly below fine-tuning.
+
+At CPU scale (a tiny ViT at 32 px, 200 updates of batch 32, ~20 s a trial) textures, cells and distance
+are the learnable ones (full fine-tuning ~50-60% top-1 vs a linear probe ~35-48%); landcover is nearly
+solved by a linear probe (~88%), and shapes, digits, location, orientation and count stay near chance
+for every method at 200-300 updates: they need GPU-scale budgets.
 """
 
 from __future__ import annotations

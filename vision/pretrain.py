@@ -2,6 +2,15 @@
 
 ``python -m harness pretrain vision`` calls :func:`pretrain`; a trial with ``weights: builtin`` calls
 :func:`ensure_pretrained`, which reuses the cached checkpoint made with the same settings.
+
+CPU calibration (2 cores; tiny ViT: vit_tiny_patch16_224 with img_size 32 and model_kwargs {patch_size: 4,
+embed_dim: 96, depth: 4, num_heads: 3}, i.e. 64 tokens at the downstream tasks' own 32 px): few classes
+(16) and a higher lr (2e-3) learn fastest: 300 steps at batch 64 reach ~40% train accuracy, 600 steps ~64%,
+1000 steps ~88% (32 classes at 300 steps: 12%; lr 4e-3 was worse than 2e-3). What the checkpoint is for
+is transfer, and that needs more than the first few hundred steps: a linear probe on its class token
+beat one on a random init (mean of textures, cells, distance) after 600 steps (~140 s of CPU, ~75 s wall
+with 2 threads) but not after 300. Mean-pooled tokens (global_pool 'avg') probed worse than the class
+token, for the random init as well as the pretrained one.
 """
 
 from __future__ import annotations
