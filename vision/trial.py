@@ -66,7 +66,7 @@ DEFAULTS: dict[str, Any] = {
     "decode_workers": 8,
     # builtin backbone: formula-driven pretraining (vision/pretrain.py). These defaults are for a GPU and
     # ViT-B; the CPU quickstart uses a tiny ViT and pretrain_classes 16, pretrain_steps 600,
-    # pretrain_batch_size 64, pretrain_lr 2e-3 (calibration notes in vision/pretrain.py)
+    # pretrain_batch_size 64, pretrain_lr 2e-3, pretrain_instances 100 (calibration notes in vision/pretrain.py)
     "pretrain_classes": 1000,
     "pretrain_steps": 20000,
     "pretrain_batch_size": 256,
