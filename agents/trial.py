@@ -63,18 +63,7 @@ DEFAULTS: dict[str, Any] = {
 BUDGET: dict[str, Any] = {"steps": 100_000, "eval_episodes": 10, "batch_size": 128, "stage": "final",
                           "report_every": 50}
 
-# Calibrated on a 2-core CPU (see QUICKSTART_BUDGET): a small DT pretrained on six MT40 tasks, so the
-# quickstart shows real learning in minutes (pretrained beats untrained on its MT40 tasks; fine-tuning
-# lifts window-close from 0.0 to 0.8-1.0 last-step success).
-QUICKSTART_SETTINGS: dict[str, Any] = {
-    "n_layer": 2, "n_head": 4, "n_embd": 64, "context": 10, "dropout": 0.1,
-    "data_episodes": 40, "noise_levels": [0.0, 0.1, 0.3, 0.6, 1.0],
-    "pretrain_tasks": ["window-open", "drawer-close", "reach", "button-press-topdown", "door-close", "plate-slide"],
-    "pretrain_steps": 1500, "pretrain_batch_size": 64, "pretrain_lr": 1e-3, "pretrain_eval_episodes": 10,
-    "lr": 1e-3, "eval_workers": 1, "compile": False,
-}
-QUICKSTART_BUDGET: dict[str, Any] = {"steps": 400, "eval_episodes": 10, "batch_size": 64, "report_every": 50}
-QUICKSTART_TASKS: list[str] = ["window-close", "faucet-close"]
+# The quickstart's settings live in sweeps/quickstart.yaml (calibrated on a 2-core CPU).
 
 _LISTS = {"noise_levels", "pretrain_tasks"}
 

@@ -55,6 +55,11 @@ def cmd_sweep(args) -> int:
     from harness.sweep_file import load_sweep
 
     sweep = load_sweep(args.file, args.set)
+    if args.only:
+        names = [s.name for s in sweep.studies]
+        if args.only not in names:
+            raise ConfigError(f"--only {args.only!r}: no such study in {args.file}; studies: {', '.join(names)}")
+        sweep.studies = [s for s in sweep.studies if s.name == args.only]
     run_sweep(sweep, Path(args.results), Path(args.leaderboard), resume=args.resume, address=args.address,
               dashboard=not args.no_dashboard)
     from harness.leaderboard import render
@@ -184,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a sweep key, e.g. budget.steps=200 or seeds=[0]")
     s.add_argument("--no-dashboard", action="store_true", help="start Ray without its dashboard")
+    s.add_argument("--only", default=None, metavar="STUDY", help="run only this study of a multi-study file")
     s.set_defaults(fn=cmd_sweep)
 
     r = sub.add_parser("run", help="run one trial without Ray")
