@@ -94,6 +94,8 @@ def train(model: nn.Module, data: DeviceSplit, total: int, warmup: int, bs: int,
     started, data_time, loss_value, history = time.time(), 0.0, float("nan"), []
     per_epoch = max(1, math.ceil(len(data) / bs))
     for step in range(total):
+        if device.type == "cuda":  # let the previous step's kernels finish, so they are not billed to data
+            torch.cuda.synchronize()
         t0 = time.time()
         x, y = data.batch(next(it))
         if device.type == "cuda":
