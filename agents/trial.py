@@ -31,7 +31,8 @@ from harness.cache import ArtifactCache
 from harness.errors import ConfigError
 from harness.trial import TrialResult, TrialSpec
 from agents.data import DataSettings, Episodes, WindowSampler, build_datasets, load_dataset
-from agents.dt import SITE, DTConfig, DecisionTransformer, batch_to_device, flops_per_step, forward_batch, layer_tokens
+from agents.dt import (SITE, DTConfig, DecisionTransformer, batch_loss, batch_to_device, flops_per_step, forward_batch,
+                       layer_tokens)
 from agents.pretrain import PretrainPlan, cached_eval, load_model, pretrain as build_pretrained
 from agents.rollout import evaluate_dt, evaluate_scripted
 from agents.tasks import CW10, MT40, MT50, check_task
@@ -257,7 +258,20 @@ def run(spec: TrialSpec, report: Callable[[dict[str, Any]], None]) -> TrialResul
 
     method = get_method(spec.method)
     settings = method.resolve_settings(spec.method_settings)
-    ctx = MethodContext(
+    val_sampler = WindowSampler(data, plan.model.context, seed=spec.seed + 2)
+    val_batches = [batch_to_device(val_sampler.sample(batch_size), device) for _ in range(4)]
+
+    @torch.no_grad()
+    def evaluate(m: torch.nn.Module) -> float:
+        # GLoRA's subnet search scores candidates by action MSE on fixed windows of the task's data
+        # (rollouts for every candidate would cost thousands of episodes); higher is better.
+        was_training = m.training
+        m.eval()
+        score = -float(np.mean([float(batch_loss(m, b)) for b in val_batches]))
+        m.train(was_training)
+        return score
+
+    ctx = MethodContext(evaluate=evaluate,
         total_steps=max(1, steps), seed=spec.seed,
         init_batches=lambda: [batch_to_device(init_sampler.sample(batch_size), device) for _ in range(8)],
         forward_fn=forward_batch, layer_inputs_fn=layer_tokens,

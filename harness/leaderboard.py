@@ -66,8 +66,9 @@ def summarise(table: pd.DataFrame, primary: str, groups: dict[str, list[str]]) -
     """Per method: group means, the average (of group means when there are groups), mean parameters."""
     col = f"{primary}_mean"
     rows = []
-    for method, part in table.groupby("method", sort=False):
-        row: dict[str, Any] = {"method": method, "n_tasks": int(part["task"].nunique())}
+    # One row per (method, backbone): a probe on a random init is not the same entry as on a pretrained one.
+    for (method, backbone), part in table.groupby(["method", "backbone"], sort=False):
+        row: dict[str, Any] = {"method": method, "backbone": backbone, "n_tasks": int(part["task"].nunique())}
         group_means = []
         for g in groups:
             sub = part[part["group"] == g]
@@ -79,7 +80,6 @@ def summarise(table: pd.DataFrame, primary: str, groups: dict[str, list[str]]) -
         row[f"average_{primary}_se"] = float(math.sqrt((ses ** 2).sum()) / len(part)) if len(ses) == len(part) else float("nan")
         row["trainable_params"] = float(part["trainable_params"].mean())
         row["data_source"] = ",".join(sorted(set(part["data_source"])))
-        row["backbone"] = ",".join(sorted(set(part["backbone"])))
         rows.append(row)
     return pd.DataFrame(rows).sort_values(f"average_{primary}", ascending=False)
 
@@ -134,9 +134,11 @@ def render(out_dir: Path) -> list[Path]:
         primary = meta.get("primary_metric", "score")
         table = pd.read_csv(path)
         summary = summarise(table, primary, meta.get("groups", {}))
+        _write_csv(summary, path.with_name(f"{path.stem}-summary.csv"))
+        written.append(path.with_name(f"{path.stem}-summary.csv"))
         synthetic = "synthetic" in set(table["data_source"].astype(str))
         title = f"{path.stem}" + (" (synthetic data: the harness's built-in suite)" if synthetic else "")
-        pivot = table.pivot_table(index="method", columns="task", values=f"{primary}_mean")
+        pivot = table.pivot_table(index=["method", "backbone"], columns="task", values=f"{primary}_mean")
         md = [f"# {title}", "", f"Ranked by `{primary}` (mean over seeds; per task, the best settings).", "",
               "## Summary", "", summary.to_markdown(index=False, floatfmt=".3f"), "",
               "## Per task", "", pivot.to_markdown(floatfmt=".3f"), ""]

@@ -36,10 +36,17 @@ def test_summary_averages_group_means():
     groups = {"natural": ["a", "b"], "structured": ["c"]}
     records = [rec("full", t, 0, v) for t, v in (("a", 0.2), ("b", 0.4), ("c", 0.9))]
     summary = summarise(aggregate(records, "top1", groups), "top1", groups)
-    row = summary.iloc[0]
+    (row,) = [r for _, r in summary.iterrows()]
     assert row["natural_top1"] == pytest.approx(0.3)
     assert row["structured_top1"] == pytest.approx(0.9)
     assert row["average_top1"] == pytest.approx(0.6)  # mean of the group means, not of the tasks
+
+
+def test_summary_keeps_backbones_apart():
+    records = [rec("linear", "a", 0, 0.2), {**rec("linear", "a", 0, 0.5), "backbone": "random"}]
+    summary = summarise(aggregate(records, "top1", {}), "top1", {})
+    assert sorted(summary["backbone"]) == ["random", "vit"]
+    assert sorted(summary["average_top1"]) == [0.2, 0.5]
 
 
 def test_update_merges_without_duplicates_and_renders(tmp_path):
