@@ -7,6 +7,7 @@ at batch 64 with bf16 autocast; on a CPU a small ViT, and the absolute times mea
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -72,7 +73,7 @@ def bench_methods(overrides: dict[str, Any]) -> dict[str, Any]:
                 rows[name] = _time_method(name, cfg, x, y, device, bank)
             except Exception as e:  # one method's failure must not hide the others' figures
                 rows[name] = {"error": f"{type(e).__name__}: {e}"}
-            print(f"[bench] {name}: {rows[name]}", flush=True)
+            print(f"[bench] {name}: {rows[name]}", file=sys.stderr, flush=True)
     for ref in ("full", "lora"):
         base = rows.get(ref, {}).get("ms_per_step")
         if base:
