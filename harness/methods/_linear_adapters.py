@@ -45,7 +45,7 @@ class AdaptedLinear(nn.Module):
 
     def merged_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The (weight, bias) of the plain Linear whose output equals this module's (eval mode)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} is abstract: an adapter layer implements merged_weight_bias()")
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """The tensors a save must keep (parameters and persistent buffers), the frozen base excluded."""

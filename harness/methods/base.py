@@ -164,7 +164,7 @@ class Method:
 
     # --- life cycle -------------------------------------------------------------------------------
     def wrap(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any], ctx: MethodContext) -> nn.Module:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} is abstract: a method subclass implements wrap()")
 
     def on_step(self, model: nn.Module, step: int, ctx: MethodContext) -> None:
         """Called after each optimiser step, before zero_grad."""

@@ -37,7 +37,7 @@ class PeftMethod(Method):
     """Shared life cycle of the PEFT-backed methods; subclasses build the config."""
 
     def peft_config(self, settings: dict[str, Any], site: AdapterSite, ctx: MethodContext):
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} is abstract: a PEFT method subclass implements peft_config()")
 
     def wrap(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any], ctx: MethodContext) -> nn.Module:
         from peft import get_peft_model
