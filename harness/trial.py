@@ -30,7 +30,7 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from types import ModuleType
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from harness import __version__
 from harness.errors import ConfigError, HarnessError, choices_message
@@ -195,5 +195,3 @@ def resolve_budget(defaults: dict[str, Any], budget: dict[str, Any], where: str)
         raise ConfigError(f"unknown budget key(s) {sorted(unknown)} for {where}; valid: {', '.join(sorted(defaults))}")
     return {**defaults, **budget}
 
-
-ReporterFn = Callable[[dict[str, Any]], None]
