@@ -183,15 +183,7 @@ class Method:
 
     def count(self, model: nn.Module, site: AdapterSite) -> tuple[int, int]:
         """(method's trainable parameters, head parameters), as the papers count them."""
-        own = head = 0
-        for name, p in model.named_parameters():
-            if not p.requires_grad:
-                continue
-            if site.is_head_param(name):
-                head += p.numel()
-            else:
-                own += p.numel()
-        return own, head
+        return count_trainable(model, site)
 
     def save(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any], folder: Path) -> None:
         """Write the trainable state (safetensors) and the settings (JSON) into ``folder``."""
@@ -219,6 +211,20 @@ class Method:
     def merge(self, model: nn.Module) -> nn.Module:
         """A plain model with the adapter folded into its weights (identity when there is nothing to fold)."""
         return model
+
+
+def count_trainable(model: nn.Module, site: AdapterSite, skip: set[int] | frozenset[int] = frozenset()
+                    ) -> tuple[int, int]:
+    """(trainable non-head elements, trainable head elements), leaving out parameters whose id is in ``skip``."""
+    own = head = 0
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in skip:
+            continue
+        if site.is_head_param(name):
+            head += p.numel()
+        else:
+            own += p.numel()
+    return own, head
 
 
 def write_settings(folder: Path, method: str, settings: dict[str, Any]) -> None:

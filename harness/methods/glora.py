@@ -47,7 +47,8 @@ from torch import nn
 from harness.errors import ConfigError
 from harness.methods._linear_adapters import (AdaptedLinear, adapted_modules, load_adapter_tensors, merge_linears,
                                               replace_linears, save_adapter_tensors)
-from harness.methods.base import AdapterSite, Method, MethodContext, Setting, freeze, unfreeze_head, write_settings
+from harness.methods.base import (AdapterSite, Method, MethodContext, Setting, count_trainable, freeze, unfreeze_head,
+                                  write_settings)
 
 _STATE_FILE = "glora.safetensors"
 _SUBNET_FILE = "glora_subnet.json"
@@ -406,19 +407,13 @@ class GLoRA(Method):
         return model
 
     def count(self, model: nn.Module, site: AdapterSite) -> tuple[int, int]:
-        own = head = 0
-        layer_params = set()
+        # GLoRA layers count their chosen form by the paper's formula, not their whole supernet storage.
+        subnet, layer_params = 0, set()
         for _, m in glora_layers(model):
-            own += m.params_of(m.form if m.form is not None else largest_form(m.ranks))
+            subnet += m.params_of(m.form if m.form is not None else largest_form(m.ranks))
             layer_params.update(id(p) for p in m.parameters())
-        for name, p in model.named_parameters():
-            if not p.requires_grad or id(p) in layer_params:
-                continue
-            if site.is_head_param(name):
-                head += p.numel()
-            else:
-                own += p.numel()
-        return own, head
+        own, head = count_trainable(model, site, layer_params)
+        return own + subnet, head
 
     def describe(self, model: nn.Module) -> dict[str, Any]:
         layers = glora_layers(model)
