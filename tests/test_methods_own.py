@@ -14,33 +14,11 @@ from harness.errors import ConfigError
 from harness.methods import AdapterSite, MethodContext, get_method
 from harness.methods.eigenlora import EigenLoRALinear
 from harness.methods.glora import GLoRALinear, LayerForm, form_choices, form_params
+from tiny_models import SITE, Tiny
 
 D = 16
 
 
-class Block(nn.Module):
-    def __init__(self, d: int):
-        super().__init__()
-        self.fc1 = nn.Linear(d, 2 * d)
-        self.fc2 = nn.Linear(2 * d, d)
-
-    def forward(self, x):
-        return x + self.fc2(torch.relu(self.fc1(x)))
-
-
-class Tiny(nn.Module):
-    def __init__(self, d: int = D, depth: int = 2, out: int = 3):
-        super().__init__()
-        self.blocks = nn.ModuleList(Block(d) for _ in range(depth))
-        self.head = nn.Linear(d, out)
-
-    def forward(self, x):
-        for b in self.blocks:
-            x = b(x)
-        return self.head(x)
-
-
-SITE = AdapterSite(targets=("fc1", "fc2"), head=("head",))
 VIT_SITE = AdapterSite(targets=("qkv", "attn.proj", "fc1", "fc2"), head=("head",))
 LAYERS = [(f"blocks.{i}.{n}", din, dout) for i in range(2) for n, din, dout in (("fc1", D, 2 * D), ("fc2", 2 * D, D))]
 
