@@ -28,7 +28,7 @@ import torch
 
 from harness.cache import ArtifactCache
 from harness.errors import ConfigError
-from vision.images import Split, TaskData, cached_split
+from vision.images import Split, TaskData, cached_split, split_shot_task
 
 NATIVE = 32
 VERSION = 1  # bump when any renderer changes: cache keys include it
@@ -377,11 +377,11 @@ def load_split(task: str, split: str, seed: int = 0, style: str | None = None,
 
 
 def parse_fewshot(task: str) -> tuple[str, int]:
-    base, _, shots = task.rpartition("-")
-    if base not in TASKS or not shots.endswith("shot") or not shots[:-4].isdigit():
+    parsed = split_shot_task(task, TASKS)
+    if parsed is None:
         raise ConfigError(f"built-in few-shot task {task!r}: expected <task>-<k>shot, e.g. shapes-4shot; "
                           f"valid: {', '.join(FEWSHOT_TASKS)}")
-    return base, int(shots[:-4])
+    return parsed
 
 
 def _shots(split: Split, k: int, seed: int) -> Split:

@@ -19,7 +19,7 @@ from pathlib import Path
 from harness.cache import ArtifactCache
 from harness.errors import ConfigError, DataError
 from vision.images import (Item, Split, TaskData, cached_split, decode_items, file_stamp, folder_items,
-                           list_file_items, seeded_shots)
+                           list_file_items, seeded_shots, split_shot_task)
 
 DATASETS: dict[str, tuple[str, ...]] = {  # name -> folder spellings accepted
     "food101": ("food101", "food-101"),
@@ -35,11 +35,11 @@ VAL_PER_CLASS = 5
 
 def parse_task(task: str) -> tuple[str, int]:
     """``food101-4shot`` -> ("food101", 4)."""
-    name, _, shots = task.rpartition("-")
-    if name not in DATASETS or not shots.endswith("shot") or not shots[:-4].isdigit():
+    parsed = split_shot_task(task, DATASETS)
+    if parsed is None:
         raise ConfigError(f"few-shot task {task!r}: expected <dataset>-<k>shot with dataset in "
                           f"{', '.join(DATASETS)}, e.g. food101-4shot")
-    return name, int(shots[:-4])
+    return parsed
 
 
 def dataset_dir(root: Path | str, dataset: str) -> Path:

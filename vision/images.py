@@ -180,3 +180,11 @@ def seeded_shots(labels: list[int], k: int, seed: int, exclude: set[int] | None 
         perm = torch.randperm(len(idx), generator=g)[:k].tolist()
         chosen.extend(sorted(idx[j] for j in perm))
     return chosen
+
+
+def split_shot_task(task: str, bases) -> tuple[str, int] | None:
+    """``"<base>-<k>shot"`` -> (base, k) when base is one of ``bases``; None when the name is not of that form."""
+    base, _, shots = task.rpartition("-")
+    if base not in bases or not shots.endswith("shot") or not shots[:-4].isdigit():
+        return None
+    return base, int(shots[:-4])
