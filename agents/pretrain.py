@@ -10,7 +10,6 @@ entry until it is complete).
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -19,15 +18,35 @@ import torch
 
 from harness.cache import ArtifactCache, settings_hash
 from harness.errors import ConfigError
-from harness.training import pick_device
+from harness.randomness import derive_seed, seeded
+from harness.training import LoopConfig, pick_device, train
 from agents.data import DataSettings, Episodes, WindowSampler, build_datasets, say
-from agents.dt import DTConfig, DecisionTransformer
+from agents.dt import DTConfig, DecisionTransformer, batch_loss, batch_to_device
 from agents.tasks import MT40, check_task
-from agents.train import TrainConfig, train
 
 KIND = "rl-pretrain"
 EVAL_KIND = "rl-eval"
 WEIGHTS = "model.pt"
+
+
+@dataclass(frozen=True)
+class OptimPlan:
+    """The optimiser schedule of the DT (pretraining, and the defaults of fine-tuning)."""
+
+    steps: int
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup: int = 4000  # shortened to steps // 10 for short runs (see effective_warmup)
+    min_lr: float = 1e-6
+    grad_clip: float = 0.25
+    batch_size: int = 128
+    compile: bool = False
+    report_every: int = 50
+
+    def effective_warmup(self) -> int:
+        """The papers warm up 4000 updates in runs of 100K-1M; a run of a few hundred (the quickstart)
+        would never leave warm-up, so at most a tenth of the run is warm-up."""
+        return min(self.warmup, self.steps // 10)
 
 
 @dataclass(frozen=True)
@@ -37,7 +56,7 @@ class PretrainPlan:
     tasks: tuple[str, ...]
     data: DataSettings
     model: DTConfig
-    train: TrainConfig
+    train: OptimPlan
     seed: int = 0
 
     def key(self) -> dict[str, Any]:
@@ -81,8 +100,8 @@ def pretrain(plan: PretrainPlan, device: torch.device | None = None, data_worker
     device = device or pick_device("auto")
     paths = build_datasets(list(plan.tasks), plan.data, data_workers, cache, log)
     sampler = WindowSampler([Episodes.load(paths[t]) for t in plan.tasks], plan.model.context, seed=plan.seed)
-    torch.manual_seed(plan.seed)
-    model = DecisionTransformer(plan.model).to(device)
+    with seeded(derive_seed(plan.seed, "init")):
+        model = DecisionTransformer(plan.model).to(device)
     # Resumable: the partial checkpoint sits beside the cache entries, under the same key.
     partial = cache.root / KIND / ".partial" / f"{plan.base_key()}.pt"
     log(f"[rl-pretrain] {plan.model.describe()}, {model.num_params() / 1e6:.2f}M params, "
@@ -93,10 +112,13 @@ def pretrain(plan: PretrainPlan, device: torch.device | None = None, data_worker
         if m["update"] % (every * 10) == 0 or m["update"] == plan.train.steps:
             log(f"[rl-pretrain] update {m['update']}/{plan.train.steps} loss {m['loss']:.4f}")
 
-    cfg = plan.train
-    if not cfg.checkpoint_every:
-        cfg = TrainConfig(**{**cfg.__dict__, "checkpoint_every": max(1000, cfg.steps // 20)})
-    stats = train(model, sampler.sample, cfg, device, report=report, checkpoint=partial)
+    t = plan.train
+    cfg = LoopConfig(steps=t.steps, lr=t.lr, weight_decay=t.weight_decay, warmup=t.effective_warmup(),
+                     min_lr=t.min_lr, grad_clip=t.grad_clip, compile=t.compile, report_every=t.report_every,
+                     checkpoint=partial, checkpoint_every=max(1000, t.steps // 20))
+    with seeded(derive_seed(plan.seed, "dropout")):
+        stats = train(model, batch_loss, lambda: batch_to_device(sampler.sample(t.batch_size), device), cfg,
+                      device, report=report)
     info = {"base_key": plan.base_key(), "final_loss": stats.final_loss, "steps_per_s": stats.steps_per_s,
             "wall_s": stats.wall_s, "resumed_from": stats.resumed_from, "params": model.num_params(),
             "losses": stats.losses, "tasks": list(plan.tasks), "model": plan.model.to_dict()}
@@ -118,8 +140,3 @@ def cached_eval(cache: ArtifactCache, name: str, key: dict[str, Any], compute: C
 
     return json.loads(cache.get_or_build(EVAL_KIND, name, key, build).file("result.json").read_text())
 
-
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    t0 = time.time()
-    out = fn()
-    return out, time.time() - t0

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from harness.methods import AdapterSite, MethodContext, get_method, method_names
-from harness.training import autocast, make_adamw
+from harness.training import LoopConfig, Trainer, synchronize
 
 VIT_SITE = AdapterSite(targets=("qkv", "attn.proj", "fc1", "fc2"), head=("head",))
 
@@ -87,6 +87,9 @@ def bench_methods(overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def _time_method(name: str, cfg: dict[str, Any], x, y, device, bank) -> dict[str, Any]:
+    """Step time through the harness's training loop (the same one trials use), after ``warmup`` untimed steps."""
+    from harness.finetune import MethodHooks
+
     method = get_method(name)
     model = _make_model(cfg["backbone"], cfg["img_size"], device)
     settings = method.resolve_settings({})
@@ -94,24 +97,19 @@ def _time_method(name: str, cfg: dict[str, Any], x, y, device, bank) -> dict[str
                         init_batches=lambda: [(x, y)] * 4, forward_fn=lambda m, b: m(b[0]),
                         evaluate=lambda m: 0.0)
     model = method.wrap(model, VIT_SITE, settings, ctx).to(device)
-    opt = make_adamw(model, 1e-4, 0.0)
+    loop = LoopConfig(steps=cfg["warmup"] + cfg["steps"], lr=1e-4, report_every=0)
+    trainer = Trainer(model, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]), lambda: (x, y), loop, device,
+                      MethodHooks(method, ctx))
+    synchronize(device)
     if device.type == "cuda":
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    for step in range(cfg["warmup"] + cfg["steps"]):
-        if step == cfg["warmup"]:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-        with autocast(device):
-            loss = nn.functional.cross_entropy(model(x), y)
-        extra = method.extra_loss(model)
-        (loss + extra if extra is not None else loss).backward()
-        opt.step()
-        method.on_step(model, step, ctx)
-        opt.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    for _ in range(cfg["warmup"]):
+        trainer.step()
+    synchronize(device)
+    start = time.perf_counter()
+    while trainer.step():
+        pass
+    synchronize(device)
     ms = (time.perf_counter() - start) * 1000 / cfg["steps"]
     own, head = method.count(model, VIT_SITE)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None

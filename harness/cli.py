@@ -26,28 +26,29 @@ def _parse_sets(items: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
-def _split_run_sets(args, method_name: str, mod) -> tuple[dict, dict, dict]:
+def _split_run_sets(args, method_name: str, track) -> tuple[dict, dict, dict]:
     """Sort ``--set`` pairs into method settings, track settings and budget (prefix or bare key)."""
     from harness.methods import get_method
 
     method_keys = set(get_method(method_name).all_settings())
-    method, track, budget = {}, {}, {}
+    track_keys, budget_keys = set(track.Settings.model_fields), set(track.Budget.model_fields)
+    method, settings, budget = {}, {}, {}
     for key, value in _parse_sets(args.set):
         prefix, _, name = key.partition(".")
         if name and prefix in ("method", "settings", "budget"):
-            {"method": method, "settings": track, "budget": budget}[prefix][name] = value
+            {"method": method, "settings": settings, "budget": budget}[prefix][name] = value
         elif key in method_keys:
             method[key] = value
-        elif key in mod.DEFAULTS:
-            track[key] = value
-        elif key in mod.BUDGET:
+        elif key in track_keys:
+            settings[key] = value
+        elif key in budget_keys:
             budget[key] = value
         else:
             raise ConfigError(
                 f"--set {key!r}: not a setting of method {method_name!r} ({', '.join(sorted(method_keys))}), "
-                f"of the {args.track} track ({', '.join(sorted(mod.DEFAULTS))}) or of the budget "
-                f"({', '.join(sorted(mod.BUDGET))})")
-    return method, track, budget
+                f"of the {args.track} track ({', '.join(sorted(track_keys))}) or of the budget "
+                f"({', '.join(sorted(budget_keys))})")
+    return method, settings, budget
 
 
 def cmd_sweep(args) -> int:
@@ -70,27 +71,24 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from harness.trial import TrialSpec, print_reporter, resolve_budget, run_trial, track_module
+    from harness.tracks import get_track
+    from harness.trial import TrialSpec, print_reporter, run_trial, validate_spec
 
-    mod = track_module(args.track)
-    method, track, budget = _split_run_sets(args, args.method, mod)
-    for flag, key in (("data_root", "data_root"), ("backbone", "backbone"), ("weights", "weights")):
+    track = get_track(args.track)
+    method, settings, budget = _split_run_sets(args, args.method, track)
+    for flag in ("data_root", "backbone", "weights"):
         value = getattr(args, flag)
         if value is not None:
-            if key not in mod.DEFAULTS:
+            if flag not in track.Settings.model_fields:
                 raise ConfigError(f"--{flag.replace('_', '-')} is not a setting of the {args.track} track")
-            track[key] = value
+            settings[flag] = value
     if args.steps is not None:
         budget["steps"] = args.steps
-    budget = resolve_budget(mod.BUDGET, budget, f"{args.track} budget")
-    spec = TrialSpec(track=args.track, benchmark=args.benchmark, task=args.task, method=args.method,
-                     method_settings=method, seed=args.seed, budget=budget, track_settings=track)
-    from harness.trial import validate_spec
-
-    validate_spec(spec)
+    spec = validate_spec(TrialSpec(track=args.track, benchmark=args.benchmark, task=args.task, method=args.method,
+                                   method_settings=method, seed=args.seed, budget=budget, track_settings=settings))
     report = (lambda m: print(f"[trial] {json.dumps(m, default=str)}", file=sys.stderr, flush=True)) \
         if args.json else print_reporter
-    mod.prepare(track, args.benchmark, [args.task], report)
+    track.prepare(track.settings(settings), args.benchmark, [args.task], report)
     record = run_trial(spec, report)
     if args.json:
         print(json.dumps(record.flat(), default=str, sort_keys=True), flush=True)
@@ -99,26 +97,22 @@ def cmd_run(args) -> int:
     return 0 if record.status == "ok" else 1
 
 
-def _track_settings(args, allow_bench: bool = False) -> tuple[Any, dict]:
-    from harness.trial import track_module
+def _track_settings(args) -> tuple[Any, Any]:
+    from harness.tracks import get_track
 
-    mod = track_module(args.track)
-    settings = dict(_parse_sets(args.set))
-    unknown = sorted(k for k in set(settings) - set(mod.DEFAULTS) if not (allow_bench and k.startswith("bench_")))
-    if unknown:
-        raise ConfigError(f"unknown {args.track} setting(s) {unknown}; valid: {', '.join(sorted(mod.DEFAULTS))}")
-    return mod, settings
+    track = get_track(args.track)
+    return track, track.settings(dict(_parse_sets(args.set)))
 
 
 def cmd_pretrain(args) -> int:
-    mod, settings = _track_settings(args)
-    print(json.dumps(mod.pretrain(settings), indent=1, default=str))
+    track, settings = _track_settings(args)
+    print(json.dumps(track.pretrain(settings), indent=1, default=str))
     return 0
 
 
 def cmd_data(args) -> int:
-    mod, settings = _track_settings(args)
-    print(json.dumps(mod.make_data(settings, args.tasks or None), indent=1, default=str))
+    track, settings = _track_settings(args)
+    print(json.dumps(track.make_data(settings, args.tasks or None), indent=1, default=str))
     return 0
 
 
@@ -128,8 +122,8 @@ def cmd_bench(args) -> int:
 
         print(json.dumps(bench_methods(dict(_parse_sets(args.set))), indent=1, default=str))
         return 0
-    mod, settings = _track_settings(args, allow_bench=True)
-    print(json.dumps(mod.bench(settings), indent=1, default=str))
+    track, settings = _track_settings(args)
+    print(json.dumps(track.bench(settings), indent=1, default=str))
     return 0
 
 
@@ -161,18 +155,14 @@ def cmd_methods(args) -> int:
 
 
 def cmd_tasks(args) -> int:
-    from harness.trial import TRACKS, track_module
+    from harness.tracks import TRACKS, get_track
 
-    for track in TRACKS:
-        mod = track_module(track)
-        for bench, tasks in mod.BENCHMARKS.items():
-            groups = getattr(mod, "GROUPS", {}).get(bench, {})
-            print(f"{track}/{bench} ({len(tasks)} tasks)")
-            if groups:
-                for g, ts in groups.items():
-                    print(f"    {g}: {', '.join(ts)}")
-            else:
-                print(f"    {', '.join(tasks)}")
+    for name in TRACKS:
+        for bench in get_track(name).benchmarks.values():
+            print(f"{name}/{bench.name} ({len(bench.tasks)} tasks, {bench.data_source} data, ranked by "
+                  f"{bench.primary_metric}, {'higher' if bench.higher_is_better else 'lower'} is better)")
+            for line in ([f"{g}: {', '.join(ts)}" for g, ts in bench.groups.items()] or [", ".join(bench.tasks)]):
+                print(f"    {line}")
     return 0
 
 

@@ -1,10 +1,11 @@
 """The Ray Tune driver: one Tune experiment per wave of trials, resumable, CPU-only or fractional GPUs.
 
 A study runs in waves: with the select-then-final protocol, first the selection grid (training split ->
-validation), then the final runs of the chosen settings (train+val -> test); within a stage, methods
-that build on other trials' adapters (EigenLoRA) run in a second wave after the rest. Each wave is a
-Tune experiment under ``<results>/<sweep>/<study>-<stage>[-bank]``; ``--resume`` restores an interrupted
-one with ``Tuner.restore`` (finished trials are kept, not rerun) and skips finished ones.
+validation), then the final runs of the chosen settings (train+val -> test); within a stage, a method
+that declares it builds on other methods' adapters (``Method.builds_on``: EigenLoRA on LoRA's) runs in a
+wave after theirs. Each wave is a Tune experiment under ``<results>/<sweep>/<study>-<stage>[-waveN]``;
+``--resume`` restores an interrupted one with ``Tuner.restore`` (finished trials are kept, not rerun) and
+skips finished ones. The driver knows nothing of tracks beyond their declarations (``harness/tracks.py``).
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from typing import Any
 
 from harness.cache import atomic_write_text, cache_root
 from harness.errors import ConfigError
-from harness.sweep_file import Study, SweepFile, study_tasks, study_trials
-from harness.trial import TrialSpec, print_reporter, run_trial, track_module
+from harness.sweep_file import Study, SweepFile, expand_grid, study_tasks, study_trials
+from harness.tracks import get_track
+from harness.trial import TrialSpec, print_reporter, run_trial
 
 
 def _trainable(config: dict[str, Any]) -> None:
@@ -41,8 +43,12 @@ def _trainable(config: dict[str, Any]) -> None:
 
 
 def _trial_name(trial) -> str:
+    from harness.methods import get_method
+
     spec = trial.config["spec"]
-    settings = "-".join(f"{k}{v}" for k, v in sorted(spec["method_settings"].items()))
+    defaults = get_method(spec["method"]).resolve_settings({})
+    # the settings that differ from the method's defaults name the grid point
+    settings = "-".join(f"{k}{v}" for k, v in sorted(spec["method_settings"].items()) if defaults.get(k) != v)
     return f"{spec['task']}_{spec['method']}{('_' + settings) if settings else ''}_s{spec['seed']}"[:80]
 
 
@@ -118,7 +124,8 @@ def run_wave(specs: list[TrialSpec], study: Study, exp_dir: Path, resume: bool) 
     return records
 
 
-def choose_settings(records: list[dict[str, Any]], metric: str) -> dict[tuple[str, str], dict[str, Any]]:
+def choose_settings(records: list[dict[str, Any]], metric: str, higher_is_better: bool = True
+                    ) -> dict[tuple[str, str], dict[str, Any]]:
     """Per (method, task), the settings with the best mean ``metric`` over seeds (failed trials skipped)."""
     import pandas as pd
 
@@ -127,43 +134,61 @@ def choose_settings(records: list[dict[str, Any]], metric: str) -> dict[tuple[st
         return {}
     df = pd.DataFrame(ok)
     means = df.groupby(["method", "task", "settings"])[metric].mean().reset_index()
-    best = means.sort_values(metric, ascending=False).drop_duplicates(["method", "task"])
+    best = means.sort_values(metric, ascending=not higher_is_better, kind="stable").drop_duplicates(["method", "task"])
     return {(r.method, r.task): json.loads(r.settings) for r in best.itertuples()}
+
+
+def method_waves(methods: list[str]) -> list[list[str]]:
+    """Methods grouped into waves: a method runs one wave after the latest of the methods it builds on
+    (``Method.builds_on``) that are in the same study; the rest run in the first wave."""
+    from harness.methods import get_method
+
+    depth: dict[str, int] = {}
+
+    def wave(name: str, seen: tuple[str, ...] = ()) -> int:
+        if name in seen:
+            raise ConfigError(f"methods {' -> '.join(seen + (name,))} build on each other in a cycle")
+        if name not in depth:
+            deps = [d for d in get_method(name).builds_on if d in methods]
+            depth[name] = 1 + max(wave(d, seen + (name,)) for d in deps) if deps else 0
+        return depth[name]
+
+    waves: list[list[str]] = [[] for _ in range(1 + max((wave(m) for m in methods), default=0))]
+    for m in methods:
+        waves[wave(m)].append(m)
+    return waves
 
 
 def run_study(sweep: SweepFile, study: Study, results_dir: Path, resume: bool) -> list[dict[str, Any]]:
     """Prepare the track's artifacts once, then run the study's waves; return all final-stage records."""
-    from harness.methods import get_method
-
-    mod = track_module(study.track)
+    track = get_track(study.track)
+    benchmark = track.benchmark(study.benchmark)
     print(f"[sweep] {sweep.name}/{study.name}: preparing {study.track} artifacts (cached after the first run)",
           flush=True)
-    mod.prepare(dict(study.settings), study.benchmark, study_tasks(study), print_reporter)
+    track.prepare(track.settings(study.settings), study.benchmark, study_tasks(study), print_reporter)
     base = results_dir / sweep.name
+    waves = method_waves(list(study.methods))
 
-    def waves(stage: str, chosen=None) -> list[dict[str, Any]]:
+    def run_stage(stage: str, chosen=None) -> list[dict[str, Any]]:
         specs = study_trials(study, stage, chosen)
-        first = [s for s in specs if not get_method(s.method).needs_bank]
-        later = [s for s in specs if get_method(s.method).needs_bank]
-        recs = run_wave(first, study, base / f"{study.name}-{stage}", resume)
-        recs += run_wave(later, study, base / f"{study.name}-{stage}-bank", resume)
+        recs: list[dict[str, Any]] = []
+        for i, names in enumerate(waves):
+            folder = base / (f"{study.name}-{stage}" + (f"-wave{i}" if i else ""))
+            recs += run_wave([s for s in specs if s.method in names], study, folder, resume)
         return recs
 
     if study.protocol == "select-then-final":
-        selection = waves("select")
+        selection = run_stage("select")
         _write_records(base / f"{study.name}-select-records.jsonl", selection)
-        chosen = choose_settings(selection, mod.PRIMARY_METRIC)
+        chosen = choose_settings(selection, benchmark.primary_metric, benchmark.higher_is_better)
         missing = [(m, t) for m in study.methods for t in study_tasks(study) if (m, t) not in chosen]
-        for key in missing:  # every selection trial failed: fall back to the first grid point, and say so
-            print(f"[sweep] no successful selection trial for {key}; final runs use the first grid point",
+        for m, t in missing:  # every selection trial failed: fall back to the first grid point, and say so
+            print(f"[sweep] no successful selection trial for {(m, t)}; final runs use the first grid point",
                   flush=True)
-        from harness.sweep_file import expand_grid
-
-        for m, t in missing:
             chosen[(m, t)] = expand_grid(study.methods[m], m)[0]
-        records = waves("final", chosen)
+        records = run_stage("final", chosen)
     else:
-        records = waves("final")
+        records = run_stage("final")
     _write_records(base / f"{study.name}-records.jsonl", records)
     return records
 

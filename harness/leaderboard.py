@@ -19,9 +19,11 @@ import pandas as pd
 
 from harness import __version__
 from harness.cache import atomic_write_bytes, atomic_write_text
-from harness.trial import TrialRecord, track_module
+from harness.tracks import get_track
+from harness.trial import TrialRecord
 
 ROW_KEY = ["method", "task", "backbone"]
+_PROVENANCE = ("git_commit", "device_name", "software")
 _BOOKKEEPING = {f.name for f in fields(TrialRecord)} | {"extra"}
 
 
@@ -34,7 +36,8 @@ def _se(x: pd.Series) -> float:
     return float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
 
 
-def aggregate(records: list[dict[str, Any]], primary: str, groups: dict[str, list[str]]) -> pd.DataFrame:
+def aggregate(records: list[dict[str, Any]], primary: str, groups: dict[str, Any],
+              higher_is_better: bool = True) -> pd.DataFrame:
     """Per (method, task): the best settings by mean ``primary`` over seeds, with mean and SE of each metric."""
     ok = pd.DataFrame([r for r in records if r.get("status") == "ok"])
     if ok.empty:
@@ -43,7 +46,11 @@ def aggregate(records: list[dict[str, Any]], primary: str, groups: dict[str, lis
     rows = []
     for (method, task, backbone), part in ok.groupby(["method", "task", "backbone"], sort=False):
         by_settings = part.groupby("settings")
-        best = by_settings[primary].mean().idxmax() if primary in part else next(iter(by_settings.groups))
+        if primary in part:
+            means = by_settings[primary].mean()
+            best = means.idxmax() if higher_is_better else means.idxmin()
+        else:
+            best = next(iter(by_settings.groups))
         chosen = by_settings.get_group(best)
         row: dict[str, Any] = {"method": method, "task": task,
                                "group": next((g for g, ts in groups.items() if task in ts), ""),
@@ -57,12 +64,15 @@ def aggregate(records: list[dict[str, Any]], primary: str, groups: dict[str, lis
             wall_time_s=float(chosen["wall_time_s"].mean()), settings=best, backbone=backbone,
             data_source=str(chosen["data_source"].iloc[0]), harness_version=__version__,
             date=str(chosen["date"].max()),
+            # what made the row: one value when every seed ran on the same software and hardware
+            **{k: ";".join(sorted(set(chosen[k].fillna("").astype(str)))) for k in _PROVENANCE if k in chosen},
         )
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def summarise(table: pd.DataFrame, primary: str, groups: dict[str, list[str]]) -> pd.DataFrame:
+def summarise(table: pd.DataFrame, primary: str, groups: dict[str, Any], higher_is_better: bool = True
+              ) -> pd.DataFrame:
     """Per method: group means, the average (of group means when there are groups), mean parameters."""
     col = f"{primary}_mean"
     rows = []
@@ -81,7 +91,7 @@ def summarise(table: pd.DataFrame, primary: str, groups: dict[str, list[str]]) -
         row["trainable_params"] = float(part["trainable_params"].mean())
         row["data_source"] = ",".join(sorted(set(part["data_source"])))
         rows.append(row)
-    return pd.DataFrame(rows).sort_values(f"average_{primary}", ascending=False)
+    return pd.DataFrame(rows).sort_values(f"average_{primary}", ascending=not higher_is_better)
 
 
 def _write_csv(df: pd.DataFrame, path: Path) -> None:
@@ -97,9 +107,9 @@ def _board_meta(path: Path) -> dict[str, Any]:
 
 def update(records: list[dict[str, Any]], study, out_dir: Path) -> list[Path]:
     """Merge a study's records into its board's CSVs; return the files written."""
-    mod = track_module(study.track)
-    groups = getattr(mod, "GROUPS", {}).get(study.benchmark, {})
-    table = aggregate(records, mod.PRIMARY_METRIC, groups)
+    bench = get_track(study.track).benchmark(study.benchmark)
+    groups = {g: list(ts) for g, ts in bench.groups.items()}
+    table = aggregate(records, bench.primary_metric, groups, bench.higher_is_better)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{study.board_name}.csv"
     if table.empty:
@@ -112,10 +122,10 @@ def update(records: list[dict[str, Any]], study, out_dir: Path) -> list[Path]:
     table = table.sort_values(["method", "task"]).reset_index(drop=True)
     _write_csv(table, path)
     atomic_write_text(path.with_suffix(".json"), json.dumps(
-        {"track": study.track, "benchmark": study.benchmark, "primary_metric": mod.PRIMARY_METRIC,
-         "groups": groups}, indent=1))
+        {"track": study.track, "benchmark": study.benchmark, "primary_metric": bench.primary_metric,
+         "higher_is_better": bench.higher_is_better, "groups": groups}, indent=1))
     summary_path = out_dir / f"{study.board_name}-summary.csv"
-    _write_csv(summarise(table, mod.PRIMARY_METRIC, groups), summary_path)
+    _write_csv(summarise(table, bench.primary_metric, groups, bench.higher_is_better), summary_path)
     return [path, summary_path]
 
 
@@ -133,7 +143,7 @@ def render(out_dir: Path) -> list[Path]:
         meta = _board_meta(path)
         primary = meta.get("primary_metric", "score")
         table = pd.read_csv(path)
-        summary = summarise(table, primary, meta.get("groups", {}))
+        summary = summarise(table, primary, meta.get("groups", {}), meta.get("higher_is_better", True))
         _write_csv(summary, path.with_name(f"{path.stem}-summary.csv"))
         written.append(path.with_name(f"{path.stem}-summary.csv"))
         synthetic = "synthetic" in set(table["data_source"].astype(str))

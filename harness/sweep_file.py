@@ -15,10 +15,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from harness.errors import ConfigError, choices_message
-from harness.trial import TrialSpec, resolve_budget, track_module
-
-
+from harness.errors import ConfigError
+from harness.tracks import get_track
+from harness.trial import TrialSpec
+from harness.validation import format_errors
 
 class Resources(BaseModel):
     """Per-trial resources and concurrency; fractional GPUs let several small trials share one GPU."""
@@ -87,25 +87,12 @@ def _normalise(raw: Any, source: str) -> dict[str, Any]:
 
 
 def _pydantic_message(e: ValidationError, source: str, single: bool) -> str:
-    lines = []
-    for err in e.errors():
-        shown = err["loc"][2:] if single and err["loc"][:2] == ("studies", 0) else err["loc"]
-        loc = ".".join(str(x) for x in shown)
-        if err["type"] == "extra_forbidden":
-            parent = err["loc"][:-1]
-            model = SweepFile
-            for part in parent:
-                if part == "studies":
-                    model = Study
-                elif part in ("resources",):
-                    model = Resources
-                elif part == "selection":
-                    model = Selection
-            valid = [k for k in model.model_fields]
-            lines.append(f"unknown key {loc!r}; valid keys here: {', '.join(valid)}")
-        else:
-            lines.append(f"key {loc!r}: {err['msg']} (got {err.get('input')!r})")
-    return f"{source}: invalid sweep file:\n  " + "\n  ".join(lines)
+    if single:
+        models = {(): Study, ("resources",): Resources, ("selection",): Selection}
+        return format_errors(e, f"{source}: invalid sweep file", "key", Study, models, drop_prefix=("studies", 0))
+    models = {(): SweepFile, ("studies",): Study, ("studies", "resources"): Resources,
+              ("studies", "selection"): Selection}
+    return format_errors(e, f"{source}: invalid sweep file", "key", SweepFile, models)
 
 
 def expand_grid(settings: dict[str, Any], method: str | None = None) -> list[dict[str, Any]]:
@@ -130,22 +117,24 @@ def expand_grid(settings: dict[str, Any], method: str | None = None) -> list[dic
 
 
 def study_tasks(study: Study) -> list[str]:
-    mod = track_module(study.track)
-    return list(mod.BENCHMARKS[study.benchmark]) if study.tasks == "all" else list(study.tasks)
+    benchmark = get_track(study.track).benchmark(study.benchmark)
+    return list(benchmark.tasks) if study.tasks == "all" else list(study.tasks)
 
 
 def validate_study(study: Study, where: str) -> None:
-    """Semantic checks that need the registries: names, settings, budgets."""
+    """Everything the track and the method registry can check, once, before any compute: names, track
+    settings, budgets (both stages) and every grid point of every method."""
     from harness.methods import get_method
 
-    mod = track_module(study.track)
-    if study.benchmark not in mod.BENCHMARKS:
-        raise ConfigError(f"{where}.benchmark: " + choices_message(f"{study.track} benchmark", study.benchmark,
-                                                                   list(mod.BENCHMARKS)))
-    valid_tasks = mod.BENCHMARKS[study.benchmark]
-    for t in study_tasks(study):
-        if t not in valid_tasks:
-            raise ConfigError(f"{where}.tasks: " + choices_message(f"task of {study.benchmark}", t, valid_tasks))
+    track = get_track(study.track)
+    try:
+        track.benchmark(study.benchmark)
+    except ConfigError as e:
+        raise ConfigError(f"{where}.benchmark: {e}") from None
+    try:
+        track.check_tasks(study.benchmark, study_tasks(study))
+    except ConfigError as e:
+        raise ConfigError(f"{where}.tasks: {e}") from None
     for name, space in study.methods.items():
         try:
             method = get_method(name)
@@ -153,12 +142,9 @@ def validate_study(study: Study, where: str) -> None:
                 method.resolve_settings(combo)
         except ConfigError as e:
             raise ConfigError(f"{where}.methods.{name}: {e}") from None
-    unknown = sorted(set(study.settings) - set(mod.DEFAULTS))
-    if unknown:
-        raise ConfigError(f"{where}.settings: unknown {study.track} setting(s) {unknown}; "
-                          f"valid: {', '.join(sorted(mod.DEFAULTS))}")
-    resolve_budget(mod.BUDGET, study.budget, f"{where}.budget")
-    resolve_budget(mod.BUDGET, study.selection.budget, f"{where}.selection.budget")
+    track.settings(study.settings, f"{where}.settings")
+    track.budget(study.budget, f"{where}.budget")
+    track.budget({**study.budget, **study.selection.budget}, f"{where}.selection.budget")
     if not study.seeds:
         raise ConfigError(f"{where}.seeds: give at least one seed")
 
@@ -216,21 +202,28 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
 
 def study_trials(study: Study, stage: str, chosen: dict[tuple[str, str], dict[str, Any]] | None = None
                  ) -> list[TrialSpec]:
-    """The trials of one stage. ``chosen`` maps (method, task) to the settings picked in selection."""
-    mod = track_module(study.track)
-    budget = resolve_budget(mod.BUDGET, study.budget, study.name)
+    """The trials of one stage, with resolved method settings and budget (defaults filled in).
+    ``chosen`` maps (method, task) to the settings picked in selection."""
+    from harness.methods import get_method
+
+    track = get_track(study.track)
+    budget = dict(study.budget)
     seeds = study.seeds
     if stage == "select":
-        budget = {**budget, **study.selection.budget}
+        budget.update(study.selection.budget)
         seeds = study.selection.seeds
-    budget["stage"] = stage if study.protocol == "select-then-final" else budget.get("stage", "final")
+    if study.protocol == "select-then-final":
+        budget["stage"] = stage
+    resolved_budget = track.budget(budget, f"{study.name}.budget").model_dump()
     specs = []
     for method, space in study.methods.items():
+        m = get_method(method)
         for task in study_tasks(study):
             combos = [chosen[(method, task)]] if chosen is not None else expand_grid(space, method)
             for combo in combos:
+                settings = m.resolve_settings(combo)
                 for seed in seeds:
                     specs.append(TrialSpec(track=study.track, benchmark=study.benchmark, task=task, method=method,
-                                           method_settings=dict(combo), seed=int(seed), budget=dict(budget),
-                                           track_settings=dict(study.settings)))
+                                           method_settings=dict(settings), seed=int(seed),
+                                           budget=dict(resolved_budget), track_settings=dict(study.settings)))
     return specs

@@ -1,15 +1,32 @@
-"""Pieces of a training loop shared by both tracks: optimiser groups, warm-up + cosine, finite checks."""
+"""The one training loop of the harness: fine-tuning trials and backbone pretraining on both tracks.
+
+nanoGPT-style: AdamW (fused on CUDA; no decay on biases, norms, embeddings), linear warm-up then one
+cosine cycle to ``min_lr``, optional gradient clipping, bf16 autocast on CUDA, optional ``torch.compile``,
+a finite-loss check every update, the method's ``extra_loss`` and ``on_step`` hooks, progress reports and
+resumable, atomically written checkpoints.
+
+:class:`Trainer` advances one update per :meth:`Trainer.step`, so an engine can interleave the updates of
+several trials in one process; :func:`train` runs one to the end.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Iterable
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
 
 from harness.errors import NonFiniteLossError
 
+
+# --- optimiser and schedule -------------------------------------------------------------------------
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: decay on matrices, none on biases, norms, embeddings and 1-d tensors (GPT convention)."""
@@ -60,16 +77,10 @@ def check_finite(loss: torch.Tensor, step: int) -> float:
     return value
 
 
-def clip_grad(params: Iterable[torch.nn.Parameter], max_norm: float) -> float:
-    return float(torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm))
-
-
 def autocast(device: torch.device):
     """bf16 autocast on CUDA, a no-op context elsewhere (CPU bf16 is slower than fp32 on small models)."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
-    import contextlib
-
     return contextlib.nullcontext()
 
 
@@ -77,3 +88,171 @@ def pick_device(requested: str = "auto") -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(requested)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --- the loop -----------------------------------------------------------------------------------------
+
+class StepHooks(Protocol):
+    """What a method adds to the loop (``harness.methods.Method`` bound to its trial context)."""
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None: ...
+
+    def on_step(self, model: nn.Module, step: int) -> None: ...
+
+
+@dataclass
+class LoopConfig:
+    """One run of the loop. ``warmup`` and ``min_lr`` are absolute (tracks derive them from their settings)."""
+
+    steps: int
+    lr: float
+    weight_decay: float = 0.0
+    warmup: int = 0
+    min_lr: float = 0.0
+    grad_clip: float = 0.0  # 0: no clipping
+    compile: bool = False  # torch.compile the training forward (CUDA only)
+    report_every: int = 50  # 0: no progress reports
+    steps_per_epoch: int = 0  # >0: reports carry the epoch
+    checkpoint: Path | None = None  # resume from it when present; write it every checkpoint_every and at the end
+    checkpoint_every: int = 0
+    time_data: bool = False  # measure the share of step time spent producing batches (synchronises CUDA)
+
+
+@dataclass
+class TrainStats:
+    steps: int
+    final_loss: float = float("nan")
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    wall_s: float = 0.0
+    steps_per_s: float = 0.0
+    resumed_from: int = 0
+    data_share: float = 0.0
+
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+class Trainer:
+    """Trains ``model`` (already on ``device``) on ``loss_fn(model, next_batch())``, one update per step()."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, next_batch: Callable[[], Any], cfg: LoopConfig,
+                 device: torch.device, hooks: StepHooks | None = None,
+                 report: Callable[[dict[str, Any]], None] | None = None):
+        self.model, self.loss_fn, self.next_batch, self.cfg = model, loss_fn, next_batch, cfg
+        self.device, self.hooks, self.report = device, hooks, report
+        self.optimizer = make_adamw(model, cfg.lr, cfg.weight_decay)
+        self.step_index = 0
+        if cfg.checkpoint is not None and Path(cfg.checkpoint).is_file():
+            self.step_index = resume_checkpoint(Path(cfg.checkpoint), model, self.optimizer)
+        self.forward_model = torch.compile(model) if cfg.compile and device.type == "cuda" else model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.stats = TrainStats(steps=cfg.steps, resumed_from=self.step_index)
+        self._wall = 0.0
+        self._data_time = 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.step_index >= self.cfg.steps
+
+    def step(self) -> bool:
+        """One optimiser update; False (and nothing done) once every update has run."""
+        if self.done:
+            return False
+        cfg, model, step = self.cfg, self.model, self.step_index
+        started = time.perf_counter()
+        model.train()
+        if cfg.time_data:
+            synchronize(self.device)  # the previous step's kernels are not billed to the data
+            t0 = time.perf_counter()
+        batch = self.next_batch()
+        if cfg.time_data:
+            synchronize(self.device)
+            self._data_time += time.perf_counter() - t0
+        set_lr(self.optimizer, warmup_cosine(step, cfg.steps, cfg.warmup, cfg.lr, cfg.min_lr))
+        with autocast(self.device):
+            loss = self.loss_fn(self.forward_model, batch)
+        if self.hooks is not None:
+            reg = self.hooks.extra_loss(model)
+            if reg is not None:
+                loss = loss + reg
+        value = check_finite(loss, step)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        self.optimizer.step()
+        if self.hooks is not None:
+            self.hooks.on_step(model, step)  # before zero_grad: AdaLoRA reads the gradients
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_index = done = step + 1
+        self.stats.final_loss = value
+        if cfg.report_every and (done % cfg.report_every == 0 or done == cfg.steps):
+            self.stats.losses.append((done, value))
+            if self.report is not None:
+                entry: dict[str, Any] = {"update": done, "loss": value}
+                if cfg.steps_per_epoch:
+                    entry["epoch"] = round(done / cfg.steps_per_epoch, 2)
+                self.report(entry)
+        if cfg.checkpoint is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 \
+                and done < cfg.steps:
+            save_checkpoint(Path(cfg.checkpoint), model, self.optimizer, done)
+        self._wall += time.perf_counter() - started
+        return True
+
+    def finish(self) -> TrainStats:
+        """Final checkpoint and statistics; the model is left in eval mode."""
+        cfg, stats = self.cfg, self.stats
+        if cfg.checkpoint is not None and cfg.steps > stats.resumed_from:
+            save_checkpoint(Path(cfg.checkpoint), self.model, self.optimizer, cfg.steps)
+        synchronize(self.device)
+        self.model.eval()
+        stats.wall_s = self._wall
+        ran = self.step_index - stats.resumed_from
+        stats.steps_per_s = ran / self._wall if self._wall > 0 else 0.0
+        stats.data_share = self._data_time / self._wall if self._wall > 0 else 0.0
+        return stats
+
+
+def train(model: nn.Module, loss_fn: LossFn, next_batch: Callable[[], Any], cfg: LoopConfig, device: torch.device,
+          hooks: StepHooks | None = None, report: Callable[[dict[str, Any]], None] | None = None) -> TrainStats:
+    """Run every update of a :class:`Trainer` and return its statistics."""
+    trainer = Trainer(model, loss_fn, next_batch, cfg, device, hooks, report)
+    while trainer.step():
+        pass
+    return trainer.finish()
+
+
+# --- checkpoints --------------------------------------------------------------------------------------
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+    """Model, optimiser and step, written to a temporary file and renamed (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Restore a checkpoint written by :func:`save_checkpoint`; returns its step."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    return int(state["step"])
+
+
+def resume_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """The step to resume from; an unreadable checkpoint is discarded (with a warning naming it) and the
+    run starts over, since a half-finished pretraining is only a shortcut, never a result."""
+    try:
+        return load_checkpoint(path, model, optimizer)
+    except Exception as e:  # noqa: BLE001 - any unreadable file means the same: start over
+        warnings.warn(f"partial checkpoint {path} is unreadable ({type(e).__name__}: {e}); discarded, "
+                      "training starts from the beginning", stacklevel=2)
+        path.unlink(missing_ok=True)
+        return 0

@@ -1,41 +1,25 @@
 """One trial, one interface for both tracks.
 
 (track, benchmark, task, method, method settings, seed, budget, track settings) go in as a
-:class:`TrialSpec`; a flat :class:`TrialRecord` of metrics comes out. The sweep driver and the command
-line call :func:`run_trial` and know nothing track-specific: each track is a module exposing
-
-    BENCHMARKS: dict[str, list[str]]                 benchmark -> task names (in the papers' order)
-    GROUPS: dict[str, dict[str, list[str]]]           benchmark -> group -> tasks (may be empty)
-    DEFAULTS: dict[str, Any]                          default track settings (model size, data, ...)
-    BUDGET: dict[str, Any]                            default budget (steps, eval episodes, stage, ...)
-    PRIMARY_METRIC: str                               the metric the leaderboard ranks by
-    DATA_SOURCE(track_settings) -> str                "real" or "synthetic"
-    prepare(track_settings, benchmark, tasks, report) build cached data / pretrained models once,
-                                                      before trials start (the driver calls it)
-    run(spec: TrialSpec, report: Reporter) -> TrialResult
-
-The budget key ``stage`` is "select" (train on the training split, score on validation) or "final"
-(train on train+val, score on test); a track without such a split treats both alike.
-
-registered by import path in :data:`TRACKS`.
+:class:`TrialSpec`; a flat :class:`TrialRecord` of metrics comes out, with what made it (package
+versions, git commit, device). The sweep driver and the command line call :func:`run_trial` and know
+nothing track-specific: the track (``harness/tracks.py``) builds the trial's model and data, the engine
+(``harness/finetune.py``) runs the method's life cycle. A raised error or a non-finite loss becomes a
+failed record, never a crash of the sweep.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from types import ModuleType
 from typing import Any, Protocol
 
 from harness import __version__
-from harness.errors import ConfigError, HarnessError, choices_message
-
-TRACKS: dict[str, str] = {"rl": "agents.trial", "vision": "vision.trial"}
+from harness.errors import ConfigError, HarnessError
 
 
 class Reporter(Protocol):
@@ -63,24 +47,6 @@ class TrialSpec:
     budget: dict[str, Any] = field(default_factory=dict)
     track_settings: dict[str, Any] = field(default_factory=dict)
 
-    def trial_id(self) -> str:
-        from harness.cache import settings_hash
-
-        return settings_hash(asdict(self))[:10]
-
-
-@dataclass
-class TrialResult:
-    """What a track's ``run`` returns: final metrics plus bookkeeping."""
-
-    metrics: dict[str, float]
-    trainable_params: int
-    head_params: int = 0
-    backbone: str = ""
-    data_source: str = "real"  # "real" or "synthetic"
-    adapter_path: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-
 
 @dataclass
 class TrialRecord:
@@ -90,7 +56,7 @@ class TrialRecord:
     benchmark: str
     task: str
     method: str
-    settings: str  # JSON of the method settings
+    settings: str  # JSON of the method's resolved settings (defaults filled in)
     seed: int
     status: str  # "ok" or "failed"
     error: str = ""
@@ -102,6 +68,9 @@ class TrialRecord:
     data_source: str = ""
     adapter_path: str = ""
     harness_version: str = __version__
+    git_commit: str = ""
+    device_name: str = ""
+    software: str = ""  # JSON: versions of torch, peft, timm, ray, metaworld, mujoco, gymnasium
     date: str = ""
     budget: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
@@ -117,81 +86,105 @@ class TrialRecord:
         return d
 
 
-def track_module(track: str) -> ModuleType:
-    """Import a track's module, or fail naming the valid tracks."""
-    if track not in TRACKS:
-        raise ConfigError(choices_message("track", track, list(TRACKS)))
-    return importlib.import_module(TRACKS[track])
-
-
-def validate_spec(spec: TrialSpec) -> None:
-    """Check track, benchmark, task and method names before any compute."""
+def validate_spec(spec: TrialSpec) -> TrialSpec:
+    """Check every part of a trial before any compute; returns the spec with method settings and budget
+    resolved (defaults filled in), so equal trials have equal specs."""
     from harness.methods import get_method
+    from harness.tracks import get_track
 
-    mod = track_module(spec.track)
-    if spec.benchmark not in mod.BENCHMARKS:
-        raise ConfigError(choices_message(f"{spec.track} benchmark", spec.benchmark, list(mod.BENCHMARKS)))
-    tasks = mod.BENCHMARKS[spec.benchmark]
-    if spec.task not in tasks:
-        raise ConfigError(choices_message(f"task of {spec.benchmark}", spec.task, tasks))
-    get_method(spec.method).resolve_settings(spec.method_settings)
-    unknown = set(spec.track_settings) - set(mod.DEFAULTS)
-    if unknown:
-        raise ConfigError(
-            f"unknown {spec.track} setting(s) {sorted(unknown)}; valid: {', '.join(sorted(mod.DEFAULTS))}")
+    track = get_track(spec.track)
+    track.check_tasks(spec.benchmark, [spec.task])
+    settings = get_method(spec.method).resolve_settings(spec.method_settings)
+    track.settings(spec.track_settings)
+    budget = track.budget(spec.budget).model_dump()
+    return TrialSpec(spec.track, spec.benchmark, spec.task, spec.method, settings, spec.seed, budget,
+                     dict(spec.track_settings))
 
 
 def _peak_memory_mb() -> float:
-    try:
-        import torch
+    import torch
 
-        if torch.cuda.is_available():
-            return torch.cuda.max_memory_allocated() / 2**20
-    except Exception:  # pragma: no cover - torch always present in practice
-        pass
-    return 0.0
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
+
+
+class TrialSession:
+    """One trial as a record: :meth:`start`, :meth:`step` until False, :meth:`finish`. Errors at any point
+    end the session with a failed record instead of raising."""
+
+    def __init__(self, spec: TrialSpec, report: Reporter = print_reporter):
+        from harness import provenance
+
+        self.started = time.time()
+        self.report = report
+        self.run = None
+        self.record = TrialRecord(
+            track=spec.track, benchmark=spec.benchmark, task=spec.task, method=spec.method,
+            settings=json.dumps(spec.method_settings, sort_keys=True), seed=spec.seed, status="ok",
+            git_commit=provenance.git_commit(), software=json.dumps(provenance.software(), sort_keys=True),
+            date=datetime.now(timezone.utc).strftime("%Y-%m-%d"), budget=json.dumps(spec.budget, sort_keys=True))
+        self.spec = spec
+
+    def _fail(self, e: BaseException) -> None:
+        self.record.status, self.record.error = "failed", f"{type(e).__name__}: {e}"
+        if not isinstance(e, HarnessError):
+            self.record.extra = {"traceback": traceback.format_exc(limit=8)}
+        self.run = None
+
+    def start(self) -> None:
+        from harness.finetune import FineTuneRun
+
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            self.spec = validate_spec(self.spec)
+            self.record.settings = json.dumps(self.spec.method_settings, sort_keys=True, default=str)
+            self.record.budget = json.dumps(self.spec.budget, sort_keys=True)
+            self.run = FineTuneRun(self.spec, self.report)
+            self.run.start()
+        except Exception as e:  # a crash in one trial must not end the sweep
+            self._fail(e)
+
+    def step(self) -> bool:
+        if self.run is None:
+            return False
+        try:
+            return self.run.step()
+        except Exception as e:
+            self._fail(e)
+            return False
+
+    def finish(self) -> TrialRecord:
+        from harness import provenance
+
+        record = self.record
+        if self.run is not None:
+            try:
+                result = self.run.finish()
+                bad = {k: v for k, v in result.metrics.items() if isinstance(v, float) and not math.isfinite(v)}
+                if bad:
+                    raise HarnessError(f"non-finite final metrics {bad}")
+                record.metrics = dict(result.metrics)
+                record.trainable_params, record.head_params = int(result.trainable_params), int(result.head_params)
+                record.backbone, record.data_source = result.backbone, result.data_source
+                record.adapter_path, record.extra = result.adapter_path, dict(result.extra)
+                record.device_name = provenance.device_name(result.device)
+            except Exception as e:
+                self._fail(e)
+        record.peak_memory_mb = round(_peak_memory_mb(), 1)
+        record.wall_time_s = round(time.time() - self.started, 2)
+        return record
 
 
 def run_trial(spec: TrialSpec, report: Reporter = print_reporter) -> TrialRecord:
-    """Run one trial; a raised error or a non-finite loss becomes a failed record, never a crash."""
-    started = time.time()
-    record = TrialRecord(
-        track=spec.track, benchmark=spec.benchmark, task=spec.task, method=spec.method,
-        settings=json.dumps(spec.method_settings, sort_keys=True), seed=spec.seed, status="ok",
-        date=datetime.now(timezone.utc).strftime("%Y-%m-%d"), budget=json.dumps(spec.budget, sort_keys=True),
-    )
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        validate_spec(spec)
-        result: TrialResult = track_module(spec.track).run(spec, report)
-        bad = {k: v for k, v in result.metrics.items() if isinstance(v, float) and not math.isfinite(v)}
-        if bad:
-            raise HarnessError(f"non-finite final metrics {bad}")
-        record.metrics = dict(result.metrics)
-        record.trainable_params = int(result.trainable_params)
-        record.head_params = int(result.head_params)
-        record.backbone = result.backbone
-        record.data_source = result.data_source
-        record.adapter_path = result.adapter_path
-        record.extra = dict(result.extra)
-    except HarnessError as e:
-        record.status, record.error = "failed", f"{type(e).__name__}: {e}"
-    except Exception as e:  # a crash in one trial must not end the sweep
-        record.status = "failed"
-        record.error = f"{type(e).__name__}: {e}"
-        record.extra = {"traceback": traceback.format_exc(limit=8)}
-    record.peak_memory_mb = round(_peak_memory_mb(), 1)
-    record.wall_time_s = round(time.time() - started, 2)
-    return record
+    """Run one trial to its record; a raised error or a non-finite loss becomes a failed record."""
+    session = TrialSession(spec, report)
+    session.start()
+    while session.step():
+        pass
+    return session.finish()
 
 
-def resolve_budget(defaults: dict[str, Any], budget: dict[str, Any], where: str) -> dict[str, Any]:
-    """Merge a budget over a track's defaults, refusing unknown keys."""
-    unknown = set(budget) - set(defaults)
-    if unknown:
-        raise ConfigError(f"unknown budget key(s) {sorted(unknown)} for {where}; valid: {', '.join(sorted(defaults))}")
-    return {**defaults, **budget}
-
+__all__ = ["ConfigError", "Reporter", "TrialRecord", "TrialSession", "TrialSpec", "print_reporter", "run_trial",
+           "validate_spec"]

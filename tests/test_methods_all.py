@@ -117,7 +117,7 @@ def test_method_on_real_models(name, track, tmp_path):
     shapes = linears(model, site)
     total = sum(p.numel() for p in model.parameters())
     head = sum(p.numel() for n, p in model.named_parameters() if site.is_head_param(n))
-    bank = make_bank(setup, tmp_path / "bank") if method.needs_bank else []
+    bank = make_bank(setup, tmp_path / "bank") if "lora" in method.builds_on else []
     ctx = MethodContext(total_steps=30, init_batches=lambda: [batch] * 4, forward_fn=forward,
                         evaluate=lambda m: -float(loss_fn(m, batch)), adapter_bank=bank)
     model = method.wrap(model, site, settings, ctx)

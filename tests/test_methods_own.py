@@ -438,3 +438,34 @@ def test_eigenlora_bad_banks(tmp_path, bank_dir):
                     method.resolve_settings({"bank_dir": str(bank_dir)}), MethodContext())
     with pytest.raises(ConfigError, match="valid values"):
         method.resolve_settings({"mode": "zeroshot"})
+
+
+# --- the shared linear-adapter base ----------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["nola", "glora", "eigenlora"])
+def test_declared_tensors_are_what_is_saved(name, tmp_path, bank_dir):
+    """Each layer class declares its saved tensors; a save writes exactly those (and the head), and the
+    declaration covers every persistent tensor a layer holds besides its frozen base."""
+    from safetensors import safe_open
+
+    method = get_method(name)
+    settings = method.resolve_settings(settings_for(name, bank_dir))
+    model = method.wrap(make_base(), SITE, settings, MethodContext())
+    declared = method.layer_class.adapter_tensors
+    layers = [n for n, m in model.named_modules() if isinstance(m, method.layer_class)]
+    assert layers == [n for n, _, _ in LAYERS]
+    for n in layers:
+        persistent = {k for k in model.get_submodule(n).state_dict() if not k.startswith("base.")}
+        assert persistent == set(declared)
+    method.save(model, SITE, settings, tmp_path)
+    with safe_open(str(tmp_path / method.state_file), framework="pt") as f:
+        saved = set(f.keys())
+    heads = {f"head::{n}" for n, _ in model.named_parameters() if SITE.is_head_param(n)}
+    assert saved == {f"{n}.{t}" for n in layers for t in declared} | heads
+
+
+@pytest.mark.parametrize("name,key", [("nola", "r"), ("nola", "k"), ("nola", "l"), ("glora", "search_population"),
+                                      ("eigenlora", "k"), ("eigenlora", "r"), ("lora", "r"), ("vera", "r")])
+def test_zero_counts_are_rejected_naming_the_key(name, key):
+    with pytest.raises(ConfigError, match=rf"method '{name}': setting '{key}'=0: must be >= 1"):
+        get_method(name).resolve_settings({key: 0})

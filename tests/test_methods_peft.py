@@ -113,5 +113,5 @@ def test_bad_settings_fail_before_training():
         m.wrap(make_base(), SITE, m.resolve_settings({"r": 64}), MethodContext())
     with pytest.raises(ConfigError, match="unknown method 'lorra'.*did you mean 'lora'"):
         get_method("lorra")
-    with pytest.raises(ConfigError, match="expected int"):
+    with pytest.raises(ConfigError, match="'r'='eight': expected an integer"):
         get_method("lora").resolve_settings({"r": "eight"})

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from harness.cache import ArtifactCache, settings_hash
-from harness.training import autocast, check_finite, make_adamw, pick_device, set_lr, warmup_cosine
+from harness.randomness import derive_seed, seeded
+from harness.training import LoopConfig, pick_device, train
 from vision import backbones, fractal
 
 KIND = "vision-pretrain"
@@ -35,29 +36,26 @@ VERSION = 3  # 2: milder augmentation; 3: no label smoothing, optional pre-rende
 CHECKPOINT = "model.safetensors"
 
 
-def pretrain_key(ts: dict[str, Any]) -> dict[str, Any]:
+def pretrain_key(ts) -> dict[str, Any]:
     """The settings that define the pretrained checkpoint (taken from the track settings)."""
     return {
-        "version": VERSION, "backbone": ts["backbone"], "img_size": ts["img_size"],
-        "model_kwargs": dict(ts.get("model_kwargs") or {}), "classes": int(ts["pretrain_classes"]),
-        "steps": int(ts["pretrain_steps"]), "batch_size": int(ts["pretrain_batch_size"]),
-        "lr": float(ts["pretrain_lr"]), "weight_decay": float(ts["pretrain_weight_decay"]),
-        "points": int(ts["pretrain_points"]), "seed": int(ts["pretrain_seed"]),
-        "instances": int(ts.get("pretrain_instances") or 0),
+        "version": VERSION, "backbone": ts.backbone, "img_size": ts.img_size, "model_kwargs": dict(ts.model_kwargs),
+        "classes": ts.pretrain_classes, "steps": ts.pretrain_steps, "batch_size": ts.pretrain_batch_size,
+        "lr": ts.pretrain_lr, "weight_decay": ts.pretrain_weight_decay, "points": ts.pretrain_points,
+        "seed": ts.pretrain_seed, "instances": ts.pretrain_instances,
     }
 
 
-def _train(key: dict[str, Any], device: torch.device, folder: Path, log: Callable[[dict], None]) -> dict[str, Any]:
-    torch.manual_seed(key["seed"])
-    model = backbones.create(key["backbone"], key["classes"], key["img_size"], 0.0, key["model_kwargs"]).to(device)
+def _train(key: dict[str, Any], device: torch.device, folder: Path, partial: Path,
+           log: Callable[[dict], None]) -> dict[str, Any]:
+    with seeded(derive_seed(key["seed"], "init")):
+        model = backbones.create(key["backbone"], key["classes"], key["img_size"], 0.0, key["model_kwargs"]).to(device)
     size = backbones.model_img_size(model)
     codes = fractal.make_codes(key["classes"], key["seed"], device=str(device))
     g = torch.Generator(device=device).manual_seed(key["seed"] + 1)
     mean = torch.tensor(backbones.IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(backbones.IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    opt = make_adamw(model, key["lr"], key["weight_decay"])
     steps, bs = key["steps"], key["batch_size"]
-    warmup = max(1, steps // 20)
     iters = max(4, key["points"] // 256)
     pool = None
     if key["instances"] > 0:
@@ -70,53 +68,63 @@ def _train(key: dict[str, Any], device: torch.device, folder: Path, log: Callabl
             pool = torch.cat([fractal.render_density(codes, pool_labels[i:i + 1024], size, g, points=256, iters=iters)
                               for i in range(0, len(pool_labels), 1024)])
             pool = (pool * 255).round().to(torch.uint8)  # 1 byte a pixel
-    model.train()
-    started, data_time, ema_acc, last = time.time(), 0.0, 0.0, {}
-    for step in range(steps):
-        t0 = time.time()
-        with torch.no_grad():
-            if pool is None:
-                labels = torch.randint(0, key["classes"], (bs,), device=device, generator=g)
-                x = fractal.render_batch(codes, labels, size, g, points=256, iters=iters)
-            else:
-                idx = torch.randint(0, pool.shape[0], (bs,), device=device, generator=g)
-                labels = pool_labels[idx]
-                x = fractal.colourise(pool[idx].float() / 255, g)
-            x = (x - mean) / std
-        data_time += time.time() - t0
-        set_lr(opt, warmup_cosine(step, steps, warmup, key["lr"], key["lr"] * 0.01))
-        with autocast(device):
-            logits = model(x)
-            loss = F.cross_entropy(logits.float(), labels)  # no label smoothing: it slowed short runs down
-        value = check_finite(loss, step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+
+    @torch.no_grad()
+    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        if pool is None:
+            labels = torch.randint(0, key["classes"], (bs,), device=device, generator=g)
+            x = fractal.render_batch(codes, labels, size, g, points=256, iters=iters)
+        else:
+            idx = torch.randint(0, pool.shape[0], (bs,), device=device, generator=g)
+            labels = pool_labels[idx]
+            x = fractal.colourise(pool[idx].float() / 255, g)
+        return (x - mean) / std, labels
+
+    accuracy = {"ema": 0.0, "seen": 0}
+
+    def loss(m: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, labels = batch
+        logits = m(x)
         acc = float((logits.argmax(-1) == labels).float().mean())
-        ema_acc = acc if step == 0 else 0.95 * ema_acc + 0.05 * acc
-        if step % max(1, steps // 10) == 0 or step == steps - 1:
-            last = {"pretrain_step": step, "loss": round(value, 4), "train_acc_ema": round(ema_acc, 4),
-                    "elapsed_s": round(time.time() - started, 1)}
-            log(last)
+        accuracy["ema"] = acc if not accuracy["seen"] else 0.95 * accuracy["ema"] + 0.05 * acc
+        accuracy["seen"] += 1
+        return F.cross_entropy(logits.float(), labels)  # no label smoothing: it slowed short runs down
+
+    started = time.time()
+    last: dict[str, Any] = {}
+
+    def report(m: dict[str, Any]) -> None:
+        last.update(pretrain_step=m["update"], loss=round(m["loss"], 4), train_acc_ema=round(accuracy["ema"], 4),
+                    elapsed_s=round(time.time() - started, 1))
+        log(dict(last))
+
+    cfg = LoopConfig(steps=steps, lr=key["lr"], weight_decay=key["weight_decay"], warmup=max(1, steps // 20),
+                     min_lr=key["lr"] * 0.01, grad_clip=1.0, report_every=max(1, steps // 10), checkpoint=partial,
+                     checkpoint_every=max(500, steps // 10), time_data=device.type == "cuda")
+    with seeded(derive_seed(key["seed"], "train")):
+        stats = train(model, loss, next_batch, cfg, device, report=report)
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / CHECKPOINT))
-    summary = {**key, "final_loss": last.get("loss"), "final_train_acc_ema": round(ema_acc, 4),
-               "wall_s": round(time.time() - started, 1), "data_share": round(data_time / max(1e-9, time.time() - started), 3),
-               "device": str(device)}
+    summary = {**key, "final_loss": last.get("loss"), "final_train_acc_ema": round(accuracy["ema"], 4),
+               "wall_s": round(time.time() - started, 1), "data_share": round(stats.data_share, 3),
+               "resumed_from": stats.resumed_from, "device": str(device)}
     (folder / "pretrain.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
-def ensure_pretrained(ts: dict[str, Any], log: Callable[[dict], None] | None = None,
+def ensure_pretrained(ts, log: Callable[[dict], None] | None = None,
                       cache: ArtifactCache | None = None) -> tuple[Path, str, dict[str, Any]]:
     """(checkpoint path, key hash, summary) of the builtin backbone, pretraining it first when not cached."""
     cache = cache or ArtifactCache()
     key = pretrain_key(ts)
-    device = pick_device(ts.get("device", "auto"))
+    device = pick_device(ts.device)
     log = log or (lambda m: print(f"[pretrain] {json.dumps(m)}", flush=True))
-    art = cache.get_or_build(KIND, key["backbone"].replace("/", "_"), key, lambda d: _train(key, device, d, log))
+    # An interrupted pretraining resumes from here; the file is removed once the entry is complete.
+    partial = cache.root / KIND / ".partial" / f"{settings_hash(key)[:16]}.pt"
+    art = cache.get_or_build(KIND, key["backbone"].replace("/", "_"), key,
+                             lambda d: _train(key, device, d, partial, log))
+    partial.unlink(missing_ok=True)
     summary = json.loads((art.path / "pretrain.json").read_text())
     return art.path / CHECKPOINT, settings_hash(key), summary

@@ -1,19 +1,18 @@
-"""Training and evaluation on tensors: the data sits on the device as uint8, batches are sliced from it
-and normalised on the fly (no decoding, no DataLoader). bf16 autocast on GPU, AdamW with warm-up and
-cosine (harness.training), top-1."""
+"""Vision data on tensors: the data sits on the device as uint8, batches are sliced from it and normalised
+on the fly (no decoding, no DataLoader); the epoch schedule; top-1 evaluation. The training loop itself is
+the harness's one loop (``harness/training.py``)."""
 
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.training import autocast, check_finite, make_adamw, set_lr, warmup_cosine
+from harness.training import autocast
 from vision.images import Split
 
 
@@ -51,76 +50,25 @@ class DeviceSplit:
         return (x - self.mean) / self.std, self.labels[idx.to(self.labels.device)]
 
 
-@dataclass
-class TrainResult:
-    updates: int
-    final_loss: float
-    wall_s: float
-    data_share: float  # share of step time spent producing batches
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def schedule(n_train: int, budget: dict[str, Any]) -> tuple[int, int, int]:
-    """(total updates, warm-up updates, batch size) from a budget of epochs (or a ``steps`` cap)."""
-    bs = min(int(budget["batch_size"]), n_train)
+def schedule(n_train: int, budget) -> tuple[int, int, int, int]:
+    """(total updates, warm-up updates, batch size, updates per epoch) from a budget of epochs (or a
+    ``steps`` cap, to which the warm-up is rescaled)."""
+    bs = min(int(budget.batch_size), n_train)
     per_epoch = max(1, math.ceil(n_train / bs))
-    total = per_epoch * int(budget["epochs"])
-    warmup = per_epoch * int(budget["warmup_epochs"])
-    if budget.get("steps"):
-        steps = int(budget["steps"])
-        warmup = int(round(warmup * steps / max(1, total)))
-        total = steps
-    return total, min(warmup, max(0, total - 1)), bs
+    total = per_epoch * int(budget.epochs)
+    warmup = per_epoch * int(budget.warmup_epochs)
+    if budget.steps:
+        warmup = int(round(warmup * budget.steps / max(1, total)))
+        total = int(budget.steps)
+    return total, min(warmup, max(0, total - 1)), bs, per_epoch
 
 
-def batches(n: int, bs: int, g: torch.Generator, device: torch.device):
+def batches(n: int, bs: int, g: torch.Generator) -> Iterator[torch.Tensor]:
     """Endless shuffled epochs of index batches (the last short batch of an epoch is kept)."""
     while True:
-        perm = torch.randperm(n, generator=g).to(device)
+        perm = torch.randperm(n, generator=g)
         for i in range(0, n, bs):
             yield perm[i:i + bs]
-
-
-def train(model: nn.Module, data: DeviceSplit, total: int, warmup: int, bs: int, lr: float, weight_decay: float,
-          seed: int, on_step: Callable[[int], None] | None = None, extra_loss: Callable[[], Any] | None = None,
-          report: Callable[[dict], None] | None = None, report_every: int = 50,
-          min_lr_ratio: float = 0.01) -> TrainResult:
-    """Train ``model`` for ``total`` updates on ``data``; NaN loss raises (harness.training.check_finite)."""
-    device = data.device
-    opt = make_adamw(model, lr, weight_decay)
-    g = torch.Generator().manual_seed(seed)
-    it = batches(len(data), bs, g, torch.device("cpu"))
-    model.train()
-    started, data_time, loss_value, history = time.time(), 0.0, float("nan"), []
-    per_epoch = max(1, math.ceil(len(data) / bs))
-    for step in range(total):
-        if device.type == "cuda":  # let the previous step's kernels finish, so they are not billed to data
-            torch.cuda.synchronize()
-        t0 = time.time()
-        x, y = data.batch(next(it))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        data_time += time.time() - t0
-        set_lr(opt, warmup_cosine(step, total, warmup, lr, lr * min_lr_ratio))
-        with autocast(device):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), y)
-        if extra_loss is not None:
-            reg = extra_loss()
-            if reg is not None:
-                loss = loss + reg
-        loss_value = check_finite(loss, step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if on_step is not None:
-            on_step(step)
-        if report is not None and (step % report_every == 0 or step == total - 1):
-            entry = {"update": step + 1, "epoch": round((step + 1) / per_epoch, 2), "loss": round(loss_value, 5)}
-            history.append(entry)
-            report(entry)
-    wall = time.time() - started
-    return TrainResult(total, loss_value, wall, data_time / max(wall, 1e-9), history)
 
 
 @torch.no_grad()

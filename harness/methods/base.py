@@ -22,12 +22,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from functools import cached_property
+from typing import Annotated, Any, Callable, Iterable, Literal, Union
 
 import torch
 from torch import nn
 
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
 from harness.errors import ConfigError
+from harness.validation import Bool, Float, Int, validate
 
 
 @dataclass(frozen=True)
@@ -89,29 +93,70 @@ class MethodContext:
 
 @dataclass(frozen=True)
 class Setting:
-    """One method setting: its default, type, help and (optional) allowed values."""
+    """One method setting: its default, type, help, allowed values and bounds.
+
+    Settings are declared as data; :meth:`Method.settings_model` turns them into a pydantic model, so
+    method settings are validated the way track settings and budgets are (``harness.validation``).
+    """
 
     default: Any
     help: str
     choices: tuple[Any, ...] | None = None
     kind: type | tuple[type, ...] | None = None  # inferred from the default when None
+    ge: float | None = None  # inclusive lower bound of a number
+    gt: float | None = None  # exclusive lower bound of a number
 
-    def check(self, method: str, key: str, value: Any) -> Any:
-        kind = self.kind or (type(self.default) if self.default is not None else None)
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if kind is not None and value is not None and not isinstance(value, kind):
-            raise ConfigError(f"method {method!r} setting {key!r}={value!r}: expected {getattr(kind, '__name__', kind)}")
-        if self.choices is not None and value not in self.choices:
-            raise ConfigError(f"method {method!r} setting {key!r}={value!r}; valid values: {list(self.choices)}")
-        return value
+    def annotation(self) -> Any:
+        """The pydantic type of the setting's values."""
+        if self.choices is not None:
+            return Literal[tuple(self.choices)]
+        kinds = self.kind if isinstance(self.kind, tuple) else (self.kind,) if self.kind is not None else (
+            (type(self.default),) if self.default is not None else ())
+        if not kinds:
+            return Any
+        bounds = {k: v for k, v in (("ge", self.ge), ("gt", self.gt)) if v is not None}
+        members = []
+        for k in kinds:
+            base = _FIELD_TYPES.get(k, k)
+            members.append(Annotated[base, Field(**bounds)] if bounds and k in (int, float) else base)
+        return members[0] if len(members) == 1 else Union[tuple(members)]
+
+
+_FIELD_TYPES: dict[type, Any] = {int: Int, float: Float, bool: Bool, type(None): type(None)}
 
 
 # Settings every method takes: the optimiser's, so a sweep can search them per method.
 COMMON_SETTINGS: dict[str, Setting] = {
-    "lr": Setting(None, "learning rate (None: the track's default for this method)", kind=(float, type(None))),
-    "weight_decay": Setting(None, "AdamW weight decay (None: the track's default)", kind=(float, type(None))),
+    "lr": Setting(None, "learning rate (None: the method's default_lr, else the track's)", kind=(float, type(None)),
+                  gt=0),
+    "weight_decay": Setting(None, "AdamW weight decay (None: the track's default)", kind=(float, type(None)), ge=0),
 }
+
+
+def method_state(model: nn.Module) -> dict[str, Any]:
+    """The one place a method keeps facts about a model it wrapped (EVA's ranks, GLoRA's search result,
+    EigenLoRA's components, the PiSSA save anchor): a plain dict on the model, created on first use.
+
+    It lives on the model, not on the method object, because one method object serves every trial of a
+    process; it is not a parameter or buffer, so it never reaches a state dict.
+    """
+    state = model.__dict__.get(_STATE_ATTR)
+    if state is None:
+        state = {}
+        model.__dict__[_STATE_ATTR] = state
+    return state
+
+
+_STATE_ATTR = "harness_method_state"
+
+
+def check_rank(model: nn.Module, site: "AdapterSite", rank: int, method: str, what: str = "rank r") -> None:
+    """Every targeted layer must hold ``rank`` (at most min(d_in, d_out)); the error names the layer."""
+    for name, layer in site.target_linears(model):
+        limit = min(layer.in_features, layer.out_features)
+        if rank > limit:
+            raise ConfigError(f"method {method!r}: {what}={rank} is larger than layer {name!r} allows "
+                              f"({layer.out_features}x{layer.in_features}, at most {limit})")
 
 
 def freeze(model: nn.Module) -> None:
@@ -146,21 +191,24 @@ class Method:
     name: str = ""
     summary: str = ""
     settings: dict[str, Setting] = {}
-    needs_bank: bool = False  # EigenLoRA: runs after the trials whose adapters form its bank
+    # Methods whose saved adapters this method builds on (EigenLoRA's bank: ("lora",)). The driver runs
+    # the trials of those methods first and this method's after them; the track hands the adapters over
+    # as MethodContext.adapter_bank.
+    builds_on: tuple[str, ...] = ()
     default_lr: float | None = None  # a method whose paper trains at another lr than the track's (VeRA)
 
     def all_settings(self) -> dict[str, Setting]:
         return {**COMMON_SETTINGS, **self.settings}
 
+    @cached_property
+    def settings_model(self) -> type[BaseModel]:
+        """The pydantic model of this method's settings (built once from the declarations)."""
+        fields = {k: (s.annotation(), s.default) for k, s in self.all_settings().items()}
+        return create_model(f"{type(self).__name__}Settings", __config__=ConfigDict(extra="forbid"), **fields)
+
     def resolve_settings(self, given: dict[str, Any] | None) -> dict[str, Any]:
         """Defaults merged with ``given``; an unknown key or bad value raises ConfigError."""
-        given = dict(given or {})
-        spec = self.all_settings()
-        unknown = sorted(set(given) - set(spec))
-        if unknown:
-            raise ConfigError(
-                f"unknown setting(s) {unknown} for method {self.name!r}; valid: {', '.join(sorted(spec))}")
-        return {k: s.check(self.name, k, given.get(k, s.default)) for k, s in spec.items()}
+        return validate(self.settings_model, dict(given or {}), f"method {self.name!r}").model_dump()
 
     # --- life cycle -------------------------------------------------------------------------------
     def wrap(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any], ctx: MethodContext) -> nn.Module:

@@ -46,12 +46,11 @@ import torch
 from torch import nn
 
 from harness.errors import ConfigError
-from harness.methods._linear_adapters import (AdaptedLinear, adapted_modules, load_adapter_tensors, merge_linears,
-                                              save_adapter_tensors, target_layers)
-from harness.methods.base import AdapterSite, Method, MethodContext, Setting, freeze, unfreeze_head, write_settings
+from harness.methods.base import AdapterSite, MethodContext, Setting, check_rank, method_state
+from harness.methods.linear_adapters import AdaptedLinear, LayerBuilder, LinearAdapterMethod, target_layers
 
-_STATE_FILE = "eigenlora.safetensors"
 _INFO_FILE = "eigenlora.json"
+_INFO_KEY = "eigenlora"  # method_state key of what describe() reports (K, bank size, explained variance)
 _PEFT_FILE = "adapter_model.safetensors"
 # peft's saved keys: base_model.model.<module path>.lora_A.weight (an adapter name may follow lora_A
 # in unsaved state dicts: lora_A.default.weight).
@@ -172,6 +171,9 @@ def choose_k(spectra: list[torch.Tensor], variance: float) -> int:
 class EigenLoRALinear(AdaptedLinear):
     """A frozen Linear plus B' A' from frozen components (``e_a``, ``e_b``, means) and coefficients."""
 
+    # Components and means too: a saved EigenLoRA loads without the bank.
+    adapter_tensors = ("e_a", "e_b", "mean_a", "mean_b", "alpha_a", "alpha_b")
+
     def __init__(self, base: nn.Linear, e_a: torch.Tensor, e_b: torch.Tensor, mean_a: torch.Tensor,
                  mean_b: torch.Tensor, alpha_a: torch.Tensor, alpha_b: torch.Tensor, trainable: bool):
         super().__init__(base)
@@ -212,19 +214,21 @@ def _match_module(name: str, bank_modules: set[str]) -> str | None:
     return hits[0] if len(hits) == 1 else None
 
 
-class EigenLoRA(Method):
+class EigenLoRA(LinearAdapterMethod):
     name = "eigenlora"
     summary = ("EigenLoRA(x) (Kaushik et al. 2025): top-K principal components per layer of a bank of LoRA "
                "adapters, frozen; trains K x r coefficients for each of A and B; zero-shot and analytical "
                "reconstruction variants")
-    needs_bank = True
+    builds_on = ("lora",)
+    layer_class = EigenLoRALinear
     default_lr = 1e-2  # the paper's coefficients; its weight decay is 0.1 (set weight_decay in the sweep)
     settings = {
-        "k": Setting(2, "principal components per module and side (ignored when 'variance' is set)", kind=int),
+        "k": Setting(2, "principal components per module and side (ignored when 'variance' is set)", kind=int,
+                     ge=1),
         "variance": Setting(None, "choose K as the smallest giving this cumulative explained variance in every "
-                                  "module (e.g. 0.5-0.8); None: use k", kind=(float, type(None))),
+                                  "module (e.g. 0.5-0.8); None: use k", kind=(float, type(None)), gt=0),
         "r": Setting(1, "coefficient dimension (A' is r x d_in); at most the bank's largest LoRA rank",
-                     kind=int),
+                     kind=int, ge=1),
         "mode": Setting("train", "train: coefficients train; zero-shot: random frozen coefficients, only the head "
                                  "trains; reconstruct: coefficients fixed to the projection of 'reconstruct_from'",
                         choices=("train", "zero-shot", "reconstruct")),
@@ -271,13 +275,12 @@ class EigenLoRA(Method):
         return torch.cat(a_rows), torch.cat(b_rows), max_rank
 
     # --- life cycle ---------------------------------------------------------------------------------
-    def wrap(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any], ctx: MethodContext) -> nn.Module:
+    def layer_factory(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any],
+                      ctx: MethodContext) -> LayerBuilder:
         mode = settings["mode"]
         r = int(settings["r"])
-        if r < 1 or int(settings["k"]) < 1:
-            raise ConfigError(f"method 'eigenlora': r={r} and k={settings['k']} must be at least 1")
         variance = settings["variance"]
-        if variance is not None and not 0 < variance <= 1:
+        if variance is not None and variance > 1:
             raise ConfigError(f"method 'eigenlora' setting 'variance'={variance!r}: a share in (0, 1], e.g. 0.6")
         if mode == "reconstruct" and not settings["reconstruct_from"]:
             raise ConfigError("method 'eigenlora' mode 'reconstruct' needs reconstruct_from=<LoRA adapter folder>")
@@ -296,18 +299,15 @@ class EigenLoRA(Method):
             raw[name] = (pa, pb)
             spectra += [pa[1], pb[1]]
         k = choose_k(spectra, variance) if variance is not None else int(settings["k"])
-        for name, layer in layers:
-            if k > min(layer.in_features, layer.out_features):
-                raise ConfigError(f"method 'eigenlora': K={k} components exceed what module {name!r} "
-                                  f"({layer.out_features}x{layer.in_features}) can hold; lower k or variance")
+        check_rank(model, site, k, self.name, what="number of components K")
 
         gen = torch.Generator(device="cpu").manual_seed(int(ctx.seed))
         target = read_adapters(Path(settings["reconstruct_from"])) if mode == "reconstruct" else []
         if mode == "reconstruct" and len(target) != 1:
             raise ConfigError(f"method 'eigenlora': reconstruct_from={settings['reconstruct_from']!r} holds "
                               f"{len(target)} LoRA adapters; give exactly one")
-        freeze(model)
         info = {"K": k, "bank_size": len(bank), "mode": mode, "random_components": 0, "explained_min": 1.0}
+        # Every layer is built before the model changes, so a bad reconstruct_from leaves it untouched.
         built: dict[str, EigenLoRALinear] = {}
         for name, layer in layers:
             comps = []
@@ -336,51 +336,39 @@ class EigenLoRA(Method):
                 alpha_b = torch.rand(k, r, generator=gen, dtype=torch.float64) - 0.5
             built[name] = EigenLoRALinear(layer, ca.e, cb.e, ca.mean, cb.mean, alpha_a, alpha_b,
                                           trainable=(mode == "train"))
-        for name, module in built.items():
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-        object.__setattr__(model, "_harness_eigenlora", info)
-        unfreeze_head(model, site)
-        return model
+        method_state(model)[_INFO_KEY] = info
+        return lambda name, _linear: built[name]
 
     def describe(self, model: nn.Module) -> dict[str, Any]:
-        info = dict(getattr(model, "_harness_eigenlora", {}))
-        info["modules"] = len(list(adapted_modules(model, EigenLoRALinear)))
+        info = dict(method_state(model).get(_INFO_KEY, {}))
+        info["modules"] = len(self.layers(model))
         return info
 
-    def save(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any], folder: Path) -> None:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        # Components, means and coefficients: the saved adapter loads without the bank.
-        save_adapter_tensors(model, site, folder / _STATE_FILE)
+    def save_extra(self, model: nn.Module, folder: Path) -> None:
         (folder / _INFO_FILE).write_text(json.dumps(self.describe(model), indent=1))
-        write_settings(folder, self.name, settings)
 
-    def load(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any], folder: Path,
-             ctx: MethodContext | None = None) -> nn.Module:
+    def rebuild(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any], folder: Path,
+                ctx: MethodContext) -> nn.Module:
+        """The layers from the saved components, means and coefficients: a load needs no bank."""
         from safetensors import safe_open
 
-        path = Path(folder) / _STATE_FILE
+        path = folder / self.state_file
         if not path.is_file():
-            raise ConfigError(f"{folder}: no {_STATE_FILE}; not a saved 'eigenlora' adapter")
+            raise ConfigError(f"{folder}: no {self.state_file}; not a saved 'eigenlora' adapter")
         with safe_open(str(path), framework="pt") as f:
             saved = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("head::")}
-        freeze(model)
-        for name, layer in target_layers(model, site):
-            needed = [f"{name}.{t}" for t in ("e_a", "e_b", "mean_a", "mean_b", "alpha_a", "alpha_b")]
-            if any(n not in saved for n in needed):
+        for name, _ in target_layers(model, site):
+            if any(f"{name}.{t}" not in saved for t in EigenLoRALinear.adapter_tensors):
                 raise ConfigError(f"{folder}: the saved adapter has no tensors for module {name!r}")
-            e_a, e_b, mean_a, mean_b, alpha_a, alpha_b = (saved[n] for n in needed)
-            module = EigenLoRALinear(layer, e_a, e_b, mean_a, mean_b, alpha_a, alpha_b,
-                                     trainable=(settings["mode"] == "train"))
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-        info_path = Path(folder) / _INFO_FILE
-        if info_path.is_file():
-            object.__setattr__(model, "_harness_eigenlora", json.loads(info_path.read_text()))
-        unfreeze_head(model, site)
-        load_adapter_tensors(model, site, path)  # shape checks and the head
-        return model
 
-    def merge(self, model: nn.Module) -> nn.Module:
-        return merge_linears(model)
+        def build(name: str, linear: nn.Linear) -> EigenLoRALinear:
+            # adapter_tensors lists the tensors in the constructor's argument order
+            tensors = (saved[f"{name}.{t}"] for t in EigenLoRALinear.adapter_tensors)
+            return EigenLoRALinear(linear, *tensors, trainable=(settings["mode"] == "train"))
+
+        return self.adapt(model, site, build)
+
+    def load_extra(self, model: nn.Module, folder: Path) -> None:
+        info_path = folder / _INFO_FILE
+        if info_path.is_file():
+            method_state(model)[_INFO_KEY] = json.loads(info_path.read_text())

@@ -45,14 +45,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.errors import ConfigError
-from harness.methods._linear_adapters import (AdaptedLinear, adapted_modules, load_adapter_tensors, merge_linears,
-                                              replace_linears, save_adapter_tensors)
-from harness.methods.base import (AdapterSite, Method, MethodContext, Setting, count_trainable, freeze, unfreeze_head,
-                                  write_settings)
+from harness.methods.base import AdapterSite, MethodContext, Setting, check_rank, count_trainable, method_state
+from harness.methods.linear_adapters import AdaptedLinear, LayerBuilder, LinearAdapterMethod
 
-_STATE_FILE = "glora.safetensors"
 _SUBNET_FILE = "glora_subnet.json"
-_SEARCH_ATTR = "_harness_glora_search"
+_SEARCH_KEY = "glora_search"  # method_state key of the SearchResult
 TENSORS = ("A", "B", "C", "D", "E")
 
 
@@ -114,6 +111,8 @@ def form_params(form: LayerForm, d_in: int, d_out: int) -> int:
 
 class GLoRALinear(AdaptedLinear):
     """A frozen Linear with GLoRA's shared storage; ``form`` fixed, or sampled per forward when None."""
+
+    adapter_tensors = ("A_d", "A_u", "B_d", "B_u", "C_d", "C_u", "D", "E")
 
     def __init__(self, base: nn.Linear, ranks: Sequence[int], rng: random.Random):
         super().__init__(base)
@@ -307,14 +306,11 @@ def _ranks(settings: dict[str, Any]) -> tuple[int, ...]:
     return out
 
 
-def glora_layers(model: nn.Module) -> list[tuple[str, GLoRALinear]]:
-    return list(adapted_modules(model, GLoRALinear))
-
-
-class GLoRA(Method):
+class GLoRA(LinearAdapterMethod):
     name = "glora"
     summary = ("GLoRA (Chavan et al. 2023): per-layer supernet of LoRA/vector/scalar/none forms for W0*A + B, "
                "the prompt W0 C and the bias D, E; evolutionary search under a parameter budget; merges into W")
+    layer_class = GLoRALinear
     settings = {
         "ranks": Setting((8, 4), "LoRA ranks of the supernet's LoRA forms; storage rank is the largest "
                                  "(the paper's supernets: [8, 4] 0.86M, [4, 2] 0.44M, [2] 0.29M on ViT-B)",
@@ -325,49 +321,42 @@ class GLoRA(Method):
                                 "start, no sampling, no search", kind=(str, type(None))),
         "search": Setting(True, "run the evolutionary search after training (needs the track's validation "
                                 "scorer); False: fix the largest form in every layer instead"),
-        "search_population": Setting(50, "candidates per generation", kind=int),
-        "search_generations": Setting(20, "generations", kind=int),
-        "search_parents": Setting(10, "parents drawn from this many best candidates", kind=int),
-        "search_mutations": Setting(25, "mutants per generation", kind=int),
-        "search_mutation_prob": Setting(0.2, "probability that a mutant redraws each choice"),
-        "search_crossovers": Setting(25, "crossovers per generation (each choice from either parent)", kind=int),
+        "search_population": Setting(50, "candidates per generation", kind=int, ge=1),
+        "search_generations": Setting(20, "generations", kind=int, ge=1),
+        "search_parents": Setting(10, "parents drawn from this many best candidates", kind=int, ge=1),
+        "search_mutations": Setting(25, "mutants per generation", kind=int, ge=0),
+        "search_mutation_prob": Setting(0.2, "probability that a mutant redraws each choice", ge=0),
+        "search_crossovers": Setting(25, "crossovers per generation (each choice from either parent)", kind=int,
+                                     ge=0),
         "param_budget_min": Setting(0, "fewest parameters a searched subnet may have (absolute count)",
-                                    kind=(int, float)),
+                                    kind=(int, float), ge=0),
         "param_budget_max": Setting(None, "most parameters a searched subnet may have (absolute count; None: "
-                                          "no limit)", kind=(int, float, type(None))),
+                                          "no limit)", kind=(int, float, type(None)), ge=0),
     }
 
-    def _fixed_subnet(self, layer: GLoRALinear, spec: str, rng: random.Random) -> LayerForm:
+    def layer_factory(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any],
+                      ctx: MethodContext) -> LayerBuilder:
+        ranks, spec = _ranks(settings), settings["subnet"]
+        check_rank(model, site, max(ranks), self.name, what="largest rank of 'ranks'")
+        fixed = None  # the form every layer gets; 'random' draws one per layer below
         if spec in ("largest", "lora-all"):
-            return largest_form(layer.ranks)
-        if spec == "random":
-            return layer.random_form(rng)
-        return LayerForm.parse(spec, layer.choices)
-
-    def wrap(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any], ctx: MethodContext) -> nn.Module:
-        ranks = _ranks(settings)
-        for name, layer in site.target_linears(model):
-            if max(ranks) > min(layer.in_features, layer.out_features):
-                raise ConfigError(f"method 'glora': rank {max(ranks)} is larger than layer {name!r} allows "
-                                  f"({layer.out_features}x{layer.in_features}, at most "
-                                  f"{min(layer.in_features, layer.out_features)})")
-        for key in ("search_population", "search_generations", "search_parents"):
-            if int(settings[key]) < 1:
-                raise ConfigError(f"method 'glora' setting {key!r}={settings[key]!r}: must be at least 1")
-        freeze(model)
+            fixed = largest_form(ranks)
+        elif spec not in (None, "random"):
+            fixed = LayerForm.parse(spec, form_choices(ranks))  # every layer has the same choices
         # One stream for the per-forward draws of every layer: reproducible under the trial's seed.
         rng = random.Random(ctx.seed)
-        replace_linears(model, site, lambda _n, linear: GLoRALinear(linear, ranks, rng))
-        spec = settings["subnet"]
-        if spec is not None:
-            pick = random.Random(ctx.seed + 1)
-            for _, layer in glora_layers(model):
-                layer.form = self._fixed_subnet(layer, spec, pick)
-        unfreeze_head(model, site)
-        return model
+        # 'random' subnets draw from their own stream, in module order, so the sampling stream is unshifted.
+        pick = random.Random(ctx.seed + 1)
+
+        def build(name: str, linear: nn.Linear) -> GLoRALinear:
+            layer = GLoRALinear(linear, ranks, rng)
+            layer.form = layer.random_form(pick) if spec == "random" else fixed
+            return layer
+
+        return build
 
     def finalize(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any], ctx: MethodContext) -> nn.Module:
-        layers = [m for _, m in glora_layers(model)]
+        layers = [m for _, m in self.layers(model)]
         if all(m.form is not None for m in layers):
             return model  # a fixed subnet (setting 'subnet') or already searched
         if not settings["search"]:
@@ -402,48 +391,36 @@ class GLoRA(Method):
             raise
         for m, f in zip(layers, best):
             m.form = f
-        object.__setattr__(model, _SEARCH_ATTR, result)
+        method_state(model)[_SEARCH_KEY] = result
         model.train(was_training)
         return model
 
     def count(self, model: nn.Module, site: AdapterSite) -> tuple[int, int]:
         # GLoRA layers count their chosen form by the paper's formula, not their whole supernet storage.
         subnet, layer_params = 0, set()
-        for _, m in glora_layers(model):
+        for _, m in self.layers(model):
             subnet += m.params_of(m.form if m.form is not None else largest_form(m.ranks))
             layer_params.update(id(p) for p in m.parameters())
         own, head = count_trainable(model, site, layer_params)
         return own + subnet, head
 
     def describe(self, model: nn.Module) -> dict[str, Any]:
-        layers = glora_layers(model)
-        out: dict[str, Any] = {"subnet": {n: (m.form.text() if m.form else "sampled") for n, m in layers}}
-        result = getattr(model, _SEARCH_ATTR, None)
+        subnet = {n: (m.form.text() if m.form else "sampled") for n, m in self.layers(model)}
+        out: dict[str, Any] = {"subnet": subnet}
+        result = method_state(model).get(_SEARCH_KEY)
         if result is not None:
             out["search"] = asdict(result)
         return out
 
-    def save(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any], folder: Path) -> None:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_adapter_tensors(model, site, folder / _STATE_FILE)
-        subnet = {n: (asdict(m.form) if m.form else None) for n, m in glora_layers(model)}
+    def save_extra(self, model: nn.Module, folder: Path) -> None:
+        subnet = {n: (asdict(m.form) if m.form else None) for n, m in self.layers(model)}
         (folder / _SUBNET_FILE).write_text(json.dumps(subnet, indent=1))
-        write_settings(folder, self.name, settings)
 
-    def load(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any], folder: Path,
-             ctx: MethodContext | None = None) -> nn.Module:
-        folder = Path(folder)
-        wrapped = self.wrap(model, site, settings, ctx or MethodContext())
-        load_adapter_tensors(wrapped, site, folder / _STATE_FILE)
+    def load_extra(self, model: nn.Module, folder: Path) -> None:
         subnet = json.loads((folder / _SUBNET_FILE).read_text())
-        layers = dict(glora_layers(wrapped))
+        layers = dict(self.layers(model))
         if set(subnet) != set(layers):
             raise ConfigError(f"{folder}: the saved subnet covers layers {sorted(subnet)[:3]}..., the model has "
                               f"{sorted(layers)[:3]}...")
         for name, form in subnet.items():
             layers[name].form = LayerForm(**form) if form else None
-        return wrapped
-
-    def merge(self, model: nn.Module) -> nn.Module:
-        return merge_linears(model)

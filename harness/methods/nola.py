@@ -27,22 +27,19 @@ Choices, following the public code (UCDvision/NOLA, ``vit/NOLA.py``):
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from harness.errors import ConfigError
-from harness.methods._linear_adapters import (AdaptedLinear, adapted_modules, load_adapter_tensors, merge_linears,
-                                              replace_linears, save_adapter_tensors)
-from harness.methods.base import AdapterSite, Method, MethodContext, Setting, freeze, unfreeze_head, write_settings
-
-_STATE_FILE = "nola.safetensors"
+from harness.methods.base import AdapterSite, MethodContext, Setting
+from harness.methods.linear_adapters import AdaptedLinear, LayerBuilder, LinearAdapterMethod
 
 
 class NoLALinear(AdaptedLinear):
     """A frozen Linear plus NoLA's update; ``bases_a`` (k, d_in, r) and ``bases_b`` (l, r, d_out) are fixed."""
+
+    adapter_tensors = ("nola_alpha", "nola_beta")
 
     def __init__(self, base: nn.Linear, bases_a: torch.Tensor, bases_b: torch.Tensor, r: int, seed: int,
                  zero_init: bool = False):
@@ -83,14 +80,15 @@ class NoLALinear(AdaptedLinear):
                 f"l={self.nola_beta.numel()}, seed={self.seed}")
 
 
-class NoLA(Method):
+class NoLA(LinearAdapterMethod):
     name = "nola"
     summary = ("NoLA (Koohpayegani et al. 2024): Delta W = A B with A, B trainable mixtures of k and l fixed "
                "random bases from a seed; k + l parameters per matrix")
+    layer_class = NoLALinear
     settings = {
-        "r": Setting(1, "rank of A (d_in x r) and B (r x d_out); the update is scaled by 1/r", kind=int),
-        "k": Setting(1024, "number of random bases (and trainable coefficients) for A", kind=int),
-        "l": Setting(1024, "number of random bases (and trainable coefficients) for B", kind=int),
+        "r": Setting(1, "rank of A (d_in x r) and B (r x d_out); the update is scaled by 1/r", kind=int, ge=1),
+        "k": Setting(1024, "number of random bases (and trainable coefficients) for A", kind=int, ge=1),
+        "l": Setting(1024, "number of random bases (and trainable coefficients) for B", kind=int, ge=1),
         "seed": Setting(0, "seed of the random bases (stored with the adapter; the bases are regenerated)",
                         kind=int),
         "shared_bases": Setting(True, "True (the authors' code): every layer uses `seed`, so same-shape layers "
@@ -100,16 +98,10 @@ class NoLA(Method):
     }
     default_lr = 5e-3  # the paper's ViT runs: Adam, lr 5e-3 with a cosine decay
 
-    def _check(self, settings: dict[str, Any]) -> None:
-        for key in ("r", "k", "l"):
-            if int(settings[key]) < 1:
-                raise ConfigError(f"method 'nola' setting {key!r}={settings[key]!r}: must be at least 1")
-
-    def wrap(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any], ctx: MethodContext) -> nn.Module:
-        self._check(settings)
+    def layer_factory(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any],
+                      ctx: MethodContext) -> LayerBuilder:
         r, k, l, seed = int(settings["r"]), int(settings["k"]), int(settings["l"]), int(settings["seed"])
         shared = bool(settings["shared_bases"])
-        freeze(model)
         cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         index = [0]
 
@@ -129,26 +121,8 @@ class NoLA(Method):
             a, b = cache[key]
             return NoLALinear(linear, a, b, r=r, seed=layer_seed, zero_init=bool(settings["zero_init"]))
 
-        replace_linears(model, site, build)
-        unfreeze_head(model, site)
-        return model
+        return build
 
     def describe(self, model: nn.Module) -> dict[str, Any]:
-        layers = list(adapted_modules(model, NoLALinear))
+        layers = self.layers(model)
         return {"adapted_matrices": len(layers), "seeds": sorted({m.seed for _, m in layers})}
-
-    def save(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any], folder: Path) -> None:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        # Coefficients and head only: the bases are non-persistent and regenerated from settings["seed"].
-        save_adapter_tensors(model, site, folder / _STATE_FILE)
-        write_settings(folder, self.name, settings)
-
-    def load(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any], folder: Path,
-             ctx: MethodContext | None = None) -> nn.Module:
-        wrapped = self.wrap(model, site, settings, ctx or MethodContext())
-        load_adapter_tensors(wrapped, site, Path(folder) / _STATE_FILE)
-        return wrapped
-
-    def merge(self, model: nn.Module) -> nn.Module:
-        return merge_linears(model)

@@ -19,18 +19,12 @@ import torch
 from torch import nn
 
 from harness.errors import ConfigError
-from harness.methods.base import (AdapterSite, Method, MethodContext, Setting, head_state, load_head_state,
-                                  unfreeze_head, write_settings)
+from harness.methods.base import (AdapterSite, Method, MethodContext, Setting, check_rank, head_state,
+                                  load_head_state, method_state, unfreeze_head, write_settings)
 
-_INIT_DIR_ATTR = "_harness_initial_adapter"
-
-
-def _check_rank(model: nn.Module, site: AdapterSite, r: int, method: str) -> None:
-    for name, layer in site.target_linears(model):
-        limit = min(layer.in_features, layer.out_features)
-        if r > limit:
-            raise ConfigError(f"method {method!r}: rank r={r} is larger than layer {name!r} allows "
-                              f"({layer.out_features}x{layer.in_features}, at most {limit})")
+# method_state keys
+_INIT_DIR = "initial_adapter_dir"  # PiSSA/OLoRA: the untrained adapter a save converts against
+_ORTH_WEIGHT = "adalora_orth_reg_weight"
 
 
 class PeftMethod(Method):
@@ -43,7 +37,7 @@ class PeftMethod(Method):
         from peft import get_peft_model
 
         if "r" in settings and self.rank_limited:
-            _check_rank(model, site, int(settings["r"]), self.name)
+            check_rank(model, site, int(settings["r"]), self.name)
         site.target_linears(model)  # fails clearly when nothing matches
         peft_model = get_peft_model(model, self.peft_config(settings, site, ctx))
         self.after_wrap(peft_model, settings, ctx)
@@ -60,7 +54,7 @@ class PeftMethod(Method):
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        init_dir = getattr(model, _INIT_DIR_ATTR, None)
+        init_dir = method_state(model).get(_INIT_DIR)
         if init_dir:
             model.save_pretrained(str(folder), path_initial_model_for_weight_conversion=init_dir)
         else:
@@ -93,10 +87,10 @@ def _lora_kwargs(settings: dict[str, Any], site: AdapterSite) -> dict[str, Any]:
 
 
 LORA_SETTINGS: dict[str, Setting] = {
-    "r": Setting(8, "rank", kind=int),
+    "r": Setting(8, "rank", kind=int, ge=1),
     "alpha": Setting(None, "scale numerator (update scaled by alpha/r); None: alpha = r, a scale of 1",
                      kind=(float, int, type(None))),
-    "dropout": Setting(0.0, "dropout on the adapter input (0 keeps the fast path)"),
+    "dropout": Setting(0.0, "dropout on the adapter input (0 keeps the fast path)", ge=0),
     "rslora": Setting(False, "rank-stabilised scaling alpha/sqrt(r)"),
 }
 
@@ -136,7 +130,7 @@ class _BaseRewritingLoRA(LoRA):
             model.save_pretrained(init_dir)
         finally:
             cfg.init_lora_weights = chosen
-        object.__setattr__(model, _INIT_DIR_ATTR, init_dir)
+        method_state(model)[_INIT_DIR] = init_dir
         weakref.finalize(model, shutil.rmtree, init_dir, True)  # the folder lives as long as the model
 
     def load(self, model, site, settings, folder, ctx=None):
@@ -148,7 +142,7 @@ class PiSSA(_BaseRewritingLoRA):
     name = "pissa"
     summary = "PiSSA (Meng et al. 2024) through peft: A, B from the top-r singular vectors of W"
     settings = {**LORA_SETTINGS, "niter": Setting(None, "None: exact SVD; K: randomised SVD with K iterations",
-                                                  kind=(int, type(None)))}
+                                                  kind=(int, type(None)), ge=0)}
 
     def init_weights(self, settings):
         return "pissa" if settings["niter"] is None else f"pissa_niter_{int(settings['niter'])}"
@@ -164,14 +158,14 @@ class AdaLoRA(PeftMethod):
     name = "adalora"
     summary = "AdaLoRA (Zhang et al. 2023) through peft: SVD-form adapters, rank budget reallocated during training"
     settings = {
-        "r": Setting(8, "target average rank after pruning", kind=int),
-        "init_r_extra": Setting(4, "ranks start at r + this (EVA's protocol: r + 4)", kind=int),
+        "r": Setting(8, "target average rank after pruning", kind=int, ge=1),
+        "init_r_extra": Setting(4, "ranks start at r + this (EVA's protocol: r + 4)", kind=int, ge=0),
         "alpha": Setting(None, "scale numerator; None: alpha = r", kind=(float, int, type(None))),
-        "dropout": Setting(0.0, "adapter dropout"),
-        "tinit": Setting(0.1, "share of the steps before pruning starts"),
-        "tfinal": Setting(0.2, "share of the steps at the end with the budget fixed"),
-        "delta_t": Setting(10, "steps between budget reallocations", kind=int),
-        "orth_reg_weight": Setting(0.5, "weight of the orthogonality penalty on P and Q"),
+        "dropout": Setting(0.0, "adapter dropout", ge=0),
+        "tinit": Setting(0.1, "share of the steps before pruning starts", ge=0),
+        "tfinal": Setting(0.2, "share of the steps at the end with the budget fixed", ge=0),
+        "delta_t": Setting(10, "steps between budget reallocations", kind=int, ge=1),
+        "orth_reg_weight": Setting(0.5, "weight of the orthogonality penalty on P and Q", ge=0),
     }
 
     def peft_config(self, settings, site, ctx):
@@ -190,9 +184,10 @@ class AdaLoRA(PeftMethod):
                              exclude_modules=list(site.head))
 
     def wrap(self, model, site, settings, ctx):
-        _check_rank(model, site, int(settings["r"]) + int(settings["init_r_extra"]), self.name)
+        check_rank(model, site, int(settings["r"]) + int(settings["init_r_extra"]), self.name,
+                   what="initial rank r + init_r_extra")
         wrapped = super().wrap(model, site, settings, ctx)
-        object.__setattr__(wrapped, "_harness_orth_weight", float(settings["orth_reg_weight"]))
+        method_state(wrapped)[_ORTH_WEIGHT] = float(settings["orth_reg_weight"])
         return wrapped
 
     def on_step(self, model, step, ctx):
@@ -200,7 +195,7 @@ class AdaLoRA(PeftMethod):
 
     def extra_loss(self, model):
         # peft adds this penalty only when the model output has `.loss`, which neither track's model has.
-        weight = getattr(model, "_harness_orth_weight", 0.0)
+        weight = method_state(model).get(_ORTH_WEIGHT, 0.0)
         if weight <= 0:
             return None
         terms = []
@@ -229,10 +224,11 @@ class EVA(LoRA):
     settings = {
         **LORA_SETTINGS,
         "alpha": Setting(1.0, "scale numerator (EVA uses alpha = 1)", kind=(float, int, type(None))),
-        "rho": Setting(2.0, "a layer may get up to rho * r ranks (1: uniform ranks)"),
+        "rho": Setting(2.0, "a layer may get up to rho * r ranks (1: uniform ranks)", ge=1),
         "tau": Setting(0.99, "convergence threshold of the incremental PCA (cosine similarity)"),
         "whiten": Setting(False, "whiten A (suggested for vision)"),
-        "init_batches": Setting(16, "minibatches of the trial's data offered to the initialisation", kind=int),
+        "init_batches": Setting(16, "minibatches of the trial's data offered to the initialisation", kind=int,
+                                ge=1),
     }
     init = "eva"
 
@@ -246,7 +242,7 @@ class EVA(LoRA):
     def wrap(self, model, site, settings, ctx):
         from peft import get_peft_model
 
-        _check_rank(model, site, int(settings["r"]), self.name)
+        check_rank(model, site, int(settings["r"]), self.name)
         if ctx.init_batches is None or ctx.forward_fn is None:
             raise ConfigError("method 'eva' needs the trial's training batches for its initialisation "
                               "(MethodContext.init_batches and forward_fn); this track did not provide them")
@@ -315,9 +311,9 @@ class VeRA(PeftMethod):
     default_lr = 1e-2
     rank_limited = False  # the shared projections are sliced; r may exceed a layer's width
     settings = {
-        "r": Setting(256, "rank of the shared random projections", kind=int),
+        "r": Setting(256, "rank of the shared random projections", kind=int, ge=1),
         "d_initial": Setting(0.1, "initial value of the d scaling vector"),
-        "dropout": Setting(0.0, "adapter dropout"),
+        "dropout": Setting(0.0, "adapter dropout", ge=0),
         "prng_key": Setting(0, "seed of the shared projections", kind=int),
     }
 
@@ -334,10 +330,10 @@ class RandLoRA(PeftMethod):
     summary = "RandLoRA (Albert et al. 2025) through peft: full-rank update from frozen random rank-r bases, trained scalings"
     rank_limited = True
     settings = {
-        "r": Setting(32, "rank of each random basis (lower r: more bases, more parameters)", kind=int),
+        "r": Setting(32, "rank of each random basis (lower r: more bases, more parameters)", kind=int, ge=1),
         "alpha": Setting(None, "scale numerator, update scaled by alpha/r; None: 20 r (peft's default scale "
                               "of 20; the RandLoRA repo uses alpha = 1 with a higher lr)", kind=(float, int, type(None))),
-        "dropout": Setting(0.0, "adapter dropout"),
+        "dropout": Setting(0.0, "adapter dropout", ge=0),
         "prng_key": Setting(0, "seed of the random bases", kind=int),
     }
 

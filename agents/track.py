@@ -1,0 +1,249 @@
+"""The RL track: the MT40-pretrained Decision Transformer fine-tuned on one CW10 task, scored in the simulator.
+
+Metrics (one value per trial; the leaderboard averages over seeds):
+- ``success``: fraction of evaluation episodes with ``info["success"]`` at the LAST step, the papers'
+  code's convention (L2M). **The leaderboard ranks by this** (the benchmark's primary metric).
+- ``success_any``: success at any step (Meta-World's own evaluation and Continual World's convention).
+- ``return``: mean undiscounted episode return.
+- ``pretrained_success`` / ``pretrained_success_any`` / ``pretrained_return``: the pretrained DT without
+  fine-tuning, on the same evaluation episodes (same start states), so each trial shows what fine-tuning
+  added. Cached per (base model, task, episodes, seed): computed once.
+- ``final_loss``: the last training loss (MSE on actions).
+
+Data: simulator rollouts of Meta-World's scripted policies with Gaussian action noise ("real" data, not
+synthetic); the papers used SAC replay buffers instead.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator
+
+from harness.cache import ArtifactCache
+from harness.finetune import FineTuneSetup, Schedule
+from harness.randomness import TrialRandom, derive_seed, seeded
+from harness.tracks import Benchmark, Report, Track, TrackBudget, TrackSettings
+from harness.training import pick_device
+from harness.validation import Bool, Float, Int
+from agents.data import DataSettings, Episodes, WindowSampler, build_datasets, load_dataset
+from agents.dt import SITE, DTConfig, DecisionTransformer, batch_loss, batch_to_device, forward_batch, layer_tokens
+from agents.pretrain import OptimPlan, PretrainPlan, cached_eval, load_model, pretrain as build_pretrained
+from agents.rollout import evaluate_dt
+from agents.tasks import CW10, MT40, MT50, check_task
+
+DATA_NOTE = "Meta-World v3 scripted policies + Gaussian action noise (simulator rollouts)"
+
+
+class RLSettings(TrackSettings):
+    """Paper scale (EVA appendix E / L2M). Every key can be set in a sweep file's ``settings``."""
+
+    # Decision Transformer
+    n_layer: Int = Field(4, ge=1)
+    n_head: Int = Field(8, ge=1)
+    n_embd: Int = Field(512, ge=1)
+    context: Int = Field(50, ge=1)
+    dropout: Float = Field(0.2, ge=0, lt=1)
+    # data: scripted policy + Gaussian action noise, episodes per task split evenly over the levels
+    data_episodes: Int = Field(200, ge=1)
+    noise_levels: list[Float] = Field(default_factory=lambda: [0.0, 0.1, 0.3, 0.6, 1.0], min_length=1)
+    data_seed: Int = 0
+    data_workers: Int = Field(0, ge=0)  # 0: one per core (at most 16)
+    # pretraining on MT40
+    pretrain_tasks: list[str] = Field(default_factory=lambda: list(MT40), min_length=1)
+    pretrain_steps: Int = Field(1_000_000, ge=0)
+    pretrain_batch_size: Int = Field(128, ge=1)
+    pretrain_lr: Float = Field(1e-4, gt=0)
+    pretrain_seed: Int = 0
+    pretrain_eval_episodes: Int = Field(10, ge=0)
+    # optimiser, shared by pretraining and fine-tuning
+    lr: Float = Field(1e-4, gt=0)
+    weight_decay: Float = Field(0.01, ge=0)
+    warmup: Int = Field(4000, ge=0)
+    min_lr: Float = Field(1e-6, ge=0)
+    grad_clip: Float = Field(0.25, ge=0)
+    # evaluation and runtime
+    eval_workers: Int = Field(0, ge=0)  # rollout processes; 0: min(episodes, CPU cores)
+    eval_pretrained: Bool = True  # also score the pretrained DT on each trial's evaluation episodes
+    compile: Bool = True
+    # `python -m harness bench rl`
+    bench_steps: Int = Field(50, ge=1)
+    bench_envs: Int = Field(10, ge=1)
+
+    @field_validator("noise_levels", "pretrain_tasks", mode="before")
+    @classmethod
+    def _comma_list(cls, v: Any) -> Any:
+        return [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
+
+    @field_validator("pretrain_tasks")
+    @classmethod
+    def _known_tasks(cls, v: list[str]) -> list[str]:
+        for t in v:
+            check_task(t, MT50)
+        return v
+
+
+class RLBudget(TrackBudget):
+    steps: Int = Field(100_000, ge=0)
+    eval_episodes: Int = Field(10, ge=1)
+    batch_size: Int = Field(128, ge=1)
+    report_every: Int = Field(50, ge=0)
+    stage: Literal["select", "final"] = "final"  # no validation split: both stages train and score alike
+
+
+def data_settings(ts: RLSettings) -> DataSettings:
+    return DataSettings(episodes=ts.data_episodes, noise_levels=tuple(ts.noise_levels), seed=ts.data_seed)
+
+
+def model_config(ts: RLSettings) -> DTConfig:
+    return DTConfig(n_layer=ts.n_layer, n_head=ts.n_head, n_embd=ts.n_embd, context=ts.context, dropout=ts.dropout)
+
+
+def pretrain_plan(ts: RLSettings) -> PretrainPlan:
+    optim = OptimPlan(steps=ts.pretrain_steps, lr=ts.pretrain_lr, weight_decay=ts.weight_decay, warmup=ts.warmup,
+                      min_lr=ts.min_lr, grad_clip=ts.grad_clip, batch_size=ts.pretrain_batch_size,
+                      compile=ts.compile)
+    return PretrainPlan(tasks=tuple(ts.pretrain_tasks), data=data_settings(ts), model=model_config(ts),
+                        train=optim, seed=ts.pretrain_seed)
+
+
+def rollout_workers(ts: RLSettings, episodes: int) -> int:
+    return ts.eval_workers or max(1, min(episodes, os.cpu_count() or 1))
+
+
+def _data_workers(ts: RLSettings) -> int | None:
+    return ts.data_workers or None
+
+
+class RLTrack(Track):
+    name = "rl"
+    Settings = RLSettings
+    Budget = RLBudget
+    benchmarks = {
+        "cw10": Benchmark(name="cw10", tasks=tuple(CW10), primary_metric="success"),
+        "mt40": Benchmark(name="mt40", tasks=tuple(MT40), primary_metric="success"),
+    }
+
+    # --- stages ------------------------------------------------------------------------------------
+    def make_data(self, settings: RLSettings, tasks: list[str] | None = None) -> dict[str, Any]:
+        """Datasets of ``tasks`` (default: the pretraining tasks and CW10)."""
+        tasks = list(tasks) if tasks else list(dict.fromkeys(settings.pretrain_tasks + CW10))
+        for t in tasks:
+            check_task(t)
+        paths = build_datasets(tasks, data_settings(settings), _data_workers(settings))
+        return {t: {"path": str(p), **Episodes.load(p).summary()} for t, p in paths.items()}
+
+    def pretrain(self, settings: RLSettings) -> dict[str, Any]:
+        """The pretrained DT (cached), with its MT40 evaluation."""
+        pre = build_pretrained(pretrain_plan(settings), pick_device(settings.device), _data_workers(settings))
+        result = {"path": str(pre.path), "base_key": pre.base_key,
+                  **{k: pre.info[k] for k in ("final_loss", "steps_per_s", "wall_s", "params")}}
+        if settings.pretrain_eval_episodes > 0:
+            result["eval"] = pretraining_eval(settings)
+        return result
+
+    def prepare(self, settings: RLSettings, benchmark: str, tasks: list[str], report: Report) -> dict[str, Any]:
+        """The datasets of the pretraining and target tasks, and the pretrained DT (cached)."""
+        self.check_tasks(benchmark, tasks)
+        build_datasets(list(dict.fromkeys(list(settings.pretrain_tasks) + list(tasks))), data_settings(settings),
+                       _data_workers(settings))
+        pre = build_pretrained(pretrain_plan(settings), pick_device(settings.device), _data_workers(settings))
+        out: dict[str, Any] = {"checkpoint": str(pre.path), "base_key": pre.base_key}
+        if settings.pretrain_eval_episodes > 0:
+            out["pretraining_eval"] = pretraining_eval(settings)["mean"]
+        return out
+
+    def bench(self, settings: RLSettings) -> dict[str, Any]:
+        from agents.bench import bench
+
+        return bench(settings)
+
+    # --- one trial -----------------------------------------------------------------------------------
+    def setup(self, spec, settings: RLSettings, budget: RLBudget, rng: TrialRandom, report: Report) -> FineTuneSetup:
+        """The pretrained DT, the task's windows and the rollout evaluation."""
+        ts, device = settings, pick_device(settings.device)
+        plan = pretrain_plan(ts)
+        pre = build_pretrained(plan, device, _data_workers(ts))
+        model = load_model(pre.path, plan.model, device)
+        data = load_dataset(spec.task, plan.data, _data_workers(ts))
+        target = float(data.returns.max())
+        K, bs, episodes = plan.model.context, budget.batch_size, budget.eval_episodes
+        sampler = WindowSampler(data, K, seed=derive_seed(spec.seed, "batches"))
+        init_sampler = WindowSampler(data, K, seed=derive_seed(spec.seed, "init-batches"))
+        val_sampler = WindowSampler(data, K, seed=derive_seed(spec.seed, "validation"))
+        val_batches: list[dict[str, torch.Tensor]] = []
+
+        @torch.no_grad()
+        def validate(m: torch.nn.Module) -> float:
+            # GLoRA's subnet search scores candidates by action MSE on fixed windows of the task's data
+            # (rollouts for every candidate would cost thousands of episodes); higher is better.
+            if not val_batches:
+                val_batches.extend(batch_to_device(val_sampler.sample(bs), device) for _ in range(4))
+            was_training = m.training
+            m.eval()
+            score = -float(np.mean([float(batch_loss(m, b)) for b in val_batches]))
+            m.train(was_training)
+            return score
+
+        def evaluate(m: torch.nn.Module) -> tuple[dict[str, float], dict[str, Any]]:
+            result = evaluate_dt(m, spec.task, episodes, target, rollout_workers(ts, episodes), spec.seed, device)
+            metrics = dict(result.metrics())
+            if ts.eval_pretrained:
+                base = task_eval(ts, spec.task, episodes, spec.seed)
+                metrics.update(pretrained_success=base["success"], pretrained_success_any=base["success_any"],
+                               pretrained_return=base["return"])
+            return metrics, {"eval_wall_s": round(result.wall_s, 2), "returns": [round(r, 1) for r in result.returns]}
+
+        optim = OptimPlan(steps=budget.steps, warmup=ts.warmup)
+        schedule = Schedule(steps=budget.steps, lr=ts.lr, weight_decay=ts.weight_decay,
+                            warmup=optim.effective_warmup(), min_lr=ts.min_lr, grad_clip=ts.grad_clip,
+                            report_every=budget.report_every)
+        return FineTuneSetup(
+            model=model, site=SITE, device=device, schedule=schedule,
+            next_batch=lambda: batch_to_device(sampler.sample(bs), device), loss=batch_loss, evaluate=evaluate,
+            base_key=pre.base_key, backbone=plan.model.describe(), data_source=self.data_source(spec.benchmark),
+            validate=validate, forward=forward_batch, layer_inputs=layer_tokens, compile=ts.compile,
+            init_batches=lambda: [batch_to_device(init_sampler.sample(bs), device) for _ in range(8)],
+            facts={"data": DATA_NOTE, "data_episodes": ts.data_episodes, "noise_levels": list(ts.noise_levels),
+                   "pretrain_tasks": len(plan.tasks), "pretrain_steps": plan.train.steps, "base_key": pre.base_key,
+                   "target_return": target})
+
+
+# --- the pretrained model's own scores ---------------------------------------------------------------
+
+def pretraining_eval(ts: RLSettings, seed: int = 0) -> dict[str, Any]:
+    """Pretrained vs untrained DT on every pretraining task (cached): does pretraining teach anything?"""
+    episodes = ts.pretrain_eval_episodes
+    per_task = {task: {"pretrained": task_eval(ts, task, episodes, seed, untrained=False),
+                       "untrained": task_eval(ts, task, episodes, seed, untrained=True)}
+                for task in ts.pretrain_tasks}
+    mean = {f"{which}_{m}": float(np.mean([r[which][m] for r in per_task.values()]))
+            for which in ("pretrained", "untrained") for m in ("success", "success_any", "return")}
+    print(f"[rl-pretrain] MT40 eval over {len(per_task)} task(s), {episodes} episodes each: "
+          + ", ".join(f"{k} {v:.3g}" for k, v in mean.items()), flush=True)
+    return {"mean": mean, "tasks": per_task}
+
+
+def task_eval(ts: RLSettings, task: str, episodes: int, seed: int, untrained: bool = False) -> dict[str, Any]:
+    """Rollout scores of the pretrained (or, as a reference, a randomly initialised) DT on ``task``; cached."""
+    check_task(task)
+    plan = pretrain_plan(ts)
+    device = pick_device(ts.device)
+    pre = build_pretrained(plan, device, _data_workers(ts))
+    target = float(load_dataset(task, plan.data).returns.max())
+    key = {"base_key": pre.base_key, "task": task, "episodes": episodes, "seed": seed, "untrained": untrained,
+           "target": target}
+
+    def compute() -> dict[str, Any]:
+        if untrained:
+            with seeded(derive_seed(plan.seed, "init")):
+                model = DecisionTransformer(plan.model).to(device).eval()
+        else:
+            model = load_model(pre.path, plan.model, device)
+        r = evaluate_dt(model, task, episodes, target, rollout_workers(ts, episodes), seed, device)
+        return {"success": r.success, "success_any": r.success_any, "return": r.return_mean, "wall_s": r.wall_s}
+
+    return cached_eval(ArtifactCache(), f"{task}-{'untrained' if untrained else 'pretrained'}", key, compute)

@@ -1,0 +1,191 @@
+"""The fine-tuning engine: a method's whole life cycle in one trial, written once for both tracks.
+
+A track builds a :class:`FineTuneSetup` (the model with its head, where adapters may go, a batch source,
+the loss, a validation scorer and the final evaluation); the engine does the rest in a fixed order:
+
+    settings (validated) -> method context -> wrap -> lr / weight decay -> training loop -> finalize
+    -> count -> evaluate -> describe -> save the adapter -> result
+
+:class:`FineTuneRun` takes one update per :meth:`FineTuneRun.step`, with the trial's own random state
+swapped in (``harness/randomness.py``), so the updates of several trials can be interleaved in one
+process with the same results as each alone.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from harness.methods import AdapterSite, Method, MethodContext, get_method
+from harness.randomness import TrialRandom
+from harness.tracks import Report, get_track
+from harness.training import LoopConfig, Trainer, TrainStats
+
+
+@dataclass
+class Schedule:
+    """The optimiser schedule a track asks for; a method's ``lr``/``weight_decay`` setting or its
+    ``default_lr`` take precedence over ``lr``/``weight_decay`` here (see :func:`optimiser_settings`)."""
+
+    steps: int
+    lr: float
+    weight_decay: float
+    warmup: int = 0
+    min_lr: float | None = None  # absolute floor of the cosine; None: min_lr_ratio x the chosen lr
+    min_lr_ratio: float = 0.01
+    grad_clip: float = 0.0
+    report_every: int = 50
+    steps_per_epoch: int = 0
+
+
+@dataclass
+class FineTuneSetup:
+    """What a track hands the engine for one trial."""
+
+    model: nn.Module  # with the task head in place, on ``device``
+    site: AdapterSite
+    device: torch.device
+    schedule: Schedule
+    next_batch: Callable[[], Any]  # a training batch, on the device
+    loss: Callable[[nn.Module, Any], torch.Tensor]
+    evaluate: Callable[[nn.Module], tuple[dict[str, float], dict[str, Any]]]  # final (metrics, facts)
+    base_key: str  # names the frozen base model; adapters of the same base form EigenLoRA's bank
+    backbone: str
+    data_source: str
+    validate: Callable[[nn.Module], float] | None = None  # higher is better (GLoRA's search)
+    init_batches: Callable[[], Iterable[Any]] | None = None  # EVA's initialisation data
+    forward: Callable[[nn.Module, Any], Any] | None = None
+    layer_inputs: Callable[[torch.Tensor, Any], torch.Tensor] | None = None
+    loss_metric: str = "final_loss"  # the name of the last training loss among the metrics
+    compile: bool = False
+    time_data: bool = False
+    save_adapter: bool = True
+    facts: dict[str, Any] = field(default_factory=dict)  # track facts for the record
+
+
+@dataclass
+class FineTuneResult:
+    """What a trial produced, before the harness adds its bookkeeping (``harness.trial.TrialRecord``)."""
+
+    metrics: dict[str, float]
+    settings: dict[str, Any]  # the method's resolved settings
+    trainable_params: int
+    head_params: int = 0
+    backbone: str = ""
+    data_source: str = "real"
+    adapter_path: str = ""
+    device: str = "cpu"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def optimiser_settings(method: Method, settings: dict[str, Any], schedule: Schedule) -> tuple[float, float]:
+    """(lr, weight decay): the method's setting, else the method's default (lr only), else the track's."""
+    lr = settings.get("lr") or method.default_lr or schedule.lr
+    wd = settings.get("weight_decay")
+    return float(lr), float(schedule.weight_decay if wd is None else wd)
+
+
+class MethodHooks:
+    """A method's loop hooks bound to its trial context (the loop's one hook signature)."""
+
+    def __init__(self, method: Method, ctx: MethodContext):
+        self.method, self.ctx = method, ctx
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        return self.method.extra_loss(model)
+
+    def on_step(self, model: nn.Module, step: int) -> None:
+        self.method.on_step(model, step, self.ctx)
+
+
+class FineTuneRun:
+    """One fine-tuning trial, advanced update by update: ``start()``, ``step()`` until False, ``finish()``."""
+
+    def __init__(self, spec, report: Report):
+        self.spec, self.report = spec, report
+        self.track = get_track(spec.track)
+        self.method = get_method(spec.method)
+        self.settings = self.method.resolve_settings(spec.method_settings)
+        self.rng = TrialRandom(spec.seed)
+        self.started = time.time()
+        self.setup: FineTuneSetup | None = None
+        self.trainer: Trainer | None = None
+
+    def start(self) -> None:
+        """Build the track's setup, wrap the model with the method and make the trainer."""
+        from harness.adapters import find_bank
+
+        track, spec, method = self.track, self.spec, self.method
+        with self.rng.scope():
+            setup = track.setup(spec, track.settings(spec.track_settings), track.budget(spec.budget), self.rng,
+                                self.report)
+            self.ctx = MethodContext(
+                total_steps=max(1, setup.schedule.steps), seed=spec.seed, init_batches=setup.init_batches,
+                forward_fn=setup.forward, layer_inputs_fn=setup.layer_inputs, evaluate=setup.validate,
+                adapter_bank=[str(p) for p in find_bank(setup.base_key, spec.task, method.builds_on)]
+                if method.builds_on else [],
+                device=setup.device)
+            model = method.wrap(setup.model, setup.site, self.settings, self.ctx).to(setup.device)
+            self.lr, self.weight_decay = optimiser_settings(method, self.settings, setup.schedule)
+            s = setup.schedule
+            cfg = LoopConfig(steps=s.steps, lr=self.lr, weight_decay=self.weight_decay, warmup=s.warmup,
+                             min_lr=s.min_lr if s.min_lr is not None else self.lr * s.min_lr_ratio,
+                             grad_clip=s.grad_clip, compile=setup.compile, report_every=s.report_every,
+                             steps_per_epoch=s.steps_per_epoch, time_data=setup.time_data)
+            self.model, self.setup, self.loop = model, setup, cfg
+            if s.steps > 0:
+                self.trainer = Trainer(model, setup.loss, setup.next_batch, cfg, setup.device,
+                                       MethodHooks(method, self.ctx), self.report)
+
+    def step(self) -> bool:
+        """One training update; False once training is over."""
+        if self.trainer is None:
+            return False
+        with self.rng.scope():
+            return self.trainer.step()
+
+    def finish(self) -> FineTuneResult:
+        """Finalize, count, evaluate, describe and save; the trial's result."""
+        spec, method, setup, settings = self.spec, self.method, self.setup, self.settings
+        assert setup is not None, "FineTuneRun.finish() before start()"
+        with self.rng.scope():
+            stats: TrainStats | None = self.trainer.finish() if self.trainer is not None else None
+            model = method.finalize(self.model, setup.site, settings, self.ctx)
+            model.eval()
+            own, head = method.count(model, setup.site)
+            metrics, facts = setup.evaluate(model)
+            metrics = dict(metrics)
+            if stats is not None:
+                metrics[setup.loss_metric] = float(stats.final_loss)
+            self.report({"update": setup.schedule.steps, **metrics})
+            adapter_path = ""
+            if setup.save_adapter:
+                from harness.adapters import save_trial_adapter
+
+                adapter_path = str(save_trial_adapter(method, model, setup.site, settings, spec, setup.base_key))
+            describe = method.describe(model)
+        train_s = stats.wall_s if stats else 0.0
+        extra = {
+            **setup.facts, **facts, "lr": self.lr, "weight_decay": self.weight_decay, "warmup": self.loop.warmup,
+            "updates": setup.schedule.steps, "train_wall_s": round(train_s, 2),
+            "train_steps_per_s": round(stats.steps_per_s, 2) if stats else 0.0,
+            "method": describe, "total_wall_s": round(time.time() - self.started, 2),
+        }
+        if stats is not None and setup.time_data:
+            extra["data_share"] = round(stats.data_share, 4)
+        return FineTuneResult(metrics=metrics, settings=settings, trainable_params=own, head_params=head,
+                              backbone=setup.backbone, data_source=setup.data_source, adapter_path=adapter_path,
+                              device=str(setup.device), extra=extra)
+
+
+def run_finetune(spec, report: Report) -> FineTuneResult:
+    """Run one fine-tuning trial to the end."""
+    run = FineTuneRun(spec, report)
+    run.start()
+    while run.step():
+        pass
+    return run.finish()

@@ -1,0 +1,58 @@
+"""What made a record: package versions, the harness's git commit and the device, read once per process."""
+
+from __future__ import annotations
+
+import functools
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+PACKAGES = ("torch", "peft", "timm", "ray", "metaworld", "mujoco", "gymnasium")
+
+
+@functools.lru_cache(maxsize=1)
+def software() -> dict[str, str]:
+    """Installed versions of the packages a result depends on ("not installed" where absent)."""
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str:
+    """The commit of the harness checkout, with "+dirty" when tracked files changed; "unknown" outside one."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{commit}+dirty" if dirty else commit or "unknown"
+
+
+@functools.lru_cache(maxsize=8)
+def device_name(device: str) -> str:
+    """The GPU model for a CUDA device, else the CPU model."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(dev)
+    return _cpu_model()
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return "CPU: " + line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "CPU: " + (platform.processor() or platform.machine() or "unknown")

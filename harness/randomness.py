@@ -1,0 +1,65 @@
+"""Per-trial randomness: each trial owns its random streams, so trials can share a process.
+
+Code the harness writes draws from explicit generators (:meth:`TrialRandom.generator`,
+:meth:`TrialRandom.numpy`). Code it does not write (dropout, timm's DropPath and weight init, peft's
+adapter init) draws from torch's global generator; :meth:`TrialRandom.scope` swaps the trial's own state
+of that generator in while the trial runs and out again afterwards, so a trial's draws do not depend on
+what other trials in the same process did in between.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import zlib
+from typing import Iterator
+
+import numpy as np
+import torch
+
+
+def derive_seed(seed: int, stream: str) -> int:
+    """A seed for the named stream of a trial: independent streams, reproducible from (seed, stream)."""
+    return (int(seed) * 1_000_003 + zlib.crc32(stream.encode())) % (2**63 - 1)
+
+
+class TrialRandom:
+    """The random state of one trial (or one pretraining run)."""
+
+    def __init__(self, seed: int):
+        self.seed = int(seed)
+        self._cpu_state = torch.Generator().manual_seed(self.seed).get_state()
+        self._cuda_state: torch.Tensor | None = None
+
+    def generator(self, stream: str, device: torch.device | str = "cpu") -> torch.Generator:
+        """A fresh torch generator for the named stream (e.g. "batches", "eva-init")."""
+        return torch.Generator(device=device).manual_seed(derive_seed(self.seed, stream))
+
+    def numpy(self, stream: str) -> np.random.Generator:
+        return np.random.default_rng(derive_seed(self.seed, stream))
+
+    @contextlib.contextmanager
+    def scope(self) -> Iterator["TrialRandom"]:
+        """Run a block with torch's global generators set to this trial's state, then put them back."""
+        outer_cpu = torch.get_rng_state()
+        torch.set_rng_state(self._cpu_state)
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        outer_cuda = torch.cuda.get_rng_state() if cuda else None
+        if cuda:
+            if self._cuda_state is None:
+                torch.cuda.manual_seed(self.seed)
+            else:
+                torch.cuda.set_rng_state(self._cuda_state)
+        try:
+            yield self
+        finally:
+            self._cpu_state = torch.get_rng_state()
+            torch.set_rng_state(outer_cpu)
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                self._cuda_state = torch.cuda.get_rng_state()
+                if outer_cuda is not None:
+                    torch.cuda.set_rng_state(outer_cuda)
+
+
+def seeded(seed: int) -> contextlib.AbstractContextManager:
+    """A block whose global torch draws start from ``seed`` and leave the process's state as it was."""
+    return TrialRandom(seed).scope()

@@ -1,0 +1,107 @@
+"""One validation path for every setting the harness takes: pydantic models, one error format.
+
+Track settings, budgets, method settings and sweep files are all pydantic models; :func:`validate`
+turns a raw mapping into a model instance or raises :class:`ConfigError` with one line per problem,
+each naming the key, the bad value and what is valid. The field types below keep YAML's meaning:
+integers and booleans are strict (``r: true`` is not a rank), numbers accept integers and numeric
+strings (``--set lr=1e-4`` arrives from YAML as a string).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, TypeVar, get_args
+
+from pydantic import BaseModel, BeforeValidator, Strict, ValidationError
+
+from harness.errors import ConfigError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _number(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("expected a number, got a boolean")
+    return value
+
+
+Int = Annotated[int, Strict()]
+Bool = Annotated[bool, Strict()]
+Float = Annotated[float, BeforeValidator(_number)]
+
+_EXPECTED = {
+    "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
+    "float_type": "a number", "float_parsing": "a number", "bool_type": "true or false",
+    "bool_parsing": "true or false", "string_type": "a string", "list_type": "a list", "tuple_type": "a list",
+    "dict_type": "a mapping", "none_required": "null", "model_type": "a mapping", "model_attributes_type": "a mapping",
+}
+
+
+def _describe(err: dict[str, Any]) -> str:
+    kind = err["type"]
+    if kind in _EXPECTED:
+        return f"expected {_EXPECTED[kind]}"
+    if kind == "literal_error":
+        return f"valid values: {err.get('ctx', {}).get('expected', '')}"
+    bounds = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
+    if kind in bounds:
+        (bound,) = err["ctx"].values()
+        return f"must be {bounds[kind]} {bound}"
+    return err["msg"][0].lower() + err["msg"][1:]
+
+
+def _union_member(part: Any) -> bool:
+    """pydantic names the union member it tried as a path element (``int``, ``float``, ``none``...)."""
+    return isinstance(part, str) and (part in ("none", "int", "float", "bool", "str", "list", "tuple", "dict")
+                                      or part.startswith(("function-", "list[", "tuple[", "dict[", "literal[")))
+
+
+def format_errors(e: ValidationError, where: str, noun: str, model: type[BaseModel],
+                  models: dict[tuple[str, ...], type[BaseModel]] | None = None, drop_prefix: tuple = ()) -> str:
+    """One line per problem: unknown keys with the valid ones, bad values with what is expected.
+
+    ``noun`` names the keys ("setting", "budget key", "key"); ``models`` maps a nested path (field names
+    only) to its model, so an unknown nested key lists the keys valid at its own level; ``drop_prefix``
+    is left off every path shown (a single-study sweep file is validated as study 0 of a sweep).
+    """
+    unknown: dict[tuple, list[str]] = {}
+    bad: dict[tuple, tuple[Any, list[str]]] = {}
+    for err in e.errors():
+        loc = tuple(p for p in err["loc"] if not _union_member(p))
+        if drop_prefix and loc[:len(drop_prefix)] == drop_prefix:
+            loc = loc[len(drop_prefix):]
+        if err["type"] == "extra_forbidden":
+            unknown.setdefault(loc[:-1], []).append(str(loc[-1]))
+            continue
+        value, reasons = bad.setdefault(loc, (err.get("input"), []))
+        reason = _describe(err)
+        if reason not in reasons:
+            reasons.append(reason)
+    lines = []
+    for parent, keys in unknown.items():
+        level = (models or {}).get(tuple(p for p in parent if isinstance(p, str)), model if not parent else None)
+        valid = f"; valid: {', '.join(level.model_fields)}" if level is not None else ""
+        prefix = ".".join(str(p) for p in parent)
+        lines.append(f"unknown {noun}(s) {sorted(keys)}{' under ' + prefix if prefix else ''}{valid}")
+    for loc, (value, reasons) in bad.items():
+        key = ".".join(str(p) for p in loc)
+        lines.append(f"{noun} {key!r}={value!r}: {' or '.join(reasons)}")
+    return f"{where}: " + ("\n  ".join(lines) if len(lines) == 1 else "\n  " + "\n  ".join(lines))
+
+
+def validate(model: type[M], raw: Any, where: str, noun: str = "setting") -> M:
+    """``model`` built from ``raw`` (a mapping, or an instance already), or a ConfigError naming each problem."""
+    if isinstance(raw, model):
+        return raw
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of {noun}s, got {raw!r}")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_errors(e, where, noun, model)) from None
+
+
+def field_choices(model: type[BaseModel], name: str) -> list[Any]:
+    """The values a Literal field allows (for messages and listings)."""
+    return list(get_args(model.model_fields[name].annotation))
