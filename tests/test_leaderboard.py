@@ -51,7 +51,6 @@ def test_summary_keeps_backbones_apart():
 
 def test_update_merges_without_duplicates_and_renders(tmp_path):
     study = Study(name="s", track="vision", benchmark="builtin", methods={"full": {}}, leaderboard="board")
-    from vision import trial as vision_track  # noqa: F401  (the board needs the track's metric)
 
     update([rec("full", "a", 0, 0.5), rec("linear", "a", 0, 0.3)], study, tmp_path)
     update([rec("full", "a", 0, 0.7), rec("full", "a", 1, 0.9)], study, tmp_path)

@@ -78,29 +78,34 @@ def test_padding_is_ignored():
 
 
 def test_loss_decreases_and_nonfinite_raises(tmp_path):
-    from agents.dt import DecisionTransformer
-    from agents.train import TrainConfig, load_checkpoint, train
+    from agents.dt import DecisionTransformer, batch_loss, batch_to_device
+    from harness.training import LoopConfig, load_checkpoint, train
 
+    cpu = torch.device("cpu")
     torch.manual_seed(0)
     m = DecisionTransformer(tiny_cfg())
-    fixed = {k: v.numpy() for k, v in batch(B=8, pad=2).items()}
+    fixed = batch_to_device({k: v.numpy() for k, v in batch(B=8, pad=2).items()}, cpu)
     losses = []
-    stats = train(m, lambda bs: fixed, TrainConfig(steps=60, lr=3e-3, warmup=10, batch_size=8, report_every=5),
-                  torch.device("cpu"), report=lambda r: losses.append(r["loss"]), checkpoint=tmp_path / "ck.pt")
+    stats = train(m, batch_loss, lambda: fixed,
+                  LoopConfig(steps=60, lr=3e-3, warmup=10, report_every=5, checkpoint=tmp_path / "ck.pt"),
+                  cpu, report=lambda r: losses.append(r["loss"]))
     assert losses[-1] < 0.5 * losses[0] and stats.final_loss == losses[-1]
     assert load_checkpoint(tmp_path / "ck.pt", m) == 60
     # Resuming a finished run does no more updates.
-    again = train(m, lambda bs: fixed, TrainConfig(steps=60, lr=3e-3, batch_size=8), torch.device("cpu"),
-                  checkpoint=tmp_path / "ck.pt")
+    again = train(m, batch_loss, lambda: fixed, LoopConfig(steps=60, lr=3e-3, checkpoint=tmp_path / "ck.pt"), cpu)
     assert again.resumed_from == 60
+    # A garbage partial checkpoint is discarded with a warning naming it, and training starts over.
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.warns(UserWarning, match=r"bad\.pt is unreadable"):
+        fresh = train(m, batch_loss, lambda: fixed, LoopConfig(steps=3, lr=3e-3, checkpoint=tmp_path / "bad.pt"), cpu)
+    assert fresh.resumed_from == 0 and load_checkpoint(tmp_path / "bad.pt", m) == 3
     bad = dict(fixed)
-    bad["actions"] = fixed["actions"].copy()
-    bad["actions"][0, -1, 0] = np.nan
+    bad["actions"] = fixed["actions"].clone()
+    bad["actions"][0, -1, 0] = float("nan")
     with pytest.raises(NonFiniteLossError):
-        train(DecisionTransformer(tiny_cfg()), lambda bs: bad, TrainConfig(steps=5, batch_size=8), torch.device("cpu"))
+        train(DecisionTransformer(tiny_cfg()), batch_loss, lambda: bad, LoopConfig(steps=5, lr=1e-4), cpu)
     with pytest.raises(NonFiniteLossError):
-        train(DecisionTransformer(tiny_cfg()), lambda bs: fixed, TrainConfig(steps=20, lr=1e30, warmup=0, batch_size=8),
-              torch.device("cpu"))
+        train(DecisionTransformer(tiny_cfg()), batch_loss, lambda: fixed, LoopConfig(steps=20, lr=1e30), cpu)
 
 
 def test_works_through_peft():

@@ -67,7 +67,10 @@ def test_tiny_sweep_writes_leaderboard_and_survives_a_nan_trial(tmp_path, env):
     row = table.set_index("method").loc["lora"]
     assert row["task"] == "window-close" and 0.0 <= row["success_mean"] <= 1.0
     assert row["trainable_params"] > 0 and row["data_source"] == "real" and row["n_seeds"] == 1
-    assert json.loads(table.set_index("method").loc["full", "settings"]) == {"lr": 1e-4}
+    # the chosen settings are the resolved ones: defaults filled in, so equal trials name the same row
+    assert json.loads(table.set_index("method").loc["full", "settings"]) == {"lr": 1e-4, "weight_decay": None}
+    ok = [r for r in recs if r["status"] == "ok"]
+    assert all(json.loads(r["software"])["torch"] and r["device_name"] and r["git_commit"] for r in ok)
     assert (board / "tiny-cw10-summary.csv").exists() and (board / "tiny-cw10.md").exists()
     assert "failed window-close full" in out
 

@@ -47,8 +47,8 @@ def test_expand_grid():
 @pytest.mark.parametrize("edit, expected", [
     (("tasks: [window-close, faucet-close]", "tasks: [window-clos]"), r"unknown task of cw10 'window-clos'.*did you mean 'window-close'.*valid"),
     (("lora: {r: [2, 4], lr: 1.0e-3}", "lorra: {r: 2}"), r"unknown method 'lorra'.*valid methods: full, linear, lora"),
-    (("lora: {r: [2, 4], lr: 1.0e-3}", "lora: {rank: 2}"), r"methods.lora: unknown setting\(s\) \['rank'\].*valid: .*r"),
-    (("seeds: [0, 1]", "seed: [0, 1]"), r"unknown key 'seed'; valid keys here: .*seeds"),
+    (("lora: {r: [2, 4], lr: 1.0e-3}", "lora: {rank: 2}"), r"methods.lora: method 'lora': unknown setting\(s\) \['rank'\].*valid: .*r"),
+    (("seeds: [0, 1]", "seed: [0, 1]"), r"unknown key\(s\) \['seed'\]; valid: .*seeds"),
     (("benchmark: cw10", "benchmark: cw20"), r"unknown rl benchmark 'cw20'.*valid rl benchmarks: cw10"),
     (("track: rl", "track: rll"), r"unknown track 'rll'.*valid tracks: rl, vision"),
     (("budget: {steps: 5}", "budget: {stepz: 5}"), r"unknown budget key\(s\) \['stepz'\].*valid: .*steps"),

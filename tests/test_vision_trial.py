@@ -7,7 +7,9 @@ import pytest
 from harness.errors import ConfigError, DataError
 from harness.trial import TrialSpec, run_trial, validate_spec
 from tests.test_vision_data import write_fewshot, write_imagenet, write_vtab
-from vision import trial
+from harness.tracks import get_track
+
+track = get_track("vision")
 
 TINY = {"backbone": "vit_tiny_patch16_224", "img_size": 32, "model_kwargs": {"patch_size": 8, "depth": 2},
         "drop_path": 0.0, "weights": "random", "threads": 1}
@@ -29,18 +31,31 @@ def _spec(benchmark, task, method="linear", stage="final", steps=2, **ts):
 
 
 def test_interface_tables():
-    assert set(trial.BENCHMARKS) >= {"vtab1k", "fewshot", "domain_shift", "builtin", "builtin-fewshot", "builtin-shift"}
-    assert len(trial.BENCHMARKS["vtab1k"]) == 19 and len(trial.BENCHMARKS["fewshot"]) == 25
-    assert trial.PRIMARY_METRIC == "top1" and trial.BUDGET["stage"] in ("select", "final")
-    assert trial.DATA_SOURCE({}, "builtin") == "synthetic" and trial.DATA_SOURCE({}, "vtab1k") == "real"
-    with pytest.raises(ConfigError, match="unknown vision setting"):
-        trial.settings({"bakbone": "x"})
+    b = track.benchmarks
+    assert set(b) >= {"vtab1k", "fewshot", "domain_shift", "builtin", "builtin-fewshot", "builtin-shift"}
+    assert len(b["vtab1k"].tasks) == 19 and len(b["fewshot"].tasks) == 25
+    assert {g: len(t) for g, t in b["vtab1k"].groups.items()} == {"natural": 7, "specialized": 4, "structured": 8}
+    assert all(x.primary_metric == "top1" and x.higher_is_better for x in b.values())
+    assert track.Budget().stage == "final" and track.budget({"stage": "select"}).stage == "select"
+    assert track.data_source("builtin") == "synthetic" and track.data_source("vtab1k") == "real"
+    with pytest.raises(ConfigError, match=r"unknown vision setting\(s\) \['bakbone'\]; valid: .*backbone"):
+        track.settings({"bakbone": "x"})
+    with pytest.raises(ConfigError, match=r"budget key 'steps'=0: must be >= 1"):
+        track.budget({"steps": 0})
+
+
+def pretrain(ts):
+    return track.pretrain(track.settings(ts))
+
+
+def bench(ts):
+    return track.bench(track.settings(ts))
 
 
 def test_vtab_trial_select_and_final(tmp_path):
     write_vtab(tmp_path / "vtab")
     ts = {"data_root": str(tmp_path / "vtab")}
-    trial.prepare({**TINY, **ts}, "vtab1k", ["dtd"], quiet)
+    track.prepare(track.settings({**TINY, **ts}), "vtab1k", ["dtd"], quiet)
     sel = run_trial(_spec("vtab1k", "dtd", "full", "select", **ts), quiet)
     assert sel.status == "ok", sel.error
     assert sel.extra["eval_split"] == "val200" and sel.extra["train_images"] == 8
@@ -56,7 +71,7 @@ def test_prepare_fails_before_training_on_bad_folder(tmp_path):
     folder = write_vtab(tmp_path / "vtab")
     (folder / "test.txt").unlink()
     with pytest.raises(DataError, match=r"test\.txt does not exist"):
-        trial.prepare({**TINY, "data_root": str(tmp_path / "vtab")}, "vtab1k", ["dtd"], quiet)
+        track.prepare(track.settings({**TINY, "data_root": str(tmp_path / "vtab")}), "vtab1k", ["dtd"], quiet)
     rec = run_trial(_spec("vtab1k", "dtd", data_root=str(tmp_path / "vtab")), quiet)
     assert rec.status == "failed" and "test.txt does not exist" in rec.error and "traceback" not in rec.extra
 
@@ -68,9 +83,9 @@ def test_unknown_backbone_fails_cleanly():
 
 def test_builtin_lora_and_pretrained_backbone():
     ts = {**SMALL_PRETRAIN, "weights": "builtin"}
-    out = trial.pretrain({**TINY, **ts})
+    out = pretrain({**TINY, **ts})
     assert out["steps"] == 3 and out["checkpoint"].endswith("model.safetensors")
-    assert trial.pretrain({**TINY, **ts})["checkpoint"] == out["checkpoint"]  # cached, not retrained
+    assert pretrain({**TINY, **ts})["checkpoint"] == out["checkpoint"]  # cached, not retrained
     rec = run_trial(_spec("builtin", "shapes", "lora", **ts), quiet)
     assert rec.status == "ok", rec.error
     assert rec.data_source == "synthetic" and "[builtin:" in rec.backbone
@@ -80,8 +95,8 @@ def test_builtin_lora_and_pretrained_backbone():
 
 def test_pretrain_instance_pool():
     """pretrain_instances > 0 trains on a pre-rendered pool; it is part of the cache key."""
-    a = trial.pretrain({**TINY, **SMALL_PRETRAIN})
-    b = trial.pretrain({**TINY, **SMALL_PRETRAIN, "pretrain_instances": 3})
+    a = pretrain({**TINY, **SMALL_PRETRAIN})
+    b = pretrain({**TINY, **SMALL_PRETRAIN, "pretrain_instances": 3})
     assert b["instances"] == 3 and a["instances"] == 0 and b["checkpoint"] != a["checkpoint"]
     assert b["final_loss"] is not None
 
@@ -115,6 +130,6 @@ def test_validate_spec_accepts_vision_specs():
 
 
 def test_bench_runs_on_cpu():
-    out = trial.bench({**TINY, "bench_steps": 2})
+    out = bench({**TINY, "bench_steps": 2})
     assert out["full"]["images_per_s"] > 0
     assert "images_per_s" in out["lora"] and 0 <= out["full"]["data_share"] <= 1
