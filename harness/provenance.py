@@ -22,6 +22,7 @@ def software() -> dict[str, str]:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = "not installed"
+    out["torch"] = torch.__version__  # the build tag (+cu130, +cpu) tells which kernels ran
     return out
 
 

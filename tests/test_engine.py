@@ -1,0 +1,98 @@
+"""The engine written once: trials interleaved in one process match each alone, resolved settings name
+the same row, records carry their provenance, waves come from method declarations."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from harness.trial import TrialSession, TrialSpec, run_trial, validate_spec
+
+VISION = {"backbone": "vit_tiny_patch16_224", "img_size": 32, "model_kwargs": {"patch_size": 8, "depth": 2},
+          "drop_path": 0.1, "weights": "random", "threads": 1}
+RL = {"n_layer": 1, "n_head": 2, "n_embd": 32, "context": 4, "dropout": 0.1, "data_episodes": 2,
+      "noise_levels": [0.0, 0.5], "pretrain_tasks": ["reach"], "pretrain_steps": 10, "pretrain_batch_size": 8,
+      "pretrain_eval_episodes": 0, "eval_workers": 1, "data_workers": 1, "device": "cpu", "compile": False,
+      "eval_pretrained": False}
+# what differs between two runs of the same trial: clocks and dates
+TIMING = {"wall_time_s", "date", "peak_memory_mb"}
+EXTRA_TIMING = {"train_wall_s", "train_steps_per_s", "total_wall_s", "eval_wall_s", "data_share"}
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+
+
+def comparable(record) -> dict:
+    flat = {k: v for k, v in record.flat().items() if k not in TIMING | {"extra"}}
+    flat["extra"] = {k: v for k, v in record.extra.items() if k not in EXTRA_TIMING}
+    return flat
+
+
+def specs(track: str) -> list[TrialSpec]:
+    if track == "vision":
+        budget = {"steps": 6, "batch_size": 8}
+        return [TrialSpec("vision", "builtin", "shapes", "lora", {"r": 2}, 0, budget, VISION),
+                TrialSpec("vision", "builtin", "textures", "full", {}, 1, budget, VISION)]
+    budget = {"steps": 6, "batch_size": 8, "eval_episodes": 1, "report_every": 2}
+    return [TrialSpec("rl", "cw10", "window-close", "lora", {"r": 2}, 0, budget, RL),
+            TrialSpec("rl", "cw10", "window-close", "full", {}, 1, budget, RL)]
+
+
+@pytest.mark.parametrize("track", ["vision", "rl"])
+def test_two_trials_interleaved_in_one_process_match_each_alone(track):
+    """Dropout and DropPath draw from torch's global generator: each trial must own its state of it."""
+    first, second = specs(track)
+    alone = [run_trial(s, lambda m: None) for s in (first, second)]
+    assert all(r.status == "ok" for r in alone), [r.error for r in alone]
+    sessions = [TrialSession(s, lambda m: None) for s in (first, second)]
+    for s in sessions:
+        s.start()
+    stepping = list(sessions)
+    while stepping:  # one update of each in turn
+        stepping = [s for s in stepping if s.step()]
+    together = [s.finish() for s in sessions]
+    for a, b in zip(alone, together):
+        assert comparable(a) == comparable(b)
+    # and the two trials did differ from each other (the comparison can fail)
+    assert alone[0].metrics != alone[1].metrics
+
+
+def test_resolved_settings_name_the_same_trial():
+    a = validate_spec(TrialSpec("rl", "cw10", "hammer", "lora", {}, 0, {}, {}))
+    b = validate_spec(TrialSpec("rl", "cw10", "hammer", "lora", {"r": 8}, 0, {"steps": 100_000}, {}))
+    assert a == b and a.method_settings["r"] == 8 and a.budget["eval_episodes"] == 10
+
+
+def test_record_says_what_made_it():
+    from harness import provenance
+
+    record = run_trial(specs("vision")[0], lambda m: None)
+    assert record.status == "ok", record.error
+    software = json.loads(record.software)
+    assert set(software) == {"torch", "peft", "timm", "ray", "metaworld", "mujoco", "gymnasium"}
+    assert software["torch"] == __import__("torch").__version__
+    assert record.git_commit == provenance.git_commit() and record.git_commit
+    assert record.device_name.startswith("CPU")
+    assert json.loads(record.settings) == {"r": 2, "alpha": None, "dropout": 0.0, "rslora": False, "lr": None,
+                                           "weight_decay": None}
+
+
+def test_waves_follow_method_declarations():
+    from harness.driver import method_waves
+    from harness.methods import get_method
+
+    assert get_method("eigenlora").builds_on == ("lora",)
+    assert method_waves(["eigenlora", "full", "lora"]) == [["full", "lora"], ["eigenlora"]]
+    assert method_waves(["eigenlora", "full"]) == [["eigenlora", "full"]]  # its bank comes from earlier sweeps
+
+
+def test_selection_follows_the_metric_direction():
+    from harness.driver import choose_settings
+
+    recs = [{"status": "ok", "method": "m", "task": "t", "settings": json.dumps({"lr": lr}), "loss": loss}
+            for lr, loss in ((0.1, 2.0), (0.01, 1.0))]
+    assert choose_settings(recs, "loss", higher_is_better=True)[("m", "t")] == {"lr": 0.1}
+    assert choose_settings(recs, "loss", higher_is_better=False)[("m", "t")] == {"lr": 0.01}
