@@ -1,9 +1,8 @@
-"""RL track: rollouts, and tiny end-to-end trials through agents.trial (real Meta-World, real training)."""
+"""RL track: rollouts, and tiny end-to-end trials through the RL track and the engine (real Meta-World, real training)."""
 
 from __future__ import annotations
 
 import pytest
-import torch
 
 from harness.errors import ConfigError
 from harness.tracks import get_track

@@ -49,6 +49,5 @@ def bench(ts) -> dict[str, Any]:
         out[mname] = {"backbone": ts.backbone, "img_size": bb.img_size,
                       "images_per_s": round(steps * bs / stats.wall_s, 1),
                       "ms_per_step": round(1000 * stats.wall_s / steps, 2), "data_share": round(stats.data_share, 4)}
-        del model, data
     out["lora_step_vs_full"] = round(out["lora"]["ms_per_step"] / out["full"]["ms_per_step"], 3)
     return out
