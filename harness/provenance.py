@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 PACKAGES = ("torch", "peft", "timm", "ray", "metaworld", "mujoco", "gymnasium")
+CODE_PATHS = ("harness", "agents", "vision", "pyproject.toml")
 
 
 @functools.lru_cache(maxsize=1)
@@ -33,8 +34,9 @@ def git_commit() -> str:
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                                 timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        # only the code counts: a sweep rewriting the tracked leaderboard/ must not mark its own trials dirty
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--",
+                                *CODE_PATHS], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{commit}+dirty" if dirty else commit or "unknown"
