@@ -1,16 +1,84 @@
-"""``python -m harness bench rl``: DT training speed (updates/s, TFLOP/s) through the harness's training loop,
-and rollout env-steps/s of the DT policy against the scripted policy on the same worker processes."""
+"""``python -m harness bench rl``: the harness's DT update against a plain PyTorch loop of the same model, in
+one process, and rollout env-steps/s of the DT policy against the scripted policy on the same workers.
+
+The harness side is what a fine-tuning trial runs: the training loop of ``harness/training.py`` on
+windows drawn by the track's sampler from episodes of the trial's shape. The plain side is the loop a
+researcher would write by hand: one fixed batch already on the device, fused AdamW, bf16 autocast,
+clipping, nothing else. Both run eager and compiled (``compile``); the ratios are the harness's overhead.
+"""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
+import torch
 
 from harness.randomness import seeded
-from harness.training import LoopConfig, pick_device, train
-from agents.dt import DecisionTransformer, batch_loss, batch_to_device, flops_per_step
+from harness.training import LoopConfig, Trainer, autocast, pick_device, synchronize
+from agents.data import Episodes, WindowSampler
+from agents.dt import DTConfig, DecisionTransformer, batch_loss, flops_per_step
 from agents.rollout import evaluate_dt, evaluate_scripted
+from agents.tasks import EPISODE_LENGTH
+
+
+def random_episodes(n: int, cfg: DTConfig, seed: int = 0) -> Episodes:
+    """Episodes of the real shape with random values: speed does not depend on the values."""
+    rng = np.random.default_rng(seed)
+    T = EPISODE_LENGTH
+    return Episodes(rng.standard_normal((n, T, cfg.state_dim), dtype=np.float32),
+                    rng.uniform(-1, 1, (n, T, cfg.act_dim)).astype(np.float32),
+                    rng.random((n, T), dtype=np.float32), np.zeros((n, T), bool), np.zeros((n, T), bool),
+                    np.zeros(n, np.float32))
+
+
+def _harness_rate(cfg: DTConfig, ts, batch: int, steps: int, compiled: bool, device: torch.device) -> float:
+    with seeded(0):
+        model = DecisionTransformer(cfg).to(device)
+    sampler = WindowSampler(random_episodes(200, cfg), cfg.context, seed=0, device=device)
+    loop = LoopConfig(steps=2 * steps, lr=ts.lr, weight_decay=ts.weight_decay, warmup=steps // 2,
+                      min_lr=ts.min_lr, grad_clip=ts.grad_clip, compile=compiled, report_every=0)
+    trainer = Trainer(model, batch_loss, lambda: sampler.sample(batch), loop, device)
+    with seeded(0):
+        for _ in range(steps):  # compile and allocator warm-up, not timed
+            trainer.step()
+        synchronize(device)
+        t0 = time.perf_counter()
+        while trainer.step():
+            pass
+        trainer.finish()
+    return steps / (time.perf_counter() - t0)
+
+
+def _plain_rate(cfg: DTConfig, ts, batch: int, steps: int, compiled: bool, device: torch.device) -> float:
+    with seeded(0):
+        model = DecisionTransformer(cfg).to(device).train()
+    b = WindowSampler(random_episodes(200, cfg), cfg.context, seed=0, device=device).sample(batch)
+    opt = torch.optim.AdamW(model.parameters(), lr=ts.lr, weight_decay=ts.weight_decay,
+                            fused=device.type == "cuda" or None)
+
+    def loss_of(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with autocast(device):
+            return batch_loss(model, batch)
+
+    loss_fn = torch.compile(loss_of) if compiled else loss_of
+
+    def step() -> None:
+        loss_fn(b).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), ts.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    with seeded(0):
+        for _ in range(steps):
+            step()
+        synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    return steps / (time.perf_counter() - t0)
 
 
 def bench(ts) -> dict[str, Any]:
@@ -20,42 +88,30 @@ def bench(ts) -> dict[str, Any]:
     device = pick_device(ts.device)
     cfg = model_config(ts)
     batch = RLBudget().batch_size
-    with seeded(0):
-        model = DecisionTransformer(cfg).to(device)
-    rng = np.random.default_rng(0)
-    K = cfg.context
-
-    def sample() -> dict[str, Any]:  # random windows: speed does not depend on the values
-        return batch_to_device({
-            "states": rng.standard_normal((batch, K, cfg.state_dim), dtype=np.float32),
-            "actions": rng.uniform(-1, 1, (batch, K, cfg.act_dim)).astype(np.float32),
-            "returns_to_go": rng.random((batch, K, 1), dtype=np.float32),
-            "rewards": rng.random((batch, K, 1), dtype=np.float32),
-            "timesteps": np.tile(np.arange(K), (batch, 1)), "attention_mask": np.ones((batch, K), bool)}, device)
-
-    loop = LoopConfig(steps=max(3, ts.bench_steps // 5), lr=ts.lr, weight_decay=ts.weight_decay,
-                      grad_clip=ts.grad_clip, compile=ts.compile, report_every=0)
-    with seeded(0):
-        train(model, batch_loss, sample, loop, device)  # compile and allocator warm-up, not timed
-        loop.steps = ts.bench_steps
-        stats = train(model, batch_loss, sample, loop, device)
+    steps = ts.bench_steps
+    modes = [False, True] if ts.compile and device.type == "cuda" else [False]
+    out: dict[str, Any] = {"device": str(device), "model": cfg.describe(), "batch_size": batch, "steps": steps,
+                           "params": DecisionTransformer(cfg).num_params(), "train": {}}
     flops = flops_per_step(cfg, batch)
-    out: dict[str, Any] = {
-        "device": str(device), "model": cfg.describe(), "params": model.num_params(), "batch_size": batch,
-        "train_steps_per_s": round(stats.steps_per_s, 2), "train_ms_per_step": round(1000 / stats.steps_per_s, 2),
-        "tflops_per_s": round(flops * stats.steps_per_s / 1e12, 2),
-        "compiled": bool(ts.compile and device.type == "cuda"),
-    }
+    for compiled in modes:
+        name = "compiled" if compiled else "eager"
+        harness = _harness_rate(cfg, ts, batch, steps, compiled, device)
+        plain = _plain_rate(cfg, ts, batch, steps, compiled, device)
+        out["train"][name] = {"harness_updates_per_s": round(harness, 2), "plain_updates_per_s": round(plain, 2),
+                              "harness_over_plain": round(harness / plain, 3),
+                              "harness_tflops_per_s": round(flops * harness / 1e12, 2)}
+        print(f"[bench rl] {name}: harness {harness:.1f} updates/s, plain loop {plain:.1f}, "
+              f"ratio {harness / plain:.3f}", flush=True)
     envs = ts.bench_envs
     workers = rollout_workers(ts, envs)
     task = "window-close"
+    with seeded(0):
+        model = DecisionTransformer(cfg).to(device)
     dt = evaluate_dt(model, task, envs, 1000.0, workers, 0, device)
     scripted = evaluate_scripted(task, envs, workers, 0)
-    out.update({"rollout_envs": envs, "rollout_workers": workers,
-                "dt_env_steps_per_s": round(dt.env_steps_per_s, 1),
-                "scripted_env_steps_per_s": round(scripted.env_steps_per_s, 1),
-                "dt_over_scripted": round(dt.env_steps_per_s / scripted.env_steps_per_s, 3)})
-    print(f"[bench rl] train {out['train_steps_per_s']} updates/s ({out['tflops_per_s']} TFLOP/s) on {device}; "
-          f"rollout {out['dt_env_steps_per_s']} env-steps/s with the DT vs {out['scripted_env_steps_per_s']} "
-          f"scripted, ratio {out['dt_over_scripted']}", flush=True)
+    out["rollout"] = {"envs": envs, "workers": workers, "dt_env_steps_per_s": round(dt.env_steps_per_s, 1),
+                      "scripted_env_steps_per_s": round(scripted.env_steps_per_s, 1),
+                      "dt_over_scripted": round(dt.env_steps_per_s / scripted.env_steps_per_s, 3)}
+    print(f"[bench rl] rollout {dt.env_steps_per_s:.0f} env-steps/s with the DT vs {scripted.env_steps_per_s:.0f} "
+          f"scripted, ratio {out['rollout']['dt_over_scripted']}", flush=True)
     return out

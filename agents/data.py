@@ -17,13 +17,16 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
 from harness.cache import ArtifactCache, settings_hash
 from harness.errors import ConfigError, DataError
 from agents.tasks import ACT_DIM, EPISODE_LENGTH, OBS_DIM, check_task, make_env, scripted_policy
+
+if TYPE_CHECKING:  # torch is imported lazily: the spawned data workers never need it
+    import torch
 
 KIND = "rl-data"
 FILE = "episodes.npz"
@@ -204,40 +207,57 @@ def load_dataset(task: str, settings: DataSettings, workers: int | None = None,
 
 
 class WindowSampler:
-    """Random training windows over one or more tasks' episodes, as batched numpy arrays.
+    """Random training windows over one or more tasks' episodes, as batched tensors on ``device``.
 
     A window: a random episode, a random start step, ``context`` steps truncated at the episode end and
     left-padded (zeros, mask False). Return-to-go and reward are divided by ``SCALE``. Every episode has
     the same length, so drawing episodes uniformly from the concatenation mixes tasks in proportion to
-    their episode counts (equal by construction).
+    their episode counts (equal by construction). The episodes live on the device and windows are
+    gathered there with the sampler's own generator: no host work and no copy per batch on a GPU.
     """
 
-    def __init__(self, episodes: Episodes | Sequence[Episodes], context: int, seed: int = 0):
-        ep = episodes if isinstance(episodes, Episodes) else Episodes.concat(list(episodes))
-        self.obs = ep.observations
-        self.act = ep.actions
-        self.rew = ep.rewards / SCALE
-        self.rtg = ep.returns_to_go() / SCALE
-        self.context = int(context)
-        self.n_episodes, self.length = self.rew.shape
-        self.rng = np.random.default_rng(seed)
-        self.max_return = float(ep.returns.max())
+    def __init__(self, episodes: Episodes | Sequence[Episodes], context: int, seed: int = 0,
+                 device: "torch.device | str" = "cpu"):
+        import torch
 
-    def sample(self, batch_size: int) -> dict[str, np.ndarray]:
-        K, T = self.context, self.length
-        ep = self.rng.integers(0, self.n_episodes, batch_size)
-        start = self.rng.integers(0, T, batch_size)
-        n = np.minimum(K, T - start)  # real steps in each window
-        pos = np.arange(K)[None, :]
-        mask = pos >= (K - n)[:, None]  # left padding
-        step = np.where(mask, start[:, None] + pos - (K - n)[:, None], 0)
-        ep2 = ep[:, None]
-        m = mask[..., None]
+        ep = episodes if isinstance(episodes, Episodes) else Episodes.concat(list(episodes))
+        self.device = torch.device(device)
+        as_tensor = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32, device=self.device)  # noqa: E731
+        self.obs = as_tensor(ep.observations)
+        self.act = as_tensor(ep.actions)
+        self.rew = as_tensor(ep.rewards / SCALE)
+        self.rtg = as_tensor(ep.returns_to_go() / SCALE)
+        self.context = int(context)
+        self.n_episodes, self.length = ep.rewards.shape
+        self.max_return = float(ep.returns.max())
+        self.generator = torch.Generator(device=self.device).manual_seed(int(seed))
+
+    def fork(self, seed: int) -> "WindowSampler":
+        """A sampler over the same episodes (sharing their memory) with its own generator."""
+        import copy
+
+        import torch
+
+        other = copy.copy(self)
+        other.generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        return other
+
+    def sample(self, batch_size: int) -> dict[str, "torch.Tensor"]:
+        import torch
+
+        K, T, dev, g = self.context, self.length, self.device, self.generator
+        ep = torch.randint(0, self.n_episodes, (batch_size, 1), device=dev, generator=g)
+        start = torch.randint(0, T, (batch_size, 1), device=dev, generator=g)
+        pad = K - torch.clamp(T - start, max=K)  # left padding of each window
+        pos = torch.arange(K, device=dev)[None, :]
+        mask = pos >= pad
+        step = torch.where(mask, start + pos - pad, 0)
+        m = mask.unsqueeze(-1)
         return {
-            "states": np.where(m, self.obs[ep2, step], 0).astype(np.float32),
-            "actions": np.where(m, self.act[ep2, step], 0).astype(np.float32),
-            "returns_to_go": np.where(m, self.rtg[ep2, step][..., None], 0).astype(np.float32),
-            "rewards": np.where(m, self.rew[ep2, step][..., None], 0).astype(np.float32),
-            "timesteps": step.astype(np.int64),
+            "states": self.obs[ep, step] * m,
+            "actions": self.act[ep, step] * m,
+            "returns_to_go": (self.rtg[ep, step] * mask).unsqueeze(-1),
+            "rewards": (self.rew[ep, step] * mask).unsqueeze(-1),
+            "timesteps": step,
             "attention_mask": mask,
         }

@@ -180,7 +180,9 @@ def batch_to_device(batch: dict[str, Any], device: torch.device) -> dict[str, to
     out = {}
     for k, v in batch.items():
         t = torch.from_numpy(v) if not isinstance(v, torch.Tensor) else v
-        if device.type == "cuda":
+        if t.device == device:
+            pass
+        elif device.type == "cuda" and t.device.type == "cpu":
             t = t.pin_memory().to(device, non_blocking=True)
         else:
             t = t.to(device)

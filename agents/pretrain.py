@@ -21,7 +21,7 @@ from harness.errors import ConfigError
 from harness.randomness import derive_seed, seeded
 from harness.training import LoopConfig, pick_device, train
 from agents.data import DataSettings, Episodes, WindowSampler, build_datasets, say
-from agents.dt import DTConfig, DecisionTransformer, batch_loss, batch_to_device
+from agents.dt import DTConfig, DecisionTransformer, batch_loss
 from agents.tasks import MT40, check_task
 
 KIND = "rl-pretrain"
@@ -99,7 +99,8 @@ def pretrain(plan: PretrainPlan, device: torch.device | None = None, data_worker
         return Pretrained(found.file(WEIGHTS), plan.base_key(), json.loads(found.file("info.json").read_text()))
     device = device or pick_device("auto")
     paths = build_datasets(list(plan.tasks), plan.data, data_workers, cache, log)
-    sampler = WindowSampler([Episodes.load(paths[t]) for t in plan.tasks], plan.model.context, seed=plan.seed)
+    sampler = WindowSampler([Episodes.load(paths[t]) for t in plan.tasks], plan.model.context, seed=plan.seed,
+                            device=device)
     with seeded(derive_seed(plan.seed, "init")):
         model = DecisionTransformer(plan.model).to(device)
     # Resumable: the partial checkpoint sits beside the cache entries, under the same key.
@@ -117,8 +118,7 @@ def pretrain(plan: PretrainPlan, device: torch.device | None = None, data_worker
                      min_lr=t.min_lr, grad_clip=t.grad_clip, compile=t.compile, report_every=t.report_every,
                      checkpoint=partial, checkpoint_every=max(1000, t.steps // 20))
     with seeded(derive_seed(plan.seed, "dropout")):
-        stats = train(model, batch_loss, lambda: batch_to_device(sampler.sample(t.batch_size), device), cfg,
-                      device, report=report)
+        stats = train(model, batch_loss, lambda: sampler.sample(t.batch_size), cfg, device, report=report)
     info = {"base_key": plan.base_key(), "final_loss": stats.final_loss, "steps_per_s": stats.steps_per_s,
             "wall_s": stats.wall_s, "resumed_from": stats.resumed_from, "params": model.num_params(),
             "losses": stats.losses, "tasks": list(plan.tasks), "model": plan.model.to_dict()}

@@ -30,7 +30,7 @@ from harness.tracks import Benchmark, Report, Track, TrackBudget, TrackSettings
 from harness.training import pick_device
 from harness.validation import Bool, Float, Int
 from agents.data import DataSettings, Episodes, WindowSampler, build_datasets, load_dataset
-from agents.dt import SITE, DTConfig, DecisionTransformer, batch_loss, batch_to_device, forward_batch, layer_tokens
+from agents.dt import SITE, DTConfig, DecisionTransformer, batch_loss, forward_batch, layer_tokens
 from agents.pretrain import OptimPlan, PretrainPlan, cached_eval, load_model, pretrain as build_pretrained
 from agents.rollout import evaluate_dt
 from agents.tasks import CW10, MT40, MT50, check_task
@@ -171,9 +171,9 @@ class RLTrack(Track):
         data = load_dataset(spec.task, plan.data, _data_workers(ts))
         target = float(data.returns.max())
         K, bs, episodes = plan.model.context, budget.batch_size, budget.eval_episodes
-        sampler = WindowSampler(data, K, seed=derive_seed(spec.seed, "batches"))
-        init_sampler = WindowSampler(data, K, seed=derive_seed(spec.seed, "init-batches"))
-        val_sampler = WindowSampler(data, K, seed=derive_seed(spec.seed, "validation"))
+        sampler = WindowSampler(data, K, seed=derive_seed(spec.seed, "batches"), device=device)
+        init_sampler = sampler.fork(derive_seed(spec.seed, "init-batches"))
+        val_sampler = sampler.fork(derive_seed(spec.seed, "validation"))
         val_batches: list[dict[str, torch.Tensor]] = []
 
         @torch.no_grad()
@@ -181,7 +181,7 @@ class RLTrack(Track):
             # GLoRA's subnet search scores candidates by action MSE on fixed windows of the task's data
             # (rollouts for every candidate would cost thousands of episodes); higher is better.
             if not val_batches:
-                val_batches.extend(batch_to_device(val_sampler.sample(bs), device) for _ in range(4))
+                val_batches.extend(val_sampler.sample(bs) for _ in range(4))
             was_training = m.training
             m.eval()
             score = -float(np.mean([float(batch_loss(m, b)) for b in val_batches]))
@@ -203,10 +203,10 @@ class RLTrack(Track):
                             report_every=budget.report_every)
         return FineTuneSetup(
             model=model, site=SITE, device=device, schedule=schedule,
-            next_batch=lambda: batch_to_device(sampler.sample(bs), device), loss=batch_loss, evaluate=evaluate,
+            next_batch=lambda: sampler.sample(bs), loss=batch_loss, evaluate=evaluate,
             base_key=pre.base_key, backbone=plan.model.describe(), data_source=self.data_source(spec.benchmark),
             validate=validate, forward=forward_batch, layer_inputs=layer_tokens, compile=ts.compile,
-            init_batches=lambda: [batch_to_device(init_sampler.sample(bs), device) for _ in range(8)],
+            init_batches=lambda: [init_sampler.sample(bs) for _ in range(8)],
             facts={"data": DATA_NOTE, "data_episodes": ts.data_episodes, "noise_levels": list(ts.noise_levels),
                    "pretrain_tasks": len(plan.tasks), "pretrain_steps": plan.train.steps, "base_key": pre.base_key,
                    "target_return": target})

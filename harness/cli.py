@@ -116,13 +116,32 @@ def cmd_data(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    from harness import provenance
+
     if args.track == "methods":
         from harness.bench_methods import bench_methods
 
-        print(json.dumps(bench_methods(dict(_parse_sets(args.set))), indent=1, default=str))
-        return 0
-    track, settings = _track_settings(args)
-    print(json.dumps(track.bench(settings), indent=1, default=str))
+        config: dict[str, Any] = dict(_parse_sets(args.set))
+        result = bench_methods(config)
+    else:
+        track, settings = _track_settings(args)
+        config = settings.model_dump()
+        result = track.bench(settings)
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    doc = {"bench": args.track, "command": " ".join(["python -m harness bench", args.track, *sum(
+        (["--set", s] for s in args.set), [])]), "device_name": provenance.device_name(device),
+        "git_commit": provenance.git_commit(), "software": provenance.software(), "config": config, "result": result}
+    text = json.dumps(doc, indent=1, default=str)
+    if args.out:
+        from harness.cache import atomic_write_text
+
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, text + "\n")
+        print(f"[bench] written to {out}", file=sys.stderr)
+    print(text)
     return 0
 
 
@@ -208,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="measure training and rollout speed")
     b.add_argument("track", choices=["rl", "vision", "methods"])
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    b.add_argument("--out", default=None, metavar="FILE", help="also write the JSON (with device and versions) here")
     b.set_defaults(fn=cmd_bench)
 
     lb = sub.add_parser("leaderboard", help="render markdown tables and plots from the leaderboard CSVs")

@@ -2,8 +2,8 @@
 
 nanoGPT-style: AdamW (fused on CUDA; no decay on biases, norms, embeddings), linear warm-up then one
 cosine cycle to ``min_lr``, optional gradient clipping, bf16 autocast on CUDA, optional ``torch.compile``,
-a finite-loss check every update, the method's ``extra_loss`` and ``on_step`` hooks, progress reports and
-resumable, atomically written checkpoints.
+finite-loss checks (batched on CUDA, so the GPU is not waited on every update), the method's
+``extra_loss`` and ``on_step`` hooks, progress reports and resumable, atomically written checkpoints.
 
 :class:`Trainer` advances one update per :meth:`Trainer.step`, so an engine can interleave the updates of
 several trials in one process; :func:`train` runs one to the end.
@@ -69,14 +69,6 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def check_finite(loss: torch.Tensor, step: int) -> float:
-    """Return the loss as a float; raise NonFiniteLossError on NaN/inf."""
-    value = float(loss.detach())
-    if not math.isfinite(value):
-        raise NonFiniteLossError(step, value)
-    return value
-
-
 def autocast(device: torch.device):
     """bf16 autocast on CUDA, a no-op context elsewhere (CPU bf16 is slower than fp32 on small models)."""
     if device.type == "cuda":
@@ -121,6 +113,10 @@ class LoopConfig:
     checkpoint: Path | None = None  # resume from it when present; write it every checkpoint_every and at the end
     checkpoint_every: int = 0
     time_data: bool = False  # measure the share of step time spent producing batches (synchronises CUDA)
+    # updates between finite-loss checks; each check waits for the GPU, so on CUDA they are batched
+    # (a non-finite loss is still reported at the update where it first appeared). 0: every report, at
+    # most 50 updates apart, on CUDA; every update elsewhere.
+    check_every: int = 0
 
 
 @dataclass
@@ -149,11 +145,29 @@ class Trainer:
         self.step_index = 0
         if cfg.checkpoint is not None and Path(cfg.checkpoint).is_file():
             self.step_index = resume_checkpoint(Path(cfg.checkpoint), model, self.optimizer)
-        self.forward_model = torch.compile(model) if cfg.compile and device.type == "cuda" else model
+        # One compiled graph for forward and loss (the method's extra loss and hooks stay eager).
+        self.compute_loss = torch.compile(self._loss) if cfg.compile and device.type == "cuda" else self._loss
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.stats = TrainStats(steps=cfg.steps, resumed_from=self.step_index)
+        self.check_every = cfg.check_every or (min(50, cfg.report_every or 50) if device.type == "cuda" else 1)
+        self._pending: list[torch.Tensor] = []  # losses not yet checked, the last one at step_index - 1
         self._wall = 0.0
         self._data_time = 0.0
+
+    def _loss(self, batch: Any) -> torch.Tensor:
+        with autocast(self.device):
+            return self.loss_fn(self.model, batch)
+
+    def _check_pending(self) -> float:
+        """Raise NonFiniteLossError at the first non-finite pending loss; return the last loss."""
+        values = torch.stack(self._pending).float().cpu()  # the one host sync of a check
+        first = self.step_index - len(self._pending)
+        self._pending.clear()
+        bad = (~torch.isfinite(values)).nonzero()
+        if len(bad):
+            i = int(bad[0])
+            raise NonFiniteLossError(first + i, float(values[i]))
+        return float(values[-1])
 
     @property
     def done(self) -> bool:
@@ -165,7 +179,8 @@ class Trainer:
             return False
         cfg, model, step = self.cfg, self.model, self.step_index
         started = time.perf_counter()
-        model.train()
+        if not model.training:  # a validation between updates may have left it in eval mode
+            model.train()
         if cfg.time_data:
             synchronize(self.device)  # the previous step's kernels are not billed to the data
             t0 = time.perf_counter()
@@ -174,13 +189,11 @@ class Trainer:
             synchronize(self.device)
             self._data_time += time.perf_counter() - t0
         set_lr(self.optimizer, warmup_cosine(step, cfg.steps, cfg.warmup, cfg.lr, cfg.min_lr))
-        with autocast(self.device):
-            loss = self.loss_fn(self.forward_model, batch)
+        loss = self.compute_loss(batch)
         if self.hooks is not None:
             reg = self.hooks.extra_loss(model)
             if reg is not None:
                 loss = loss + reg
-        value = check_finite(loss, step)
         loss.backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
@@ -188,15 +201,19 @@ class Trainer:
         if self.hooks is not None:
             self.hooks.on_step(model, step)  # before zero_grad: AdaLoRA reads the gradients
         self.optimizer.zero_grad(set_to_none=True)
+        self._pending.append(loss.detach())
         self.step_index = done = step + 1
-        self.stats.final_loss = value
-        if cfg.report_every and (done % cfg.report_every == 0 or done == cfg.steps):
-            self.stats.losses.append((done, value))
-            if self.report is not None:
-                entry: dict[str, Any] = {"update": done, "loss": value}
-                if cfg.steps_per_epoch:
-                    entry["epoch"] = round(done / cfg.steps_per_epoch, 2)
-                self.report(entry)
+        report_due = bool(cfg.report_every) and (done % cfg.report_every == 0 or done == cfg.steps)
+        if report_due or done % self.check_every == 0 or done == cfg.steps:
+            value = self._check_pending()
+            self.stats.final_loss = value
+            if report_due:
+                self.stats.losses.append((done, value))
+                if self.report is not None:
+                    entry: dict[str, Any] = {"update": done, "loss": value}
+                    if cfg.steps_per_epoch:
+                        entry["epoch"] = round(done / cfg.steps_per_epoch, 2)
+                    self.report(entry)
         if cfg.checkpoint is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 \
                 and done < cfg.steps:
             save_checkpoint(Path(cfg.checkpoint), model, self.optimizer, done)
@@ -208,7 +225,9 @@ class Trainer:
         cfg, stats = self.cfg, self.stats
         if cfg.checkpoint is not None and cfg.steps > stats.resumed_from:
             save_checkpoint(Path(cfg.checkpoint), self.model, self.optimizer, cfg.steps)
-        synchronize(self.device)
+        started = time.perf_counter()
+        synchronize(self.device)  # the queued GPU work belongs to the training time
+        self._wall += time.perf_counter() - started
         self.model.eval()
         stats.wall_s = self._wall
         ran = self.step_index - stats.resumed_from

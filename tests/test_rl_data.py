@@ -95,7 +95,7 @@ def test_sampler_padding_mask_and_scaled_rtg():
     ep = _episodes()
     K = 20
     s = WindowSampler(ep, K, seed=0)
-    b = s.sample(512)
+    b = {k: v.numpy() for k, v in s.sample(512).items()}
     mask, steps = b["attention_mask"], b["timesteps"]
     assert b["states"].shape == (512, K, 39) and b["returns_to_go"].shape == (512, K, 1)
     # Left padding only: once a window starts it runs to its end.

@@ -113,5 +113,9 @@ def test_unknown_task_is_a_config_error(cache):
 
 def test_bench_reports_speeds():
     out = track.bench(track.settings({**TINY, "bench_steps": 5, "bench_envs": 2}))
-    assert out["train_steps_per_s"] > 0 and out["dt_env_steps_per_s"] > 0 and out["scripted_env_steps_per_s"] > 0
-    assert out["rollout_workers"] == 2 and out["dt_over_scripted"] > 0
+    eager = out["train"]["eager"]
+    assert eager["harness_updates_per_s"] > 0 and eager["plain_updates_per_s"] > 0
+    assert eager["harness_over_plain"] == round(eager["harness_updates_per_s"] / eager["plain_updates_per_s"], 3)
+    roll = out["rollout"]
+    assert roll["dt_env_steps_per_s"] > 0 and roll["scripted_env_steps_per_s"] > 0
+    assert roll["workers"] == 2 and roll["dt_over_scripted"] > 0
