@@ -156,12 +156,14 @@ class DecisionTransformer(nn.Module):
 
 
 def token_attention_mask(step_mask: torch.Tensor | None, n_tokens: int) -> torch.Tensor | None:
-    """(B, 1, L, L) boolean mask: causal, padded keys hidden; None when nothing is padded (flash path).
+    """(B, 1, L, L) boolean mask: causal, padded keys hidden; None without a step mask (the flash path).
 
     Every query may see itself, so padded queries never have an all-hidden row (which would give NaN);
-    their outputs are excluded from the loss.
+    their outputs are excluded from the loss. Whether anything is padded is not asked of the tensor: that
+    would wait for the GPU at every forward and break compiled and captured graphs. A caller that knows
+    nothing is padded (a rollout past its first ``context`` steps) passes no mask instead.
     """
-    if step_mask is None or bool(step_mask.all()):
+    if step_mask is None:
         return None
     keys = step_mask.bool().repeat_interleave(TOKENS_PER_STEP, dim=1)  # (B, L)
     causal = torch.ones(n_tokens, n_tokens, dtype=torch.bool, device=keys.device).tril()

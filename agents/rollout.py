@@ -156,59 +156,113 @@ def _score(task: str, rewards: np.ndarray, successes: np.ndarray, wall: float, t
                          env_steps_per_s=n * T / wall if wall > 0 else 0.0, target_return=target)
 
 
+class _Policy:
+    """The DT's action for the newest step of every environment's window, one batched forward per step.
+
+    On CUDA each of the two forward shapes (with a padding mask in the first ``context - 1`` steps,
+    without one after) is captured once as a CUDA graph and replayed: a rollout step then costs a few
+    copies and one graph launch instead of hundreds of kernel launches from Python. Where capture fails
+    (a method whose forward syncs with the host), the forward runs eagerly.
+    """
+
+    def __init__(self, model, n: int, context: int, device):
+        import torch
+
+        self.model, self.device = model, device
+        self.inputs = {"states": torch.zeros(n, context, OBS_DIM, device=device),
+                       "actions": torch.zeros(n, context, ACT_DIM, device=device),
+                       "returns_to_go": torch.zeros(n, context, 1, device=device),
+                       "rewards": torch.zeros(n, context, 1, device=device),
+                       "timesteps": torch.zeros(n, context, dtype=torch.long, device=device)}
+        self.mask = torch.ones(n, context, dtype=torch.bool, device=device)
+        self.graphs: dict[bool, Any] = {}
+        self.outputs: dict[bool, Any] = {}
+        self.use_graphs = device.type == "cuda"
+
+    def _forward(self, masked: bool):
+        import torch
+
+        from harness.training import autocast
+
+        with torch.no_grad(), autocast(self.device):
+            return self.model(**self.inputs, attention_mask=self.mask if masked else None)[:, -1].float()
+
+    def _capture(self, masked: bool) -> None:
+        import torch
+
+        try:
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm-up outside the graph (cuBLAS workspaces, lazy inits)
+                    self._forward(masked)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.outputs[masked] = self._forward(masked)
+            self.graphs[masked] = graph
+        except Exception as e:  # noqa: BLE001 - any capture failure means the same: run eagerly
+            import warnings
+
+            warnings.warn(f"rollouts run without CUDA graphs ({type(e).__name__}: {e})", stacklevel=3)
+            self.use_graphs = False
+
+    def __call__(self, window: dict[str, Any], mask) -> Any:
+        for k, v in window.items():
+            self.inputs[k].copy_(v)
+        masked = mask is not None
+        if masked:
+            self.mask.copy_(mask)
+        if self.use_graphs and masked not in self.graphs:
+            self._capture(masked)
+        if self.use_graphs:
+            self.graphs[masked].replay()
+            return self.outputs[masked]
+        return self._forward(masked)
+
+
 def evaluate_dt(model, task: str, episodes: int, target_return: float, workers: int = 1, seed: int = 0,
                 device=None, length: int = EPISODE_LENGTH) -> RolloutResult:
     """Roll out the DT on ``episodes`` parallel environments of ``task``.
 
     ``target_return`` is unscaled (the dataset's best return); the return-to-go token starts at it and
-    drops by each observed reward; the current step's reward token is 0 until observed.
+    drops by each observed reward; the current step's reward token is 0 until observed. The episode so
+    far lives on the device, left-padded by ``context - 1`` empty steps, so each step's window is a slice.
     """
     import torch
 
-    from harness.training import autocast
-
-    device = device or next(model.parameters()).device
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     K = int(getattr(getattr(model, "cfg", None), "context", 0) or _find_cfg(model).context)
-    N, T = episodes, length
-    states = np.zeros((N, T, OBS_DIM), np.float32)
-    actions = np.zeros((N, T, ACT_DIM), np.float32)
-    rtg = np.zeros((N, T, 1), np.float32)
-    rew = np.zeros((N, T, 1), np.float32)
+    N, T, P = episodes, length, K - 1
+    buf = {"states": torch.zeros(N, P + T, OBS_DIM, device=device),
+           "actions": torch.zeros(N, P + T, ACT_DIM, device=device),
+           "returns_to_go": torch.zeros(N, P + T, 1, device=device),
+           "rewards": torch.zeros(N, P + T, 1, device=device)}
+    positions = torch.arange(-P, T, device=device)
+    steps = positions.clamp(min=0).expand(N, -1)
+    present = (positions >= 0).expand(N, -1)
     rewards = np.zeros((N, T), np.float32)
     successes = np.zeros((N, T), bool)
     was_training = model.training
     model.eval()
+    policy = _Policy(model, N, K, device)
     t0 = time.time()
     try:
         with RolloutPool(task, N, workers, seed, length) as pool:
-            states[:, 0] = pool.reset()
-            rtg[:, 0] = target_return / SCALE
+            buf["states"][:, P] = torch.from_numpy(pool.reset()).to(device)
+            buf["returns_to_go"][:, P] = target_return / SCALE
             for t in range(T):
-                lo = max(0, t + 1 - K)
-                n = t + 1 - lo
-                pad = K - n
-                window = {k: np.zeros((N, K) + a.shape[2:], np.float32) for k, a in
-                          (("states", states), ("actions", actions), ("returns_to_go", rtg), ("rewards", rew))}
-                for k, a in (("states", states), ("actions", actions), ("returns_to_go", rtg), ("rewards", rew)):
-                    window[k][:, pad:] = a[:, lo:t + 1]
-                steps = np.zeros((N, K), np.int64)
-                steps[:, pad:] = np.arange(lo, t + 1)
-                mask = np.zeros((N, K), bool)
-                mask[:, pad:] = True
-                batch = {k: torch.from_numpy(v).to(device) for k, v in window.items()}
-                with torch.no_grad(), autocast(device):
-                    pred = model(states=batch["states"], actions=batch["actions"],
-                                 returns_to_go=batch["returns_to_go"], rewards=batch["rewards"],
-                                 timesteps=torch.from_numpy(steps).to(device),
-                                 attention_mask=torch.from_numpy(mask).to(device))
-                act = pred[:, -1].float().clamp(-1, 1).cpu().numpy()
-                actions[:, t] = act
-                obs, r, s = pool.step(act)
+                window = {k: v[:, t:t + K] for k, v in buf.items()}
+                window["timesteps"] = steps[:, t:t + K]
+                act = policy(window, present[:, t:t + K] if t < P else None).clamp(-1, 1)
+                buf["actions"][:, P + t] = act
+                obs, r, s = pool.step(act.cpu().numpy())
                 rewards[:, t], successes[:, t] = r, s
-                rew[:, t, 0] = r / SCALE
+                r_dev = torch.from_numpy(r).to(device)[:, None] / SCALE
+                buf["rewards"][:, P + t] = r_dev
                 if t + 1 < T:
-                    states[:, t + 1] = obs
-                    rtg[:, t + 1] = rtg[:, t] - r[:, None] / SCALE
+                    buf["states"][:, P + t + 1] = torch.from_numpy(obs).to(device)
+                    buf["returns_to_go"][:, P + t + 1] = buf["returns_to_go"][:, P + t] - r_dev
     finally:
         model.train(was_training)
     return _score(task, rewards, successes, time.time() - t0, target_return)

@@ -115,3 +115,34 @@ def test_bad_settings_fail_before_training():
         get_method("lorra")
     with pytest.raises(ConfigError, match="'r'='eight': expected an integer"):
         get_method("lora").resolve_settings({"r": "eight"})
+
+
+@pytest.mark.parametrize("name", PEFT_METHODS)
+def test_no_input_casts_match_peft_outputs_and_gradients(name):
+    """The harness turns off peft's input casts (a bf16 copy cast to fp32 and straight back under
+    autocast) except where they change the numbers (DoRA, RandLoRA); under bf16 autocast outputs and
+    gradients equal peft's own path, casts on."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    method = get_method(name)
+    x, y = data()
+    results = []
+    for casts in (True, method.input_casts):  # peft's own path, then the harness's
+        model = method.wrap(make_base(), SITE, method.resolve_settings({}), ctx_for())
+        with torch.no_grad():  # non-zero adapters, the same in both runs
+            g = torch.Generator().manual_seed(3)
+            for n, p in sorted(model.named_parameters()):
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn(p.shape, generator=g))
+        layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        assert layers and all(m.cast_input_dtype_enabled == method.input_casts for m in layers)  # wrap's choice
+        for m in layers:
+            m.cast_input_dtype_enabled = casts
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        nn.functional.mse_loss(out.float(), y).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((out.detach(), grads))
+    (out_peft, g_peft), (out_ours, g_ours) = results
+    assert torch.equal(out_peft, out_ours)
+    assert g_peft.keys() == g_ours.keys() and all(torch.allclose(g_peft[k], g_ours[k], atol=1e-6) for k in g_peft)

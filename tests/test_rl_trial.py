@@ -119,3 +119,41 @@ def test_bench_reports_speeds():
     roll = out["rollout"]
     assert roll["dt_env_steps_per_s"] > 0 and roll["scripted_env_steps_per_s"] > 0
     assert roll["workers"] == 2 and roll["dt_over_scripted"] > 0
+
+
+def test_rollout_windows_are_the_episode_so_far():
+    """Each step's forward sees the last ``context`` steps: left padding first, the current action and
+    reward tokens still empty, return-to-go dropping by the observed rewards."""
+    import numpy as np
+    import torch
+
+    from agents.data import SCALE
+    from agents.dt import DTConfig, DecisionTransformer
+    from agents.rollout import evaluate_dt
+
+    seen = []
+
+    class Recording(DecisionTransformer):
+        def forward(self, **batch):
+            seen.append({k: (v.clone() if v is not None else None) for k, v in batch.items()})
+            return super().forward(**batch)
+
+    K, T, target = 4, 10, 1000.0
+    model = Recording(DTConfig(n_layer=1, n_head=2, n_embd=32, context=K, dropout=0.0))
+    r = evaluate_dt(model, "reach", episodes=2, target_return=target, workers=1, seed=0, length=T)
+    assert len(seen) == T
+    first = seen[0]
+    assert first["attention_mask"].tolist() == [[False, False, False, True]] * 2
+    assert torch.allclose(first["returns_to_go"][:, -1, 0], torch.full((2,), target / SCALE))
+    assert (first["states"][:, :-1] == 0).all() and (first["actions"] == 0).all()
+    late = seen[K + 2]
+    assert late["attention_mask"] is None  # nothing padded: the flash path
+    assert late["timesteps"].tolist() == [list(range(3, 3 + K))] * 2
+    assert (late["actions"][:, -1] == 0).all() and (late["rewards"][:, -1] == 0).all()
+    step_rewards = late["rewards"][:, :-1, 0] * SCALE  # rewards of steps 3..5, observed
+    drop = late["returns_to_go"][:, :-1, 0] - late["returns_to_go"][:, 1:, 0]
+    assert torch.allclose(drop, step_rewards / SCALE, atol=1e-5)
+    # the rewards the windows observed add up to the reported returns, less the last step's (never observed)
+    observed = torch.stack([s["rewards"][:, -2, 0] for s in seen[1:]], 1).sum(1).double() * SCALE
+    assert np.all(observed.numpy() <= np.array(r.returns) + 1e-3)
+    assert np.allclose(observed.numpy(), np.array(r.returns), atol=12.0)  # a step's reward is at most 10

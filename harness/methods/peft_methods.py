@@ -27,6 +27,25 @@ _INIT_DIR = "initial_adapter_dir"  # PiSSA/OLoRA: the untrained adapter a save c
 _ORTH_WEIGHT = "adalora_orth_reg_weight"
 
 
+def _ready(model: nn.Module, site: AdapterSite, input_casts: bool) -> nn.Module:
+    """The last steps of every wrap and load: the head trains, and peft's input casts are off where
+    that changes nothing.
+
+    peft casts each adapter's input to the adapter weights' dtype (fp32) before the adapter's matmul;
+    under bf16 autocast that matmul casts it straight back to bf16, so for a method whose adapter path is
+    matmuls only the cast merely copies every targeted layer's activations twice per step (much of
+    LoRA's overhead over full fine-tuning on a GPU); tests check outputs and gradients are unchanged.
+    DoRA's and RandLoRA's element-wise terms do run in the input's dtype: they keep the casts.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = input_casts
+    unfreeze_head(model, site)
+    return model
+
+
 class PeftMethod(Method):
     """Shared life cycle of the PEFT-backed methods; subclasses build the config."""
 
@@ -41,10 +60,10 @@ class PeftMethod(Method):
         site.target_linears(model)  # fails clearly when nothing matches
         peft_model = get_peft_model(model, self.peft_config(settings, site, ctx))
         self.after_wrap(peft_model, settings, ctx)
-        unfreeze_head(peft_model, site)
-        return peft_model
+        return _ready(peft_model, site, self.input_casts)
 
     rank_limited = True
+    input_casts = False  # True where peft's input casts change the numbers (see _ready)
 
     def after_wrap(self, model: nn.Module, settings: dict[str, Any], ctx: MethodContext) -> None:
         """Hook for initialisations that need the wrapped model (EVA, the PiSSA save anchor)."""
@@ -71,7 +90,7 @@ class PeftMethod(Method):
         if not (folder / "adapter_config.json").is_file():
             raise ConfigError(f"{folder}: no adapter_config.json; not a saved {self.name!r} adapter")
         loaded = PeftModel.from_pretrained(model, str(folder), is_trainable=True)
-        unfreeze_head(loaded, site)
+        _ready(loaded, site, self.input_casts)
         load_head_state(loaded, site, load_file(str(folder / "head.safetensors")))
         return loaded
 
@@ -116,6 +135,7 @@ class DoRA(LoRA):
     name = "dora"
     summary = "DoRA (Liu et al. 2024) through peft: LoRA direction plus a trained magnitude per output"
     dora = True
+    input_casts = True  # DoRA's magnitude terms run in the input's dtype
 
 
 class _BaseRewritingLoRA(LoRA):
@@ -249,8 +269,7 @@ class EVA(LoRA):
         site.target_linears(model)
         peft_model = get_peft_model(model, self.peft_config(settings, site, ctx), low_cpu_mem_usage=True)
         self._initialise(peft_model, settings, ctx)
-        unfreeze_head(peft_model, site)
-        return peft_model
+        return _ready(peft_model, site, self.input_casts)
 
     def _initialise(self, model, settings, ctx: MethodContext) -> None:
         from peft import initialize_lora_eva_weights
@@ -294,7 +313,7 @@ class EVA(LoRA):
         cfg.init_lora_weights = True
         cfg.eva_config = None
         loaded = PeftModel.from_pretrained(model, str(folder), config=cfg, is_trainable=True)
-        unfreeze_head(loaded, site)
+        _ready(loaded, site, self.input_casts)
         load_head_state(loaded, site, load_file(str(Path(folder) / "head.safetensors")))
         return loaded
 
@@ -303,6 +322,7 @@ class EVADoRA(EVA):
     name = "eva-dora"
     summary = "EVA initialisation with DoRA's magnitude vectors"
     dora = True
+    input_casts = True  # DoRA's magnitude terms run in the input's dtype
 
 
 class VeRA(PeftMethod):
@@ -326,6 +346,7 @@ class VeRA(PeftMethod):
 
 
 class RandLoRA(PeftMethod):
+    input_casts = True  # its scaled bases multiply in the input's dtype
     name = "randlora"
     summary = "RandLoRA (Albert et al. 2025) through peft: full-rank update from frozen random rank-r bases, trained scalings"
     rank_limited = True
