@@ -33,13 +33,16 @@ def random_episodes(n: int, cfg: DTConfig, seed: int = 0) -> Episodes:
                     np.zeros(n, np.float32))
 
 
-def _harness_rate(cfg: DTConfig, ts, batch: int, steps: int, compiled: bool, device: torch.device) -> float:
+def _harness_rate(cfg: DTConfig, ts, batch: int, steps: int, compiled: bool, device: torch.device,
+                  fixed_batch: bool = False) -> float:
     with seeded(0):
         model = DecisionTransformer(cfg).to(device)
     sampler = WindowSampler(random_episodes(200, cfg), cfg.context, seed=0, device=device)
     loop = LoopConfig(steps=2 * steps, lr=ts.lr, weight_decay=ts.weight_decay, warmup=steps // 2,
                       min_lr=ts.min_lr, grad_clip=ts.grad_clip, compile=compiled, report_every=0)
-    trainer = Trainer(model, batch_loss, lambda: sampler.sample(batch), loop, device)
+    fixed = sampler.sample(batch)
+    trainer = Trainer(model, batch_loss, (lambda: fixed) if fixed_batch else (lambda: sampler.sample(batch)), loop,
+                      device)
     with seeded(0):
         for _ in range(steps):  # compile and allocator warm-up, not timed
             trainer.step()
@@ -96,9 +99,12 @@ def bench(ts) -> dict[str, Any]:
     for compiled in modes:
         name = "compiled" if compiled else "eager"
         harness = _harness_rate(cfg, ts, batch, steps, compiled, device)
+        fixed = _harness_rate(cfg, ts, batch, steps, compiled, device, fixed_batch=True)
         plain = _plain_rate(cfg, ts, batch, steps, compiled, device)
         out["train"][name] = {"harness_updates_per_s": round(harness, 2), "plain_updates_per_s": round(plain, 2),
                               "harness_over_plain": round(harness / plain, 3),
+                              # the loop alone, on the plain loop's one fixed batch: sampling's share
+                              "harness_fixed_batch_updates_per_s": round(fixed, 2),
                               "harness_tflops_per_s": round(flops * harness / 1e12, 2)}
         print(f"[bench rl] {name}: harness {harness:.1f} updates/s, plain loop {plain:.1f}, "
               f"ratio {harness / plain:.3f}", flush=True)

@@ -120,6 +120,27 @@ class RolloutPool:
         parts = self._gather("step", [actions[idx] for idx in self.split])
         return tuple(np.concatenate([p[k] for p in parts]) for k in range(3))  # type: ignore[return-value]
 
+    def groups(self, n: int) -> list[list[int]]:
+        """The workers in ``n`` groups (fewer when there are fewer workers) of about equal env counts."""
+        return [list(g) for g in np.array_split(np.arange(len(self.conns)), min(n, len(self.conns)))]
+
+    def envs_of(self, workers: list[int]) -> np.ndarray:
+        """The environment indices the given workers host, in order."""
+        return np.concatenate([self.split[w] for w in workers])
+
+    def send_step(self, workers: list[int], actions: np.ndarray) -> None:
+        """Start a step on ``workers`` (actions for their envs, in ``envs_of`` order) without waiting."""
+        at = 0
+        for w in workers:
+            n = len(self.split[w])
+            self.conns[w].send(("step", actions[at:at + n]))
+            at += n
+
+    def recv_step(self, workers: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The (observations, rewards, successes) of the step started by ``send_step`` on ``workers``."""
+        parts = [self.conns[w].recv() for w in workers]
+        return tuple(np.concatenate([p[k] for p in parts]) for k in range(3))  # type: ignore[return-value]
+
     def step_scripted(self, noise: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         parts = self._gather("scripted", [noise] * len(self.conns))
         return tuple(np.concatenate([p[k] for p in parts]) for k in range(3))  # type: ignore[return-value]
@@ -221,48 +242,88 @@ class _Policy:
         return self._forward(masked)
 
 
+class _Episodes:
+    """The episodes of one group of environments so far, on the device, left-padded by ``context - 1``
+    empty steps so that each step's window is a slice."""
+
+    def __init__(self, model, n: int, context: int, length: int, target_return: float, device):
+        import torch
+
+        P = context - 1
+        self.K, self.P, self.T = context, P, length
+        self.buf = {"states": torch.zeros(n, P + length, OBS_DIM, device=device),
+                    "actions": torch.zeros(n, P + length, ACT_DIM, device=device),
+                    "returns_to_go": torch.zeros(n, P + length, 1, device=device),
+                    "rewards": torch.zeros(n, P + length, 1, device=device)}
+        positions = torch.arange(-P, length, device=device)
+        self.steps = positions.clamp(min=0).expand(n, -1)
+        self.present = (positions >= 0).expand(n, -1)
+        self.policy = _Policy(model, n, context, device)
+        self.target, self.device = target_return / SCALE, device
+
+    def start(self, obs: np.ndarray) -> None:
+        import torch
+
+        self.buf["states"][:, self.P] = torch.from_numpy(obs).to(self.device)
+        self.buf["returns_to_go"][:, self.P] = self.target
+
+    def act(self, t: int) -> np.ndarray:
+        """The actions of step ``t`` (the one host sync of a step)."""
+        K, P = self.K, self.P
+        window = {k: v[:, t:t + K] for k, v in self.buf.items()}
+        window["timesteps"] = self.steps[:, t:t + K]
+        act = self.policy(window, self.present[:, t:t + K] if t < P else None).clamp(-1, 1)
+        self.buf["actions"][:, P + t] = act
+        return act.cpu().numpy()
+
+    def observe(self, t: int, obs: np.ndarray, rewards: np.ndarray) -> None:
+        import torch
+
+        P = self.P
+        r = torch.from_numpy(rewards).to(self.device)[:, None] / SCALE
+        self.buf["rewards"][:, P + t] = r
+        if t + 1 < self.T:
+            self.buf["states"][:, P + t + 1] = torch.from_numpy(obs).to(self.device)
+            self.buf["returns_to_go"][:, P + t + 1] = self.buf["returns_to_go"][:, P + t] - r
+
+
 def evaluate_dt(model, task: str, episodes: int, target_return: float, workers: int = 1, seed: int = 0,
                 device=None, length: int = EPISODE_LENGTH) -> RolloutResult:
     """Roll out the DT on ``episodes`` parallel environments of ``task``.
 
     ``target_return`` is unscaled (the dataset's best return); the return-to-go token starts at it and
-    drops by each observed reward; the current step's reward token is 0 until observed. The episode so
-    far lives on the device, left-padded by ``context - 1`` empty steps, so each step's window is a slice.
+    drops by each observed reward; the current step's reward token is 0 until observed. With two or more
+    workers the environments run in two groups, one group's simulator steps overlapping the other's DT
+    forward, so the policy's time hides behind the simulator's; the episodes are the same either way.
     """
     import torch
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     K = int(getattr(getattr(model, "cfg", None), "context", 0) or _find_cfg(model).context)
-    N, T, P = episodes, length, K - 1
-    buf = {"states": torch.zeros(N, P + T, OBS_DIM, device=device),
-           "actions": torch.zeros(N, P + T, ACT_DIM, device=device),
-           "returns_to_go": torch.zeros(N, P + T, 1, device=device),
-           "rewards": torch.zeros(N, P + T, 1, device=device)}
-    positions = torch.arange(-P, T, device=device)
-    steps = positions.clamp(min=0).expand(N, -1)
-    present = (positions >= 0).expand(N, -1)
+    N, T = episodes, length
     rewards = np.zeros((N, T), np.float32)
     successes = np.zeros((N, T), bool)
     was_training = model.training
     model.eval()
-    policy = _Policy(model, N, K, device)
     t0 = time.time()
     try:
         with RolloutPool(task, N, workers, seed, length) as pool:
-            buf["states"][:, P] = torch.from_numpy(pool.reset()).to(device)
-            buf["returns_to_go"][:, P] = target_return / SCALE
+            groups = pool.groups(2)
+            envs = [pool.envs_of(g) for g in groups]
+            eps = [_Episodes(model, len(e), K, T, target_return, device) for e in envs]
+            obs = pool.reset()
+            for e, idx in zip(eps, envs):
+                e.start(obs[idx])
             for t in range(T):
-                window = {k: v[:, t:t + K] for k, v in buf.items()}
-                window["timesteps"] = steps[:, t:t + K]
-                act = policy(window, present[:, t:t + K] if t < P else None).clamp(-1, 1)
-                buf["actions"][:, P + t] = act
-                obs, r, s = pool.step(act.cpu().numpy())
-                rewards[:, t], successes[:, t] = r, s
-                r_dev = torch.from_numpy(r).to(device)[:, None] / SCALE
-                buf["rewards"][:, P + t] = r_dev
-                if t + 1 < T:
-                    buf["states"][:, P + t + 1] = torch.from_numpy(obs).to(device)
-                    buf["returns_to_go"][:, P + t + 1] = buf["returns_to_go"][:, P + t] - r_dev
+                for g, (e, idx) in enumerate(zip(eps, envs)):
+                    if t > 0:  # the group's previous step ran while the other group's policy did
+                        o, r, s = pool.recv_step(groups[g])
+                        rewards[idx, t - 1], successes[idx, t - 1] = r, s
+                        e.observe(t - 1, o, r)
+                    pool.send_step(groups[g], e.act(t))
+            for g, (e, idx) in enumerate(zip(eps, envs)):
+                o, r, s = pool.recv_step(groups[g])
+                rewards[idx, T - 1], successes[idx, T - 1] = r, s
     finally:
         model.train(was_training)
     return _score(task, rewards, successes, time.time() - t0, target_return)
