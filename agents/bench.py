@@ -98,9 +98,12 @@ def bench(ts) -> dict[str, Any]:
     flops = flops_per_step(cfg, batch)
     for compiled in modes:
         name = "compiled" if compiled else "eager"
-        harness = _harness_rate(cfg, ts, batch, steps, compiled, device)
-        fixed = _harness_rate(cfg, ts, batch, steps, compiled, device, fixed_batch=True)
-        plain = _plain_rate(cfg, ts, batch, steps, compiled, device)
+        # alternated three times, medians reported: the GPU's clocks drift between runs by more than
+        # the difference being measured
+        runs = [(_harness_rate(cfg, ts, batch, steps, compiled, device),
+                 _harness_rate(cfg, ts, batch, steps, compiled, device, fixed_batch=True),
+                 _plain_rate(cfg, ts, batch, steps, compiled, device)) for _ in range(3)]
+        harness, fixed, plain = (float(np.median(x)) for x in zip(*runs))
         out["train"][name] = {"harness_updates_per_s": round(harness, 2), "plain_updates_per_s": round(plain, 2),
                               "harness_over_plain": round(harness / plain, 3),
                               # the loop alone, on the plain loop's one fixed batch: sampling's share
@@ -116,6 +119,7 @@ def bench(ts) -> dict[str, Any]:
     dt = evaluate_dt(model, task, envs, 1000.0, workers, 0, device)
     scripted = evaluate_scripted(task, envs, workers, 0)
     out["rollout"] = {"envs": envs, "workers": workers, "dt_env_steps_per_s": round(dt.env_steps_per_s, 1),
+                      "dt_policy_share": round(dt.policy_s / dt.wall_s, 3),
                       "scripted_env_steps_per_s": round(scripted.env_steps_per_s, 1),
                       "dt_over_scripted": round(dt.env_steps_per_s / scripted.env_steps_per_s, 3)}
     print(f"[bench rl] rollout {dt.env_steps_per_s:.0f} env-steps/s with the DT vs {scripted.env_steps_per_s:.0f} "

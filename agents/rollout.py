@@ -73,6 +73,7 @@ class RolloutResult:
     wall_s: float = 0.0
     env_steps_per_s: float = 0.0
     target_return: float = 0.0
+    policy_s: float = 0.0  # time the main process spent choosing actions (the rest: simulators and pipes)
 
     def metrics(self, prefix: str = "") -> dict[str, float]:
         return {f"{prefix}success": self.success, f"{prefix}success_any": self.success_any,
@@ -314,19 +315,25 @@ def evaluate_dt(model, task: str, episodes: int, target_return: float, workers: 
             obs = pool.reset()
             for e, idx in zip(eps, envs):
                 e.start(obs[idx])
+            policy_s = 0.0
             for t in range(T):
                 for g, (e, idx) in enumerate(zip(eps, envs)):
                     if t > 0:  # the group's previous step ran while the other group's policy did
                         o, r, s = pool.recv_step(groups[g])
                         rewards[idx, t - 1], successes[idx, t - 1] = r, s
                         e.observe(t - 1, o, r)
-                    pool.send_step(groups[g], e.act(t))
+                    started = time.perf_counter()
+                    actions = e.act(t)
+                    policy_s += time.perf_counter() - started
+                    pool.send_step(groups[g], actions)
             for g, (e, idx) in enumerate(zip(eps, envs)):
                 o, r, s = pool.recv_step(groups[g])
                 rewards[idx, T - 1], successes[idx, T - 1] = r, s
     finally:
         model.train(was_training)
-    return _score(task, rewards, successes, time.time() - t0, target_return)
+    result = _score(task, rewards, successes, time.time() - t0, target_return)
+    result.policy_s = policy_s
+    return result
 
 
 def _find_cfg(model):
