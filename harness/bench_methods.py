@@ -20,7 +20,7 @@ from torch import nn
 from harness.methods import AdapterSite, MethodContext, get_method, method_names
 from harness.randomness import seeded
 from harness.training import LoopConfig, Trainer, synchronize
-from harness.validation import Int, validate
+from harness.validation import Bool, Int, validate
 
 VIT_SITE = AdapterSite(targets=("qkv", "attn.proj", "fc1", "fc2"), head=("head",))
 
@@ -35,6 +35,7 @@ class BenchSettings(BaseModel):
     steps: Int | None = Field(None, ge=1)
     warmup: Int | None = Field(None, ge=0)
     methods: list[str] | None = None
+    compile: Bool = False  # torch.compile forward and loss, as trials with `compile: true` do (CUDA only)
 
 
 def _defaults(cuda: bool) -> dict[str, Any]:
@@ -110,7 +111,7 @@ def _time_method(name: str, cfg: dict[str, Any], x, y, device, bank) -> dict[str
                         init_batches=lambda: [(x, y)] * 4, forward_fn=lambda m, b: m(b[0]),
                         evaluate=lambda m: 0.0)
     model = method.wrap(model, VIT_SITE, settings, ctx).to(device)
-    loop = LoopConfig(steps=cfg["warmup"] + cfg["steps"], lr=1e-4, report_every=0)
+    loop = LoopConfig(steps=cfg["warmup"] + cfg["steps"], lr=1e-4, report_every=0, compile=cfg["compile"])
     trainer = Trainer(model, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]), lambda: (x, y), loop, device,
                       MethodHooks(method, ctx))
     synchronize(device)
