@@ -174,3 +174,20 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def check_writable_dir(path: Path, what: str) -> Path:
+    """``path`` as a folder this process can write (created if missing), or a ConfigError saying why not:
+    found before any compute, not after a trial has trained."""
+    from harness.errors import ConfigError
+
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} {str(path)!r} is a file, not a folder; give a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{what} {str(path)!r} is not writable ({e.strerror or e}); give a writable folder") from None
+    return path

@@ -34,8 +34,15 @@ def _split_run_sets(args, method_name: str, track) -> tuple[dict, dict, dict]:
     method, settings, budget = {}, {}, {}
     for key, value in _parse_sets(args.set):
         prefix, _, name = key.partition(".")
+        owners = [n for n, keys in (("method", method_keys), ("settings", track_keys), ("budget", budget_keys))
+                  if key in keys]
         if name and prefix in ("method", "settings", "budget"):
             {"method": method, "settings": settings, "budget": budget}[prefix][name] = value
+        elif len(owners) > 1:  # e.g. dropout: LoRA's adapter dropout or the DT's (which changes the base model)
+            raise ConfigError(f"--set {key!r} is ambiguous: it is a setting of "
+                              + " and of ".join({"method": f"method {method_name!r}", "settings":
+                                                 f"the {args.track} track", "budget": "the budget"}[o] for o in owners)
+                              + "; say which: " + " or ".join(f"--set {o}.{key}={value}" for o in owners))
         elif key in method_keys:
             method[key] = value
         elif key in track_keys:
@@ -50,23 +57,41 @@ def _split_run_sets(args, method_name: str, track) -> tuple[dict, dict, dict]:
     return method, settings, budget
 
 
+# Exit statuses of `sweep` and `run` (README, "Using it"): what a script driving the harness branches on.
+EXIT_OK, EXIT_SOME_FAILED, EXIT_BAD_INPUT, EXIT_ALL_FAILED = 0, 1, 2, 3
+
+
+def _writable_folders(results: str | None, leaderboard: str | None) -> None:
+    from harness.cache import cache_root, check_writable_dir
+
+    check_writable_dir(cache_root(), "the cache (HARNESS_CACHE)")
+    if results is not None:
+        check_writable_dir(Path(results), "--results")
+    if leaderboard is not None:
+        check_writable_dir(Path(leaderboard), "--leaderboard")
+
+
 def cmd_sweep(args) -> int:
     from harness.driver import run_sweep
     from harness.sweep_file import load_sweep
 
-    sweep = load_sweep(args.file, args.set)
-    if args.only:
-        names = [s.name for s in sweep.studies]
-        if args.only not in names:
-            raise ConfigError(f"--only {args.only!r}: no such study in {args.file}; studies: {', '.join(names)}")
-        sweep.studies = [s for s in sweep.studies if s.name == args.only]
-    run_sweep(sweep, Path(args.results), Path(args.leaderboard), resume=args.resume, address=args.address,
-              dashboard=not args.no_dashboard)
+    sweep = load_sweep(args.file, args.set, args.only)
+    _writable_folders(args.results, args.leaderboard)
+    out = run_sweep(sweep, Path(args.results), Path(args.leaderboard), resume=args.resume, address=args.address,
+                    dashboard=not args.no_dashboard)
     from harness.leaderboard import render
 
     render(Path(args.leaderboard))
     print(f"[sweep] done; leaderboard in {args.leaderboard}/", flush=True)
-    return 0
+    records = [r for recs in out.values() for r in recs]
+    failed = sum(r.get("status") != "ok" for r in records)
+    if records and failed == len(records):
+        print(f"[sweep] every trial failed ({failed}); exit status {EXIT_ALL_FAILED}", file=sys.stderr)
+        return EXIT_ALL_FAILED
+    if failed:
+        print(f"[sweep] {failed} of {len(records)} trials failed; exit status {EXIT_SOME_FAILED}", file=sys.stderr)
+        return EXIT_SOME_FAILED
+    return EXIT_OK
 
 
 def cmd_run(args) -> int:
@@ -74,6 +99,7 @@ def cmd_run(args) -> int:
     from harness.trial import TrialSpec, print_reporter, run_trial, validate_spec
 
     track = get_track(args.track)
+    _writable_folders(None, None)
     method, settings, budget = _split_run_sets(args, args.method, track)
     for flag in ("data_root", "backbone", "weights"):
         value = getattr(args, flag)
@@ -93,7 +119,7 @@ def cmd_run(args) -> int:
         print(json.dumps(record.flat(), default=str, sort_keys=True), flush=True)
     else:
         print(yaml.safe_dump(record.flat(), sort_keys=False))
-    return 0 if record.status == "ok" else 1
+    return EXIT_OK if record.status == "ok" else EXIT_ALL_FAILED
 
 
 def _track_settings(args) -> tuple[Any, Any]:

@@ -197,11 +197,46 @@ def _write_records(path: Path, records: list[dict[str, Any]]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, default=str, sort_keys=True) + "\n" for r in records))
 
 
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict) and d:  # an empty mapping is a value of its own (a method with no settings)
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): d}
+
+
+def check_results(sweep: SweepFile, results_dir: Path, resume: bool) -> None:
+    """Before any compute: a study whose results exist needs ``--resume``, and a resumed study must be
+    the one that made them. Each study's validated definition is kept beside its results; a resume of an
+    edited study is refused with the keys that changed (a finished grid would otherwise pass for the new one)."""
+    base = results_dir / sweep.name
+    for study in sweep.studies:
+        saved = base / f"{study.name}.study.json"
+        current = study.model_dump(mode="json")
+        started = saved.exists() or any(base.glob(f"{study.name}-*/tuner.pkl"))
+        if started and not resume:
+            raise ConfigError(f"results of study {study.name!r} already exist in {base}: pass --resume to continue "
+                              "(finished trials are kept), or --results DIR for a fresh folder")
+        if resume and saved.exists():
+            old = _flatten(json.loads(saved.read_text()))
+            new = _flatten(current)
+            changed = [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}"
+                       for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            if changed:
+                raise ConfigError(f"--resume: study {study.name!r} is not the one whose results are in {base}; "
+                                  f"changed: {'; '.join(changed[:8])}. Undo the edit to resume, or run the edited "
+                                  "study into a fresh --results folder")
+        if not saved.exists():
+            atomic_write_text(saved, json.dumps(current, indent=1, sort_keys=True))
+
+
 def run_sweep(sweep: SweepFile, results_dir: Path, leaderboard_dir: Path, resume: bool = False,
               address: str | None = None, dashboard: bool = True) -> dict[str, list[dict[str, Any]]]:
     """Run every study of a sweep through Ray Tune and update the leaderboard after each study."""
     from harness import leaderboard
 
+    check_results(sweep, Path(results_dir), resume)
     init_ray(address, dashboard)
     out: dict[str, list[dict[str, Any]]] = {}
     for study in sweep.studies:

@@ -162,12 +162,15 @@ class FineTuneRun:
             if stats is not None:
                 metrics[setup.loss_metric] = float(stats.final_loss)
             self.report({"update": setup.schedule.steps, **metrics})
-            adapter_path = ""
+            describe = method.describe(model)
+            adapter_path, adapter_error = "", ""
             if setup.save_adapter:
                 from harness.adapters import save_trial_adapter
 
-                adapter_path = str(save_trial_adapter(method, model, setup.site, settings, spec, setup.base_key))
-            describe = method.describe(model)
+                try:
+                    adapter_path = str(save_trial_adapter(method, model, setup.site, settings, spec, setup.base_key))
+                except OSError as e:  # a full or read-only disk must not cost the trial its scores
+                    adapter_error = f"{type(e).__name__}: {e}"
         train_s = stats.wall_s if stats else 0.0
         extra = {
             **setup.facts, **facts, "lr": self.lr, "weight_decay": self.weight_decay, "warmup": self.loop.warmup,
@@ -177,6 +180,8 @@ class FineTuneRun:
         }
         if stats is not None and setup.time_data:
             extra["data_share"] = round(stats.data_share, 4)
+        if adapter_error:
+            extra["adapter_error"] = adapter_error
         return FineTuneResult(metrics=metrics, settings=settings, trainable_params=own, head_params=head,
                               backbone=setup.backbone, data_source=setup.data_source, adapter_path=adapter_path,
                               device=str(setup.device), extra=extra)

@@ -105,15 +105,44 @@ def _board_meta(path: Path) -> dict[str, Any]:
     return json.loads(meta.read_text()) if meta.exists() else {}
 
 
+LOCK_FILE = ".leaderboard.lock"
+STALE_TMP_S = 600  # a temporary file this old was left by a writer that died mid-write
+
+
+def board_lock(out_dir: Path):
+    """The lock every read-merge-write of a leaderboard folder holds: two sweeps updating one board at
+    once would otherwise each merge into what the other had not yet written, and rows would be lost.
+    A file lock (``filelock``: fcntl/flock), so it holds across processes and on storage that honours
+    POSIX locks; it is released when its holder dies."""
+    from filelock import FileLock
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(out_dir / LOCK_FILE), timeout=600)
+
+
+def _clean_stale_temporaries(out_dir: Path) -> None:
+    """Remove temporary files that a killed writer left behind (``atomic_write_*`` names them ``.<file>.*``)."""
+    import time
+
+    for tmp in out_dir.glob(".*.*"):
+        if tmp.name != LOCK_FILE and tmp.is_file() and time.time() - tmp.stat().st_mtime > STALE_TMP_S:
+            tmp.unlink(missing_ok=True)
+
+
 def update(records: list[dict[str, Any]], study, out_dir: Path) -> list[Path]:
-    """Merge a study's records into its board's CSVs; return the files written."""
+    """Merge a study's records into its board's CSVs, under the folder's lock; return the files written."""
     bench = get_track(study.track).benchmark(study.benchmark)
     groups = {g: list(ts) for g, ts in bench.groups.items()}
     table = aggregate(records, bench.primary_metric, groups, bench.higher_is_better)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{study.board_name}.csv"
     if table.empty:
         return []
+    with board_lock(out_dir):
+        _clean_stale_temporaries(out_dir)
+        return _merge_write(table, study, bench, groups, out_dir)
+
+
+def _merge_write(table: pd.DataFrame, study, bench, groups: dict[str, Any], out_dir: Path) -> list[Path]:
+    path = out_dir / f"{study.board_name}.csv"
     if path.exists():
         old = pd.read_csv(path, keep_default_na=True)
         keys = set(map(tuple, table[ROW_KEY].astype(str).values))

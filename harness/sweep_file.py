@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 from harness.errors import ConfigError
 from harness.tracks import get_track
@@ -37,9 +37,13 @@ class Selection(BaseModel):
     budget: dict[str, Any] = Field(default_factory=dict)
 
 
+# Names become folder and file names under --results and --leaderboard: nothing that could leave them.
+SafeName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")]
+
+
 class Study(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str
+    name: SafeName
     track: str
     benchmark: str
     tasks: list[str] | Literal["all"] = "all"
@@ -50,7 +54,7 @@ class Study(BaseModel):
     protocol: Literal["grid", "select-then-final"] = "grid"
     selection: Selection = Field(default_factory=Selection)
     resources: Resources = Field(default_factory=Resources)
-    leaderboard: str | None = None  # CSV name; default: the benchmark
+    leaderboard: SafeName | None = None  # CSV name; default: the benchmark
 
     @field_validator("methods")
     @classmethod
@@ -66,7 +70,7 @@ class Study(BaseModel):
 
 class SweepFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str
+    name: SafeName
     description: str = ""
     studies: list[Study]
 
@@ -149,8 +153,9 @@ def validate_study(study: Study, where: str) -> None:
         raise ConfigError(f"{where}.seeds: give at least one seed")
 
 
-def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepFile:
-    """Read, override (``--set key=value``), and validate a sweep file in full."""
+def load_sweep(path: str | Path, overrides: list[str] | None = None, only: str | None = None) -> SweepFile:
+    """Read, override (``--set key=value``) and validate a sweep file in full; with ``only``, just that
+    study: bare overrides apply to it alone and the other studies are neither changed nor checked."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file {str(path)!r} does not exist" + _available_sweeps())
@@ -160,8 +165,14 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepFil
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     raw = _normalise(raw, str(path))
     single = raw.pop("_single", False)
+    if only is not None:
+        names = [s.get("name") if isinstance(s, dict) else None for s in raw["studies"]]
+        if only not in names:
+            raise ConfigError(f"--only {only!r}: no such study in {path}; studies: {', '.join(map(str, names))}")
     for item in overrides or []:
-        apply_override(raw, item)
+        apply_override(raw, item, only)
+    if only is not None:
+        raw["studies"] = [s for s in raw["studies"] if isinstance(s, dict) and s.get("name") == only]
     try:
         sweep = SweepFile.model_validate(raw)
     except ValidationError as e:
@@ -180,24 +191,42 @@ def _available_sweeps() -> str:
     return f"; sweep files in ./sweeps: {', '.join(files)}" if files else ""
 
 
-def apply_override(raw: dict[str, Any], item: str) -> None:
-    """``key.sub=value`` (value parsed as YAML). Keys without ``studies.`` apply to every study."""
+def apply_override(raw: dict[str, Any], item: str, only: str | None = None) -> None:
+    """``key.sub=value`` (value parsed as YAML). A key without ``studies.`` applies to every study (to
+    study ``only`` alone when given); ``studies.N.key`` to the N-th study of the file."""
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected key=value, e.g. budget.steps=100")
     key, value = item.split("=", 1)
-    parsed = yaml.safe_load(value)
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e})") from None
     parts = key.strip().split(".")
-    targets = [raw] if parts[0] in ("name", "description", "studies") else raw["studies"]
+    if parts[0] in ("name", "description", "studies"):
+        targets = [raw]
+    else:
+        targets = [s for s in raw["studies"] if only is None or (isinstance(s, dict) and s.get("name") == only)]
     for target in targets:
-        node = target
-        for p in parts[:-1]:
+        node: Any = target
+        for i, p in enumerate(parts[:-1]):
+            where = ".".join(parts[:i + 1])
             if isinstance(node, list):
+                if not p.isdigit() or int(p) >= len(node):
+                    raise ConfigError(f"--set {item!r}: {where!r} needs an index 0..{len(node) - 1}, got {p!r}")
                 node = node[int(p)]
-            else:
+            elif isinstance(node, dict):
                 node = node.setdefault(p, {})
-                if not isinstance(node, (dict, list)):
-                    raise ConfigError(f"--set {item!r}: {p!r} is not a mapping")
-        node[parts[-1]] = parsed
+            else:
+                raise ConfigError(f"--set {item!r}: {'.'.join(parts[:i])!r} is {node!r}, not a mapping")
+        if isinstance(node, list):
+            last = parts[-1]
+            if not last.isdigit() or int(last) >= len(node):
+                raise ConfigError(f"--set {item!r}: {key!r} needs an index 0..{len(node) - 1}")
+            node[int(last)] = parsed
+        elif isinstance(node, dict):
+            node[parts[-1]] = parsed
+        else:
+            raise ConfigError(f"--set {item!r}: {'.'.join(parts[:-1])!r} is {node!r}, not a mapping")
 
 
 def study_trials(study: Study, stage: str, chosen: dict[tuple[str, str], dict[str, Any]] | None = None

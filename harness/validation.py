@@ -40,6 +40,9 @@ def _describe(err: dict[str, Any]) -> str:
     kind = err["type"]
     if kind in _EXPECTED:
         return f"expected {_EXPECTED[kind]}"
+    if kind == "string_pattern_mismatch":
+        return ("expected a plain name: letters, digits, '.', '_' and '-', starting with a letter or digit, "
+                "at most 100 characters (it names files and folders)")
     if kind == "literal_error":
         return f"valid values: {err.get('ctx', {}).get('expected', '')}"
     bounds = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
@@ -67,7 +70,7 @@ def format_errors(e: ValidationError, where: str, noun: str, model: type[BaseMod
     bad: dict[tuple, tuple[Any, list[str]]] = {}
     for err in e.errors():
         loc = tuple(p for p in err["loc"] if not _union_member(p))
-        if drop_prefix and loc[:len(drop_prefix)] == drop_prefix:
+        if drop_prefix and len(loc) > len(drop_prefix) and loc[:len(drop_prefix)] == drop_prefix:
             loc = loc[len(drop_prefix):]
         if err["type"] == "extra_forbidden":
             unknown.setdefault(loc[:-1], []).append(str(loc[-1]))
