@@ -87,7 +87,12 @@ class ArtifactCache:
             manifest = json.loads(manifest_path.read_text())
         except (OSError, ValueError) as e:
             raise CorruptArtifactError(f"{manifest_path}: unreadable manifest ({e})") from e
-        for fname, meta in manifest.get("files", {}).items():
+        files = manifest.get("files") if isinstance(manifest, dict) else None
+        if not isinstance(files, dict) or "settings" not in manifest or not all(
+                isinstance(m, dict) and {"size", "sha256"} <= set(m) for m in files.values()):
+            raise CorruptArtifactError(f"{manifest_path}: a manifest without its fields (files with size and "
+                                       "sha256, settings)")
+        for fname, meta in files.items():
             fpath = path / fname
             if not fpath.is_file():
                 raise CorruptArtifactError(f"{fpath}: missing")

@@ -174,8 +174,10 @@ def cmd_bench(args) -> int:
 def cmd_leaderboard(args) -> int:
     from harness.leaderboard import render
 
+    from harness.leaderboard import board_files
+
     out = Path(args.out)
-    if not any(out.glob("*.csv")):
+    if not board_files(out):
         raise ConfigError(f"no leaderboard CSVs in {out}/: run a sweep first (python -m harness sweep)")
     for p in render(out):
         print(p)

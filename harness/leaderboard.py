@@ -158,6 +158,28 @@ def _merge_write(table: pd.DataFrame, study, bench, groups: dict[str, Any], out_
     return [path, summary_path]
 
 
+def board_files(out_dir: Path) -> list[Path]:
+    """The leaderboard CSVs in ``out_dir``: those with a board's columns. Other CSVs (an empty file, a table
+    of something else) are skipped with a warning instead of failing the whole render."""
+    import warnings
+
+    boards = []
+    for path in sorted(out_dir.glob("*.csv")):
+        if path.stem.endswith("-summary"):
+            continue
+        try:
+            columns = set(pd.read_csv(path, nrows=0).columns)
+        except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+            warnings.warn(f"{path}: not a leaderboard CSV ({type(e).__name__}); skipped", stacklevel=2)
+            continue
+        missing = {"method", "task", "backbone", "data_source", "trainable_params"} - columns
+        if missing:
+            warnings.warn(f"{path}: not a leaderboard CSV (no column {sorted(missing)[0]!r}); skipped", stacklevel=2)
+            continue
+        boards.append(path)
+    return boards
+
+
 def render(out_dir: Path) -> list[Path]:
     """Markdown tables and plots for every board in ``out_dir``."""
     import matplotlib
@@ -166,9 +188,7 @@ def render(out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    for path in sorted(out_dir.glob("*.csv")):
-        if path.stem.endswith("-summary"):
-            continue
+    for path in board_files(out_dir):
         meta = _board_meta(path)
         primary = meta.get("primary_metric", "score")
         table = pd.read_csv(path)

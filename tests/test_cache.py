@@ -39,7 +39,7 @@ def test_get_or_build_reuses_verified_entry(tmp_path):
     assert len(calls) == 2
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "manifest"])
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "manifest", "manifest-fields", "manifest-list"])
 def test_corrupt_entry_is_detected_and_rebuilt(tmp_path, damage):
     cache, calls = ArtifactCache(tmp_path), []
     a = cache.get_or_build("kind", "thing", {"n": 1}, _builder(calls))
@@ -50,6 +50,10 @@ def test_corrupt_entry_is_detected_and_rebuilt(tmp_path, damage):
         target.write_bytes(b"y" + b"x" * 999)
     elif damage == "delete":
         target.unlink()
+    elif damage == "manifest-fields":  # valid JSON, no fields
+        (a.path / "manifest.json").write_text('{"kind": "kind"}')
+    elif damage == "manifest-list":
+        (a.path / "manifest.json").write_text('[1, 2]')
     else:
         (a.path / "manifest.json").write_text("{not json")
     with pytest.warns(UserWarning, match="corrupt"):

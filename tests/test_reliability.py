@@ -180,3 +180,20 @@ def test_a_failed_adapter_save_keeps_the_trials_scores(monkeypatch):
     record = run_trial(spec, lambda m: None)
     assert record.status == "ok" and "top1" in record.metrics
     assert "No space left" in record.extra["adapter_error"] and record.adapter_path == ""
+
+
+def test_unreadable_weights_and_foreign_csvs_are_clear_errors(tmp_path, capsys):
+    junk = tmp_path / "weights.npz"
+    junk.write_bytes(os.urandom(2000))
+    assert main(["run", "--track", "vision", "--benchmark", "builtin", "--task", "shapes", "--method", "linear",
+                 "--weights", str(junk), "--set", "backbone=vit_tiny_patch16_224", "--set", "img_size=32",
+                 "--set", "model_kwargs={patch_size: 8, depth: 2}", "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "weights.npz: could not be read as .npz" in err and "Traceback" not in err
+    board = tmp_path / "board"
+    board.mkdir()
+    (board / "empty.csv").write_text("")
+    (board / "other.csv").write_text("a,b\n1,2\n")
+    with pytest.warns(UserWarning, match="not a leaderboard CSV"):
+        assert main(["leaderboard", "--out", str(board)]) == 2
+    assert "no leaderboard CSVs" in capsys.readouterr().err

@@ -111,8 +111,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def _is_jax_npz(path: Path) -> bool:
     import numpy as np
 
-    with np.load(str(path), allow_pickle=False) as z:
-        return any(k.endswith("embedding/kernel") for k in z.files)
+    try:
+        with np.load(str(path), allow_pickle=False) as z:
+            return any(k.endswith("embedding/kernel") for k in z.files)
+    except Exception as e:  # noqa: BLE001 - random bytes, a pickle, a truncated archive: all unreadable
+        raise DataError(f"weights file {path}: could not be read as .npz ({type(e).__name__}: {e})") from None
 
 
 def load_weights_file(model: nn.Module, path: Path) -> dict[str, Any]:
