@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,9 @@ def _trial_name(trial) -> str:
     defaults = get_method(spec["method"]).resolve_settings({})
     # the settings that differ from the method's defaults name the grid point
     settings = "-".join(f"{k}{v}" for k, v in sorted(spec["method_settings"].items()) if defaults.get(k) != v)
-    return f"{spec['task']}_{spec['method']}{('_' + settings) if settings else ''}_s{spec['seed']}"[:80]
+    name = f"{spec['task']}_{spec['method']}{('_' + settings) if settings else ''}_s{spec['seed']}"
+    # it names the trial's folder: a setting's value (EigenLoRA's bank_dir) may hold a path
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", name)[:80]
 
 
 def _trial_dir(trial) -> str:

@@ -96,3 +96,14 @@ def test_selection_follows_the_metric_direction():
             for lr, loss in ((0.1, 2.0), (0.01, 1.0))]
     assert choose_settings(recs, "loss", higher_is_better=True)[("m", "t")] == {"lr": 0.1}
     assert choose_settings(recs, "loss", higher_is_better=False)[("m", "t")] == {"lr": 0.01}
+
+
+def test_trial_names_are_safe_folder_names():
+    from dataclasses import asdict
+
+    from harness.driver import _trial_name
+
+    class Trial:
+        config = {"spec": asdict(TrialSpec("rl", "cw10", "hammer", "eigenlora", {"bank_dir": "/data/../bank x"}, 2))}
+
+    assert _trial_name(Trial) == "hammer_eigenlora_bank_dir_data_.._bank_x_s2"
