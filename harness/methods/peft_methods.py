@@ -121,6 +121,10 @@ class LoRA(PeftMethod):
     init: Any = True
     dora = False
 
+    @property
+    def input_casts(self) -> bool:  # type: ignore[override]
+        return self.dora  # DoRA's magnitude terms run in the input's dtype
+
     def init_weights(self, settings: dict[str, Any]) -> Any:
         return self.init
 
@@ -135,7 +139,6 @@ class DoRA(LoRA):
     name = "dora"
     summary = "DoRA (Liu et al. 2024) through peft: LoRA direction plus a trained magnitude per output"
     dora = True
-    input_casts = True  # DoRA's magnitude terms run in the input's dtype
 
 
 class _BaseRewritingLoRA(LoRA):
@@ -322,7 +325,6 @@ class EVADoRA(EVA):
     name = "eva-dora"
     summary = "EVA initialisation with DoRA's magnitude vectors"
     dora = True
-    input_casts = True  # DoRA's magnitude terms run in the input's dtype
 
 
 class VeRA(PeftMethod):
