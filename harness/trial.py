@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from typing import Any, Protocol
 
 from harness import __version__
-from harness.errors import ConfigError, HarnessError
+from harness.errors import HarnessError
 
 
 class Reporter(Protocol):
@@ -186,5 +186,5 @@ def run_trial(spec: TrialSpec, report: Reporter = print_reporter) -> TrialRecord
     return session.finish()
 
 
-__all__ = ["ConfigError", "Reporter", "TrialRecord", "TrialSession", "TrialSpec", "print_reporter", "run_trial",
+__all__ = ["Reporter", "TrialRecord", "TrialSession", "TrialSpec", "print_reporter", "run_trial",
            "validate_spec"]

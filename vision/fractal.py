@@ -8,7 +8,6 @@ and images never touch the disk.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
