@@ -72,7 +72,7 @@ def _write_rows(out_dir: str, worker: int, n: int) -> None:
 
 
 def test_concurrent_leaderboard_writers_lose_no_row(tmp_path):
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch's threads
     procs = [ctx.Process(target=_write_rows, args=(str(tmp_path), w, 15)) for w in range(4)]
     for p in procs:
         p.start()
