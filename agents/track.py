@@ -161,6 +161,10 @@ class RLTrack(Track):
 
         return bench(settings)
 
+    def shape_model(self, settings: RLSettings, benchmark: str):
+        with torch.device("meta"):
+            return DecisionTransformer(model_config(settings)), SITE
+
     # --- one trial -----------------------------------------------------------------------------------
     def setup(self, spec, settings: RLSettings, budget: RLBudget, rng: TrialRandom, report: Report) -> FineTuneSetup:
         """The pretrained DT, the task's windows and the rollout evaluation."""

@@ -139,14 +139,17 @@ def validate_study(study: Study, where: str) -> None:
         track.check_tasks(study.benchmark, study_tasks(study))
     except ConfigError as e:
         raise ConfigError(f"{where}.tasks: {e}") from None
+    settings = track.settings(study.settings, f"{where}.settings")
+    shaped = track.shape_model(settings, study.benchmark)
     for name, space in study.methods.items():
         try:
             method = get_method(name)
             for combo in expand_grid(space, name):
-                method.resolve_settings(combo)
+                resolved = method.resolve_settings(combo)
+                if shaped is not None:
+                    method.check_fit(*shaped, resolved)
         except ConfigError as e:
             raise ConfigError(f"{where}.methods.{name}: {e}") from None
-    track.settings(study.settings, f"{where}.settings")
     track.budget(study.budget, f"{where}.budget")
     track.budget({**study.budget, **study.selection.budget}, f"{where}.selection.budget")
     if not study.seeds:

@@ -19,7 +19,10 @@ from harness.errors import ConfigError, choices_message
 from harness.validation import Bool, Float, validate
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from harness.finetune import FineTuneSetup
+    from harness.methods import AdapterSite
     from harness.randomness import TrialRandom
     from harness.trial import TrialSpec
 
@@ -98,6 +101,12 @@ class Track(ABC):
 
     def data_source(self, benchmark: str) -> str:
         return self.benchmark(benchmark).data_source
+
+    def shape_model(self, settings: TrackSettings, benchmark: str) -> "tuple[nn.Module, AdapterSite] | None":
+        """The trial's model on the meta device (shapes, no memory, no weights) and its adapter site, so
+        that method settings are checked against the layers before any compute; None where a track
+        cannot build it so (the check then happens when the trial wraps its model)."""
+        return None
 
     # --- stages ------------------------------------------------------------------------------------
     @abstractmethod

@@ -94,8 +94,11 @@ def validate_spec(spec: TrialSpec) -> TrialSpec:
 
     track = get_track(spec.track)
     track.check_tasks(spec.benchmark, [spec.task])
-    settings = get_method(spec.method).resolve_settings(spec.method_settings)
-    track.settings(spec.track_settings)
+    method = get_method(spec.method)
+    settings = method.resolve_settings(spec.method_settings)
+    shaped = track.shape_model(track.settings(spec.track_settings), spec.benchmark)
+    if shaped is not None:
+        method.check_fit(*shaped, settings)
     budget = track.budget(spec.budget).model_dump()
     return TrialSpec(spec.track, spec.benchmark, spec.task, spec.method, settings, spec.seed, budget,
                      dict(spec.track_settings))

@@ -102,6 +102,9 @@ def test_stale_temporary_files_are_cleaned_on_the_next_write(tmp_path):
     ("budget.steps=-5", r"budget key 'steps'=-5: must be >= 0"),
     ("methods.lora.r=0", r"setting 'r'=0: must be >= 1"),
     ("methods.lora.lr=-1", r"setting 'lr'=-1.*must be > 0"),
+    ("methods.lora.r=1000", r"methods\.lora: method 'lora': rank r=1000 is larger than layer 'blocks\.0\.attn\.qkv'"),
+    ("methods={adalora: {r: 30}}", r"initial rank r \+ init_r_extra=34 is larger than layer"),
+    ("methods={glora: {ranks: [64]}}", r"largest rank of 'ranks'=64 is larger than layer"),
 ])
 def test_bad_overrides_fail_before_compute_without_traceback(tmp_path, capsys, item, expected):
     results = tmp_path / "results"
@@ -196,3 +199,9 @@ def test_unreadable_weights_and_foreign_csvs_are_clear_errors(tmp_path, capsys):
     with pytest.warns(UserWarning, match="not a leaderboard CSV"):
         assert main(["leaderboard", "--out", str(board)]) == 2
     assert "no leaderboard CSVs" in capsys.readouterr().err
+
+
+def test_vision_ranks_are_checked_against_the_backbone_before_compute(capsys):
+    assert main(["run", "--track", "vision", "--benchmark", "builtin", "--task", "shapes", "--method", "lora",
+                 "--set", "backbone=vit_tiny_patch16_224", "--set", "r=500"]) == 2
+    assert "rank r=500 is larger than layer 'blocks.0.attn.qkv' allows (576x192, at most 192)" in capsys.readouterr().err

@@ -149,6 +149,17 @@ class VisionTrack(Track):
         return build_backbone(ts.backbone, num_classes, weights, ts.img_size, ts.drop_path, ts.model_kwargs,
                               tuple(ts.adapter_targets), ckpt, key)
 
+    def shape_model(self, settings: VisionSettings, benchmark: str):
+        from harness.methods import AdapterSite
+        from vision.backbones import HEAD, create
+
+        try:
+            with torch.device("meta"):
+                model = create(settings.backbone, 2, settings.img_size, 0.0, settings.model_kwargs)
+        except Exception:  # noqa: BLE001 - a model timm cannot build on the meta device is checked at wrap time
+            return None
+        return model, AdapterSite(tuple(settings.adapter_targets), HEAD)
+
     # --- stages --------------------------------------------------------------------------------------
     def pretrain(self, settings: VisionSettings) -> dict[str, Any]:
         """Pretrain (or find cached) the builtin backbone."""

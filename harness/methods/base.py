@@ -210,6 +210,11 @@ class Method:
         """Defaults merged with ``given``; an unknown key or bad value raises ConfigError."""
         return validate(self.settings_model, dict(given or {}), f"method {self.name!r}").model_dump()
 
+    def check_fit(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any]) -> None:
+        """What can be checked from the model's shape alone (targets exist, ranks fit the layers). Sweeps
+        run it before any compute on a meta-device copy of the track's model; ``wrap`` runs it too."""
+        site.target_linears(model)
+
     # --- life cycle -------------------------------------------------------------------------------
     def wrap(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any], ctx: MethodContext) -> nn.Module:
         raise NotImplementedError(f"{type(self).__name__} is abstract: a method subclass implements wrap()")

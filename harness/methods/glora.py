@@ -181,10 +181,13 @@ class GLoRA(LinearAdapterMethod):
                                           "no limit)", kind=(int, float, type(None)), ge=0),
     }
 
+    def check_fit(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any]) -> None:
+        check_rank(model, site, max(_ranks(settings)), self.name, what="largest rank of 'ranks'")
+
     def layer_factory(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any],
                       ctx: MethodContext) -> LayerBuilder:
         ranks, spec = _ranks(settings), settings["subnet"]
-        check_rank(model, site, max(ranks), self.name, what="largest rank of 'ranks'")
+        self.check_fit(model, site, settings)
         fixed = None  # the form every layer gets; 'random' draws one per layer below
         if spec in ("largest", "lora-all"):
             fixed = largest_form(ranks)

@@ -55,15 +55,18 @@ class PeftMethod(Method):
     def wrap(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any], ctx: MethodContext) -> nn.Module:
         from peft import get_peft_model
 
-        if "r" in settings and self.rank_limited:
-            check_rank(model, site, int(settings["r"]), self.name)
-        site.target_linears(model)  # fails clearly when nothing matches
+        self.check_fit(model, site, settings)
         peft_model = get_peft_model(model, self.peft_config(settings, site, ctx))
         self.after_wrap(peft_model, settings, ctx)
         return _ready(peft_model, site, self.input_casts)
 
     rank_limited = True
     input_casts = False  # True where peft's input casts change the numbers (see _ready)
+
+    def check_fit(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any]) -> None:
+        super().check_fit(model, site, settings)  # fails clearly when no target matches
+        if "r" in settings and self.rank_limited:
+            check_rank(model, site, int(settings["r"]), self.name)
 
     def after_wrap(self, model: nn.Module, settings: dict[str, Any], ctx: MethodContext) -> None:
         """Hook for initialisations that need the wrapped model (EVA, the PiSSA save anchor)."""
@@ -206,9 +209,12 @@ class AdaLoRA(PeftMethod):
                              orth_reg_weight=settings["orth_reg_weight"], target_modules=list(site.targets),
                              exclude_modules=list(site.head))
 
-    def wrap(self, model, site, settings, ctx):
+    def check_fit(self, model, site, settings):
+        site.target_linears(model)
         check_rank(model, site, int(settings["r"]) + int(settings["init_r_extra"]), self.name,
                    what="initial rank r + init_r_extra")
+
+    def wrap(self, model, site, settings, ctx):
         wrapped = super().wrap(model, site, settings, ctx)
         method_state(wrapped)[_ORTH_WEIGHT] = float(settings["orth_reg_weight"])
         return wrapped
@@ -265,11 +271,10 @@ class EVA(LoRA):
     def wrap(self, model, site, settings, ctx):
         from peft import get_peft_model
 
-        check_rank(model, site, int(settings["r"]), self.name)
+        self.check_fit(model, site, settings)
         if ctx.init_batches is None or ctx.forward_fn is None:
             raise ConfigError("method 'eva' needs the trial's training batches for its initialisation "
                               "(MethodContext.init_batches and forward_fn); this track did not provide them")
-        site.target_linears(model)
         peft_model = get_peft_model(model, self.peft_config(settings, site, ctx), low_cpu_mem_usage=True)
         self._initialise(peft_model, settings, ctx)
         return _ready(peft_model, site, self.input_casts)
