@@ -18,10 +18,18 @@ from pathlib import Path
 from typing import Any
 
 from harness.cache import atomic_write_text, cache_root
-from harness.errors import ConfigError
+from harness.errors import ConfigError, HarnessError
 from harness.sweep_file import Study, SweepFile, expand_grid, study_tasks, study_trials
 from harness.tracks import get_track
 from harness.trial import TrialSpec, print_reporter, run_trial
+
+
+class TrialFailed(HarnessError):
+    """Raised in a Tune trial whose record says it failed (an error or a non-finite loss)."""
+
+
+def _trial_label(spec: TrialSpec) -> str:
+    return f"{spec.task} {spec.method} seed {spec.seed}"
 
 
 def _trainable(config: dict[str, Any]) -> None:
@@ -41,6 +49,11 @@ def _trainable(config: dict[str, Any]) -> None:
     final = {k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     final.update(status=record.status, record=json.dumps(flat, default=str))
     tune.report(final)
+    if record.status != "ok":
+        # Ray's own status (dashboard, ResultGrid) then says the trial failed; the record above is kept,
+        # and FailureConfig(max_failures=0) with resume_errored=False means a deterministic failure is
+        # neither retried nor rerun on --resume.
+        raise TrialFailed(f"{_trial_label(spec)}: {record.error}")
 
 
 def _trial_name(trial) -> str:
@@ -59,6 +72,30 @@ def _trial_dir(trial) -> str:
     return f"{_trial_name(trial)}_{trial.trial_id}"
 
 
+_AUTH_HINT = ("If the cluster uses token authentication (Ray 2.59+ turns it on for clusters it starts), the "
+              "sweep's environment needs RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, or the file "
+              "`ray get-auth-token` reads on the head node).")
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """An explicit ``host:port`` (or ``ray://host:port``) must answer within seconds; Ray itself would
+    retry for minutes. ``auto`` is left to Ray, which finds a local cluster or fails at once."""
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--address {address!r}: expected auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ConfigError(f"--address {address!r}: nothing answers there ({e.strerror or e}). Start the cluster "
+                          "first (`ray start --head` on the head node), check the host and port, or leave out "
+                          "--address to run on this machine alone") from None
+
+
 def init_ray(address: str | None, dashboard: bool) -> None:
     import ray
 
@@ -66,15 +103,42 @@ def init_ray(address: str | None, dashboard: bool) -> None:
         return
     kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": True}
     if address:
+        check_reachable(address)
         kwargs["address"] = address
     else:
         kwargs["include_dashboard"] = dashboard
         if dashboard:
             kwargs["dashboard_host"] = "127.0.0.1"
-    ctx = ray.init(**kwargs)
+    try:
+        ctx = ray.init(**kwargs)
+    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
+        where = f"the Ray cluster at {address!r}" if address else "a local Ray instance"
+        raise ConfigError(f"could not connect to {where}: {type(e).__name__}: {e}. {_AUTH_HINT}") from None
     url = getattr(ctx, "dashboard_url", None)
     if url:
         print(f"Ray dashboard: http://{url}", flush=True)
+
+
+def check_resources(studies: list[Study], nodes: list[dict[str, float]]) -> None:
+    """Every study's trial must fit on one node of the cluster (``nodes``: each alive node's resources);
+    Ray would otherwise leave the trials PENDING for ever."""
+    most_cpu = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
+    most_gpu = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
+    for study in studies:
+        r = study.resources
+        if r.cpus_per_trial > most_cpu:
+            raise ConfigError(f"study {study.name!r}: resources.cpus_per_trial={r.cpus_per_trial} but the largest "
+                              f"node of the cluster has {most_cpu:g} CPUs; a trial could never start. Use at most "
+                              f"{most_cpu:g}")
+        if r.gpus_per_trial != "auto" and float(r.gpus_per_trial) > most_gpu:
+            raise ConfigError(f"study {study.name!r}: resources.gpus_per_trial={r.gpus_per_trial} but the largest "
+                              f"node of the cluster has {most_gpu:g} GPUs; use at most {most_gpu:g} (0: CPU only)")
+
+
+def _node_resources() -> list[dict[str, float]]:
+    import ray
+
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
 
 
 def _gpus_per_trial(study: Study) -> float:
@@ -99,7 +163,7 @@ def run_wave(specs: list[TrialSpec], study: Study, exp_dir: Path, resume: bool) 
                           "(finished trials are kept), or --results DIR for a fresh folder")
     if exists and tune.Tuner.can_restore(str(exp_dir)):
         print(f"[sweep] resuming {exp_dir}", flush=True)
-        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=False)
     else:
         param_space = {"spec": tune.grid_search([asdict(s) for s in specs]), "cache_root": str(cache_root()),
                        "cpus": study.resources.cpus_per_trial}
@@ -230,8 +294,14 @@ def check_results(sweep: SweepFile, results_dir: Path, resume: bool) -> None:
                 raise ConfigError(f"--resume: study {study.name!r} is not the one whose results are in {base}; "
                                   f"changed: {'; '.join(changed[:8])}. Undo the edit to resume, or run the edited "
                                   "study into a fresh --results folder")
+
+
+def record_studies(sweep: SweepFile, results_dir: Path) -> None:
+    """Keep each study's validated definition beside its results (what ``check_results`` compares)."""
+    for study in sweep.studies:
+        saved = results_dir / sweep.name / f"{study.name}.study.json"
         if not saved.exists():
-            atomic_write_text(saved, json.dumps(current, indent=1, sort_keys=True))
+            atomic_write_text(saved, json.dumps(study.model_dump(mode="json"), indent=1, sort_keys=True))
 
 
 def run_sweep(sweep: SweepFile, results_dir: Path, leaderboard_dir: Path, resume: bool = False,
@@ -241,6 +311,8 @@ def run_sweep(sweep: SweepFile, results_dir: Path, leaderboard_dir: Path, resume
 
     check_results(sweep, Path(results_dir), resume)
     init_ray(address, dashboard)
+    check_resources(sweep.studies, _node_resources())
+    record_studies(sweep, Path(results_dir))
     out: dict[str, list[dict[str, Any]]] = {}
     for study in sweep.studies:
         records = run_study(sweep, study, Path(results_dir), resume)

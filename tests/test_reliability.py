@@ -36,10 +36,11 @@ def sweep_yaml(tmp_path: Path, **over) -> Path:
 
 
 def test_resume_refuses_an_edited_study_naming_what_changed(tmp_path):
-    from harness.driver import check_results
+    from harness.driver import check_results, record_studies
 
     results = tmp_path / "results"
-    check_results(load_sweep(sweep_yaml(tmp_path)), results, resume=False)  # a first run records the study
+    check_results(load_sweep(sweep_yaml(tmp_path)), results, resume=False)
+    record_studies(load_sweep(sweep_yaml(tmp_path)), results)  # what a first run keeps once Ray is up
     with pytest.raises(ConfigError, match="already exist.*--resume"):
         check_results(load_sweep(sweep_yaml(tmp_path)), results, resume=False)
     check_results(load_sweep(sweep_yaml(tmp_path)), results, resume=True)  # unchanged: resumes
@@ -205,3 +206,26 @@ def test_vision_ranks_are_checked_against_the_backbone_before_compute(capsys):
     assert main(["run", "--track", "vision", "--benchmark", "builtin", "--task", "shapes", "--method", "lora",
                  "--set", "backbone=vit_tiny_patch16_224", "--set", "r=500"]) == 2
     assert "rank r=500 is larger than layer 'blocks.0.attn.qkv' allows (576x192, at most 192)" in capsys.readouterr().err
+
+
+def test_an_address_where_nothing_answers_fails_within_seconds(tmp_path, capsys):
+    started = time.time()
+    assert main(["sweep", str(sweep_yaml(tmp_path)), "--address", "127.0.0.1:1", "--results",
+                 str(tmp_path / "r"), "--no-dashboard"]) == 2
+    err = capsys.readouterr().err
+    assert time.time() - started < 30 and "'127.0.0.1:1': nothing answers there" in err and "ray start" in err
+    # nothing was recorded: the same command, once a cluster answers, needs no --resume
+    assert not list((tmp_path / "r").rglob("*.study.json"))
+
+
+def test_trials_larger_than_every_node_are_refused():
+    from harness.driver import check_resources
+
+    sweep = load_sweep(ROOT / "sweeps" / "quickstart.yaml")
+    check_resources(sweep.studies, [{"CPU": 2.0}])
+    big = load_sweep(ROOT / "sweeps" / "quickstart.yaml", ["resources.cpus_per_trial=64"], only="rl")
+    with pytest.raises(ConfigError, match=r"cpus_per_trial=64.0 but the largest node of the cluster has 16 CPUs"):
+        check_resources(big.studies, [{"CPU": 16.0}, {"CPU": 8.0, "GPU": 1.0}])
+    gpu = load_sweep(ROOT / "sweeps" / "quickstart.yaml", ["resources.gpus_per_trial=0.5"], only="rl")
+    with pytest.raises(ConfigError, match=r"gpus_per_trial=0.5 but the largest node of the cluster has 0 GPUs"):
+        check_resources(gpu.studies, [{"CPU": 2.0}])

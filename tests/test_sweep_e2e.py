@@ -73,6 +73,7 @@ def test_tiny_sweep_writes_leaderboard_and_survives_a_nan_trial(tmp_path, env):
     assert all(json.loads(r["software"])["torch"] and r["device_name"] and r["git_commit"] for r in ok)
     assert (board / "tiny-cw10-summary.csv").exists() and (board / "tiny-cw10.md").exists()
     assert "failed window-close full" in out
+    assert "errored" in out  # Ray's own status agrees: the failed trial is ERROR, not TERMINATED
 
 
 def test_interrupted_sweep_resumes_without_rerunning(tmp_path, env):
