@@ -32,27 +32,45 @@ def _trial_label(spec: TrialSpec) -> str:
     return f"{spec.task} {spec.method} seed {spec.seed}"
 
 
+FAILED_RECORD = "harness-failed-record.json"  # in the trial's folder: a deterministic failure, kept
+MAX_RETRIES = 2  # attempts after a trial's process or node died (infrastructure, not the trial's own error)
+
+
+def _final_report(flat: dict[str, Any]) -> dict[str, Any]:
+    final = {k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    final.update(status=flat["status"], record=json.dumps(flat, default=str))
+    return final
+
+
 def _trainable(config: dict[str, Any]) -> None:
-    """The Tune function trainable: one harness trial, progress and the final record reported to Tune."""
+    """The Tune function trainable: one harness trial, progress and the final record reported to Tune.
+
+    Ray retries a trial whose process or node died (``FailureConfig(max_failures=MAX_RETRIES)``). A trial
+    that failed on its own (an error, a non-finite loss) is ERROR in Ray too, but its record is kept in
+    its folder, so a retry reports it again at once instead of recomputing a deterministic failure.
+    """
     import torch
     from ray import tune
 
+    spec = TrialSpec(**config["spec"])
+    marker = Path(tune.get_context().get_trial_dir()) / FAILED_RECORD
+    if marker.is_file():
+        flat = json.loads(marker.read_text())
+        tune.report(_final_report(flat))
+        raise TrialFailed(f"{_trial_label(spec)}: {flat.get('error', '')}")
     os.environ["HARNESS_CACHE"] = config["cache_root"]
     torch.set_num_threads(max(1, int(config["cpus"])))
-    spec = TrialSpec(**config["spec"])
 
     def report(metrics: dict[str, Any]) -> None:
         tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))})
 
     record = run_trial(spec, report)
     flat = record.flat()
-    final = {k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    final.update(status=record.status, record=json.dumps(flat, default=str))
-    tune.report(final)
+    tune.report(_final_report(flat))
     if record.status != "ok":
-        # Ray's own status (dashboard, ResultGrid) then says the trial failed; the record above is kept,
-        # and FailureConfig(max_failures=0) with resume_errored=False means a deterministic failure is
-        # neither retried nor rerun on --resume.
+        # Ray's own status (dashboard, ResultGrid) then says the trial failed; resume_errored=False keeps
+        # --resume from rerunning it.
+        atomic_write_text(marker, json.dumps(flat, default=str))
         raise TrialFailed(f"{_trial_label(spec)}: {record.error}")
 
 
@@ -173,7 +191,7 @@ def run_wave(specs: list[TrialSpec], study: Study, exp_dir: Path, resume: bool) 
             tune_config=tune.TuneConfig(max_concurrent_trials=study.resources.max_concurrent,
                                         trial_name_creator=_trial_name, trial_dirname_creator=_trial_dir),
             run_config=tune.RunConfig(name=exp_dir.name, storage_path=str(exp_dir.parent.resolve()),
-                                      failure_config=tune.FailureConfig(max_failures=0), verbose=1),
+                                      failure_config=tune.FailureConfig(max_failures=MAX_RETRIES), verbose=1),
         )
     grid = tuner.fit()
     records = []
