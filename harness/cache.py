@@ -145,6 +145,7 @@ class ArtifactCache:
             manifest = {"kind": kind, "name": name, "settings": _canonical(settings),
                         "files": files, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
             atomic_write_text(tmp / "manifest.json", json.dumps(manifest, indent=1, default=str))
+            share_mode(tmp, directory=True)
             try:
                 os.rename(tmp, final)
             except OSError:
@@ -165,10 +166,27 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def share_mode(path: Path, directory: bool = False) -> None:
+    """Give ``path`` the permissions a plain ``open``/``mkdir`` would have under the user's umask.
+
+    ``mkstemp``/``mkdtemp`` create files 0600 and folders 0700, which would keep a shared cache or
+    leaderboard private to whoever wrote each entry. With ``umask 002`` a group shares them read-write;
+    with the usual 022 others can read them.
+    """
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    share_mode(Path(tmp))
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -73,3 +73,19 @@ def test_failed_build_leaves_nothing(tmp_path):
         cache.get_or_build("kind", "thing", {"n": 1}, broken)
     assert cache.lookup("kind", "thing", {"n": 1}) is None
     assert list((tmp_path / "kind").iterdir()) == []
+
+
+def test_entries_and_written_files_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    from harness.cache import atomic_write_text
+
+    old = os.umask(0o002)  # a group sharing the cache
+    try:
+        art = ArtifactCache(tmp_path).get_or_build("kind", "thing", {"n": 1}, _builder([]))
+        atomic_write_text(tmp_path / "board.csv", "a,b\n")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(art.path.stat().st_mode) == 0o775
+    assert stat.S_IMODE((tmp_path / "board.csv").stat().st_mode) == 0o664
