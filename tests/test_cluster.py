@@ -63,3 +63,24 @@ def test_sweep_survives_a_worker_node_dying(tmp_path, monkeypatch):
     records = [json.loads(line) for line in (res / "nodes" / "nodes-records.jsonl").read_text().splitlines()]
     assert len(records) == 4 and all(r["status"] == "ok" for r in records), records
     assert len({r["settings"] for r in records}) == 4  # every grid point once
+
+
+@pytest.mark.slow
+def test_a_cluster_with_token_authentication_names_what_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "t" * 32)
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+        env["HARNESS_CACHE"] = str(tmp_path / "cache")
+        proc = subprocess.run([sys.executable, "-m", "harness", "sweep", "sweeps/quickstart.yaml", "--only", "rl",
+                               "--address", cluster.address, "--results", str(tmp_path / "r")],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        cluster.shutdown()
+    assert proc.returncode == 2
+    assert "error: could not connect to the Ray cluster" in proc.stderr and "RAY_AUTH_MODE=token" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not any((tmp_path / "cache").iterdir())  # nothing was built before the connection failed
