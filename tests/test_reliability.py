@@ -106,6 +106,7 @@ def test_stale_temporary_files_are_cleaned_on_the_next_write(tmp_path):
     ("methods.lora.r=1000", r"methods\.lora: method 'lora': rank r=1000 is larger than layer 'blocks\.0\.attn\.qkv'"),
     ("methods={adalora: {r: 30}}", r"initial rank r \+ init_r_extra=34 is larger than layer"),
     ("methods={glora: {ranks: [64]}}", r"largest rank of 'ranks'=64 is larger than layer"),
+    ("methods={eigenlora: {bank_dir: /no/such/bank}}", r"setting 'bank_dir'='/no/such/bank': no such file or folder"),
 ])
 def test_bad_overrides_fail_before_compute_without_traceback(tmp_path, capsys, item, expected):
     results = tmp_path / "results"
@@ -147,6 +148,8 @@ def test_results_naming_a_file_is_refused(tmp_path, capsys):
     afile.write_text("not a folder")
     assert main(["sweep", str(sweep_yaml(tmp_path)), "--results", str(afile), "--no-dashboard"]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
+    assert main(["sweep", str(sweep_yaml(tmp_path)), "--results", str(afile / "sub"), "--no-dashboard"]) == 2
+    assert "is not writable" in capsys.readouterr().err
 
 
 def test_ambiguous_run_setting_is_refused(capsys):

@@ -275,6 +275,12 @@ class EigenLoRA(LinearAdapterMethod):
         return torch.cat(a_rows), torch.cat(b_rows), max_rank
 
     # --- life cycle ---------------------------------------------------------------------------------
+    def check_fit(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any]) -> None:
+        super().check_fit(model, site, settings)
+        for key in ("bank_dir", "reconstruct_from"):  # folders named in a sweep must exist before it starts
+            if settings[key] and not Path(settings[key]).expanduser().exists():
+                raise ConfigError(f"method 'eigenlora' setting {key!r}={settings[key]!r}: no such file or folder")
+
     def layer_factory(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any],
                       ctx: MethodContext) -> LayerBuilder:
         mode = settings["mode"]
