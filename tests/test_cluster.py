@@ -65,21 +65,37 @@ def test_sweep_survives_a_worker_node_dying(tmp_path, monkeypatch):
     assert len({r["settings"] for r in records}) == 4  # every grid point once
 
 
-@pytest.mark.slow
-def test_a_cluster_with_token_authentication_names_what_is_missing(tmp_path, monkeypatch):
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    monkeypatch.setenv("RAY_AUTH_TOKEN", "t" * 32)
-    from ray.cluster_utils import Cluster
+# Ray reads RAY_AUTH_MODE once per process: the token cluster lives in a process of its own.
+TOKEN_CLUSTER = """
+import os, sys, time
+from ray.cluster_utils import Cluster
+c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+open(sys.argv[1] + ".tmp", "w").write(c.address)
+os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.2)
+c.shutdown()
+"""
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+
+@pytest.mark.slow
+def test_a_cluster_with_token_authentication_names_what_is_missing(tmp_path):
+    address_file, stop_file = tmp_path / "address", tmp_path / "stop"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    cluster = subprocess.Popen([sys.executable, "-c", TOKEN_CLUSTER, str(address_file), str(stop_file)],
+                               env={**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "t" * 32})
     try:
-        env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
-        env["HARNESS_CACHE"] = str(tmp_path / "cache")
+        deadline = time.time() + 120
+        while not address_file.exists() and time.time() < deadline and cluster.poll() is None:
+            time.sleep(0.2)
+        assert address_file.exists(), "the token cluster did not start"
         proc = subprocess.run([sys.executable, "-m", "harness", "sweep", "sweeps/quickstart.yaml", "--only", "rl",
-                               "--address", cluster.address, "--results", str(tmp_path / "r")],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                               "--address", address_file.read_text(), "--results", str(tmp_path / "r")],
+                              cwd=ROOT, env={**env, "HARNESS_CACHE": str(tmp_path / "cache")},
+                              capture_output=True, text=True, timeout=300)
     finally:
-        cluster.shutdown()
+        stop_file.touch()
+        cluster.wait(timeout=120)
     assert proc.returncode == 2
     assert "error: could not connect to the Ray cluster" in proc.stderr and "RAY_AUTH_MODE=token" in proc.stderr
     assert "Traceback" not in proc.stderr
