@@ -75,6 +75,8 @@ class FineTuneResult:
     settings: dict[str, Any]  # the method's resolved settings
     trainable_params: int
     head_params: int = 0
+    train_peak_memory_mb: float = 0.0  # GPU memory at its peak while training (the model and its states)
+    ms_per_update: float = 0.0  # training time per update, data and loop included, evaluation not
     backbone: str = ""
     data_source: str = "real"
     adapter_path: str = ""
@@ -137,6 +139,8 @@ class FineTuneRun:
                              grad_clip=s.grad_clip, compile=setup.compile, report_every=s.report_every,
                              steps_per_epoch=s.steps_per_epoch, time_data=setup.time_data)
             self.model, self.setup, self.loop = model, setup, cfg
+            if setup.device.type == "cuda":  # the training peak: from here to the end of training
+                torch.cuda.reset_peak_memory_stats(setup.device)
             if s.steps > 0:
                 self.trainer = Trainer(model, setup.loss, setup.next_batch, cfg, setup.device,
                                        MethodHooks(method, self.ctx), self.report)
@@ -154,6 +158,8 @@ class FineTuneRun:
         assert setup is not None, "FineTuneRun.finish() before start()"
         with self.rng.scope():
             stats: TrainStats | None = self.trainer.finish() if self.trainer is not None else None
+            train_peak = (torch.cuda.max_memory_allocated(setup.device) / 2**20
+                          if setup.device.type == "cuda" else 0.0)
             model = method.finalize(self.model, setup.site, settings, self.ctx)
             model.eval()
             own, head = method.count(model, setup.site)
@@ -183,6 +189,8 @@ class FineTuneRun:
         if adapter_error:
             extra["adapter_error"] = adapter_error
         return FineTuneResult(metrics=metrics, settings=settings, trainable_params=own, head_params=head,
+                              train_peak_memory_mb=round(train_peak, 1),
+                              ms_per_update=round(1000 / stats.steps_per_s, 3) if stats and stats.steps_per_s else 0.0,
                               backbone=setup.backbone, data_source=setup.data_source, adapter_path=adapter_path,
                               device=str(setup.device), extra=extra)
 

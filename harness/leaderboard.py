@@ -61,7 +61,11 @@ def aggregate(records: list[dict[str, Any]], primary: str, groups: dict[str, Any
         row.update(
             n_seeds=int(chosen["seed"].nunique()), trainable_params=int(chosen["trainable_params"].max()),
             head_params=int(chosen["head_params"].max()), peak_memory_mb=float(chosen["peak_memory_mb"].max()),
-            wall_time_s=float(chosen["wall_time_s"].mean()), settings=best, backbone=backbone,
+            wall_time_s=float(chosen["wall_time_s"].mean()),
+            # the costs of the method itself: training alone (missing in records older than these columns)
+            train_peak_memory_mb=float(chosen["train_peak_memory_mb"].max()) if "train_peak_memory_mb" in chosen else 0.0,
+            ms_per_update=float(chosen["ms_per_update"].mean()) if "ms_per_update" in chosen else 0.0,
+            settings=best, backbone=backbone,
             data_source=str(chosen["data_source"].iloc[0]), harness_version=__version__,
             date=str(chosen["date"].max()),
             # what made the row: one value when every seed ran on the same software and hardware

@@ -62,8 +62,10 @@ class TrialRecord:
     error: str = ""
     trainable_params: int = 0
     head_params: int = 0
-    peak_memory_mb: float = 0.0
-    wall_time_s: float = 0.0
+    peak_memory_mb: float = 0.0  # the whole trial's peak (evaluation and the method's search included)
+    wall_time_s: float = 0.0  # the whole trial (data, training, evaluation, saving)
+    train_peak_memory_mb: float = 0.0  # training alone: what the method costs
+    ms_per_update: float = 0.0  # training alone, per optimiser update
     backbone: str = ""
     data_source: str = ""
     adapter_path: str = ""
@@ -170,6 +172,7 @@ class TrialSession:
                     raise HarnessError(f"non-finite final metrics {bad}")
                 record.metrics = dict(result.metrics)
                 record.trainable_params, record.head_params = int(result.trainable_params), int(result.head_params)
+                record.train_peak_memory_mb, record.ms_per_update = result.train_peak_memory_mb, result.ms_per_update
                 record.backbone, record.data_source = result.backbone, result.data_source
                 record.adapter_path, record.extra = result.adapter_path, dict(result.extra)
                 record.device_name = provenance.device_name(result.device)

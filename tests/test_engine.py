@@ -16,7 +16,7 @@ RL = {"n_layer": 1, "n_head": 2, "n_embd": 32, "context": 4, "dropout": 0.1, "da
       "pretrain_eval_episodes": 0, "eval_workers": 1, "data_workers": 1, "device": "cpu", "compile": False,
       "eval_pretrained": False}
 # what differs between two runs of the same trial: clocks and dates
-TIMING = {"wall_time_s", "date", "peak_memory_mb"}
+TIMING = {"wall_time_s", "date", "peak_memory_mb", "ms_per_update"}
 EXTRA_TIMING = {"train_wall_s", "train_steps_per_s", "total_wall_s", "eval_wall_s", "data_share"}
 
 
@@ -76,6 +76,9 @@ def test_record_says_what_made_it():
     assert software["torch"] == __import__("torch").__version__
     assert record.git_commit == provenance.git_commit() and record.git_commit
     assert record.device_name.startswith("CPU")
+    # the method's own costs: training alone (no GPU here, so no GPU memory)
+    assert record.ms_per_update > 0 and record.train_peak_memory_mb == 0.0
+    assert record.ms_per_update == pytest.approx(1000 / record.extra["train_steps_per_s"], rel=1e-2)
     assert json.loads(record.settings) == {"r": 2, "alpha": None, "dropout": 0.0, "rslora": False, "lr": None,
                                            "weight_decay": None}
 

@@ -67,6 +67,7 @@ def test_tiny_sweep_writes_leaderboard_and_survives_a_nan_trial(tmp_path, env):
     row = table.set_index("method").loc["lora"]
     assert row["task"] == "window-close" and 0.0 <= row["success_mean"] <= 1.0
     assert row["trainable_params"] > 0 and row["data_source"] == "real" and row["n_seeds"] == 1
+    assert row["ms_per_update"] > 0 and row["train_peak_memory_mb"] == 0.0  # the method's costs (no GPU here)
     # the chosen settings are the resolved ones: defaults filled in, so equal trials name the same row
     assert json.loads(table.set_index("method").loc["full", "settings"]) == {"lr": 1e-4, "weight_decay": None}
     ok = [r for r in recs if r["status"] == "ok"]
