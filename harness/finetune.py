@@ -76,7 +76,7 @@ class FineTuneResult:
     trainable_params: int
     head_params: int = 0
     train_peak_memory_mb: float = 0.0  # GPU memory at its peak while training (the model and its states)
-    ms_per_update: float = 0.0  # training time per update, data and loop included, evaluation not
+    ms_per_update: float = 0.0  # training time per update after the warm-up updates (compilation), evaluation not
     backbone: str = ""
     data_source: str = "real"
     adapter_path: str = ""
@@ -190,7 +190,7 @@ class FineTuneRun:
             extra["adapter_error"] = adapter_error
         return FineTuneResult(metrics=metrics, settings=settings, trainable_params=own, head_params=head,
                               train_peak_memory_mb=round(train_peak, 1),
-                              ms_per_update=round(1000 / stats.steps_per_s, 3) if stats and stats.steps_per_s else 0.0,
+                              ms_per_update=round(stats.steady_ms_per_update, 3) if stats else 0.0,
                               backbone=setup.backbone, data_source=setup.data_source, adapter_path=adapter_path,
                               device=str(setup.device), extra=extra)
 

@@ -128,6 +128,8 @@ class TrainStats:
     steps_per_s: float = 0.0
     resumed_from: int = 0
     data_share: float = 0.0
+    # after the first updates (compilation, allocator and cuDNN warm-up): what an update of the method costs
+    steady_ms_per_update: float = 0.0
 
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -153,6 +155,9 @@ class Trainer:
         self._pending: list[torch.Tensor] = []  # losses not yet checked, the last one at step_index - 1
         self._wall = 0.0
         self._data_time = 0.0
+        # updates before this one are warm-up and stay out of steady_ms_per_update
+        self._steady_from = self.step_index + min(20, max(0, (cfg.steps - self.step_index) // 5))
+        self._steady_start: float | None = None
 
     def _loss(self, batch: Any) -> torch.Tensor:
         with autocast(self.device):
@@ -178,6 +183,9 @@ class Trainer:
         if self.done:
             return False
         cfg, model, step = self.cfg, self.model, self.step_index
+        if step == self._steady_from:
+            synchronize(self.device)  # the warm-up's queued work is not billed to the steady updates
+            self._steady_start = time.perf_counter()
         started = time.perf_counter()
         if not model.training:  # a validation between updates may have left it in eval mode
             model.train()
@@ -228,6 +236,9 @@ class Trainer:
         started = time.perf_counter()
         synchronize(self.device)  # the queued GPU work belongs to the training time
         self._wall += time.perf_counter() - started
+        if self._steady_start is not None and self.step_index > self._steady_from:
+            stats.steady_ms_per_update = 1000 * (time.perf_counter() - self._steady_start) / (
+                self.step_index - self._steady_from)
         self.model.eval()
         stats.wall_s = self._wall
         ran = self.step_index - stats.resumed_from

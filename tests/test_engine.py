@@ -78,7 +78,7 @@ def test_record_says_what_made_it():
     assert record.device_name.startswith("CPU")
     # the method's own costs: training alone (no GPU here, so no GPU memory)
     assert record.ms_per_update > 0 and record.train_peak_memory_mb == 0.0
-    assert record.ms_per_update == pytest.approx(1000 / record.extra["train_steps_per_s"], rel=1e-2)
+    assert record.ms_per_update < 1000 * record.extra["train_wall_s"]  # steady updates only, warm-up left out
     assert json.loads(record.settings) == {"r": 2, "alpha": None, "dropout": 0.0, "rslora": False, "lr": None,
                                            "weight_decay": None}
 
