@@ -86,12 +86,26 @@ class RLSettings(TrackSettings):
         return v
 
 
+# Offset of the selection stage's evaluation seed: rollouts.RolloutPool gives evaluation seed s the env
+# seeds 10_007 s + 1_000_003 + i, so final seeds below this offset never share a start state with selection
+# episodes, and the env seeds stay below 2**32.
+SELECTION_EPISODES = 100_000
+
+
+def episode_seed(seed: int, stage: str) -> int:
+    """The evaluation seed of a trial's rollouts: the trial's seed, moved apart in the selection stage."""
+    return SELECTION_EPISODES + int(seed) if stage == "select" else int(seed)
+
+
 class RLBudget(TrackBudget):
     steps: Int = Field(100_000, ge=0)
     eval_episodes: Int = Field(10, ge=1)
     batch_size: Int = Field(128, ge=1)
     report_every: Int = Field(50, ge=0)
-    stage: Literal["select", "final"] = "final"  # no validation split: both stages train and score alike
+    # Both stages train alike; they are scored on different episodes: "select" on start states of their
+    # own (evaluation seed SELECTION_EPISODES + seed), "final" on the seed's own, so the reported success
+    # is never the number the settings were chosen on.
+    stage: Literal["select", "final"] = "final"
 
 
 def data_settings(ts: RLSettings) -> DataSettings:
@@ -175,6 +189,7 @@ class RLTrack(Track):
         data = load_dataset(spec.task, plan.data, _data_workers(ts))
         target = float(data.returns.max())
         K, bs, episodes = plan.model.context, budget.batch_size, budget.eval_episodes
+        eval_seed = episode_seed(spec.seed, budget.stage)
         sampler = WindowSampler(data, K, seed=derive_seed(spec.seed, "batches"), device=device)
         init_sampler = sampler.fork(derive_seed(spec.seed, "init-batches"))
         val_sampler = sampler.fork(derive_seed(spec.seed, "validation"))
@@ -193,13 +208,14 @@ class RLTrack(Track):
             return score
 
         def evaluate(m: torch.nn.Module) -> tuple[dict[str, float], dict[str, Any]]:
-            result = evaluate_dt(m, spec.task, episodes, target, rollout_workers(ts, episodes), spec.seed, device)
+            result = evaluate_dt(m, spec.task, episodes, target, rollout_workers(ts, episodes), eval_seed, device)
             metrics = dict(result.metrics())
             if ts.eval_pretrained:
-                base = task_eval(ts, spec.task, episodes, spec.seed)
+                base = task_eval(ts, spec.task, episodes, eval_seed)
                 metrics.update(pretrained_success=base["success"], pretrained_success_any=base["success_any"],
                                pretrained_return=base["return"])
-            return metrics, {"eval_wall_s": round(result.wall_s, 2), "returns": [round(r, 1) for r in result.returns]}
+            return metrics, {"eval_wall_s": round(result.wall_s, 2), "returns": [round(r, 1) for r in result.returns],
+                             "stage": budget.stage, "eval_seed": eval_seed}
 
         optim = OptimPlan(steps=budget.steps, warmup=ts.warmup)
         schedule = Schedule(steps=budget.steps, lr=ts.lr, weight_decay=ts.weight_decay,

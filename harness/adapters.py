@@ -43,22 +43,46 @@ def save_trial_adapter(method: Method, model: nn.Module, site: AdapterSite, sett
 
 def find_bank(base_key: str, exclude_task: str, methods: tuple[str, ...] = ("lora",),
               cache: ArtifactCache | None = None) -> list[Path]:
-    """Verified adapter folders of ``methods`` on ``base_key``, leaving ``exclude_task``'s own out."""
+    """A bank from the cache, for trials run outside a sweep (a sweep's driver picks its bank from the
+    sweep's own trials): one verified adapter of ``methods`` on ``base_key`` per task other than
+    ``exclude_task``, a final-stage one before a selection-stage one, then the lowest seed, then the
+    first folder by name."""
     cache = cache or ArtifactCache()
     root = cache.root / KIND
-    found: list[Path] = []
+    best: dict[str, tuple[tuple[int, int, str], Path]] = {}
     if not root.is_dir():
-        return found
+        return []
     for tag_path in sorted(root.glob("*/trial.json")):
         try:
             tag = json.loads(tag_path.read_text())
         except ValueError:
             continue
-        if tag.get("base_key") != base_key or tag.get("task") == exclude_task or tag.get("method") not in methods:
+        task = tag.get("task")
+        if tag.get("base_key") != base_key or task == exclude_task or tag.get("method") not in methods:
             continue
         try:
-            cache.verify(tag_path.parent)
+            made_by = cache.verify(tag_path.parent)
         except Exception:
             continue
-        found.append(tag_path.parent)
-    return found
+        stage = made_by.get("spec", {}).get("budget", {}).get("stage", "final")
+        rank = (0 if stage == "final" else 1, int(tag.get("seed", 0)), tag_path.parent.name)
+        if task not in best or rank < best[task][0]:
+            best[task] = (rank, tag_path.parent)
+    return [best[t][1] for t in sorted(best)]
+
+
+def bank_manifest(sources: list[str]) -> list[dict[str, Any]]:
+    """What each bank adapter is: its path and, for adapters a trial saved, that trial's task, method,
+    seed and settings (its ``trial.json``); recorded with every EigenLoRA trial."""
+    out = []
+    for src in sources:
+        entry: dict[str, Any] = {"path": str(src)}
+        tag = Path(src) / "trial.json"
+        if tag.is_file():
+            try:
+                info = json.loads(tag.read_text())
+            except ValueError:
+                info = {}
+            entry.update({k: info[k] for k in ("benchmark", "task", "method", "seed", "settings") if k in info})
+        out.append(entry)
+    return out

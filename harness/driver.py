@@ -211,7 +211,24 @@ def run_wave(specs: list[TrialSpec], study: Study, exp_dir: Path, resume: bool) 
 
 def choose_settings(records: list[dict[str, Any]], metric: str, higher_is_better: bool = True
                     ) -> dict[tuple[str, str], dict[str, Any]]:
-    """Per (method, task), the settings with the best mean ``metric`` over seeds (failed trials skipped)."""
+    """Per (method, task), the settings with the best mean ``metric`` over seeds (failed trials skipped),
+    plus what the selection trial chose inside itself (``Method.final_settings``: GLoRA's searched subnet),
+    taken from the seed that scored best under those settings."""
+    from harness.methods import get_method
+
+    chosen = {}
+    for (method, task), (settings, top) in _best_groups(records, metric, higher_is_better).items():
+        extra = top.get("extra")
+        described = (json.loads(extra) if isinstance(extra, str) and extra else extra or {}).get("method", {})
+        chosen[(method, task)] = (get_method(method).final_settings(json.loads(settings), described)
+                                  if described else json.loads(settings))
+    return chosen
+
+
+def _best_groups(records: list[dict[str, Any]], metric: str, higher_is_better: bool
+                 ) -> dict[tuple[str, str], tuple[str, dict[str, Any]]]:
+    """Per (method, task): (the settings JSON with the best mean ``metric`` over seeds, the record of its
+    best seed, the lowest seed among equals)."""
     import pandas as pd
 
     ok = [r for r in records if r.get("status") == "ok" and r.get(metric) is not None]
@@ -220,13 +237,36 @@ def choose_settings(records: list[dict[str, Any]], metric: str, higher_is_better
     df = pd.DataFrame(ok)
     means = df.groupby(["method", "task", "settings"])[metric].mean().reset_index()
     best = means.sort_values(metric, ascending=not higher_is_better, kind="stable").drop_duplicates(["method", "task"])
-    return {(r.method, r.task): json.loads(r.settings) for r in best.itertuples()}
+    out = {}
+    for r in best.itertuples():
+        group = [x for x in ok if (x["method"], x["task"], x["settings"]) == (r.method, r.task, r.settings)]
+        group.sort(key=lambda x: ((-1 if higher_is_better else 1) * x[metric], x.get("seed", 0)))
+        out[(r.method, r.task)] = (r.settings, group[0])
+    return out
+
+
+def lora_bank(records: list[dict[str, Any]], task: str, methods: tuple[str, ...], metric: str,
+              higher_is_better: bool = True) -> list[str]:
+    """EigenLoRA's bank in a sweep: for every task but ``task``, one saved adapter of ``methods`` (LoRA)
+    from ``records`` (one stage of the study): the settings chosen for that task as :func:`choose_settings`
+    chooses them (the final stage of select-then-final has only one), and of those the lowest seed."""
+    from harness.methods import base_name
+
+    ok = [r for r in records if r.get("status") == "ok" and base_name(r["method"]) in methods
+          and r["task"] != task and r.get("adapter_path")]
+    bank = {}
+    for (_, other), (settings, _) in sorted(_best_groups(ok, metric, higher_is_better).items()):
+        if other in bank:  # one adapter per task, even when several variants of the method ran
+            continue
+        runs = sorted((r for r in ok if r["task"] == other and r["settings"] == settings), key=lambda r: r["seed"])
+        bank[other] = runs[0]["adapter_path"]
+    return [bank[t] for t in sorted(bank)]
 
 
 def method_waves(methods: list[str]) -> list[list[str]]:
     """Methods grouped into waves: a method runs one wave after the latest of the methods it builds on
     (``Method.builds_on``) that are in the same study; the rest run in the first wave."""
-    from harness.methods import get_method
+    from harness.methods import base_name, get_method
 
     depth: dict[str, int] = {}
 
@@ -234,7 +274,7 @@ def method_waves(methods: list[str]) -> list[list[str]]:
         if name in seen:
             raise ConfigError(f"methods {' -> '.join(seen + (name,))} build on each other in a cycle")
         if name not in depth:
-            deps = [d for d in get_method(name).builds_on if d in methods]
+            deps = [d for d in methods if base_name(d) in get_method(name).builds_on]
             depth[name] = 1 + max(wave(d, seen + (name,)) for d in deps) if deps else 0
         return depth[name]
 
@@ -246,6 +286,8 @@ def method_waves(methods: list[str]) -> list[list[str]]:
 
 def run_study(sweep: SweepFile, study: Study, results_dir: Path, resume: bool) -> list[dict[str, Any]]:
     """Prepare the track's artifacts once, then run the study's waves; return all final-stage records."""
+    from harness.methods import get_method
+
     track = get_track(study.track)
     benchmark = track.benchmark(study.benchmark)
     print(f"[sweep] {sweep.name}/{study.name}: preparing {study.track} artifacts (cached after the first run)",
@@ -253,29 +295,130 @@ def run_study(sweep: SweepFile, study: Study, results_dir: Path, resume: bool) -
     track.prepare(track.settings(study.settings), study.benchmark, study_tasks(study), print_reporter)
     base = results_dir / sweep.name
     waves = method_waves(list(study.methods))
+    metric, higher = benchmark.primary_metric, benchmark.higher_is_better
+    selecting = selection_methods(study)
 
-    def run_stage(stage: str, chosen=None) -> list[dict[str, Any]]:
-        specs = study_trials(study, stage, chosen)
+    def run_stage(stage: str, chosen=None, methods=None, skip=()) -> list[dict[str, Any]]:
+        specs = [s for s in study_trials(study, stage, chosen)
+                 if (methods is None or s.method in methods) and (s.method, s.task) not in skip]
         recs: list[dict[str, Any]] = []
         for i, names in enumerate(waves):
             folder = base / (f"{study.name}-{stage}" + (f"-wave{i}" if i else ""))
-            recs += run_wave([s for s in specs if s.method in names], study, folder, resume)
+            wave, unbanked = _with_banks([s for s in specs if s.method in names], recs, metric, higher)
+            recs += run_wave(wave, study, folder, resume) + unbanked
         return recs
 
     if study.protocol == "select-then-final":
-        selection = run_stage("select")
-        _write_records(base / f"{study.name}-select-records.jsonl", selection)
-        chosen = choose_settings(selection, benchmark.primary_metric, benchmark.higher_is_better)
-        missing = [(m, t) for m in study.methods for t in study_tasks(study) if (m, t) not in chosen]
-        for m, t in missing:  # every selection trial failed: fall back to the first grid point, and say so
-            print(f"[sweep] no successful selection trial for {(m, t)}; final runs use the first grid point",
-                  flush=True)
-            chosen[(m, t)] = expand_grid(study.methods[m], m)[0]
-        records = run_stage("final", chosen)
+        selection = run_stage("select", methods=selecting) if selecting else []
+        _write_records(base / f"{study.name}-select-records.jsonl", label_records(selection, study, selecting))
+        chosen = choose_settings(selection, metric, higher)
+        skip: list[tuple[str, str]] = []
+        for m in study.methods:
+            for t in study_tasks(study):
+                if (m, t) in chosen:
+                    continue
+                first = expand_grid(study.methods[m], m)[0]
+                if m not in selecting:  # a grid of one point: nothing to choose
+                    chosen[(m, t)] = first
+                elif get_method(m).needs_selection(get_method(m).resolve_settings(first)):
+                    # what the selection trial should have chosen (GLoRA's subnet) cannot be chosen again
+                    # in the final stage, whose validation data is training data: no final run
+                    print(f"[sweep] no successful selection trial for {(m, t)}: no final run", flush=True)
+                    chosen[(m, t)] = first
+                    skip.append((m, t))
+                else:  # every selection trial failed: fall back to the first grid point, and say so
+                    print(f"[sweep] no successful selection trial for {(m, t)}; final runs use the first grid "
+                          "point", flush=True)
+                    chosen[(m, t)] = first
+        records = run_stage("final", chosen, skip=skip)
+        records += [_unrun_record(s, "no successful selection trial: the final stage reuses what selection chose "
+                                     "inside the trial (GLoRA's subnet) and has nothing to reuse")
+                    for s in study_trials(study, "final", chosen) if (s.method, s.task) in skip]
     else:
         records = run_stage("final")
+    records = label_records(records, study, selecting)
     _write_records(base / f"{study.name}-records.jsonl", records)
     return records
+
+
+def selection_methods(study: Study) -> list[str]:
+    """The methods whose select-then-final selection stage runs: a grid of more than one point, or a
+    method that chooses something inside its trial (``Method.needs_selection``), and the methods that
+    those build on (EigenLoRA's selection trials need LoRA's adapters of the same stage). A method with
+    one grid point and nothing to choose goes straight to its final runs."""
+    from harness.methods import base_name, get_method
+
+    if study.protocol != "select-then-final":
+        return []
+    picked = {m for m, space in study.methods.items()
+              if len(grid := expand_grid(space, m)) > 1
+              or any(get_method(m).needs_selection(get_method(m).resolve_settings(g)) for g in grid)}
+    for m in list(picked):
+        picked |= {d for d in study.methods if base_name(d) in get_method(m).builds_on}
+    return [m for m in study.methods if m in picked]
+
+
+def label_records(records: list[dict[str, Any]], study: Study, selecting: list[str]) -> list[dict[str, Any]]:
+    """Each record with how its row's settings are chosen (``selection``) and from how many grid points
+    (``grid_size``); see ``TrialRecord``."""
+    for r in records:
+        size = len(expand_grid(study.methods[r["method"]], r["method"]))
+        if r["method"] in selecting:
+            how = "held-out"
+        elif size == 1:
+            how = "single-point"
+        else:
+            how = "on-reported"
+        r.update(selection=how, grid_size=size)
+    return records
+
+
+def _unrun_record(spec: TrialSpec, why: str) -> dict[str, Any]:
+    return {"track": spec.track, "benchmark": spec.benchmark, "task": spec.task, "method": spec.method,
+            "settings": json.dumps(spec.method_settings, sort_keys=True, default=str), "seed": spec.seed,
+            "status": "failed", "error": why, "budget": json.dumps(spec.budget, sort_keys=True)}
+
+
+def _with_banks(specs: list[TrialSpec], earlier: list[dict[str, Any]], metric: str, higher: bool
+                ) -> tuple[list[TrialSpec], list[dict[str, Any]]]:
+    """The specs of methods that build on others' adapters (EigenLoRA), each with its bank picked from
+    ``earlier`` (this stage's records) by :func:`lora_bank`; a spec with ``bank_dir`` keeps its folder.
+    A spec whose bank would be empty is not run: its failed record says why."""
+    from dataclasses import replace
+
+    from harness.methods import get_method
+
+    out, unrun = [], []
+    for s in specs:
+        deps = get_method(s.method).builds_on
+        if not deps or s.method_settings.get("bank_dir"):
+            out.append(s)
+            continue
+        bank = lora_bank(earlier, s.task, deps, metric, higher)
+        if bank:
+            out.append(replace(s, adapter_bank=tuple(bank)))
+        else:
+            unrun.append(_unrun_record(s, f"no successful {'/'.join(deps)} trial on another task of this study "
+                                          "and stage: EigenLoRA's bank would be empty (run more tasks, or set "
+                                          "bank_dir to a folder of LoRA adapters)"))
+    return out, unrun
+
+
+def check_banks(sweep: SweepFile) -> None:
+    """Before any compute: a method that builds on other methods' adapters (EigenLoRA) needs them in its
+    own study, or a named folder (``bank_dir``); its bank is never whatever the cache happens to hold."""
+    from harness.methods import base_name, get_method
+
+    for study in sweep.studies:
+        for m, space in study.methods.items():
+            deps = get_method(m).builds_on
+            if not deps or any(base_name(d) in deps for d in study.methods):
+                continue
+            if any(not get_method(m).resolve_settings(g).get("bank_dir") for g in expand_grid(space, m)):
+                raise ConfigError(f"study {study.name!r}: method {m!r} builds its bank from the study's own "
+                                  f"{' / '.join(deps)} trials, and the study has none; add "
+                                  f"{' or '.join(repr(d) for d in deps)} to its methods, or set bank_dir to a "
+                                  "folder of LoRA adapters")
 
 
 def _write_records(path: Path, records: list[dict[str, Any]]) -> None:
@@ -328,6 +471,7 @@ def run_sweep(sweep: SweepFile, results_dir: Path, leaderboard_dir: Path, resume
     from harness import leaderboard
 
     check_results(sweep, Path(results_dir), resume)
+    check_banks(sweep)
     init_ray(address, dashboard)
     check_resources(sweep.studies, _node_resources())
     record_studies(sweep, Path(results_dir))

@@ -129,7 +129,7 @@ class FineTuneRun:
                 total_steps=max(1, setup.schedule.steps), seed=spec.seed, init_batches=setup.init_batches,
                 forward_fn=setup.forward, layer_inputs_fn=setup.layer_inputs, evaluate=setup.validate,
                 adapter_bank=[str(p) for p in find_bank(setup.base_key, spec.task, method.builds_on)]
-                if method.builds_on else [],
+                if method.builds_on and not spec.adapter_bank else list(spec.adapter_bank),
                 device=setup.device)
             model = method.wrap(setup.model, setup.site, self.settings, self.ctx).to(setup.device)
             self.lr, self.weight_decay = optimiser_settings(method, self.settings, setup.schedule)

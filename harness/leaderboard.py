@@ -66,6 +66,9 @@ def aggregate(records: list[dict[str, Any]], primary: str, groups: dict[str, Any
             train_peak_memory_mb=float(chosen["train_peak_memory_mb"].max()) if "train_peak_memory_mb" in chosen else 0.0,
             ms_per_update=float(chosen["ms_per_update"].mean()) if "ms_per_update" in chosen else 0.0,
             settings=best, backbone=backbone,
+            # how the settings were chosen (held-out / on-reported / single-point) and from how many grid points
+            selection=str(chosen["selection"].fillna("").iloc[0]) if "selection" in chosen else "",
+            grid_size=int(chosen["grid_size"].fillna(0).max()) if "grid_size" in chosen else 0,
             data_source=str(chosen["data_source"].iloc[0]), harness_version=__version__,
             date=str(chosen["date"].max()),
             # what made the row: one value when every seed ran on the same software and hardware

@@ -51,7 +51,10 @@ class Study(BaseModel):
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     budget: dict[str, Any] = Field(default_factory=dict)
     settings: dict[str, Any] = Field(default_factory=dict)
-    protocol: Literal["grid", "select-then-final"] = "grid"
+    # grid: every grid point runs once, scored on the reported split/episodes; the leaderboard shows the best
+    # (EVA Table 4's convention; "best-on-reported" names it explicitly, rows labelled on-reported).
+    # select-then-final: chosen on held-out data or episodes, then final runs scored apart.
+    protocol: Literal["grid", "best-on-reported", "select-then-final"] = "grid"
     selection: Selection = Field(default_factory=Selection)
     resources: Resources = Field(default_factory=Resources)
     leaderboard: SafeName | None = None  # CSV name; default: the benchmark

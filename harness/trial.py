@@ -46,6 +46,9 @@ class TrialSpec:
     seed: int = 0
     budget: dict[str, Any] = field(default_factory=dict)
     track_settings: dict[str, Any] = field(default_factory=dict)
+    # EigenLoRA's bank as the sweep driver chose it (one LoRA adapter folder per other task); empty: the
+    # method's bank_dir setting, else the cache's adapters (harness.adapters.find_bank)
+    adapter_bank: tuple[str, ...] = ()
 
 
 @dataclass
@@ -75,6 +78,11 @@ class TrialRecord:
     software: str = ""  # JSON: versions of torch, peft, timm, ray, metaworld, mujoco, gymnasium
     date: str = ""
     budget: str = ""
+    # how the row's settings were chosen, set by the sweep driver: "held-out" (select-then-final: on
+    # validation data or episodes apart from the reported ones), "on-reported" (the best grid point on the
+    # reported metric itself, EVA Table 4's convention), "single-point" (a grid of one: nothing chosen)
+    selection: str = ""
+    grid_size: int = 0  # grid points the settings were chosen from
     metrics: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -103,7 +111,7 @@ def validate_spec(spec: TrialSpec) -> TrialSpec:
         method.check_fit(*shaped, settings)
     budget = track.budget(spec.budget).model_dump()
     return TrialSpec(spec.track, spec.benchmark, spec.task, spec.method, settings, spec.seed, budget,
-                     dict(spec.track_settings))
+                     dict(spec.track_settings), tuple(spec.adapter_bank))
 
 
 def _peak_memory_mb() -> float:

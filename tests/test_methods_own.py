@@ -296,9 +296,8 @@ def test_glora_search_needs_a_scorer_or_falls_back():
     assert all(m.form == LayerForm("lora2", "lora2", "lora2", "vector", "vector")
                for m in model.modules() if isinstance(m, GLoRALinear))
     tight = method.resolve_settings({"ranks": [2], "param_budget_min": 10**6})
-    model = method.wrap(make_base(), SITE, tight, MethodContext())
-    with pytest.raises(ConfigError, match="budget"):
-        method.finalize(model, SITE, tight, MethodContext(evaluate=lambda m: 0.0))
+    with pytest.raises(ConfigError, match="no subnet fits the parameter budget"):  # at wrap, before training
+        method.wrap(make_base(), SITE, tight, MethodContext())
     with pytest.raises(ConfigError, match="valid forms"):
         method.wrap(make_base(), SITE, method.resolve_settings({"ranks": [2], "subnet": "A=lora8,B=none,C=none,"
                                                                 "D=none,E=none"}), MethodContext())

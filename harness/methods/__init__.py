@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 
 from harness.errors import ConfigError, choices_message
 from harness.methods.base import AdapterSite, Method, MethodContext, Setting
@@ -32,8 +33,26 @@ def method_names() -> list[str]:
     return list(REGISTRY)
 
 
+# A label after "@" names a variant of a method, so one study can hold it more than once and the
+# leaderboard shows each variant as its own row (GLoRA's three parameter budgets: glora@0.29M, ...).
+VARIANT_SEP = "@"
+_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,39}$")
+
+
+def base_name(name: str) -> str:
+    """The registered method behind ``name`` (``glora@0.29M`` -> ``glora``)."""
+    return name.split(VARIANT_SEP, 1)[0]
+
+
 def get_method(name: str) -> Method:
-    """The registered method ``name``; unknown names fail listing the valid ones."""
+    """The registered method ``name`` (or ``method@label``, a labelled variant of it); unknown names fail
+    listing the valid ones."""
+    if VARIANT_SEP in name:
+        label = name.split(VARIANT_SEP, 1)[1]
+        if not _LABEL.match(label):
+            raise ConfigError(f"method {name!r}: the variant label after '@' must be 1-40 letters, digits, '.', '_' "
+                              "or '-' (starting with a letter or digit), e.g. 'glora@0.29M'")
+        name = base_name(name)
     if name not in REGISTRY:
         raise ConfigError(choices_message("method", name, method_names()))
     if name not in _cache:
@@ -42,4 +61,4 @@ def get_method(name: str) -> Method:
     return _cache[name]
 
 
-__all__ = ["AdapterSite", "Method", "MethodContext", "Setting", "REGISTRY", "get_method", "method_names"]
+__all__ = ["AdapterSite", "Method", "MethodContext", "Setting", "REGISTRY", "base_name", "get_method", "method_names"]

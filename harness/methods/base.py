@@ -230,6 +230,18 @@ class Method:
         """Called once after training, before the final evaluation."""
         return model
 
+    # --- select-then-final --------------------------------------------------------------------------
+    def needs_selection(self, settings: dict[str, Any]) -> bool:
+        """Whether a trial with ``settings`` chooses something on the validation data itself (GLoRA's
+        subnet search), so that its selection stage must run even for a single grid point."""
+        return False
+
+    def final_settings(self, settings: dict[str, Any], described: dict[str, Any]) -> dict[str, Any]:
+        """The final stage's settings from the chosen selection trial's settings and what it described
+        (:meth:`describe`): what selection chose inside the trial is carried over, never chosen again on
+        data the final stage trains on."""
+        return dict(settings)
+
     def describe(self, model: nn.Module) -> dict[str, Any]:
         """Method-specific facts worth recording with the trial (EVA's rank per layer, GLoRA's subnet)."""
         return {}

@@ -1,8 +1,13 @@
 """EigenLoRA / EigenLoRAx (Kaushik et al. 2025): principal components of a bank of LoRA adapters, with
 trainable coefficients.
 
-Bank: N LoRA adapters of the same base model (``ctx.adapter_bank``, the adapters earlier ``lora`` trials
-saved on the other tasks, or the setting ``bank_dir``). For each adapted module and separately for the A
+Bank: N LoRA adapters of the same base model: the setting ``bank_dir`` (a named folder), else
+``ctx.adapter_bank``. In a sweep the driver fills it by a stated rule: for every other task of the same
+study, one adapter of the study's own ``lora`` trials of the same stage, the one with the settings that
+stage chose for that task (the final stage: the leaderboard row's), lowest seed (``harness/driver.py``
+``lora_bank``). Outside a sweep (``python -m harness run``) the cache gives one ``lora`` adapter of the same
+base per other task (``harness.adapters.find_bank``). Every trial records the bank's manifest (each
+adapter's path, task, seed and settings) in its record's ``extra.method.bank``. For each adapted module and separately for the A
 side (rows of length d_in) and the B side (columns of B, length d_out): stack the rows of every adapter
 (R = sum of the ranks) into R x n, centre, SVD, keep the top K right singular vectors E (K x n).
 
@@ -235,7 +240,8 @@ class EigenLoRA(LinearAdapterMethod):
         "keep_mean": Setting(True, "add the bank's mean back (adapters live in mean + span(E)); False: the "
                                    "authors' code (centre only to find E)"),
         "bank_dir": Setting(None, "a folder of LoRA adapters (.safetensors files or peft folders); replaces the "
-                                  "bank the sweep found", kind=(str, type(None))),
+                                  "bank the sweep picks (one final LoRA adapter per other task of the study)",
+                            kind=(str, type(None))),
         "reconstruct_from": Setting(None, "mode 'reconstruct': the LoRA adapter (peft folder or .safetensors) "
                                           "to reconstruct", kind=(str, type(None))),
     }
@@ -312,7 +318,11 @@ class EigenLoRA(LinearAdapterMethod):
         if mode == "reconstruct" and len(target) != 1:
             raise ConfigError(f"method 'eigenlora': reconstruct_from={settings['reconstruct_from']!r} holds "
                               f"{len(target)} LoRA adapters; give exactly one")
-        info = {"K": k, "bank_size": len(bank), "mode": mode, "random_components": 0, "explained_min": 1.0}
+        from harness.adapters import bank_manifest
+
+        info = {"K": k, "bank_size": len(bank), "mode": mode, "random_components": 0, "explained_min": 1.0,
+                "bank_from": f"bank_dir={settings['bank_dir']}" if settings["bank_dir"] else "trials",
+                "bank": bank_manifest([a.source for a in bank])}
         # Every layer is built before the model changes, so a bad reconstruct_from leaves it untouched.
         built: dict[str, EigenLoRALinear] = {}
         for name, layer in layers:

@@ -24,8 +24,15 @@ Life cycle here:
   skipped, candidates outside [param_budget_min, param_budget_max] rejected before scoring), scored with
   ``ctx.evaluate`` (validation, higher is better) and the inherited supernet weights; the best subnet is
   then fixed in every layer (no retraining). ``search=False``: the largest form is fixed instead.
-- ``subnet`` set ("largest", "random" or one form for every layer, e.g. "A=lora4,B=vector,C=none,D=scalar,
-  E=vector"): the subnet is fixed at wrap time, no sampling and no search.
+- ``subnet`` set ("largest", "random", one form for every layer, e.g. "A=lora4,B=vector,C=none,D=scalar,
+  E=vector", or a mapping of every adapted layer to its form, as a search records it): the subnet is fixed at
+  wrap time, no sampling and no search. Under select-then-final the driver hands the subnet that the
+  selection trial searched on the validation split to the final stage this way (``final_settings``), so
+  the final stage, which trains on train+val, never scores candidates on data it trained on.
+- Parameter budget (``param_budget_min``/``param_budget_max``, the adapter alone, head apart, by the
+  formula of ``count``): candidates outside it are never scored. A budget that no subnet can meet, or that
+  random draws almost never meet (the search starts from random draws), is refused by ``check_fit``
+  before any compute, from the layers' shapes alone.
 - ``count``: the fixed subnet's parameters by the paper's per-layer formula (A or B as LoRA r1:
   r1 (d_in + d_out), vector d_out, scalar 1; C as LoRA r1 (d_in + 1), vector d_in; D, E vector d_out,
   scalar 1), not the supernet storage. An unfixed layer counts its largest form, which equals its storage.
@@ -153,6 +160,54 @@ def _ranks(settings: dict[str, Any]) -> tuple[int, ...]:
     return out
 
 
+def _layer_forms(subnet: dict[str, Any], layers: list[str], choices: dict[str, tuple[str, ...]]
+                 ) -> dict[str, LayerForm]:
+    """A per-layer subnet ({layer name: form text}) parsed, covering exactly the adapted layers."""
+    missing, unknown = sorted(set(layers) - set(subnet)), sorted(set(subnet) - set(layers))
+    if missing or unknown:
+        raise ConfigError(f"method 'glora' setting 'subnet': a per-layer subnet must name every adapted layer "
+                          f"and no other; missing {missing[:3]}, unknown {unknown[:3]} (adapted layers: "
+                          f"{layers[:3]}...)")
+    forms = {}
+    for name, text in subnet.items():
+        if not isinstance(text, str):
+            raise ConfigError(f"method 'glora' setting 'subnet': layer {name!r} has {text!r}; give its form as "
+                              "text, e.g. 'A=lora4,B=vector,C=none,D=scalar,E=vector'")
+        forms[name] = LayerForm.parse(text, choices)
+    return forms
+
+
+BUDGET_DRAWS = 100  # random draws per population member the search may spend on its first generation
+
+
+def check_budget(shapes: list[tuple[str, int, int]], ranks: Sequence[int], budget_min: float,
+                 budget_max: float | None, population: int) -> None:
+    """Refuse, before any compute, a parameter budget the search cannot work with: no subnet inside it, or
+    so few that random draws (how the search starts) would not find one. ``shapes``: (name, d_in, d_out)
+    of every adapted layer."""
+    none = LayerForm("none", "none", "none", "none", "none")
+    smallest = sum(form_params(none, i, o) for _, i, o in shapes)
+    largest = sum(form_params(largest_form(ranks), i, o) for _, i, o in shapes)
+    where = f"subnets of ranks {list(ranks)} on these layers have {smallest} to {largest} parameters"
+    if budget_max is not None and budget_min > budget_max:
+        raise ConfigError(f"method 'glora': param_budget_min={budget_min} is above param_budget_max={budget_max}")
+    if budget_min > largest or (budget_max is not None and budget_max < smallest):
+        raise ConfigError(f"method 'glora': no subnet fits the parameter budget [{budget_min}, {budget_max}]; "
+                          f"{where}. Give a budget inside that range, or other 'ranks'")
+    if budget_min <= smallest and (budget_max is None or budget_max >= largest):
+        return  # every subnet fits
+    choices = form_choices(ranks)
+    rng = random.Random(0)
+    draws = population * BUDGET_DRAWS
+    for _ in range(draws):
+        n = sum(form_params(LayerForm(**{t: rng.choice(choices[t]) for t in TENSORS}), i, o) for _, i, o in shapes)
+        if n >= budget_min and (budget_max is None or n <= budget_max):
+            return
+    raise ConfigError(f"method 'glora': random subnets almost never fall inside the parameter budget "
+                      f"[{budget_min}, {budget_max}] (none in {draws} draws), and the search starts from random "
+                      f"draws; {where}. Widen the budget or choose 'ranks' whose typical subnet is nearer it")
+
+
 class GLoRA(LinearAdapterMethod):
     name = "glora"
     summary = ("GLoRA (Chavan et al. 2023): per-layer supernet of LoRA/vector/scalar/none forms for W0*A + B, "
@@ -164,8 +219,9 @@ class GLoRA(LinearAdapterMethod):
                          kind=(tuple, list, int)),
         "subnet": Setting(None, "None: supernet training then search; 'largest' (alias 'lora-all': max-rank LoRA "
                                 "for A, B, C, vector D, E), 'random' (one seeded draw per layer), or one form for "
-                                "every layer, e.g. 'A=lora4,B=vector,C=none,D=scalar,E=vector': fixed from the "
-                                "start, no sampling, no search", kind=(str, type(None))),
+                                "every layer, e.g. 'A=lora4,B=vector,C=none,D=scalar,E=vector', or a mapping "
+                                "{layer name: form} covering every adapted layer (what a search records): fixed "
+                                "from the start, no sampling, no search", kind=(str, dict, type(None))),
         "search": Setting(True, "run the evolutionary search after training (needs the track's validation "
                                 "scorer); False: fix the largest form in every layer instead"),
         "search_population": Setting(50, "candidates per generation", kind=int, ge=1),
@@ -182,14 +238,37 @@ class GLoRA(LinearAdapterMethod):
     }
 
     def check_fit(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any]) -> None:
-        check_rank(model, site, max(_ranks(settings)), self.name, what="largest rank of 'ranks'")
+        ranks = _ranks(settings)
+        check_rank(model, site, max(ranks), self.name, what="largest rank of 'ranks'")
+        shapes = [(n, m.in_features, m.out_features) for n, m in site.target_linears(model)]
+        if isinstance(settings["subnet"], dict):
+            _layer_forms(settings["subnet"], [n for n, _, _ in shapes], form_choices(ranks))
+        elif settings["subnet"] is None and settings["search"]:
+            check_budget(shapes, ranks, settings["param_budget_min"], settings["param_budget_max"],
+                         int(settings["search_population"]))
+
+    def needs_selection(self, settings: dict[str, Any]) -> bool:
+        return settings["subnet"] is None and bool(settings["search"])
+
+    def final_settings(self, settings: dict[str, Any], described: dict[str, Any]) -> dict[str, Any]:
+        out = dict(settings)
+        subnet = described.get("subnet")
+        if self.needs_selection(settings) and isinstance(subnet, dict) and subnet:
+            if any(v == "sampled" for v in subnet.values()):
+                raise ConfigError("method 'glora': the selection trial recorded no searched subnet (some layers "
+                                  "are still 'sampled'); its final stage cannot reuse it")
+            out["subnet"] = dict(subnet)
+        return out
 
     def layer_factory(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any],
                       ctx: MethodContext) -> LayerBuilder:
         ranks, spec = _ranks(settings), settings["subnet"]
         self.check_fit(model, site, settings)
         fixed = None  # the form every layer gets; 'random' draws one per layer below
-        if spec in ("largest", "lora-all"):
+        per_layer: dict[str, LayerForm] = {}
+        if isinstance(spec, dict):
+            per_layer = _layer_forms(spec, [n for n, _ in site.target_linears(model)], form_choices(ranks))
+        elif spec in ("largest", "lora-all"):
             fixed = largest_form(ranks)
         elif spec not in (None, "random"):
             fixed = LayerForm.parse(spec, form_choices(ranks))  # every layer has the same choices
@@ -200,7 +279,7 @@ class GLoRA(LinearAdapterMethod):
 
         def build(name: str, linear: nn.Linear) -> GLoRALinear:
             layer = GLoRALinear(linear, ranks, rng)
-            layer.form = layer.random_form(pick) if spec == "random" else fixed
+            layer.form = layer.random_form(pick) if spec == "random" else per_layer.get(name, fixed)
             return layer
 
         return build
