@@ -25,6 +25,7 @@ from pydantic import Field, field_validator
 
 from harness.cache import ArtifactCache
 from harness.finetune import FineTuneSetup, Schedule
+from harness.methods.base import AdapterSite
 from harness.randomness import TrialRandom, derive_seed, seeded
 from harness.tracks import Benchmark, Report, Track, TrackBudget, TrackSettings
 from harness.training import pick_device
@@ -47,6 +48,9 @@ class RLSettings(TrackSettings):
     n_embd: Int = Field(512, ge=1)
     context: Int = Field(50, ge=1)
     dropout: Float = Field(0.2, ge=0, lt=1)
+    # the layers adapters go on (EVA section 4.1: every Linear of the blocks); slices of the fused qkv
+    # (qkv.q, qkv.k, qkv.v) are split out as their own Linears (harness/targets.py)
+    adapter_targets: list[str] = Field(default_factory=lambda: list(SITE.targets), min_length=1)
     # data: scripted policy + Gaussian action noise, episodes per task split evenly over the levels
     data_episodes: Int = Field(200, ge=1)
     noise_levels: list[Float] = Field(default_factory=lambda: [0.0, 0.1, 0.3, 0.6, 1.0], min_length=1)
@@ -177,7 +181,7 @@ class RLTrack(Track):
 
     def shape_model(self, settings: RLSettings, benchmark: str):
         with torch.device("meta"):
-            return DecisionTransformer(model_config(settings)), SITE
+            return DecisionTransformer(model_config(settings)), AdapterSite(tuple(settings.adapter_targets), SITE.head)
 
     # --- one trial -----------------------------------------------------------------------------------
     def setup(self, spec, settings: RLSettings, budget: RLBudget, rng: TrialRandom, report: Report) -> FineTuneSetup:
@@ -222,7 +226,7 @@ class RLTrack(Track):
                             warmup=optim.effective_warmup(), min_lr=ts.min_lr, grad_clip=ts.grad_clip,
                             report_every=budget.report_every)
         return FineTuneSetup(
-            model=model, site=SITE, device=device, schedule=schedule,
+            model=model, site=AdapterSite(tuple(ts.adapter_targets), SITE.head), device=device, schedule=schedule,
             next_batch=lambda: sampler.sample(bs), loss=batch_loss, evaluate=evaluate,
             base_key=pre.base_key, backbone=plan.model.describe(), data_source=self.data_source(spec.benchmark),
             validate=validate, forward=forward_batch, layer_inputs=layer_tokens, compile=ts.compile,

@@ -187,6 +187,16 @@ def cmd_leaderboard(args) -> int:
 def cmd_methods(args) -> int:
     from harness.methods import get_method, method_names
 
+    if args.count:
+        from harness.counting import count_methods, format_rows, rows_json
+
+        if args.track == "vision" and not (args.backbone or args.sweep):
+            raise ConfigError("methods --count on the vision track needs --backbone NAME (a timm ViT, e.g. "
+                              "vit_base_patch16_224) or --sweep FILE")
+        rows = count_methods(args.track, args.backbone, args.methods.split(",") if args.methods else None,
+                             args.set, args.sweep, args.classes)
+        print(rows_json(rows) if args.json else format_rows(rows))
+        return 0
     for name in method_names():
         try:
             m = get_method(name)
@@ -262,7 +272,18 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--out", default="leaderboard")
     lb.set_defaults(fn=cmd_leaderboard)
 
-    sub.add_parser("methods", help="list every method with its settings").set_defaults(fn=cmd_methods)
+    me = sub.add_parser("methods", help="list every method with its settings; --count: their parameters on a backbone")
+    me.add_argument("--count", action="store_true",
+                    help="print each method's trainable parameters (head apart) on --backbone, without training")
+    me.add_argument("--backbone", default=None, help="timm model name (random weights, nothing downloaded)")
+    me.add_argument("--track", default="vision", choices=["vision", "rl"])
+    me.add_argument("--sweep", default=None, metavar="FILE", help="count at this sweep's settings and grids")
+    me.add_argument("--methods", default=None, metavar="A,B", help="only these methods (comma-joined)")
+    me.add_argument("--classes", type=int, default=100, help="width of the task head (counted apart)")
+    me.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a track setting (adapter_targets, alpha_rule, ...) or method setting (r, k, ...)")
+    me.add_argument("--json", action="store_true", help="print the counts as JSON")
+    me.set_defaults(fn=cmd_methods)
     sub.add_parser("tasks", help="list benchmarks and tasks").set_defaults(fn=cmd_tasks)
     return p
 

@@ -121,17 +121,24 @@ class FineTuneRun:
         """Build the track's setup, wrap the model with the method and make the trainer."""
         from harness.adapters import find_bank
 
+        from harness.protocol import prepare as prepare_protocol
+        from harness.targets import join_targets
+
         track, spec, method = self.track, self.spec, self.method
         with self.rng.scope():
-            setup = track.setup(spec, track.settings(spec.track_settings), track.budget(spec.budget), self.rng,
-                                self.report)
+            ts = track.settings(spec.track_settings)
+            setup = track.setup(spec, ts, track.budget(spec.budget), self.rng, self.report)
+            # The study's targets (fused qkv split where a slice is named) and the LoRA family's alpha rule.
+            setup.site, self.wrap_settings = prepare_protocol(method, self.settings, ts, setup.model, setup.site)
+            # Adapters on other layers of the same base are no bank for each other.
+            self.adapter_key = f"{setup.base_key}|targets={join_targets(setup.site.targets)}"
             self.ctx = MethodContext(
                 total_steps=max(1, setup.schedule.steps), seed=spec.seed, init_batches=setup.init_batches,
                 forward_fn=setup.forward, layer_inputs_fn=setup.layer_inputs, evaluate=setup.validate,
-                adapter_bank=[str(p) for p in find_bank(setup.base_key, spec.task, method.builds_on)]
+                adapter_bank=[str(p) for p in find_bank(self.adapter_key, spec.task, method.builds_on)]
                 if method.builds_on and not spec.adapter_bank else list(spec.adapter_bank),
                 device=setup.device)
-            model = method.wrap(setup.model, setup.site, self.settings, self.ctx).to(setup.device)
+            model = method.wrap(setup.model, setup.site, self.wrap_settings, self.ctx).to(setup.device)
             self.lr, self.weight_decay = optimiser_settings(method, self.settings, setup.schedule)
             s = setup.schedule
             cfg = LoopConfig(steps=s.steps, lr=self.lr, weight_decay=self.weight_decay, warmup=s.warmup,
@@ -160,7 +167,7 @@ class FineTuneRun:
             stats: TrainStats | None = self.trainer.finish() if self.trainer is not None else None
             train_peak = (torch.cuda.max_memory_allocated(setup.device) / 2**20
                           if setup.device.type == "cuda" else 0.0)
-            model = method.finalize(self.model, setup.site, settings, self.ctx)
+            model = method.finalize(self.model, setup.site, self.wrap_settings, self.ctx)
             model.eval()
             own, head = method.count(model, setup.site)
             metrics, facts = setup.evaluate(model)
@@ -174,7 +181,8 @@ class FineTuneRun:
                 from harness.adapters import save_trial_adapter
 
                 try:
-                    adapter_path = str(save_trial_adapter(method, model, setup.site, settings, spec, setup.base_key))
+                    adapter_path = str(save_trial_adapter(method, model, setup.site, self.wrap_settings, spec,
+                                                            self.adapter_key))
                 except OSError as e:  # a full or read-only disk must not cost the trial its scores
                     adapter_error = f"{type(e).__name__}: {e}"
         train_s = stats.wall_s if stats else 0.0

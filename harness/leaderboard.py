@@ -71,6 +71,9 @@ def aggregate(records: list[dict[str, Any]], primary: str, groups: dict[str, Any
             grid_size=int(chosen["grid_size"].fillna(0).max()) if "grid_size" in chosen else 0,
             data_source=str(chosen["data_source"].iloc[0]), harness_version=__version__,
             date=str(chosen["date"].max()),
+            # the LoRA family's scale (harness/scaling.py), as its records say
+            **({"alpha_rule": ";".join(sorted(set(chosen["alpha_rule"].fillna("").astype(str))))}
+               if "alpha_rule" in chosen else {}),
             # what made the row: one value when every seed ran on the same software and hardware
             **{k: ";".join(sorted(set(chosen[k].fillna("").astype(str)))) for k in _PROVENANCE if k in chosen},
         )
@@ -95,7 +98,12 @@ def summarise(table: pd.DataFrame, primary: str, groups: dict[str, Any], higher_
         row[f"average_{primary}"] = float(sum(group_means) / len(group_means)) if group_means else float(part[col].mean())
         ses = part[f"{primary}_se"].dropna()
         row[f"average_{primary}_se"] = float(math.sqrt((ses ** 2).sum()) / len(part)) if len(ses) == len(part) else float("nan")
-        row["trainable_params"] = float(part["trainable_params"].mean())
+        # Averaged like the scores (GLoRA Table 1: "# params ... averaged over group-wise mean values"), so a
+        # method whose count differs by task is not weighted towards the largest group.
+        group_params = [float(part[part["group"] == g]["trainable_params"].mean()) for g in groups
+                        if (part["group"] == g).any()]
+        row["trainable_params"] = (float(sum(group_params) / len(group_params)) if group_params
+                                   else float(part["trainable_params"].mean()))
         row["data_source"] = ",".join(sorted(set(part["data_source"])))
         rows.append(row)
     return pd.DataFrame(rows).sort_values(f"average_{primary}", ascending=not higher_is_better)

@@ -55,6 +55,13 @@ class TrackSettings(BaseModel):
     compile: Bool = False  # torch.compile the training forward (CUDA only)
     lr: Float = Field(1e-3, gt=0)  # the track's learning rate; a method's lr setting or default_lr wins
     weight_decay: Float = Field(0.0, ge=0)
+    # the scale of the whole LoRA family in this study (harness/scaling.py): alpha = 1, r or 2r
+    alpha_rule: Literal["1", "r", "2r"] = "r"
+
+    @field_validator("alpha_rule", mode="before")
+    @classmethod
+    def _rule_as_text(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
     @field_validator("device")
     @classmethod

@@ -63,6 +63,8 @@ class TrialRecord:
     seed: int
     status: str  # "ok" or "failed"
     error: str = ""
+    targets: str = ""  # the adapted layers, comma-joined as the study gave them ("" for full and linear)
+    alpha_rule: str = ""  # the LoRA family's scale: "alpha=1", "alpha=r", "alpha=2r" or "alpha=<v> (set)"
     trainable_params: int = 0
     head_params: int = 0
     peak_memory_mb: float = 0.0  # the whole trial's peak (evaluation and the method's search included)
@@ -100,15 +102,19 @@ def validate_spec(spec: TrialSpec) -> TrialSpec:
     """Check every part of a trial before any compute; returns the spec with method settings and budget
     resolved (defaults filled in), so equal trials have equal specs."""
     from harness.methods import get_method
+    from harness.protocol import prepare
     from harness.tracks import get_track
 
     track = get_track(spec.track)
     track.check_tasks(spec.benchmark, [spec.task])
     method = get_method(spec.method)
     settings = method.resolve_settings(spec.method_settings)
-    shaped = track.shape_model(track.settings(spec.track_settings), spec.benchmark)
+    track_settings = track.settings(spec.track_settings)
+    shaped = track.shape_model(track_settings, spec.benchmark)
     if shaped is not None:
-        method.check_fit(*shaped, settings)
+        model, site = shaped
+        site, wrap_settings = prepare(method, settings, track_settings, model, site)  # slices split as a trial would
+        method.check_fit(model, site, wrap_settings)
     budget = track.budget(spec.budget).model_dump()
     return TrialSpec(spec.track, spec.benchmark, spec.task, spec.method, settings, spec.seed, budget,
                      dict(spec.track_settings), tuple(spec.adapter_bank))
@@ -137,6 +143,17 @@ class TrialSession:
             date=datetime.now(timezone.utc).strftime("%Y-%m-%d"), budget=json.dumps(spec.budget, sort_keys=True))
         self.spec = spec
 
+    def _record_protocol(self) -> None:
+        """The record's targets and alpha rule, from the validated spec (harness/protocol.py)."""
+        from harness.methods import get_method
+        from harness.protocol import describe
+        from harness.tracks import get_track
+
+        track = get_track(self.spec.track)
+        facts = describe(get_method(self.spec.method), self.spec.method_settings,
+                         track.settings(self.spec.track_settings))
+        self.record.targets, self.record.alpha_rule = facts.targets, facts.alpha_rule
+
     def _fail(self, e: BaseException) -> None:
         self.record.status, self.record.error = "failed", f"{type(e).__name__}: {e}"
         if not isinstance(e, HarnessError):
@@ -153,6 +170,7 @@ class TrialSession:
                 torch.cuda.reset_peak_memory_stats()
             self.spec = validate_spec(self.spec)
             self.record.settings = json.dumps(self.spec.method_settings, sort_keys=True, default=str)
+            self._record_protocol()
             self.record.budget = json.dumps(self.spec.budget, sort_keys=True)
             self.run = FineTuneRun(self.spec, self.report)
             self.run.start()

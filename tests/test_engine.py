@@ -80,7 +80,7 @@ def test_record_says_what_made_it():
     assert record.ms_per_update > 0 and record.train_peak_memory_mb == 0.0
     assert record.ms_per_update < 1000 * record.extra["train_wall_s"]  # steady updates only, warm-up left out
     assert json.loads(record.settings) == {"r": 2, "alpha": None, "dropout": 0.0, "rslora": False, "lr": None,
-                                           "weight_decay": None}
+                                           "weight_decay": None, "targets": None}
 
 
 def test_waves_follow_method_declarations():

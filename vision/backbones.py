@@ -17,11 +17,19 @@ from torch import nn
 
 from harness.errors import ConfigError, DataError
 from harness.methods.base import AdapterSite
+from harness.targets import check_targets
 
 DEFAULT_TARGETS: tuple[str, ...] = ("qkv", "attn.proj", "fc1", "fc2")
 HEAD: tuple[str, ...] = ("head",)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+INCEPTION_MEAN = INCEPTION_STD = (0.5, 0.5, 0.5)
+# normalization setting -> (mean, std); "backbone" takes the timm pretrained tag's own
+NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = {
+    "backbone": None,
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),  # NOAH / GLoRA's VTAB-1K preprocessing, on every backbone
+    "inception": (INCEPTION_MEAN, INCEPTION_STD),  # timm's own for the in21k ViTs (augreg, orig)
+}
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
 
 
@@ -40,7 +48,10 @@ class Backbone:
     notes: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> str:
-        return f"{self.name} [{self.weights}]"
+        # Real weights say which input statistics they ran with: the VTAB-1K protocol (ImageNet mean/std)
+        # and timm's own (0.5) are both in use for the same checkpoint.
+        norm = self.notes.get("normalization")
+        return f"{self.name} [{self.weights}, norm {norm}]" if norm else f"{self.name} [{self.weights}]"
 
 
 def check_model_name(name: str) -> str:
@@ -195,12 +206,19 @@ def hf_cache_file(name: str) -> Path:
 def build_backbone(name: str, num_classes: int, weights: str, img_size: int | None = None,
                    drop_path: float = 0.0, model_kwargs: dict[str, Any] | None = None,
                    targets: tuple[str, ...] | list[str] = DEFAULT_TARGETS,
-                   builtin_checkpoint: Path | None = None, builtin_key: str = "") -> Backbone:
+                   builtin_checkpoint: Path | None = None, builtin_key: str = "",
+                   normalization: str = "backbone") -> Backbone:
     """Build ``name`` with a fresh ``num_classes`` head and load ``weights``.
 
     weights: "random"; "builtin" (``builtin_checkpoint``, the harness's formula-pretrained checkpoint);
     "hf-cache" (timm's pretrained tag from the local Hugging Face cache); or a path to a weights file.
+    normalization: "backbone" (the timm tag's mean/std), "imagenet" or "inception" (0.5); named in
+    ``describe()`` for real weights.
     """
+    if normalization not in NORMALIZATIONS:
+        from harness.errors import choices_message
+
+        raise ConfigError(choices_message("normalization", normalization, list(NORMALIZATIONS)))
     model = create(name, num_classes, img_size, drop_path, model_kwargs)
     size = model_img_size(model)
     cfg = getattr(model, "pretrained_cfg", {}) or {}
@@ -224,7 +242,19 @@ def build_backbone(name: str, num_classes: int, weights: str, img_size: int | No
         notes = load_weights_file(model, path)
         st = path.stat()
         source, key = str(path), f"file:{path.resolve()}:{st.st_size}:{int(st.st_mtime)}"
+    chosen = NORMALIZATIONS[normalization]
+    if chosen is not None and weights not in ("random", "builtin"):
+        mean, std = chosen
+    if weights not in ("random", "builtin"):
+        notes = {**notes, "normalization": _norm_label(mean, std)}
     site = AdapterSite(targets=tuple(targets), head=HEAD)
-    site.target_linears(model)  # a bad adapter_targets setting fails here, before training
+    check_targets(model, site.targets, HEAD)  # a bad adapter_targets setting fails here, before training
     key = f"{key}|{name}|{size}|{sorted((model_kwargs or {}).items())}"
     return Backbone(model, name, source, size, mean, std, site, key, notes)
+
+
+def _norm_label(mean: tuple[float, ...], std: tuple[float, ...]) -> str:
+    for name, pair in NORMALIZATIONS.items():
+        if pair is not None and tuple(mean) == pair[0] and tuple(std) == pair[1]:
+            return name
+    return f"mean {tuple(mean)} std {tuple(std)}"

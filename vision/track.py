@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,8 @@ class VisionSettings(TrackSettings):
     img_size: Int | None = Field(None, ge=8)  # None: the backbone's own input size (224 for the papers' ViTs)
     model_kwargs: dict[str, Any] = Field(default_factory=dict)  # extra timm.create_model kwargs
     adapter_targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS), min_length=1)
+    # input statistics: the timm tag's own, ImageNet's (NOAH/GLoRA's VTAB-1K protocol) or 0.5 (inception)
+    normalization: Literal["backbone", "imagenet", "inception"] = "backbone"
     drop_path: Float = Field(0.1, ge=0, lt=1)  # NOAH/FacT VTAB configs
     lr: Float = Field(1e-3, gt=0)
     weight_decay: Float = Field(1e-4, ge=0)
@@ -147,7 +149,7 @@ class VisionTrack(Track):
 
             ckpt, key, _ = ensure_pretrained(ts, log)
         return build_backbone(ts.backbone, num_classes, weights, ts.img_size, ts.drop_path, ts.model_kwargs,
-                              tuple(ts.adapter_targets), ckpt, key)
+                              tuple(ts.adapter_targets), ckpt, key, normalization=ts.normalization)
 
     def shape_model(self, settings: VisionSettings, benchmark: str):
         from harness.methods import AdapterSite

@@ -133,6 +133,15 @@ COMMON_SETTINGS: dict[str, Setting] = {
 }
 
 
+# The setting of every method that adapts chosen layers (Method.takes_targets): which ones. None takes the
+# study's track setting ``adapter_targets``; the resolved value is recorded with every trial.
+TARGET_SETTINGS: dict[str, Setting] = {
+    "targets": Setting(None, "adapter targets, comma-joined names or dotted suffixes of Linears, e.g. "
+                             "'qkv.q,qkv.v' (slices of a fused qkv Linear, see harness/targets.py) or 'fc1,fc2'; "
+                             "None: the study's adapter_targets", kind=(str, type(None))),
+}
+
+
 def method_state(model: nn.Module) -> dict[str, Any]:
     """The one place a method keeps facts about a model it wrapped (EVA's ranks, GLoRA's search result,
     EigenLoRA's components, the PiSSA save anchor): a plain dict on the model, created on first use.
@@ -196,9 +205,13 @@ class Method:
     # as MethodContext.adapter_bank.
     builds_on: tuple[str, ...] = ()
     default_lr: float | None = None  # a method whose paper trains at another lr than the track's (VeRA)
+    takes_targets: bool = True  # False for methods that adapt no chosen layers (full, linear)
+    # True for the LoRA family (update scaled by alpha / r): alpha comes from the study's alpha_rule
+    # (harness/scaling.py) unless the method's own alpha setting is given.
+    alpha_family: bool = False
 
     def all_settings(self) -> dict[str, Setting]:
-        return {**COMMON_SETTINGS, **self.settings}
+        return {**COMMON_SETTINGS, **(TARGET_SETTINGS if self.takes_targets else {}), **self.settings}
 
     @cached_property
     def settings_model(self) -> type[BaseModel]:
@@ -213,7 +226,8 @@ class Method:
     def check_fit(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any]) -> None:
         """What can be checked from the model's shape alone (targets exist, ranks fit the layers). Sweeps
         run it before any compute on a meta-device copy of the track's model; ``wrap`` runs it too."""
-        site.target_linears(model)
+        if self.takes_targets:  # full fine-tuning and the probe adapt no chosen layers
+            site.target_linears(model)
 
     # --- life cycle -------------------------------------------------------------------------------
     def wrap(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any], ctx: MethodContext) -> nn.Module:

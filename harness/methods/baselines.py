@@ -13,6 +13,7 @@ class FullFineTuning(Method):
     name = "full"
     summary = "full fine-tuning: every weight trains"
     settings = {}
+    takes_targets = False
 
     def wrap(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any], ctx: MethodContext) -> nn.Module:
         for p in model.parameters():
@@ -24,6 +25,7 @@ class LinearProbe(Method):
     name = "linear"
     summary = "linear probe: only the task head trains"
     settings = {}
+    takes_targets = False
 
     def wrap(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any], ctx: MethodContext) -> nn.Module:
         freeze(model)

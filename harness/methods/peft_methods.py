@@ -101,17 +101,25 @@ class PeftMethod(Method):
         return model.merge_and_unload()
 
 
+def _alpha(settings: dict[str, Any]) -> float:
+    """The study's alpha rule has filled ``alpha`` (harness/scaling.py) for trials; a direct call without
+    it gets the rule's default."""
+    from harness.scaling import ALPHA_RULES, DEFAULT_ALPHA_RULE
+
+    return settings["alpha"] if settings["alpha"] is not None else ALPHA_RULES[DEFAULT_ALPHA_RULE](int(settings["r"]))
+
+
 def _lora_kwargs(settings: dict[str, Any], site: AdapterSite) -> dict[str, Any]:
     r = int(settings["r"])
-    alpha = settings["alpha"] if settings["alpha"] is not None else r
+    alpha = _alpha(settings)
     return dict(r=r, lora_alpha=alpha, lora_dropout=settings["dropout"], target_modules=list(site.targets),
                 exclude_modules=list(site.head), use_rslora=settings.get("rslora", False), bias="none")
 
 
 LORA_SETTINGS: dict[str, Setting] = {
     "r": Setting(8, "rank", kind=int, ge=1),
-    "alpha": Setting(None, "scale numerator (update scaled by alpha/r); None: alpha = r, a scale of 1",
-                     kind=(float, int, type(None))),
+    "alpha": Setting(None, "scale numerator (update scaled by alpha/r); None: the study's alpha_rule "
+                           "(one rule for the whole LoRA family)", kind=(float, int, type(None))),
     "dropout": Setting(0.0, "dropout on the adapter input (0 keeps the fast path)", ge=0),
     "rslora": Setting(False, "rank-stabilised scaling alpha/sqrt(r)"),
 }
@@ -123,6 +131,7 @@ class LoRA(PeftMethod):
     settings = dict(LORA_SETTINGS)
     init: Any = True
     dora = False
+    alpha_family = True
 
     @property
     def input_casts(self) -> bool:  # type: ignore[override]
@@ -186,13 +195,15 @@ class AdaLoRA(PeftMethod):
     settings = {
         "r": Setting(8, "target average rank after pruning", kind=int, ge=1),
         "init_r_extra": Setting(4, "ranks start at r + this (EVA's protocol: r + 4)", kind=int, ge=0),
-        "alpha": Setting(None, "scale numerator; None: alpha = r", kind=(float, int, type(None))),
+        "alpha": Setting(None, "scale numerator; None: the study's alpha_rule", kind=(float, int, type(None))),
         "dropout": Setting(0.0, "adapter dropout", ge=0),
         "tinit": Setting(0.1, "share of the steps before pruning starts", ge=0),
         "tfinal": Setting(0.2, "share of the steps at the end with the budget fixed", ge=0),
         "delta_t": Setting(10, "steps between budget reallocations", kind=int, ge=1),
         "orth_reg_weight": Setting(0.5, "weight of the orthogonality penalty on P and Q", ge=0),
     }
+
+    alpha_family = True
 
     def peft_config(self, settings, site, ctx):
         from peft import AdaLoraConfig
@@ -203,7 +214,7 @@ class AdaLoRA(PeftMethod):
             tinit, tfinal = 0, 0
         r = int(settings["r"])
         return AdaLoraConfig(init_r=r + int(settings["init_r_extra"]), target_r=r,
-                             lora_alpha=settings["alpha"] if settings["alpha"] is not None else r,
+                             lora_alpha=_alpha(settings),
                              lora_dropout=settings["dropout"], tinit=tinit, tfinal=tfinal,
                              deltaT=int(settings["delta_t"]), total_step=total,
                              orth_reg_weight=settings["orth_reg_weight"], target_modules=list(site.targets),
@@ -252,7 +263,6 @@ class EVA(LoRA):
                "ranks redistributed by explained variance")
     settings = {
         **LORA_SETTINGS,
-        "alpha": Setting(1.0, "scale numerator (EVA uses alpha = 1)", kind=(float, int, type(None))),
         "rho": Setting(2.0, "a layer may get up to rho * r ranks (1: uniform ranks)", ge=1),
         "tau": Setting(0.99, "convergence threshold of the incremental PCA (cosine similarity)"),
         "whiten": Setting(False, "whiten A (suggested for vision)"),
@@ -359,8 +369,9 @@ class RandLoRA(PeftMethod):
     rank_limited = True
     settings = {
         "r": Setting(32, "rank of each random basis (lower r: more bases, more parameters)", kind=int, ge=1),
-        "alpha": Setting(None, "scale numerator, update scaled by alpha/r; None: 20 r (peft's default scale "
-                              "of 20; the RandLoRA repo uses alpha = 1 with a higher lr)", kind=(float, int, type(None))),
+        "alpha": Setting(10.0, "scale numerator, update scaled by alpha/r: 10, the paper's scaling coefficient "
+                               "10/r for vision (RandLoRA Table 8); peft's own default is 20 r",
+                         kind=(float, int)),
         "dropout": Setting(0.0, "adapter dropout", ge=0),
         "prng_key": Setting(0, "seed of the random bases", kind=int),
     }
@@ -371,7 +382,6 @@ class RandLoRA(PeftMethod):
         # save_projection=False: peft 0.21.x writes the shared bases once per layer (issue #3709); they are
         # regenerated from prng_key on load instead.
         r = int(settings["r"])
-        alpha = settings["alpha"] if settings["alpha"] is not None else 20 * r
-        return RandLoraConfig(r=r, randlora_alpha=alpha,
+        return RandLoraConfig(r=r, randlora_alpha=settings["alpha"],
                               randlora_dropout=settings["dropout"], projection_prng_key=int(settings["prng_key"]),
                               save_projection=False, target_modules=list(site.targets))
