@@ -8,6 +8,7 @@ key, the bad value and the valid choices.
 
 from __future__ import annotations
 
+import copy
 import itertools
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -149,8 +150,12 @@ def validate_study(study: Study, where: str) -> None:
             method = get_method(name)
             for combo in expand_grid(space, name):
                 resolved = method.resolve_settings(combo)
-                if shaped is not None:
-                    method.check_fit(*shaped, resolved)
+                if shaped is not None:  # on the model a trial would wrap: targets split, alpha rule applied
+                    from harness.protocol import prepare
+
+                    model = copy.deepcopy(shaped[0])
+                    site, wrap_settings = prepare(method, resolved, settings, model, shaped[1])
+                    method.check_fit(model, site, wrap_settings)
         except ConfigError as e:
             raise ConfigError(f"{where}.methods.{name}: {e}") from None
     track.budget(study.budget, f"{where}.budget")
