@@ -77,6 +77,11 @@ class FineTuneResult:
     head_params: int = 0
     train_peak_memory_mb: float = 0.0  # GPU memory at its peak while training (the model and its states)
     ms_per_update: float = 0.0  # training time per update after the warm-up updates (compilation), evaluation not
+    # the caching allocator's view while training (what another process on the GPU could not use): its
+    # peak, and its mean over updates sampled after each update (as PEFT's method comparison reports it)
+    train_reserved_memory_mb: float = 0.0
+    train_mean_reserved_mb: float = 0.0
+    adapter_bytes: int = 0  # the saved trainable state (safetensors files), what a user ships per task
     backbone: str = ""
     data_source: str = "real"
     adapter_path: str = ""
@@ -116,6 +121,7 @@ class FineTuneRun:
         self.started = time.time()
         self.setup: FineTuneSetup | None = None
         self.trainer: Trainer | None = None
+        self._reserved_sum, self._reserved_n = 0.0, 0
 
     def start(self) -> None:
         """Build the track's setup, wrap the model with the method and make the trainer."""
@@ -157,7 +163,12 @@ class FineTuneRun:
         if self.trainer is None:
             return False
         with self.rng.scope():
-            return self.trainer.step()
+            more = self.trainer.step()
+        if more and self.setup is not None and self.setup.device.type == "cuda":
+            # a host-side query of the allocator: no device sync, so it costs the update nothing
+            self._reserved_sum += torch.cuda.memory_reserved(self.setup.device)
+            self._reserved_n += 1
+        return more
 
     def finish(self) -> FineTuneResult:
         """Finalize, count, evaluate, describe and save; the trial's result."""
@@ -165,8 +176,10 @@ class FineTuneRun:
         assert setup is not None, "FineTuneRun.finish() before start()"
         with self.rng.scope():
             stats: TrainStats | None = self.trainer.finish() if self.trainer is not None else None
-            train_peak = (torch.cuda.max_memory_allocated(setup.device) / 2**20
-                          if setup.device.type == "cuda" else 0.0)
+            cuda = setup.device.type == "cuda"
+            train_peak = torch.cuda.max_memory_allocated(setup.device) / 2**20 if cuda else 0.0
+            train_reserved = torch.cuda.max_memory_reserved(setup.device) / 2**20 if cuda else 0.0
+            mean_reserved = self._reserved_sum / self._reserved_n / 2**20 if self._reserved_n else 0.0
             model = method.finalize(self.model, setup.site, self.wrap_settings, self.ctx)
             model.eval()
             own, head = method.count(model, setup.site)
@@ -199,8 +212,21 @@ class FineTuneRun:
         return FineTuneResult(metrics=metrics, settings=settings, trainable_params=own, head_params=head,
                               train_peak_memory_mb=round(train_peak, 1),
                               ms_per_update=round(stats.steady_ms_per_update, 3) if stats else 0.0,
+                              train_reserved_memory_mb=round(train_reserved, 1),
+                              train_mean_reserved_mb=round(mean_reserved, 1),
+                              adapter_bytes=_checkpoint_bytes(adapter_path),
                               backbone=setup.backbone, data_source=setup.data_source, adapter_path=adapter_path,
                               device=str(setup.device), extra=extra)
+
+
+def _checkpoint_bytes(adapter_path: str) -> int:
+    """Bytes of the adapter's tensors on disk (its ``*.safetensors`` files; the settings and the cache's
+    manifest are bookkeeping, not checkpoint)."""
+    from pathlib import Path
+
+    if not adapter_path:
+        return 0
+    return sum(f.stat().st_size for f in Path(adapter_path).glob("*.safetensors"))
 
 
 def run_finetune(spec, report: Report) -> FineTuneResult:

@@ -65,6 +65,7 @@ def aggregate(records: list[dict[str, Any]], primary: str, groups: dict[str, Any
             # the costs of the method itself: training alone (missing in records older than these columns)
             train_peak_memory_mb=float(chosen["train_peak_memory_mb"].max()) if "train_peak_memory_mb" in chosen else 0.0,
             ms_per_update=float(chosen["ms_per_update"].mean()) if "ms_per_update" in chosen else 0.0,
+            **_efficiency(chosen),
             settings=best, backbone=backbone,
             # how the settings were chosen (held-out / on-reported / single-point) and from how many grid points
             selection=str(chosen["selection"].fillna("").iloc[0]) if "selection" in chosen else "",
@@ -74,11 +75,45 @@ def aggregate(records: list[dict[str, Any]], primary: str, groups: dict[str, Any
             # the LoRA family's scale (harness/scaling.py), as its records say
             **({"alpha_rule": ";".join(sorted(set(chosen["alpha_rule"].fillna("").astype(str))))}
                if "alpha_rule" in chosen else {}),
+            budget=str(chosen["budget"].iloc[0]) if "budget" in chosen else "",
+            **({"targets": str(chosen["targets"].iloc[0])} if "targets" in chosen else {}),
             # what made the row: one value when every seed ran on the same software and hardware
             **{k: ";".join(sorted(set(chosen[k].fillna("").astype(str)))) for k in _PROVENANCE if k in chosen},
         )
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _efficiency(chosen: pd.DataFrame) -> dict[str, float]:
+    """The method's other costs, where the records carry them (older records do not)."""
+    out: dict[str, float] = {}
+    for col, how in (("train_reserved_memory_mb", "max"), ("train_mean_reserved_mb", "mean"),
+                     ("adapter_bytes", "max")):
+        if col in chosen:
+            out[col] = float(getattr(chosen[col], how)())
+    return out
+
+
+def ppt_score(accuracy: float | pd.Series, params: float | pd.Series):
+    """V-PETL Bench's parameter-efficiency score: accuracy x exp(-log10(P / 1e7 + 1)), accuracy in percent
+    and P the method's own trainable parameters (head apart, as V-PETL Bench counts them): 1e7 parameters
+    cost a factor e^-log10(2), about 0.74."""
+    import numpy as np
+
+    return accuracy * np.exp(-np.log10(params / 1e7 + 1))
+
+
+def with_efficiency(table: pd.DataFrame, meta: dict[str, Any], summary: bool = False) -> pd.DataFrame:
+    """``table`` with the derived efficiency columns: ``ppt`` on vision boards (from the row's mean score,
+    or the summary's average, and its trainable parameters)."""
+    if meta.get("track") != "vision" or table.empty:
+        return table
+    primary = meta.get("primary_metric", "top1")
+    score = f"average_{primary}" if summary else f"{primary}_mean"
+    if score in table and "trainable_params" in table:
+        table = table.copy()
+        table["ppt"] = ppt_score(table[score], table["trainable_params"].astype(float))
+    return table
 
 
 def summarise(table: pd.DataFrame, primary: str, groups: dict[str, Any], higher_is_better: bool = True
@@ -115,7 +150,8 @@ def _write_csv(df: pd.DataFrame, path: Path) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def _board_meta(path: Path) -> dict[str, Any]:
+def board_meta(path: Path) -> dict[str, Any]:
+    """The board's metadata (track, benchmark, primary metric, groups) kept beside its CSV."""
     meta = path.with_suffix(".json")
     return json.loads(meta.read_text()) if meta.exists() else {}
 
@@ -164,12 +200,14 @@ def _merge_write(table: pd.DataFrame, study, bench, groups: dict[str, Any], out_
         keep = old[[tuple(k) not in keys for k in old[ROW_KEY].astype(str).values]]
         table = pd.concat([keep, table], ignore_index=True)
     table = table.sort_values(["method", "task"]).reset_index(drop=True)
+    meta = {"track": study.track, "benchmark": study.benchmark, "primary_metric": bench.primary_metric,
+            "higher_is_better": bench.higher_is_better, "groups": groups}
+    table = with_efficiency(table, meta)
     _write_csv(table, path)
-    atomic_write_text(path.with_suffix(".json"), json.dumps(
-        {"track": study.track, "benchmark": study.benchmark, "primary_metric": bench.primary_metric,
-         "higher_is_better": bench.higher_is_better, "groups": groups}, indent=1))
+    atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1))
     summary_path = out_dir / f"{study.board_name}-summary.csv"
-    _write_csv(summarise(table, bench.primary_metric, groups, bench.higher_is_better), summary_path)
+    _write_csv(with_efficiency(summarise(table, bench.primary_metric, groups, bench.higher_is_better), meta,
+                               summary=True), summary_path)
     return [path, summary_path]
 
 
@@ -196,7 +234,8 @@ def board_files(out_dir: Path) -> list[Path]:
 
 
 def render(out_dir: Path) -> list[Path]:
-    """Markdown tables and plots for every board in ``out_dir``."""
+    """Markdown tables, plots and the static site (``index.html``, a page per board) for every board in
+    ``out_dir``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -204,10 +243,16 @@ def render(out_dir: Path) -> list[Path]:
 
     written = []
     for path in board_files(out_dir):
-        meta = _board_meta(path)
+        meta = board_meta(path)
         primary = meta.get("primary_metric", "score")
-        table = pd.read_csv(path)
-        summary = summarise(table, primary, meta.get("groups", {}), meta.get("higher_is_better", True))
+        with board_lock(out_dir):  # a sweep may be merging into this board right now
+            table = pd.read_csv(path)
+            derived = with_efficiency(table, meta)
+            if set(derived.columns) - set(table.columns):  # a board written before its derived columns existed
+                _write_csv(derived, path)
+            table = derived
+        summary = with_efficiency(summarise(table, primary, meta.get("groups", {}), meta.get("higher_is_better", True)),
+                                  meta, summary=True)
         _write_csv(summary, path.with_name(f"{path.stem}-summary.csv"))
         written.append(path.with_name(f"{path.stem}-summary.csv"))
         synthetic = "synthetic" in set(table["data_source"].astype(str))
@@ -241,6 +286,9 @@ def render(out_dir: Path) -> list[Path]:
         fig.tight_layout()
         written.append(_save_fig(fig, path.with_name(f"{path.stem}-params.png")))
         plt.close(fig)
+    from harness.site import write_site
+
+    written += write_site(out_dir)
     return written
 
 

@@ -71,6 +71,9 @@ class TrialRecord:
     wall_time_s: float = 0.0  # the whole trial (data, training, evaluation, saving)
     train_peak_memory_mb: float = 0.0  # training alone: what the method costs
     ms_per_update: float = 0.0  # training alone, per optimiser update
+    train_reserved_memory_mb: float = 0.0  # training alone: the allocator's reserved peak
+    train_mean_reserved_mb: float = 0.0  # training alone: reserved memory, mean over updates
+    adapter_bytes: int = 0  # the saved adapter's tensors on disk
     backbone: str = ""
     data_source: str = ""
     adapter_path: str = ""
@@ -199,6 +202,9 @@ class TrialSession:
                 record.metrics = dict(result.metrics)
                 record.trainable_params, record.head_params = int(result.trainable_params), int(result.head_params)
                 record.train_peak_memory_mb, record.ms_per_update = result.train_peak_memory_mb, result.ms_per_update
+                record.train_reserved_memory_mb = result.train_reserved_memory_mb
+                record.train_mean_reserved_mb = result.train_mean_reserved_mb
+                record.adapter_bytes = int(result.adapter_bytes)
                 record.backbone, record.data_source = result.backbone, result.data_source
                 record.adapter_path, record.extra = result.adapter_path, dict(result.extra)
                 record.device_name = provenance.device_name(result.device)

@@ -1,0 +1,49 @@
+"""The static leaderboard site: ``index.html`` and a page per board in the leaderboard folder.
+
+:func:`write_site` is called by ``python -m harness leaderboard`` and at the end of every sweep (through
+``harness.leaderboard.render``); :func:`harness.site.browser.screenshots` photographs a board and its
+Pareto plot in headless Chromium (``python -m harness leaderboard --screenshots``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from harness.cache import atomic_write_text
+from harness.site.pages import Board, board_page, index_page
+
+
+def load_boards(out_dir: Path) -> list[Board]:
+    """Every board CSV in ``out_dir`` with its summary (recomputed, so it has the current columns)."""
+    import pandas as pd
+
+    from harness import leaderboard
+
+    boards = []
+    for path in leaderboard.board_files(out_dir):
+        meta = leaderboard.board_meta(path)
+        table = leaderboard.with_efficiency(pd.read_csv(path), meta)
+        summary = leaderboard.with_efficiency(
+            leaderboard.summarise(table, meta.get("primary_metric", "score"), meta.get("groups", {}),
+                                  meta.get("higher_is_better", True)), meta, summary=True)
+        boards.append(Board(name=path.stem, table=table, summary=summary, meta=meta))
+    return boards
+
+
+def write_site(out_dir: Path) -> list[Path]:
+    """Write ``index.html`` and ``<board>.html`` for every board in ``out_dir``; return the files written."""
+    out_dir = Path(out_dir)
+    boards = load_boards(out_dir)
+    if not boards:
+        return []
+    written = []
+    for board in boards:
+        path = out_dir / board.page
+        atomic_write_text(path, board_page(board))
+        written.append(path)
+    index = out_dir / "index.html"
+    atomic_write_text(index, index_page(boards))
+    return [index, *written]
+
+
+__all__ = ["Board", "load_boards", "write_site"]

@@ -1,0 +1,62 @@
+"""Tracking through Ray Tune's integrations: ``tracking: [mlflow]`` in a sweep writes an MLflow file-store
+run per trial with its parameters and metrics; an unknown tracker is refused before any compute."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harness.errors import ConfigError
+from harness.sweep_file import load_sweep
+from test_sweep_e2e import ROOT, TINY
+
+
+def _sweep(tmp_path: Path, tracking) -> Path:
+    doc = {"name": "tracked", "track": "rl", "benchmark": "cw10", "tasks": ["window-close"],
+           "methods": {"lora": {"r": 2, "lr": 1.0e-3}}, "seeds": [0], "tracking": tracking,
+           "budget": {"steps": 8, "eval_episodes": 1, "batch_size": 8, "report_every": 4}, "settings": TINY,
+           "leaderboard": "tracked", "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0}}
+    path = tmp_path / "tracked.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_unknown_tracker_is_refused_with_the_valid_names(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_sweep(_sweep(tmp_path, ["mlflow", "tensorboard"]))
+    assert "tracking.1" in str(e.value) and "'tensorboard'" in str(e.value)
+    assert "'mlflow'" in str(e.value) and "'wandb'" in str(e.value)
+    assert load_sweep(_sweep(tmp_path, ["mlflow"])).tracking == ["mlflow"]
+    assert load_sweep(_sweep(tmp_path, []), ["tracking=[wandb]"]).tracking == ["wandb"]
+
+
+def test_mlflow_tracking_writes_a_file_store_run(tmp_path):
+    pytest.importorskip("mlflow", reason="the mlflow extra (part of the test extra) is not installed")
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env["HARNESS_CACHE"] = str(tmp_path / "cache")
+    res, board = tmp_path / "results", tmp_path / "board"
+    proc = subprocess.run([sys.executable, "-m", "harness", "sweep", str(_sweep(tmp_path, ["mlflow"])),
+                           "--results", str(res), "--leaderboard", str(board), "--no-dashboard"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    store = res / "tracked" / "mlruns"
+    experiments = [p for p in store.iterdir() if (p / "meta.yaml").is_file() and p.name not in (".trash", "0")]
+    (experiment,) = [p for p in experiments if yaml.safe_load((p / "meta.yaml").read_text())["name"] == "tracked"]
+    runs = [p for p in experiment.iterdir() if (p / "meta.yaml").is_file()]
+    assert len(runs) == 1  # one trial, one run
+    run = runs[0]
+    assert yaml.safe_load((run / "meta.yaml").read_text())["status"] in (3, "FINISHED")
+    params = {p.relative_to(run / "params").as_posix(): p.read_text() for p in (run / "params").rglob("*") if p.is_file()}
+    assert params.get("spec/method") == "lora" and params.get("spec/task") == "window-close", sorted(params)
+    assert params["spec/method_settings/r"] == "2" and params["spec/budget/steps"] == "8"
+    metrics = {p.name: p.read_text().split() for p in (run / "metrics").iterdir() if p.is_file()}
+    # each line of a metric file: timestamp value step; the final report carries the score and the costs
+    assert 0.0 <= float(metrics["success"][1]) <= 1.0
+    assert float(metrics["trainable_params"][1]) > 0 and float(metrics["ms_per_update"][1]) > 0
+    assert "loss" in metrics  # the intermediate reports too
+    tags = {p.name: p.read_text() for p in (run / "tags").iterdir()}
+    assert tags["study"] == "tracked" and tags["harness.sweep"] == "tracked"
