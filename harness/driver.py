@@ -167,8 +167,10 @@ def _gpus_per_trial(study: Study) -> float:
     return 0.25 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
-def run_wave(specs: list[TrialSpec], study: Study, exp_dir: Path, resume: bool) -> list[dict[str, Any]]:
-    """Run (or resume) one Tune experiment over ``specs``; return the flat trial records."""
+def run_wave(specs: list[TrialSpec], study: Study, exp_dir: Path, resume: bool,
+             callbacks: list[Any] | None = None) -> list[dict[str, Any]]:
+    """Run (or resume) one Tune experiment over ``specs``; return the flat trial records. ``callbacks``:
+    Ray Tune's tracking callbacks (``harness/tracking.py``) for a new experiment."""
     from ray import tune
 
     if not specs:
@@ -191,7 +193,8 @@ def run_wave(specs: list[TrialSpec], study: Study, exp_dir: Path, resume: bool) 
             tune_config=tune.TuneConfig(max_concurrent_trials=study.resources.max_concurrent,
                                         trial_name_creator=_trial_name, trial_dirname_creator=_trial_dir),
             run_config=tune.RunConfig(name=exp_dir.name, storage_path=str(exp_dir.parent.resolve()),
-                                      failure_config=tune.FailureConfig(max_failures=MAX_RETRIES), verbose=1),
+                                      failure_config=tune.FailureConfig(max_failures=MAX_RETRIES), verbose=1,
+                                      callbacks=callbacks or None),
         )
     grid = tuner.fit()
     records = []
@@ -286,6 +289,7 @@ def method_waves(methods: list[str]) -> list[list[str]]:
 
 def run_study(sweep: SweepFile, study: Study, results_dir: Path, resume: bool) -> list[dict[str, Any]]:
     """Prepare the track's artifacts once, then run the study's waves; return all final-stage records."""
+    from harness import tracking
     from harness.methods import get_method
 
     track = get_track(study.track)
@@ -305,7 +309,8 @@ def run_study(sweep: SweepFile, study: Study, results_dir: Path, resume: bool) -
         for i, names in enumerate(waves):
             folder = base / (f"{study.name}-{stage}" + (f"-wave{i}" if i else ""))
             wave, unbanked = _with_banks([s for s in specs if s.method in names], recs, metric, higher)
-            recs += run_wave(wave, study, folder, resume) + unbanked
+            recs += run_wave(wave, study, folder, resume,
+                             tracking.callbacks(sweep.tracking, results_dir, sweep.name, study.name)) + unbanked
         return recs
 
     if study.protocol == "select-then-final":
@@ -472,6 +477,9 @@ def run_sweep(sweep: SweepFile, results_dir: Path, leaderboard_dir: Path, resume
 
     check_results(sweep, Path(results_dir), resume)
     check_banks(sweep)
+    from harness.tracking import check_installed
+
+    check_installed(sweep.tracking)
     init_ray(address, dashboard)
     check_resources(sweep.studies, _node_resources())
     record_studies(sweep, Path(results_dir))

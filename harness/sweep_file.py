@@ -77,6 +77,8 @@ class SweepFile(BaseModel):
     name: SafeName
     description: str = ""
     studies: list[Study]
+    # Ray Tune's tracking integrations for the whole sweep (harness/tracking.py): local and offline by default
+    tracking: list[Literal["mlflow", "wandb"]] = Field(default_factory=list)
 
 
 
@@ -86,7 +88,7 @@ def _normalise(raw: Any, source: str) -> dict[str, Any]:
         raise ConfigError(f"{source}: a sweep file is a YAML mapping, got {type(raw).__name__}")
     raw = dict(raw)
     if "studies" not in raw:  # a single-study file: every key but the sweep's own belongs to the study
-        study = {k: raw.pop(k) for k in list(raw) if k not in ("name", "description")}
+        study = {k: raw.pop(k) for k in list(raw) if k not in ("name", "description", "tracking")}
         study["name"] = raw.get("name", "main")
         raw["studies"] = [study]
         raw["_single"] = True
@@ -213,7 +215,7 @@ def apply_override(raw: dict[str, Any], item: str, only: str | None = None) -> N
     except yaml.YAMLError as e:
         raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e})") from None
     parts = key.strip().split(".")
-    if parts[0] in ("name", "description", "studies"):
+    if parts[0] in ("name", "description", "studies", "tracking"):
         targets = [raw]
     else:
         targets = [s for s in raw["studies"] if only is None or (isinstance(s, dict) and s.get("name") == only)]
