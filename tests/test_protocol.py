@@ -232,7 +232,7 @@ def test_bad_alpha_rule_is_refused_before_compute():
 def test_vtab_sweep_uses_the_paper_presets():
     import yaml
 
-    doc = yaml.safe_load(open("sweeps/vtab1k.yaml"))
+    doc = yaml.safe_load(open("sweeps/vtab1k.yaml"))["studies"][0]  # the main study; GLoRA's is apart
     s = doc["settings"]
     assert s["backbone"] == "vit_base_patch16_224.orig_in21k" and s["normalization"] == "imagenet"
     assert s["adapter_targets"] == ["qkv.q", "qkv.v"] and str(s["alpha_rule"]) == "1"
