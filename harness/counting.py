@@ -130,15 +130,26 @@ def count_methods(track: str = "vision", backbone: str | None = None, methods: l
     from harness.tracks import get_track
 
     tr = get_track(track)
-    study_settings: dict[str, Any] = {}
-    grids: dict[str, dict[str, Any]] = {}
-    if sweep:
-        from harness.sweep_file import load_sweep
+    if not sweep:
+        return _count_study(tr, {}, {}, backbone, methods, sets, classes)
+    from harness.sweep_file import load_sweep
 
-        studies = [s for s in load_sweep(sweep).studies if s.track == track]
-        if not studies:
-            raise ConfigError(f"sweep file {sweep} has no study on the {track} track")
-        study_settings, grids = dict(studies[0].settings), dict(studies[0].methods)
+    studies = [s for s in load_sweep(sweep).studies if s.track == track]
+    if not studies:
+        raise ConfigError(f"sweep file {sweep} has no study on the {track} track")
+    rows: list[CountRow] = []
+    for study in studies:  # each study's own settings (GLoRA's budgets sit in a study of their own)
+        wanted = [m for m in study.methods if not methods or m in methods or m.split("@")[0] in methods]
+        if wanted:
+            rows += _count_study(tr, dict(study.settings), dict(study.methods), backbone, wanted, sets, classes)
+    return rows
+
+
+def _count_study(tr, study_settings: dict[str, Any], grids: dict[str, dict[str, Any]], backbone: str | None,
+                 methods: list[str] | None, sets: list[str] | None, classes: int) -> list[CountRow]:
+    from harness.protocol import describe, prepare
+
+    track = tr.name
     names = list(methods or (list(grids) if grids else method_names()))
     for m in names:
         get_method(m)  # an unknown name fails here, naming the valid ones
@@ -171,15 +182,18 @@ def count_methods(track: str = "vision", backbone: str | None = None, methods: l
             site, wrap_settings = prepare(method, settings, ts, model, base_site)
             counted, note = method, ""
             ctx = MethodContext(total_steps=1000)
-            if name in ("eva", "eva-dora"):
+            if name.split("@")[0] in ("eva", "eva-dora"):
                 counted = get_method("dora" if name == "eva-dora" else "lora")
                 wrap_settings = {k: v for k, v in wrap_settings.items() if k in counted.all_settings()}
                 note = "counted as the LoRA of the same r: EVA keeps its rank budget"
             elif method.builds_on:
                 ctx.adapter_bank = _bank(model, site, Path(tmp))
                 note = f"stand-in bank of {BANK_SIZE} random rank-{BANK_RANK} LoRAs"
-            elif name == "glora":
-                note = "the supernet's largest form; a searched subnet is at most this"
+            elif name.split("@")[0] == "glora":
+                cap = settings.get("param_budget_max")
+                note = ("the supernet's largest form; the search keeps subnets of at most "
+                        f"{int(cap):,} (param_budget_max)" if cap else
+                        "the supernet's largest form; a searched subnet is at most this")
             elif name == "adalora":
                 note = "at the initial rank r + init_r_extra, before pruning to r"
             wrapped = counted.wrap(model, site, wrap_settings, ctx)
