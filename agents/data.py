@@ -173,15 +173,19 @@ def build_datasets(tasks: Sequence[str], settings: DataSettings, workers: int | 
     workers = max(1, min(workers or default_workers(), sum(len(u) for u in work.values())))
     started = time.time()
     log(f"[rl-data] generating {len(missing)} task(s) x {settings.episodes} episodes with {workers} process(es)")
-    if workers == 1:
-        results = {t: [_run_unit(*u) for u in us] for t, us in work.items()}
-        for t in missing:
-            paths[t] = _store(cache, t, settings, results[t], log)
-    else:
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            futures = {t: [pool.submit(_run_unit, *u) for u in us] for t, us in work.items()}
-            for t in missing:  # store each task as soon as its units finish: nothing finished is lost
-                paths[t] = _store(cache, t, settings, [f.result() for f in futures[t]], log)
+    from harness.progress import progress
+
+    with progress(len(missing), "rl-data", unit="task") as bar:
+        if workers == 1:
+            for t in missing:
+                paths[t] = _store(cache, t, settings, [_run_unit(*u) for u in work[t]], log)
+                bar.update(1)
+        else:
+            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+                futures = {t: [pool.submit(_run_unit, *u) for u in us] for t, us in work.items()}
+                for t in missing:  # store each task as soon as its units finish: nothing finished is lost
+                    paths[t] = _store(cache, t, settings, [f.result() for f in futures[t]], log)
+                    bar.update(1)
     log(f"[rl-data] done in {time.time() - started:.1f}s")
     return paths
 

@@ -109,7 +109,12 @@ def pretrain(plan: PretrainPlan, device: torch.device | None = None, data_worker
         f"{plan.train.steps} updates on {len(plan.tasks)} task(s), device {device}")
     every = max(1, plan.train.report_every)
 
+    from harness.progress import progress
+
+    bar = progress(plan.train.steps, "rl-pretrain", unit="update")
+
     def report(m: dict[str, Any]) -> None:
+        bar.update_to(m["update"], loss=m["loss"])
         if m["update"] % (every * 10) == 0 or m["update"] == plan.train.steps:
             log(f"[rl-pretrain] update {m['update']}/{plan.train.steps} loss {m['loss']:.4f}")
 
@@ -117,7 +122,7 @@ def pretrain(plan: PretrainPlan, device: torch.device | None = None, data_worker
     cfg = LoopConfig(steps=t.steps, lr=t.lr, weight_decay=t.weight_decay, warmup=t.effective_warmup(),
                      min_lr=t.min_lr, grad_clip=t.grad_clip, compile=t.compile, report_every=t.report_every,
                      checkpoint=partial, checkpoint_every=max(1000, t.steps // 20))
-    with seeded(derive_seed(plan.seed, "dropout")):
+    with seeded(derive_seed(plan.seed, "dropout")), bar:
         stats = train(model, batch_loss, lambda: sampler.sample(t.batch_size), cfg, device, report=report)
     info = {"base_key": plan.base_key(), "final_loss": stats.final_loss, "steps_per_s": stats.steps_per_s,
             "wall_s": stats.wall_s, "resumed_from": stats.resumed_from, "params": model.num_params(),

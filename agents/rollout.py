@@ -307,8 +307,11 @@ def evaluate_dt(model, task: str, episodes: int, target_return: float, workers: 
     was_training = model.training
     model.eval()
     t0 = time.time()
+    from harness.progress import progress
+
     try:
-        with RolloutPool(task, N, workers, seed, length) as pool:
+        with RolloutPool(task, N, workers, seed, length) as pool, \
+                progress(T, f"rollout {task}", unit="step") as bar:
             groups = pool.groups(2)
             envs = [pool.envs_of(g) for g in groups]
             eps = [_Episodes(model, len(e), K, T, target_return, device) for e in envs]
@@ -326,6 +329,7 @@ def evaluate_dt(model, task: str, episodes: int, target_return: float, workers: 
                     actions = e.act(t)
                     policy_s += time.perf_counter() - started
                     pool.send_step(groups[g], actions)
+                bar.update(1)
             for g, (e, idx) in enumerate(zip(eps, envs)):
                 o, r, s = pool.recv_step(groups[g])
                 rewards[idx, T - 1], successes[idx, T - 1] = r, s

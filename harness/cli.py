@@ -181,6 +181,11 @@ def cmd_leaderboard(args) -> int:
         raise ConfigError(f"no leaderboard CSVs in {out}/: run a sweep first (python -m harness sweep)")
     for p in render(out):
         print(p)
+    if args.screenshots is not None:
+        from harness.site.browser import screenshots
+
+        for p in screenshots(out, args.screenshots or None):
+            print(p)
     return 0
 
 
@@ -268,8 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default=None, metavar="FILE", help="also write the JSON (with device and versions) here")
     b.set_defaults(fn=cmd_bench)
 
-    lb = sub.add_parser("leaderboard", help="render markdown tables and plots from the leaderboard CSVs")
+    lb = sub.add_parser("leaderboard", help="render markdown tables, plots and the static site (index.html) from the leaderboard CSVs")
     lb.add_argument("--out", default="leaderboard")
+    lb.add_argument("--screenshots", nargs="?", const="", default=None, metavar="BOARD",
+                    help="also photograph each board's table and Pareto plot (or BOARD's) in headless Chromium "
+                         "into <out>/<board>-table.png and -pareto.png")
     lb.set_defaults(fn=cmd_leaderboard)
 
     me = sub.add_parser("methods", help="list every method with its settings; --count: their parameters on a backbone")

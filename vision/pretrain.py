@@ -93,15 +93,20 @@ def _train(key: dict[str, Any], device: torch.device, folder: Path, partial: Pat
     started = time.time()
     last: dict[str, Any] = {}
 
+    from harness.progress import progress
+
+    bar = progress(steps, "vision-pretrain", unit="update")
+
     def report(m: dict[str, Any]) -> None:
         last.update(pretrain_step=m["update"], loss=round(m["loss"], 4), train_acc_ema=round(accuracy["ema"], 4),
                     elapsed_s=round(time.time() - started, 1))
+        bar.update_to(m["update"], loss=m["loss"])
         log(dict(last))
 
     cfg = LoopConfig(steps=steps, lr=key["lr"], weight_decay=key["weight_decay"], warmup=max(1, steps // 20),
                      min_lr=key["lr"] * 0.01, grad_clip=1.0, report_every=max(1, steps // 10), checkpoint=partial,
                      checkpoint_every=max(500, steps // 10), time_data=device.type == "cuda")
-    with seeded(derive_seed(key["seed"], "train")):
+    with seeded(derive_seed(key["seed"], "train")), bar:
         stats = train(model, loss, next_batch, cfg, device, report=report)
     from safetensors.torch import save_file
 
