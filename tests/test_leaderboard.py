@@ -61,3 +61,19 @@ def test_update_merges_without_duplicates_and_renders(tmp_path):
     written = render(tmp_path)
     assert (tmp_path / "board.md").read_text().count("synthetic") >= 1
     assert any(p.suffix == ".png" for p in written)
+
+
+def test_efficiency_columns_and_site(tmp_path):
+    study = Study(name="s", track="vision", benchmark="builtin", methods={"lora": {}}, leaderboard="board")
+    costs = {"train_reserved_memory_mb": 300.0, "train_mean_reserved_mb": 250.0, "adapter_bytes": 4096}
+    update([rec("lora", "a", s, v, **{**costs, "train_mean_reserved_mb": 250.0 + 10 * s})
+            for s, v in enumerate([60.0, 70.0])], study, tmp_path)
+    (row,) = pd.read_csv(tmp_path / "board.csv").to_dict("records")
+    assert row["train_reserved_memory_mb"] == 300.0 and row["adapter_bytes"] == 4096
+    assert row["train_mean_reserved_mb"] == pytest.approx(255.0)  # the mean over seeds
+    # V-PETL Bench's PPT from the row's mean top-1 and its trainable parameters (100 here)
+    assert row["ppt"] == pytest.approx(65.0 * math.exp(-math.log10(100 / 1e7 + 1)))
+    summary = pd.read_csv(tmp_path / "board-summary.csv")
+    assert summary["ppt"].iloc[0] == pytest.approx(row["ppt"])
+    written = render(tmp_path)
+    assert tmp_path / "index.html" in written and tmp_path / "board.html" in written

@@ -67,6 +67,8 @@ def screenshots(out_dir: Path, board: str | None = None) -> list[Path]:
         for html in pages:
             page.goto(html.as_uri())
             page.wait_for_load_state("load")
+            # the whole table in the picture, not the part its scrolling box shows
+            page.add_style_tag(content="body { max-width: none } .table-wrap { overflow: visible }")
             table = out_dir / f"{html.stem}-table.png"
             page.locator("#rows").screenshot(path=str(table))
             written.append(table)
