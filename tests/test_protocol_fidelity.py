@@ -226,3 +226,68 @@ def test_method_variant_labels_are_checked():
         get_method("glora@a/b")
     with pytest.raises(ConfigError, match="unknown method|valid"):
         get_method("nope@x")
+
+
+# --- end to end through Ray Tune: held-out RL selection, the default bank and a bank_dir with '/' -------
+
+def test_sweep_selects_held_out_and_builds_banks_by_the_rule(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    from harness.tracks import get_track
+
+    tiny = {"n_layer": 1, "n_head": 2, "n_embd": 32, "context": 4, "dropout": 0.0, "data_episodes": 2,
+            "noise_levels": [0.0, 0.5], "pretrain_tasks": ["reach"], "pretrain_steps": 20, "pretrain_batch_size": 16,
+            "pretrain_eval_episodes": 0, "eval_workers": 1, "data_workers": 1, "device": "cpu", "compile": False,
+            "warmup": 0, "grad_clip": 0.0, "eval_pretrained": False}
+    track = get_track("rl")
+    model, site = track.shape_model(track.settings(tiny), "cw10")
+    bank = tmp_path / "a bank" / "of/adapters"  # '/' and a space: the trial folder names must cope
+    bank.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(2):
+        save_file({f"base_model.model.{n}.lora_{side}.weight": torch.randn(*shape, generator=g)
+                   for n, m in site.target_linears(model)
+                   for side, shape in (("A", (2, m.in_features)), ("B", (m.out_features, 2)))},
+                  str(bank / f"t{i}.safetensors"))
+    doc = {"name": "pf", "track": "rl", "benchmark": "cw10", "tasks": ["window-close", "faucet-close"],
+           "protocol": "select-then-final", "selection": {"seeds": [0]}, "seeds": [0],
+           "methods": {"lora": {"r": [2, 4], "lr": 1e-3}, "eigenlora": {"k": 1, "r": 1},
+                       "eigenlora@dir": {"k": 1, "r": 1, "bank_dir": str(bank)}},
+           "budget": {"steps": 4, "eval_episodes": 1, "batch_size": 8, "report_every": 2}, "settings": tiny,
+           "leaderboard": "pf", "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0}}
+    path = tmp_path / "pf.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    env = {**os.environ, "HARNESS_CACHE": str(tmp_path / "cache"), "RAY_DEDUP_LOGS": "0"}
+    env.pop("RAY_ADDRESS", None)
+    res, board = tmp_path / "results", tmp_path / "board"
+    proc = subprocess.run([sys.executable, "-m", "harness", "sweep", str(path), "--results", str(res), "--leaderboard",
+                           str(board), "--no-dashboard"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+
+    def load(name):
+        return [json.loads(line) for line in (res / "pf" / name).read_text().splitlines()]
+
+    select, final = load("pf-select-records.jsonl"), load("pf-records.jsonl")
+    # only lora has a grid to choose from; its selection rollouts have start states of their own
+    assert {r["method"] for r in select} == {"lora"} and len(select) == 4
+    assert all(json.loads(r["extra"])["eval_seed"] == 100_000 for r in select)
+    assert all(json.loads(r["extra"])["eval_seed"] == 0 for r in final if r["status"] == "ok")
+    assert len(final) == 6 and all(r["status"] == "ok" for r in final), [r.get("error") for r in final]
+    labels = {r["method"]: (r["selection"], r["grid_size"]) for r in final}
+    assert labels == {"lora": ("held-out", 2), "eigenlora": ("single-point", 1), "eigenlora@dir": ("single-point", 1)}
+    lora = {r["task"]: r for r in final if r["method"] == "lora"}
+    for r in final:
+        info = json.loads(r["extra"])["method"]
+        if r["method"] == "eigenlora":  # the other task's final LoRA adapter, and only it
+            other = next(t for t in lora if t != r["task"])
+            assert [b["path"] for b in info["bank"]] == [lora[other]["adapter_path"]]
+            assert info["bank"][0]["task"] == other and info["bank_from"] == "trials"
+        elif r["method"] == "eigenlora@dir":
+            assert sorted(Path(b["path"]).name for b in info["bank"]) == ["t0.safetensors", "t1.safetensors"]
+    table = pd.read_csv(board / "pf.csv").set_index(["method", "task"])
+    assert set(table["selection"]) == {"held-out", "single-point"}
+    assert table.loc[("lora", "faucet-close"), "grid_size"] == 2
