@@ -33,16 +33,23 @@ def random_episodes(n: int, cfg: DTConfig, seed: int = 0) -> Episodes:
                     np.zeros(n, np.float32))
 
 
-def _harness_rate(cfg: DTConfig, ts, batch: int, steps: int, compiled: bool, device: torch.device,
-                  fixed_batch: bool = False) -> float:
+def finetune_trainer(cfg: DTConfig, ts, batch: int, steps: int, compiled: bool, device: torch.device,
+                     fixed_batch: bool = False) -> Trainer:
+    """A fine-tuning trial's update loop on the DT of ``cfg``: the engine's Trainer on windows sampled on
+    the device from random episodes of the real shape (``steps`` updates)."""
     with seeded(0):
         model = DecisionTransformer(cfg).to(device)
     sampler = WindowSampler(random_episodes(200, cfg), cfg.context, seed=0, device=device)
-    loop = LoopConfig(steps=2 * steps, lr=ts.lr, weight_decay=ts.weight_decay, warmup=steps // 2,
+    loop = LoopConfig(steps=steps, lr=ts.lr, weight_decay=ts.weight_decay, warmup=steps // 4,
                       min_lr=ts.min_lr, grad_clip=ts.grad_clip, compile=compiled, report_every=0)
     fixed = sampler.sample(batch)
-    trainer = Trainer(model, batch_loss, (lambda: fixed) if fixed_batch else (lambda: sampler.sample(batch)), loop,
-                      device)
+    return Trainer(model, batch_loss, (lambda: fixed) if fixed_batch else (lambda: sampler.sample(batch)), loop,
+                   device)
+
+
+def _harness_rate(cfg: DTConfig, ts, batch: int, steps: int, compiled: bool, device: torch.device,
+                  fixed_batch: bool = False) -> float:
+    trainer = finetune_trainer(cfg, ts, batch, 2 * steps, compiled, device, fixed_batch)
     with seeded(0):
         for _ in range(steps):  # compile and allocator warm-up, not timed
             trainer.step()

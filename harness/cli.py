@@ -149,6 +149,11 @@ def cmd_bench(args) -> int:
 
         config: dict[str, Any] = dict(_parse_sets(args.set))
         result = bench_methods(config)
+    elif args.track == "share":
+        from agents.bench_share import bench_share
+
+        config = dict(_parse_sets(args.set))
+        result = bench_share(config)
     else:
         track, settings = _track_settings(args)
         config = settings.model_dump()
@@ -268,7 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
         c.set_defaults(fn=fn)
 
     b = sub.add_parser("bench", help="measure training and rollout speed")
-    b.add_argument("track", choices=["rl", "vision", "methods"])
+    b.add_argument("track", choices=["rl", "vision", "methods", "share"],
+                   help="rl, vision: a track's loop against a plain one; methods: every method's step on one "
+                        "model; share: N RL fine-tuning trials sharing one GPU through Ray Tune")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     b.add_argument("--out", default=None, metavar="FILE", help="also write the JSON (with device and versions) here")
     b.set_defaults(fn=cmd_bench)

@@ -52,6 +52,7 @@ from torch import nn
 
 from harness.errors import ConfigError
 from harness.methods.base import AdapterSite, MethodContext, Setting, check_rank, method_state
+from harness.methods.fast_linear import low_rank_linear
 from harness.methods.linear_adapters import AdaptedLinear, LayerBuilder, LinearAdapterMethod, target_layers
 
 _INFO_FILE = "eigenlora.json"
@@ -198,7 +199,7 @@ class EigenLoRALinear(AdaptedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.factors()
-        return self.base(x) + (x @ a.T) @ b.T
+        return low_rank_linear(x, self.base.weight, self.base.bias, a, b)
 
     def delta_weight(self) -> torch.Tensor:
         a, b = self.factors()

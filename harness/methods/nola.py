@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from harness.methods.base import AdapterSite, MethodContext, Setting
+from harness.methods.fast_linear import low_rank_linear
 from harness.methods.linear_adapters import AdaptedLinear, LayerBuilder, LinearAdapterMethod
 
 
@@ -65,7 +66,7 @@ class NoLALinear(AdaptedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.factors()
-        return self.base(x) + self.scale * ((x.to(a.dtype) @ a) @ b).to(x.dtype)
+        return low_rank_linear(x, self.base.weight, self.base.bias, a.T, b.T, self.scale)
 
     def delta_weight(self) -> torch.Tensor:
         """Delta W (d_out x d_in) = (1/r) (A B)^T."""

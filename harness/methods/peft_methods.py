@@ -28,8 +28,9 @@ _ORTH_WEIGHT = "adalora_orth_reg_weight"
 
 
 def _ready(model: nn.Module, site: AdapterSite, input_casts: bool) -> nn.Module:
-    """The last steps of every wrap and load: the head trains, and peft's input casts are off where
-    that changes nothing.
+    """The last steps of every wrap and load: the head trains, the adapted layers get the harness's fast
+    forward (``fast_peft``; peft's own where it has none), and peft's input casts are off where that
+    changes nothing.
 
     peft casts each adapter's input to the adapter weights' dtype (fp32) before the adapter's matmul;
     under bf16 autocast that matmul casts it straight back to bf16, so for a method whose adapter path is
@@ -39,9 +40,12 @@ def _ready(model: nn.Module, site: AdapterSite, input_casts: bool) -> nn.Module:
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    from harness.methods import fast_peft
+
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
             module.cast_input_dtype_enabled = input_casts
+    fast_peft.enable(model)
     unfreeze_head(model, site)
     return model
 

@@ -1,0 +1,123 @@
+"""Fast forwards for peft's adapter layers, with peft's modules, parameters and save format kept.
+
+:func:`enable` re-classes every peft LoRA (also PiSSA, OLoRA, EVA, DoRA, EVA+DoRA), AdaLoRA and VeRA
+Linear to a subclass that differs in ``forward`` only, so ``state_dict`` keys, ``save_pretrained``, merging
+and every ``isinstance`` check of peft stay as they were; :func:`disable` restores peft's own forward.
+A forward takes the fast path only in the plain training/evaluation case (one active adapter, not merged,
+no adapter dropout in training, an ``nn.Linear`` base); anything else falls back to peft's forward.
+
+- LoRA family, AdaLoRA, VeRA: ``fast_linear.low_rank_linear`` with the method's factors
+  (AdaLoRA: ``A * E`` and ``B`` scaled by ``scaling / ranknum``; VeRA: the shared bases scaled by
+  ``lambda_d`` and ``lambda_b``).
+- DoRA: the column-normalised weight ``m / ||W + s B A||_c (W + s B A)`` (norm detached, DoRA section 4.3,
+  as peft does) in one ``F.linear``; peft instead keeps the base output and the LoRA output and mixes
+  them element-wise, which holds several activation-sized tensors per layer for the backward.
+
+RandLoRA keeps peft's forward (its update is a sum over many scaled bases; no fast path yet).
+"""
+
+from __future__ import annotations
+
+import torch
+from peft.tuners.adalora.layer import SVDLinear
+from peft.tuners.lora import layer as lora_layer
+from peft.tuners.lora.variants import DoraLinearVariant
+from peft.tuners.vera.layer import Linear as VeraLinear
+from torch import nn
+from torch.nn import functional as F
+
+from harness.methods.fast_linear import low_rank_linear
+
+
+def _single_adapter(layer, names) -> str | None:
+    """The one active adapter of ``layer`` present in ``names``, or None when the fast path does not apply."""
+    if layer.disable_adapters or layer.merged:
+        return None
+    active = layer.active_adapters
+    if len(active) != 1 or active[0] not in names:
+        return None
+    base = layer.get_base_layer()
+    if type(base) is not nn.Linear or getattr(layer, "fan_in_fan_out", False):
+        return None
+    return active[0]
+
+
+def _no_dropout(dropout: nn.Module, training: bool) -> bool:
+    return isinstance(dropout, nn.Identity) or not training or getattr(dropout, "p", 1.0) == 0.0
+
+
+class FastLoraLinear(lora_layer.Linear):
+    """peft's LoRA Linear (and its PiSSA/OLoRA/EVA initialisations and DoRA variant), fast forward."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        name = None if args or kwargs else _single_adapter(self, self.lora_A.keys())
+        if (name is None or not _no_dropout(self.lora_dropout[name], self.training)
+                or self.lora_B[name].bias is not None):
+            return super().forward(x, *args, **kwargs)
+        base = self.get_base_layer()
+        a, b, scale = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+        variant = self.lora_variant.get(name)
+        if variant is None:
+            return low_rank_linear(x, base.weight, base.bias, a, b, scale)
+        if type(variant) is DoraLinearVariant:
+            return self._dora(x, base, a, b, scale, self.lora_magnitude_vector[name].weight)
+        return super().forward(x, *args, **kwargs)
+
+    @staticmethod
+    def _dora(x, base: nn.Linear, a, b, scale: float, magnitude) -> torch.Tensor:
+        weight = base.weight + scale * (b @ a).to(base.weight.dtype)
+        # the norm is a constant of the backward (DoRA section 4.3): computed on a detached copy
+        norm = torch.linalg.norm(weight.detach(), dim=1)
+        return F.linear(x, (magnitude / norm).unsqueeze(1) * weight, base.bias)
+
+
+class FastSVDLinear(SVDLinear):
+    """peft's AdaLoRA layer, fast forward: ``B diag(E) A`` scaled by ``scaling / ranknum``."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        name = None if args or kwargs else _single_adapter(self, self.lora_A.keys())
+        if name is None or not _no_dropout(self.lora_dropout[name], self.training):
+            return super().forward(x, *args, **kwargs)
+        base = self.get_base_layer()
+        a = self.lora_A[name] * self.lora_E[name]
+        b = self.lora_B[name] * (self.scaling[name] / (self.ranknum[name] + 1e-5))
+        return low_rank_linear(x, base.weight, base.bias, a, b)
+
+
+class FastVeraLinear(VeraLinear):
+    """peft's VeRA layer, fast forward: the shared frozen bases scaled by the trained vectors."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        name = None if args or kwargs else _single_adapter(self, self.vera_lambda_d.keys())
+        if name is None or not _no_dropout(self.vera_dropout[name], self.training):
+            return super().forward(x, *args, **kwargs)
+        base = self.get_base_layer()
+        a = self.vera_lambda_d[name].unsqueeze(1) * self.vera_A[name][:, : self.in_features]
+        b = self.vera_lambda_b[name].unsqueeze(1) * self.vera_B[name][: self.out_features, :]
+        return low_rank_linear(x, base.weight, base.bias, a, b)
+
+
+_FAST: dict[type, type] = {lora_layer.Linear: FastLoraLinear, SVDLinear: FastSVDLinear, VeraLinear: FastVeraLinear}
+_PEFT: dict[type, type] = {fast: slow for slow, fast in _FAST.items()}
+
+
+def enable(model: nn.Module) -> int:
+    """Give every supported peft layer of ``model`` its fast forward; returns how many were switched."""
+    count = 0
+    for module in model.modules():
+        fast = _FAST.get(type(module))
+        if fast is not None:
+            module.__class__ = fast
+            count += 1
+    return count
+
+
+def disable(model: nn.Module) -> int:
+    """Restore peft's own forward on every layer :func:`enable` switched; returns how many."""
+    count = 0
+    for module in model.modules():
+        slow = _PEFT.get(type(module))
+        if slow is not None:
+            module.__class__ = slow
+            count += 1
+    return count

@@ -1,0 +1,158 @@
+"""The harness's fast adapter forwards against peft's own: same outputs and gradients, same save format.
+
+Every peft-backed method with a fast path is wrapped twice from the same base and the same (perturbed,
+non-zero) adapter; one keeps the fast forward the wrap installs, the other gets peft's forward back.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from harness.methods import MethodContext, fast_peft, get_method
+from harness.methods.fast_linear import low_rank_linear
+from tiny_models import SITE, Tiny
+
+FAST_METHODS = ["lora", "dora", "pissa", "olora", "adalora", "eva", "eva-dora", "vera"]
+
+
+def _data(n: int = 64):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 16, generator=g), torch.randn(n, 3, generator=g)
+
+
+def _ctx() -> MethodContext:
+    x, _ = _data()
+    return MethodContext(total_steps=10, init_batches=lambda: [x[i:i + 16] for i in range(0, 64, 16)],
+                         forward_fn=lambda m, b: m(b))
+
+
+def _wrapped(name: str, settings: dict | None = None) -> nn.Module:
+    method = get_method(name)
+    torch.manual_seed(0)
+    settings = {"r": 4, **(settings or {})} if name != "vera" else (settings or {})
+    model = method.wrap(Tiny(), SITE, method.resolve_settings(settings), _ctx())
+    with torch.no_grad():  # a trained-looking adapter: B and the magnitudes away from their initial values
+        g = torch.Generator().manual_seed(3)
+        for _, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def _step(model: nn.Module, x, y, autocast: bool):
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(x)
+    nn.functional.mse_loss(out.float(), y).backward()
+    return out.detach().float(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _peft_reference(name: str) -> nn.Module:
+    """The same adapter on peft's own forward, as peft ships it (input casts on)."""
+    model = _wrapped(name)
+    assert fast_peft.disable(model) == 4, "the wrap installs the fast forward on every adapted layer"
+    for m in model.modules():
+        if hasattr(m, "cast_input_dtype_enabled"):
+            m.cast_input_dtype_enabled = True
+    return model
+
+
+def _error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+@pytest.mark.parametrize("name", FAST_METHODS)
+def test_fast_forward_matches_peft(name):
+    """fp32: the same outputs and gradients as peft's forward (the same arithmetic in another order)."""
+    x, y = _data()
+    out_fast, g_fast = _step(_wrapped(name), x, y, autocast=False)
+    out_ref, g_ref = _step(_peft_reference(name), x, y, autocast=False)
+    torch.testing.assert_close(out_fast, out_ref, atol=1e-5, rtol=1e-5)
+    assert g_fast.keys() == g_ref.keys()
+    for k in g_ref:
+        assert g_fast[k].dtype == g_ref[k].dtype and _error(g_fast[k], g_ref[k]) < 1e-5, k
+
+
+@pytest.mark.parametrize("name", FAST_METHODS)
+def test_fast_forward_under_autocast_is_as_accurate_as_peft(name):
+    """bf16 autocast: both paths round differently, so each is measured against the fp32 result; the
+    fast path may not be less accurate than peft's own bf16 path beyond bf16's noise (on these tiny
+    layers 1-2.5% of a gradient's norm: peft's own AdaLoRA path is 2.5% off; DoRA's merged weight takes
+    its gradient in bf16 as full fine-tuning does, where peft's DoRA runs the adapter in fp32)."""
+    x, y = _data()
+    out_32, g_32 = _step(_peft_reference(name), x, y, autocast=False)
+    out_fast, g_fast = _step(_wrapped(name), x, y, autocast=True)
+    out_peft, g_peft = _step(_peft_reference(name), x, y, autocast=True)
+    assert _error(out_fast, out_32) <= max(2.5 * _error(out_peft, out_32), 3e-2)
+    for k in g_32:
+        assert g_fast[k].dtype == g_32[k].dtype, k
+        fast, peft = _error(g_fast[k], g_32[k]), _error(g_peft[k], g_32[k])
+        assert fast <= max(2.5 * peft, 3e-2), (k, fast, peft)
+
+
+def test_fast_path_keeps_peft_state_and_save_format(tmp_path):
+    model = _wrapped("dora")
+    keys = set(model.state_dict())
+    fast_peft.disable(model)
+    assert set(model.state_dict()) == keys
+    fast_peft.enable(model)
+    method = get_method("dora")
+    settings = method.resolve_settings({"r": 4})
+    model.eval()
+    x, _ = _data()
+    out = model(x).detach()
+    method.save(model, SITE, settings, tmp_path / "a")
+    torch.manual_seed(0)
+    reloaded = method.load(Tiny(), SITE, settings, tmp_path / "a").eval()
+    assert any(isinstance(m, fast_peft.FastLoraLinear) for m in reloaded.modules())  # loads get it too
+    torch.testing.assert_close(reloaded(x), out, atol=1e-5, rtol=1e-5)
+
+
+def test_dropout_in_training_takes_peft_forward():
+    """Adapter dropout is peft's: with the same random stream both paths draw the same mask."""
+    x, _ = _data()
+    fast = _wrapped("lora", {"dropout": 0.5})
+    reference = _wrapped("lora", {"dropout": 0.5})
+    fast_peft.disable(reference)
+    fast.train(), reference.train()
+    torch.manual_seed(7)
+    a = fast(x)
+    torch.manual_seed(7)
+    b = reference(x)
+    assert torch.equal(a, b)
+    fast.eval(), reference.eval()  # dropout off: the fast path again, same outputs
+    torch.testing.assert_close(fast(x), reference(x), atol=1e-5, rtol=1e-5)
+
+
+def test_merged_adapter_uses_the_base_layer():
+    x, _ = _data()
+    model = _wrapped("lora").eval()
+    before = model(x).detach()
+    for m in model.modules():
+        if isinstance(m, fast_peft.FastLoraLinear):
+            m.merge()
+    torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
+
+
+def test_low_rank_linear_gradients():
+    """gradcheck in float64 on a 3-d input, with factors computed from parameters (as VeRA's are)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    w, bias = torch.randn(4, 5, dtype=torch.float64, generator=g), torch.randn(4, dtype=torch.float64, generator=g)
+    a0 = torch.randn(2, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    d = torch.randn(2, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(4, 2, dtype=torch.float64, generator=g, requires_grad=True)
+    fn = lambda x, a0, d, b: low_rank_linear(x, w, bias, d.unsqueeze(1) * a0, b, 0.5)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, a0, d, b))
+    expected = x @ w.T + bias + 0.5 * (x @ (d.unsqueeze(1) * a0).T) @ b.T
+    torch.testing.assert_close(fn(x, a0, d, b), expected)
+    assert low_rank_linear(x, w, None, a0, b).shape == (2, 3, 4)
+
+
+def test_trainable_base_is_refused():
+    w = torch.randn(4, 5, requires_grad=True)
+    out = low_rank_linear(torch.randn(3, 5), w, None, torch.randn(2, 5, requires_grad=True), torch.randn(4, 2))
+    with pytest.raises(RuntimeError, match="frozen"):
+        out.sum().backward()
