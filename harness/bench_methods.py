@@ -36,6 +36,7 @@ class BenchSettings(BaseModel):
     warmup: Int | None = Field(None, ge=0)
     methods: list[str] | None = None
     compile: Bool = False  # torch.compile forward and loss, as trials with `compile: true` do (CUDA only)
+    fast: Bool = True  # the harness's fast adapter forwards (fast_peft); false: peft's own, for comparison
 
 
 def _defaults(cuda: bool) -> dict[str, Any]:
@@ -111,6 +112,10 @@ def _time_method(name: str, cfg: dict[str, Any], x, y, device, bank) -> dict[str
                         init_batches=lambda: [(x, y)] * 4, forward_fn=lambda m, b: m(b[0]),
                         evaluate=lambda m: 0.0)
     model = method.wrap(model, VIT_SITE, settings, ctx).to(device)
+    if not cfg["fast"]:
+        from harness.methods import fast_peft
+
+        fast_peft.disable(model)
     loop = LoopConfig(steps=cfg["warmup"] + cfg["steps"], lr=1e-4, report_every=0, compile=cfg["compile"])
     trainer = Trainer(model, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]), lambda: (x, y), loop, device,
                       MethodHooks(method, ctx))
