@@ -6,9 +6,9 @@ and every ``isinstance`` check of peft stay as they were; :func:`disable` restor
 A forward takes the fast path only in the plain training/evaluation case (one active adapter, not merged,
 no adapter dropout in training, an ``nn.Linear`` base); anything else falls back to peft's forward.
 
-- LoRA family, AdaLoRA, VeRA: ``fast_linear.low_rank_linear`` with the method's factors
-  (AdaLoRA: ``A * E`` and ``B`` scaled by ``scaling / ranknum``; VeRA: the shared bases scaled by
-  ``lambda_d`` and ``lambda_b``).
+- LoRA family, AdaLoRA, VeRA: ``fast_linear.low_rank_linear`` with the method's scalings folded into
+  its factors (LoRA: ``B`` times ``scaling``; AdaLoRA: ``A * E`` and ``B`` times ``scaling / ranknum``;
+  VeRA: the shared bases scaled by ``lambda_d`` and ``lambda_b``), so nothing scales the activations.
 - DoRA: the column-normalised weight ``m / ||W + s B A||_c (W + s B A)`` (norm detached, DoRA section 4.3,
   as peft does) in one ``F.linear``; peft instead keeps the base output and the LoRA output and mixes
   them element-wise, which holds several activation-sized tensors per layer for the backward.
