@@ -106,6 +106,10 @@ def _time_method(name: str, cfg: dict[str, Any], x, y, device, bank) -> dict[str
     from harness.finetune import MethodHooks
 
     method = get_method(name)
+    if cfg["compile"]:
+        # every method compiles the same loss function anew: past dynamo's recompile limit a process
+        # would silently run the later methods eager
+        torch._dynamo.reset()
     model = _make_model(cfg["backbone"], cfg["img_size"], device)
     settings = method.resolve_settings({})
     ctx = MethodContext(total_steps=cfg["steps"] + cfg["warmup"], device=device, adapter_bank=bank,

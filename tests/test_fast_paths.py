@@ -64,13 +64,8 @@ def _error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("name", FAST_METHODS)
-@pytest.mark.parametrize("merged", [False, True], ids=["low-rank", "merged"])
-def test_fast_forward_matches_peft(name, merged, monkeypatch):
-    """fp32: the same outputs and gradients as peft's forward (the same arithmetic in another order),
-    in both forms of the update (the merged one is what a GPU takes for layers of these widths)."""
-    from harness.methods import fast_linear
-
-    monkeypatch.setattr(fast_linear, "merges_on", lambda x, w: merged)
+def test_fast_forward_matches_peft(name):
+    """fp32: the same outputs and gradients as peft's forward (the same arithmetic in another order)."""
     x, y = _data()
     out_fast, g_fast = _step(_wrapped(name), x, y, autocast=False)
     out_ref, g_ref = _step(_peft_reference(name), x, y, autocast=False)
@@ -149,19 +144,8 @@ def test_low_rank_linear_gradients():
     a0 = torch.randn(2, 5, dtype=torch.float64, generator=g, requires_grad=True)
     d = torch.randn(2, dtype=torch.float64, generator=g, requires_grad=True)
     b = torch.randn(4, 2, dtype=torch.float64, generator=g, requires_grad=True)
+    fn = lambda x, a0, d, b: low_rank_linear(x, w, bias, d.unsqueeze(1) * a0, b, 0.5)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, a0, d, b))
     expected = x @ w.T + bias + 0.5 * (x @ (d.unsqueeze(1) * a0).T) @ b.T
-    for merged in (False, True):  # the low-rank form, and the one Linear of W + b a that GPUs take
-        fn = lambda x, a0, d, b: low_rank_linear(x, w, bias, d.unsqueeze(1) * a0, b, 0.5, merged)  # noqa: E731
-        assert torch.autograd.gradcheck(fn, (x, a0, d, b))
-        torch.testing.assert_close(fn(x, a0, d, b), expected)
+    torch.testing.assert_close(fn(x, a0, d, b), expected)
     assert low_rank_linear(x, w, None, a0, b).shape == (2, 3, 4)
-
-
-def test_merged_form_is_for_gpus_and_narrow_layers():
-    from harness.methods.fast_linear import merges_on
-
-    x = torch.randn(2, 768)
-    assert not merges_on(x, torch.randn(768, 768))  # a CPU is bound by arithmetic: never merged
-    if torch.cuda.is_available():
-        assert merges_on(x.cuda(), torch.randn(3072, 768, device="cuda"))
-        assert not merges_on(x.cuda()[:, :1].expand(2, 4096), torch.randn(4096, 4096, device="cuda"))
