@@ -69,4 +69,15 @@ def prepare(method: Method, settings: dict[str, Any], track_settings: Any, model
     return site, settings
 
 
-__all__ = ["Protocol", "alpha_rule", "describe", "method_targets", "prepare"]
+def check_fit(method: Method, settings: dict[str, Any], track_settings: Any,
+              shaped: tuple[nn.Module, AdapterSite]) -> None:
+    """``method.check_fit`` on a copy of the track's shape-only model made ready as a trial would make it
+    (slice targets split, alpha rule applied); the shaped model itself stays untouched for the next check."""
+    import copy
+
+    model = copy.deepcopy(shaped[0])
+    site, wrap_settings = prepare(method, settings, track_settings, model, shaped[1])
+    method.check_fit(model, site, wrap_settings)
+
+
+__all__ = ["Protocol", "alpha_rule", "check_fit", "describe", "method_targets", "prepare"]

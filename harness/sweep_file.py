@@ -8,7 +8,6 @@ key, the bad value and the valid choices.
 
 from __future__ import annotations
 
-import copy
 import itertools
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -153,11 +152,9 @@ def validate_study(study: Study, where: str) -> None:
             for combo in expand_grid(space, name):
                 resolved = method.resolve_settings(combo)
                 if shaped is not None:  # on the model a trial would wrap: targets split, alpha rule applied
-                    from harness.protocol import prepare
+                    from harness.protocol import check_fit
 
-                    model = copy.deepcopy(shaped[0])
-                    site, wrap_settings = prepare(method, resolved, settings, model, shaped[1])
-                    method.check_fit(model, site, wrap_settings)
+                    check_fit(method, resolved, settings, shaped)
         except ConfigError as e:
             raise ConfigError(f"{where}.methods.{name}: {e}") from None
     track.budget(study.budget, f"{where}.budget")

@@ -105,7 +105,7 @@ def validate_spec(spec: TrialSpec) -> TrialSpec:
     """Check every part of a trial before any compute; returns the spec with method settings and budget
     resolved (defaults filled in), so equal trials have equal specs."""
     from harness.methods import get_method
-    from harness.protocol import prepare
+    from harness.protocol import check_fit
     from harness.tracks import get_track
 
     track = get_track(spec.track)
@@ -115,9 +115,7 @@ def validate_spec(spec: TrialSpec) -> TrialSpec:
     track_settings = track.settings(spec.track_settings)
     shaped = track.shape_model(track_settings, spec.benchmark)
     if shaped is not None:
-        model, site = shaped
-        site, wrap_settings = prepare(method, settings, track_settings, model, site)  # slices split as a trial would
-        method.check_fit(model, site, wrap_settings)
+        check_fit(method, settings, track_settings, shaped)
     budget = track.budget(spec.budget).model_dump()
     return TrialSpec(spec.track, spec.benchmark, spec.task, spec.method, settings, spec.seed, budget,
                      dict(spec.track_settings), tuple(spec.adapter_bank))

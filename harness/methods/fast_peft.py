@@ -29,30 +29,29 @@ from torch.nn import functional as F
 from harness.methods.fast_linear import low_rank_linear
 
 
-def _single_adapter(layer, names) -> str | None:
-    """The one active adapter of ``layer`` present in ``names``, or None when the fast path does not apply."""
-    if layer.disable_adapters or layer.merged:
+def _fast_adapter(layer, args: tuple, kwargs: dict, names, dropouts) -> str | None:
+    """The adapter whose fast forward applies to this call, or None where peft's forward must run: extra
+    forward arguments, adapters disabled or merged, not exactly one active adapter of ``names``, a base
+    that is not a plain ``nn.Linear``, or adapter dropout active in training (``dropouts``: per adapter)."""
+    if args or kwargs or layer.disable_adapters or layer.merged:
         return None
     active = layer.active_adapters
     if len(active) != 1 or active[0] not in names:
         return None
-    base = layer.get_base_layer()
-    if type(base) is not nn.Linear or getattr(layer, "fan_in_fan_out", False):
+    if type(layer.get_base_layer()) is not nn.Linear or getattr(layer, "fan_in_fan_out", False):
+        return None
+    dropout = dropouts[active[0]]
+    if layer.training and not isinstance(dropout, nn.Identity) and getattr(dropout, "p", 1.0) != 0.0:
         return None
     return active[0]
-
-
-def _no_dropout(dropout: nn.Module, training: bool) -> bool:
-    return isinstance(dropout, nn.Identity) or not training or getattr(dropout, "p", 1.0) == 0.0
 
 
 class FastLoraLinear(lora_layer.Linear):
     """peft's LoRA Linear (and its PiSSA/OLoRA/EVA initialisations and DoRA variant), fast forward."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        name = None if args or kwargs else _single_adapter(self, self.lora_A.keys())
-        if (name is None or not _no_dropout(self.lora_dropout[name], self.training)
-                or self.lora_B[name].bias is not None):
+        name = _fast_adapter(self, args, kwargs, self.lora_A.keys(), self.lora_dropout)
+        if name is None or self.lora_B[name].bias is not None:
             return super().forward(x, *args, **kwargs)
         base = self.get_base_layer()
         a, b, scale = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
@@ -75,8 +74,8 @@ class FastSVDLinear(SVDLinear):
     """peft's AdaLoRA layer, fast forward: ``B diag(E) A`` scaled by ``scaling / ranknum``."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        name = None if args or kwargs else _single_adapter(self, self.lora_A.keys())
-        if name is None or not _no_dropout(self.lora_dropout[name], self.training):
+        name = _fast_adapter(self, args, kwargs, self.lora_A.keys(), self.lora_dropout)
+        if name is None:
             return super().forward(x, *args, **kwargs)
         base = self.get_base_layer()
         a = self.lora_A[name] * self.lora_E[name]
@@ -88,8 +87,8 @@ class FastVeraLinear(VeraLinear):
     """peft's VeRA layer, fast forward: the shared frozen bases scaled by the trained vectors."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        name = None if args or kwargs else _single_adapter(self, self.vera_lambda_d.keys())
-        if name is None or not _no_dropout(self.vera_dropout[name], self.training):
+        name = _fast_adapter(self, args, kwargs, self.vera_lambda_d.keys(), self.vera_dropout)
+        if name is None:
             return super().forward(x, *args, **kwargs)
         base = self.get_base_layer()
         a = self.vera_lambda_d[name].unsqueeze(1) * self.vera_A[name][:, : self.in_features]
