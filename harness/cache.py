@@ -4,6 +4,11 @@ Layout: ``<root>/<kind>/<name>-<hash12>/`` holding the artifact's files plus ``m
 records the settings and a SHA-256 of every file. An entry is written into a temporary folder and
 renamed into place, so a reader never sees a half-written entry; on load every checksum is verified and
 a corrupt or truncated entry is removed and rebuilt, never used.
+
+Several processes (trials on several GPUs or nodes) wanting the same missing entry build it once: the
+builder holds an advisory lock on ``<root>/<kind>/.<entry>.lock`` (``fcntl.flock``, released by the
+kernel when its holder dies, so a crash never leaves it blocking) and the others wait, then use its entry.
+Where flock does nothing (some network filesystems) each builds, and the first rename wins.
 """
 
 from __future__ import annotations
@@ -12,13 +17,22 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: builds go unlocked, the rename race still keeps entries whole
+    fcntl = None  # type: ignore[assignment]
 
 ENV_VAR = "HARNESS_CACHE"
+LOCK_NOTICE_S = 5.0  # a wait for another builder longer than this is said once, naming the entry and holder
 
 
 def cache_root() -> Path:
@@ -111,12 +125,15 @@ class ArtifactCache:
         try:
             stored = self.verify(path)
         except CorruptArtifactError as e:
-            import warnings
-
             warnings.warn(f"cache entry is corrupt and will be rebuilt: {e}", stacklevel=2)
             shutil.rmtree(path, ignore_errors=True)
             return None
         return Artifact(path, stored)
+
+    def lock_path(self, kind: str, name: str, settings: dict[str, Any]) -> Path:
+        """The lock file a builder of this entry holds: ``.<entry>.lock`` beside the entry."""
+        final = self.entry_dir(kind, name, settings)
+        return final.parent / f".{final.name}.lock"
 
     def get_or_build(
         self,
@@ -128,13 +145,23 @@ class ArtifactCache:
         """Return the cached entry, building it with ``build(tmpdir)`` first when absent or corrupt.
 
         ``build`` writes its files into the given empty folder; the folder is then checksummed and renamed
-        into place atomically. Concurrent builders of the same entry are safe: the first rename wins.
+        into place atomically. Concurrent callers for the same entry build it once: one holds the entry's
+        lock and builds, the others wait for it and return its entry.
         """
         found = self.lookup(kind, name, settings)
         if found is not None:
             return found
         final = self.entry_dir(kind, name, settings)
         final.parent.mkdir(parents=True, exist_ok=True)
+        with build_lock(self.lock_path(kind, name, settings), f"{kind}/{final.name}"):
+            # Whoever held the lock before us may have just built it.
+            found = self.lookup(kind, name, settings)
+            if found is not None:
+                return found
+            return self._build(kind, name, settings, build, final)
+
+    def _build(self, kind: str, name: str, settings: dict[str, Any], build: Callable[[Path], None],
+               final: Path) -> Artifact:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
         try:
             build(tmp)
@@ -149,7 +176,8 @@ class ArtifactCache:
             try:
                 os.rename(tmp, final)
             except OSError:
-                # Another process finished the same entry first; keep theirs if it verifies.
+                # Another process finished the same entry first (the lock was a no-op on this filesystem);
+                # keep theirs if it verifies.
                 shutil.rmtree(tmp, ignore_errors=True)
                 found = self.lookup(kind, name, settings)
                 if found is None:
@@ -159,6 +187,91 @@ class ArtifactCache:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return Artifact(final, _canonical(settings))
+
+
+def _lock_holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 200, 0).decode(errors="replace").split()
+    except OSError:
+        text = []
+    # The holder writes "<pid> <host>" just after it takes the lock; an empty file is one caught in between.
+    return f"process {text[0]} on {text[1]}" if len(text) == 2 else "another process"
+
+
+def _open_lock(path: Path) -> int | None:
+    # Read-write so the holder can record itself; read-only suffices for flock on a lock file another user
+    # left without group write; None: no lock can be had here.
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # 0o666 under the umask: what share_mode gives
+    except PermissionError:
+        pass
+    except OSError:
+        return None
+    try:
+        return os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+
+
+@contextmanager
+def build_lock(path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive advisory lock on the file ``path`` (``fcntl.flock``) for the body of a ``with``.
+
+    Waits while another process holds it, saying once (a warning, after ``LOCK_NOTICE_S`` seconds) that it
+    waits for ``what`` and for whom. The lock is released when the holder leaves the ``with`` or dies: the
+    kernel drops flock locks with the process, so a killed builder never blocks the next one. The file is
+    removed on release, so the cache keeps no lock files. Where no lock can be had (no ``fcntl``, a lock
+    file that cannot be opened, a filesystem without flock) the body runs unlocked.
+    """
+    if fcntl is None:
+        yield
+        return
+    started, told, delay = time.monotonic(), False, 0.01
+    while True:
+        fd = _open_lock(path)
+        if fd is None:
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not told and time.monotonic() - started > LOCK_NOTICE_S:
+                warnings.warn(f"waiting for {_lock_holder(fd)} to finish building cache entry {what} (lock "
+                              f"{path}); its entry is used once built", stacklevel=4)
+                told = True
+            os.close(fd)
+            time.sleep(delay)
+            delay = min(2 * delay, 0.5)
+            continue
+        except OSError:
+            os.close(fd)  # flock is not supported on this filesystem
+            yield
+            return
+        # The holder before us removed the file after we opened it: our lock is on a file nobody else
+        # opens any more, and a newcomer may be locking a new file at the same path. Start over.
+        try:
+            current, ours = os.stat(path), os.fstat(fd)
+            stale = (ours.st_ino, ours.st_dev) != (current.st_ino, current.st_dev)
+        except FileNotFoundError:
+            stale = True
+        if stale:
+            os.close(fd)
+            continue
+        break
+    try:
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        except OSError:
+            pass  # a read-only lock file: it still locks, the waiters just cannot name us
+        yield
+    finally:
+        # Remove before releasing, so a waiter that gets the lock next finds it stale and starts over.
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        os.close(fd)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -482,6 +482,9 @@ def run_sweep(sweep: SweepFile, results_dir: Path, leaderboard_dir: Path, resume
     check_installed(sweep.tracking)
     init_ray(address, dashboard)
     check_resources(sweep.studies, _node_resources())
+    from harness.shared_storage import check_shared_cache
+
+    check_shared_cache(cache_root())
     record_studies(sweep, Path(results_dir))
     out: dict[str, list[dict[str, Any]]] = {}
     for study in sweep.studies:
