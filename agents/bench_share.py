@@ -10,16 +10,14 @@ the figure of merit is the aggregate over N = 1's rate. The GPU's utilisation is
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from harness.gpu_monitor import GpuMonitor
 from harness.validation import Bool, Float, Int, validate
 
 
@@ -81,39 +79,6 @@ def _trial(config: dict[str, Any]) -> None:
     tune.report({"start": start, "end": end, "updates": s.steps, "updates_per_s": s.steps / (end - start)})
 
 
-class _Utilisation:
-    """GPU utilisation (percent of time a kernel ran) sampled by nvidia-smi while a run lasts."""
-
-    def __init__(self) -> None:
-        self.samples: list[tuple[float, float]] = []  # (time received, percent)
-        self._proc: subprocess.Popen | None = None
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> "_Utilisation":
-        if shutil.which("nvidia-smi"):
-            self._proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
-                                           "-lms", "200"], stdout=subprocess.PIPE, text=True)
-            self._thread = threading.Thread(target=self._read, daemon=True)
-            self._thread.start()
-        return self
-
-    def _read(self) -> None:
-        for line in self._proc.stdout:  # type: ignore[union-attr]
-            try:
-                self.samples.append((time.time(), float(line.split(",")[0])))
-            except ValueError:
-                pass
-
-    def __exit__(self, *exc) -> None:
-        if self._proc is not None:
-            self._proc.terminate()
-            self._proc.wait(timeout=10)
-
-    def between(self, start: float, end: float) -> float | None:
-        picked = [u for t, u in self.samples if start <= t <= end]
-        return round(sum(picked) / len(picked), 1) if picked else None
-
-
 def _run(n: int, s: ShareSettings, gpus: int) -> dict[str, Any]:
     from ray import tune
 
@@ -127,7 +92,7 @@ def _run(n: int, s: ShareSettings, gpus: int) -> dict[str, Any]:
                          "settings": s.model_dump()},
             tune_config=tune.TuneConfig(metric="updates_per_s", mode="max", max_concurrent_trials=n),
             run_config=tune.RunConfig(name=f"share-{n}", storage_path=str(Path(tmp) / "ray"), verbose=0))
-        with _Utilisation() as util:
+        with GpuMonitor() as util:
             results = tuner.fit()
         errors = [str(r.error) for r in results if r.error]
         if errors:
@@ -137,7 +102,7 @@ def _run(n: int, s: ShareSettings, gpus: int) -> dict[str, Any]:
     total = sum(r["updates"] for r in rows)
     return {"trials": n, "gpu_per_trial": resources["gpu"], "aggregate_updates_per_s": round(total / (end - start), 2),
             "per_trial_updates_per_s": sorted(round(r["updates_per_s"], 2) for r in rows),
-            "span_s": round(end - start, 2), "gpu_utilisation_pct": util.between(start, end)}
+            "span_s": round(end - start, 2), "gpu_utilisation_pct": util.mean_between(start, end)}
 
 
 def bench_share(overrides: dict[str, Any]) -> dict[str, Any]:

@@ -11,7 +11,6 @@ on how many processes made it. Each task is cached on its own (kind ``rl-data``)
 
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -149,7 +148,11 @@ def say(message: str) -> None:
 
 
 def default_workers() -> int:
-    return max(1, min(16, os.cpu_count() or 1))
+    """One generating process per core this process may use: every core of the host in the sweep's
+    driver, the trial's own under Ray."""
+    from harness.placement import usable_cpus
+
+    return usable_cpus()
 
 
 def build_datasets(tasks: Sequence[str], settings: DataSettings, workers: int | None = None,

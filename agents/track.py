@@ -16,7 +16,6 @@ synthetic); the papers used SAC replay buffers instead.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Literal
 
 import numpy as np
@@ -26,6 +25,7 @@ from pydantic import Field, field_validator
 from harness.cache import ArtifactCache
 from harness.finetune import FineTuneSetup, Schedule
 from harness.methods.base import AdapterSite
+from harness.placement import usable_cpus
 from harness.randomness import TrialRandom, derive_seed, seeded
 from harness.tracks import Benchmark, Report, Track, TrackBudget, TrackSettings
 from harness.training import pick_device
@@ -55,7 +55,7 @@ class RLSettings(TrackSettings):
     data_episodes: Int = Field(200, ge=1)
     noise_levels: list[Float] = Field(default_factory=lambda: [0.0, 0.1, 0.3, 0.6, 1.0], min_length=1)
     data_seed: Int = 0
-    data_workers: Int = Field(0, ge=0)  # 0: one per core (at most 16)
+    data_workers: Int = Field(0, ge=0)  # 0: one per core this process may use (the trial's, under Ray)
     # pretraining on MT40
     pretrain_tasks: list[str] = Field(default_factory=lambda: list(MT40), min_length=1)
     pretrain_steps: Int = Field(1_000_000, ge=0)
@@ -70,7 +70,7 @@ class RLSettings(TrackSettings):
     min_lr: Float = Field(1e-6, ge=0)
     grad_clip: Float = Field(0.25, ge=0)
     # evaluation and runtime
-    eval_workers: Int = Field(0, ge=0)  # rollout processes; 0: min(episodes, CPU cores)
+    eval_workers: Int = Field(0, ge=0)  # rollout processes; 0: min(episodes, the trial's cores)
     eval_pretrained: Bool = True  # also score the pretrained DT on each trial's evaluation episodes
     compile: Bool = True
     # `python -m harness bench rl`
@@ -129,7 +129,7 @@ def pretrain_plan(ts: RLSettings) -> PretrainPlan:
 
 
 def rollout_workers(ts: RLSettings, episodes: int) -> int:
-    return ts.eval_workers or max(1, min(episodes, os.cpu_count() or 1))
+    return ts.eval_workers or max(1, min(episodes, usable_cpus()))
 
 
 def _data_workers(ts: RLSettings) -> int | None:

@@ -75,10 +75,13 @@ def cmd_sweep(args) -> int:
     from harness.driver import run_sweep
     from harness.sweep_file import load_sweep
 
+    from harness.driver import LocalResources
+
     sweep = load_sweep(args.file, args.set, args.only)
     _writable_folders(args.results, args.leaderboard)
+    local = LocalResources(cpus=args.cpus, gpus=args.gpus)
     out = run_sweep(sweep, Path(args.results), Path(args.leaderboard), resume=args.resume, address=args.address,
-                    dashboard=not args.no_dashboard)
+                    dashboard=not args.no_dashboard, local=local)
     from harness.leaderboard import render
 
     render(Path(args.leaderboard))
@@ -154,6 +157,11 @@ def cmd_bench(args) -> int:
 
         config = dict(_parse_sets(args.set))
         result = bench_share(config)
+    elif args.track == "scale":
+        from agents.bench_scale import bench_scale
+
+        config = dict(_parse_sets(args.set))
+        result = bench_scale(config)
     else:
         track, settings = _track_settings(args)
         config = settings.model_dump()
@@ -246,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a sweep key, e.g. budget.steps=200 or seeds=[0]")
     s.add_argument("--no-dashboard", action="store_true", help="start Ray without its dashboard")
     s.add_argument("--only", default=None, metavar="STUDY", help="run only this study of a multi-study file")
+    s.add_argument("--cpus", type=int, default=None, metavar="N",
+                   help="cores the local Ray instance may give trials (default: every core)")
+    s.add_argument("--gpus", type=int, default=None, metavar="N",
+                   help="GPUs the local Ray instance may give trials, the first N visible (default: every GPU)")
     s.set_defaults(fn=cmd_sweep)
 
     r = sub.add_parser("run", help="run one trial without Ray")
@@ -273,9 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
         c.set_defaults(fn=fn)
 
     b = sub.add_parser("bench", help="measure training and rollout speed")
-    b.add_argument("track", choices=["rl", "vision", "methods", "share"],
+    b.add_argument("track", choices=["rl", "vision", "methods", "share", "scale"],
                    help="rl, vision: a track's loop against a plain one; methods: every method's step on one "
-                        "model; share: N RL fine-tuning trials sharing one GPU through Ray Tune")
+                        "model; share: N RL fine-tuning trials sharing one GPU through Ray Tune; scale: one CW10 "
+                        "sweep on 1, 2, 4, 8 GPUs of this host")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     b.add_argument("--out", default=None, metavar="FILE", help="also write the JSON (with device and versions) here")
     b.set_defaults(fn=cmd_bench)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -114,16 +114,52 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
                           "--address to run on this machine alone") from None
 
 
-def init_ray(address: str | None, dashboard: bool) -> None:
+@dataclass(frozen=True)
+class LocalResources:
+    """What a local Ray instance may hand to trials (``sweep --cpus/--gpus``); None: all of this machine."""
+
+    cpus: int | None = None
+    gpus: int | None = None
+
+    def check(self, address: str | None) -> None:
+        """A ConfigError before any compute when the counts are impossible here."""
+        if self.cpus is None and self.gpus is None:
+            return
+        if address:
+            raise ConfigError("--cpus/--gpus size a local Ray instance; a cluster's resources are set where its "
+                              "nodes start (`ray start --num-cpus N --num-gpus N`): leave them out with --address")
+        from harness.placement import host_cpus
+
+        if self.cpus is not None and not 1 <= self.cpus <= host_cpus():
+            raise ConfigError(f"--cpus {self.cpus}: this machine lets the sweep use 1..{host_cpus()} cores")
+        if self.gpus is not None:
+            visible = _visible_gpus()
+            if not 0 <= self.gpus <= visible:
+                raise ConfigError(f"--gpus {self.gpus}: {visible} GPU(s) are visible here (CUDA_VISIBLE_DEVICES "
+                                  f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use 0..{visible}")
+
+
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def init_ray(address: str | None, dashboard: bool, local: LocalResources = LocalResources()) -> None:
     import ray
 
     if ray.is_initialized():
         return
+    local.check(address)
     kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": True}
     if address:
         check_reachable(address)
         kwargs["address"] = address
     else:
+        if local.cpus is not None:
+            kwargs["num_cpus"] = local.cpus
+        if local.gpus is not None:  # Ray gives out the first N visible GPUs
+            kwargs["num_gpus"] = local.gpus
         kwargs["include_dashboard"] = dashboard
         if dashboard:
             kwargs["dashboard_host"] = "127.0.0.1"
@@ -151,6 +187,15 @@ def check_resources(studies: list[Study], nodes: list[dict[str, float]]) -> None
         if r.gpus_per_trial != "auto" and float(r.gpus_per_trial) > most_gpu:
             raise ConfigError(f"study {study.name!r}: resources.gpus_per_trial={r.gpus_per_trial} but the largest "
                               f"node of the cluster has {most_gpu:g} GPUs; use at most {most_gpu:g} (0: CPU only)")
+        device = str(study.settings.get("device", "auto"))
+        gpus = (0.25 if most_gpu > 0 else 0.0) if r.gpus_per_trial == "auto" else float(r.gpus_per_trial)
+        if device.startswith("cuda:"):
+            raise ConfigError(f"study {study.name!r}: settings.device={device!r}, but under a sweep Ray places each "
+                              "trial on a GPU of its choosing (CUDA_VISIBLE_DEVICES); use device auto, cuda or cpu")
+        if device == "cuda" and gpus == 0:
+            raise ConfigError(f"study {study.name!r}: settings.device='cuda', but its trials hold no GPU "
+                              f"(resources.gpus_per_trial {r.gpus_per_trial}, largest node {most_gpu:g} GPUs); set "
+                              "gpus_per_trial above 0 on a cluster with GPUs, or device auto or cpu")
 
 
 def _node_resources() -> list[dict[str, float]]:
@@ -471,7 +516,8 @@ def record_studies(sweep: SweepFile, results_dir: Path) -> None:
 
 
 def run_sweep(sweep: SweepFile, results_dir: Path, leaderboard_dir: Path, resume: bool = False,
-              address: str | None = None, dashboard: bool = True) -> dict[str, list[dict[str, Any]]]:
+              address: str | None = None, dashboard: bool = True,
+              local: LocalResources = LocalResources()) -> dict[str, list[dict[str, Any]]]:
     """Run every study of a sweep through Ray Tune and update the leaderboard after each study."""
     from harness import leaderboard
 
@@ -480,7 +526,7 @@ def run_sweep(sweep: SweepFile, results_dir: Path, leaderboard_dir: Path, resume
     from harness.tracking import check_installed
 
     check_installed(sweep.tracking)
-    init_ray(address, dashboard)
+    init_ray(address, dashboard, local)
     check_resources(sweep.studies, _node_resources())
     from harness.shared_storage import check_shared_cache
 

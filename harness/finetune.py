@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from harness.methods import AdapterSite, Method, MethodContext, get_method
-from harness.randomness import TrialRandom
+from harness.randomness import TrialRandom, deterministic_kernels
 from harness.tracks import Report, get_track
 from harness.training import LoopConfig, Trainer, TrainStats
 
@@ -133,6 +133,8 @@ class FineTuneRun:
         track, spec, method = self.track, self.spec, self.method
         with self.rng.scope():
             ts = track.settings(spec.track_settings)
+            if ts.deterministic:  # before the first GPU kernel: cuBLAS reads its workspace setting once
+                deterministic_kernels()
             setup = track.setup(spec, ts, track.budget(spec.budget), self.rng, self.report)
             # The study's targets (fused qkv split where a slice is named) and the LoRA family's alpha rule.
             setup.site, self.wrap_settings = prepare_protocol(method, self.settings, ts, setup.model, setup.site)

@@ -10,6 +10,7 @@ what other trials in the same process did in between.
 from __future__ import annotations
 
 import contextlib
+import os
 import zlib
 from typing import Iterator
 
@@ -63,3 +64,16 @@ class TrialRandom:
 def seeded(seed: int) -> contextlib.AbstractContextManager:
     """A block whose global torch draws start from ``seed`` and leave the process's state as it was."""
     return TrialRandom(seed).scope()
+
+
+def deterministic_kernels() -> None:
+    """Make torch pick deterministic kernels in this process (``deterministic: true`` in a track's settings).
+
+    Atomic-add reductions (an embedding's backward, some attention backwards) sum in whatever order the
+    threads arrive, so two runs of a GPU trial can differ in the last bits and then drift apart. cuBLAS
+    needs a fixed workspace for the same guarantee, read when its first handle is made. Ops without a
+    deterministic kernel warn instead of failing (``warn_only``), so the trial runs and the log names them.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False

@@ -53,6 +53,9 @@ class TrackSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     compile: Bool = False  # torch.compile the training forward (CUDA only)
+    # torch's deterministic kernels: a GPU trial's numbers then repeat bit for bit, whatever else shares
+    # the GPU; some kernels get slower (harness/randomness.py)
+    deterministic: Bool = False
     lr: Float = Field(1e-3, gt=0)  # the track's learning rate; a method's lr setting or default_lr wins
     weight_decay: Float = Field(0.0, ge=0)
     # the scale of the whole LoRA family in this study (harness/scaling.py): alpha = 1, r or 2r

@@ -77,9 +77,10 @@ def autocast(device: torch.device):
 
 
 def pick_device(requested: str = "auto") -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
+    """The device for this process's work: the trial's own GPU under Ray (``harness/placement.py``)."""
+    from harness.placement import trial_device
+
+    return trial_device(requested)
 
 
 def synchronize(device: torch.device) -> None:

@@ -188,7 +188,7 @@ class TrialSession:
             return False
 
     def finish(self) -> TrialRecord:
-        from harness import provenance
+        from harness import placement, provenance
 
         record = self.record
         if self.run is not None:
@@ -206,10 +206,12 @@ class TrialSession:
                 record.backbone, record.data_source = result.backbone, result.data_source
                 record.adapter_path, record.extra = result.adapter_path, dict(result.extra)
                 record.device_name = provenance.device_name(result.device)
+                record.extra["placement"] = placement.describe(result.device)  # which GPU and cores Ray gave it
             except Exception as e:
                 self._fail(e)
         record.peak_memory_mb = round(_peak_memory_mb(), 1)
         record.wall_time_s = round(time.time() - self.started, 2)
+        record.extra["started_at"] = round(self.started, 3)  # unix time: when trials ran side by side
         return record
 
 

@@ -1,0 +1,250 @@
+"""``python -m harness bench scale``: one CW10 sweep of the paper DT on 1, 2, 4, 8 GPUs of one host.
+
+Each count N in ``counts`` runs the same sweep file (tasks x methods x seeds, one grid point per method)
+as its own ``python -m harness sweep --gpus N`` process: a fresh local Ray instance that may hand out the
+first N visible GPUs, each trial holding ``gpus_per_trial`` of one. The data and the pretrained DT are
+built once, before the first count, so every count times trials only. Per count it reports the trials'
+aggregate updates/s and trials/hour over the span from the first trial's start to the last one's end,
+the scaling efficiency (rate on N / (N x rate on the first count's one)), how many trials each GPU ran,
+and each GPU's utilisation (nvidia-smi). It also compares each count's leaderboard rows with the first
+count's: with the same seeds and settings they must match in everything but wall time.
+
+``axis=cpu`` scales over CPU slots instead (a slot: ``cpus_per_trial`` cores, no GPU): the same code on a
+machine without GPUs, which is how the tests run it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from harness.cache import atomic_write_text
+from harness.errors import ConfigError
+from harness.gpu_monitor import GpuMonitor
+from harness.validation import Bool, Float, Int, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP_NAME = "scale"
+# leaderboard columns that may differ between counts: how long things took, and when
+WALL_TIME_COLUMNS = ("wall_time_s", "ms_per_update", "date")
+
+
+class ScaleSettings(BaseModel):
+    """``--set`` keys of ``bench scale``."""
+
+    model_config = ConfigDict(extra="forbid")
+    axis: Literal["gpu", "cpu"] = "gpu"  # gpu: N GPUs; cpu: N slots of cpus_per_trial cores, no GPU
+    counts: list[Int] = Field(default_factory=lambda: [1, 2, 4, 8], min_length=1)  # one sweep each, in order
+    tasks: list[str] = Field(default_factory=lambda: ["hammer", "push-wall", "faucet-close", "push-back"],
+                             min_length=1)
+    # one grid point per method (cw10.yaml's grids narrowed to a point, so every trial is comparable)
+    methods: dict[str, dict[str, Any]] = Field(default_factory=lambda: {
+        "full": {"lr": 1.0e-4}, "lora": {"r": 8, "lr": 4.0e-4}, "dora": {"r": 8, "lr": 4.0e-4},
+        "vera": {"r": 256, "lr": 1.0e-3}}, min_length=1)
+    seeds: list[Int] = Field(default_factory=lambda: [0, 1], min_length=1)
+    steps: Int = Field(2000, ge=1)  # fine-tuning updates per trial
+    eval_episodes: Int = Field(2, ge=1)
+    batch_size: Int = Field(128, ge=1)
+    gpus_per_trial: Float = Field(0.25, gt=0, le=1)
+    cpus_per_trial: Int = Field(4, ge=1)
+    # the pretrained DT every trial starts from: the paper's shape, briefly pretrained (it is built once)
+    pretrain_tasks: list[str] = Field(default_factory=lambda: ["reach", "door-open", "drawer-close"], min_length=1)
+    pretrain_steps: Int = Field(2000, ge=0)
+    data_episodes: Int = Field(20, ge=1)
+    compile: Bool = True
+    deterministic: Bool = True  # torch's deterministic kernels, so rows can match bit for bit across counts
+    settings: dict[str, Any] = Field(default_factory=dict)  # more RL track settings (the tests' tiny DT)
+    workdir: str | None = None  # sweep files, results and boards per count (default: a temporary folder)
+
+    @field_validator("counts")
+    @classmethod
+    def _positive(cls, counts: list[int]) -> list[int]:
+        if any(n < 1 for n in counts):
+            raise ValueError(f"counts must be >= 1, got {counts}")
+        return counts
+
+
+def sweep_doc(s: ScaleSettings) -> dict[str, Any]:
+    """The sweep file every count runs."""
+    on_gpu = s.axis == "gpu"
+    settings = {"n_layer": 4, "n_head": 8, "n_embd": 512, "context": 50, "data_episodes": s.data_episodes,
+                "pretrain_tasks": s.pretrain_tasks, "pretrain_steps": s.pretrain_steps, "pretrain_eval_episodes": 0,
+                "eval_pretrained": False, "compile": s.compile, "deterministic": s.deterministic,
+                "device": "auto" if on_gpu else "cpu", **s.settings}
+    return {"name": SWEEP_NAME, "track": "rl", "benchmark": "cw10", "tasks": list(s.tasks), "protocol": "grid",
+            "seeds": list(s.seeds), "leaderboard": SWEEP_NAME,
+            "budget": {"steps": s.steps, "eval_episodes": s.eval_episodes, "batch_size": s.batch_size},
+            "settings": settings,
+            "resources": {"cpus_per_trial": s.cpus_per_trial, "gpus_per_trial": s.gpus_per_trial if on_gpu else 0},
+            "methods": {m: {k: [v] for k, v in point.items()} for m, point in s.methods.items()}}
+
+
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check(s: ScaleSettings, sweep_path: Path) -> int:
+    """Everything that can be wrong, before any compute; returns the number of trials per count."""
+    from harness.placement import host_cpus
+    from harness.sweep_file import load_sweep, study_trials
+
+    sweep = load_sweep(sweep_path)  # the generated file gets the sweep's own validation and messages
+    trials = len(study_trials(sweep.studies[0], "final"))
+    if s.axis == "gpu":
+        visible = _visible_gpus()
+        if max(s.counts) > visible:
+            raise ConfigError(f"bench scale: counts {s.counts} need {max(s.counts)} GPUs, but {visible} are visible "
+                              f"(CUDA_VISIBLE_DEVICES {os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use counts up "
+                              f"to {visible}, or axis=cpu on a machine without GPUs")
+    else:
+        most = max(s.counts) * s.cpus_per_trial
+        if most > host_cpus():
+            raise ConfigError(f"bench scale: axis=cpu with counts {s.counts} x cpus_per_trial {s.cpus_per_trial} "
+                              f"needs {most} cores; this machine lets it use {host_cpus()}")
+    return trials
+
+
+def _run(cmd: list[str], log: Path) -> int:
+    """Run a harness command, its output to our stderr (stdout is the bench's JSON) and to ``log``."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:  # type: ignore[union-attr]
+            f.write(line)
+            sys.stderr.write(line)
+        return proc.wait()
+
+
+def _records(results: Path) -> list[dict[str, Any]]:
+    path = results / SWEEP_NAME / f"{SWEEP_NAME}-records.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def board_differences(first: Path, other: Path) -> list[str]:
+    """How ``other``'s leaderboard rows differ from ``first``'s outside the wall-time columns; [] if none."""
+    import pandas as pd
+
+    key = ["method", "task"]
+    a, b = (pd.read_csv(p).sort_values(key).reset_index(drop=True) for p in (first, other))
+    if list(a.columns) != list(b.columns):
+        return [f"columns differ: {sorted(set(a.columns) ^ set(b.columns))}"]
+    if a[key].values.tolist() != b[key].values.tolist():
+        return [f"rows differ: {a[key].values.tolist()} vs {b[key].values.tolist()}"]
+    out = []
+    for col in a.columns:
+        if col in WALL_TIME_COLUMNS:
+            continue
+        same = (a[col] == b[col]) | (a[col].isna() & b[col].isna())
+        for i in (~same).to_numpy().nonzero()[0]:
+            x, y = (v.item() if hasattr(v, "item") else v for v in (a.at[i, col], b.at[i, col]))
+            out.append(f"{a.at[i, 'method']} {a.at[i, 'task']}: {col} {x!r} vs {y!r}")
+    return out
+
+
+def _most_concurrent(spans: list[tuple[float, float]]) -> int:
+    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    most = now = 0
+    for _, delta in events:
+        now += delta
+        most = max(most, now)
+    return most
+
+
+def summarise(count: int, records: list[dict[str, Any]], s: ScaleSettings, monitor: GpuMonitor | None,
+              sweep_wall_s: float) -> dict[str, Any]:
+    """One count's figures from its trial records (and the GPU samples taken meanwhile)."""
+    ok = [r for r in records if r.get("status") == "ok"]
+    spans = []
+    gpus_used: dict[str, int] = {}
+    for r in ok:
+        extra = json.loads(r["extra"]) if isinstance(r.get("extra"), str) else r.get("extra", {})
+        start = float(extra["started_at"])
+        spans.append((start, start + float(r["wall_time_s"])))
+        ray = (extra.get("placement") or {}).get("ray") or {}
+        for gpu in ray.get("gpu_ids") or []:
+            gpus_used[str(gpu)] = gpus_used.get(str(gpu), 0) + 1
+    start, end = (min(a for a, _ in spans), max(b for _, b in spans)) if spans else (0.0, 0.0)
+    span = end - start
+    updates = len(ok) * s.steps
+    out: dict[str, Any] = {
+        "count": count, "axis": s.axis, "trials": len(records), "ok": len(ok), "updates": updates,
+        "span_s": round(span, 2), "sweep_wall_s": round(sweep_wall_s, 2),
+        "updates_per_s": round(updates / span, 2) if span > 0 else None,
+        "trials_per_hour": round(len(ok) / span * 3600, 1) if span > 0 else None,
+        "most_trials_at_once": _most_concurrent(spans), "trials_per_gpu": dict(sorted(gpus_used.items())),
+        "mean_trial_wall_s": round(sum(b - a for a, b in spans) / len(spans), 2) if spans else None}
+    if monitor is not None and monitor.samples and span > 0:
+        per_gpu = monitor.per_gpu(start, end)
+        used = [int(g) for g in gpus_used] or None
+        out["gpu"] = {str(i): v for i, v in per_gpu.items()}
+        out["gpu_utilisation_pct"] = monitor.mean_between(start, end, used)
+    return out
+
+
+def bench_scale(overrides: dict[str, Any]) -> dict[str, Any]:
+    """The sweep's throughput at every count, its scaling efficiency and whether the rows stayed the same."""
+    s = validate(ScaleSettings, overrides, "bench scale", "bench setting")
+    work = Path(s.workdir) if s.workdir else Path(tempfile.mkdtemp(prefix="harness-bench-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    sweep_path = work / f"{SWEEP_NAME}.yaml"
+    sweep_path.write_text(yaml.safe_dump(sweep_doc(s), sort_keys=False))
+    trials = check(s, sweep_path)
+    print(f"[bench scale] {trials} trials per count, counts {s.counts} ({s.axis}); work in {work}", file=sys.stderr,
+          flush=True)
+
+    # data and the pretrained DT once, outside every count's timing
+    settings = sweep_doc(s)["settings"]
+    started = time.time()
+    prep = [sys.executable, "-m", "harness", "pretrain", "rl"]
+    for k, v in settings.items():
+        prep += ["--set", f"{k}={json.dumps(v) if isinstance(v, (list, dict, bool)) else v}"]
+    if _run(prep, work / "prepare.log") != 0:
+        raise RuntimeError(f"bench scale: preparing the data and the pretrained DT failed; see {work / 'prepare.log'}")
+    prepare_s = time.time() - started
+
+    runs: list[dict[str, Any]] = []
+    for i, n in enumerate(s.counts):
+        folder = work / f"{i}-{s.axis}{n}"
+        folder.mkdir(exist_ok=True)
+        cmd = [sys.executable, "-m", "harness", "sweep", str(sweep_path), "--results", str(folder / "results"),
+               "--leaderboard", str(folder / "board"), "--no-dashboard"]
+        cmd += ["--gpus", str(n)] if s.axis == "gpu" else ["--gpus", "0", "--cpus", str(n * s.cpus_per_trial)]
+        started = time.time()
+        with GpuMonitor() as monitor:
+            code = _run(cmd, folder / "sweep.log")
+        wall = time.time() - started
+        if code not in (0, 1):  # 1: some trials failed, which the figures say; others: nothing ran
+            raise RuntimeError(f"bench scale: the sweep on {n} {s.axis}(s) exited {code}; see {folder / 'sweep.log'}")
+        run = summarise(n, _records(folder / "results"), s, monitor, wall)
+        run["board"] = str(folder / "board" / f"{SWEEP_NAME}.csv")
+        runs.append(run)
+        # what is finished survives a run cut short (a time limit between counts)
+        atomic_write_text(work / "partial.json", json.dumps({"settings": s.model_dump(), "runs": runs}, indent=1))
+        print(f"[bench scale] {n} {s.axis}(s): {run['updates_per_s']} updates/s, {run['trials_per_hour']} trials/h, "
+              f"GPU utilisation {run.get('gpu_utilisation_pct')}%", file=sys.stderr, flush=True)
+
+    base = runs[0]
+    for run in runs:
+        if base["updates_per_s"] and run["updates_per_s"]:
+            # per device against the first count's per device: 1.0 is perfect scaling
+            run["scaling_efficiency"] = round((run["updates_per_s"] / run["count"])
+                                              / (base["updates_per_s"] / base["count"]), 3)
+        diffs = board_differences(Path(base["board"]), Path(run["board"]))
+        run["rows_identical_to_first"] = not diffs
+        run["row_differences"] = diffs[:20]
+    return {"settings": s.model_dump(), "trials_per_count": trials, "prepare_s": round(prepare_s, 1),
+            "workdir": str(work), "runs": runs}
+
+
+__all__ = ["ScaleSettings", "WALL_TIME_COLUMNS", "bench_scale", "board_differences", "summarise", "sweep_doc"]
