@@ -1,9 +1,13 @@
-"""Leaderboard CSVs: one row per (method, task) with mean and standard error over seeds, plus a summary.
+"""Leaderboard CSVs: one row per (method, task, backbone, targets, selection) with mean and standard
+error over seeds, plus a summary.
 
 Files in the leaderboard folder, per board (the benchmark, or the study's ``leaderboard`` name):
-``<board>.csv`` (per task), ``<board>-summary.csv`` (per method: group means, their average, parameters),
-and, from ``python -m harness leaderboard``, ``<board>.md`` and two plots. Writes are atomic; a rerun
-replaces the rows of the (method, task, backbone) it reran and keeps the rest, so rows never duplicate.
+``<board>.csv`` (per task), ``<board>-summary.csv`` (per method, backbone, targets and selection: group
+means, their average, parameters), and, from ``python -m harness leaderboard``, ``<board>.md`` and two
+plots. Writes are atomic; a rerun replaces the rows of the (method, task, backbone, targets, selection)
+it reran and keeps the rest, so rows never duplicate, and two studies that differ only in the adapted
+layers or in how settings were chosen keep a row each. A record or CSV without ``targets`` or
+``selection`` keys as "" there.
 """
 
 from __future__ import annotations
@@ -22,12 +26,39 @@ from harness.cache import atomic_write_bytes, atomic_write_text
 from harness.tracks import get_track
 from harness.trial import TrialRecord
 
-ROW_KEY = ["method", "task", "backbone"]
+# What makes a row: two studies that differ in any of these (LoRA on q,v against LoRA on every Linear; EVA's
+# on-reported convention against held-out selection) are two results, and neither may replace the other.
+ROW_KEY = ["method", "task", "backbone", "targets", "selection"]
+# What makes a summary entry: a row's identity over its tasks.
+ENTRY_KEY = [k for k in ROW_KEY if k != "task"]
 _PROVENANCE = ("git_commit", "device_name", "software")
 _BOOKKEEPING = {f.name for f in fields(TrialRecord)} | {"extra"}
 
 
+def keyed(df: pd.DataFrame, key: list[str] = ROW_KEY) -> pd.DataFrame:
+    """``df`` with every column of ``key`` as text, a missing column or a missing value as "": records and
+    boards older than ``targets`` and ``selection`` key like rows that recorded them empty."""
+    df = df.copy()
+    for k in key:
+        df[k] = df[k].astype(object).fillna("").astype(str) if k in df else ""
+    return df
+
+
+def entry_labels(table: pd.DataFrame, parts: tuple[str, ...] = ("targets", "selection")) -> list[str]:
+    """Each row's method name, followed in brackets by its values of those ``parts`` in which the method's
+    rows on the board differ (``lora [attn.qkv.q,attn.qkv.v]`` beside ``lora [attn.qkv,mlp.fc1]``), so two
+    entries of one method never show under one name; a method with one entry keeps its bare name."""
+    t = keyed(table, ["method", *parts]).reset_index(drop=True)
+    varies = {p: t.groupby("method")[p].transform("nunique") > 1 for p in parts}
+    labels = []
+    for i, row in t.iterrows():
+        shown = [row[p] or "unrecorded" for p in parts if varies[p][i]]
+        labels.append(row["method"] + (f" [{'; '.join(shown)}]" if shown else ""))
+    return labels
+
+
 def metric_columns(df: pd.DataFrame) -> list[str]:
+    """The metric columns of a records frame: the numeric ones that are not bookkeeping."""
     return [c for c in df.columns if c not in _BOOKKEEPING and pd.api.types.is_numeric_dtype(df[c])]
 
 
@@ -38,13 +69,13 @@ def _se(x: pd.Series) -> float:
 
 def aggregate(records: list[dict[str, Any]], primary: str, groups: dict[str, Any],
               higher_is_better: bool = True) -> pd.DataFrame:
-    """Per (method, task): the best settings by mean ``primary`` over seeds, with mean and SE of each metric."""
+    """Per row (``ROW_KEY``): the best settings by mean ``primary`` over seeds, with mean and SE of each metric."""
     ok = pd.DataFrame([r for r in records if r.get("status") == "ok"])
     if ok.empty:
         return pd.DataFrame()
     metrics = metric_columns(ok)
     rows = []
-    for (method, task, backbone), part in ok.groupby(["method", "task", "backbone"], sort=False):
+    for (method, task, backbone, targets, selection), part in keyed(ok).groupby(ROW_KEY, sort=False):
         by_settings = part.groupby("settings")
         if primary in part:
             means = by_settings[primary].mean()
@@ -68,7 +99,7 @@ def aggregate(records: list[dict[str, Any]], primary: str, groups: dict[str, Any
             **_efficiency(chosen),
             settings=best, backbone=backbone,
             # how the settings were chosen (held-out / on-reported / single-point) and from how many grid points
-            selection=str(chosen["selection"].fillna("").iloc[0]) if "selection" in chosen else "",
+            selection=selection,
             grid_size=int(chosen["grid_size"].fillna(0).max()) if "grid_size" in chosen else 0,
             data_source=str(chosen["data_source"].iloc[0]), harness_version=__version__,
             date=str(chosen["date"].max()),
@@ -76,7 +107,7 @@ def aggregate(records: list[dict[str, Any]], primary: str, groups: dict[str, Any
             **({"alpha_rule": ";".join(sorted(set(chosen["alpha_rule"].fillna("").astype(str))))}
                if "alpha_rule" in chosen else {}),
             budget=str(chosen["budget"].iloc[0]) if "budget" in chosen else "",
-            **({"targets": str(chosen["targets"].iloc[0])} if "targets" in chosen else {}),
+            **({"targets": targets} if "targets" in ok else {}),
             # what made the row: one value when every seed ran on the same software and hardware
             **{k: ";".join(sorted(set(chosen[k].fillna("").astype(str)))) for k in _PROVENANCE if k in chosen},
         )
@@ -118,12 +149,14 @@ def with_efficiency(table: pd.DataFrame, meta: dict[str, Any], summary: bool = F
 
 def summarise(table: pd.DataFrame, primary: str, groups: dict[str, Any], higher_is_better: bool = True
               ) -> pd.DataFrame:
-    """Per method: group means, the average (of group means when there are groups), mean parameters."""
+    """Per entry (``ENTRY_KEY``: method, backbone, targets, selection): group means, the average (of group
+    means when there are groups), mean parameters."""
     col = f"{primary}_mean"
     rows = []
-    # One row per (method, backbone): a probe on a random init is not the same entry as on a pretrained one.
-    for (method, backbone), part in table.groupby(["method", "backbone"], sort=False):
-        row: dict[str, Any] = {"method": method, "backbone": backbone, "n_tasks": int(part["task"].nunique())}
+    # A probe on a random init is not the same entry as on a pretrained one, nor LoRA on q,v as on every
+    # Linear, nor settings chosen on the reported metric as on held-out data.
+    for entry, part in keyed(table).groupby(ENTRY_KEY, sort=False):
+        row: dict[str, Any] = {**dict(zip(ENTRY_KEY, entry)), "n_tasks": int(part["task"].nunique())}
         group_means = []
         for g in groups:
             sub = part[part["group"] == g]
@@ -196,10 +229,10 @@ def _merge_write(table: pd.DataFrame, study, bench, groups: dict[str, Any], out_
     path = out_dir / f"{study.board_name}.csv"
     if path.exists():
         old = pd.read_csv(path, keep_default_na=True)
-        keys = set(map(tuple, table[ROW_KEY].astype(str).values))
-        keep = old[[tuple(k) not in keys for k in old[ROW_KEY].astype(str).values]]
+        keys = set(map(tuple, keyed(table)[ROW_KEY].values))
+        keep = old[[tuple(k) not in keys for k in keyed(old)[ROW_KEY].values]]
         table = pd.concat([keep, table], ignore_index=True)
-    table = table.sort_values(["method", "task"]).reset_index(drop=True)
+    table = table.loc[keyed(table).sort_values(ROW_KEY, kind="stable").index].reset_index(drop=True)
     meta = {"track": study.track, "benchmark": study.benchmark, "primary_metric": bench.primary_metric,
             "higher_is_better": bench.higher_is_better, "groups": groups}
     table = with_efficiency(table, meta)
@@ -257,7 +290,8 @@ def render(out_dir: Path) -> list[Path]:
         written.append(path.with_name(f"{path.stem}-summary.csv"))
         synthetic = "synthetic" in set(table["data_source"].astype(str))
         title = f"{path.stem}" + (" (synthetic data: the harness's built-in suite)" if synthetic else "")
-        pivot = table.pivot_table(index=["method", "backbone"], columns="task", values=f"{primary}_mean")
+        # every entry its own line: pivot_table would average two entries that share a method and backbone
+        pivot = keyed(table).pivot_table(index=ENTRY_KEY, columns="task", values=f"{primary}_mean")
         md = [f"# {title}", "", f"Ranked by `{primary}` (mean over seeds; per task, the best settings).", "",
               "## Summary", "", summary.to_markdown(index=False, floatfmt=".3f"), "",
               "## Per task", "", pivot.to_markdown(floatfmt=".3f"), ""]
@@ -266,7 +300,9 @@ def render(out_dir: Path) -> list[Path]:
 
         fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(summary) + 2), 3.5))
         avg, se = summary[f"average_{primary}"], summary[f"average_{primary}_se"].fillna(0)
-        ax.bar(summary["method"], avg, yerr=se, capsize=4, color="tab:blue")
+        # bars on a categorical axis: two entries under one name would be drawn over each other
+        labels = entry_labels(summary, ("backbone", "targets", "selection"))
+        ax.bar(labels, avg, yerr=se, capsize=4, color="tab:blue")
         ax.set_ylabel(f"average {primary}")
         ax.set_title(title, fontsize=9)
         ax.tick_params(axis="x", rotation=45)
@@ -277,7 +313,7 @@ def render(out_dir: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         x = summary["trainable_params"].clip(lower=1)
         ax.scatter(x, avg)
-        for xi, yi, name in zip(x, avg, summary["method"]):
+        for xi, yi, name in zip(x, avg, labels):
             ax.annotate(name, (xi, yi), fontsize=8)
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters (method's own, head excluded)")

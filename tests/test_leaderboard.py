@@ -1,4 +1,5 @@
-"""Leaderboard aggregation: best settings per (method, task), mean and SE over seeds, merge without duplicates."""
+"""Leaderboard aggregation: best settings per row (method, task, backbone, targets, selection), mean and SE
+over seeds, merge without duplicates, rows that differ in targets or selection kept apart."""
 
 from __future__ import annotations
 
@@ -77,3 +78,69 @@ def test_efficiency_columns_and_site(tmp_path):
     assert summary["ppt"].iloc[0] == pytest.approx(row["ppt"])
     written = render(tmp_path)
     assert tmp_path / "index.html" in written and tmp_path / "board.html" in written
+
+
+# --- row identity: (method, task, backbone, targets, selection) ----------------------------------------
+
+QV, ALL = "attn.qkv.q,attn.qkv.v", "attn.qkv,attn.proj,mlp.fc1,mlp.fc2"
+
+
+def _study() -> Study:
+    return Study(name="s", track="vision", benchmark="builtin", methods={"lora": {}}, leaderboard="board")
+
+
+@pytest.mark.parametrize("column, first, second", [("targets", QV, ALL), ("selection", "on-reported", "held-out")])
+def test_studies_differing_in_targets_or_selection_sit_side_by_side(tmp_path, column, first, second):
+    study = _study()
+    update([rec("lora", "a", s, v, **{column: first}) for s, v in enumerate([0.5, 0.7])], study, tmp_path)
+    update([rec("lora", "a", s, v, **{column: second}) for s, v in enumerate([0.8, 1.0])], study, tmp_path)
+    table = pd.read_csv(tmp_path / "board.csv")
+    assert len(table) == 2  # neither study hides the other's result
+    assert table.set_index(column)["top1_mean"].to_dict() == pytest.approx({first: 0.6, second: 0.9})
+    summary = pd.read_csv(tmp_path / "board-summary.csv")
+    assert summary.set_index(column)["average_top1"].to_dict() == pytest.approx({first: 0.6, second: 0.9})
+
+    # a rerun of the first study replaces its own row only
+    update([rec("lora", "a", s, v, **{column: first}) for s, v in enumerate([0.2, 0.4])], study, tmp_path)
+    table = pd.read_csv(tmp_path / "board.csv")
+    assert len(table) == 2
+    assert table.set_index(column)["top1_mean"].to_dict() == pytest.approx({first: 0.3, second: 0.9})
+    assert len(pd.read_csv(tmp_path / "board-summary.csv")) == 2
+
+    # every view of the board shows both rows and tells them apart
+    render(tmp_path)
+    labels = {f"lora [{first}]", f"lora [{second}]"}
+    html = (tmp_path / "board.html").read_text()
+    assert all(html.count(f">{label}<") == 2 for label in labels)  # the summary row and the per-task row
+    # a point each in the parameters plot (the records carry no memory or time, so no other plot is drawn)
+    assert all(html.count(f">{label} (synthetic)</text>") == 1 for label in labels)
+    md = (tmp_path / "board.md").read_text()
+    assert first in md and second in md and "0.300" in md and "0.900" in md
+
+
+def test_aggregate_keeps_targets_apart_within_one_study():
+    records = [rec("lora", "a", 0, 0.5, targets=QV), rec("lora", "a", 0, 0.9, targets=ALL), rec("full", "a", 0, 0.7)]
+    table = aggregate(records, "top1", {})
+    assert sorted(zip(table["method"], table["targets"], table["top1_mean"])) == [
+        ("full", "", 0.7), ("lora", ALL, 0.9), ("lora", QV, 0.5)]
+    summary = summarise(table, "top1", {})
+    assert len(summary) == 3 and sorted(summary["average_top1"]) == pytest.approx([0.5, 0.7, 0.9])
+
+
+@pytest.mark.parametrize("dropped", [["targets"], ["targets", "selection"]])
+def test_an_old_board_without_targets_or_selection_merges_by_the_same_key(tmp_path, dropped):
+    study = _study()
+    selection = "" if "selection" in dropped else "single-point"
+    update([rec("full", "a", 0, 0.5, selection=selection), rec("lora", "a", 0, 0.3, selection=selection)],
+           study, tmp_path)
+    old = pd.read_csv(tmp_path / "board.csv")
+    # as a board written before the columns existed (without ``targets`` the old code wrote none)
+    old.drop(columns=dropped, errors="ignore").to_csv(tmp_path / "board.csv", index=False)
+    update([rec("full", "a", 0, 0.6, targets="", selection=selection),
+            rec("lora", "a", 0, 0.8, targets=QV, selection=selection)], study, tmp_path)
+    table = pd.read_csv(tmp_path / "board.csv", keep_default_na=False)
+    # full: the old row (no targets column) and the new one (targets "") are one row, the new value in it;
+    # lora on q,v is another row than the old lora row, whose targets were never recorded
+    assert sorted(zip(table["method"], table["targets"], table["top1_mean"])) == [
+        ("full", "", 0.6), ("lora", "", 0.3), ("lora", QV, 0.8)]
+    assert len(pd.read_csv(tmp_path / "board-summary.csv")) == 3

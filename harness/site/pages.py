@@ -19,6 +19,7 @@ from typing import Any, Callable
 import pandas as pd
 
 from harness import __version__, paper_refs
+from harness.leaderboard import ENTRY_KEY, entry_labels, keyed
 from harness.site.pareto import Point, pareto_svg
 
 # Filterable columns of the per-task table (those present in the board).
@@ -162,10 +163,15 @@ def _ref_cells(ref: paper_refs.Reference | None, ours: float) -> tuple[str, str]
     return paper, f'<td class="num delta {cls}" data-value="{d}">{d:+.3g}</td>'
 
 
+# A row shows its label (the method, with its targets or selection where the method has rows on the board
+# that differ in them, so no two rows read alike); filters and sorting keep the bare method name.
+_METHOD = Column("method", "method", show=lambda r: escape(_text(r.get("label", r.get("method")))))
+
+
 def task_columns(board: Board) -> list[Column]:
     """The per-task table's columns, those the board has."""
     t, p = board.table, board.primary
-    cols = [Column("method", "method"), Column("task", "task"), Column("group", "group"),
+    cols = [_METHOD, Column("task", "task"), Column("group", "group"),
             Column("backbone", "backbone")]
     if "targets" in t:
         cols.append(Column("targets", "targets", help="the modules the method adapted"))
@@ -218,7 +224,8 @@ def task_table(board: Board) -> str:
     head += "".join(f'<th{" class=num" if c.numeric else ""}{f" title={chr(34)}{escape(c.help)}{chr(34)}" if c.help else ""}>'
                     f"{c.header}</th>" for c in cols[7:])
     body = []
-    for row in board.table.to_dict("records"):
+    for row, label in zip(board.table.to_dict("records"), entry_labels(board.table)):
+        row["label"] = label
         synthetic = "synthetic" in _text(row.get("data_source"))
         attrs = "".join(f' data-{k}="{escape(_text(row.get(k)))}"' for k in FILTERS if k in board.table)
         cells = [c.cell(row) for c in cols]
@@ -230,14 +237,17 @@ def task_table(board: Board) -> str:
 
 
 def entry_costs(board: Board) -> pd.DataFrame:
-    """Per (method, backbone): the summary's score and parameters beside the mean memory and time per
-    update over its tasks (what the Pareto plots put on their axes)."""
-    t = board.table
+    """Per summary entry (method, backbone, targets, selection): the summary's score and parameters beside
+    the mean memory and time per update over its tasks (what the Pareto plots put on their axes), and the
+    entry's ``label`` (:func:`harness.leaderboard.entry_labels`)."""
+    t = keyed(board.table, ENTRY_KEY)
     cost_cols = [c for c in ("train_peak_memory_mb", "train_reserved_memory_mb", "ms_per_update", "adapter_bytes")
                  if c in t]
-    costs = t.groupby(["method", "backbone"], sort=False)[cost_cols].mean().reset_index() if cost_cols else \
-        t[["method", "backbone"]].drop_duplicates()
-    return board.summary.merge(costs, on=["method", "backbone"], how="left")
+    costs = t.groupby(ENTRY_KEY, sort=False)[cost_cols].mean().reset_index() if cost_cols else \
+        t[ENTRY_KEY].drop_duplicates()
+    s = keyed(board.summary, ENTRY_KEY).merge(costs, on=ENTRY_KEY, how="left")
+    s["label"] = entry_labels(s)
+    return s
 
 
 def summary_table(board: Board) -> str:
@@ -245,7 +255,7 @@ def summary_table(board: Board) -> str:
     s = entry_costs(board)
     p = board.primary
     groups = [g for g in board.meta.get("groups", {}) if f"{g}_{p}" in s]
-    cols = [Column("method", "method"), Column("backbone", "backbone"),
+    cols = [_METHOD, Column("backbone", "backbone"),
             Column("data_source", "data", show=lambda r: _data_badge(_text(r.get("data_source")))),
             Column("n_tasks", "tasks", True)]
     cols += [Column(f"{g}_{p}", f"{g}", True) for g in groups]
@@ -262,9 +272,10 @@ def summary_table(board: Board) -> str:
     head += '<th class="num">paper average</th><th class="num">&Delta; vs paper</th>'
     head += "".join(f'<th{" class=num" if c.numeric else ""}>{c.header}</th>' for c in tail)
     body = []
+    t = keyed(board.table, ENTRY_KEY)
     for row in s.to_dict("records"):
-        rows = board.table[(board.table["method"] == row["method"])
-                           & (board.table["backbone"] == row["backbone"])].to_dict("records")
+        mine = (t[ENTRY_KEY] == pd.Series({k: row[k] for k in ENTRY_KEY})).all(axis=1)
+        rows = board.table[mine].to_dict("records")
         ref = _reference(board, {**rows[0], **row}, task="average", rows=rows) if rows else None
         paper, delta = _ref_cells(ref, _num(row.get(f"average_{p}")))
         synthetic = "synthetic" in _text(row.get("data_source"))
@@ -285,12 +296,12 @@ def pareto_plots(board: Board) -> str:
     """One Pareto plot per cost: the average score against parameters, peak memory and time per update."""
     s = entry_costs(board)
     p = board.primary
-    multi = s["method"].duplicated(keep=False)
+    multi = s.groupby("method")["backbone"].transform("nunique") > 1  # the method ran on several backbones
     figures = []
     for key, label, log_x in PARETO_AXES:
         if key not in s:
             continue
-        points = [Point(label=r["method"] + (f" [{str(r['backbone']).partition('[')[2].rstrip(']')}]" if dup else ""),
+        points = [Point(label=r["label"] + (f" [{str(r['backbone']).partition('[')[2].rstrip(']')}]" if dup else ""),
                         cost=_num(r[key]), score=_num(r[f"average_{p}"]),
                         synthetic="synthetic" in _text(r.get("data_source")))
                   for r, dup in zip(s.to_dict("records"), multi)]
@@ -396,8 +407,9 @@ def index_page(boards: list[Board]) -> str:
         col = f"average_{b.primary}"
         leader = ""
         if len(b.summary) and col in b.summary:
-            best = b.summary.sort_values(col, ascending=not b.higher_is_better).iloc[0]
-            leader = f"{best['method']} ({fmt_number(best[col])})"
+            labelled = b.summary.assign(label=entry_labels(b.summary))
+            best = labelled.sort_values(col, ascending=not b.higher_is_better).iloc[0]
+            leader = f"{best['label']} ({fmt_number(best[col])})"
         sources = sorted({_text(v) for v in b.table["data_source"]})
         rows.append(f'<tr class="{"synthetic" if b.synthetic else "real"}">'
                     f'<td data-value="{escape(b.name)}"><a href="{escape(b.page)}">{escape(b.name)}</a></td>'
