@@ -9,6 +9,10 @@ the scaling efficiency (rate on N / (N x rate on the first count's one)), how ma
 and each GPU's utilisation (nvidia-smi). It also compares each count's leaderboard rows with the first
 count's: with the same seeds and settings they must match in everything but wall time.
 
+A count cut short by a time limit is not lost: the same command again (same ``--set`` values and
+``workdir``) keeps the finished counts, resumes the interrupted sweep (Tune keeps its finished trials)
+and measures throughput over the time in which trials ran, leaving out the pause between the calls.
+
 ``axis=cpu`` scales over CPU slots instead (a slot: ``cpus_per_trial`` cores, no GPU): the same code on a
 machine without GPUs, which is how the tests run it.
 """
@@ -51,7 +55,7 @@ class ScaleSettings(BaseModel):
         "full": {"lr": 1.0e-4}, "lora": {"r": 8, "lr": 4.0e-4}, "dora": {"r": 8, "lr": 4.0e-4},
         "vera": {"r": 256, "lr": 1.0e-3}}, min_length=1)
     seeds: list[Int] = Field(default_factory=lambda: [0, 1], min_length=1)
-    steps: Int = Field(2000, ge=1)  # fine-tuning updates per trial
+    steps: Int = Field(1000, ge=1)  # fine-tuning updates per trial
     eval_episodes: Int = Field(2, ge=1)
     batch_size: Int = Field(128, ge=1)
     gpus_per_trial: Float = Field(0.25, gt=0, le=1)
@@ -135,8 +139,10 @@ def board_differences(first: Path, other: Path) -> list[str]:
     """How ``other``'s leaderboard rows differ from ``first``'s outside the wall-time columns; [] if none."""
     import pandas as pd
 
-    key = ["method", "task"]
-    a, b = (pd.read_csv(p).sort_values(key).reset_index(drop=True) for p in (first, other))
+    from harness.leaderboard import ROW_KEY, keyed
+
+    key = ROW_KEY
+    a, b = (keyed(pd.read_csv(p), key).sort_values(key).reset_index(drop=True) for p in (first, other))
     if list(a.columns) != list(b.columns):
         return [f"columns differ: {sorted(set(a.columns) ^ set(b.columns))}"]
     if a[key].values.tolist() != b[key].values.tolist():
@@ -148,8 +154,18 @@ def board_differences(first: Path, other: Path) -> list[str]:
         same = (a[col] == b[col]) | (a[col].isna() & b[col].isna())
         for i in (~same).to_numpy().nonzero()[0]:
             x, y = (v.item() if hasattr(v, "item") else v for v in (a.at[i, col], b.at[i, col]))
-            out.append(f"{a.at[i, 'method']} {a.at[i, 'task']}: {col} {x!r} vs {y!r}")
+            entry = " ".join(str(a.at[i, k]) for k in key if str(a.at[i, k]))
+            out.append(f"{entry}: {col} {x!r} vs {y!r}")
     return out
+
+
+def _busy(spans: list[tuple[float, float]]) -> float:
+    total, reach = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b > reach:
+            total += b - max(a, reach)
+            reach = b
+    return total
 
 
 def _most_concurrent(spans: list[tuple[float, float]]) -> int:
@@ -175,11 +191,14 @@ def summarise(count: int, records: list[dict[str, Any]], s: ScaleSettings, monit
         for gpu in ray.get("gpu_ids") or []:
             gpus_used[str(gpu)] = gpus_used.get(str(gpu), 0) + 1
     start, end = (min(a for a, _ in spans), max(b for _, b in spans)) if spans else (0.0, 0.0)
-    span = end - start
+    # time in which at least one trial ran: a count finished over several calls (a time limit between
+    # them) leaves out the pause, and equals end - start otherwise
+    span = _busy(spans)
     updates = len(ok) * s.steps
     out: dict[str, Any] = {
         "count": count, "axis": s.axis, "trials": len(records), "ok": len(ok), "updates": updates,
-        "span_s": round(span, 2), "sweep_wall_s": round(sweep_wall_s, 2),
+        "span_s": round(span, 2), "first_start_to_last_end_s": round(end - start, 2),
+        "sweep_wall_s": round(sweep_wall_s, 2),
         "updates_per_s": round(updates / span, 2) if span > 0 else None,
         "trials_per_hour": round(len(ok) / span * 3600, 1) if span > 0 else None,
         "most_trials_at_once": _most_concurrent(spans), "trials_per_gpu": dict(sorted(gpus_used.items())),
@@ -190,6 +209,18 @@ def summarise(count: int, records: list[dict[str, Any]], s: ScaleSettings, monit
         out["gpu"] = {str(i): v for i, v in per_gpu.items()}
         out["gpu_utilisation_pct"] = monitor.mean_between(start, end, used)
     return out
+
+
+def _finished_runs(partial: Path, s: ScaleSettings) -> list[dict[str, Any]]:
+    """The counts an earlier call of the same command finished (same settings, same leading counts)."""
+    if not partial.is_file():
+        return []
+    earlier = json.loads(partial.read_text())
+    if earlier.get("settings") != s.model_dump():
+        raise ConfigError(f"bench scale: {partial.parent} holds a run with other settings; give a fresh workdir, "
+                          "or the same --set values to continue it")
+    runs = earlier.get("runs", [])
+    return [r for i, r in enumerate(runs) if i < len(s.counts) and r["count"] == s.counts[i]]
 
 
 def bench_scale(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -213,21 +244,27 @@ def bench_scale(overrides: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError(f"bench scale: preparing the data and the pretrained DT failed; see {work / 'prepare.log'}")
     prepare_s = time.time() - started
 
+    done = _finished_runs(work / "partial.json", s)
     runs: list[dict[str, Any]] = []
     for i, n in enumerate(s.counts):
+        if i < len(done):  # finished by an earlier call of the same command
+            print(f"[bench scale] {n} {s.axis}(s): kept from an earlier call", file=sys.stderr, flush=True)
+            runs.append(done[i])
+            continue
         folder = work / f"{i}-{s.axis}{n}"
         folder.mkdir(exist_ok=True)
+        resumed = (folder / "results" / SWEEP_NAME).exists()  # an earlier call stopped inside this count
         cmd = [sys.executable, "-m", "harness", "sweep", str(sweep_path), "--results", str(folder / "results"),
-               "--leaderboard", str(folder / "board"), "--no-dashboard"]
+               "--leaderboard", str(folder / "board"), "--no-dashboard", *(["--resume"] if resumed else [])]
         cmd += ["--gpus", str(n)] if s.axis == "gpu" else ["--gpus", "0", "--cpus", str(n * s.cpus_per_trial)]
         started = time.time()
         with GpuMonitor() as monitor:
-            code = _run(cmd, folder / "sweep.log")
+            code = _run(cmd, folder / ("sweep-resumed.log" if resumed else "sweep.log"))
         wall = time.time() - started
         if code not in (0, 1):  # 1: some trials failed, which the figures say; others: nothing ran
             raise RuntimeError(f"bench scale: the sweep on {n} {s.axis}(s) exited {code}; see {folder / 'sweep.log'}")
         run = summarise(n, _records(folder / "results"), s, monitor, wall)
-        run["board"] = str(folder / "board" / f"{SWEEP_NAME}.csv")
+        run["board"], run["resumed"] = str(folder / "board" / f"{SWEEP_NAME}.csv"), resumed
         runs.append(run)
         # what is finished survives a run cut short (a time limit between counts)
         atomic_write_text(work / "partial.json", json.dumps({"settings": s.model_dump(), "runs": runs}, indent=1))

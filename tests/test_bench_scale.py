@@ -22,7 +22,7 @@ SMALL = {"axis": "cpu", "cpus_per_trial": 1, "tasks": ["window-close"], "seeds":
 
 
 @pytest.mark.slow
-def test_one_sweep_over_one_and_two_slots(tmp_path):
+def test_one_sweep_over_one_and_two_slots(tmp_path, monkeypatch):
     out = tmp_path / "scale.json"
     sets = [f"{k}={json.dumps(v)}" for k, v in {**SMALL, "counts": [1, 2], "workdir": str(tmp_path / "w")}.items()]
     proc = subprocess.run([sys.executable, "-m", "harness", "bench", "scale", *sum((["--set", s] for s in sets), []),
@@ -51,6 +51,27 @@ def test_one_sweep_over_one_and_two_slots(tmp_path):
     for r in records:
         placement = json.loads(r["extra"])["placement"]
         assert placement["cpus"] == 1 and placement["device"] == "cpu" and placement["ray"]["gpus"] == 0.0
+    # the same command again keeps what is finished; other settings in that folder are refused
+    from agents.bench_scale import bench_scale
+
+    overrides = {**SMALL, "counts": [1, 2], "workdir": str(tmp_path / "w")}
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    again = bench_scale(overrides)
+    assert [r["updates_per_s"] for r in again["runs"]] == [one["updates_per_s"], two["updates_per_s"]]
+    with pytest.raises(ConfigError, match="holds a run with other settings"):
+        bench_scale({**overrides, "steps": 31})
+
+
+def test_throughput_counts_only_the_time_trials_ran():
+    from agents.bench_scale import ScaleSettings, summarise
+
+    def record(start, wall):
+        return {"status": "ok", "wall_time_s": wall, "extra": json.dumps({"started_at": start})}
+
+    # two trials side by side, a pause of 100 s (a time limit), then one more
+    run = summarise(2, [record(0.0, 10.0), record(5.0, 10.0), record(115.0, 5.0)], ScaleSettings(steps=100), None, 0)
+    assert run["span_s"] == 20.0 and run["first_start_to_last_end_s"] == 120.0
+    assert run["updates_per_s"] == 15.0 and run["most_trials_at_once"] == 2
 
 
 def test_board_differences_ignore_wall_time_only(tmp_path):
