@@ -13,6 +13,7 @@ Where flock does nothing (some network filesystems) each builds, and the first r
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -158,11 +159,12 @@ class ArtifactCache:
             found = self.lookup(kind, name, settings)
             if found is not None:
                 return found
+            remove_dead_builds(final)
             return self._build(kind, name, settings, build, final)
 
     def _build(self, kind: str, name: str, settings: dict[str, Any], build: Callable[[Path], None],
                final: Path) -> Artifact:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f"{_build_prefix(final)}{_HOST}-{os.getpid()}.", dir=final.parent))
         try:
             build(tmp)
             files = {
@@ -187,6 +189,41 @@ class ArtifactCache:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return Artifact(final, _canonical(settings))
+
+
+_HOST = "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname()) or "host"
+
+
+def _build_prefix(final: Path) -> str:
+    return f".{final.name}."
+
+
+def remove_dead_builds(final: Path) -> list[Path]:
+    """Remove the half-built folders of the entry ``final`` whose builder, on this host, has died.
+
+    A builder killed mid-build (out of memory, a node taken back) leaves its temporary folder, which can
+    hold a checkpoint's worth of data. Each folder is named after its builder's host and pid, so a folder
+    of a process still running, or of another host (which this one cannot check), is left alone; the
+    caller holds the entry's lock. Returns the folders removed."""
+    removed = []
+    for tmp in final.parent.glob(f"{glob.escape(_build_prefix(final))}*"):
+        host, _, rest = tmp.name[len(_build_prefix(final)):].rpartition("-")
+        pid = rest.split(".", 1)[0]
+        if not tmp.is_dir() or host != _HOST or not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def _lock_holder(fd: int) -> str:

@@ -171,6 +171,17 @@ def test_a_builder_killed_holding_the_lock_does_not_block_the_next(tmp_path):
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.communicate(timeout=30)
+    entry = cache.entry_dir("kind", "thing", {"n": 1})
+    # the killed builder's half-built folder is left behind, named after its host and pid
+    (left,) = [p for p in entry.parent.glob(f".{entry.name}.*") if p.is_dir()]
+    assert f"-{holder.pid}." in left.name
+    # a folder of a process still alive, and one of another host, are someone's build in progress
+    from harness.cache import _HOST
+
+    alive = entry.parent / f".{entry.name}.{_HOST}-{os.getpid()}.keep"
+    elsewhere = entry.parent / f".{entry.name}.otherhost-{holder.pid}.keep"
+    alive.mkdir()
+    elsewhere.mkdir()
     got: list = []
     calls: list = []
     worker = threading.Thread(target=lambda: got.append(cache.get_or_build("kind", "thing", {"n": 1},
@@ -179,6 +190,7 @@ def test_a_builder_killed_holding_the_lock_does_not_block_the_next(tmp_path):
     worker.join(timeout=10)
     assert got, "the next builder is still waiting for the killed one's lock"
     assert len(calls) == 1 and len(_builds(tmp_path)) == 1  # the killed build, then ours
+    assert not left.exists() and alive.is_dir() and elsewhere.is_dir()  # only the dead one's folder went
     assert (got[0].path / "data.bin").read_bytes() == b"x" * 1000
     assert cache.verify(got[0].path) == {"n": 1}
 
