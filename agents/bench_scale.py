@@ -2,7 +2,7 @@
 
 Each count N in ``counts`` runs the same sweep file (tasks x methods x seeds, one grid point per method)
 as its own ``python -m harness sweep --gpus N`` process: a fresh local Ray instance that may hand out the
-first N visible GPUs, each trial holding ``gpus_per_trial`` of one. The data and the pretrained DT are
+first N visible GPUs, each trial holding ``gpus_per_trial`` of one (auto: up to four per GPU, spread). The data and the pretrained DT are
 built once, before the first count, so every count times trials only. Per count it reports the trials'
 aggregate updates/s and trials/hour over the span from the first trial's start to the last one's end,
 the scaling efficiency (rate on N / (N x rate on the first count's one)), how many trials each GPU ran,
@@ -58,7 +58,7 @@ class ScaleSettings(BaseModel):
     steps: Int = Field(1000, ge=1)  # fine-tuning updates per trial
     eval_episodes: Int = Field(2, ge=1)
     batch_size: Int = Field(128, ge=1)
-    gpus_per_trial: Float = Field(0.25, gt=0, le=1)
+    gpus_per_trial: Float | Literal["auto"] = "auto"  # as the sweeps: up to 4 trials per GPU, spread
     cpus_per_trial: Int = Field(4, ge=1)
     # the pretrained DT every trial starts from: the paper's shape, briefly pretrained (it is built once)
     pretrain_tasks: list[str] = Field(default_factory=lambda: ["reach", "door-open", "drawer-close"], min_length=1)

@@ -11,6 +11,7 @@ skips finished ones. The driver knows nothing of tracks beyond their declaration
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -204,12 +205,28 @@ def _node_resources() -> list[dict[str, float]]:
     return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
 
 
-def _gpus_per_trial(study: Study) -> float:
+MOST_TRIALS_PER_GPU = 4  # past four, trials sharing a GPU add no throughput (BENCHMARKS.md, bench share)
+
+
+def auto_gpu_share(n_trials: int, gpus: float) -> float:
+    """``gpus_per_trial: auto`` for a wave of ``n_trials`` on a cluster of ``gpus`` GPUs: the largest share
+    that still runs every trial at once, at most four trials per GPU (0 without GPUs).
+
+    Ray packs fractional requests onto one GPU before it opens the next, so a fixed quarter would put a
+    wave of six trials on two of eight GPUs and leave six idle; a share of 1 / ceil(trials / GPUs) spreads
+    them, and a wave larger than the cluster still gets four trials per GPU."""
+    if gpus <= 0 or n_trials <= 0:
+        return 0.0
+    per_gpu = min(MOST_TRIALS_PER_GPU, math.ceil(n_trials / gpus))
+    return 1.0 / per_gpu
+
+
+def _gpus_per_trial(study: Study, n_trials: int) -> float:
     import ray
 
     if study.resources.gpus_per_trial != "auto":
         return float(study.resources.gpus_per_trial)
-    return 0.25 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    return auto_gpu_share(n_trials, ray.cluster_resources().get("GPU", 0))
 
 
 def run_wave(specs: list[TrialSpec], study: Study, exp_dir: Path, resume: bool,
@@ -221,7 +238,7 @@ def run_wave(specs: list[TrialSpec], study: Study, exp_dir: Path, resume: bool,
     if not specs:
         return []
     trainable = tune.with_resources(_trainable, {"cpu": study.resources.cpus_per_trial,
-                                                 "gpu": _gpus_per_trial(study)})
+                                                 "gpu": _gpus_per_trial(study, len(specs))})
     exists = (exp_dir / "tuner.pkl").exists()
     if exists and not resume:
         raise ConfigError(f"results of this sweep already exist in {exp_dir}: pass --resume to continue "

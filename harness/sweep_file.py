@@ -25,7 +25,8 @@ class Resources(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     cpus_per_trial: float = Field(1.0, gt=0)
-    gpus_per_trial: float | Literal["auto"] = "auto"  # auto: 0.25 when the cluster has a GPU, else 0
+    # auto: per wave, 1 / ceil(trials / GPUs), at most 4 trials per GPU (driver.auto_gpu_share); 0 without GPUs
+    gpus_per_trial: float | Literal["auto"] = "auto"
     max_concurrent: int | None = Field(None, ge=1)
 
 

@@ -114,3 +114,15 @@ def test_deterministic_kernels_are_switched_on_in_the_process():
             "print(torch.are_deterministic_algorithms_enabled(), os.environ['CUBLAS_WORKSPACE_CONFIG'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["True", ":4096:8"]
+
+
+def test_auto_gpu_share_spreads_a_wave_over_every_gpu():
+    """Ray packs fractional GPUs onto one device before the next: the share must make a small wave take
+    whole GPUs (spread over all of them) and a large one four per GPU."""
+    from harness.driver import auto_gpu_share
+
+    assert auto_gpu_share(6, 8) == 1.0  # six trials, six GPUs, none sharing
+    assert auto_gpu_share(12, 8) == 0.5  # every trial at once, two per GPU at most
+    assert auto_gpu_share(32, 8) == auto_gpu_share(1000, 8) == auto_gpu_share(24, 1) == 0.25
+    assert auto_gpu_share(2, 1) == 0.5 and auto_gpu_share(1, 1) == 1.0
+    assert auto_gpu_share(5, 0) == 0.0  # no GPU: CPU trials
