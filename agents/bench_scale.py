@@ -92,21 +92,15 @@ def sweep_doc(s: ScaleSettings) -> dict[str, Any]:
             "methods": {m: {k: [v] for k, v in point.items()} for m, point in s.methods.items()}}
 
 
-def _visible_gpus() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
 def check(s: ScaleSettings, sweep_path: Path) -> int:
     """Everything that can be wrong, before any compute; returns the number of trials per count."""
-    from harness.placement import host_cpus
+    from harness.placement import host_cpus, visible_gpus
     from harness.sweep_file import load_sweep, study_trials
 
     sweep = load_sweep(sweep_path)  # the generated file gets the sweep's own validation and messages
     trials = len(study_trials(sweep.studies[0], "final"))
     if s.axis == "gpu":
-        visible = _visible_gpus()
+        visible = visible_gpus()
         if max(s.counts) > visible:
             raise ConfigError(f"bench scale: counts {s.counts} need {max(s.counts)} GPUs, but {visible} are visible "
                               f"(CUDA_VISIBLE_DEVICES {os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use counts up "

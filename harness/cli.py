@@ -72,10 +72,8 @@ def _writable_folders(results: str | None, leaderboard: str | None) -> None:
 
 
 def cmd_sweep(args) -> int:
-    from harness.driver import run_sweep
+    from harness.driver import LocalResources, run_sweep
     from harness.sweep_file import load_sweep
-
-    from harness.driver import LocalResources
 
     sweep = load_sweep(args.file, args.set, args.only)
     _writable_folders(args.results, args.leaderboard)

@@ -129,21 +129,15 @@ class LocalResources:
         if address:
             raise ConfigError("--cpus/--gpus size a local Ray instance; a cluster's resources are set where its "
                               "nodes start (`ray start --num-cpus N --num-gpus N`): leave them out with --address")
-        from harness.placement import host_cpus
+        from harness.placement import host_cpus, visible_gpus
 
         if self.cpus is not None and not 1 <= self.cpus <= host_cpus():
             raise ConfigError(f"--cpus {self.cpus}: this machine lets the sweep use 1..{host_cpus()} cores")
         if self.gpus is not None:
-            visible = _visible_gpus()
+            visible = visible_gpus()
             if not 0 <= self.gpus <= visible:
                 raise ConfigError(f"--gpus {self.gpus}: {visible} GPU(s) are visible here (CUDA_VISIBLE_DEVICES "
                                   f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use 0..{visible}")
-
-
-def _visible_gpus() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def init_ray(address: str | None, dashboard: bool, local: LocalResources = LocalResources()) -> None:
@@ -189,11 +183,11 @@ def check_resources(studies: list[Study], nodes: list[dict[str, float]]) -> None
             raise ConfigError(f"study {study.name!r}: resources.gpus_per_trial={r.gpus_per_trial} but the largest "
                               f"node of the cluster has {most_gpu:g} GPUs; use at most {most_gpu:g} (0: CPU only)")
         device = str(study.settings.get("device", "auto"))
-        gpus = (0.25 if most_gpu > 0 else 0.0) if r.gpus_per_trial == "auto" else float(r.gpus_per_trial)
+        holds_gpu = most_gpu > 0 if r.gpus_per_trial == "auto" else float(r.gpus_per_trial) > 0
         if device.startswith("cuda:"):
             raise ConfigError(f"study {study.name!r}: settings.device={device!r}, but under a sweep Ray places each "
                               "trial on a GPU of its choosing (CUDA_VISIBLE_DEVICES); use device auto, cuda or cpu")
-        if device == "cuda" and gpus == 0:
+        if device == "cuda" and not holds_gpu:
             raise ConfigError(f"study {study.name!r}: settings.device='cuda', but its trials hold no GPU "
                               f"(resources.gpus_per_trial {r.gpus_per_trial}, largest node {most_gpu:g} GPUs); set "
                               "gpus_per_trial above 0 on a cluster with GPUs, or device auto or cpu")

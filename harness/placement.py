@@ -56,6 +56,13 @@ def host_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def visible_gpus() -> int:
+    """The CUDA GPUs this process sees (``CUDA_VISIBLE_DEVICES`` applied); 0 without CUDA."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def usable_cpus() -> int:
     """This process's share of cores: the trial's ``cpus_per_trial`` under Ray (at least 1), else the host's.
 
@@ -112,8 +119,8 @@ def trial_device(requested: str = "auto") -> "torch.device":
     peak-memory counters and bare ``cuda`` tensors land on the trial's own GPU."""
     import torch
 
-    name = resolve_device(requested, torch.cuda.device_count() if torch.cuda.is_available() else 0,
-                          os.environ.get("CUDA_VISIBLE_DEVICES"), ray_slice(), bool(os.environ.get(NOSET_VAR)))
+    name = resolve_device(requested, visible_gpus(), os.environ.get("CUDA_VISIBLE_DEVICES"), ray_slice(),
+                          bool(os.environ.get(NOSET_VAR)))
     device = torch.device(name)
     if device.type == "cuda":
         torch.cuda.set_device(device.index or 0)
@@ -127,4 +134,5 @@ def describe(device: Any) -> dict[str, Any]:
             "cpus": usable_cpus(), "ray": asdict(s) if s is not None else None, "host": os.uname().nodename}
 
 
-__all__ = ["RaySlice", "describe", "host_cpus", "ray_slice", "resolve_device", "trial_device", "usable_cpus"]
+__all__ = ["RaySlice", "describe", "host_cpus", "ray_slice", "resolve_device", "trial_device", "usable_cpus",
+           "visible_gpus"]
