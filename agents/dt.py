@@ -147,21 +147,56 @@ class DecisionTransformer(nn.Module):
                 rewards: torch.Tensor, timesteps: torch.Tensor,
                 attention_mask: torch.Tensor | None = None, **unused: Any) -> torch.Tensor:
         x = self.embed(states, actions, returns_to_go, rewards, timesteps)
-        mask = token_attention_mask(attention_mask, x.shape[1])
+        shift = None
+        if attention_mask is not None:
+            # Windows are left-padded (the sampler and the rollouts pad only before the first real step).
+            # Rotating each window so that its real tokens come first puts the padding after them, where a
+            # causal attention keeps it out of every real token's view: the plain causal flag then gives
+            # the real tokens exactly what the padding mask gave them, and SDPA keeps its flash kernel
+            # (a boolean mask sends it to a slower one). The position embeddings were added before the
+            # rotation, so every token keeps its place in the window.
+            shift = TOKENS_PER_STEP * (~attention_mask.bool()).sum(1)
+            x = rotate_tokens(x, shift)
         for block in self.blocks:
-            x = block(x, mask)
+            x = block(x, None)
+        if shift is not None:
+            x = rotate_tokens(x, -shift)
         x = self.norm_f(x)
         rtg_hidden = x[:, 1::TOKENS_PER_STEP]  # token order s, R, a, r: R_t has seen s_t and R_t
         return torch.tanh(self.action_head(rtg_hidden))
 
 
-def token_attention_mask(step_mask: torch.Tensor | None, n_tokens: int) -> torch.Tensor | None:
-    """(B, 1, L, L) boolean mask: causal, padded keys hidden; None without a step mask (the flash path).
+def _rotate(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    L = x.shape[1]
+    index = (torch.arange(L, device=x.device)[None, :] + shift[:, None]) % L
+    return x.gather(1, index[:, :, None].expand(-1, -1, x.shape[2]))
 
-    Every query may see itself, so padded queries never have an all-hidden row (which would give NaN);
-    their outputs are excluded from the loss. Whether anything is padded is not asked of the tensor: that
-    would wait for the GPU at every forward and break compiled and captured graphs. A caller that knows
-    nothing is padded (a rollout past its first ``context`` steps) passes no mask instead.
+
+class _Rotate(torch.autograd.Function):
+    # A rotation is a permutation: its backward is the opposite rotation, a gather again. Autograd's own
+    # backward of gather is a scatter-add (atomics on a GPU, refused under deterministic algorithms).
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(shift)
+        return _rotate(x, shift)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (shift,) = ctx.saved_tensors
+        return _rotate(grad, -shift), None
+
+
+def rotate_tokens(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``out[b, i] = x[b, (i + shift[b]) mod L]`` for ``x`` (B, L, C) and integer ``shift`` (B,): each
+    sequence rotated left by its own number of tokens (``-shift`` undoes it)."""
+    return _Rotate.apply(x, shift)
+
+
+def token_attention_mask(step_mask: torch.Tensor | None, n_tokens: int) -> torch.Tensor | None:
+    """(B, 1, L, L) boolean mask: causal, padded keys hidden; None without a step mask.
+
+    The attention the DT's rotation reproduces for real tokens (tests compare the two); the DT itself no
+    longer builds it. Every query may see itself, so padded queries never have an all-hidden row.
     """
     if step_mask is None:
         return None
@@ -203,9 +238,13 @@ def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor
 
 
 def layer_tokens(layer_input: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """A block Linear's input (B, L, C) as (tokens, C) with the padded steps' four tokens dropped (EVA)."""
+    """A block Linear's input (B, L, C) as (tokens, C) with the padded steps' four tokens dropped (EVA).
+
+    Inside the blocks each window is rotated so that its real tokens come first (``forward``): the kept
+    rows are the first ``4 x real steps`` of each window, which for a left-padded mask is the mask reversed.
+    """
     x = layer_input[0] if isinstance(layer_input, (tuple, list)) else layer_input
-    keep = batch["attention_mask"].bool().repeat_interleave(TOKENS_PER_STEP, dim=1)
+    keep = batch["attention_mask"].bool().flip(1).repeat_interleave(TOKENS_PER_STEP, dim=1)
     if x.shape[:2] != keep.shape:
         return x.reshape(-1, x.shape[-1])
     return x[keep]

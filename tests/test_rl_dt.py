@@ -118,3 +118,64 @@ def test_works_through_peft():
     assert torch.allclose(forward_batch(pm, batch()), ref, atol=1e-6)  # LoRA starts as the identity
     batch_loss(pm, batch()).backward()
     assert all(p.grad is not None for n, p in pm.named_parameters() if p.requires_grad)
+
+
+def _masked_reference(model, b):
+    """The DT's forward as it was before the rotation: a boolean causal + padding mask in every block."""
+    from agents.dt import TOKENS_PER_STEP, token_attention_mask
+
+    x = model.embed(b["states"], b["actions"], b["returns_to_go"], b["rewards"], b["timesteps"])
+    mask = token_attention_mask(b["attention_mask"], x.shape[1])
+    for block in model.blocks:
+        x = block(x, mask)
+    return torch.tanh(model.action_head(model.norm_f(x)[:, 1::TOKENS_PER_STEP]))
+
+
+def test_rotated_padding_equals_the_padding_mask_on_real_steps():
+    """Left-padded windows through the causal flag (rotated) give the loss, the real steps' actions and
+    every gradient of the boolean-mask attention, in float32."""
+    from agents.dt import DecisionTransformer, batch_loss, dt_loss, forward_batch
+
+    torch.manual_seed(0)
+    model = DecisionTransformer(tiny_cfg()).train()  # dropout 0: both paths are deterministic
+    b = batch(B=5)
+    b["attention_mask"][0, :4] = False  # windows padded by 4, 1, 0, 5 and 2 steps
+    b["attention_mask"][1, :1] = False
+    b["attention_mask"][3, :5] = False
+    b["attention_mask"][4, :2] = False
+    for k in ("states", "actions", "returns_to_go", "rewards"):
+        b[k] = b[k] * b["attention_mask"].unsqueeze(-1)
+    real = b["attention_mask"]
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    out, ref = forward_batch(model, b), _masked_reference(model, b)
+    torch.testing.assert_close(out[real], ref[real], atol=1e-6, rtol=1e-5)
+    g_new = grads(batch_loss(model, b))
+    g_ref = grads(dt_loss(_masked_reference(model, b), b["actions"], real))
+    for n in g_ref:
+        torch.testing.assert_close(g_new[n], g_ref[n], atol=1e-6, rtol=1e-4, msg=n)
+    assert any(g.abs().sum() > 0 for g in g_ref.values())
+
+
+def test_layer_tokens_are_the_real_steps_inside_the_blocks():
+    """EVA's layer inputs: exactly the real tokens, whatever order the blocks see them in."""
+    from agents.dt import DecisionTransformer, TOKENS_PER_STEP, layer_tokens
+
+    model = DecisionTransformer(tiny_cfg()).eval()
+    b = batch(B=3, pad=4)
+    seen = []
+    handle = model.blocks[0].attn.qkv.register_forward_hook(lambda m, i, o: seen.append(layer_tokens(i, b)))
+    with torch.no_grad():
+        from agents.dt import forward_batch
+
+        forward_batch(model, b)
+    handle.remove()
+    x = model.embed(b["states"], b["actions"], b["returns_to_go"], b["rewards"], b["timesteps"])
+    expected = model.blocks[0].ln1(x)[b["attention_mask"].repeat_interleave(TOKENS_PER_STEP, dim=1)]
+    assert seen[0].shape == expected.shape == (3 * 6 * 4 - 4 * 4, 32)
+    # the same rows, up to order
+    torch.testing.assert_close(seen[0].sort(0).values, expected.detach().sort(0).values)
