@@ -1,0 +1,186 @@
+"""Early stopping in the selection stage through Ray Tune's schedulers (ASHA, median stopping).
+
+A study's ``selection: {scheduler: asha, grace_period: 2000, reduction_factor: 3}`` runs its selection
+grid under Tune's ``ASHAScheduler`` (or ``MedianStoppingRule`` with ``scheduler: median``); the keys
+besides ``scheduler`` are Tune's own constructor arguments. The harness sets ``metric``/``mode`` (the
+benchmark's primary metric, on the selection split or episodes), ``time_attr`` (:data:`TIME_ATTR`,
+updates) and ``max_t`` (the selection budget's updates), so those keys are refused.
+
+Settings are chosen per (method, task): a score on one task says nothing about a trial on another, so
+each (method, task) group of trials gets a scheduler of its own (:class:`GroupedScheduler`); within a
+group the grid points (and selection seeds) compete. A trial reports its intermediate score at the
+updates :func:`eval_points` gives (ASHA's rungs; every ``grace_period`` updates for median stopping),
+each with a provisional record, so a stopped trial counts as a finished selection trial with its last
+score. The final stage never uses a scheduler.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from harness.errors import ConfigError
+
+# Reported only with intermediate and final scores: progress reports (loss) carry no time_attr, so a
+# scheduler never reads a stale score from them.
+TIME_ATTR = "selection_update"
+SCHEDULERS = ("asha", "median")
+_HARNESS_SET = ("metric", "mode", "time_attr", "max_t")
+_ALLOWED = {
+    "asha": ("grace_period", "reduction_factor", "brackets", "stop_last_trials"),
+    "median": ("grace_period", "min_samples_required", "min_time_slice", "hard_stop"),
+}
+
+
+@dataclass(frozen=True)
+class SchedulerPlan:
+    """A validated scheduler setting of one study's selection stage."""
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def grace(self, max_t: int) -> int:
+        """Updates before the first intermediate score (at least 1, at most ``max_t``)."""
+        default = max(1, max_t // 16) if self.name == "asha" else max(1, max_t // 8)
+        return max(1, min(max_t, int(self.params.get("grace_period", default))))
+
+    def label(self) -> str:
+        """How rows name it, e.g. ``asha(grace_period=2000,reduction_factor=3)``."""
+        inner = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
+        return f"{self.name}({inner})"
+
+
+def parse_scheduler(raw: dict[str, Any] | None, where: str = "selection") -> SchedulerPlan | None:
+    """The study's ``selection.scheduler`` and its Tune parameters, checked; None without a scheduler."""
+    if not raw or raw.get("scheduler") in (None, "none", "grid"):
+        extra = sorted(k for k in (raw or {}) if k != "scheduler")
+        if extra:
+            raise ConfigError(f"{where}: {', '.join(extra)} given without a scheduler; set "
+                              f"{where}.scheduler to one of {', '.join(SCHEDULERS)}")
+        return None
+    name = raw["scheduler"]
+    if name == "hyperband":
+        raise ConfigError(f"{where}.scheduler: 'hyperband' (Tune's synchronous HyperBandScheduler pauses and "
+                          "resumes trials, which a grid of one-process trials cannot): use 'asha' with "
+                          "brackets: N, Tune's asynchronous HyperBand")
+    if name not in SCHEDULERS:
+        raise ConfigError(f"{where}.scheduler: {name!r} is not a scheduler; valid: {', '.join(SCHEDULERS)}")
+    params = {k: v for k, v in raw.items() if k != "scheduler"}
+    for k, v in params.items():
+        if k in _HARNESS_SET:
+            raise ConfigError(f"{where}.{k}: set by the harness (metric: the benchmark's primary metric on the "
+                              f"selection split, mode from it, time_attr: updates, max_t: the selection budget's "
+                              f"updates); remove it")
+        if k not in _ALLOWED[name]:
+            raise ConfigError(f"{where}.{k}: not a parameter of Tune's {name} scheduler here; valid: "
+                              f"{', '.join(_ALLOWED[name])}")
+        if k in ("stop_last_trials", "hard_stop"):
+            if not isinstance(v, bool):
+                raise ConfigError(f"{where}.{k}: {v!r} is not true or false")
+        elif k == "reduction_factor":
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 1:
+                raise ConfigError(f"{where}.reduction_factor: {v!r}; use a number above 1 (e.g. 3 or 4)")
+        elif isinstance(v, bool) or not isinstance(v, int) or v < (1 if k != "min_time_slice" else 0):
+            raise ConfigError(f"{where}.{k}: {v!r}; use a whole number of at least "
+                              f"{1 if k != 'min_time_slice' else 0}")
+    return SchedulerPlan(name, params)
+
+
+def eval_points(plan: SchedulerPlan, max_t: int) -> list[int]:
+    """The updates (below ``max_t``) after which a selection trial reports an intermediate score:
+    ASHA's rung milestones of every bracket, or every ``grace_period`` updates for median stopping."""
+    g = plan.grace(max_t)
+    if plan.name == "median":
+        return list(range(g, max_t, g))
+    eta = float(plan.params.get("reduction_factor", 4))
+    points: set[int] = set()
+    for s in range(int(plan.params.get("brackets", 1))):
+        # Tune's ASHA: bracket s has milestones grace * eta**(k + s), k = 0.. while below max_t
+        k = 0
+        while (m := g * eta ** (k + s)) < max_t:
+            points.add(math.ceil(m))  # Tune records a rung at the first report at or past it
+            k += 1
+    return sorted(points)
+
+
+def expected_update_fraction(plan: SchedulerPlan | None, max_t: int) -> float:
+    """The share of the full grid's selection updates that a scheduler is expected to spend.
+
+    ASHA (one bracket): every trial reaches the first rung and 1/eta of them each next one, the ideal of
+    the synchronous algorithm; asynchronous promotion lets a few more through while rungs fill, so the
+    measured share is somewhat higher. Median stopping has no closed form: priced at the full grid."""
+    if plan is None or plan.name != "asha" or max_t <= 0:
+        return 1.0
+    eta = float(plan.params.get("reduction_factor", 4))
+    brackets = int(plan.params.get("brackets", 1))
+    g = plan.grace(max_t)
+    shares = []
+    for s in range(brackets):
+        levels = [math.ceil(g * eta ** (k + s)) for k in range(64) if g * eta ** (k + s) < max_t] + [max_t]
+        spent = levels[0] + sum(eta ** -(i + 1) * (levels[i + 1] - levels[i]) for i in range(len(levels) - 1))
+        shares.append(spent / max_t)
+    return sum(shares) / len(shares)  # Tune spreads trials over the brackets about evenly
+
+
+def make_scheduler(plan: SchedulerPlan, metric: str, mode: str, max_t: int):
+    """One Tune scheduler for one (method, task) group."""
+    from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
+
+    params = dict(plan.params)
+    params.setdefault("grace_period", plan.grace(max_t))
+    if plan.name == "asha":
+        return ASHAScheduler(time_attr=TIME_ATTR, metric=metric, mode=mode, max_t=max_t, **params)
+    return MedianStoppingRule(time_attr=TIME_ATTR, metric=metric, mode=mode, **params)
+
+
+def _group_key(trial) -> tuple[str, str]:
+    spec = trial.config["spec"]
+    return spec["method"], spec["task"]
+
+
+def grouped_scheduler(plan: SchedulerPlan, metric: str, mode: str, max_t: int):
+    """A Tune scheduler that runs ``plan`` separately within each (method, task) group of trials."""
+    from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+    class GroupedScheduler(FIFOScheduler):
+        """Per (method, task), its own ASHA / median stopping rule; trials start in FIFO order (both
+        schedulers are FIFO in that respect)."""
+
+        def __init__(self):
+            super().__init__()
+            self._metric, self._mode = metric, mode
+            self._groups: dict[tuple[str, str], TrialScheduler] = {}
+
+        def _of(self, trial) -> TrialScheduler:
+            key = _group_key(trial)
+            if key not in self._groups:
+                self._groups[key] = make_scheduler(plan, metric, mode, max_t)
+            return self._groups[key]
+
+        def set_search_properties(self, metric, mode, **spec) -> bool:
+            return True  # metric and mode are fixed by the study's benchmark
+
+        def on_trial_add(self, tune_controller, trial):
+            self._of(trial).on_trial_add(tune_controller, trial)
+
+        def on_trial_error(self, tune_controller, trial):
+            self._of(trial).on_trial_error(tune_controller, trial)
+
+        def on_trial_result(self, tune_controller, trial, result):
+            return self._of(trial).on_trial_result(tune_controller, trial, result)
+
+        def on_trial_complete(self, tune_controller, trial, result):
+            self._of(trial).on_trial_complete(tune_controller, trial, result)
+
+        def on_trial_remove(self, tune_controller, trial):
+            self._of(trial).on_trial_remove(tune_controller, trial)
+
+        def debug_string(self) -> str:
+            return f"Selection under {plan.label()} per (method, task): {len(self._groups)} group(s)"
+
+    return GroupedScheduler()
+
+
+__all__ = ["SCHEDULERS", "TIME_ATTR", "SchedulerPlan", "eval_points", "expected_update_fraction",
+           "grouped_scheduler", "make_scheduler", "parse_scheduler"]

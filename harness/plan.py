@@ -1,0 +1,299 @@
+"""A sweep's price before compute: ``python -m harness sweep FILE --plan``.
+
+Per study, stage and wave: trials, updates (epochs x images for vision), and the GPU-hours and wall time
+they are expected to take on the GPUs given, priced from measured per-update costs of the GPU model
+(``benchmarks/update-costs.json``, copied from the bench JSONs it names). Nothing is computed, written
+or started: the sweep file is validated as a sweep validates it, and no Ray instance is started
+(``--address`` only reads a running cluster's GPU count and model).
+
+The model of a wave: ``p`` trials share a GPU (``gpus_per_trial``, or auto's share for the wave on these
+GPUs); ``p`` trials on one GPU train ``speedup(p)`` times as fast in all as one alone (measured for the
+paper DT, interpolated between measured counts); the GPUs a wave occupies are the ones its concurrent
+trials need; evaluation (RL rollouts, priced from the measured DT rollout rate) holds a trial's share
+of its GPU. Selection under ASHA is priced at :func:`harness.early_stopping.expected_update_fraction`
+of the full grid's updates.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.errors import ConfigError
+from harness.sweep_file import Study, SweepFile, study_trials
+from harness.trial import TrialSpec
+
+COSTS = Path(__file__).resolve().parents[1] / "benchmarks" / "update-costs.json"
+# VTAB-1K's fixed split sizes: train800 (selection) and train800val200 (final)
+VTAB_TRAIN = {"select": 800, "final": 1000}
+
+
+def load_costs(path: Path = COSTS) -> dict[str, Any]:
+    """The measured cost table (one entry per GPU model)."""
+    return json.loads(Path(path).read_text())["devices"]
+
+
+def packing_speedup(per_gpu: int, packing: dict[str, Any] | None) -> float:
+    """Aggregate training throughput of ``per_gpu`` trials on one GPU, relative to one alone: the measured
+    counts, linear in between, the largest measured count's figure beyond it (1.0 without a measurement)."""
+    if per_gpu <= 1 or not packing:
+        return 1.0
+    points = sorted((int(k), float(v)) for k, v in packing["speedup"].items())
+    for (k0, v0), (k1, v1) in zip(points, points[1:]):
+        if k0 <= per_gpu <= k1:
+            return v0 + (v1 - v0) * (per_gpu - k0) / (k1 - k0)
+    return points[-1][1]
+
+
+@dataclass
+class TrialCost:
+    """One trial's priced work: updates and seconds on a GPU of its own."""
+
+    updates: int | None
+    train_s: float | None
+    eval_s: float
+    images: int | None = None  # vision: training images per epoch
+    epochs: int | None = None
+    source: str = ""  # which measurement priced it, or why none did
+
+
+@dataclass
+class WavePlan:
+    study: str
+    stage: str
+    wave: int
+    trials: int
+    updates: int | None  # all trials together (after the scheduler's expected share)
+    gpu_hours: float | None
+    wall_hours: float | None
+    per_gpu: int  # trials sharing one GPU
+    gpus_used: int
+    notes: list[str] = field(default_factory=list)
+    epochs_x_images: str = ""
+
+
+def _rl_cost(spec: TrialSpec, study: Study, device: dict[str, Any] | None) -> TrialCost:
+    from agents.tasks import EPISODE_LENGTH
+    from harness.tracks import get_track
+
+    track = get_track("rl")
+    ts, budget = track.settings(study.settings), track.budget(spec.budget)
+    updates = int(budget.steps)
+    m = (device or {}).get("rl")
+    shape = {"n_layer": ts.n_layer, "n_head": ts.n_head, "n_embd": ts.n_embd, "context": ts.context}
+    if m is None:
+        return TrialCost(updates, None, 0.0, source="no RL measurement for this device")
+    if m["model"] != shape or int(m["batch_size"]) != int(budget.batch_size):
+        return TrialCost(updates, None, 0.0, source=f"no measurement of this DT ({shape}, batch {budget.batch_size}); "
+                                                   f"measured: {m['model']}, batch {m['batch_size']}")
+    ms = m["ms_per_update"]["compiled" if ts.compile else "eager"]
+    envs = int(m["rollout_envs"])
+    per_env = float(m["rollout_env_steps_per_s"]) / envs
+    episodes = int(budget.eval_episodes)
+    eval_s = episodes * EPISODE_LENGTH / (per_env * min(episodes, envs))
+    return TrialCost(updates, updates * ms / 1000, eval_s,
+                     source=f"{'compiled' if ts.compile else 'eager'} {ms} ms/update, rollouts {eval_s:.0f} s/trial")
+
+
+def _vision_cost(spec: TrialSpec, study: Study, device: dict[str, Any] | None) -> TrialCost:
+    from harness.tracks import get_track
+    from vision.train import schedule
+
+    track = get_track("vision")
+    ts, budget = track.settings(study.settings), track.budget(spec.budget)
+    stage = spec.budget.get("stage", "final")
+    images = VTAB_TRAIN.get(stage) if spec.benchmark == "vtab1k" else None
+    if images is not None:
+        updates = schedule(images, budget)[0]
+    else:
+        updates = int(budget.steps) if budget.steps else None
+    m = (device or {}).get("vision")
+    cost = TrialCost(updates, None, 0.0, images=images, epochs=int(budget.epochs))
+    if updates is None:
+        cost.source = f"{spec.benchmark}: images per split are known only once its data is loaded; set budget.steps"
+        return cost
+    size = ts.img_size or 224
+    if m is None:
+        cost.source = "no vision measurement for this device"
+        return cost
+    if not ts.backbone.startswith(m["backbone"]) or size != m["img_size"] or budget.batch_size != m["batch_size"]:
+        cost.source = (f"no measurement of {ts.backbone} at {size} px, batch {budget.batch_size}; measured: "
+                       f"{m['backbone']} at {m['img_size']} px, batch {m['batch_size']}")
+        return cost
+    kind = "compiled" if ts.compile else "eager"
+    table = m["ms_per_update"][kind]
+    from harness.methods import base_name
+
+    method = base_name(spec.method)  # glora@0.29M is priced as glora
+    if method not in table:  # a method measured only eager is priced at that (an upper bound)
+        kind, table = "eager", m["ms_per_update"]["eager"]
+    if method not in table:
+        cost.source = f"no measurement of method {method!r}"
+        return cost
+    cost.train_s = updates * table[method] / 1000
+    cost.source = f"{kind} figures" + ("" if kind == ("compiled" if ts.compile else "eager") else
+                                       f" for {method} (not measured compiled)")
+    return cost
+
+
+def trial_cost(spec: TrialSpec, study: Study, device: dict[str, Any] | None) -> TrialCost:
+    """One trial priced on ``device``'s measurements (None: no measurement for this GPU model)."""
+    if spec.track == "rl":
+        return _rl_cost(spec, study, device)
+    if spec.track == "vision":
+        return _vision_cost(spec, study, device)
+    return TrialCost(None, None, 0.0, source=f"track {spec.track!r} has no cost model")
+
+
+def plan_wave(study: Study, stage: str, wave: int, specs: list[TrialSpec], gpus: int,
+              device: dict[str, Any] | None, update_share: float = 1.0) -> WavePlan:
+    """Price one wave of trials on ``gpus`` GPUs. ``update_share``: the share of each trial's updates a
+    selection scheduler is expected to spend."""
+    from harness.driver import auto_gpu_share
+
+    costs = [trial_cost(s, study, device) for s in specs]
+    n = len(specs)
+    r = study.resources
+    share = auto_gpu_share(n, gpus) if r.gpus_per_trial == "auto" else float(r.gpus_per_trial)
+    per_gpu = max(1, round(1 / share)) if share > 0 else 0
+    notes = sorted({c.source for c in costs})
+    updates = None if any(c.updates is None for c in costs) else round(sum(c.updates for c in costs) * update_share)
+    shown = ""
+    if costs and costs[0].images:
+        shown = f"{costs[0].epochs} epochs x {costs[0].images} images"
+    out = WavePlan(study.name, stage, wave, n, updates, None, None, per_gpu, 0, notes, shown)
+    if gpus <= 0 or per_gpu == 0:
+        out.notes.append("no GPU for these trials: not priced")
+        return out
+    if any(c.train_s is None for c in costs):
+        return out
+    speed = packing_speedup(per_gpu, (device or {}).get("packing"))
+    concurrent = min(n, gpus * per_gpu, r.max_concurrent or n)
+    out.gpus_used = min(gpus, math.ceil(concurrent / per_gpu))
+    # a GPU's time: its trials' training at the packed rate, and their evaluations sharing it p ways
+    gpu_s = sum(c.train_s * update_share / speed + c.eval_s / per_gpu for c in costs)
+    longest = max(c.train_s * update_share * per_gpu / speed + c.eval_s for c in costs)
+    out.gpu_hours = gpu_s / 3600
+    out.wall_hours = max(gpu_s / out.gpus_used, longest) / 3600
+    if per_gpu > 1:
+        out.notes.append(f"{per_gpu} trials per GPU at {speed:.3g}x one trial's rate in all")
+    return out
+
+
+def plan_sweep(sweep: SweepFile, gpus: int, device_name: str, costs: dict[str, Any] | None = None
+               ) -> tuple[list[WavePlan], str]:
+    """Every study's waves priced on ``gpus`` GPUs of model ``device_name``; (waves, which measurement)."""
+    from harness.driver import method_waves, selection_methods
+    from harness.early_stopping import expected_update_fraction, parse_scheduler
+    from harness.sweep_file import expand_grid, study_tasks
+
+    costs = load_costs() if costs is None else costs
+    device = costs.get(device_name)
+    if device is None:
+        said = (f"no measurement for this device ({device_name or 'no GPU'}): run `python -m harness bench rl` "
+                f"and `python -m harness bench methods` on it and add the figures to {COSTS.name}, or pass "
+                f"--gpu-model with one of: {', '.join(sorted(costs))}")
+    else:
+        said = "measured on " + device_name + ": " + "; ".join(
+            f"{k}: {v['source']}" for k, v in device.items() if isinstance(v, dict) and "source" in v)
+    out: list[WavePlan] = []
+    for study in sweep.studies:
+        waves = method_waves(list(study.methods))
+        stages: list[tuple[str, list[TrialSpec], float]] = []
+        if study.protocol == "select-then-final":
+            selecting = selection_methods(study)
+            sched = parse_scheduler(study.selection.scheduler_settings())
+            specs = [s for s in study_trials(study, "select") if s.method in selecting]
+            max_t = (trial_cost(specs[0], study, None).updates or 0) if specs else 0
+            share = expected_update_fraction(sched, max_t)
+            stages.append(("select" + (f" [{sched.label()}]" if sched else ""), specs, share))
+            first = {(m, t): expand_grid(space, m)[0] for m, space in study.methods.items() for t in study_tasks(study)}
+            stages.append(("final", study_trials(study, "final", first), 1.0))
+        else:
+            stages.append(("final", study_trials(study, "final"), 1.0))
+        for stage, specs, share in stages:
+            for i, names in enumerate(waves):
+                wave = [s for s in specs if s.method in names]
+                if wave:
+                    out.append(plan_wave(study, stage, i, wave, gpus, device, share))
+    return out, said
+
+
+def format_plan(waves: list[WavePlan], said: str, gpus: int, device_name: str) -> str:
+    """The plan as a table, with totals and the measurement it used."""
+    lines = [f"Plan on {gpus} GPU(s) ({device_name or 'none'}): nothing is computed, written or started.",
+             f"Per-update costs: {said}", "",
+             f"{'study':<14}{'stage':<34}{'wave':>4}{'trials':>8}{'updates':>14}{'GPU-h':>10}{'wall-h':>9}"
+             f"{'per GPU':>8}  notes"]
+    gpu_h, wall_h, upd, priced = 0.0, 0.0, 0, True
+    for w in waves:
+        fmt = lambda v: f"{v:.2f}" if v is not None else "?"  # noqa: E731
+        lines.append(f"{w.study:<14}{w.stage:<34}{w.wave:>4}{w.trials:>8}"
+                     f"{(f'{w.updates:,}' if w.updates is not None else '?'):>14}{fmt(w.gpu_hours):>10}"
+                     f"{fmt(w.wall_hours):>9}{w.per_gpu:>8}  {'; '.join(filter(None, [w.epochs_x_images] + w.notes))}")
+        upd += w.updates or 0
+        if w.gpu_hours is None:
+            priced = False
+        else:
+            gpu_h += w.gpu_hours
+            wall_h += w.wall_hours
+    lines.append("")
+    lines.append(f"total: {sum(w.trials for w in waves)} trials, {upd:,} updates, "
+                 + (f"{gpu_h:.1f} GPU-hours, {wall_h:.1f} h wall (waves one after another)" if priced
+                    else "not fully priced (see notes)"))
+    lines.append("The final stage is priced at each method's first grid point's cost; wall time assumes the "
+                 "GPUs do nothing else and leaves out start-up, data preparation and pretraining.")
+    return "\n".join(lines)
+
+
+def local_gpus() -> tuple[int, str]:
+    """This machine's visible GPUs and their model (no Ray)."""
+    from harness.placement import visible_gpus
+
+    n = visible_gpus()
+    if n == 0:
+        return 0, ""
+    import torch
+
+    return n, torch.cuda.get_device_name(0)
+
+
+def cluster_gpus(address: str) -> tuple[int, str]:
+    """A running Ray cluster's GPU count and model (its ``accelerator_type:`` resource), read without
+    starting anything."""
+    import ray
+
+    from harness.driver import check_reachable
+
+    check_reachable(address)
+    ray.init(address=address, log_to_driver=False)
+    try:
+        res = ray.cluster_resources()
+        kinds = [k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:")]
+        return int(res.get("GPU", 0)), ("NVIDIA " + kinds[0]) if kinds else ""
+    finally:
+        ray.shutdown()
+
+
+def run_plan(sweep: SweepFile, gpus: int | None, address: str | None, gpu_model: str | None) -> str:
+    """What ``sweep --plan`` prints."""
+    if gpus is not None and gpus < 0:
+        raise ConfigError(f"--gpus {gpus}: a count of GPUs is 0 or more")
+    if address:
+        if gpus is not None:
+            raise ConfigError("--plan with --address prices the cluster's own GPUs: leave out --gpus")
+        n, name = cluster_gpus(address)
+    else:
+        n, name = local_gpus()
+        if gpus is not None:
+            n = gpus
+    name = gpu_model or name
+    waves, said = plan_sweep(sweep, n, name)
+    return format_plan(waves, said, n, name)
+
+
+__all__ = ["TrialCost", "WavePlan", "format_plan", "load_costs", "packing_speedup", "plan_sweep", "plan_wave",
+           "run_plan", "trial_cost"]

@@ -1,0 +1,114 @@
+"""`sweep --plan`: the price of a sweep from measured per-update costs, with nothing computed or written."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from agents.tasks import EPISODE_LENGTH
+
+ROOT = Path(__file__).resolve().parents[1]
+COSTS = json.loads((ROOT / "benchmarks" / "update-costs.json").read_text())["devices"]
+
+
+def plan(tmp_path: Path, doc: dict, *args: str) -> subprocess.CompletedProcess:
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    env = dict(os.environ, HARNESS_CACHE=str(tmp_path / "cache"))
+    return subprocess.run([sys.executable, "-m", "harness", "sweep", str(path), "--plan",
+                           "--results", str(tmp_path / "results"), "--leaderboard", str(tmp_path / "board"), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def rows(out: str) -> dict[str, list[str]]:
+    """Table rows by stage (first word), split on whitespace."""
+    found = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) > 7 and parts[0] == "paper":
+            found[parts[1]] = parts
+    return found
+
+
+# The paper DT (the track's defaults) at a small budget: what the cost table measured.
+STUDY = {"name": "paper", "track": "rl", "benchmark": "cw10", "tasks": ["window-close", "hammer"],
+         "protocol": "select-then-final", "selection": {"seeds": [0]}, "seeds": [0, 1, 2],
+         "budget": {"steps": 120_000, "eval_episodes": 5, "batch_size": 128},
+         "methods": {"lora": {"r": [2, 4], "lr": [1.0e-3, 1.0e-4]}},
+         "resources": {"cpus_per_trial": 2, "gpus_per_trial": "auto"}}
+
+
+def expected(trials: int, steps: int, episodes: int, gpus: int, share: float = 1.0) -> tuple[int, float, float]:
+    """(updates, GPU-hours, wall hours) by the plan's model, from the cost table and the study's budget."""
+    m, packing = COSTS["NVIDIA H200"]["rl"], COSTS["NVIDIA H200"]["packing"]["speedup"]
+    per_gpu = min(4, math.ceil(trials / gpus))
+    speed = 1.0 + (packing["4"] - 1.0) * (per_gpu - 1) / 3  # measured at 1 and 4, linear between
+    train_s = steps * m["ms_per_update"]["compiled"] / 1000 * share
+    eval_s = episodes * EPISODE_LENGTH / (m["rollout_env_steps_per_s"] / m["rollout_envs"] * min(episodes, 10))
+    gpu_s = trials * (train_s / speed + eval_s / per_gpu)
+    used = min(gpus, math.ceil(trials / per_gpu))
+    wall = max(gpu_s / used, train_s * per_gpu / speed + eval_s)
+    return round(trials * steps * share), gpu_s / 3600, wall / 3600
+
+
+def test_plan_prices_each_stage_from_the_measured_costs_and_writes_nothing(tmp_path):
+    done = plan(tmp_path, STUDY, "--gpus", "2", "--gpu-model", "NVIDIA H200")
+    assert done.returncode == 0, done.stdout + done.stderr
+    table = rows(done.stdout)
+    assert "h200-bench-rl.json" in done.stdout  # it says which measurement priced it
+    # selection: 2 tasks x 4 grid points x 1 seed; final: 2 tasks x 1 chosen point x 3 seeds
+    for stage, trials in (("select", 8), ("final", 6)):
+        updates, gpu_h, wall_h = expected(trials, 120_000, 5, gpus=2)
+        row = table[stage]
+        assert int(row[3]) == trials
+        assert int(row[4].replace(",", "")) == updates
+        assert abs(float(row[5]) - gpu_h) <= 0.005 and abs(float(row[6]) - wall_h) <= 0.005  # printed to 2 decimals
+    assert not (tmp_path / "results").exists() and not (tmp_path / "board").exists()
+    assert not (tmp_path / "cache").exists()  # nothing built, not even the pretrained model
+
+
+def test_plan_on_more_gpus_is_faster_but_not_cheaper(tmp_path):
+    one, eight = (rows(plan(tmp_path, STUDY, "--gpus", n, "--gpu-model", "NVIDIA H200").stdout)["select"]
+                  for n in ("1", "8"))
+    assert float(eight[6]) < float(one[6])  # wall hours
+    assert float(eight[5]) >= float(one[5])  # fewer trials share a GPU: no packing gain
+
+
+def test_plan_under_asha_prices_the_expected_share_of_selection_updates(tmp_path):
+    doc = dict(STUDY, selection={"seeds": [0], "scheduler": "asha", "grace_period": 100, "reduction_factor": 3})
+    done = plan(tmp_path, doc, "--gpus", "2", "--gpu-model", "NVIDIA H200")
+    assert done.returncode == 0, done.stdout + done.stderr
+    # rungs at 100, 300, ..., 72900 of 120000 updates: all reach 100, a third 300, a ninth 900, ...
+    levels = [100 * 3 ** k for k in range(7)] + [120_000]
+    share = (100 + sum((levels[i + 1] - levels[i]) / 3 ** (i + 1) for i in range(7))) / 120_000
+    line = next(x for x in done.stdout.splitlines() if x.startswith("paper") and "select" in x)
+    assert "asha(" in line
+    updates = int(re.search(r"\s(\d[\d,]*)\s+\d+\.\d\d", line).group(1).replace(",", ""))
+    assert updates == round(8 * 120_000 * share) and share < 0.1
+    final = rows(done.stdout)["final"]
+    assert int(final[4].replace(",", "")) == 6 * 120_000  # the final stage always runs its whole budget
+
+
+def test_plan_without_a_measurement_says_so_and_how_to_get_one(tmp_path):
+    done = plan(tmp_path, STUDY, "--gpus", "1", "--gpu-model", "Some Other GPU")
+    assert done.returncode == 0, done.stderr
+    assert "no measurement for this device (Some Other GPU)" in done.stdout
+    assert "python -m harness bench" in done.stdout
+    assert int(rows(done.stdout)["select"][4].replace(",", "")) == 8 * 120_000  # updates are still counted
+
+
+def test_plan_validates_as_a_sweep_does(tmp_path):
+    bad = dict(STUDY, selection={"scheduler": "asha", "grace_perod": 10})
+    done = plan(tmp_path, bad, "--gpus", "1")
+    assert done.returncode == 2
+    assert "grace_perod" in done.stderr and "grace_period" in done.stderr
+    bad = dict(STUDY, budget={"steps": -1})
+    assert plan(tmp_path, bad, "--gpus", "1").returncode == 2
+    assert not (tmp_path / "results").exists()
