@@ -14,7 +14,7 @@ from harness.methods import MethodContext, fast_peft, get_method
 from harness.methods.fast_linear import low_rank_linear
 from tiny_models import SITE, Tiny
 
-FAST_METHODS = ["lora", "dora", "pissa", "olora", "adalora", "eva", "eva-dora", "vera"]
+FAST_METHODS = ["lora", "dora", "pissa", "olora", "adalora", "eva", "eva-dora", "vera", "randlora"]
 
 
 def _data(n: int = 64):
@@ -149,3 +149,81 @@ def test_low_rank_linear_gradients():
     expected = x @ w.T + bias + 0.5 * (x @ (d.unsqueeze(1) * a0).T) @ b.T
     torch.testing.assert_close(fn(x, a0, d, b), expected)
     assert low_rank_linear(x, w, None, a0, b).shape == (2, 3, 4)
+
+
+# --- the own methods on the same low-rank linear ------------------------------------------------------
+
+def _own(name: str, settings: dict, ctx: MethodContext | None = None) -> nn.Module:
+    method = get_method(name)
+    torch.manual_seed(0)
+    model = method.wrap(Tiny(), SITE, method.resolve_settings(settings), ctx or MethodContext())
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(3)
+        for _, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def _plain_grads(model: nn.Module, plain_forward, x, y):
+    """Gradients of the same loss through ``plain_forward`` (the method's formula, written out)."""
+    model.zero_grad()
+    out = plain_forward(x)
+    nn.functional.mse_loss(out, y).backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _tiny_forward(model: nn.Module, layer_out) -> callable:
+    """Tiny's forward with every adapted layer replaced by ``layer_out(layer, x)``."""
+    def forward(x):
+        for b in model.blocks:
+            x = x + layer_out(b.fc2, torch.relu(layer_out(b.fc1, x)))
+        return model.head(x)
+    return forward
+
+
+def test_nola_fast_forward_matches_its_formula():
+    """NoLA: y = W0 x + b0 + (1/r) x (sum_i alpha_i A_i)(sum_j beta_j B_j), every basis product written out."""
+    x, y = _data()
+    model = _own("nola", {"r": 2, "k": 8, "l": 6})
+
+    def layer_out(m, h):
+        a = sum(m.nola_alpha[i] * m.bases_a[i] for i in range(m.bases_a.shape[0]))
+        b = sum(m.nola_beta[j] * m.bases_b[j] for j in range(m.bases_b.shape[0]))
+        return h @ m.base.weight.T + m.base.bias + (h @ a @ b) / m.r
+
+    out_fast, g_fast = _step(model, x, y, autocast=False)
+    out_ref, g_ref = _plain_grads(model, _tiny_forward(model, layer_out), x, y)
+    torch.testing.assert_close(out_fast, out_ref, atol=1e-5, rtol=1e-5)
+    for k in g_ref:
+        assert _error(g_fast[k], g_ref[k]) < 1e-5, k
+
+
+def test_eigenlora_fast_forward_matches_its_formula(tmp_path):
+    """EigenLoRA: h = W0 x + B' A' x with A' = alpha_A^T E_A + mean_A, B' = (alpha_B^T E_B + mean_B)^T."""
+    x, y = _data()
+    lora = get_method("lora")
+    bank = []
+    for i in range(3):
+        torch.manual_seed(10 + i)
+        wrapped = lora.wrap(Tiny(), SITE, lora.resolve_settings({"r": 2}), MethodContext())
+        with torch.no_grad():
+            for n, p in wrapped.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+        lora.save(wrapped, SITE, lora.resolve_settings({"r": 2}), tmp_path / f"b{i}")
+        bank.append(str(tmp_path / f"b{i}"))
+    model = _own("eigenlora", {"k": 2, "r": 2}, MethodContext(adapter_bank=bank))
+
+    def layer_out(m, h):
+        a = m.alpha_a.T @ m.e_a + m.mean_a
+        b = (m.alpha_b.T @ m.e_b + m.mean_b).T
+        return h @ (m.base.weight + b @ a).T + m.base.bias
+
+    out_fast, g_fast = _step(model, x, y, autocast=False)
+    out_ref, g_ref = _plain_grads(model, _tiny_forward(model, layer_out), x, y)
+    torch.testing.assert_close(out_fast, out_ref, atol=1e-5, rtol=1e-5)
+    assert any("alpha" in k for k in g_ref)
+    for k in g_ref:
+        assert _error(g_fast[k], g_ref[k]) < 1e-5, k
+

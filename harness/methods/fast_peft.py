@@ -13,7 +13,10 @@ no adapter dropout in training, an ``nn.Linear`` base); anything else falls back
   as peft does) in one ``F.linear``; peft instead keeps the base output and the LoRA output and mixes
   them element-wise, which holds several activation-sized tensors per layer for the backward.
 
-RandLoRA keeps peft's forward (its update is a sum over many scaled bases; no fast path yet).
+- RandLoRA: its update is a product of scaled shared bases of rank ``n r`` >= min(d_in, d_out) (full
+  rank by design), so the low-rank form would cost more than the base matmul; it is merged instead
+  (``F.linear(x, W + s B A, b)``, the scaled bases computed once per forward by peft's own
+  ``get_scaled_bases``), which costs what full fine-tuning's forward and weight gradient cost.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 from peft.tuners.adalora.layer import SVDLinear
 from peft.tuners.lora import layer as lora_layer
 from peft.tuners.lora.variants import DoraLinearVariant
+from peft.tuners.randlora.layer import Linear as RandLoraLinear
 from peft.tuners.vera.layer import Linear as VeraLinear
 from torch import nn
 from torch.nn import functional as F
@@ -96,7 +100,26 @@ class FastVeraLinear(VeraLinear):
         return low_rank_linear(x, base.weight, base.bias, a, b)
 
 
-_FAST: dict[type, type] = {lora_layer.Linear: FastLoraLinear, SVDLinear: FastSVDLinear, VeraLinear: FastVeraLinear}
+class FastRandLoraLinear(RandLoraLinear):
+    """peft's RandLoRA layer, fast forward: the update merged into the weight for the one matmul."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        name = _fast_adapter(self, args, kwargs, self.randlora_lambda.keys(), self.randlora_dropout)
+        if name is None:
+            return super().forward(x, *args, **kwargs)
+        base = self.get_base_layer()
+        # peft's forward is x -> F.linear(F.linear(x, first), second) * scaling: Delta W = second @ first
+        # In the adapter's dtype, autocast off: in bf16 the product's rounding tripled the error of lambda's
+        # and gamma's gradients against peft's own bf16 path (tests/test_fast_paths.py). Its cost is one
+        # weight-sized GEMM of inner size n r ~ min(d_in, d_out) per layer, forward and backward.
+        with torch.autocast(x.device.type, enabled=False):
+            first, second = self.get_scaled_bases(name, device=x.device)
+            weight = base.weight + ((second @ first) * self.scaling[name]).to(base.weight.dtype)
+        return F.linear(x, weight, base.bias)
+
+
+_FAST: dict[type, type] = {lora_layer.Linear: FastLoraLinear, SVDLinear: FastSVDLinear, VeraLinear: FastVeraLinear,
+                           RandLoraLinear: FastRandLoraLinear}
 _PEFT: dict[type, type] = {fast: slow for slow, fast in _FAST.items()}
 
 

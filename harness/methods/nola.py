@@ -60,8 +60,13 @@ class NoLALinear(AdaptedLinear):
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A: d_in x r, B: r x d_out): the coefficients are contracted with the bases first, so no
         per-token work scales with k or l."""
-        a = torch.einsum("k,kir->ir", self.nola_alpha, self.bases_a)
-        b = torch.einsum("l,lro->ro", self.nola_beta, self.bases_b)
+        k, d_in, r = self.bases_a.shape
+        l, _, d_out = self.bases_b.shape
+        # Matrix-vector products in the coefficients' dtype with autocast off: under bf16 autocast every
+        # forward would first copy all k + l bases to bf16, and sum k products in bf16.
+        with torch.autocast(self.bases_a.device.type, enabled=False):
+            a = (self.nola_alpha @ self.bases_a.reshape(k, d_in * r)).reshape(d_in, r)
+            b = (self.nola_beta @ self.bases_b.reshape(l, r * d_out)).reshape(r, d_out)
         return a, b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
