@@ -97,7 +97,7 @@ def check(s: ScaleSettings, sweep_path: Path) -> int:
     from harness.placement import host_cpus, visible_gpus
     from harness.sweep_file import load_sweep, study_trials
 
-    sweep = load_sweep(sweep_path)  # the generated file gets the sweep's own validation and messages
+    sweep = load_sweep(sweep_path, confirmed=True)  # the generated file gets the sweep's own validation and messages
     trials = len(study_trials(sweep.studies[0], "final"))
     if s.axis == "gpu":
         visible = visible_gpus()

@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from harness.errors import ConfigError, HarnessError
+from harness.yaml_input import load_yaml
 
 DEFAULT_SWEEP = "sweeps/quickstart.yaml"
 
@@ -21,7 +22,7 @@ def _parse_sets(items: list[str]) -> list[tuple[str, Any]]:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. steps=100")
         k, v = item.split("=", 1)
-        out.append((k.strip(), yaml.safe_load(v)))
+        out.append((k.strip(), load_yaml(v, f"--set {item!r}")))
     return out
 
 
@@ -75,7 +76,14 @@ def cmd_sweep(args) -> int:
     from harness.driver import LocalResources, run_sweep
     from harness.sweep_file import load_sweep
 
-    sweep = load_sweep(args.file, args.set, args.only)
+    sweep = load_sweep(args.file, args.set, args.only, confirmed=args.yes)
+    if args.plan:  # the price, before (and instead of) any compute
+        from harness.driver import check_banks
+        from harness.plan import run_plan
+
+        check_banks(sweep)
+        print(run_plan(sweep, args.gpus, args.address, args.gpu_model), flush=True)
+        return EXIT_OK
     _writable_folders(args.results, args.leaderboard)
     local = LocalResources(cpus=args.cpus, gpus=args.gpus)
     out = run_sweep(sweep, Path(args.results), Path(args.leaderboard), resume=args.resume, address=args.address,
@@ -251,11 +259,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a sweep key, e.g. budget.steps=200 or seeds=[0]")
     s.add_argument("--no-dashboard", action="store_true", help="start Ray without its dashboard")
+    s.add_argument("--yes", action="store_true",
+                   help="run a sweep of more than 10,000 trials (refused without it, with its count)")
     s.add_argument("--only", default=None, metavar="STUDY", help="run only this study of a multi-study file")
     s.add_argument("--cpus", type=int, default=None, metavar="N",
                    help="cores the local Ray instance may give trials (default: every core)")
     s.add_argument("--gpus", type=int, default=None, metavar="N",
                    help="GPUs the local Ray instance may give trials, the first N visible (default: every GPU)")
+    s.add_argument("--plan", action="store_true",
+                   help="print trials, updates, GPU-hours and wall time per study, stage and wave, from measured "
+                        "per-update costs (--gpus N, or the cluster's with --address); runs nothing")
+    s.add_argument("--gpu-model", default=None, metavar="NAME",
+                   help="with --plan: price on this GPU model (e.g. 'NVIDIA H200') instead of this machine's")
     s.set_defaults(fn=cmd_sweep)
 
     r = sub.add_parser("run", help="run one trial without Ray")

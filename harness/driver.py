@@ -14,13 +14,15 @@ import json
 import math
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from harness.cache import atomic_write_text, cache_root
 from harness.errors import ConfigError, HarnessError
-from harness.sweep_file import Study, SweepFile, expand_grid, study_tasks, study_trials
+from harness.sweep_file import (Study, SweepFile, expand_grid, grid_size, selection_methods, study_tasks,
+                                study_trials)
 from harness.tracks import get_track
 from harness.trial import TrialSpec, print_reporter, run_trial
 
@@ -73,6 +75,21 @@ def _trainable(config: dict[str, Any]) -> None:
         # --resume from rerunning it.
         atomic_write_text(marker, json.dumps(flat, default=str))
         raise TrialFailed(f"{_trial_label(spec)}: {record.error}")
+
+
+def _no_retry_callback():
+    """A Tune callback that stops Ray from retrying a trial whose final record says it failed on its own
+    (an error or a non-finite loss, reported just before it raises): retrying a deterministic failure
+    recomputes nothing new and prints the same error again. Retries stay for a dead process or node,
+    which reports no record."""
+    from ray.tune import Callback
+
+    class _NoRetryOfOwnFailures(Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if result.get("status") == "failed" and "record" in result:
+                trial.max_failures = 0
+
+    return _NoRetryOfOwnFailures()
 
 
 def _trial_name(trial) -> str:
@@ -248,24 +265,49 @@ def run_wave(specs: list[TrialSpec], study: Study, exp_dir: Path, resume: bool,
             param_space=param_space,
             tune_config=tune.TuneConfig(max_concurrent_trials=study.resources.max_concurrent,
                                         trial_name_creator=_trial_name, trial_dirname_creator=_trial_dir),
-            run_config=tune.RunConfig(name=exp_dir.name, storage_path=str(exp_dir.parent.resolve()),
+            run_config=tune.RunConfig(name=exp_dir.name, storage_path=str(exp_dir.parent),
                                       failure_config=tune.FailureConfig(max_failures=MAX_RETRIES), verbose=1,
-                                      callbacks=callbacks or None),
+                                      callbacks=[_no_retry_callback(), *(callbacks or [])]),
         )
-    grid = tuner.fit()
+    with _interrupt_watch() as interrupted:
+        grid = tuner.fit()
+        stopped = interrupted()
+    unfinished = [r for r in grid if "record" not in (r.metrics or {}) and r.error is None]
+    if stopped or unfinished:
+        # Ray stopped the experiment on SIGINT and saved its state: finished trials are kept for --resume
+        raise KeyboardInterrupt(f"{len(unfinished)} trial(s) of {exp_dir.name} did not finish")
     records = []
     for result in grid:
         metrics = result.metrics or {}
         if "record" in metrics:
             records.append(json.loads(metrics["record"]))
         else:  # the trial process itself died (not a Python error inside the trial)
-            spec = result.config["spec"]
-            records.append({"track": spec["track"], "benchmark": spec["benchmark"], "task": spec["task"],
-                            "method": spec["method"], "settings": json.dumps(spec["method_settings"], sort_keys=True),
-                            "seed": spec["seed"], "status": "failed",
-                            "error": f"trial did not finish: {result.error!r}" if result.error else "trial did not finish",
-                            "budget": json.dumps(spec["budget"], sort_keys=True)})
+            spec = TrialSpec(**result.config["spec"])
+            records.append(_unrun_record(spec, f"trial did not finish: {result.error!r}"))
     return records
+
+
+@contextmanager
+def _interrupt_watch():
+    """Tells whether SIGINT arrived while Ray Tune ran: Tune takes SIGINT over during ``fit`` (it stops the
+    experiment, saves its state and returns normally) and gives the handler it found back on the first
+    one, so a handler of ours left in place means Tune was interrupted."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(signum, frame):  # a second Ctrl-C, after Tune gave the handler back, stops at once
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield lambda: signal.getsignal(signal.SIGINT) is on_sigint
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def choose_settings(records: list[dict[str, Any]], metric: str, higher_is_better: bool = True
@@ -402,28 +444,11 @@ def run_study(sweep: SweepFile, study: Study, results_dir: Path, resume: bool) -
     return records
 
 
-def selection_methods(study: Study) -> list[str]:
-    """The methods whose select-then-final selection stage runs: a grid of more than one point, or a
-    method that chooses something inside its trial (``Method.needs_selection``), and the methods that
-    those build on (EigenLoRA's selection trials need LoRA's adapters of the same stage). A method with
-    one grid point and nothing to choose goes straight to its final runs."""
-    from harness.methods import base_name, get_method
-
-    if study.protocol != "select-then-final":
-        return []
-    picked = {m for m, space in study.methods.items()
-              if len(grid := expand_grid(space, m)) > 1
-              or any(get_method(m).needs_selection(get_method(m).resolve_settings(g)) for g in grid)}
-    for m in list(picked):
-        picked |= {d for d in study.methods if base_name(d) in get_method(m).builds_on}
-    return [m for m in study.methods if m in picked]
-
-
 def label_records(records: list[dict[str, Any]], study: Study, selecting: list[str]) -> list[dict[str, Any]]:
     """Each record with how its row's settings are chosen (``selection``) and from how many grid points
     (``grid_size``); see ``TrialRecord``."""
     for r in records:
-        size = len(expand_grid(study.methods[r["method"]], r["method"]))
+        size = grid_size(study.methods[r["method"]], r["method"])
         if r["method"] in selecting:
             how = "held-out"
         elif size == 1:
@@ -465,6 +490,17 @@ def _with_banks(specs: list[TrialSpec], earlier: list[dict[str, Any]], metric: s
     return out, unrun
 
 
+def check_inputs(sweep: SweepFile) -> None:
+    """Before Ray starts and before anything is written: every study's files on disk (data roots and their
+    layout, weights, a pretrained base) as its track checks them (``Track.check_inputs``)."""
+    for study in sweep.studies:
+        track = get_track(study.track)
+        try:
+            track.check_inputs(track.settings(study.settings), study.benchmark, study_tasks(study))
+        except HarnessError as e:
+            raise ConfigError(f"study {study.name!r}: {e}") from None
+
+
 def check_banks(sweep: SweepFile) -> None:
     """Before any compute: a method that builds on other methods' adapters (EigenLoRA) needs them in its
     own study, or a named folder (``bank_dir``); its bank is never whatever the cache happens to hold."""
@@ -503,11 +539,12 @@ def check_results(sweep: SweepFile, results_dir: Path, resume: bool) -> None:
     for study in sweep.studies:
         saved = base / f"{study.name}.study.json"
         current = study.model_dump(mode="json")
-        started = saved.exists() or any(base.glob(f"{study.name}-*/tuner.pkl"))
-        if started and not resume:
+        if not _started(base, study):  # nothing ran (a start that failed before its first wave): no results
+            continue
+        if not resume:
             raise ConfigError(f"results of study {study.name!r} already exist in {base}: pass --resume to continue "
                               "(finished trials are kept), or --results DIR for a fresh folder")
-        if resume and saved.exists():
+        if saved.exists():
             old = _flatten(json.loads(saved.read_text()))
             new = _flatten(current)
             changed = [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}"
@@ -518,11 +555,17 @@ def check_results(sweep: SweepFile, results_dir: Path, resume: bool) -> None:
                                   "study into a fresh --results folder")
 
 
+def _started(base: Path, study: Study) -> bool:
+    """Whether a wave of the study has begun (Tune wrote its experiment state): only then are there results
+    to keep. A definition saved by a start that failed before (Ray refusing to start, say) is no result."""
+    return any(base.glob(f"{study.name}-*/tuner.pkl"))
+
+
 def record_studies(sweep: SweepFile, results_dir: Path) -> None:
     """Keep each study's validated definition beside its results (what ``check_results`` compares)."""
     for study in sweep.studies:
         saved = results_dir / sweep.name / f"{study.name}.study.json"
-        if not saved.exists():
+        if not _started(results_dir / sweep.name, study):  # a failed start's definition gives way to this one
             atomic_write_text(saved, json.dumps(study.model_dump(mode="json"), indent=1, sort_keys=True))
 
 
@@ -531,21 +574,23 @@ def run_sweep(sweep: SweepFile, results_dir: Path, leaderboard_dir: Path, resume
               local: LocalResources = LocalResources()) -> dict[str, list[dict[str, Any]]]:
     """Run every study of a sweep through Ray Tune and update the leaderboard after each study."""
     from harness import leaderboard
-
-    check_results(sweep, Path(results_dir), resume)
-    check_banks(sweep)
     from harness.tracking import check_installed
 
+    # Ray Tune resolves a relative path against its own storage root, not the working folder
+    results_dir = Path(results_dir).resolve()
+    check_results(sweep, results_dir, resume)
+    check_banks(sweep)
+    check_inputs(sweep)
     check_installed(sweep.tracking)
     init_ray(address, dashboard, local)
     check_resources(sweep.studies, _node_resources())
     from harness.shared_storage import check_shared_cache
 
     check_shared_cache(cache_root())
-    record_studies(sweep, Path(results_dir))
+    record_studies(sweep, results_dir)
     out: dict[str, list[dict[str, Any]]] = {}
     for study in sweep.studies:
-        records = run_study(sweep, study, Path(results_dir), resume)
+        records = run_study(sweep, study, results_dir, resume)
         out[study.name] = records
         paths = leaderboard.update(records, study, Path(leaderboard_dir))
         failed = [r for r in records if r.get("status") != "ok"]

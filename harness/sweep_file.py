@@ -9,16 +9,20 @@ key, the bad value and the valid choices.
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator,
+                      model_validator)
 
 from harness.errors import ConfigError
 from harness.tracks import get_track
 from harness.trial import TrialSpec
 from harness.validation import format_errors
+from harness.yaml_input import load_yaml
+
+MAX_SEED = 2**31 - 1  # seeds feed numpy, torch and the environments; larger ones overflow some of them
 
 class Resources(BaseModel):
     """Per-trial resources and concurrency; fractional GPUs let several small trials share one GPU."""
@@ -28,14 +32,53 @@ class Resources(BaseModel):
     # auto: per wave, 1 / ceil(trials / GPUs), at most 4 trials per GPU (driver.auto_gpu_share); 0 without GPUs
     gpus_per_trial: float | Literal["auto"] = "auto"
     max_concurrent: int | None = Field(None, ge=1)
+    # Under a sweep, each trial saves a Tune checkpoint this often (harness/tune_trial.py), so a retried
+    # or resumed trial continues from it: every checkpoint_every updates, else every checkpoint_minutes
+    # of training (0: never)
+    checkpoint_every: int | None = Field(None, ge=1)
+    checkpoint_minutes: float = Field(5.0, ge=0)
+
+
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+
+
+def _distinct(values: list[Any], what: str) -> list[Any]:
+    """Each value once: a repeated seed or task would run twice and count twice in a row's mean."""
+    repeated = sorted({str(v) for v in values if values.count(v) > 1})
+    if repeated:
+        raise ValueError(f"{what} must be distinct; repeated: {', '.join(repeated)}")
+    return values
 
 
 class Selection(BaseModel):
     """select-then-final protocol: settings chosen on the validation split, then final runs on test."""
 
-    model_config = ConfigDict(extra="forbid")
-    seeds: list[int] = Field(default_factory=lambda: [0])
+    # extra keys are the scheduler's Tune parameters (grace_period, reduction_factor, ...), checked by
+    # harness.early_stopping.parse_scheduler, which refuses any other key
+    model_config = ConfigDict(extra="allow")
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
     budget: dict[str, Any] = Field(default_factory=dict)
+    # early stopping of the selection grid through Ray Tune: asha or median (harness/early_stopping.py)
+    scheduler: str | None = None
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, v: list[int]) -> list[int]:
+        return _distinct(v, "seeds")
+
+    @model_validator(mode="after")
+    def _known_scheduler(self) -> "Selection":
+        from harness.early_stopping import parse_scheduler
+
+        try:
+            parse_scheduler(self.scheduler_settings())
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        return self
+
+    def scheduler_settings(self) -> dict[str, Any]:
+        """``scheduler`` and its Tune parameters, as the study gave them."""
+        return {"scheduler": self.scheduler, **(self.model_extra or {})}
 
 
 # Names become folder and file names under --results and --leaderboard: nothing that could leave them.
@@ -47,9 +90,9 @@ class Study(BaseModel):
     name: SafeName
     track: str
     benchmark: str
-    tasks: list[str] | Literal["all"] = "all"
+    tasks: Annotated[list[str], Field(min_length=1)] | Literal["all"] = "all"
     methods: dict[str, dict[str, Any]]
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    seeds: list[Seed] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     budget: dict[str, Any] = Field(default_factory=dict)
     settings: dict[str, Any] = Field(default_factory=dict)
     # grid: every grid point runs once, scored on the reported split/episodes; the leaderboard shows the best
@@ -66,6 +109,16 @@ class Study(BaseModel):
         if not v:
             raise ValueError("name at least one method")
         return {k: (dict(s) if s else {}) for k, s in v.items()}
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, v: list[int]) -> list[int]:
+        return _distinct(v, "seeds")
+
+    @field_validator("tasks")
+    @classmethod
+    def _distinct_tasks(cls, v: list[str] | str) -> list[str] | str:
+        return _distinct(v, "tasks") if isinstance(v, list) else v
 
     @property
     def board_name(self) -> str:
@@ -105,25 +158,65 @@ def _pydantic_message(e: ValidationError, source: str, single: bool) -> str:
     return format_errors(e, f"{source}: invalid sweep file", "key", SweepFile, models)
 
 
-def expand_grid(settings: dict[str, Any], method: str | None = None) -> list[dict[str, Any]]:
-    """All combinations of a method's settings, lists being grid axes.
-
-    A setting whose value is itself a list (GLoRA's ``ranks``) is a grid axis only as a list of lists:
-    ``ranks: [8, 4]`` is one value, ``ranks: [[8, 4], [2]]`` two.
-    """
+def _grid_axes(settings: dict[str, Any], method: str | None) -> dict[str, list[Any]]:
+    """Each setting's values: a list is a grid axis, a scalar one value. A setting whose value is itself a
+    list (GLoRA's ``ranks``) is a grid axis only as a list of lists: ``ranks: [8, 4]`` is one value,
+    ``ranks: [[8, 4], [2]]`` two."""
     list_valued: set[str] = set()
     if method is not None:
         from harness.methods import get_method
 
         list_valued = {k for k, s in get_method(method).all_settings().items() if isinstance(s.default, (list, tuple))}
-    keys = list(settings)
-    axes = []
+    axes = {}
     for k, v in settings.items():
         if k in list_valued:
-            axes.append(v if isinstance(v, list) and v and all(isinstance(x, list) for x in v) else [v])
+            axes[k] = v if isinstance(v, list) and v and all(isinstance(x, list) for x in v) else [v]
         else:
-            axes.append(v if isinstance(v, list) else [v])
-    return [dict(zip(keys, combo)) for combo in itertools.product(*axes)]
+            axes[k] = v if isinstance(v, list) else [v]
+    return axes
+
+
+def expand_grid(settings: dict[str, Any], method: str | None = None) -> list[dict[str, Any]]:
+    """All combinations of a method's settings, lists being grid axes (see :func:`_grid_axes`)."""
+    axes = _grid_axes(settings, method)
+    return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+
+
+def grid_size(settings: dict[str, Any], method: str | None = None) -> int:
+    """How many points :func:`expand_grid` gives, without making them."""
+    return math.prod(len(v) for v in _grid_axes(settings, method).values())
+
+
+def selection_methods(study: Study) -> list[str]:
+    """The methods whose select-then-final selection stage runs: a grid of more than one point, or a
+    method that chooses something inside its trial (``Method.needs_selection``), and the methods that
+    those build on (EigenLoRA's selection trials need LoRA's adapters of the same stage). A method with
+    one grid point and nothing to choose goes straight to its final runs."""
+    from harness.methods import base_name, get_method
+
+    if study.protocol != "select-then-final":
+        return []
+    picked = {m for m, space in study.methods.items()
+              if grid_size(space, m) > 1
+              or any(get_method(m).needs_selection(get_method(m).resolve_settings(g)) for g in expand_grid(space, m))}
+    for m in list(picked):
+        picked |= {d for d in study.methods if base_name(d) in get_method(m).builds_on}
+    return [m for m in study.methods if m in picked]
+
+
+LARGE_SWEEP = 10_000  # trials; above it a sweep runs only when the user confirms (``sweep --yes``)
+
+
+def count_trials(study: Study) -> int:
+    """The trials a study runs: under select-then-final the selection grid on the selection seeds (for
+    :func:`selection_methods`) plus one final setting per method and task on every seed; otherwise the
+    grid on every seed."""
+    tasks = len(study_tasks(study))
+    sizes = {m: grid_size(space, m) for m, space in study.methods.items()}
+    if study.protocol != "select-then-final":
+        return sum(sizes.values()) * tasks * len(study.seeds)
+    selecting = sum(sizes[m] for m in selection_methods(study))
+    return selecting * tasks * len(study.selection.seeds) + len(sizes) * tasks * len(study.seeds)
 
 
 def study_tasks(study: Study) -> list[str]:
@@ -131,9 +224,8 @@ def study_tasks(study: Study) -> list[str]:
     return list(benchmark.tasks) if study.tasks == "all" else list(study.tasks)
 
 
-def validate_study(study: Study, where: str) -> None:
-    """Everything the track and the method registry can check, once, before any compute: names, track
-    settings, budgets (both stages) and every grid point of every method."""
+def _check_names(study: Study, where: str) -> None:
+    """The study's benchmark, tasks and method names (cheap: nothing is built)."""
     from harness.methods import get_method
 
     track = get_track(study.track)
@@ -145,6 +237,31 @@ def validate_study(study: Study, where: str) -> None:
         track.check_tasks(study.benchmark, study_tasks(study))
     except ConfigError as e:
         raise ConfigError(f"{where}.tasks: {e}") from None
+    for name in study.methods:
+        try:
+            get_method(name)
+        except ConfigError as e:
+            raise ConfigError(f"{where}.methods.{name}: {e}") from None
+
+
+def check_size(sweep: SweepFile, confirmed: bool) -> None:
+    """A sweep past :data:`LARGE_SWEEP` trials states its count and runs only when confirmed: a stray list
+    in a grid multiplies it, and Ray would start on it without a word."""
+    counts = {s.name: count_trials(s) for s in sweep.studies}
+    total = sum(counts.values())
+    if total > LARGE_SWEEP and not confirmed:
+        per = ", ".join(f"{n}: {c:,}" for n, c in counts.items())
+        raise ConfigError(f"sweep {sweep.name!r} has {total:,} trials ({per}), more than {LARGE_SWEEP:,}: check "
+                          "its grids (every list in a method's settings is a grid axis), then pass --yes to run it")
+
+
+def validate_study(study: Study, where: str) -> None:
+    """Everything the track and the method registry can check, once, before any compute: names, track
+    settings, budgets (both stages) and every grid point of every method."""
+    from harness.methods import get_method
+
+    _check_names(study, where)
+    track = get_track(study.track)
     settings = track.settings(study.settings, f"{where}.settings")
     shaped = track.shape_model(settings, study.benchmark)
     for name, space in study.methods.items():
@@ -160,20 +277,17 @@ def validate_study(study: Study, where: str) -> None:
             raise ConfigError(f"{where}.methods.{name}: {e}") from None
     track.budget(study.budget, f"{where}.budget")
     track.budget({**study.budget, **study.selection.budget}, f"{where}.selection.budget")
-    if not study.seeds:
-        raise ConfigError(f"{where}.seeds: give at least one seed")
 
 
-def load_sweep(path: str | Path, overrides: list[str] | None = None, only: str | None = None) -> SweepFile:
+def load_sweep(path: str | Path, overrides: list[str] | None = None, only: str | None = None,
+               confirmed: bool = False) -> SweepFile:
     """Read, override (``--set key=value``) and validate a sweep file in full; with ``only``, just that
-    study: bare overrides apply to it alone and the other studies are neither changed nor checked."""
+    study: bare overrides apply to it alone and the other studies are neither changed nor checked. A sweep
+    of more than :data:`LARGE_SWEEP` trials is refused unless ``confirmed`` (``sweep --yes``)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file {str(path)!r} does not exist" + _available_sweeps())
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    raw = load_yaml(path.read_text(encoding="utf-8-sig"), str(path))
     raw = _normalise(raw, str(path))
     single = raw.pop("_single", False)
     if only is not None:
@@ -191,8 +305,12 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, only: str |
     names = [s.name for s in sweep.studies]
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: study names must be unique, got {names}")
-    for i, study in enumerate(sweep.studies):
-        validate_study(study, str(path) if single else f"{path}: studies[{i}] ({study.name})")
+    wheres = [str(path) if single else f"{path}: studies[{i}] ({study.name})" for i, study in enumerate(sweep.studies)]
+    for study, where in zip(sweep.studies, wheres):
+        _check_names(study, where)
+    check_size(sweep, confirmed)  # before every grid point is checked: that is what a huge grid makes slow
+    for study, where in zip(sweep.studies, wheres):
+        validate_study(study, where)
     return sweep
 
 
@@ -208,10 +326,7 @@ def apply_override(raw: dict[str, Any], item: str, only: str | None = None) -> N
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected key=value, e.g. budget.steps=100")
     key, value = item.split("=", 1)
-    try:
-        parsed = yaml.safe_load(value)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e})") from None
+    parsed = load_yaml(value, f"--set {item!r}")
     parts = key.strip().split(".")
     if parts[0] in ("name", "description", "studies", "tracking"):
         targets = [raw]

@@ -118,6 +118,11 @@ class Track(ABC):
         cannot build it so (the check then happens when the trial wraps its model)."""
         return None
 
+    def check_inputs(self, settings: TrackSettings, benchmark: str, tasks: list[str]) -> None:
+        """Before any compute and before anything is written: the files the study reads (data folders and
+        their layout, weights files), cheaply, so a wrong path fails in seconds with a message naming it.
+        Raises ConfigError or DataError; the default has nothing to check."""
+
     # --- stages ------------------------------------------------------------------------------------
     @abstractmethod
     def prepare(self, settings: TrackSettings, benchmark: str, tasks: list[str], report: Report) -> dict[str, Any]:

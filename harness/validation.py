@@ -9,9 +9,10 @@ strings (``--set lr=1e-4`` arrives from YAML as a string).
 
 from __future__ import annotations
 
+import difflib
 from typing import Annotated, Any, TypeVar, get_args
 
-from pydantic import BaseModel, BeforeValidator, Strict, ValidationError
+from pydantic import AllowInfNan, BaseModel, BeforeValidator, Strict, ValidationError
 
 from harness.errors import ConfigError
 
@@ -26,7 +27,7 @@ def _number(value: Any) -> Any:
 
 Int = Annotated[int, Strict()]
 Bool = Annotated[bool, Strict()]
-Float = Annotated[float, BeforeValidator(_number)]
+Float = Annotated[float, BeforeValidator(_number), AllowInfNan(False)]  # .inf / .nan are no learning rate
 
 _EXPECTED = {
     "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
@@ -34,6 +35,15 @@ _EXPECTED = {
     "bool_parsing": "true or false", "string_type": "a string", "list_type": "a list", "tuple_type": "a list",
     "dict_type": "a mapping", "none_required": "null", "model_type": "a mapping", "model_attributes_type": "a mapping",
 }
+
+
+MAX_SHOWN = 120  # characters of a bad value shown in a message: a value may be megabytes (YAML aliases)
+
+
+def shown(value: Any) -> str:
+    """``repr(value)``, cut to :data:`MAX_SHOWN` characters."""
+    text = repr(value)
+    return text if len(text) <= MAX_SHOWN else f"{text[:MAX_SHOWN]}... ({len(text):,} characters)"
 
 
 def _describe(err: dict[str, Any]) -> str:
@@ -46,6 +56,10 @@ def _describe(err: dict[str, Any]) -> str:
     if kind == "literal_error":
         return f"valid values: {err.get('ctx', {}).get('expected', '')}"
     bounds = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
+    if kind == "value_error":  # a validator's own message: pydantic prefixes "Value error, "
+        return str(err.get("ctx", {}).get("error", err["msg"]))
+    if kind == "finite_number":
+        return "expected a finite number (not inf or nan)"
     if kind in bounds:
         (bound,) = err["ctx"].values()
         return f"must be {bounds[kind]} {bound}"
@@ -83,11 +97,15 @@ def format_errors(e: ValidationError, where: str, noun: str, model: type[BaseMod
     for parent, keys in unknown.items():
         level = (models or {}).get(tuple(p for p in parent if isinstance(p, str)), model if not parent else None)
         valid = f"; valid: {', '.join(level.model_fields)}" if level is not None else ""
+        close = {k: m[0] for k in sorted(keys)
+                 if level is not None and (m := difflib.get_close_matches(k, list(level.model_fields), n=1))}
+        hint = (f" (did you mean {next(iter(close.values()))!r}?)" if len(keys) == 1 and close else
+                f" (did you mean {', '.join(f'{m!r} for {k!r}' for k, m in close.items())}?)" if close else "")
         prefix = ".".join(str(p) for p in parent)
-        lines.append(f"unknown {noun}(s) {sorted(keys)}{' under ' + prefix if prefix else ''}{valid}")
+        lines.append(f"unknown {noun}(s) {shown(sorted(keys))}{' under ' + prefix if prefix else ''}{hint}{valid}")
     for loc, (value, reasons) in bad.items():
         key = ".".join(str(p) for p in loc)
-        lines.append(f"{noun} {key!r}={value!r}: {' or '.join(reasons)}")
+        lines.append(f"{noun} {key!r}={shown(value)}: {' or '.join(reasons)}")
     return f"{where}: " + ("\n  ".join(lines) if len(lines) == 1 else "\n  " + "\n  ".join(lines))
 
 
@@ -98,7 +116,7 @@ def validate(model: type[M], raw: Any, where: str, noun: str = "setting") -> M:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping of {noun}s, got {raw!r}")
+        raise ConfigError(f"{where}: expected a mapping of {noun}s, got {shown(raw)}")
     try:
         return model.model_validate(raw)
     except ValidationError as e:

@@ -41,6 +41,10 @@ def test_resume_refuses_an_edited_study_naming_what_changed(tmp_path):
     results = tmp_path / "results"
     check_results(load_sweep(sweep_yaml(tmp_path)), results, resume=False)
     record_studies(load_sweep(sweep_yaml(tmp_path)), results)  # what a first run keeps once Ray is up
+    # a start that failed before its first wave left only the definition: no results, the rerun goes ahead
+    check_results(load_sweep(sweep_yaml(tmp_path, seeds=[1])), results, resume=False)
+    (results / "tiny" / "tiny-final").mkdir(parents=True)
+    (results / "tiny" / "tiny-final" / "tuner.pkl").write_bytes(b"")  # what Tune writes when a wave begins
     with pytest.raises(ConfigError, match="already exist.*--resume"):
         check_results(load_sweep(sweep_yaml(tmp_path)), results, resume=False)
     check_results(load_sweep(sweep_yaml(tmp_path)), results, resume=True)  # unchanged: resumes

@@ -48,10 +48,10 @@ def test_expand_grid():
     (("tasks: [window-close, faucet-close]", "tasks: [window-clos]"), r"unknown task of cw10 'window-clos'.*did you mean 'window-close'.*valid"),
     (("lora: {r: [2, 4], lr: 1.0e-3}", "lorra: {r: 2}"), r"unknown method 'lorra'.*valid methods: full, linear, lora"),
     (("lora: {r: [2, 4], lr: 1.0e-3}", "lora: {rank: 2}"), r"methods.lora: method 'lora': unknown setting\(s\) \['rank'\].*valid: .*r"),
-    (("seeds: [0, 1]", "seed: [0, 1]"), r"unknown key\(s\) \['seed'\]; valid: .*seeds"),
+    (("seeds: [0, 1]", "seed: [0, 1]"), r"unknown key\(s\) \['seed'\] \(did you mean 'seeds'\?\); valid: .*seeds"),
     (("benchmark: cw10", "benchmark: cw20"), r"unknown rl benchmark 'cw20'.*valid rl benchmarks: cw10"),
     (("track: rl", "track: rll"), r"unknown track 'rll'.*valid tracks: rl, vision"),
-    (("budget: {steps: 5}", "budget: {stepz: 5}"), r"unknown budget key\(s\) \['stepz'\].*valid: .*steps"),
+    (("budget: {steps: 5}", "budget: {stepz: 5}"), r"unknown budget key\(s\) \['stepz'\] \(did you mean 'steps'\?\).*valid: .*steps"),
     (("budget: {steps: 5}", "settings: {no_such_setting: 1}"), r"unknown rl setting\(s\) \['no_such_setting'\]"),
 ])
 def test_bad_files_name_the_problem(tmp_path, edit, expected):

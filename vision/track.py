@@ -179,11 +179,11 @@ class VisionTrack(Track):
             out[task] = {k: len(v) for k, v in data.splits.items()}
         return out
 
-    def prepare(self, settings: VisionSettings, benchmark: str, tasks: list[str], report: Report) -> dict[str, Any]:
-        """Check folders (bad data fails here), pretrain the builtin backbone if needed, decode and cache
-        every task's images, and check the weights fit the architecture."""
+    def check_inputs(self, settings: VisionSettings, benchmark: str, tasks: list[str]) -> None:
+        """The tasks, the data root and each task's list files and images (real benchmarks), and a weights
+        file named by path."""
         self.check_tasks(benchmark, tasks)
-        if self.data_source(benchmark) == "real":  # every folder first (cheap): a bad task fails before decoding
+        if self.data_source(benchmark) == "real":
             root = _data_root(settings, benchmark)
             for t in tasks:
                 if benchmark == "vtab1k":
@@ -192,6 +192,15 @@ class VisionTrack(Track):
                     fewshot.validate(root, t)
                 else:
                     domain_shift.validate(root)
+        weights = _weights(settings, benchmark, self.data_source(benchmark) == "synthetic")
+        if weights not in ("builtin", "random", "hf-cache") and not Path(weights).expanduser().is_file():
+            raise ConfigError(f"settings.weights={weights!r}: no such file; give a .safetensors, .pth or .npz "
+                              "weights file, or one of auto, builtin, random, hf-cache")
+
+    def prepare(self, settings: VisionSettings, benchmark: str, tasks: list[str], report: Report) -> dict[str, Any]:
+        """Check folders (bad data fails here), pretrain the builtin backbone if needed, decode and cache
+        every task's images, and check the weights fit the architecture."""
+        self.check_inputs(settings, benchmark, tasks)  # every folder first (cheap): a bad task fails before decoding
         bb = self.make_backbone(settings, benchmark, 2, report)  # a weights mismatch fails here
         prepared = {}
         for t in tasks:
