@@ -227,3 +227,61 @@ def test_eigenlora_fast_forward_matches_its_formula(tmp_path):
     for k in g_ref:
         assert _error(g_fast[k], g_ref[k]) < 1e-5, k
 
+
+
+# --- AdaLoRA's allocator and penalty, batched ---------------------------------------------------------
+
+def _peft_orth_penalty(model: nn.Module) -> torch.Tensor:
+    """The penalty as peft's AdaLoraModel.forward writes it: a loop over every P and Q."""
+    total, count = 0.0, 0
+    for n, p in model.named_parameters():
+        if ("lora_A" in n or "lora_B" in n) and p.requires_grad:
+            cov = p @ p.T if "lora_A" in n else p.T @ p
+            total = total + torch.norm(cov - torch.eye(*cov.shape), p="fro")
+            count += 1
+    return total / count
+
+
+def test_adalora_orthogonality_penalty_matches_peft():
+    from harness.methods.peft_methods import orthogonality_penalty
+
+    a, b = _wrapped("adalora"), _wrapped("adalora")
+    ours, ref = orthogonality_penalty(a), _peft_orth_penalty(b)
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-6)
+    ours.backward(), ref.backward()
+    ga = {n: p.grad for n, p in a.named_parameters() if p.grad is not None}
+    gb = {n: p.grad for n, p in b.named_parameters() if p.grad is not None}
+    assert ga.keys() == gb.keys() and len(ga) == 8  # P and Q of four layers
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], atol=1e-6, rtol=1e-5)
+
+
+def test_adalora_allocator_matches_peft_over_a_schedule():
+    """Ten steps through warm-up, budget masks every deltaT steps, the final mask and the final phase: the
+    batched allocator leaves the same sensitivities, masks, rank pattern and weights as peft's own."""
+    from harness.methods.peft_methods import adalora_update_and_allocate
+
+    x, y = _data()
+    settings = {"delta_t": 2, "tinit": 0.1, "tfinal": 0.2}
+    ours, ref = _wrapped("adalora", settings), _wrapped("adalora", settings)
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=0.05) for m in (ours, ref)]
+    patterns = []
+    for step in range(10):
+        for model, opt in zip((ours, ref), opts):
+            _step(model, x, y, autocast=False)
+            opt.step()
+        adalora_update_and_allocate(ours, step)
+        ref.base_model.update_and_allocate(step)
+        for model in (ours, ref):
+            model.zero_grad()
+        a, b = ours.base_model.rankallocator, ref.base_model.rankallocator
+        assert a.exp_avg_ipt.keys() == b.exp_avg_ipt.keys()
+        for n in b.exp_avg_ipt:
+            torch.testing.assert_close(a.exp_avg_ipt[n], b.exp_avg_ipt[n], atol=1e-7, rtol=1e-5)
+            torch.testing.assert_close(a.exp_avg_unc[n], b.exp_avg_unc[n], atol=1e-7, rtol=1e-5)
+        pa = ours.base_model.peft_config["default"].rank_pattern
+        assert pa == ref.base_model.peft_config["default"].rank_pattern
+        patterns.append(pa)
+        for (n, p), (_, q) in zip(ours.named_parameters(), ref.named_parameters()):
+            torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=n)
+    assert patterns[-1] and any(not all(v) for v in patterns[-1].values())  # ranks were pruned

@@ -25,6 +25,10 @@ from harness.methods.base import (AdapterSite, Method, MethodContext, Setting, c
 # method_state keys
 _INIT_DIR = "initial_adapter_dir"  # PiSSA/OLoRA: the untrained adapter a save converts against
 _ORTH_WEIGHT = "adalora_orth_reg_weight"
+_IMPORTANCE_EVERY = "adalora_importance_every"
+_ORTH_GROUPS = "adalora_orth_groups"  # the P and Q matrices grouped by shape, found once per model
+_ADALORA_PARAMS = "adalora_named_params"  # (names, params) the allocator scores, found once per model
+_FINAL_MASKS = "adalora_final_masks"  # (rank_pattern it was built from, E params, 0/1 masks)
 
 
 def _ready(model: nn.Module, site: AdapterSite, input_casts: bool) -> nn.Module:
@@ -205,6 +209,9 @@ class AdaLoRA(PeftMethod):
         "tfinal": Setting(0.2, "share of the steps at the end with the budget fixed", ge=0),
         "delta_t": Setting(10, "steps between budget reallocations", kind=int, ge=1),
         "orth_reg_weight": Setting(0.5, "weight of the orthogonality penalty on P and Q", ge=0),
+        "importance_every": Setting(1, "steps between updates of the sensitivity averages that rank the "
+                                       "triplets (1: every step, as peft and the paper; k > 1 smooths over every "
+                                       "k-th step's sensitivity, fewer passes over the adapters)", kind=int, ge=1),
     }
 
     alpha_family = True
@@ -232,24 +239,19 @@ class AdaLoRA(PeftMethod):
     def wrap(self, model, site, settings, ctx):
         wrapped = super().wrap(model, site, settings, ctx)
         method_state(wrapped)[_ORTH_WEIGHT] = float(settings["orth_reg_weight"])
+        method_state(wrapped)[_IMPORTANCE_EVERY] = int(settings["importance_every"])
         return wrapped
 
     def on_step(self, model, step, ctx):
-        model.base_model.update_and_allocate(step)
+        adalora_update_and_allocate(model, step, method_state(model).get(_IMPORTANCE_EVERY, 1))
 
     def extra_loss(self, model):
         # peft adds this penalty only when the model output has `.loss`, which neither track's model has.
         weight = method_state(model).get(_ORTH_WEIGHT, 0.0)
         if weight <= 0:
             return None
-        terms = []
-        for name, p in model.named_parameters():
-            if not p.requires_grad or ("lora_A" not in name and "lora_B" not in name) or p.numel() == 0:
-                continue
-            gram = p @ p.T if "lora_A" in name else p.T @ p
-            eye = torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)
-            terms.append(torch.linalg.norm(gram - eye, ord="fro"))
-        return weight * torch.stack(terms).mean() if terms else None
+        penalty = orthogonality_penalty(model)
+        return None if penalty is None else weight * penalty
 
     def describe(self, model):
         ranks = {}
@@ -259,6 +261,108 @@ class AdaLoRA(PeftMethod):
             if mask is not None and lora_e is not None and "default" in lora_e:
                 ranks[name] = int((lora_e["default"].detach() != 0).sum())
         return {"rank_per_layer": ranks}
+
+
+def orthogonality_penalty(model: nn.Module) -> torch.Tensor | None:
+    """AdaLoRA's ``mean ||P P^T - I||_F`` over every trainable P (``lora_A``, r x in) and Q (``lora_B``,
+    out x r, as ``Q^T Q``), the value peft adds to ``outputs.loss``.
+
+    peft computes it with a Python loop over the matrices (several small kernels each, every step). Here
+    the matrices of one shape are stacked and done in one batched product and one norm per shape, so the
+    cost does not grow with the number of adapted layers.
+    """
+    state = method_state(model)
+    groups = state.get(_ORTH_GROUPS)
+    if groups is None:
+        by_shape: dict[tuple, list[nn.Parameter]] = {}
+        for name, p in model.named_parameters():
+            if not p.requires_grad or ("lora_A" not in name and "lora_B" not in name) or p.numel() == 0:
+                continue
+            by_shape.setdefault(("A" if "lora_A" in name else "B", tuple(p.shape)), []).append(p)
+        groups = state[_ORTH_GROUPS] = [(kind, ps) for (kind, _), ps in by_shape.items()]
+    norms = []
+    for kind, ps in groups:
+        stacked = torch.stack(ps)
+        gram = stacked @ stacked.mT if kind == "A" else stacked.mT @ stacked  # (G, r, r)
+        eye = torch.eye(gram.shape[-1], device=gram.device, dtype=gram.dtype)
+        norms.append(torch.linalg.matrix_norm(gram - eye, ord="fro"))
+    return torch.cat(norms).mean() if norms else None
+
+
+def adalora_update_and_allocate(model: nn.Module, step: int, importance_every: int = 1) -> None:
+    """peft's ``AdaLoraModel.update_and_allocate(step)`` with its per-step work batched.
+
+    The same schedule as peft (budget from ``tinit``/``tfinal``/``total_step``, triplets masked to the
+    budget every ``deltaT`` steps by peft's own ``mask_to_budget``, the final mask at ``total - tfinal``),
+    with two differences in how, not what: the sensitivity averages (|p * grad| smoothed by beta1, its
+    deviation by beta2) are updated with a handful of ``torch._foreach`` ops over all adapter tensors
+    instead of eight kernels per tensor, and the final phase's rank pattern is turned into device masks
+    once instead of a host list copied to the device per layer per step. ``importance_every`` > 1 updates
+    the averages only on every k-th step (a semantic change: the averages then see one step in k).
+    """
+    base = model.base_model
+    cfg = base.peft_config[base.trainable_adapter_name]
+    alloc = base.rankallocator
+    final = cfg.total_step - cfg.tfinal
+    state = method_state(model)
+    if step < final:
+        if step % importance_every == 0:
+            _update_importance(alloc, base.model, state)
+        budget, mask_now = alloc.budget_schedule(step)
+        if mask_now:
+            pattern = alloc.mask_to_budget(base.model, budget)
+            if pattern:
+                cfg.rank_pattern = pattern
+    elif step == final:
+        # at this step peft's allocator skips the sensitivity update and masks to the final budget
+        _, pattern = alloc.update_and_allocate(base.model, step, force_mask=True)
+        cfg.rank_pattern = pattern
+        alloc.reset_ipt()
+    elif cfg.rank_pattern:
+        cached = state.get(_FINAL_MASKS)
+        if cached is None or cached[0] is not cfg.rank_pattern:
+            cached = state[_FINAL_MASKS] = (cfg.rank_pattern, *_final_masks(base.model, alloc, cfg.rank_pattern))
+        with torch.no_grad():
+            torch._foreach_mul_(cached[1], cached[2])
+
+
+def _update_importance(alloc, inner: nn.Module, state: dict[str, Any]) -> None:
+    """``RankAllocator.update_ipt`` in foreach ops; the same arithmetic, the same dictionaries."""
+    found = state.get(_ADALORA_PARAMS)
+    if found is None:
+        found = state[_ADALORA_PARAMS] = tuple(zip(*[(n, p) for n, p in inner.named_parameters()
+                                                     if "lora_" in n and alloc.adapter_name in n]))
+    names, params = found
+    for n, p in zip(names, params):
+        if n not in alloc.ipt:
+            alloc.ipt[n] = torch.zeros_like(p)
+            alloc.exp_avg_ipt[n] = torch.zeros_like(p)
+            alloc.exp_avg_unc[n] = torch.zeros_like(p)
+    with torch.no_grad():
+        ipt = torch._foreach_mul(list(params), [p.grad for p in params])
+        torch._foreach_abs_(ipt)
+        avg = [alloc.exp_avg_ipt[n] for n in names]
+        unc = [alloc.exp_avg_unc[n] for n in names]
+        torch._foreach_mul_(avg, alloc.beta1)
+        torch._foreach_add_(avg, ipt, alpha=1 - alloc.beta1)
+        deviation = torch._foreach_sub(ipt, avg)
+        torch._foreach_abs_(deviation)
+        torch._foreach_mul_(unc, alloc.beta2)
+        torch._foreach_add_(unc, deviation, alpha=1 - alloc.beta2)
+    for n, t in zip(names, ipt):
+        alloc.ipt[n] = t
+
+
+def _final_masks(inner: nn.Module, alloc, pattern: dict[str, list[bool]]) -> tuple[list, list]:
+    """The E vectors and their 0/1 masks (as peft's ``mask_using_rank_pattern`` reads the pattern)."""
+    truncated = alloc.adapter_name not in next(iter(pattern))
+    params, masks = [], []
+    for n, p in inner.named_parameters():
+        if f"lora_E.{alloc.adapter_name}" in n:
+            key = n.replace(f".{alloc.adapter_name}", "") if truncated else n
+            params.append(p)
+            masks.append(torch.tensor(pattern[key], dtype=p.dtype, device=p.device).unsqueeze(-1))
+    return params, masks
 
 
 class EVA(LoRA):
