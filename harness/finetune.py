@@ -172,6 +172,45 @@ class FineTuneRun:
             self._reserved_n += 1
         return more
 
+    # --- checkpoints and intermediate scores (a trial under Ray Tune: harness/tune_trial.py) -----------
+    @property
+    def updates_done(self) -> int:
+        return self.trainer.step_index if self.trainer is not None else 0
+
+    def trial_state(self) -> dict[str, Any]:
+        """Everything a rebuilt run needs to continue from here as if never stopped: the trainer (trainable
+        weights, optimiser, update count; the schedule follows from the count), the trial's random
+        streams and the method's state outside the model (AdaLoRA's importance scores)."""
+        assert self.trainer is not None, "trial_state() of a run without training"
+        return {"trainer": self.trainer.state_dict(), "rng": _rng_state(self.rng),
+                "method": _method_state(self.model), "reserved": (self._reserved_sum, self._reserved_n)}
+
+    def load_trial_state(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`trial_state`, right after :meth:`start` rebuilt the run the same way. The
+        batch streams are advanced by drawing (and dropping) the batches already trained on, so every
+        later batch is the one an uninterrupted run would have drawn; the random streams are restored
+        after that, so nothing the redraw did counts."""
+        assert self.trainer is not None and self.setup is not None, "load_trial_state() before start()"
+        done = int(state["trainer"]["step"])
+        with self.rng.scope():
+            for _ in range(done):
+                self.setup.next_batch()
+        self.trainer.load_state_dict(state["trainer"])
+        _load_method_state(self.model, state["method"])
+        _load_rng_state(self.rng, state["rng"])
+        self._reserved_sum, self._reserved_n = state["reserved"]
+
+    def interim_score(self, metric: str) -> float:
+        """The model as it is now, scored by the track's final evaluation of this stage (RL: success on
+        the selection episodes; vision: val200 top-1 in the select stage), without finalizing the method
+        and without drawing from the trial's random streams."""
+        assert self.setup is not None, "interim_score() before start()"
+        devices = [self.setup.device] if self.setup.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            metrics, _ = self.setup.evaluate(self.model)
+        self.model.train()
+        return float(metrics[metric])
+
     def finish(self) -> FineTuneResult:
         """Finalize, count, evaluate, describe and save; the trial's result."""
         spec, method, setup, settings = self.spec, self.method, self.setup, self.settings
@@ -219,6 +258,42 @@ class FineTuneRun:
                               adapter_bytes=_checkpoint_bytes(adapter_path),
                               backbone=setup.backbone, data_source=setup.data_source, adapter_path=adapter_path,
                               device=str(setup.device), extra=extra)
+
+
+def _rng_state(rng: TrialRandom) -> dict[str, Any]:
+    """The trial's own states of torch's global generators (what :meth:`TrialRandom.scope` swaps in)."""
+    cuda = rng._cuda_state
+    return {"cpu": rng._cpu_state.clone(), "cuda": cuda.clone() if cuda is not None else None}
+
+
+def _load_rng_state(rng: TrialRandom, state: dict[str, Any]) -> None:
+    rng._cpu_state = state["cpu"].clone()
+    rng._cuda_state = state["cuda"].clone() if state["cuda"] is not None else None
+
+
+def _rank_allocators(model: nn.Module) -> list[tuple[str, Any]]:
+    """peft's AdaLoRA keeps its importance scores in a RankAllocator beside the model, not in it."""
+    return [(name, m.rankallocator) for name, m in model.named_modules() if hasattr(m, "rankallocator")]
+
+
+def _method_state(model: nn.Module) -> dict[str, Any]:
+    """The method's training state that lives outside the model's state_dict."""
+    out: dict[str, Any] = {}
+    for name, alloc in _rank_allocators(model):
+        out[f"rankallocator:{name}"] = {k: {n: t.detach().clone() for n, t in getattr(alloc, k).items()}
+                                        for k in ("ipt", "exp_avg_ipt", "exp_avg_unc")}
+        pattern = getattr(alloc.peft_config, "rank_pattern", None)
+        out[f"rank_pattern:{name}"] = {k: [bool(x) for x in v] for k, v in pattern.items()} if pattern else None
+    return out
+
+
+def _load_method_state(model: nn.Module, state: dict[str, Any]) -> None:
+    for name, alloc in _rank_allocators(model):
+        for k, tensors in state[f"rankallocator:{name}"].items():
+            setattr(alloc, k, dict(tensors))
+        pattern = state.get(f"rank_pattern:{name}")
+        if pattern is not None:
+            alloc.peft_config.rank_pattern = pattern
 
 
 def _checkpoint_bytes(adapter_path: str) -> int:

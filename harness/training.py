@@ -229,6 +229,29 @@ class Trainer:
         self._wall += time.perf_counter() - started
         return True
 
+    def state_dict(self) -> dict[str, Any]:
+        """What continuing from here needs: the trainable parameters and buffers (frozen weights are
+        rebuilt as they were), the optimiser, the update count and the loss history. Checks the losses
+        still pending first, so a checkpoint never holds an unchecked non-finite loss."""
+        if self._pending:
+            self.stats.final_loss = self._check_pending()
+        model_state = {k: v.detach().clone() for k, v in self.model.state_dict(keep_vars=True).items()
+                       if not isinstance(v, nn.Parameter) or v.requires_grad}
+        return {"model": model_state, "optimizer": self.optimizer.state_dict(), "step": self.step_index,
+                "losses": list(self.stats.losses), "final_loss": self.stats.final_loss}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict` of a trainer built the same way (same model, same config)."""
+        missing = self.model.load_state_dict(state["model"], strict=False).unexpected_keys
+        if missing:
+            raise ValueError(f"checkpoint holds tensors this model lacks: {missing[:5]}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step_index = int(state["step"])
+        self.stats.losses = [tuple(x) for x in state["losses"]]
+        self.stats.final_loss = float(state["final_loss"])
+        self.stats.resumed_from = self.step_index
+        self._steady_from = self.step_index + min(20, max(0, (self.cfg.steps - self.step_index) // 5))
+
     def finish(self) -> TrainStats:
         """Final checkpoint and statistics; the model is left in eval mode."""
         cfg, stats = self.cfg, self.stats

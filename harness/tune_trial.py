@@ -1,0 +1,179 @@
+"""One trial inside Ray Tune: checkpoints through Tune's API and intermediate scores for a scheduler.
+
+The driver's trainable (``harness/driver.py``) runs a trial here instead of :func:`harness.trial.run_trial`
+(which trials outside Ray still use, unchanged). Two things are added:
+
+- **Checkpoints.** Every ``checkpoint_every`` updates, or every ``checkpoint_minutes`` of the trial's
+  wall time, the run's whole training state (:meth:`FineTuneRun.trial_state`) goes to Tune with
+  ``tune.report(..., checkpoint=Checkpoint.from_directory(...))``. A retried trial (``FailureConfig``)
+  or a resumed experiment finds it with ``tune.get_checkpoint()``, rebuilds the run as it was started
+  and continues from that update; with deterministic kernels its record equals an uninterrupted one's
+  (times and memory apart). Tune keeps the latest checkpoint only (``CheckpointConfig(num_to_keep=1)``)
+  and a finished trial removes it: what stays is its adapter.
+- **Intermediate scores** (selection under a scheduler, ``harness/early_stopping.py``): at the updates
+  the scheduler decides on, the model is scored on the stage's held-out split or episodes and reported
+  with :data:`~harness.early_stopping.TIME_ATTR` and a provisional record, so that a trial the scheduler
+  stops leaves a record with its last score.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from harness.trial import Reporter, TrialRecord, TrialSession, TrialSpec
+
+STATE_FILE = "trial-state.pt"
+# Tests only: the trial's process exits right after its first checkpoint on its first attempt, as a
+# preempted node would leave it (tests/test_trial_checkpoint.py).
+KILL_AFTER_CHECKPOINT = "HARNESS_TEST_EXIT_AFTER_CHECKPOINT"
+
+
+@dataclass(frozen=True)
+class TuneTrialPlan:
+    """How a trial runs under Tune: its checkpoint cadence and, under a scheduler, its scoring points."""
+
+    checkpoint_every: int | None = None  # updates; None: by wall time
+    checkpoint_minutes: float = 5.0  # 0 with checkpoint_every None: no checkpoints
+    eval_points: tuple[int, ...] = ()  # updates after which to report an intermediate score
+    metric: str = ""  # the benchmark's primary metric (what the scheduler reads)
+    scheduler: str = ""  # the scheduler's label, kept in the record
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "TuneTrialPlan":
+        raw = config.get("tune_trial") or {}
+        return cls(checkpoint_every=raw.get("checkpoint_every"), checkpoint_minutes=raw.get("checkpoint_minutes", 5.0),
+                   eval_points=tuple(raw.get("eval_points", ())), metric=raw.get("metric", ""),
+                   scheduler=raw.get("scheduler", ""))
+
+    def to_config(self) -> dict[str, Any]:
+        return {"checkpoint_every": self.checkpoint_every, "checkpoint_minutes": self.checkpoint_minutes,
+                "eval_points": list(self.eval_points), "metric": self.metric, "scheduler": self.scheduler}
+
+
+def _save(session: TrialSession, extra: dict[str, Any], report_metrics: dict[str, Any]) -> None:
+    import torch
+    from ray import tune
+
+    folder = tempfile.mkdtemp(prefix="harness-ckpt-")
+    try:
+        torch.save({"run": session.run.trial_state(), **extra}, Path(folder) / STATE_FILE)
+        tune.report(report_metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+    finally:  # Tune has copied it to the trial's storage by now
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _restore(session: TrialSession) -> dict[str, Any] | None:
+    """The latest checkpoint of this trial, loaded into the freshly started run (None: none yet)."""
+    import torch
+    from ray import tune
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None or session.run is None or session.run.trainer is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
+    session.run.load_trial_state(state["run"])
+    print(f"[trial] continuing from the checkpoint at update {session.run.updates_done}", flush=True)
+    return state
+
+
+def provisional_record(session: TrialSession, metric: str, score: float, update: int, label: str) -> dict[str, Any]:
+    """The flat record a trial stopped now would leave: its score so far, and where it stopped."""
+    rec: TrialRecord = replace(session.record, metrics={metric: score},
+                               extra={"stopped_at_update": update, "selection_scheduler": label})
+    rec.wall_time_s = round(time.time() - session.started, 2)
+    return rec.flat()
+
+
+def remove_checkpoints() -> None:
+    """A finished trial's checkpoints: only its adapter is kept."""
+    from ray import tune
+
+    try:
+        trial_path = Path(tune.get_context().get_storage().trial_fs_path)
+    except Exception:  # noqa: BLE001 - a remote (non-local) storage keeps them; Tune prunes to one
+        return
+    for folder in trial_path.glob("checkpoint_*"):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def run_tune_trial(spec: TrialSpec, report: Reporter, plan: TuneTrialPlan) -> TrialRecord:
+    """Run one trial under Tune (inside its function trainable) to its record; see the module doc."""
+    from ray import tune
+
+    from harness.early_stopping import TIME_ATTR
+
+    session = TrialSession(spec, report)
+    session.start()
+    run = session.run
+    state = _restore(session) if run is not None else None
+    resumed_from = run.updates_done if state is not None else 0
+    last: dict[str, Any] = dict(state.get("last", {})) if state else {}  # the last intermediate report
+    points = set(plan.eval_points)
+    saved_at, since = resumed_from, time.monotonic()
+    first_attempt = state is None
+    while session.step():
+        done = run.updates_done
+        metrics: dict[str, Any] = {}
+        if done in points:
+            try:
+                score = run.interim_score(plan.metric)
+            except Exception as e:  # noqa: BLE001 - a failed evaluation fails the trial, not the sweep
+                session._fail(e)
+                break
+            flat = provisional_record(session, plan.metric, score, done, plan.scheduler)
+            last = {plan.metric: score, TIME_ATTR: done, "record": json.dumps(flat, default=str)}
+            metrics = {"update": done, **last}
+        due = (plan.checkpoint_every and done - saved_at >= plan.checkpoint_every) or (
+            not plan.checkpoint_every and plan.checkpoint_minutes > 0
+            and time.monotonic() - since >= 60 * plan.checkpoint_minutes)
+        if due and not run.trainer.done:
+            _save(session, {"last": last}, metrics or {"update": done})
+            saved_at, since = done, time.monotonic()
+            if first_attempt and os.environ.get(KILL_AFTER_CHECKPOINT) == "1":
+                os._exit(1)
+        elif metrics:
+            tune.report(metrics)
+    record = session.finish()
+    if resumed_from:
+        record.extra["resumed_from_update"] = resumed_from
+    if plan.scheduler:
+        record.extra["selection_scheduler"] = plan.scheduler
+    return record
+
+
+
+
+def tune_trial_plan(study, specs: list[TrialSpec]) -> tuple[TuneTrialPlan, Any]:
+    """The plan of a wave's trials and the Tune scheduler of the wave (None but in the selection stage of
+    a study with ``selection.scheduler``). Raises ConfigError before any compute when the selection
+    budget's updates cannot be known (a scheduler needs them as ``max_t``)."""
+    from harness.early_stopping import eval_points, grouped_scheduler, parse_scheduler
+    from harness.errors import ConfigError
+    from harness.plan import trial_cost
+    from harness.tracks import get_track
+
+    r = study.resources
+    base = TuneTrialPlan(checkpoint_every=r.checkpoint_every, checkpoint_minutes=r.checkpoint_minutes)
+    sched = parse_scheduler(study.selection.scheduler_settings(), f"study {study.name!r}: selection")
+    if sched is None or not specs or specs[0].budget.get("stage") != "select":
+        return base, None
+    max_t = trial_cost(specs[0], study, None).updates
+    if not max_t:
+        raise ConfigError(f"study {study.name!r}: selection.scheduler needs the selection trials' updates (max_t), "
+                          f"which {study.benchmark} knows only once its data is loaded; set selection.budget.steps")
+    benchmark = get_track(study.track).benchmark(study.benchmark)
+    mode = "max" if benchmark.higher_is_better else "min"
+    plan = replace(base, eval_points=tuple(eval_points(sched, max_t)), metric=benchmark.primary_metric,
+                   scheduler=sched.label())
+    return plan, grouped_scheduler(sched, benchmark.primary_metric, mode, max_t)
+
+
+__all__ = ["KILL_AFTER_CHECKPOINT", "TuneTrialPlan", "provisional_record", "run_tune_trial", "tune_trial_plan"]
