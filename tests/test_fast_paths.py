@@ -285,3 +285,87 @@ def test_adalora_allocator_matches_peft_over_a_schedule():
         for (n, p), (_, q) in zip(ours.named_parameters(), ref.named_parameters()):
             torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=n)
     assert patterns[-1] and any(not all(v) for v in patterns[-1].values())  # ranks were pruned
+
+
+# --- GLoRA: the sampled form as tensors ----------------------------------------------------------------
+
+def _glora(ranks=(4, 2), bias: bool = True) -> nn.Module:
+    method = get_method("glora")
+    torch.manual_seed(0)
+    base = Tiny()
+    if not bias:
+        base.blocks[0].fc1 = nn.Linear(16, 32, bias=False)
+    model = method.wrap(base, SITE, method.resolve_settings({"ranks": list(ranks)}), MethodContext())
+    with torch.no_grad():  # every storage tensor away from its (mostly zero) initial value
+        g = torch.Generator().manual_seed(3)
+        for _, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return model
+
+
+GLORA_FORMS = ["A=lora4,B=lora2,C=lora4,D=vector,E=vector", "A=vector,B=scalar,C=vector,D=scalar,E=none",
+               "A=scalar,B=none,C=none,D=none,E=scalar", "A=none,B=vector,C=lora2,D=vector,E=scalar",
+               "A=none,B=none,C=none,D=none,E=none"]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("text", GLORA_FORMS)
+def test_glora_coded_forward_matches_the_per_form_formula(text, bias):
+    """The table forward against ``effective`` (each form written out), outputs and gradients; storage a
+    form does not use gets zero gradient where the written-out form gives none."""
+    from harness.methods.glora import GLoRALinear, LayerForm, form_choices
+
+    x, y = _data()
+    model = _glora(bias=bias)
+    form = LayerForm.parse(text, form_choices((4, 2)))
+    layers = [m for m in model.modules() if isinstance(m, GLoRALinear)]
+    for m in layers:
+        m.form = form
+    model.zero_grad()
+    out = model(x)
+    nn.functional.mse_loss(out, y).backward()
+    out = out.detach()
+    grads = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()
+             if p.requires_grad}
+
+    def layer_out(m, h):
+        return nn.functional.linear(h, *m.effective(form))
+
+    model.zero_grad()
+    ref = _tiny_forward(model, layer_out)(x)
+    nn.functional.mse_loss(ref, y).backward()
+    torch.testing.assert_close(out, ref.detach(), atol=1e-6, rtol=1e-5)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            expected = p.grad if p.grad is not None else torch.zeros_like(p)
+            torch.testing.assert_close(grads[n], expected, atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_glora_compiles_once_for_every_sampled_form():
+    """A compiled training step, then forms drawn in training and fixed forms in evaluation: dynamo
+    compiles the step once per mode (the branches per form made it recompile at nearly every draw)."""
+    from torch._dynamo.testing import CompileCounter
+
+    from harness.methods.glora import GLoRALinear, LayerForm, form_choices
+
+    torch._dynamo.reset()
+    x, y = _data()
+    model = _glora()
+    counter = CompileCounter()
+    loss_fn = torch.compile(lambda b, t: nn.functional.mse_loss(model(b), t), backend=counter)
+    layers = [m for m in model.modules() if isinstance(m, GLoRALinear)]
+    drawn = set()
+    for _ in range(12):
+        loss_fn(x, y).backward()
+        drawn.add(tuple(m.active_form() for m in layers))
+        model.zero_grad()
+    assert len(drawn) > 8  # the draws happen inside the compiled step
+    model.eval()
+    with torch.no_grad():
+        for text in GLORA_FORMS:
+            for m in layers:
+                m.form = LayerForm.parse(text, form_choices((4, 2)))
+            loss_fn(x, y)
+    assert counter.frame_count <= 2, counter.frame_count
+    torch._dynamo.reset()

@@ -17,7 +17,8 @@ C_u Xavier-uniform, so every form is the identity at step 0.
 
 Life cycle here:
 - training (``subnet`` None): each layer draws one form uniformly (each of A..E independently) at every
-  forward pass in training mode. In eval mode an unfixed layer uses its largest form (max-rank LoRA for
+  forward pass in training mode, on the device from torch's generator; the form is a tensor of choice
+  indices, so a compiled step is compiled once for every form (``GLoRALinear``). In eval mode an unfixed layer uses its largest form (max-rank LoRA for
   A, B, C; vector for D, E), so evaluations during training are deterministic.
 - ``finalize``: the evolutionary search of the code (population 50, 20 generations, parents from the top
   10, 25 mutants with per-choice probability 0.2, 25 crossovers, random top-up, candidates seen before
@@ -60,16 +61,23 @@ from harness.methods.linear_adapters import AdaptedLinear, LayerBuilder, LinearA
 _SUBNET_FILE = "glora_subnet.json"
 _SEARCH_KEY = "glora_search"  # method_state key of the SearchResult
 class GLoRALinear(AdaptedLinear):
-    """A frozen Linear with GLoRA's shared storage; ``form`` fixed, or sampled per forward when None."""
+    """A frozen Linear with GLoRA's shared storage; ``form`` fixed, or sampled per forward when None.
+
+    The forward reads the form from tensors, never from Python: each tensor's choice is an index into a
+    small table (a 0/1 mask over the storage rank for its LoRA forms, a gate for its vector form and one
+    for its scalar form), so every form is the same arithmetic on the same shapes and one compiled graph
+    serves them all (branching on the form made torch.compile specialise on it and recompile at nearly
+    every sampled form). Unused storage gets zero gradients where the branches gave it none.
+    In training with no fixed form, the indices are drawn on the device from torch's generator (uniform
+    over each tensor's choices, independently per layer and per forward).
+    """
 
     adapter_tensors = ("A_d", "A_u", "B_d", "B_u", "C_d", "C_u", "D", "E")
 
-    def __init__(self, base: nn.Linear, ranks: Sequence[int], rng: random.Random):
+    def __init__(self, base: nn.Linear, ranks: Sequence[int]):
         super().__init__(base)
         self.ranks = tuple(ranks)
         self.choices = form_choices(self.ranks)
-        self.form: LayerForm | None = None
-        self._rng = rng
         r = max(self.ranks)
         d_in, d_out = base.in_features, base.out_features
         kw = dict(dtype=base.weight.dtype, device=base.weight.device)
@@ -81,16 +89,58 @@ class GLoRALinear(AdaptedLinear):
         self.C_u = nn.Parameter(nn.init.xavier_uniform_(torch.empty(r, 1, **kw)))
         self.D = nn.Parameter(torch.zeros(d_out, **kw))
         self.E = nn.Parameter(torch.zeros(d_out, **kw))
+        # Per tensor, one row per choice: [rank mask (r) | vector gate | scalar gate]; never saved.
+        for t in TENSORS:
+            self.register_buffer(f"_table_{t}", self._table(self.choices[t], r, **kw), persistent=False)
+        counts = [float(len(self.choices[t])) for t in TENSORS]
+        self.register_buffer("_counts", torch.tensor(counts, device=kw["device"]), persistent=False)
+        self.register_buffer("_code", torch.zeros(len(TENSORS), dtype=torch.long, device=kw["device"]),
+                             persistent=False)  # the fixed form's indices (the largest form when unfixed)
+        self.register_buffer("_last", torch.zeros_like(self._code), persistent=False)  # the last forward's
+        self.form = None
+
+    @staticmethod
+    def _table(choices: Sequence[str], r: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        table = torch.zeros(len(choices), r + 2, dtype=dtype, device=device)
+        for i, form in enumerate(choices):
+            if form.startswith("lora"):
+                table[i, :lora_rank(form)] = 1
+            elif form == "vector":
+                table[i, r] = 1
+            elif form == "scalar":
+                table[i, r + 1] = 1
+        return table
+
+    @property
+    def form(self) -> LayerForm | None:
+        return self._form
+
+    @form.setter
+    def form(self, form: LayerForm | None) -> None:
+        self._form = form
+        # a plain bool for the forward: torch.compile guards on its value (two graphs at most), where a
+        # guard on the form object itself would recompile at every new form
+        self._sampling = form is None
+        code = self._encode(form if form is not None else largest_form(self.ranks))
+        with torch.no_grad():
+            self._code.copy_(code)
+
+    def _encode(self, form: LayerForm) -> torch.Tensor:
+        return torch.tensor([self.choices[t].index(getattr(form, t)) for t in TENSORS], dtype=torch.long)
+
+    def _decode(self, code: torch.Tensor) -> LayerForm:
+        return LayerForm(**{t: self.choices[t][int(i)] for t, i in zip(TENSORS, code.tolist())})
 
     def random_form(self, rng: random.Random) -> LayerForm:
         return LayerForm(**{t: rng.choice(self.choices[t]) for t in TENSORS})
 
     def active_form(self) -> LayerForm:
-        """The fixed form; else a fresh uniform draw in training mode, the largest form in eval mode."""
+        """The fixed form; else, in training mode, the form the last training forward drew (reads it back
+        from the device), and in eval mode the largest form, which an unfixed layer evaluates with."""
         if self.form is not None:
             return self.form
         if self.training:
-            return self.random_form(self._rng)
+            return self._decode(self._last)
         return largest_form(self.ranks)
 
     @staticmethod
@@ -109,7 +159,8 @@ class GLoRALinear(AdaptedLinear):
         return {"vector": v, "scalar": v[:1], "none": None}[form]
 
     def effective(self, form: LayerForm) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W', b' + p) of ``form``: the weight and bias of the equivalent plain Linear."""
+        """(W', b' + p) of ``form``: the weight and bias of the equivalent plain Linear, written per form
+        (the reference the forward's table form is tested against; merges use it)."""
         w0, b0 = self.base.weight, self.base.bias
         weight = w0
         a = self._matrix(form.A, self.A_d, self.A_u)
@@ -130,8 +181,38 @@ class GLoRALinear(AdaptedLinear):
             bias = bias + (w0 @ c).squeeze(-1)  # the prompt p = W0 @ C
         return weight, bias
 
+    def _codes(self) -> torch.Tensor:
+        if self._sampling and self.training:
+            code = (torch.rand(self._counts.shape, device=self._counts.device) * self._counts).long()
+            code = torch.minimum(code, self._counts.long() - 1)  # rand < 1, but never trust a float edge
+            self._last.copy_(code)
+            return code
+        return self._code
+
+    def effective_coded(self, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W', b' + p) of the form whose choice indices are ``code`` (5,), as fixed-shape arithmetic."""
+        r = self.A_d.shape[1]
+        # index_select with 1-element index tensors: a 0-d index would be read back as a Python int
+        ta, tb, tc, td, te = (getattr(self, f"_table_{t}").index_select(0, code[i:i + 1])[0]
+                              for i, t in enumerate(TENSORS))
+
+        def matrix(t, down, up):  # LoRA (masked to rank r1) + a column from the vector or scalar form
+            column = t[r] * down[:, 0] + t[r + 1] * down[0, 0]
+            return (down * t[:r]) @ up + column[:, None]
+
+        def vector(t, v):
+            return t[r] * v + t[r + 1] * v[0]
+
+        w0, b0 = self.base.weight, self.base.bias
+        weight = w0 + w0 * matrix(ta, self.A_d, self.A_u) + matrix(tb, self.B_d, self.B_u)
+        c = (self.C_d * tc[:r]) @ self.C_u + tc[r] * self.C_d[:, :1]
+        bias = vector(te, self.E) + (w0 @ c).squeeze(-1)
+        if b0 is not None:
+            bias = bias + b0 + b0 * vector(td, self.D)
+        return weight, bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.effective(self.active_form())
+        weight, bias = self.effective_coded(self._codes())
         return F.linear(x, weight, bias)
 
     def merged_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -272,13 +353,12 @@ class GLoRA(LinearAdapterMethod):
             fixed = largest_form(ranks)
         elif spec not in (None, "random"):
             fixed = LayerForm.parse(spec, form_choices(ranks))  # every layer has the same choices
-        # One stream for the per-forward draws of every layer: reproducible under the trial's seed.
-        rng = random.Random(ctx.seed)
-        # 'random' subnets draw from their own stream, in module order, so the sampling stream is unshifted.
+        # The per-forward draws of training come from torch's generator, on the device (seeded by the
+        # trial); 'random' subnets draw from their own stream, in module order.
         pick = random.Random(ctx.seed + 1)
 
         def build(name: str, linear: nn.Linear) -> GLoRALinear:
-            layer = GLoRALinear(linear, ranks, rng)
+            layer = GLoRALinear(linear, ranks)
             layer.form = layer.random_form(pick) if spec == "random" else per_layer.get(name, fixed)
             return layer
 
