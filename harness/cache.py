@@ -350,17 +350,24 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def check_writable_dir(path: Path, what: str) -> Path:
-    """``path`` as a folder this process can write (created if missing), or a ConfigError saying why not:
-    found before any compute, not after a trial has trained."""
+    """``path`` as a folder this process can write or create, or a ConfigError saying why not: found before
+    any compute, not after a trial has trained. A missing folder is not made here (a refused command leaves
+    nothing behind); its nearest existing parent must be a folder this process may write."""
     from harness.errors import ConfigError
 
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{what} {str(path)!r} is a file, not a folder; give a folder")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
-            pass
+        if path.is_dir():
+            with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+                pass
+        else:
+            parent = next(p for p in path.absolute().parents if p.exists())
+            if not parent.is_dir():
+                raise ConfigError(f"{what} {str(path)!r}: {str(parent)!r} is a file, not a folder; give a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise PermissionError(13, f"cannot create folders in {parent}")
     except OSError as e:
         raise ConfigError(f"{what} {str(path)!r} is not writable ({e.strerror or e}); give a writable folder") from None
     return path
