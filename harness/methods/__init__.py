@@ -5,8 +5,8 @@ from __future__ import annotations
 import importlib
 import re
 
-from harness.errors import ConfigError, choices_message
-from harness.methods.base import AdapterSite, Method, MethodContext, Setting
+from harness.errors import ConfigError, HarnessError, choices_message
+from harness.methods.base import AdapterSite, Method, MethodContext, Setting, check_settings
 
 # name -> "module:Class"; imported lazily so that listing methods stays cheap.
 REGISTRY: dict[str, str] = {
@@ -56,9 +56,49 @@ def get_method(name: str) -> Method:
     if name not in REGISTRY:
         raise ConfigError(choices_message("method", name, method_names()))
     if name not in _cache:
-        module, cls = REGISTRY[name].split(":")
-        _cache[name] = getattr(importlib.import_module(module), cls)()
+        _cache[name] = load_entry(name, REGISTRY[name])
     return _cache[name]
 
 
-__all__ = ["AdapterSite", "Method", "MethodContext", "Setting", "REGISTRY", "base_name", "get_method", "method_names"]
+def load_entry(name: str, target: str) -> Method:
+    """The method a registry entry ``name: "module:Class"`` names, checked as it is loaded: the name is a
+    plain one, the module imports, the class exists there, is a :class:`Method` whose ``name`` is ``name``,
+    and its settings' defaults fit their kinds (:func:`harness.methods.base.check_settings`). A broken entry
+    is a ConfigError naming it; a module that imports but lacks one of its own dependencies stays an
+    ImportError (``python -m harness methods`` lists that method as not available)."""
+    import difflib
+
+    entry = f"method registry entry {name!r}: {target!r}"
+    if not isinstance(name, str) or not _LABEL.match(name):
+        raise ConfigError(f"{entry}: the name must be 1-40 letters, digits, '.', '_' or '-', starting with a "
+                          "letter or digit (it names rows and files)")
+    module_name, sep, cls_name = target.partition(":") if isinstance(target, str) else ("", "", "")
+    if not sep or not module_name or not cls_name.isidentifier():
+        raise ConfigError(f"{entry}: expected 'package.module:ClassName', e.g. "
+                          "'harness.methods.peft_methods:LoRA'")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        # The entry's own module (or a package on its path) is missing: a misspelt entry, not a missing extra.
+        if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
+            raise ConfigError(f"{entry}: there is no module {e.name!r}") from None
+        raise
+    except HarnessError as e:  # a declaration the method's module refused as it was defined
+        raise ConfigError(f"{entry}: {e}") from None
+    cls = getattr(module, cls_name, None)
+    if cls is None:
+        found = [k for k, v in vars(module).items() if isinstance(v, type) and issubclass(v, Method) and v is not Method]
+        close = difflib.get_close_matches(cls_name, found, n=1, cutoff=0.5)
+        hint = f" (did you mean {close[0]!r}?)" if close else f"; its methods: {', '.join(sorted(found)) or 'none'}"
+        raise ConfigError(f"{entry}: module {module_name!r} has no class {cls_name!r}{hint}")
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise ConfigError(f"{entry}: {cls_name!r} is not a subclass of harness.methods.Method")
+    if cls.name != name:
+        raise ConfigError(f"{entry}: the class's name is {cls.name!r}; a method is registered under its own "
+                          f"name (set {cls_name}.name = {name!r} or register it as {cls.name!r})")
+    check_settings(name, cls.settings)  # also for a class that bypassed __init_subclass__
+    return cls()
+
+
+__all__ = ["AdapterSite", "Method", "MethodContext", "Setting", "REGISTRY", "base_name", "get_method", "load_entry",
+           "method_names"]

@@ -125,6 +125,56 @@ class Setting:
 _FIELD_TYPES: dict[type, Any] = {int: Int, float: Float, bool: Bool, type(None): type(None)}
 
 
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join("None" if k is type(None) else getattr(k, "__name__", str(k)) for k in kinds)
+
+
+def _default_problem(s: Setting) -> str | None:
+    """Why ``s.default`` is not a value of ``s`` (its kind, choices and bounds), or None when it is. The
+    same strictness as a user's value gets (harness.validation): a bool is not an int or a float, an int is
+    a float; a string is never a number, even one that would parse."""
+    if s.choices is not None:
+        return None if s.default in s.choices else f"not one of its choices {list(s.choices)}"
+    if s.kind is not None:
+        kinds = s.kind if isinstance(s.kind, tuple) else (s.kind,)
+        bad_kind = [k for k in kinds if not isinstance(k, type)]
+        if bad_kind:
+            return f"its kind {bad_kind[0]!r} is not a type"
+
+        def fits(k: type) -> bool:
+            if isinstance(s.default, bool) and k in (int, float):
+                return False
+            return isinstance(s.default, k) or (k is float and isinstance(s.default, int))
+
+        if not any(fits(k) for k in kinds):
+            return f"a {type(s.default).__name__}, not of its kind {_kind_name(s.kind)}"
+    if isinstance(s.default, (int, float)) and not isinstance(s.default, bool):
+        if s.ge is not None and not s.default >= s.ge:
+            return f"below its bound >= {s.ge}"
+        if s.gt is not None and not s.default > s.gt:
+            return f"not above its bound > {s.gt}"
+    return None
+
+
+def check_settings(owner: str, settings: dict[str, Setting]) -> None:
+    """Refuse a settings declaration whose default is not a value of its own setting (kind, choices,
+    bounds), naming the method, the setting, the default and the kind: found where the method is defined,
+    not when a user leaves the setting out of a sweep and the default fails validation mid-sweep."""
+    if not isinstance(settings, dict):
+        raise ConfigError(f"method {owner!r}: settings must be a dict of name -> Setting, got "
+                          f"{type(settings).__name__}")
+    for key, s in settings.items():
+        if not isinstance(s, Setting):
+            raise ConfigError(f"method {owner!r} setting {key!r}: declared as {type(s).__name__}, not as a "
+                              "Setting(default, help, ...)")
+        problem = _default_problem(s)
+        if problem:
+            kind = _kind_name(s.kind) if s.kind is not None else "inferred from the default"
+            raise ConfigError(f"method {owner!r} setting {key!r}: its default {s.default!r} is {problem} "
+                              f"(kind {kind}); fix the declaration's default or kind")
+
+
 # Settings every method takes: the optimiser's, so a sweep can search them per method.
 COMMON_SETTINGS: dict[str, Setting] = {
     "lr": Setting(None, "learning rate (None: the method's default_lr, else the track's)", kind=(float, type(None)),
@@ -209,6 +259,11 @@ class Method:
     # True for the LoRA family (update scaled by alpha / r): alpha comes from the study's alpha_rule
     # (harness/scaling.py) unless the method's own alpha setting is given.
     alpha_family: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Checked once per class, where it is defined: a declaration error names the method at import.
+        super().__init_subclass__(**kwargs)
+        check_settings(cls.name or cls.__name__, cls.settings)
 
     def all_settings(self) -> dict[str, Setting]:
         return {**COMMON_SETTINGS, **(TARGET_SETTINGS if self.takes_targets else {}), **self.settings}

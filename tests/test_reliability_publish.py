@@ -1,0 +1,142 @@
+"""Issue 24 (publishing, cache and registry): messages, the method registry, ``methods --count``, what a
+sweep writes into the leaderboard folder, board names, cache file modes and VTAB list files.
+
+Commands run the way a user runs them: from a temporary working folder with relative paths and the
+README's defaults (``monkeypatch.chdir``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from harness.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- item 3: messages, Setting declarations, the method registry --------------------------------------
+
+def test_choices_message_puts_the_head_noun_in_the_plural(tmp_path, monkeypatch, capsys):
+    from harness.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    doc = {"name": "s", "track": "vision", "benchmark": "builtin", "tasks": ["textrues"], "methods": {"linear": {}}}
+    Path("bad.yaml").write_text(yaml.safe_dump(doc))
+    assert main(["sweep", "bad.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "valid tasks of builtin: " in err and "task of builtins" not in err, err
+    assert "did you mean 'textures'" in err
+
+
+@pytest.mark.parametrize("setting, words", [
+    ("Setting(8.5, 'rank', kind=int)", ["'r'", "8.5", "int"]),
+    ("Setting('4', 'rank', kind=int)", ["'r'", "'4'", "int"]),
+    ("Setting(True, 'rank', kind=int)", ["'r'", "True", "int"]),
+    ("Setting(None, 'rank', kind=int)", ["'r'", "None", "int"]),
+    ("Setting('xavier', 'init', choices=('kaiming', 'zeros'))", ["'r'", "'xavier'", "kaiming"]),
+    ("Setting(0, 'rank', kind=int, ge=1)", ["'r'", "0", ">= 1"]),
+])
+def test_a_setting_whose_default_does_not_fit_is_refused_where_the_method_is_defined(setting, words):
+    from harness.methods.base import Method, Setting  # noqa: F401 - used by the declaration below
+
+    with pytest.raises(ConfigError) as e:
+        exec(textwrap.dedent(f"""
+            class Toy(Method):
+                name = "toy"
+                settings = {{"r": {setting}}}
+        """), {"Method": Method, "Setting": Setting})
+    msg = str(e.value)
+    assert "method 'toy'" in msg and all(w in msg for w in words), msg
+
+
+def test_settings_that_fit_are_accepted():
+    from harness.methods.base import Method, Setting
+
+    class Fine(Method):
+        name = "fine"
+        settings = {"r": Setting(8, "rank", kind=int, ge=1), "alpha": Setting(16, "scale", kind=(float, int)),
+                    "lr2": Setting(1, "a float written as an int", kind=float, gt=0),
+                    "init": Setting("zeros", "init", choices=("zeros", "kaiming")),
+                    "cap": Setting(None, "optional", kind=(int, type(None)))}
+
+    assert Fine().resolve_settings({})["lr2"] == 1.0
+
+
+def _bad_registry(monkeypatch, name: str, target: str) -> None:
+    from harness import methods
+
+    monkeypatch.setitem(methods.REGISTRY, name, target)
+    monkeypatch.setattr(methods, "_cache", {})
+
+
+@pytest.mark.parametrize("target, words", [
+    ("harness.methods.peft_methods:LoRa", ["'lora'", "no class 'LoRa'", "did you mean 'LoRA'"]),
+    ("harness.methods.peft_method:LoRA", ["'lora'", "no module 'harness.methods.peft_method'"]),
+    ("harness.methods.peft_methods.LoRA", ["'lora'", "package.module:ClassName"]),
+    ("harness.methods.peft_methods:DoRA", ["'lora'", "name is 'dora'"]),
+])
+def test_a_broken_registry_entry_is_a_clear_error_from_the_methods_command(monkeypatch, capsys, target, words):
+    from harness.cli import main
+
+    _bad_registry(monkeypatch, "lora", target)
+    assert main(["methods"]) == 2
+    err = capsys.readouterr().err
+    assert "method registry entry" in err and all(w in err for w in words), err
+    assert "Traceback" not in err
+
+
+def test_a_registered_class_with_a_bad_setting_default_names_entry_setting_default_and_kind(tmp_path, monkeypatch,
+                                                                                             capsys):
+    from harness.cli import main
+
+    (tmp_path / "toy_methods_bad.py").write_text(textwrap.dedent("""
+        from harness.methods.base import Method, Setting
+
+        class Toy(Method):
+            name = "toy"
+            settings = {"r": Setting(2.5, "rank", kind=int)}
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _bad_registry(monkeypatch, "toy", "toy_methods_bad:Toy")
+    assert main(["methods"]) == 2
+    err = capsys.readouterr().err
+    assert all(w in err for w in ("method registry entry 'toy'", "setting 'r'", "2.5", "int")), err
+
+
+def test_a_bad_registry_name_is_refused(monkeypatch, capsys):
+    from harness.cli import main
+
+    _bad_registry(monkeypatch, "my lora", "harness.methods.peft_methods:LoRA")
+    assert main(["methods"]) == 2
+    assert "method registry entry 'my lora'" in capsys.readouterr().err
+
+
+# --- item 4: methods --count is quiet and leaves the thread count as it was -------------------------------
+
+def test_methods_count_prints_no_warning_and_restores_threads(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from harness.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code = main(["methods", "--count", "--backbone", "vit_tiny_patch16_224", "--methods", "randlora,lora",
+                     "--set", "img_size=32", "--set", "model_kwargs={patch_size: 8, depth: 2}", "--json"])
+    assert code == 0
+    rows = {r["method"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["lora"]["trainable_params"] > 0 and rows["randlora"]["trainable_params"] > 0
+    assert [str(w.message) for w in caught if issubclass(w.category, UserWarning)] == []
+    assert torch.get_num_threads() == threads
