@@ -1,0 +1,75 @@
+"""Early stopping in the selection stage: ASHA (Ray Tune's) per (method, task) on intermediate val200
+scores; stopped trials count with their last score, a setting is chosen from them and the final stage
+trains it at full budget."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harness.early_stopping import eval_points, expected_update_fraction, parse_scheduler
+from harness.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"backbone": "vit_tiny_patch16_224", "img_size": 32, "model_kwargs": {"patch_size": 8, "depth": 2},
+        "drop_path": 0.0, "weights": "random", "threads": 1}
+STEPS, GRACE = 16, 4
+LRS = [1.0e-9, 1.0e-2, 3.0e-2, 1.0e-1]  # on random features the first (barely moving) scores best on val200
+
+
+def test_scheduler_settings_are_checked_with_tunes_names():
+    plan = parse_scheduler({"scheduler": "asha", "grace_period": 4, "reduction_factor": 2})
+    assert eval_points(plan, 16) == [4, 8]  # Tune's rungs below max_t
+    assert expected_update_fraction(plan, 16) == pytest.approx((4 + (8 - 4) / 2 + (16 - 8) / 4) / 16)
+    assert parse_scheduler({"scheduler": None}) is None
+    with pytest.raises(ConfigError, match="grace_perod.*valid: grace_period"):
+        parse_scheduler({"scheduler": "asha", "grace_perod": 4})
+    with pytest.raises(ConfigError, match="max_t: set by the harness"):
+        parse_scheduler({"scheduler": "asha", "max_t": 4})
+    with pytest.raises(ConfigError, match="use 'asha' with brackets"):
+        parse_scheduler({"scheduler": "hyperband"})
+    with pytest.raises(ConfigError, match="reduction_factor"):
+        parse_scheduler({"scheduler": "asha", "reduction_factor": 1})
+    with pytest.raises(ConfigError, match="without a scheduler"):
+        parse_scheduler({"scheduler": None, "grace_period": 3})
+
+
+def test_asha_stops_selection_trials_and_the_chosen_setting_runs_in_full(tmp_path):
+    doc = {"name": "asha", "track": "vision", "benchmark": "builtin", "tasks": ["shapes"],
+           "protocol": "select-then-final", "seeds": [0],
+           "selection": {"seeds": [0], "scheduler": "asha", "grace_period": GRACE, "reduction_factor": 2},
+           "methods": {"full": {"lr": LRS}},
+           "budget": {"steps": STEPS, "batch_size": 8}, "settings": TINY,
+           # one trial at a time: ASHA then compares each trial with all the earlier ones at every rung
+           "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0, "max_concurrent": 1}}
+    path = tmp_path / "asha.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    env = dict(os.environ, HARNESS_CACHE=str(tmp_path / "cache"), RAY_DEDUP_LOGS="0")
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-m", "harness", "sweep", str(path), "--results", str(tmp_path / "res"),
+                           "--leaderboard", str(tmp_path / "board"), "--no-dashboard"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-3000:]
+    base = tmp_path / "res" / "asha"
+    select = [json.loads(x) for x in (base / "asha-select-records.jsonl").read_text().splitlines()]
+    assert len(select) == len(LRS) and all(r["status"] == "ok" for r in select)
+    stopped = [r for r in select if "stopped_at_update" in json.loads(r["extra"])]
+    assert stopped, "no selection trial was stopped"
+    ran = [r for r in select if r not in stopped]
+    assert max(r["top1"] for r in stopped) < max(r["top1"] for r in ran)  # stopped for scoring worse
+    assert all(json.loads(r["extra"])["stopped_at_update"] in (GRACE, 2 * GRACE) for r in stopped)
+    spent = sum(json.loads(r["extra"]).get("stopped_at_update", STEPS) for r in select)
+    assert spent < STEPS * len(LRS)  # fewer updates than the full grid
+    # the setting chosen is the best score among all selection trials, stopped ones with their last score
+    best = max(select, key=lambda r: r["top1"])
+    final = [json.loads(x) for x in (base / "asha-records.jsonl").read_text().splitlines()]
+    assert len(final) == 1 and final[0]["status"] == "ok"
+    assert json.loads(final[0]["settings"])["lr"] == json.loads(best["settings"])["lr"]
+    assert json.loads(final[0]["extra"])["updates"] == STEPS  # the final stage is never stopped early
+    assert final[0]["selection"].startswith("held-out/asha(") and final[0]["grid_size"] == len(LRS)
