@@ -17,6 +17,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -167,6 +168,7 @@ class ArtifactCache:
         tmp = Path(tempfile.mkdtemp(prefix=f"{_build_prefix(final)}{_HOST}-{os.getpid()}.", dir=final.parent))
         try:
             build(tmp)
+            share_tree(tmp)  # whatever wrote the files (safetensors writes 0600), they get the umask's modes
             files = {
                 str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
                 for p in sorted(tmp.rglob("*")) if p.is_file()
@@ -332,10 +334,37 @@ def share_mode(path: Path, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
+def share_tree(folder: Path) -> None:
+    """:func:`share_mode` for every file and folder under ``folder`` (not ``folder`` itself): a cache entry's
+    builder writes its files however its library does (safetensors creates them 0600, through a private
+    temporary file), and the entry's files must all carry the same modes as ``manifest.json``."""
+    for p in Path(folder).rglob("*"):
+        if not p.is_symlink():
+            share_mode(p, directory=p.is_dir())
+
+
+# A temporary file of an atomic write is named ``.<file>.harness-tmp.<pid>.<random>`` beside its target, so
+# that a writer's leftovers (it was killed between create and rename) are recognised by their name alone and
+# nothing else in a folder (a user's ``.env.local``) is ever taken for one.
+TEMP_MARK = "harness-tmp"
+_TEMP_NAME = re.compile(rf"^\..+\.{TEMP_MARK}\.(\d+)\.[A-Za-z0-9_]{{8}}$")
+
+
+def temporary_prefix(path: Path) -> str:
+    """The name prefix of ``path``'s temporaries (``mkstemp`` adds eight random characters)."""
+    return f".{Path(path).name}.{TEMP_MARK}.{os.getpid()}."
+
+
+def is_harness_temporary(path: Path) -> bool:
+    """Whether ``path`` is named as :func:`atomic_write_bytes` names its temporaries."""
+    return bool(_TEMP_NAME.match(Path(path).name))
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a file atomically: a temporary file beside it (:func:`temporary_prefix`), fsync, rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path), dir=path.parent)
     share_mode(Path(tmp))
     try:
         with os.fdopen(fd, "wb") as f:

@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 
 from harness import __version__
-from harness.cache import atomic_write_bytes, atomic_write_text
+from harness.cache import TEMP_MARK, atomic_write_bytes, atomic_write_text, is_harness_temporary
 from harness.tracks import get_track
 from harness.trial import TrialRecord
 
@@ -205,11 +205,13 @@ def board_lock(out_dir: Path):
 
 
 def _clean_stale_temporaries(out_dir: Path) -> None:
-    """Remove temporary files that a killed writer left behind (``atomic_write_*`` names them ``.<file>.*``)."""
+    """Remove temporary files that a killed writer left behind: only files named as the harness's atomic
+    writes name their temporaries (:func:`harness.cache.is_harness_temporary`), never anything else in the
+    folder (a user's dotfiles), and only once they are older than any write takes."""
     import time
 
-    for tmp in out_dir.glob(".*.*"):
-        if tmp.name != LOCK_FILE and tmp.is_file() and time.time() - tmp.stat().st_mtime > STALE_TMP_S:
+    for tmp in out_dir.glob(f".*.{TEMP_MARK}.*"):
+        if is_harness_temporary(tmp) and tmp.is_file() and time.time() - tmp.stat().st_mtime > STALE_TMP_S:
             tmp.unlink(missing_ok=True)
 
 

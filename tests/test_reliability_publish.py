@@ -140,3 +140,82 @@ def test_methods_count_prints_no_warning_and_restores_threads(tmp_path, monkeypa
     assert rows["lora"]["trainable_params"] > 0 and rows["randlora"]["trainable_params"] > 0
     assert [str(w.message) for w in caught if issubclass(w.category, UserWarning)] == []
     assert torch.get_num_threads() == threads
+
+
+# --- item 7: only the harness's own temporaries are ever removed from a leaderboard folder ---------------
+
+def _aged(path: Path, seconds: float) -> Path:
+    t = time.time() - seconds
+    os.utime(path, (t, t))
+    return path
+
+
+def test_stale_cleanup_removes_only_harness_temporaries(tmp_path, monkeypatch):
+    from harness import cache, leaderboard
+
+    monkeypatch.chdir(tmp_path)
+    board = Path("leaderboard")
+    board.mkdir()
+    users = [board / ".pre-commit-config.yaml", board / ".env.local", board / ".tiny.csv.keep",
+             board / ".notes.harness-tmp.txt"]
+    for p in users:
+        p.write_text("mine\n")
+        _aged(p, 2 * 3600)
+    # a leftover of a writer killed between create and rename: named as atomic_write_bytes names them
+    import tempfile
+
+    fd, left = tempfile.mkstemp(prefix=cache.temporary_prefix(board / "tiny.csv"), dir=board)
+    os.close(fd)
+    left = _aged(Path(left), 2 * 3600)
+    fd, fresh = tempfile.mkstemp(prefix=cache.temporary_prefix(board / "tiny.md"), dir=board)
+    os.close(fd)  # a write in progress right now (another sweep): young, kept
+    assert cache.is_harness_temporary(left) and not any(cache.is_harness_temporary(p) for p in users)
+    leaderboard._clean_stale_temporaries(board)
+    assert all(p.read_text() == "mine\n" for p in users)
+    assert not left.exists() and Path(fresh).exists()
+
+
+def test_atomic_writes_name_their_temporaries_unmistakably(tmp_path, monkeypatch):
+    """The name a temporary has while it is written (seen from inside the write) is the one cleanup matches."""
+    import tempfile
+
+    from harness import cache
+
+    seen = []
+    real = tempfile.mkstemp
+
+    def spy(*a, **k):
+        fd, name = real(*a, **k)
+        seen.append(Path(name))
+        return fd, name
+
+    monkeypatch.setattr(tempfile, "mkstemp", spy)
+    cache.atomic_write_text(tmp_path / "board.csv", "a,b\n")
+    assert len(seen) == 1 and cache.is_harness_temporary(seen[0]) and str(os.getpid()) in seen[0].name
+    assert (tmp_path / "board.csv").read_text() == "a,b\n" and list(tmp_path.iterdir()) == [tmp_path / "board.csv"]
+
+
+# --- item 14: every file of a cache entry gets the umask's permissions -------------------------------------
+
+def test_cache_entry_files_follow_the_umask(tmp_path, monkeypatch):
+    import torch
+
+    from harness.cache import ArtifactCache
+    from vision.images import Split, cached_split
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HARNESS_CACHE", "cache")  # relative, as a user may set it
+    old = os.umask(0o022)
+    try:
+        split = Split(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.tensor([0, 1]), ["a.png", "b.png"])
+        got = cached_split("toy", {"k": 1}, lambda: split, ArtifactCache())
+    finally:
+        os.umask(old)
+    assert torch.equal(got.labels, split.labels)
+    entries = [p for p in Path("cache").rglob("*") if p.is_file() and not p.name.endswith(".lock")]
+    names = {p.name for p in entries}
+    assert {"split.safetensors", "paths.json", "manifest.json"} <= names, names
+    modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in entries}
+    assert set(modes.values()) == {"0o644"}, modes
+    folders = {oct(stat.S_IMODE(p.stat().st_mode)) for p in Path("cache").rglob("*") if p.is_dir()}
+    assert folders == {"0o755"}, folders
