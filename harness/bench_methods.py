@@ -1,8 +1,14 @@
 """``python -m harness bench methods``: per-method training step time and peak memory on one model.
 
 All methods are timed in one process on the same model, batch and device, and reported as ratios to
-full fine-tuning (and to LoRA), so the figures compare within the run. On a GPU the default is ViT-B/16
-at batch 64 with bf16 autocast; on a CPU a small ViT, and the absolute times mean little there.
+full fine-tuning (and to LoRA), so the figures compare within the run. Two models (``--set model=...``):
+
+- ``vit`` (default): on a GPU ViT-B/16 at batch 64 with bf16 autocast, the four block Linears adapted;
+  on a CPU a small ViT, and the absolute times mean little there.
+- ``dt``: the paper's Decision Transformer (4 layers, width 512, 50 steps of context) at batch 128 on
+  windows sampled on the device from random episodes of the real shape (left-padded where a window runs
+  past an episode's end, as in trials), every Linear of the blocks adapted; ``tiny=true`` (the default on
+  a CPU) a 2-layer width-32 DT, so a test can run it.
 """
 
 from __future__ import annotations
@@ -11,12 +17,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from harness.errors import ConfigError
 from harness.methods import AdapterSite, MethodContext, get_method, method_names
 from harness.randomness import seeded
 from harness.training import LoopConfig, Trainer, synchronize
@@ -29,6 +36,8 @@ class BenchSettings(BaseModel):
     """``--set`` keys of ``bench methods``; None takes the device's default (ViT-B/16 bs64 on a GPU)."""
 
     model_config = ConfigDict(extra="forbid")
+    model: Literal["vit", "dt"] = "vit"
+    tiny: Bool | None = None  # dt: a 2-layer width-32 DT (default on a CPU); vit: use `backbone`
     backbone: str | None = None
     img_size: Int | None = Field(None, ge=8)
     batch_size: Int | None = Field(None, ge=1)
@@ -39,34 +48,67 @@ class BenchSettings(BaseModel):
     fast: Bool = True  # the harness's fast adapter forwards (fast_peft); false: peft's own, for comparison
 
 
-def _defaults(cuda: bool) -> dict[str, Any]:
+def _defaults(cuda: bool, model: str) -> dict[str, Any]:
+    common = {"steps": 20, "warmup": 5} if cuda else {"steps": 5, "warmup": 2}
+    if model == "dt":
+        return {**common, "batch_size": 128 if cuda else 8, "tiny": not cuda, "methods": method_names()}
     if cuda:
-        return {"backbone": "vit_base_patch16_224", "img_size": 224, "batch_size": 64, "steps": 20, "warmup": 5,
+        return {**common, "backbone": "vit_base_patch16_224", "img_size": 224, "batch_size": 64,
                 "methods": method_names()}
-    return {"backbone": "vit_tiny_patch16_224", "img_size": 64, "batch_size": 16, "steps": 5, "warmup": 2,
-            "methods": method_names()}
+    return {**common, "backbone": "vit_tiny_patch16_224", "img_size": 64, "batch_size": 16, "methods": method_names()}
 
 
-def _make_model(backbone: str, img_size: int, device: torch.device) -> nn.Module:
-    import timm
+class _Workload:
+    """What a timed step needs of one model: a fresh copy, its adapter site, a batch and the loss."""
 
-    with seeded(0):
-        return timm.create_model(backbone, pretrained=False, num_classes=10, img_size=img_size).to(device)
+    def __init__(self, cfg: dict[str, Any], device: torch.device):
+        self.cfg, self.device = cfg, device
+        n = cfg["batch_size"]
+        if cfg["model"] == "dt":
+            from agents.bench import random_episodes
+            from agents.data import WindowSampler
+            from agents.dt import SITE, DTConfig, batch_loss, forward_batch, layer_tokens
+
+            self.dt_cfg = (DTConfig(n_layer=2, n_head=2, n_embd=32, context=6) if cfg["tiny"] else DTConfig())
+            self.site = SITE
+            self.batch = WindowSampler(random_episodes(64, self.dt_cfg), self.dt_cfg.context, seed=0,
+                                       device=device).sample(n)
+            self.loss: Callable[[nn.Module, Any], torch.Tensor] = batch_loss
+            self.forward_fn, self.layer_inputs_fn = forward_batch, layer_tokens
+            self.unit = "samples_per_s"
+        else:
+            self.site = VIT_SITE
+            x = torch.randn(n, 3, cfg["img_size"], cfg["img_size"], device=device)
+            y = torch.randint(0, 10, (n,), device=device)
+            self.batch = (x, y)
+            self.loss = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])
+            self.forward_fn, self.layer_inputs_fn = (lambda m, b: m(b[0])), None
+            self.unit = "images_per_s"
+
+    def model(self) -> nn.Module:
+        with seeded(0):
+            if self.cfg["model"] == "dt":
+                from agents.dt import DecisionTransformer
+
+                return DecisionTransformer(self.dt_cfg).to(self.device)
+            import timm
+
+            return timm.create_model(self.cfg["backbone"], pretrained=False, num_classes=10,
+                                     img_size=self.cfg["img_size"]).to(self.device)
 
 
-def _bank(cfg: dict[str, Any], device: torch.device, folder: Path) -> list[str]:
+def _bank(work: _Workload, folder: Path) -> list[str]:
     """Three random LoRA adapters of the same base, as EigenLoRA's bank."""
     lora = get_method("lora")
     paths = []
     for i in range(3):
-        model = _make_model(cfg["backbone"], cfg["img_size"], device)
         settings = lora.resolve_settings({"r": 4})
-        wrapped = lora.wrap(model, VIT_SITE, settings, MethodContext(device=device))
+        wrapped = lora.wrap(work.model(), work.site, settings, MethodContext(device=work.device))
         with torch.no_grad():
             for name, p in wrapped.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0, 0.02, generator=torch.Generator(device=p.device).manual_seed(i))
-        lora.save(wrapped, VIT_SITE, settings, folder / f"bank{i}")
+        lora.save(wrapped, work.site, settings, folder / f"bank{i}")
         paths.append(str(folder / f"bank{i}"))
     return paths
 
@@ -75,17 +117,19 @@ def bench_methods(overrides: dict[str, Any]) -> dict[str, Any]:
     """Time each method's training step; return per-method ms/step, peak memory and ratios."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     given = validate(BenchSettings, overrides, "bench methods", "bench setting").model_dump(exclude_none=True)
-    cfg = {**_defaults(device.type == "cuda"), **given}
+    if given["model"] == "dt" and ("backbone" in given or "img_size" in given):
+        raise ConfigError("bench methods: 'backbone' and 'img_size' are ViT settings; with model=dt use "
+                          "'tiny' (true: a 2-layer width-32 DT; false: the paper's DT) and 'batch_size'")
+    cfg = {**_defaults(device.type == "cuda", given["model"]), **given}
     for name in cfg["methods"]:
         get_method(name)  # an unknown name fails here, listing the valid ones
-    x = torch.randn(cfg["batch_size"], 3, cfg["img_size"], cfg["img_size"], device=device)
-    y = torch.randint(0, 10, (cfg["batch_size"],), device=device)
+    work = _Workload(cfg, device)
     rows: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        bank = _bank(cfg, device, Path(tmp)) if "eigenlora" in cfg["methods"] else []
+        bank = _bank(work, Path(tmp)) if "eigenlora" in cfg["methods"] else []
         for name in cfg["methods"]:
             try:
-                rows[name] = _time_method(name, cfg, x, y, device, bank)
+                rows[name] = _time_method(name, cfg, work, bank)
             except Exception as e:  # one method's failure must not hide the others' figures
                 rows[name] = {"error": f"{type(e).__name__}: {e}"}
             print(f"[bench] {name}: {rows[name]}", file=sys.stderr, flush=True)
@@ -101,28 +145,28 @@ def bench_methods(overrides: dict[str, Any]) -> dict[str, Any]:
             "methods": rows}
 
 
-def _time_method(name: str, cfg: dict[str, Any], x, y, device, bank) -> dict[str, Any]:
+def _time_method(name: str, cfg: dict[str, Any], work: _Workload, bank) -> dict[str, Any]:
     """Step time through the harness's training loop (the same one trials use), after ``warmup`` untimed steps."""
     from harness.finetune import MethodHooks
 
+    device = work.device
     method = get_method(name)
     if cfg["compile"]:
         # every method compiles the same loss function anew: past dynamo's recompile limit a process
         # would silently run the later methods eager
         torch._dynamo.reset()
-    model = _make_model(cfg["backbone"], cfg["img_size"], device)
     settings = method.resolve_settings({})
+    batch = work.batch
     ctx = MethodContext(total_steps=cfg["steps"] + cfg["warmup"], device=device, adapter_bank=bank,
-                        init_batches=lambda: [(x, y)] * 4, forward_fn=lambda m, b: m(b[0]),
-                        evaluate=lambda m: 0.0)
-    model = method.wrap(model, VIT_SITE, settings, ctx).to(device)
+                        init_batches=lambda: [batch] * 4, forward_fn=work.forward_fn,
+                        layer_inputs_fn=work.layer_inputs_fn, evaluate=lambda m: 0.0)
+    model = method.wrap(work.model(), work.site, settings, ctx).to(device)
     if not cfg["fast"]:
         from harness.methods import fast_peft
 
         fast_peft.disable(model)
     loop = LoopConfig(steps=cfg["warmup"] + cfg["steps"], lr=1e-4, report_every=0, compile=cfg["compile"])
-    trainer = Trainer(model, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]), lambda: (x, y), loop, device,
-                      MethodHooks(method, ctx))
+    trainer = Trainer(model, work.loss, lambda: batch, loop, device, MethodHooks(method, ctx))
     synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -134,7 +178,7 @@ def _time_method(name: str, cfg: dict[str, Any], x, y, device, bank) -> dict[str
         pass
     synchronize(device)
     ms = (time.perf_counter() - start) * 1000 / cfg["steps"]
-    own, head = method.count(model, VIT_SITE)
+    own, head = method.count(model, work.site)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-    return {"ms_per_step": round(ms, 2), "images_per_s": round(cfg["batch_size"] * 1000 / ms, 1),
+    return {"ms_per_step": round(ms, 2), work.unit: round(cfg["batch_size"] * 1000 / ms, 1),
             "peak_mb": round(peak, 1) if peak else None, "trainable_params": own, "head_params": head}

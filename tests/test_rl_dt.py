@@ -179,3 +179,21 @@ def test_layer_tokens_are_the_real_steps_inside_the_blocks():
     assert seen[0].shape == expected.shape == (3 * 6 * 4 - 4 * 4, 32)
     # the same rows, up to order
     torch.testing.assert_close(seen[0].sort(0).values, expected.detach().sort(0).values)
+
+
+def test_bench_methods_runs_on_the_dt():
+    """`bench methods --set model=dt` on a tiny DT: every listed method timed against full fine-tuning in
+    the same run, no method failing; ViT-only settings refused before any compute."""
+    from harness.bench_methods import bench_methods
+    from harness.errors import ConfigError
+
+    methods = ["full", "lora", "adalora", "randlora", "glora", "eigenlora", "eva"]
+    out = bench_methods({"model": "dt", "tiny": True, "methods": methods, "steps": 2, "warmup": 1, "batch_size": 4})
+    assert list(out["methods"]) == methods and out["config"]["model"] == "dt"
+    for name, row in out["methods"].items():
+        assert "error" not in row, (name, row)
+        assert row["ms_per_step"] > 0 and row["samples_per_s"] > 0 and row["time_vs_full"] > 0, name
+    assert out["methods"]["full"]["time_vs_full"] == 1.0
+    assert 0 < out["methods"]["eigenlora"]["trainable_params"] < out["methods"]["lora"]["trainable_params"]
+    with pytest.raises(ConfigError, match="img_size"):
+        bench_methods({"model": "dt", "img_size": 32})
