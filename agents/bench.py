@@ -5,12 +5,16 @@ The harness side is what a fine-tuning trial runs: the training loop of ``harnes
 windows drawn by the track's sampler from episodes of the trial's shape. The plain side is the loop a
 researcher would write by hand: one fixed batch already on the device, fused AdamW, bf16 autocast,
 clipping, nothing else. Both run eager and compiled (``compile``); the ratios are the harness's overhead.
+
+The compiled runs use torch.compile's mode ``bench_compile_mode`` of the track settings where it exists
+(``default``, ``reduce-overhead``: the compiled forward and backward replayed as CUDA graphs, or
+``max-autotune-no-cudagraphs``), so the modes can be compared on the same DT update.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -33,23 +37,58 @@ def random_episodes(n: int, cfg: DTConfig, seed: int = 0) -> Episodes:
                     np.zeros(n, np.float32))
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+
+
+def compile_mode(ts) -> str:
+    """The torch.compile mode of the compiled bench runs: ``ts.bench_compile_mode`` where the settings
+    have it, else torch's default."""
+    from harness.errors import ConfigError
+
+    mode = getattr(ts, "bench_compile_mode", "default") or "default"
+    if mode not in COMPILE_MODES:
+        raise ConfigError(f"bench rl setting 'bench_compile_mode'={mode!r}: expected one of {list(COMPILE_MODES)}")
+    return mode
+
+
+def compiled_loss(loss: Callable[[Any], torch.Tensor], mode: str) -> Callable[[Any], torch.Tensor]:
+    """``loss`` compiled with torch.compile ``mode``. Under CUDA graphs (reduce-overhead) each call starts
+    a new graph step and its loss is copied out of the graph's memory, which the next replay overwrites
+    (the training loop keeps losses for its batched finite checks)."""
+    if mode == "default":
+        return torch.compile(loss)
+    fn = torch.compile(loss, mode=mode)
+    if mode != "reduce-overhead":
+        return fn
+
+    def run(batch: Any) -> torch.Tensor:
+        torch.compiler.cudagraph_mark_step_begin()
+        return fn(batch).clone()
+
+    return run
+
+
 def finetune_trainer(cfg: DTConfig, ts, batch: int, steps: int, compiled: bool, device: torch.device,
-                     fixed_batch: bool = False) -> Trainer:
+                     fixed_batch: bool = False, mode: str = "default") -> Trainer:
     """A fine-tuning trial's update loop on the DT of ``cfg``: the engine's Trainer on windows sampled on
-    the device from random episodes of the real shape (``steps`` updates)."""
+    the device from random episodes of the real shape (``steps`` updates); ``mode``: torch.compile's mode
+    where ``compiled`` (CUDA only, as the Trainer compiles)."""
     with seeded(0):
         model = DecisionTransformer(cfg).to(device)
     sampler = WindowSampler(random_episodes(200, cfg), cfg.context, seed=0, device=device)
     loop = LoopConfig(steps=steps, lr=ts.lr, weight_decay=ts.weight_decay, warmup=steps // 4,
                       min_lr=ts.min_lr, grad_clip=ts.grad_clip, compile=compiled, report_every=0)
     fixed = sampler.sample(batch)
-    return Trainer(model, batch_loss, (lambda: fixed) if fixed_batch else (lambda: sampler.sample(batch)), loop,
-                   device)
+    trainer = Trainer(model, batch_loss, (lambda: fixed) if fixed_batch else (lambda: sampler.sample(batch)), loop,
+                      device)
+    if compiled and device.type == "cuda" and mode != "default":
+        trainer.compute_loss = compiled_loss(trainer._loss, mode)  # the Trainer compiles in torch's default mode
+    return trainer
 
 
 def _harness_rate(cfg: DTConfig, ts, batch: int, steps: int, compiled: bool, device: torch.device,
                   fixed_batch: bool = False) -> float:
-    trainer = finetune_trainer(cfg, ts, batch, 2 * steps, compiled, device, fixed_batch)
+    trainer = finetune_trainer(cfg, ts, batch, 2 * steps, compiled, device, fixed_batch, compile_mode(ts))
     with seeded(0):
         for _ in range(steps):  # compile and allocator warm-up, not timed
             trainer.step()
@@ -72,7 +111,7 @@ def _plain_rate(cfg: DTConfig, ts, batch: int, steps: int, compiled: bool, devic
         with autocast(device):
             return batch_loss(model, batch)
 
-    loss_fn = torch.compile(loss_of) if compiled else loss_of
+    loss_fn = compiled_loss(loss_of, compile_mode(ts)) if compiled else loss_of
 
     def step() -> None:
         loss_fn(b).backward()
@@ -101,7 +140,8 @@ def bench(ts) -> dict[str, Any]:
     steps = ts.bench_steps
     modes = [False, True] if ts.compile and device.type == "cuda" else [False]
     out: dict[str, Any] = {"device": str(device), "model": cfg.describe(), "batch_size": batch, "steps": steps,
-                           "params": DecisionTransformer(cfg).num_params(), "train": {}}
+                           "params": DecisionTransformer(cfg).num_params(), "compile_mode": compile_mode(ts),
+                           "train": {}}
     flops = flops_per_step(cfg, batch)
     for compiled in modes:
         name = "compiled" if compiled else "eager"
