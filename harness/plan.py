@@ -224,14 +224,15 @@ def plan_sweep(sweep: SweepFile, gpus: int, device_name: str, costs: dict[str, A
 
 def format_plan(waves: list[WavePlan], said: str, gpus: int, device_name: str) -> str:
     """The plan as a table, with totals and the measurement it used."""
+    width = max([8] + [len(w.stage) + 2 for w in waves])
     lines = [f"Plan on {gpus} GPU(s) ({device_name or 'none'}): nothing is computed, written or started.",
              f"Per-update costs: {said}", "",
-             f"{'study':<14}{'stage':<34}{'wave':>4}{'trials':>8}{'updates':>14}{'GPU-h':>10}{'wall-h':>9}"
+             f"{'study':<14}{'stage':<{width}}{'wave':>4}{'trials':>8}{'updates':>14}{'GPU-h':>10}{'wall-h':>9}"
              f"{'per GPU':>8}  notes"]
     gpu_h, wall_h, upd, priced = 0.0, 0.0, 0, True
     for w in waves:
         fmt = lambda v: f"{v:.2f}" if v is not None else "?"  # noqa: E731
-        lines.append(f"{w.study:<14}{w.stage:<34}{w.wave:>4}{w.trials:>8}"
+        lines.append(f"{w.study:<14}{w.stage:<{width}}{w.wave:>4}{w.trials:>8}"
                      f"{(f'{w.updates:,}' if w.updates is not None else '?'):>14}{fmt(w.gpu_hours):>10}"
                      f"{fmt(w.wall_hours):>9}{w.per_gpu:>8}  {'; '.join(filter(None, [w.epochs_x_images] + w.notes))}")
         upd += w.updates or 0
