@@ -197,3 +197,20 @@ def test_bench_methods_runs_on_the_dt():
     assert 0 < out["methods"]["eigenlora"]["trainable_params"] < out["methods"]["lora"]["trainable_params"]
     with pytest.raises(ConfigError, match="img_size"):
         bench_methods({"model": "dt", "img_size": 32})
+
+
+def test_padded_update_compiles_once():
+    """The rotation keeps the padded update one graph: no graph break and no recompile when the padding
+    of the windows changes (it is data on the device, never read back)."""
+    from torch._dynamo.testing import CompileCounter
+
+    from agents.dt import DecisionTransformer, batch_loss
+
+    torch._dynamo.reset()
+    model = DecisionTransformer(tiny_cfg()).train()
+    counter = CompileCounter()
+    loss_fn = torch.compile(batch_loss, backend=counter)
+    for pad in (None, 2, 5):
+        loss_fn(model, batch(pad=pad)).backward()
+    assert counter.frame_count == 1, counter.frame_count
+    torch._dynamo.reset()
