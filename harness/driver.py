@@ -67,9 +67,17 @@ def _trainable(config: dict[str, Any]) -> None:
     def report(metrics: dict[str, Any]) -> None:
         tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))})
 
-    record = run_trial(spec, report)
+    from harness.early_stopping import TIME_ATTR
+    from harness.tune_trial import TuneTrialPlan, remove_checkpoints, run_tune_trial
+
+    plan = TuneTrialPlan.from_config(config)
+    record = run_tune_trial(spec, report, plan)  # checkpoints, and intermediate scores under a scheduler
     flat = record.flat()
-    tune.report(_final_report(flat))
+    final = _final_report(flat)
+    if plan.scheduler:  # the scheduler's last word on the trial: its full-budget score
+        final[TIME_ATTR] = int(record.extra.get("updates") or 0)
+    tune.report(final)
+    remove_checkpoints()  # a finished trial keeps its adapter, not its training state
     if record.status != "ok":
         # Ray's own status (dashboard, ResultGrid) then says the trial failed; resume_errored=False keeps
         # --resume from rerunning it.
@@ -248,6 +256,11 @@ def run_wave(specs: list[TrialSpec], study: Study, exp_dir: Path, resume: bool,
 
     if not specs:
         return []
+    from harness.tune_trial import tune_trial_plan
+
+    trial_plan, scheduler = tune_trial_plan(study, specs)  # a scheduler in the selection stage only
+    if scheduler is not None:  # progress reports carry no score; the scheduler skips them
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     trainable = tune.with_resources(_trainable, {"cpu": study.resources.cpus_per_trial,
                                                  "gpu": _gpus_per_trial(study, len(specs))})
     exists = (exp_dir / "tuner.pkl").exists()
@@ -259,14 +272,16 @@ def run_wave(specs: list[TrialSpec], study: Study, exp_dir: Path, resume: bool,
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=False)
     else:
         param_space = {"spec": tune.grid_search([asdict(s) for s in specs]), "cache_root": str(cache_root()),
-                       "cpus": study.resources.cpus_per_trial}
+                       "cpus": study.resources.cpus_per_trial, "tune_trial": trial_plan.to_config()}
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(max_concurrent_trials=study.resources.max_concurrent,
-                                        trial_name_creator=_trial_name, trial_dirname_creator=_trial_dir),
+                                        trial_name_creator=_trial_name, trial_dirname_creator=_trial_dir,
+                                        scheduler=scheduler),
             run_config=tune.RunConfig(name=exp_dir.name, storage_path=str(exp_dir.parent),
                                       failure_config=tune.FailureConfig(max_failures=MAX_RETRIES), verbose=1,
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                       callbacks=[_no_retry_callback(), *(callbacks or [])]),
         )
     with _interrupt_watch() as interrupted:
@@ -451,6 +466,10 @@ def label_records(records: list[dict[str, Any]], study: Study, selecting: list[s
         size = grid_size(study.methods[r["method"]], r["method"])
         if r["method"] in selecting:
             how = "held-out"
+            if study.selection.scheduler:  # chosen among early-stopped trials: another entry than the full grid
+                from harness.early_stopping import parse_scheduler
+
+                how += "/" + parse_scheduler(study.selection.scheduler_settings()).label()
         elif size == 1:
             how = "single-point"
         else:
