@@ -378,6 +378,21 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def write_if_changed(path: Path, data: bytes | str) -> bool:
+    """Write ``path`` atomically unless it already holds exactly ``data``; return whether it was written.
+    Published files (leaderboard pages, plots, CSVs) that a run regenerates unchanged keep their bytes and
+    their modification time, so a checkout shows no modified files where nothing changed."""
+    data = data.encode() if isinstance(data, str) else data
+    path = Path(path)
+    try:
+        if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+            return False
+    except OSError:
+        pass  # unreadable: write it
+    atomic_write_bytes(path, data)
+    return True
+
+
 def check_writable_dir(path: Path, what: str) -> Path:
     """``path`` as a folder this process can write or create, or a ConfigError saying why not: found before
     any compute, not after a trial has trained. A missing folder is not made here (a refused command leaves

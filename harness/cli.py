@@ -90,7 +90,8 @@ def cmd_sweep(args) -> int:
                     dashboard=not args.no_dashboard, local=local)
     from harness.leaderboard import render
 
-    render(Path(args.leaderboard))
+    # only this sweep's boards (and the index, where it changes): other boards' files stay as they are
+    render(Path(args.leaderboard), {s.board_name for s in sweep.studies})
     print(f"[sweep] done; leaderboard in {args.leaderboard}/", flush=True)
     records = [r for recs in out.values() for r in recs]
     failed = sum(r.get("status") != "ok" for r in records)

@@ -17,12 +17,12 @@ import json
 import math
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import pandas as pd
 
 from harness import __version__
-from harness.cache import TEMP_MARK, atomic_write_bytes, atomic_write_text, is_harness_temporary
+from harness.cache import TEMP_MARK, is_harness_temporary, write_if_changed
 from harness.tracks import get_track
 from harness.trial import TrialRecord
 
@@ -180,7 +180,29 @@ def summarise(table: pd.DataFrame, primary: str, groups: dict[str, Any], higher_
 def _write_csv(df: pd.DataFrame, path: Path) -> None:
     buf = io.StringIO()
     df.to_csv(buf, index=False)
-    atomic_write_text(path, buf.getvalue())
+    write_if_changed(path, buf.getvalue())
+
+
+# The names the leaderboard folder gives its own files, which no board may take: ``index`` (the site's front
+# page, index.html) and any name ending in ``-summary`` (``<board>-summary.csv`` is a board's summary, and
+# CSVs so named are read as summaries, never as boards). Compared without case: on macOS's and Windows'
+# filesystems Index.html is index.html. Every other file of a board is named ``<board>.<ext>`` or
+# ``<board>-<plot>.png``, which no other board's name can produce. Sweep files are checked against this
+# (harness/sweep_file.py) and ``python -m harness leaderboard`` skips CSVs so named.
+RESERVED_BOARD_NAMES = ("index",)
+RESERVED_BOARD_SUFFIXES = ("-summary",)
+
+
+def board_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a board (it would overwrite or be read as a file the site writes), or None."""
+    low = name.lower()
+    if low in RESERVED_BOARD_NAMES:
+        return f"{name!r} is the site's front page ({low}.html); choose another board name"
+    for suffix in RESERVED_BOARD_SUFFIXES:
+        if low.endswith(suffix):
+            return (f"names ending in {suffix!r} are the boards' summaries ({name}.csv would be read as the summary "
+                    f"of board {name[:-len(suffix)]!r}, never as a board); choose another board name")
+    return None
 
 
 def board_meta(path: Path) -> dict[str, Any]:
@@ -239,7 +261,7 @@ def _merge_write(table: pd.DataFrame, study, bench, groups: dict[str, Any], out_
             "higher_is_better": bench.higher_is_better, "groups": groups}
     table = with_efficiency(table, meta)
     _write_csv(table, path)
-    atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1))
+    write_if_changed(path.with_suffix(".json"), json.dumps(meta, indent=1))
     summary_path = out_dir / f"{study.board_name}-summary.csv"
     _write_csv(with_efficiency(summarise(table, bench.primary_metric, groups, bench.higher_is_better), meta,
                                summary=True), summary_path)
@@ -253,7 +275,10 @@ def board_files(out_dir: Path) -> list[Path]:
 
     boards = []
     for path in sorted(out_dir.glob("*.csv")):
-        if path.stem.endswith("-summary"):
+        if path.stem.lower().endswith(RESERVED_BOARD_SUFFIXES):
+            continue
+        if board_name_problem(path.stem):
+            warnings.warn(f"{path}: not rendered as a board: {board_name_problem(path.stem)}", stacklevel=2)
             continue
         try:
             columns = set(pd.read_csv(path, nrows=0).columns)
@@ -268,16 +293,21 @@ def board_files(out_dir: Path) -> list[Path]:
     return boards
 
 
-def render(out_dir: Path) -> list[Path]:
-    """Markdown tables, plots and the static site (``index.html``, a page per board) for every board in
-    ``out_dir``."""
+def render(out_dir: Path, boards: "Iterable[str] | None" = None) -> list[Path]:
+    """Markdown tables, plots and the static site (``index.html``, a page per board) for the boards named
+    in ``boards`` (None: every board in ``out_dir``); the front page always lists every board. Returns the
+    files rendered; a file whose bytes would not change is not rewritten, so a sweep leaves the files of
+    boards it did not update, and an index whose content did not change, exactly as they were."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    wanted = None if boards is None else set(boards)
     written = []
     for path in board_files(out_dir):
+        if wanted is not None and path.stem not in wanted:
+            continue
         meta = board_meta(path)
         primary = meta.get("primary_metric", "score")
         with board_lock(out_dir):  # a sweep may be merging into this board right now
@@ -297,7 +327,7 @@ def render(out_dir: Path) -> list[Path]:
         md = [f"# {title}", "", f"Ranked by `{primary}` (mean over seeds; per task, the best settings).", "",
               "## Summary", "", summary.to_markdown(index=False, floatfmt=".3f"), "",
               "## Per task", "", pivot.to_markdown(floatfmt=".3f"), ""]
-        atomic_write_text(path.with_suffix(".md"), "\n".join(md))
+        write_if_changed(path.with_suffix(".md"), "\n".join(md))
         written.append(path.with_suffix(".md"))
 
         fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(summary) + 2), 3.5))
@@ -326,12 +356,13 @@ def render(out_dir: Path) -> list[Path]:
         plt.close(fig)
     from harness.site import write_site
 
-    written += write_site(out_dir)
+    written += write_site(out_dir, wanted)
     return written
 
 
 def _save_fig(fig, path: Path) -> Path:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    atomic_write_bytes(path, buf.getvalue())
+    # no creation time or software version in the file: a plot of unchanged rows keeps its bytes
+    fig.savefig(buf, format="png", dpi=120, metadata={"Software": None})
+    write_if_changed(path, buf.getvalue())
     return path

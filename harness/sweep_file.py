@@ -110,6 +110,16 @@ class Study(BaseModel):
             raise ValueError("name at least one method")
         return {k: (dict(s) if s else {}) for k, s in v.items()}
 
+    @field_validator("leaderboard")
+    @classmethod
+    def _board_name(cls, v: str | None) -> str | None:
+        from harness.leaderboard import board_name_problem  # the one rule for names the site keeps for itself
+
+        problem = board_name_problem(v) if v else None
+        if problem:
+            raise ValueError(problem)
+        return v
+
     @field_validator("seeds")
     @classmethod
     def _distinct_seeds(cls, v: list[int]) -> list[int]:

@@ -219,3 +219,84 @@ def test_cache_entry_files_follow_the_umask(tmp_path, monkeypatch):
     assert set(modes.values()) == {"0o644"}, modes
     folders = {oct(stat.S_IMODE(p.stat().st_mode)) for p in Path("cache").rglob("*") if p.is_dir()}
     assert folders == {"0o755"}, folders
+
+
+# --- items 5, 7 and 8 through the README's command: a sweep touches only its own board --------------------
+
+TINY_VISION = {
+    "name": "tiny", "track": "vision", "benchmark": "builtin", "tasks": ["textures"], "seeds": [0],
+    "methods": {"linear": {"lr": 1.0e-2}}, "budget": {"steps": 2, "batch_size": 8},
+    "settings": {"backbone": "vit_tiny_patch16_224", "weights": "random", "img_size": 32,
+                 "model_kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2},
+                 "drop_path": 0.0, "threads": 1},
+    "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0}, "leaderboard": "tiny-board"}
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_a_sweep_leaves_other_boards_and_user_files_untouched(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    board = Path("leaderboard")  # the default --leaderboard, relative to where the user runs
+    board.mkdir()
+    for p in (ROOT / "leaderboard").glob("quickstart-builtin*"):
+        (board / p.name).write_bytes(p.read_bytes())
+    for name in (".pre-commit-config.yaml", ".env.local"):
+        (board / name).write_text("user\n")
+        _aged(board / name, 2 * 3600)
+    others = _snapshot(board)
+    Path("tiny.yaml").write_text(yaml.safe_dump(TINY_VISION))
+    env = {**os.environ, "HARNESS_CACHE": str(tmp_path / "cache"), "RAY_DEDUP_LOGS": "0"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-m", "harness", "sweep", "tiny.yaml", "--no-dashboard"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    after = _snapshot(board)
+    changed = sorted(name for name, seen in others.items() if after.get(name) != seen)
+    assert changed == [], changed  # bytes and modification times of every file the sweep did not own
+    assert {"tiny-board.csv", "tiny-board-summary.csv", "tiny-board.html", "tiny-board.md", "index.html"} <= set(after)
+    index = (board / "index.html").read_text()
+    assert 'href="tiny-board.html"' in index and 'href="quickstart-builtin.html"' in index
+    from harness.cache import is_harness_temporary
+
+    assert not any(is_harness_temporary(p) for p in board.iterdir())
+
+    # every page rendered again from unchanged rows: not a byte nor a modification time changes
+    from harness.cli import main
+
+    assert main(["leaderboard"]) == 0
+    again = _snapshot(board)
+    assert main(["leaderboard"]) == 0
+    assert _snapshot(board) == again
+
+
+@pytest.mark.parametrize("name, why", [("quickstart-builtin-summary", "-summary"), ("index", "front page"),
+                                       ("Index", "front page"), ("x-SUMMARY", "-summary")])
+def test_board_names_that_collide_are_refused_before_anything_runs(tmp_path, monkeypatch, capsys, name, why):
+    from harness.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    Path("s.yaml").write_text(yaml.safe_dump({**TINY_VISION, "leaderboard": name}))
+    assert main(["sweep", "s.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "'leaderboard'" in err and repr(name) in err and why in err, err
+    assert sorted(p.name for p in Path(".").iterdir()) == ["s.yaml"]  # no results, no leaderboard folder
+
+
+def test_the_leaderboard_command_does_not_let_a_board_csv_named_index_clobber_the_front_page(tmp_path,
+                                                                                             monkeypatch):
+    from harness.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    board = Path("leaderboard")
+    board.mkdir()
+    for p in (ROOT / "leaderboard").glob("quickstart-builtin*"):
+        (board / p.name).write_bytes(p.read_bytes())
+    (board / "index.csv").write_bytes((board / "quickstart-builtin.csv").read_bytes())
+    (board / "index.json").write_bytes((board / "quickstart-builtin.json").read_bytes())
+    with pytest.warns(UserWarning, match="index.csv: not rendered as a board"):
+        assert main(["leaderboard"]) == 0
+    front = (board / "index.html").read_text()
+    assert "<h1>Leaderboard</h1>" in front and 'href="quickstart-builtin.html"' in front
+    assert not (board / "index.md").exists() and not (board / "index-summary.csv").exists()

@@ -8,8 +8,9 @@ Pareto plot in headless Chromium (``python -m harness leaderboard --screenshots`
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterable
 
-from harness.cache import atomic_write_text
+from harness.cache import write_if_changed
 from harness.site.pages import Board, board_page, index_page
 
 
@@ -30,19 +31,24 @@ def load_boards(out_dir: Path) -> list[Board]:
     return boards
 
 
-def write_site(out_dir: Path) -> list[Path]:
-    """Write ``index.html`` and ``<board>.html`` for every board in ``out_dir``; return the files written."""
+def write_site(out_dir: Path, boards: "Iterable[str] | None" = None) -> list[Path]:
+    """Write ``index.html`` and ``<board>.html`` for the boards named in ``boards`` (None: every board in
+    ``out_dir``); the index lists every board. Returns the pages rendered; a page whose bytes would not
+    change is left as it is (pages carry no time of writing, only the newest date of their rows)."""
     out_dir = Path(out_dir)
-    boards = load_boards(out_dir)
-    if not boards:
+    every = load_boards(out_dir)
+    if not every:
         return []
+    wanted = None if boards is None else set(boards)
     written = []
-    for board in boards:
+    for board in every:
+        if wanted is not None and board.name not in wanted:
+            continue
         path = out_dir / board.page
-        atomic_write_text(path, board_page(board))
+        write_if_changed(path, board_page(board))
         written.append(path)
     index = out_dir / "index.html"
-    atomic_write_text(index, index_page(boards))
+    write_if_changed(index, index_page(every))
     return [index, *written]
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from html import escape
 from importlib import resources
 from pathlib import Path
@@ -372,12 +371,19 @@ caching allocator's reserved peak, and reserved memory averaged over updates (0 
 </dl>"""
 
 
-def _page(title: str, body: str) -> str:
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+def rows_dated(tables: list[pd.DataFrame]) -> str:
+    """The newest ``date`` of the rows in ``tables`` ("" when none records one): what a page's footer says
+    instead of the time of writing, so a page regenerated from unchanged rows is byte-identical."""
+    dates = [str(d) for t in tables if "date" in t for d in t["date"].dropna()]
+    return max(dates, default="")
+
+
+def _page(title: str, body: str, dated: str = "") -> str:
+    stamp = f" from rows dated up to {escape(dated)}" if dated else ""
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{escape(title)}</title>"
             f"<style>{_asset('site.css')}</style><script>{_asset('site.js')}</script></head><body>{body}"
-            f"<footer>Written by the harness {escape(__version__)} on {stamp}. Every file this page needs is in it: "
+            f"<footer>Written by the harness {escape(__version__)}{stamp}. Every file this page needs is in it: "
             "it opens from disk with no server and no network.</footer></body></html>\n")
 
 
@@ -397,7 +403,7 @@ def board_page(board: Board) -> str:
             f"<h2>Papers' numbers</h2>{references_note(board)}"
             f"<h2>Software and hardware</h2>{provenance_list(board)}"
             f"<h2>Columns</h2>{COLUMN_NOTES}")
-    return _page(f"{board.name}: leaderboard", body)
+    return _page(f"{board.name}: leaderboard", body, rows_dated([board.table]))
 
 
 def index_page(boards: list[Board]) -> str:
@@ -426,4 +432,4 @@ def index_page(boards: list[Board]) -> str:
             '<th>benchmark</th><th>data</th><th>ranked by</th><th class="num">rows</th><th class="num">methods</th>'
             f"<th>leader (average)</th></tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
             f"<h2>Columns</h2>{COLUMN_NOTES}")
-    return _page("Leaderboard", body)
+    return _page("Leaderboard", body, rows_dated([b.table for b in boards]))
