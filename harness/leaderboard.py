@@ -325,8 +325,8 @@ def render(out_dir: Path, boards: "Iterable[str] | None" = None) -> list[Path]:
         # every entry its own line: pivot_table would average two entries that share a method and backbone
         pivot = keyed(table).pivot_table(index=ENTRY_KEY, columns="task", values=f"{primary}_mean")
         md = [f"# {title}", "", f"Ranked by `{primary}` (mean over seeds; per task, the best settings).", "",
-              "## Summary", "", summary.to_markdown(index=False, floatfmt=".3f"), "",
-              "## Per task", "", pivot.to_markdown(floatfmt=".3f"), ""]
+              "## Summary", "", _md_safe(summary).to_markdown(index=False, floatfmt=".3f"), "",
+              "## Per task", "", _md_safe(pivot).to_markdown(floatfmt=".3f"), ""]
         write_if_changed(path.with_suffix(".md"), "\n".join(md))
         written.append(path.with_suffix(".md"))
 
@@ -358,6 +358,28 @@ def render(out_dir: Path, boards: "Iterable[str] | None" = None) -> list[Path]:
 
     written += write_site(out_dir, wanted)
     return written
+
+
+def md_text(value: Any) -> Any:
+    """A CSV cell as markdown text: HTML escaped (a hand-edited CSV's ``<script>`` shows as text wherever the
+    markdown is rendered, as the site shows it) and ``|`` escaped so a cell cannot split a table row."""
+    if not isinstance(value, str):
+        return value
+    from html import escape
+
+    return escape(value, quote=False).replace("|", "\\|").replace("\n", " ").replace("\r", " ")
+
+
+def _md_safe(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with every text cell, header and index label passed through :func:`md_text`."""
+    out = df.map(md_text)
+    out.columns = pd.Index([md_text(c) for c in out.columns], name=md_text(out.columns.name))
+    if isinstance(out.index, pd.MultiIndex):
+        out.index = pd.MultiIndex.from_tuples([tuple(md_text(x) for x in t) for t in out.index],
+                                              names=[md_text(n) for n in out.index.names])
+    else:
+        out.index = pd.Index([md_text(x) for x in out.index], name=md_text(out.index.name))
+    return out
 
 
 def _save_fig(fig, path: Path) -> Path:

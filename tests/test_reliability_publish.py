@@ -300,3 +300,97 @@ def test_the_leaderboard_command_does_not_let_a_board_csv_named_index_clobber_th
     front = (board / "index.html").read_text()
     assert "<h1>Leaderboard</h1>" in front and 'href="quickstart-builtin.html"' in front
     assert not (board / "index.md").exists() and not (board / "index-summary.csv").exists()
+
+
+# --- item 15: markdown escapes hand-edited CSV text; VTAB list files stay inside their folder ---------------
+
+def test_markdown_tables_escape_html_and_pipes_from_a_hand_edited_csv(tmp_path, monkeypatch):
+    from harness.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    board = Path("leaderboard")
+    board.mkdir()
+    for p in (ROOT / "leaderboard").glob("quickstart-builtin*"):
+        (board / p.name).write_bytes(p.read_bytes())
+    table = pd.read_csv(board / "quickstart-builtin.csv")
+    table.loc[0, "method"] = "<img src=x onerror=alert(1)>|evil"
+    table.loc[0, "task"] = "<b>bold</b>"
+    table.to_csv(board / "quickstart-builtin.csv", index=False)
+    assert main(["leaderboard"]) == 0
+    md = (board / "quickstart-builtin.md").read_text()
+    assert "<img" not in md and "<b>" not in md
+    assert "&lt;img src=x onerror=alert(1)&gt;\\|evil" in md and "&lt;b&gt;bold&lt;/b&gt;" in md
+    for block in md.split("\n\n"):  # every row of a table has as many cell separators as its header
+        rows = [r for r in block.splitlines() if r.startswith("|")]
+        if rows:
+            widths = {len([c for c in r.replace("\\|", "").split("|")]) for r in rows}
+            assert len(widths) == 1, block
+
+
+def _png(path: Path) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (4, 4), (10, 20, 30)).save(path)
+    return path
+
+
+def _vtab_task(root: Path, train_lines: list[str], bom: bool = False) -> Path:
+    task = root / "dtd"
+    for i in range(2):
+        _png(task / "images" / f"{i}.png")
+    good = ["images/0.png 0", "images/1.png 1"]
+    for name in ("train800", "val200", "train800val200", "test"):
+        lines = train_lines if name == "train800" else good
+        text = "\n".join(lines) + "\n"
+        (task / f"{name}.txt").write_bytes(("\ufeff" + text).encode() if bom else text.encode())
+    return task
+
+
+@pytest.mark.parametrize("line, why", [("../secret.png 0", "'..'"), ("ABSOLUTE 0", "absolute"),
+                                       ("images/link.png 0", "symbolic link")])
+def test_vtab_list_lines_that_leave_the_task_folder_are_refused(tmp_path, monkeypatch, line, why):
+    from harness.errors import DataError
+    from vision import vtab
+
+    monkeypatch.chdir(tmp_path)
+    secret = _png(tmp_path / "data" / "secret.png")
+    line = line.replace("ABSOLUTE", str(secret))
+    task = _vtab_task(Path("data"), ["images/0.png 0", line])
+    (task / "images" / "link.png").symlink_to(secret)
+    with pytest.raises(DataError) as e:
+        vtab.validate("data", "dtd")
+    msg = str(e.value)
+    assert "train800.txt line 2" in msg and line.split()[0] in msg and why in msg, msg
+    with pytest.raises(DataError):
+        vtab.load_split("data", "dtd", "train800", 4)
+
+
+def test_a_vtab_list_file_with_a_byte_order_mark_reads_like_one_without(tmp_path, monkeypatch):
+    import torch
+
+    from harness.cache import ArtifactCache
+    from vision import vtab
+
+    monkeypatch.chdir(tmp_path)
+    _vtab_task(Path("data"), ["images/0.png 0", "images/1.png 1"], bom=True)
+    assert vtab.validate("data", "dtd") == {"train800": 2, "val200": 2, "train800val200": 2, "test": 2}
+    split = vtab.load_split("data", "dtd", "train800", 4, ArtifactCache("cache"))
+    assert split.labels.tolist() == [0, 1] and split.images.shape == (2, 3, 4, 4)
+    assert all("\ufeff" not in p for p in split.paths) and torch.all(split.images[0, 0] == 10)
+
+
+def test_a_sweep_over_a_list_file_that_leaves_its_folder_exits_2_before_anything_runs(tmp_path, monkeypatch,
+                                                                                        capsys):
+    from harness.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    _png(tmp_path / "secret.png")
+    _vtab_task(Path("data"), ["images/0.png 0", "../../secret.png 1"])
+    doc = {**TINY_VISION, "benchmark": "vtab1k", "tasks": ["dtd"], "leaderboard": None,
+           "settings": {**TINY_VISION["settings"], "data_root": "data"}}
+    Path("s.yaml").write_text(yaml.safe_dump(doc))
+    assert main(["sweep", "s.yaml", "--no-dashboard"]) == 2
+    err = capsys.readouterr().err
+    assert "train800.txt line 2" in err and "../../secret.png" in err and "'..'" in err, err
+    assert sorted(p.name for p in Path(".").iterdir()) == ["data", "s.yaml", "secret.png"]

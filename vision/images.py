@@ -143,7 +143,9 @@ def list_file_items(list_file: Path, base: Path, num_classes: int | None) -> lis
     if not list_file.is_file():
         raise DataError(f"list file {list_file} does not exist")
     items: list[Item] = []
-    for no, line in enumerate(list_file.read_text().splitlines(), start=1):
+    inside = base.resolve()
+    # utf-8-sig: a list file saved by an editor that starts it with a byte-order mark reads as one without
+    for no, line in enumerate(list_file.read_text(encoding="utf-8-sig").splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{list_file} line {no}"
@@ -158,12 +160,33 @@ def list_file_items(list_file: Path, base: Path, num_classes: int | None) -> lis
             raise DataError(f"{where}: label {label} is out of range (this task has {num_classes} classes: "
                             f"0..{(num_classes or 0) - 1})")
         path = base / parts[0]
+        outside = _outside(parts[0], path, inside)
+        if outside:
+            raise DataError(f"{where}: image path {parts[0]!r} {outside}, outside the folder {base} the list "
+                            "file's paths are relative to; list only images under it (copy or move them there)")
         if not path.is_file():
             raise DataError(f"{where}: image {path} does not exist")
         items.append(Item(path, label, where))
     if not items:
         raise DataError(f"list file {list_file} lists no images")
     return items
+
+
+def _outside(listed: str, path: Path, inside: Path) -> str | None:
+    """How the listed image path leaves the folder ``inside`` (already resolved), or None when it stays in:
+    an absolute path, a ``..`` step, or a symbolic link that resolves elsewhere. A list file names images of
+    its own dataset; one that reaches elsewhere (``../../home/user/.ssh/id_rsa 0``) would read and cache
+    files it has no business with."""
+    listed_path = Path(listed)
+    if listed_path.is_absolute() or listed.startswith(("/", "\\")):
+        return "is absolute"
+    if ".." in listed_path.parts or ".." in listed.replace("\\", "/").split("/"):
+        return "climbs out with '..'"
+    try:
+        path.resolve().relative_to(inside)
+    except ValueError:
+        return f"resolves (through a symbolic link) to {path.resolve()}"
+    return None
 
 
 def seeded_shots(labels: list[int], k: int, seed: int, exclude: set[int] | None = None) -> list[int]:
