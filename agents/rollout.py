@@ -20,15 +20,16 @@ from agents.tasks import ACT_DIM, EPISODE_LENGTH, OBS_DIM, check_task
 SCALE = 200.0  # the DT's return/reward token scale (agents.data.SCALE; kept here so workers skip numpy IO code)
 
 
-def _worker(conn, task: str, seeds: list[int], length: int) -> None:
-    """Worker loop: owns ``len(seeds)`` envs of ``task``; answers reset / step / scripted / close."""
+def _worker(conn, task: str, seeds: list[int], length: int, hold: str | None = None) -> None:
+    """Worker loop: owns ``len(seeds)`` envs of ``task``; answers reset / step / scripted / close.
+    ``scripted`` steps every env with its own expert (``agents.tasks.Expert`` with ``hold``)."""
     import warnings
 
-    from agents.tasks import make_env, scripted_policy
+    from agents.tasks import Expert, make_env
 
     warnings.simplefilter("ignore")
     envs = [make_env(task, seed=s, max_episode_steps=length) for s in seeds]
-    policy = scripted_policy(task)
+    experts = [Expert(task, env, hold) for env in envs]
     rng = np.random.default_rng(seeds[0] if seeds else 0)
     obs = np.zeros((len(envs), OBS_DIM), np.float32)
     try:
@@ -37,10 +38,11 @@ def _worker(conn, task: str, seeds: list[int], length: int) -> None:
             if cmd == "reset":
                 for i, env in enumerate(envs):
                     obs[i] = env.reset()[0]
+                    experts[i].reset()
                 conn.send(obs.copy())
             elif cmd in ("step", "scripted"):
                 if cmd == "scripted":  # arg: action noise std
-                    actions = np.stack([policy.get_action(o) for o in obs]) + arg * rng.standard_normal((len(envs), ACT_DIM))
+                    actions = np.stack([x.act(o) for x, o in zip(experts, obs)]) + arg * rng.standard_normal((len(envs), ACT_DIM))
                     actions = np.clip(actions, -1, 1)
                 else:
                     actions = arg
@@ -49,7 +51,12 @@ def _worker(conn, task: str, seeds: list[int], length: int) -> None:
                 for i, env in enumerate(envs):
                     o, r, _, _, info = env.step(np.asarray(actions[i], np.float32))
                     obs[i], rewards[i], success[i] = o, r, bool(info["success"])
+                    experts[i].observe(o, success[i])
                 conn.send((obs.copy(), rewards, success))
+            elif cmd == "reseed":  # back to the first start states: the next resets repeat the first ones
+                for env, s in zip(envs, seeds):
+                    env.unwrapped.seed(s)
+                conn.send(True)
             elif cmd == "close":
                 break
     except (EOFError, KeyboardInterrupt):
@@ -86,7 +93,8 @@ class RolloutResult:
 class RolloutPool:
     """``n_envs`` environments of one task spread over ``workers`` spawned processes."""
 
-    def __init__(self, task: str, n_envs: int, workers: int, seed: int = 0, length: int = EPISODE_LENGTH):
+    def __init__(self, task: str, n_envs: int, workers: int, seed: int = 0, length: int = EPISODE_LENGTH,
+                 hold: str | None = None):
         check_task(task)
         if n_envs < 1:
             raise ValueError(f"n_envs must be >= 1, got {n_envs}")
@@ -100,7 +108,7 @@ class RolloutPool:
         try:
             for part in self.split:
                 parent, child = ctx.Pipe()
-                p = ctx.Process(target=_worker, args=(child, task, [seeds[i] for i in part], length), daemon=True)
+                p = ctx.Process(target=_worker, args=(child, task, [seeds[i] for i in part], length, hold), daemon=True)
                 p.start()
                 child.close()
                 self.conns.append(parent)
@@ -120,6 +128,10 @@ class RolloutPool:
     def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         parts = self._gather("step", [actions[idx] for idx in self.split])
         return tuple(np.concatenate([p[k] for p in parts]) for k in range(3))  # type: ignore[return-value]
+
+    def reseed(self) -> None:
+        """Re-seed every env, so that the following episodes start where the first ones did."""
+        self._gather("reseed", [None] * len(self.conns))
 
     def groups(self, n: int) -> list[list[int]]:
         """The workers in ``n`` groups (fewer when there are fewer workers) of about equal env counts."""
@@ -260,6 +272,7 @@ class _Episodes:
         self.steps = positions.clamp(min=0).expand(n, -1)
         self.present = (positions >= 0).expand(n, -1)
         self.policy = _Policy(model, n, context, device)
+        # one target for every env, or (with several tasks in one batch) a (n, 1) tensor of targets
         self.target, self.device = target_return / SCALE, device
 
     def start(self, obs: np.ndarray) -> None:
@@ -348,13 +361,97 @@ def _find_cfg(model):
 
 
 def evaluate_scripted(task: str, episodes: int, workers: int = 1, seed: int = 0, noise: float = 0.0,
-                      length: int = EPISODE_LENGTH) -> RolloutResult:
-    """The scripted policy on the same worker setup (acting inside the workers): a reference for speed."""
+                      length: int = EPISODE_LENGTH, hold: str | None = None) -> RolloutResult:
+    """The expert (``agents.tasks.Expert`` with ``hold``; None: metaworld's scripted policy as shipped) on
+    the same episodes as :func:`evaluate_dt` with the same ``seed`` (same start states), acting inside the
+    workers: the task's data ceiling, and a reference for speed."""
     rewards = np.zeros((episodes, length), np.float32)
     successes = np.zeros((episodes, length), bool)
     t0 = time.time()
-    with RolloutPool(task, episodes, workers, seed, length) as pool:
+    with RolloutPool(task, episodes, workers, seed, length, hold) as pool:
         pool.reset()
         for t in range(length):
             _, rewards[:, t], successes[:, t] = pool.step_scripted(noise)
     return _score(task, rewards, successes, time.time() - t0, 0.0)
+
+
+class TaskPools:
+    """Rollout workers for several tasks at once (one :class:`RolloutPool` per task, ``episodes`` envs
+    each), kept alive across evaluations: a pretraining that scores MT40 at several update counts spawns
+    its simulators once. Env seeds are those of :class:`RolloutPool` with ``seed``, so each task's
+    episodes are the ones :func:`evaluate_dt` with that seed scores."""
+
+    def __init__(self, tasks: Sequence[str], episodes: int, workers: int, seed: int = 0,
+                 length: int = EPISODE_LENGTH):
+        self.tasks, self.episodes, self.length = list(tasks), int(episodes), length
+        per_task = max(1, workers // max(1, len(self.tasks)))
+        self.pools: list[RolloutPool] = []
+        try:
+            for t in self.tasks:
+                self.pools.append(RolloutPool(t, self.episodes, per_task, seed, length))
+        except BaseException:
+            self.close(force=True)
+            raise
+
+    def close(self, force: bool = False) -> None:
+        for p in self.pools:
+            p.close(force)
+        self.pools = []
+
+    def __enter__(self) -> "TaskPools":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(force=exc_type is not None)
+
+
+def evaluate_dt_tasks(model, pools: TaskPools, targets: dict[str, float], device=None) -> dict[str, RolloutResult]:
+    """Roll out the DT on every task of ``pools`` at once: one batched forward per step over all their
+    environments (each with its own task's target return), the simulators of one half of the tasks
+    stepping while the policy acts for the other half. Per task, the same scores :func:`evaluate_dt` gives."""
+    import torch
+
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    K = int(getattr(getattr(model, "cfg", None), "context", 0) or _find_cfg(model).context)
+    T, E = pools.length, pools.episodes
+    tasks = pools.tasks
+    rewards = {t: np.zeros((E, T), np.float32) for t in tasks}
+    successes = {t: np.zeros((E, T), bool) for t in tasks}
+    was_training = model.training
+    model.eval()
+    t0 = time.time()
+    halves = [list(h) for h in np.array_split(np.arange(len(tasks)), min(2, len(tasks)))]
+    try:
+        eps = []
+        for half in halves:
+            target = torch.tensor([[targets[tasks[i]]] for i in half for _ in range(E)], device=device)
+            eps.append(_Episodes(model, len(half) * E, K, T, target, device))
+        for e, half in zip(eps, halves):  # re-seeded: every evaluation scores the same start states
+            for i in half:
+                pools.pools[i].reseed()
+            e.start(np.concatenate([pools.pools[i].reset() for i in half]))
+        for t in range(T):
+            for e, half in zip(eps, halves):
+                if t > 0:
+                    o, r = _recv_half(pools, half, tasks, rewards, successes, t - 1)
+                    e.observe(t - 1, o, r)
+                actions = e.act(t)
+                for j, i in enumerate(half):
+                    pools.pools[i].send_step(list(range(len(pools.pools[i].conns))), actions[j * E:(j + 1) * E])
+        for half in halves:
+            _recv_half(pools, half, tasks, rewards, successes, T - 1)
+    finally:
+        model.train(was_training)
+    wall = time.time() - t0
+    return {t: _score(t, rewards[t], successes[t], wall, targets[t]) for t in tasks}
+
+
+def _recv_half(pools: TaskPools, half: list[int], tasks: list[str], rewards, successes, t: int):
+    obs, rew = [], []
+    for i in half:
+        pool = pools.pools[i]
+        o, r, s = pool.recv_step(list(range(len(pool.conns))))
+        rewards[tasks[i]][:, t], successes[tasks[i]][:, t] = r, s
+        obs.append(o)
+        rew.append(r)
+    return np.concatenate(obs), np.concatenate(rew)

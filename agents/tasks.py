@@ -86,3 +86,68 @@ def scripted_policy(task: str):
 
     check_task(task)
     return ENV_POLICY_MAP[f"{task}-v3"]()
+
+
+# --- the expert that generates the data -------------------------------------------------------------
+
+# The rule's name is part of every dataset's cache key: data made by another rule is never reused.
+SCRIPTED_POLICY = "metaworld-scripted-v3"  # the policies as metaworld ships them (the data before the rule)
+EXPERT_POLICY = "metaworld-scripted-v3+open+hold-v1"
+EXPERTS = ("hold", "scripted")  # the track setting ``expert``
+HOLD_MODES = ("stop", "freeze")  # tried in this order; a tie keeps the first
+
+
+class Expert:
+    """Meta-World's scripted policy for ``task`` with two general corrections (``hold`` given), the same
+    for every task; ``hold=None`` is the scripted policy unchanged.
+
+    1. *Open means open.* A grab effort of exactly 0 (what a third of the policies send while not
+       grasping) becomes -1, as the other policies send: at 0 the fingers stay half closed and can come
+       to rest on top of an object instead of around it (push-back stalls so above its puck).
+    2. *Hold success.* The scripted policies never stop: they keep pushing, pressing or lifting after
+       ``info["success"]`` and on many tasks undo it (a door pushed past, a puck lifted off its goal),
+       while the leaderboard scores success at the last step. From the first step whose
+       ``info["success"]`` is true the expert repeats its last gripper command and pins the arm's
+       position target (Meta-World's mocap, which an action moves by ``action_scale`` times its xyz
+       part): ``stop`` pins it where it was at that step (the arm keeps the pressure it had), ``freeze``
+       where the hand was (the pressure is released, for tasks where it would push the object on past
+       its goal). Each hold step's xyz action is the one that takes the target back to the pin, so
+       action noise jitters the arm around the pin instead of random-walking it away. Which of the two a
+       task uses is measured, not listed (:func:`agents.data.expert_hold_mode`).
+    """
+
+    def __init__(self, task: str, env: gym.Env, hold: str | None = "stop"):
+        if hold is not None and hold not in HOLD_MODES:
+            raise ConfigError(choices_message("expert hold mode", hold, list(HOLD_MODES)))
+        self.task, self.hold = task, hold
+        self.env = env.unwrapped
+        self.policy = scripted_policy(task)
+        self.reset()
+
+    def reset(self) -> None:
+        """Start of an episode: back to the scripted phase."""
+        self.pin: np.ndarray | None = None
+        self.last_grip = 0.0
+
+    @property
+    def holding(self) -> bool:
+        return self.pin is not None
+
+    def _target(self) -> np.ndarray:
+        return np.asarray(self.env.data.mocap_pos[0], np.float64)
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        """The noise-free action (float64, not yet clipped) for ``obs``."""
+        if self.pin is not None:
+            delta = np.clip((self.pin - self._target()) / self.env.action_scale, -1.0, 1.0)
+            return np.append(delta, self.last_grip)
+        action = np.array(self.policy.get_action(obs), np.float64)
+        if self.hold is not None and action[3] == 0.0:
+            action[3] = -1.0
+        self.last_grip = float(action[3])
+        return action
+
+    def observe(self, obs: np.ndarray, success: bool) -> None:
+        """After a step: ``obs`` is the new observation, ``success`` that step's ``info["success"]``."""
+        if self.hold is not None and success and self.pin is None:
+            self.pin = (self._target() if self.hold == "stop" else np.asarray(obs[:3], np.float64)).copy()

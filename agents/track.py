@@ -9,6 +9,9 @@ Metrics (one value per trial; the leaderboard averages over seeds):
   fine-tuning, on the same evaluation episodes (same start states), so each trial shows what fine-tuning
   added. Cached per (base model, task, episodes, seed): computed once.
 - ``final_loss``: the last training loss (MSE on actions).
+- ``expert_success`` / ``expert_success_any``: the task's data ceiling: the noise-free expert that made the
+  data (``agents.tasks.Expert``) on the same evaluation episodes (same start states); cached per (task,
+  episodes, seed, expert). A score near it is capped by the data, not by what the method learned.
 
 Data: simulator rollouts of Meta-World's scripted policies with Gaussian action noise ("real" data, not
 synthetic); the papers used SAC replay buffers instead.
@@ -23,6 +26,7 @@ import torch
 from pydantic import Field, field_validator
 
 from harness.cache import ArtifactCache
+from harness.errors import ConfigError
 from harness.finetune import FineTuneSetup, Schedule
 from harness.methods.base import AdapterSite
 from harness.placement import usable_cpus
@@ -32,7 +36,8 @@ from harness.training import pick_device
 from harness.validation import Bool, Float, Int
 from agents.data import DataSettings, Episodes, WindowSampler, build_datasets, load_dataset
 from agents.dt import SITE, DTConfig, DecisionTransformer, batch_loss, forward_batch, layer_tokens
-from agents.pretrain import OptimPlan, PretrainPlan, cached_eval, load_model, pretrain as build_pretrained
+from agents.pretrain import (BaseFile, CurveEval, OptimPlan, Pretrained, PretrainPlan, cached_eval, export_base,
+                             load_model, pretrain as build_pretrained, read_base)
 from agents.rollout import evaluate_dt
 from agents.tasks import CW10, MT40, MT50, check_task
 
@@ -56,6 +61,9 @@ class RLSettings(TrackSettings):
     noise_levels: list[Float] = Field(default_factory=lambda: [0.0, 0.1, 0.3, 0.6, 1.0], min_length=1)
     data_seed: Int = 0
     data_workers: Int = Field(0, ge=0)  # 0: one per core this process may use (the trial's, under Ray)
+    # the data's expert: "hold" (scripted policy + open gripper + hold after success, agents/tasks.py) or
+    # "scripted" (metaworld's policies as shipped: the data before the hold rule)
+    expert: Literal["hold", "scripted"] = "hold"
     # pretraining on MT40
     pretrain_tasks: list[str] = Field(default_factory=lambda: list(MT40), min_length=1)
     pretrain_steps: Int = Field(1_000_000, ge=0)
@@ -63,6 +71,11 @@ class RLSettings(TrackSettings):
     pretrain_lr: Float = Field(1e-4, gt=0)
     pretrain_seed: Int = 0
     pretrain_eval_episodes: Int = Field(10, ge=0)
+    pretrain_warmup: Int | None = Field(None, ge=0)  # None: the shared ``warmup``
+    # update counts at which pretraining scores MT40 (the time-to-quality curve), e.g. [2000, 5000, 10000]
+    pretrain_eval_at: list[Int] = Field(default_factory=list)
+    # a base file written by `pretrain rl --export FILE`: every trial starts from it instead of pretraining
+    pretrained: str | None = None
     # optimiser, shared by pretraining and fine-tuning
     lr: Float = Field(1e-4, gt=0)
     weight_decay: Float = Field(0.01, ge=0)
@@ -76,6 +89,15 @@ class RLSettings(TrackSettings):
     # `python -m harness bench rl`
     bench_steps: Int = Field(50, ge=1)
     bench_envs: Int = Field(10, ge=1)
+    # torch.compile's mode for `bench rl`'s compiled runs (reduce-overhead: CUDA graphs for the step)
+    bench_compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
+
+    @field_validator("pretrain_eval_at")
+    @classmethod
+    def _eval_points(cls, v: list[int]) -> list[int]:
+        if any(x < 1 for x in v):
+            raise ValueError(f"update counts must be >= 1, got {v}")
+        return sorted(set(v))
 
     @field_validator("noise_levels", "pretrain_tasks", mode="before")
     @classmethod
@@ -113,7 +135,8 @@ class RLBudget(TrackBudget):
 
 
 def data_settings(ts: RLSettings) -> DataSettings:
-    return DataSettings(episodes=ts.data_episodes, noise_levels=tuple(ts.noise_levels), seed=ts.data_seed)
+    return DataSettings(episodes=ts.data_episodes, noise_levels=tuple(ts.noise_levels), seed=ts.data_seed,
+                        expert=ts.expert)
 
 
 def model_config(ts: RLSettings) -> DTConfig:
@@ -121,11 +144,37 @@ def model_config(ts: RLSettings) -> DTConfig:
 
 
 def pretrain_plan(ts: RLSettings) -> PretrainPlan:
-    optim = OptimPlan(steps=ts.pretrain_steps, lr=ts.pretrain_lr, weight_decay=ts.weight_decay, warmup=ts.warmup,
+    warmup = ts.warmup if ts.pretrain_warmup is None else ts.pretrain_warmup
+    optim = OptimPlan(steps=ts.pretrain_steps, lr=ts.pretrain_lr, weight_decay=ts.weight_decay, warmup=warmup,
                       min_lr=ts.min_lr, grad_clip=ts.grad_clip, batch_size=ts.pretrain_batch_size,
                       compile=ts.compile)
     return PretrainPlan(tasks=tuple(ts.pretrain_tasks), data=data_settings(ts), model=model_config(ts),
                         train=optim, seed=ts.pretrain_seed)
+
+
+def check_pretrained(settings: RLSettings | dict[str, Any]) -> BaseFile | None:
+    """The study's base file (setting ``pretrained``) opened and verified against its DT settings, before
+    any compute (sweep validation calls this); None when the study pretrains its own base. Raises
+    ConfigError for a missing, unreadable, altered or misfitting file."""
+    ts = settings if isinstance(settings, RLSettings) else RLTrack().settings(settings)
+    if not ts.pretrained:
+        return None
+    return read_base(ts.pretrained, model_config(ts))
+
+
+def base_model(ts: RLSettings, device: torch.device | None = None) -> Pretrained:
+    """The study's base: its ``pretrained`` file when set, else the MT40 pretraining (built or cached)."""
+    base = check_pretrained(ts)
+    if base is not None:
+        return Pretrained(base.path, base.base_key, {"label": base.label, "sha256": base.sha256,
+                                                     "eval": base.metadata.get("eval", {})})
+    return build_pretrained(pretrain_plan(ts), device or pick_device(ts.device), _data_workers(ts))
+
+
+def backbone_name(ts: RLSettings, pre: Pretrained) -> str:
+    """The leaderboard's backbone column: the DT's shape, and the base file's name and short hash."""
+    described = model_config(ts).describe()
+    return f"{described} from {pre.info['label']}" if "label" in pre.info else described
 
 
 def rollout_workers(ts: RLSettings, episodes: int) -> int:
@@ -154,18 +203,48 @@ class RLTrack(Track):
         paths = build_datasets(tasks, data_settings(settings), _data_workers(settings))
         return {t: {"path": str(p), **Episodes.load(p).summary()} for t, p in paths.items()}
 
-    def pretrain(self, settings: RLSettings) -> dict[str, Any]:
-        """The pretrained DT (cached), with its MT40 evaluation."""
-        pre = build_pretrained(pretrain_plan(settings), pick_device(settings.device), _data_workers(settings))
+    def pretrain(self, settings: RLSettings, curve: str | None = None, export: str | None = None) -> dict[str, Any]:
+        """The pretrained DT (cached), with its MT40 evaluation; ``pretrain_eval_at`` (or ``curve``, a JSON
+        path for the time-to-quality curve) scores MT40 during the run; ``export`` writes it as a base file."""
+        if settings.pretrained:
+            raise ConfigError(f"setting 'pretrained'={settings.pretrained!r}: `pretrain` builds a base; drop "
+                              "'pretrained' (trials and `prepare` load the file without pretraining)")
+        plan = pretrain_plan(settings)
+        if any(p > plan.train.steps for p in settings.pretrain_eval_at):
+            raise ConfigError(f"setting 'pretrain_eval_at'={settings.pretrain_eval_at}: update counts must be <= "
+                              f"pretrain_steps={plan.train.steps}")
+        if export is not None and not str(export).endswith(".safetensors"):
+            raise ConfigError(f"--export {export!r}: the base file's name must end in .safetensors")
+        points = None
+        if settings.pretrain_eval_at or curve:
+            from pathlib import Path
+
+            if settings.pretrain_eval_episodes < 1:
+                raise ConfigError("a time-to-quality curve needs setting 'pretrain_eval_episodes' >= 1")
+            points = CurveEval(at=tuple(settings.pretrain_eval_at), episodes=settings.pretrain_eval_episodes,
+                               workers=rollout_workers(settings, 10**6), seed=0,
+                               path=Path(curve) if curve else None)
+        pre = build_pretrained(plan, pick_device(settings.device), _data_workers(settings), curve=points)
         result = {"path": str(pre.path), "base_key": pre.base_key,
-                  **{k: pre.info[k] for k in ("final_loss", "steps_per_s", "wall_s", "params")}}
+                  **{k: pre.info[k] for k in ("final_loss", "steps_per_s", "wall_s", "params") if k in pre.info}}
+        if points is not None:
+            result["curve"] = [{k: v for k, v in p.items() if k != "tasks"} for p in points.points]
         if settings.pretrain_eval_episodes > 0:
             result["eval"] = pretraining_eval(settings)
+        if export is not None:
+            from pathlib import Path
+
+            result["export"] = export_base(pre, plan, result.get("eval", {}).get("mean"), Path(export))
         return result
 
     def prepare(self, settings: RLSettings, benchmark: str, tasks: list[str], report: Report) -> dict[str, Any]:
         """The datasets of the pretraining and target tasks, and the pretrained DT (cached)."""
         self.check_tasks(benchmark, tasks)
+        base = check_pretrained(settings)
+        if base is not None:  # a shared base: no pretraining, no MT40 data; its evaluation is in the file
+            build_datasets(list(tasks), data_settings(settings), _data_workers(settings))
+            return {"checkpoint": str(base.path), "base_key": base.base_key, "base_file": base.label,
+                    "pretraining_eval": base.metadata.get("eval", {})}
         build_datasets(list(dict.fromkeys(list(settings.pretrain_tasks) + list(tasks))), data_settings(settings),
                        _data_workers(settings))
         pre = build_pretrained(pretrain_plan(settings), pick_device(settings.device), _data_workers(settings))
@@ -188,7 +267,7 @@ class RLTrack(Track):
         """The pretrained DT, the task's windows and the rollout evaluation."""
         ts, device = settings, pick_device(settings.device)
         plan = pretrain_plan(ts)
-        pre = build_pretrained(plan, device, _data_workers(ts))
+        pre = base_model(ts, device)
         model = load_model(pre.path, plan.model, device)
         data = load_dataset(spec.task, plan.data, _data_workers(ts))
         target = float(data.returns.max())
@@ -218,6 +297,8 @@ class RLTrack(Track):
                 base = task_eval(ts, spec.task, episodes, eval_seed)
                 metrics.update(pretrained_success=base["success"], pretrained_success_any=base["success_any"],
                                pretrained_return=base["return"])
+            ceiling = expert_eval(ts, spec.task, episodes, eval_seed)
+            metrics.update(expert_success=ceiling["success"], expert_success_any=ceiling["success_any"])
             return metrics, {"eval_wall_s": round(result.wall_s, 2), "returns": [round(r, 1) for r in result.returns],
                              "stage": budget.stage, "eval_seed": eval_seed}
 
@@ -228,12 +309,13 @@ class RLTrack(Track):
         return FineTuneSetup(
             model=model, site=AdapterSite(tuple(ts.adapter_targets), SITE.head), device=device, schedule=schedule,
             next_batch=lambda: sampler.sample(bs), loss=batch_loss, evaluate=evaluate,
-            base_key=pre.base_key, backbone=plan.model.describe(), data_source=self.data_source(spec.benchmark),
+            base_key=pre.base_key, backbone=backbone_name(ts, pre), data_source=self.data_source(spec.benchmark),
             validate=validate, forward=forward_batch, layer_inputs=layer_tokens, compile=ts.compile,
             init_batches=lambda: [init_sampler.sample(bs) for _ in range(8)],
             facts={"data": DATA_NOTE, "data_episodes": ts.data_episodes, "noise_levels": list(ts.noise_levels),
                    "pretrain_tasks": len(plan.tasks), "pretrain_steps": plan.train.steps, "base_key": pre.base_key,
-                   "target_return": target})
+                   "target_return": target, "expert": data_settings(ts).policy_id,
+                   **({"pretrained_file": pre.info["label"]} if "label" in pre.info else {})})
 
 
 # --- the pretrained model's own scores ---------------------------------------------------------------
@@ -256,7 +338,7 @@ def task_eval(ts: RLSettings, task: str, episodes: int, seed: int, untrained: bo
     check_task(task)
     plan = pretrain_plan(ts)
     device = pick_device(ts.device)
-    pre = build_pretrained(plan, device, _data_workers(ts))
+    pre = base_model(ts, device)
     target = float(load_dataset(task, plan.data).returns.max())
     key = {"base_key": pre.base_key, "task": task, "episodes": episodes, "seed": seed, "untrained": untrained,
            "target": target}
@@ -271,3 +353,40 @@ def task_eval(ts: RLSettings, task: str, episodes: int, seed: int, untrained: bo
         return {"success": r.success, "success_any": r.success_any, "return": r.return_mean, "wall_s": r.wall_s}
 
     return cached_eval(ArtifactCache(), f"{task}-{'untrained' if untrained else 'pretrained'}", key, compute)
+
+
+def expert_eval(ts: RLSettings, task: str, episodes: int, seed: int) -> dict[str, Any]:
+    """The task's data ceiling: the noise-free expert of the data (its hold mode included) on the
+    evaluation episodes of ``seed`` (the start states the DT is scored on); cached."""
+    from agents.data import expert_hold
+    from agents.rollout import evaluate_scripted
+
+    check_task(task)
+    ds = data_settings(ts)
+    hold = expert_hold(task, ds.episode_length)["mode"] if ds.expert == "hold" else None
+    key = {"task": task, "episodes": episodes, "seed": seed, "policy": ds.policy_id, "hold": hold}
+
+    def compute() -> dict[str, Any]:
+        r = evaluate_scripted(task, episodes, rollout_workers(ts, episodes), seed, 0.0, ds.episode_length, hold)
+        return {"success": r.success, "success_any": r.success_any, "return": r.return_mean, "wall_s": r.wall_s}
+
+    return cached_eval(ArtifactCache(), f"{task}-expert", key, compute)
+
+
+def data_report(ts: RLSettings, tasks: list[str] | None, out) -> str:
+    """``python -m harness data rl --report``: the expert data's per-task table (default: all 50 tasks,
+    MT40 then CW10), written as JSON and CSV under ``out``; returns the printed text."""
+    from pathlib import Path
+
+    from agents.data import data_report as build_report, format_report, write_report
+
+    tasks = list(tasks) if tasks else list(MT40) + list(CW10)
+    report = build_report(tasks, data_settings(ts), _data_workers(ts))
+    paths = write_report(report, Path(out))
+    mean = report["noise_free_mean"]
+    return "\n".join([format_report(report), "",
+                      f"noise-free expert ({report['expert']}), mean over {len(tasks)} tasks: last-step "
+                      f"{mean.get('success_last', float('nan')):.3f}, any-step {mean.get('success_any', float('nan')):.3f}",
+                      "noise-free last-step below any-step by more than 0.05: "
+                      + (", ".join(report["not_holding"]) or "none"),
+                      *[f"written: {p}" for p in paths]])

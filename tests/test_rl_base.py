@@ -1,0 +1,241 @@
+"""The RL base: experts that hold success, the data report, the expert ceiling on trial records, the
+time-to-quality pretraining curve (and its resume), and shareable base files. Real Meta-World, tiny DTs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from harness.cache import ArtifactCache
+from harness.errors import ConfigError
+from harness.tracks import get_track
+
+track = get_track("rl")
+
+TINY = {"n_layer": 1, "n_head": 2, "n_embd": 32, "context": 4, "dropout": 0.1, "data_episodes": 2,
+        "noise_levels": [0.0, 0.5], "pretrain_tasks": ["reach"], "pretrain_steps": 30, "pretrain_batch_size": 16,
+        "pretrain_eval_episodes": 0, "eval_workers": 1, "data_workers": 1, "device": "cpu", "compile": False}
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    return ArtifactCache(tmp_path / "cache")
+
+
+# --- experts ---------------------------------------------------------------------------------------------
+
+def _episode(task: str, hold, seed: int = 0) -> tuple[bool, bool]:
+    """(last-step, any-step) success of one noise-free expert episode."""
+    from agents.tasks import Expert, make_env
+
+    env = make_env(task, seed=seed)
+    expert = Expert(task, env, hold)
+    obs, _ = env.reset()
+    seen = False
+    for _ in range(200):
+        obs, _, _, _, info = env.step(np.clip(expert.act(obs), -1, 1).astype(np.float32))
+        expert.observe(obs, bool(info["success"]))
+        seen |= bool(info["success"])
+    return bool(info["success"]), seen
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_hold_keeps_the_success_the_scripted_policy_loses():
+    # faucet-open: metaworld's policy turns the handle on past the goal (0/4 last-step in our measurements)
+    assert _episode("faucet-open", None) == (False, True)
+    assert _episode("faucet-open", "stop") == (True, True)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_open_gripper_rule_and_modes():
+    from agents.tasks import Expert, make_env
+
+    env = make_env("reach", seed=0)
+    obs, _ = env.reset()
+    assert Expert("reach", env, None).act(obs)[3] == 0.0  # reach's policy sends grab effort 0
+    assert Expert("reach", env, "stop").act(obs)[3] == -1.0  # the rule opens the gripper
+    with pytest.raises(ConfigError, match="freeze"):
+        Expert("reach", env, "hover")
+
+
+def test_data_key_names_the_expert():
+    from agents.data import DataSettings
+
+    old = DataSettings(expert="scripted").key("reach")
+    assert old["policy"] == "metaworld-scripted-v3"  # the data before the rule keeps its cache entries
+    new = DataSettings().key("reach")
+    assert new != old and "hold" in new["policy"]
+    with pytest.raises(ConfigError, match="scripted"):
+        DataSettings(expert="random")
+    with pytest.raises(ConfigError, match="expert"):
+        track.settings({"expert": "random"})
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_calibration_and_report(cache, tmp_path):
+    from agents.data import (EXPERT_KIND, DataSettings, _expert_key, data_report, expert_hold, format_report,
+                             write_report)
+
+    settings = DataSettings(episodes=2, noise_levels=(0.0, 0.5), seed=1)
+    report = data_report(["reach"], settings, workers=1, cache=cache)
+    calib = expert_hold("reach", cache=cache)
+    assert cache.lookup(EXPERT_KIND, "reach", _expert_key("reach", 200)) is not None  # measured once, cached
+    assert calib["mode"] in ("stop", "freeze") and set(calib["modes"]) == {"stop", "freeze"}
+    assert calib["holds_success"] is True
+    rows = report["rows"]
+    assert [r["noise"] for r in rows] == [0.0, 0.5] and all(r["episodes"] == 1 for r in rows)
+    assert rows[0]["success_last"] == 1.0 and rows[0]["hold"] == calib["mode"]
+    assert rows[0]["return_min"] <= rows[0]["return_mean"] <= rows[0]["return_max"]
+    json_path, csv_path = write_report(report, tmp_path / "out")
+    assert json.loads(json_path.read_text())["rows"] == rows
+    assert csv_path.read_text().splitlines()[0].startswith("task,set,noise,episodes,success_last")
+    assert "| reach | MT40 |" in format_report(report)
+
+
+# --- the time-to-quality curve -----------------------------------------------------------------------------
+
+def _weights(path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_curve_survives_a_killed_call_and_resumes_exactly(tmp_path, monkeypatch):
+    import agents.pretrain as pretrain_module
+
+    settings = {**TINY, "pretrain_eval_at": [10, 20], "pretrain_eval_episodes": 1}
+    # an uninterrupted run, for reference
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "a"))
+    whole = track.pretrain(track.settings(settings), curve=str(tmp_path / "a.json"))
+    ref = json.loads((tmp_path / "a.json").read_text())
+    assert [p["updates"] for p in ref["points"]] == [10, 20, 30] and ref["complete"] is True
+    assert all(0 <= p["success"] <= p["success_any"] <= 1 for p in ref["points"])
+    assert ref["points"][0]["wall_s"] < ref["points"][1]["wall_s"] < ref["points"][2]["wall_s"]
+    assert ref["points"][0]["data_s"] > 0 and set(ref["points"][0]["tasks"]) == {"reach"}
+
+    # the same run, killed while scoring update 20
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "b"))
+    real = pretrain_module._curve_point
+
+    def killed_at_20(model, pools, targets, device, updates, *rest):
+        if updates == 20:
+            raise KeyboardInterrupt
+        return real(model, pools, targets, device, updates, *rest)
+
+    monkeypatch.setattr(pretrain_module, "_curve_point", killed_at_20)
+    with pytest.raises(KeyboardInterrupt):
+        track.pretrain(track.settings(settings), curve=str(tmp_path / "b.json"))
+    partial = json.loads((tmp_path / "b.json").read_text())
+    assert [p["updates"] for p in partial["points"]] == [10] and partial["complete"] is False
+    monkeypatch.setattr(pretrain_module, "_curve_point", real)
+    again = track.pretrain(track.settings(settings), curve=str(tmp_path / "b.json"))
+    resumed = json.loads((tmp_path / "b.json").read_text())
+    assert [p["updates"] for p in resumed["points"]] == [10, 20, 30]
+    assert [p["calls"] for p in resumed["points"]] == [1, 2, 2]
+    # same batches and dropout after the restart: the same weights and scores as the uninterrupted run
+    a, b = _weights(whole["path"]), _weights(again["path"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [p["success_any"] for p in resumed["points"]] == [p["success_any"] for p in ref["points"]]
+
+
+def test_curve_points_are_checked():
+    with pytest.raises(ConfigError, match="pretrain_eval_at"):
+        track.pretrain(track.settings({**TINY, "pretrain_eval_at": [50]}))
+    with pytest.raises(ConfigError, match="pretrain_eval_at"):
+        track.settings({"pretrain_eval_at": [0]})
+    assert track.settings({"pretrain_eval_at": [20, 10, 20]}).pretrain_eval_at == [10, 20]
+
+
+# --- shareable bases ---------------------------------------------------------------------------------------
+
+@pytest.fixture()
+def base_file(cache, tmp_path):
+    out = track.pretrain(track.settings(TINY), export=str(tmp_path / "base.safetensors"))
+    return tmp_path / "base.safetensors", out
+
+
+def test_export_holds_weights_settings_and_checksum(base_file):
+    from safetensors import safe_open
+
+    from agents.track import check_pretrained
+    from harness.cache import file_sha256
+
+    path, out = base_file
+    assert out["export"]["sha256"] == file_sha256(path)
+    assert (path.parent / "base.safetensors.sha256").read_text().split() == [file_sha256(path), "base.safetensors"]
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        weights = {k: f.get_tensor(k) for k in f.keys()}
+    assert meta["base_key"] == out["base_key"] and json.loads(meta["model"])["n_embd"] == 32
+    assert json.loads(meta["tasks"]) == ["reach"] and json.loads(meta["train"])["steps"] == 30
+    cached = _weights(out["path"])
+    assert set(weights) == set(cached) and all(torch.equal(weights[k], cached[k]) for k in cached)
+    base = check_pretrained({**TINY, "pretrained": str(path)})
+    assert base.base_key == out["base_key"] and base.label == f"base.safetensors@{file_sha256(path)[:8]}"
+    assert check_pretrained(TINY) is None
+
+
+def test_bad_base_files_are_refused_before_compute(base_file, tmp_path):
+    from agents.track import check_pretrained
+
+    path, _ = base_file
+    with pytest.raises(ConfigError, match="pretrained.*no such file"):
+        check_pretrained({**TINY, "pretrained": str(tmp_path / "none.safetensors")})
+    with pytest.raises(ConfigError, match="n_embd: file 32, settings 64"):
+        check_pretrained({**TINY, "n_embd": 64, "pretrained": str(path)})
+    with pytest.raises(ConfigError, match="context: file 4, settings 8"):
+        check_pretrained({**TINY, "context": 8, "pretrained": str(path)})
+    assert check_pretrained({**TINY, "dropout": 0.3, "pretrained": str(path)}) is not None  # not in the weights
+    # one changed byte near the end (tensor data): the checksum file no longer matches
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    changed = tmp_path / "changed.safetensors"
+    changed.write_bytes(bytes(data))
+    (tmp_path / "changed.safetensors.sha256").write_text((path.parent / "base.safetensors.sha256").read_text())
+    with pytest.raises(ConfigError, match="checksum mismatch"):
+        check_pretrained({**TINY, "pretrained": str(changed)})
+    # without a checksum file, the digest of the tensors in the metadata still catches it
+    (tmp_path / "changed.safetensors.sha256").unlink()
+    with pytest.raises(ConfigError, match="do not match the digest"):
+        check_pretrained({**TINY, "pretrained": str(changed)})
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ConfigError, match="not a readable safetensors file"):
+        check_pretrained({**TINY, "pretrained": str(cut)})
+    from safetensors.torch import save_file
+
+    other = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(2)}, str(other))
+    with pytest.raises(ConfigError, match="not a harness DT base"):
+        check_pretrained({**TINY, "pretrained": str(other)})
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_trial_from_a_base_file_carries_its_name_and_the_expert_ceiling(base_file, monkeypatch):
+    import agents.track as rl
+    from harness.leaderboard import aggregate
+    from harness.trial import TrialSpec, run_trial
+
+    path, out = base_file
+
+    def no_pretraining(*args, **kwargs):
+        raise AssertionError("a study with a base file must not pretrain")
+
+    monkeypatch.setattr(rl, "build_pretrained", no_pretraining)
+    settings = {**TINY, "pretrained": str(path), "pretrain_tasks": ["window-open"]}  # pretrain_* unused
+    prepared = track.prepare(track.settings(settings), "cw10", ["window-close"], None)
+    assert prepared["base_key"] == out["base_key"]
+    spec = TrialSpec(track="rl", benchmark="cw10", task="window-close", method="lora", seed=0,
+                     budget={"steps": 10, "eval_episodes": 2, "batch_size": 8, "report_every": 5},
+                     track_settings=settings)
+    record = run_trial(spec, lambda m: None)
+    assert record.status == "ok", record.error
+    assert record.backbone.endswith(f"from {out['export']['label']}")
+    assert record.extra["base_key"] == out["base_key"] and record.extra["pretrained_file"] == out["export"]["label"]
+    m = record.metrics
+    assert 0 <= m["expert_success"] <= m["expert_success_any"] <= 1 and m["expert_success_any"] == 1.0
+    row = aggregate([record.flat()], "success", {}).iloc[0]
+    assert row["expert_success_mean"] == m["expert_success"] and out["export"]["label"] in row["backbone"]
