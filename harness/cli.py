@@ -76,7 +76,7 @@ def cmd_sweep(args) -> int:
     from harness.driver import LocalResources, run_sweep
     from harness.sweep_file import load_sweep
 
-    sweep = load_sweep(args.file, args.set, args.only, confirmed=args.yes)
+    sweep = load_sweep(args.file, args.set, args.only, confirmed=args.yes or args.plan)  # a plan runs nothing
     if args.plan:  # the price, before (and instead of) any compute
         from harness.driver import check_banks
         from harness.plan import run_plan
@@ -141,12 +141,25 @@ def _track_settings(args) -> tuple[Any, Any]:
 
 def cmd_pretrain(args) -> int:
     track, settings = _track_settings(args)
+    if args.curve or args.export:  # the RL base's time-to-quality curve and shareable file (agents/pretrain.py)
+        if args.track != "rl":
+            raise ConfigError("pretrain --curve and --export are for the rl track")
+        print(json.dumps(track.pretrain(settings, curve=args.curve, export=args.export), indent=1, default=str))
+        return 0
     print(json.dumps(track.pretrain(settings), indent=1, default=str))
     return 0
 
 
 def cmd_data(args) -> int:
     track, settings = _track_settings(args)
+    if args.report:  # per task and noise level: the expert's success and return range (agents/data.py)
+        if args.track != "rl":
+            raise ConfigError("data --report is for the rl track (the expert data's per-task success)")
+        from agents.track import data_report
+
+        out = Path(args.out or "results")
+        print(data_report(settings, args.tasks or None, out))
+        return 0
     print(json.dumps(track.make_data(settings, args.tasks or None), indent=1, default=str))
     return 0
 
@@ -296,6 +309,18 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a track setting")
         if name == "data":
             c.add_argument("--tasks", nargs="*", default=None)
+            c.add_argument("--report", action="store_true",
+                           help="rl: per task and noise level, the expert's last-step / any-step success and "
+                                "return range (default tasks: all 50), printed and written to --out")
+            c.add_argument("--out", default=None, metavar="DIR",
+                           help="with --report: folder for rl-data-report.json and .csv (default: results)")
+        if name == "pretrain":
+            c.add_argument("--curve", default=None, metavar="FILE",
+                           help="rl: write the time-to-quality curve (MT40 success at each of pretrain_eval_at and "
+                                "at the end, against updates and seconds) to this JSON; a rerun resumes it")
+            c.add_argument("--export", default=None, metavar="FILE.safetensors",
+                           help="rl: also write the pretrained DT as a shareable base file (+ FILE.sha256); "
+                                "trials load it with --set pretrained=FILE")
         c.set_defaults(fn=fn)
 
     b = sub.add_parser("bench", help="measure training and rollout speed")
