@@ -323,6 +323,7 @@ class RLTrack(Track):
 def pretraining_eval(ts: RLSettings, seed: int = 0) -> dict[str, Any]:
     """Pretrained vs untrained DT on every pretraining task (cached): does pretraining teach anything?"""
     episodes = ts.pretrain_eval_episodes
+    _batched_task_evals(ts, list(ts.pretrain_tasks), episodes, seed)
     per_task = {task: {"pretrained": task_eval(ts, task, episodes, seed, untrained=False),
                        "untrained": task_eval(ts, task, episodes, seed, untrained=True)}
                 for task in ts.pretrain_tasks}
@@ -333,6 +334,43 @@ def pretraining_eval(ts: RLSettings, seed: int = 0) -> dict[str, Any]:
     return {"mean": mean, "tasks": per_task}
 
 
+def _task_eval_key(pre: Pretrained, task: str, episodes: int, seed: int, untrained: bool, target: float
+                   ) -> dict[str, Any]:
+    return {"base_key": pre.base_key, "task": task, "episodes": episodes, "seed": seed, "untrained": untrained,
+            "target": target}
+
+
+def _batched_task_evals(ts: RLSettings, tasks: list[str], episodes: int, seed: int) -> None:
+    """Fill :func:`task_eval`'s cache for ``tasks`` with all their rollouts at once (one batched forward
+    per step over every task's environments: the same start states, so the same episodes, as one task at a
+    time; on a GPU the batch's kernels may round differently)."""
+    from agents.pretrain import EVAL_KIND
+    from agents.rollout import TaskPools, evaluate_dt_tasks
+
+    plan = pretrain_plan(ts)
+    device = pick_device(ts.device)
+    pre = base_model(ts, device)
+    cache = ArtifactCache()
+    targets = {t: float(load_dataset(t, plan.data).returns.max()) for t in tasks}
+    for untrained in (False, True):
+        name = "untrained" if untrained else "pretrained"
+        keys = {t: _task_eval_key(pre, t, episodes, seed, untrained, targets[t]) for t in tasks}
+        missing = [t for t in tasks if cache.lookup(EVAL_KIND, f"{t}-{name}", keys[t]) is None]
+        if len(missing) < 2:
+            continue  # task_eval does one task as well
+        if untrained:
+            with seeded(derive_seed(plan.seed, "init")):
+                model = DecisionTransformer(plan.model).to(device).eval()
+        else:
+            model = load_model(pre.path, plan.model, device)
+        with TaskPools(missing, episodes, rollout_workers(ts, 10**6), seed) as pools:
+            results = evaluate_dt_tasks(model, pools, targets, device)
+        for t in missing:
+            r = results[t]
+            cached_eval(cache, f"{t}-{name}", keys[t], lambda r=r: {
+                "success": r.success, "success_any": r.success_any, "return": r.return_mean, "wall_s": r.wall_s})
+
+
 def task_eval(ts: RLSettings, task: str, episodes: int, seed: int, untrained: bool = False) -> dict[str, Any]:
     """Rollout scores of the pretrained (or, as a reference, a randomly initialised) DT on ``task``; cached."""
     check_task(task)
@@ -340,8 +378,7 @@ def task_eval(ts: RLSettings, task: str, episodes: int, seed: int, untrained: bo
     device = pick_device(ts.device)
     pre = base_model(ts, device)
     target = float(load_dataset(task, plan.data).returns.max())
-    key = {"base_key": pre.base_key, "task": task, "episodes": episodes, "seed": seed, "untrained": untrained,
-           "target": target}
+    key = _task_eval_key(pre, task, episodes, seed, untrained, target)
 
     def compute() -> dict[str, Any]:
         if untrained:

@@ -239,3 +239,27 @@ def test_trial_from_a_base_file_carries_its_name_and_the_expert_ceiling(base_fil
     assert 0 <= m["expert_success"] <= m["expert_success_any"] <= 1 and m["expert_success_any"] == 1.0
     row = aggregate([record.flat()], "success", {}).iloc[0]
     assert row["expert_success_mean"] == m["expert_success"] and out["export"]["label"] in row["backbone"]
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_batched_mt40_eval_scores_the_same_episodes_as_one_task_at_a_time(cache):
+    from agents.data import load_dataset
+    from agents.pretrain import load_model
+    from agents.rollout import evaluate_dt
+    from agents.track import base_model, model_config, pretraining_eval
+
+    settings = track.settings({**TINY, "pretrain_tasks": ["reach", "window-close"], "pretrain_steps": 5,
+                               "pretrain_eval_episodes": 1})
+    both = pretraining_eval(settings)["tasks"]
+    pre = base_model(settings)
+    model = load_model(pre.path, model_config(settings))
+    for task in ("reach", "window-close"):
+        target = float(load_dataset(task, track_data(settings)).returns.max())
+        alone = evaluate_dt(model, task, 1, target, 1, 0)
+        assert both[task]["pretrained"]["return"] == pytest.approx(alone.return_mean, rel=1e-5)
+
+
+def track_data(settings):
+    from agents.track import data_settings
+
+    return data_settings(settings)
