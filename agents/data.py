@@ -394,7 +394,8 @@ def data_report(tasks: Sequence[str], settings: DataSettings, workers: int | Non
                 cache: ArtifactCache | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Per task and noise level of ``settings``' datasets (built first where missing): the expert's
     last-step and any-step success and its return range, with the task's hold mode and whether the
-    noise-free expert holds success there (``holds_success``; empty for ``expert: scripted``)."""
+    noise-free expert holds success there (``holds_success``: its last-step success within
+    ``HOLD_TOLERANCE`` of its any-step success)."""
     from agents.tasks import CW10
 
     cache = cache or ArtifactCache()
@@ -402,10 +403,16 @@ def data_report(tasks: Sequence[str], settings: DataSettings, workers: int | Non
     rows = []
     for task in tasks:
         calib = _cached_calibration(cache, task, settings.episode_length) if settings.expert == "hold" else None
-        for level in Episodes.load(paths[task]).by_noise():
+        levels = Episodes.load(paths[task]).by_noise()
+        # whether the noise-free expert holds success: judged on the data's own noise-free episodes where it
+        # has some, else on the hold calibration's (both are small samples of the same expert)
+        free = next((r for r in levels if r["noise"] == 0.0), None)
+        holds = (free["success_last"] >= free["success_any"] - HOLD_TOLERANCE if free is not None
+                 else calib["holds_success"] if calib is not None else "")
+        for level in levels:
             rows.append({"task": task, "set": "CW10" if task in CW10 else "MT40", **level,
                          "hold": calib["mode"] if calib else "", "expert": settings.policy_id,
-                         "holds_success": "" if calib is None else bool(calib["holds_success"])})
+                         "holds_success": holds})
     noise_free = [r for r in rows if r["noise"] == 0.0]
     mean = {k: float(np.mean([r[k] for r in noise_free])) for k in ("success_last", "success_any")} if noise_free else {}
     return {"expert": settings.policy_id, "settings": settings.key("*"), "rows": rows,
@@ -443,10 +450,10 @@ def format_report(report: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for task, per in by_task.items():
         first = next(iter(per.values()))
-        hold = first["hold"] + ("" if first["holds_success"] in ("", True) else " (cannot hold)")
+        hold = (first["hold"] or "-") + ("" if first["holds_success"] in ("", True) else " (does not hold)")
         cells = [f"{per[n]['success_last']:.2f}/{per[n]['success_any']:.2f}" if n in per else "" for n in levels]
         rets = [x for p in per.values() for x in (p["return_min"], p["return_max"])]
         mean_ret = float(np.mean([p["return_mean"] for p in per.values()]))
-        lines.append("| " + " | ".join([task, first["set"], hold or "-", *cells,
+        lines.append("| " + " | ".join([task, first["set"], hold, *cells,
                                         f"{min(rets):.0f}/{mean_ret:.0f}/{max(rets):.0f}"]) + " |")
     return "\n".join(lines)
