@@ -129,7 +129,7 @@ def _read_partial_extras(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - the trainer discards an unreadable checkpoint with a warning
         return {}
     return {k: state[k] for k in ("clock_s", "data_s", "curve", "sampler_rng", "torch_rng", "cuda_rng", "calls")

@@ -229,6 +229,7 @@ class RLTrack(Track):
                   **{k: pre.info[k] for k in ("final_loss", "steps_per_s", "wall_s", "params") if k in pre.info}}
         if points is not None:
             result["curve"] = [{k: v for k, v in p.items() if k != "tasks"} for p in points.points]
+            _reuse_final_point(settings, pre, points)
         if settings.pretrain_eval_episodes > 0:
             result["eval"] = pretraining_eval(settings)
         if export is not None:
@@ -369,6 +370,19 @@ def _batched_task_evals(ts: RLSettings, tasks: list[str], episodes: int, seed: i
             r = results[t]
             cached_eval(cache, f"{t}-{name}", keys[t], lambda r=r: {
                 "success": r.success, "success_any": r.success_any, "return": r.return_mean, "wall_s": r.wall_s})
+
+
+def _reuse_final_point(ts: RLSettings, pre: Pretrained, points: CurveEval) -> None:
+    """The curve's last point scored the finished model on the episodes :func:`pretraining_eval` uses:
+    its per-task scores go into that evaluation's cache instead of being rolled out again."""
+    final = next((p for p in points.points if p["updates"] == ts.pretrain_steps), None)
+    if final is None or points.seed != 0 or points.episodes != ts.pretrain_eval_episodes:
+        return
+    plan = pretrain_plan(ts)
+    for task, scores in final["tasks"].items():
+        target = float(load_dataset(task, plan.data).returns.max())
+        key = _task_eval_key(pre, task, points.episodes, 0, False, target)
+        cached_eval(ArtifactCache(), f"{task}-pretrained", key, lambda s=scores: {**s, "wall_s": final["eval_s"]})
 
 
 def task_eval(ts: RLSettings, task: str, episodes: int, seed: int, untrained: bool = False) -> dict[str, Any]:

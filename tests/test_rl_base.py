@@ -115,6 +115,8 @@ def test_curve_survives_a_killed_call_and_resumes_exactly(tmp_path, monkeypatch)
     assert all(0 <= p["success"] <= p["success_any"] <= 1 for p in ref["points"])
     assert ref["points"][0]["wall_s"] < ref["points"][1]["wall_s"] < ref["points"][2]["wall_s"]
     assert ref["points"][0]["data_s"] > 0 and set(ref["points"][0]["tasks"]) == {"reach"}
+    # the last point is the finished model's MT40 evaluation: reported as such, not rolled out again
+    assert whole["eval"]["tasks"]["reach"]["pretrained"]["return"] == ref["points"][-1]["tasks"]["reach"]["return"]
 
     # the same run, killed while scoring update 20
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "b"))
