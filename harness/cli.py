@@ -142,8 +142,11 @@ def _track_settings(args) -> tuple[Any, Any]:
 def cmd_pretrain(args) -> int:
     track, settings = _track_settings(args)
     if args.curve or args.export:  # the RL base's time-to-quality curve and shareable file (agents/pretrain.py)
-        if args.track != "rl":
-            raise ConfigError("pretrain --curve and --export are for the rl track")
+        import inspect
+
+        if not {"curve", "export"} <= set(inspect.signature(track.pretrain).parameters):
+            raise ConfigError(f"pretrain --curve and --export are not offered by the {args.track} track (the rl "
+                              "track's pretraining has them)")
         print(json.dumps(track.pretrain(settings, curve=args.curve, export=args.export), indent=1, default=str))
         return 0
     print(json.dumps(track.pretrain(settings), indent=1, default=str))
@@ -182,7 +185,12 @@ def cmd_bench(args) -> int:
 
         config = dict(_parse_sets(args.set))
         result = bench_scale(config)
-    else:
+    else:  # a track's own bench
+        from harness.errors import choices_message
+        from harness.tracks import track_names
+
+        if args.track not in track_names():
+            raise ConfigError(choices_message("bench", args.track, [*track_names(), "methods", "share", "scale"]))
         track, settings = _track_settings(args)
         config = settings.model_dump()
         result = track.bench(settings)
@@ -228,8 +236,10 @@ def cmd_methods(args) -> int:
     if args.count:
         from harness.counting import count_methods, format_rows, rows_json
 
-        if args.track == "vision" and not (args.backbone or args.sweep):
-            raise ConfigError("methods --count on the vision track needs --backbone NAME (a timm ViT, e.g. "
+        from harness.tracks import get_track
+
+        if "backbone" in get_track(args.track).Settings.model_fields and not (args.backbone or args.sweep):
+            raise ConfigError(f"methods --count on the {args.track} track needs --backbone NAME (e.g. a timm ViT, "
                               "vit_base_patch16_224) or --sweep FILE")
         rows = count_methods(args.track, args.backbone, args.methods.split(",") if args.methods else None,
                              args.set, args.sweep, args.classes)
@@ -249,18 +259,24 @@ def cmd_methods(args) -> int:
 
 
 def cmd_tasks(args) -> int:
-    from harness.tracks import TRACKS, get_track
+    from harness.tracks import get_track, track_names
 
-    for name in TRACKS:
+    for name in track_names():
         for bench in get_track(name).benchmarks.values():
-            print(f"{name}/{bench.name} ({len(bench.tasks)} tasks, {bench.data_source} data, ranked by "
+            count = "tasks found on disk" if bench.task_pattern is not None else f"{len(bench.tasks)} tasks"
+            print(f"{name}/{bench.name} ({count}, {bench.data_source} data, ranked by "
                   f"{bench.primary_metric}, {'higher' if bench.higher_is_better else 'lower'} is better)")
+            if bench.task_pattern is not None:
+                print(f"    any task name matching {bench.task_pattern} (e.g. a folder under data_root)")
+                continue
             for line in ([f"{g}: {', '.join(ts)}" for g, ts in bench.groups.items()] or [", ".join(bench.tasks)]):
                 print(f"    {line}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from harness.tracks import TRACKS  # named in help texts; a plugin's tracks are checked when used
+
     p = argparse.ArgumentParser(prog="python -m harness", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -300,12 +316,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a method setting, track setting or budget key (prefix method./settings./budget. to be explicit)")
     r.add_argument("--json", action="store_true", help="print the trial record as JSON on the last line")
+    r.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import this module first: methods and tracks from outside the project; repeatable")
     r.set_defaults(fn=cmd_run)
 
     for name, fn, helptext in (("pretrain", cmd_pretrain, "pretrain a track's backbone (cached)"),
                                ("data", cmd_data, "generate a track's datasets (cached)")):
         c = sub.add_parser(name, help=helptext)
-        c.add_argument("track", choices=["rl", "vision"] if name == "pretrain" else ["rl", "vision"])
+        c.add_argument("track", help=f"a registered track ({', '.join(TRACKS)}, or a plugin's)")
         c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a track setting")
         if name == "data":
             c.add_argument("--tasks", nargs="*", default=None)
@@ -324,8 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
         c.set_defaults(fn=fn)
 
     b = sub.add_parser("bench", help="measure training and rollout speed")
-    b.add_argument("track", choices=["rl", "vision", "methods", "share", "scale"],
-                   help="rl, vision: a track's loop against a plain one; methods: every method's step on one "
+    b.add_argument("track", metavar="TRACK|methods|share|scale",
+                   help=f"a track ({', '.join(TRACKS)}): its loop against a plain one; methods: every method's step on one "
                         "model; share: N RL fine-tuning trials sharing one GPU through Ray Tune; scale: one CW10 "
                         "sweep on 1, 2, 4, 8 GPUs of this host")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -343,7 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--count", action="store_true",
                     help="print each method's trainable parameters (head apart) on --backbone, without training")
     me.add_argument("--backbone", default=None, help="timm model name (random weights, nothing downloaded)")
-    me.add_argument("--track", default="vision", choices=["vision", "rl"])
+    me.add_argument("--track", default="vision", help=f"with --count: the track whose model is counted "
+                    f"({', '.join(TRACKS)}, or a plugin's; default vision)")
+    me.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                    help="import this module first (its @register_method methods are listed too); repeatable")
     me.add_argument("--sweep", default=None, metavar="FILE", help="count at this sweep's settings and grids")
     me.add_argument("--methods", default=None, metavar="A,B", help="only these methods (comma-joined)")
     me.add_argument("--classes", type=int, default=100, help="width of the task head (counted apart)")
@@ -351,13 +372,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a track setting (adapter_targets, alpha_rule, ...) or method setting (r, k, ...)")
     me.add_argument("--json", action="store_true", help="print the counts as JSON")
     me.set_defaults(fn=cmd_methods)
-    sub.add_parser("tasks", help="list benchmarks and tasks").set_defaults(fn=cmd_tasks)
+    t = sub.add_parser("tasks", help="list benchmarks and tasks")
+    t.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import this module first (its tracks are listed too); repeatable")
+    t.set_defaults(fn=cmd_tasks)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "plugin", None):
+            from harness.plugins import load_plugins
+
+            load_plugins(args.plugin, "--plugin")
         return args.fn(args)
     except HarnessError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -102,16 +102,9 @@ def _split_sets(items: list[str], track, methods: list[str]) -> tuple[dict[str, 
     return ts, ms
 
 
-def _base_model(track_name: str, ts, classes: int) -> tuple[nn.Module, AdapterSite]:
-    if track_name == "vision":
-        from vision.backbones import HEAD, create
-
-        return create(ts.backbone, classes, ts.img_size, 0.0, ts.model_kwargs), AdapterSite(
-            tuple(ts.adapter_targets), HEAD)
-    from agents.dt import SITE, DecisionTransformer
-    from agents.track import model_config
-
-    return DecisionTransformer(model_config(ts)), AdapterSite(tuple(ts.adapter_targets), SITE.head)
+def _base_model(track, ts, classes: int) -> tuple[nn.Module, AdapterSite]:
+    """The track's model with random weights and its adapter site (``Track.count_model``)."""
+    return track.count_model(ts, classes)
 
 
 def _bank(model: nn.Module, site: AdapterSite, folder: Path) -> list[str]:
@@ -148,7 +141,7 @@ def _grid(method: str, given: dict[str, Any], sweep_grid: dict[str, Any] | None)
     return out
 
 
-def count_methods(track: str = "vision", backbone: str | None = None, methods: list[str] | None = None,
+def count_methods(track: str, backbone: str | None = None, methods: list[str] | None = None,
                   sets: list[str] | None = None, sweep: str | None = None, classes: int = 100) -> list[CountRow]:
     """Each method's trainable parameters (head apart) on ``backbone`` at the given (or a sweep's) settings.
 
@@ -186,8 +179,6 @@ def _count_study(tr, study_settings: dict[str, Any], grids: dict[str, dict[str, 
     raw = {**study_settings, **given_ts}
     if backbone:
         raw["backbone"] = backbone
-    if track == "vision":
-        raw["weights"] = "random"
     ts = tr.settings(raw)
     plans = []
     for name in names:
@@ -205,7 +196,7 @@ def _count_study(tr, study_settings: dict[str, Any], grids: dict[str, dict[str, 
     rows = []
     with _counting_quietly(), tempfile.TemporaryDirectory(prefix="harness-count-") as tmp:
         torch.manual_seed(0)
-        base, base_site = _base_model(track, ts, classes)
+        base, base_site = _base_model(tr, ts, classes)
         for name, method, settings in plans:
             model = copy.deepcopy(base)
             site, wrap_settings = prepare(method, settings, ts, model, base_site)

@@ -55,6 +55,10 @@ def _trainable(config: dict[str, Any]) -> None:
     import torch
     from ray import tune
 
+    from harness.plugins import load_plugins
+
+    # A worker imports the harness afresh: the sweep's plugin methods and tracks are registered here again
+    load_plugins(config.get("plugins") or (), "the sweep's plugins (in a Ray worker)")
     spec = TrialSpec(**config["spec"])
     marker = Path(tune.get_context().get_trial_dir()) / FAILED_RECORD
     if marker.is_file():
@@ -249,9 +253,10 @@ def _gpus_per_trial(study: Study, n_trials: int) -> float:
 
 
 def run_wave(specs: list[TrialSpec], study: Study, exp_dir: Path, resume: bool,
-             callbacks: list[Any] | None = None) -> list[dict[str, Any]]:
+             callbacks: list[Any] | None = None, plugins: list[str] | tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """Run (or resume) one Tune experiment over ``specs``; return the flat trial records. ``callbacks``:
-    Ray Tune's tracking callbacks (``harness/tracking.py``) for a new experiment."""
+    Ray Tune's tracking callbacks (``harness/tracking.py``) for a new experiment; ``plugins``: the sweep's
+    plugin modules, imported by each trial's worker before it runs."""
     from ray import tune
 
     if not specs:
@@ -272,7 +277,8 @@ def run_wave(specs: list[TrialSpec], study: Study, exp_dir: Path, resume: bool,
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=False)
     else:
         param_space = {"spec": tune.grid_search([asdict(s) for s in specs]), "cache_root": str(cache_root()),
-                       "cpus": study.resources.cpus_per_trial, "tune_trial": trial_plan.to_config()}
+                       "cpus": study.resources.cpus_per_trial, "tune_trial": trial_plan.to_config(),
+                       "plugins": list(plugins)}
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
@@ -423,7 +429,8 @@ def run_study(sweep: SweepFile, study: Study, results_dir: Path, resume: bool) -
             folder = base / (f"{study.name}-{stage}" + (f"-wave{i}" if i else ""))
             wave, unbanked = _with_banks([s for s in specs if s.method in names], recs, metric, higher)
             recs += run_wave(wave, study, folder, resume,
-                             tracking.callbacks(sweep.tracking, results_dir, sweep.name, study.name)) + unbanked
+                             tracking.callbacks(sweep.tracking, results_dir, sweep.name, study.name),
+                             sweep.plugins) + unbanked
         return recs
 
     if study.protocol == "select-then-final":

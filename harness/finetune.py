@@ -157,8 +157,9 @@ class FineTuneRun:
             if setup.device.type == "cuda":  # the training peak: from here to the end of training
                 torch.cuda.reset_peak_memory_stats(setup.device)
             if s.steps > 0:
+                groups = method.optimizer_groups(model, self.wrap_settings, self.weight_decay)  # LoRA+-like
                 self.trainer = Trainer(model, setup.loss, setup.next_batch, cfg, setup.device,
-                                       MethodHooks(method, self.ctx), self.report)
+                                       MethodHooks(method, self.ctx), self.report, groups)
 
     def step(self) -> bool:
         """One training update; False once training is over."""

@@ -11,7 +11,16 @@ from pathlib import Path
 import torch
 
 PACKAGES = ("torch", "peft", "timm", "ray", "metaworld", "mujoco", "gymnasium")
-CODE_PATHS = ("harness", "agents", "vision", "pyproject.toml")
+
+
+def code_paths() -> tuple[str, ...]:
+    """What counts as the harness's code in its checkout: the harness itself, the top-level package of
+    every track the registry names (``harness/tracks.py``) that lives in this checkout, and pyproject.toml."""
+    from harness.tracks import TRACKS
+
+    root = Path(__file__).resolve().parents[1]
+    packages = sorted({target.split(":")[0].split(".")[0] for target in TRACKS.values()} - {"harness"})
+    return ("harness", *(p for p in packages if (root / p).is_dir()), "pyproject.toml")
 
 
 @functools.lru_cache(maxsize=1)
@@ -36,7 +45,7 @@ def git_commit() -> str:
                                 timeout=10, check=True).stdout.strip()
         # only the code counts: a sweep rewriting the tracked leaderboard/ must not mark its own trials dirty
         dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--",
-                                *CODE_PATHS], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+                                *code_paths()], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{commit}+dirty" if dirty else commit or "unknown"

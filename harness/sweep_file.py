@@ -17,6 +17,7 @@ from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, Validatio
                       model_validator)
 
 from harness.errors import ConfigError
+from harness.plugins import MODULE_PATTERN
 from harness.tracks import get_track
 from harness.trial import TrialSpec
 from harness.validation import format_errors
@@ -142,6 +143,9 @@ class SweepFile(BaseModel):
     studies: list[Study]
     # Ray Tune's tracking integrations for the whole sweep (harness/tracking.py): local and offline by default
     tracking: list[Literal["mlflow", "wandb"]] = Field(default_factory=list)
+    # modules imported before the file is checked and in every Ray worker: methods and tracks from outside
+    # the project (harness/plugins.py)
+    plugins: list[Annotated[str, StringConstraints(pattern=MODULE_PATTERN)]] = Field(default_factory=list)
 
 
 
@@ -151,7 +155,7 @@ def _normalise(raw: Any, source: str) -> dict[str, Any]:
         raise ConfigError(f"{source}: a sweep file is a YAML mapping, got {type(raw).__name__}")
     raw = dict(raw)
     if "studies" not in raw:  # a single-study file: every key but the sweep's own belongs to the study
-        study = {k: raw.pop(k) for k in list(raw) if k not in ("name", "description", "tracking")}
+        study = {k: raw.pop(k) for k in list(raw) if k not in ("name", "description", "tracking", "plugins")}
         study["name"] = raw.get("name", "main")
         raw["studies"] = [study]
         raw["_single"] = True
@@ -231,6 +235,9 @@ def count_trials(study: Study) -> int:
 
 def study_tasks(study: Study) -> list[str]:
     benchmark = get_track(study.track).benchmark(study.benchmark)
+    if study.tasks == "all" and benchmark.task_pattern is not None:
+        raise ConfigError(f"study {study.name!r}: benchmark {study.benchmark!r} has no fixed task list (its tasks "
+                          "are found on disk, e.g. folders under data_root): name them under tasks")
     return list(benchmark.tasks) if study.tasks == "all" else list(study.tasks)
 
 
@@ -312,6 +319,9 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, only: str |
         sweep = SweepFile.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_pydantic_message(e, str(path), single)) from None
+    from harness.plugins import load_plugins
+
+    load_plugins(sweep.plugins, f"{path}: plugins")  # their methods and tracks are checked like the project's
     names = [s.name for s in sweep.studies]
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: study names must be unique, got {names}")
@@ -338,7 +348,7 @@ def apply_override(raw: dict[str, Any], item: str, only: str | None = None) -> N
     key, value = item.split("=", 1)
     parsed = load_yaml(value, f"--set {item!r}")
     parts = key.strip().split(".")
-    if parts[0] in ("name", "description", "studies", "tracking"):
+    if parts[0] in ("name", "description", "studies", "tracking", "plugins"):
         targets = [raw]
     else:
         targets = [s for s in raw["studies"] if only is None or (isinstance(s, dict) and s.get("name") == only)]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -28,8 +28,11 @@ if TYPE_CHECKING:
 
 Report = Callable[[dict[str, Any]], None]
 
-# track name -> "module:Class", imported on first use so that listing tracks stays cheap
+# The one place that names tracks: track name -> "module:Class", imported on first use so that listing
+# tracks stays cheap. Other tracks come from plugins (register_track) or installed packages' entry points
+# (group "harness.tracks"); nothing else in the harness names a track.
 TRACKS: dict[str, str] = {"rl": "agents.track:RLTrack", "vision": "vision.track:VisionTrack"}
+BUILTIN_TRACKS: frozenset[str] = frozenset(TRACKS)
 
 
 class Benchmark(BaseModel):
@@ -42,6 +45,10 @@ class Benchmark(BaseModel):
     data_source: Literal["real", "synthetic"] = "real"
     primary_metric: str
     higher_is_better: bool = True
+    # A benchmark whose tasks are not a fixed list (the vision track's ``custom``: folders under data_root)
+    # takes any task name matching this pattern; its track checks that the task exists
+    # (:meth:`Track.check_inputs`), and a study names its tasks (``tasks: all`` has nothing to expand to).
+    task_pattern: str | None = None
 
     def group_of(self, task: str) -> str:
         return next((g for g, tasks in self.groups.items() if task in tasks), "")
@@ -103,10 +110,18 @@ class Track(ABC):
 
     def check_tasks(self, benchmark: str, tasks: list[str]) -> list[str]:
         """The tasks, each checked against the benchmark's list (an error names the valid ones)."""
-        valid = self.benchmark(benchmark).tasks
+        bench = self.benchmark(benchmark)
+        if bench.task_pattern is not None:
+            import re
+
+            for t in tasks:
+                if not isinstance(t, str) or not re.match(bench.task_pattern, t):
+                    raise ConfigError(f"task {t!r} of {benchmark}: a task name of this benchmark matches "
+                                      f"{bench.task_pattern} (its tasks are found on disk, not listed)")
+            return list(tasks)
         for t in tasks:
-            if t not in valid:
-                raise ConfigError(choices_message(f"task of {benchmark}", t, list(valid)))
+            if t not in bench.tasks:
+                raise ConfigError(choices_message(f"task of {benchmark}", t, list(bench.tasks)))
         return list(tasks)
 
     def data_source(self, benchmark: str) -> str:
@@ -146,14 +161,115 @@ class Track(ABC):
         """One trial's model (head in place, on its device), data, loss and evaluations."""
 
 
+    # --- optional: what `python -m harness methods --count` builds ---------------------------------
+    def count_model(self, settings: TrackSettings, classes: int) -> "tuple[nn.Module, AdapterSite]":
+        """The trial's model with random weights (nothing read or downloaded) and its adapter site, for
+        counting each method's parameters; ``classes`` sizes the task head where the track has one.
+
+        The default materialises :meth:`shape_model` on the CPU with seeded random values: a parameter
+        count depends on shapes only. A track whose head width follows the task overrides it."""
+        import torch
+
+        shaped = self.shape_model(settings, "")
+        if shaped is None:
+            raise ConfigError(f"the {self.name} track builds no model without its data, so its methods cannot "
+                              "be counted here")
+        model, site = shaped
+        model = model.to_empty(device="cpu")
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype) * 0.02)
+            for b in model.buffers():
+                b.zero_()
+        return model, site
+
+
 _instances: dict[str, Track] = {}
+_entry_points_read = False
+
+
+def track_names() -> list[str]:
+    """Every registered track: the project's, then those of installed entry points and loaded plugins."""
+    _read_entry_points()
+    return list(TRACKS)
+
+
+T = TypeVar("T", bound=type)
+
+
+def register_track(name: str | None = None, *, replace: bool = False) -> Callable[[T], T]:
+    """Class decorator: register a :class:`Track` subclass under ``name`` (default: its ``name``).
+
+    The name is checked (a plain one, agreeing with the class's ``name``, not taken unless
+    ``replace=True``); a refused registration is a ConfigError. A track is one package plus this one
+    registration; its module is named in a sweep file's ``plugins`` (or ``--plugin``) or in an installed
+    package's ``harness.tracks`` entry points, so that Ray's workers import it too."""
+    def decorate(cls: T) -> T:
+        from harness import plugins
+
+        where = f"track class {cls.__module__}.{cls.__qualname__}"
+        if not (isinstance(cls, type) and issubclass(cls, Track)):
+            raise ConfigError(f"{where}: register_track takes a subclass of harness.tracks.Track")
+        track_name = name if name is not None else getattr(cls, "name", None)
+        plugins.check_name("track", track_name, where)
+        if getattr(cls, "name", track_name) != track_name:
+            raise ConfigError(f"{where}: registered as {track_name!r} but its name is {cls.name!r}")
+        cls.name = track_name
+        target = f"{cls.__module__}:{cls.__qualname__}"
+        _read_entry_points()
+        if TRACKS.get(track_name, target) != target and not replace:
+            raise ConfigError(f"{where}: the track name {track_name!r} is already taken ({TRACKS[track_name]}); "
+                              "choose another, or pass register_track(..., replace=True)")
+        missing = [a for a in ("Settings", "Budget", "benchmarks") if not hasattr(cls, a)]
+        if missing or getattr(cls, "__abstractmethods__", None):
+            raise ConfigError(f"{where}: a track sets {', '.join(missing) or 'its class attributes'} and implements "
+                              f"{', '.join(sorted(getattr(cls, '__abstractmethods__', ()))) or 'every stage'}")
+        if TRACKS.get(track_name) != target or not isinstance(_instances.get(track_name), cls):
+            TRACKS[track_name] = target
+            _instances[track_name] = cls()
+        return cls
+
+    return decorate
+
+
+def _read_entry_points() -> None:
+    """Installed packages' ``harness.tracks`` entry points, once per process (see harness/plugins.py)."""
+    global _entry_points_read
+    if _entry_points_read:
+        return
+    _entry_points_read = True
+    from harness import plugins
+
+    for name, value in plugins.entry_points(plugins.TRACK_GROUP):
+        where = f"entry point {name!r} = {value!r} (group {plugins.TRACK_GROUP!r})"
+        if ":" not in value:
+            plugins.load_plugins([value], where)
+            continue
+        plugins.check_name("track", name, where)
+        if TRACKS.get(name, value) != value:
+            raise ConfigError(f"{where}: the track name {name!r} is already taken ({TRACKS[name]})")
+        TRACKS[name] = value
 
 
 def get_track(name: str) -> Track:
-    """The registered track ``name``; unknown names fail listing the valid ones."""
+    """The registered track ``name``; unknown names fail listing the valid ones, and a registry entry
+    that does not lead to a Track class is a ConfigError naming it."""
+    _read_entry_points()
     if name not in TRACKS:
         raise ConfigError(choices_message("track", name, list(TRACKS)))
     if name not in _instances:
-        module, cls = TRACKS[name].split(":")
-        _instances[name] = getattr(importlib.import_module(module), cls)()
+        entry = f"track registry entry {name!r}: {TRACKS[name]!r}"
+        module_name, _, cls_name = TRACKS[name].partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
+                raise ConfigError(f"{entry}: there is no module {e.name!r}") from None
+            raise
+        cls = getattr(module, cls_name, None)
+        if not (isinstance(cls, type) and issubclass(cls, Track)):
+            raise ConfigError(f"{entry}: module {module_name!r} has no Track subclass {cls_name!r}")
+        if name not in _instances:  # importing the module may have registered it (register_track)
+            _instances[name] = cls()
     return _instances[name]

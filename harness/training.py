@@ -46,13 +46,58 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
-def make_adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters (fused on CUDA)."""
-    groups = param_groups(model, weight_decay)
+def make_adamw(model: nn.Module, lr: float, weight_decay: float, groups: list[dict] | None = None
+               ) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters (fused on CUDA). ``groups``: a method's own parameter groups
+    (``Method.optimizer_groups``, checked by :func:`check_groups`), else :func:`param_groups`."""
+    groups = check_groups(model, groups, weight_decay) if groups is not None else param_groups(model, weight_decay)
     if not groups:
         raise ValueError("the model has no trainable parameters")
+    for g in groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
     on_cuda = all(p.is_cuda for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=on_cuda or None)
+
+
+def check_groups(model: nn.Module, groups: list[dict], weight_decay: float) -> list[dict]:
+    """A method's own optimiser groups, checked: each a dict with ``params`` (trainable parameters of the
+    model) and optionally ``lr_scale`` (a positive factor on the scheduled learning rate, e.g. LoRA+'s
+    larger rate for B) and ``weight_decay`` (default: the trial's); every trainable parameter in exactly
+    one group. Returns fresh dicts, so the method's own are not changed."""
+    from harness.errors import ConfigError
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    seen: set[int] = set()
+    out = []
+    for i, g in enumerate(groups):
+        if not isinstance(g, dict) or "params" not in g:
+            raise ConfigError(f"optimizer group {i}: expected a dict with 'params', got {g!r:.80}")
+        unknown = set(g) - {"params", "lr_scale", "weight_decay"}
+        if unknown:
+            raise ConfigError(f"optimizer group {i}: unknown keys {sorted(unknown)}; a group takes params, lr_scale "
+                              "and weight_decay (the schedule sets the learning rate)")
+        params = list(g["params"])
+        for p in params:
+            if id(p) not in trainable:
+                raise ConfigError(f"optimizer group {i}: parameter {names.get(id(p), '(not in the model)')!r} is "
+                                  "not a trainable parameter of the model")
+            if id(p) in seen:
+                raise ConfigError(f"optimizer group {i}: parameter {names[id(p)]!r} is in two groups")
+            seen.add(id(p))
+        scale = g.get("lr_scale", 1.0)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            raise ConfigError(f"optimizer group {i}: lr_scale {scale!r} must be a positive finite number")
+        wd = g.get("weight_decay", weight_decay)
+        if isinstance(wd, bool) or not isinstance(wd, (int, float)) or not math.isfinite(wd) or wd < 0:
+            raise ConfigError(f"optimizer group {i}: weight_decay {wd!r} must be a finite number >= 0")
+        if params:
+            out.append({"params": params, "lr_scale": float(scale), "weight_decay": float(wd)})
+    left = [names[i] for i in trainable - seen]
+    if left:
+        raise ConfigError(f"optimizer groups leave trainable parameters out: {sorted(left)[:5]}"
+                          f"{' ...' if len(left) > 5 else ''}; every trainable parameter belongs to one group")
+    return out
 
 
 def warmup_cosine(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
@@ -65,8 +110,9 @@ def warmup_cosine(step: int, total: int, warmup: int, lr: float, min_lr: float) 
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The scheduled ``lr`` on every group, times the group's ``lr_scale`` where a method set one."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def autocast(device: torch.device):
@@ -141,10 +187,10 @@ class Trainer:
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, next_batch: Callable[[], Any], cfg: LoopConfig,
                  device: torch.device, hooks: StepHooks | None = None,
-                 report: Callable[[dict[str, Any]], None] | None = None):
+                 report: Callable[[dict[str, Any]], None] | None = None, groups: list[dict] | None = None):
         self.model, self.loss_fn, self.next_batch, self.cfg = model, loss_fn, next_batch, cfg
         self.device, self.hooks, self.report = device, hooks, report
-        self.optimizer = make_adamw(model, cfg.lr, cfg.weight_decay)
+        self.optimizer = make_adamw(model, cfg.lr, cfg.weight_decay, groups)
         self.step_index = 0
         if cfg.checkpoint is not None and Path(cfg.checkpoint).is_file():
             self.step_index = resume_checkpoint(Path(cfg.checkpoint), model, self.optimizer)

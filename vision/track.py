@@ -9,6 +9,9 @@ Benchmarks:
   top1_imagenet, top1_v2, top1_sketch, top1_a, top1_r).
 - ``builtin``, ``builtin-fewshot``, ``builtin-shift``: the synthetic offline suite (vision/builtin.py),
   always labelled synthetic.
+- ``custom``: a user's own folders in NOAH's layout under ``data_root``, each folder a task, its class
+  count read from its labels (vision/custom.py); labelled ``custom``, never as a VTAB task.
+Each is one entry of the loader registry in ``vision/benchmarks.py``.
 
 Stages (budget key ``stage``): "select" trains on train800 and reports val200 top-1 as ``top1``;
 "final" trains on train800val200 and reports test top-1 as ``top1`` (plus the other test sets).
@@ -30,7 +33,8 @@ from harness.randomness import TrialRandom
 from harness.tracks import Benchmark, Report, Track, TrackBudget, TrackSettings
 from harness.training import pick_device
 from harness.validation import Bool, Float, Int
-from vision import builtin, domain_shift, fewshot, vtab
+from vision import builtin, domain_shift
+from vision.benchmarks import BENCHMARKS, get_benchmark
 from vision.backbones import DEFAULT_TARGETS, Backbone, build_backbone, check_model_name
 from vision.images import TaskData
 from vision.train import DeviceSplit, batches, schedule, top1
@@ -109,35 +113,27 @@ class VisionTrack(Track):
     name = "vision"
     Settings = VisionSettings
     Budget = VisionBudget
-    benchmarks = {
-        "vtab1k": Benchmark(name="vtab1k", tasks=tuple(vtab.TASKS), groups=vtab.GROUPS, primary_metric="top1"),
-        "fewshot": Benchmark(name="fewshot", tasks=tuple(fewshot.TASKS), primary_metric="top1"),
-        "domain_shift": Benchmark(name="domain_shift", tasks=tuple(domain_shift.TASKS), primary_metric="top1"),
-        "builtin": Benchmark(name="builtin", tasks=tuple(builtin.TASKS), groups=builtin.GROUPS,
-                             data_source="synthetic", primary_metric="top1"),
-        "builtin-fewshot": Benchmark(name="builtin-fewshot", tasks=tuple(builtin.FEWSHOT_TASKS),
-                                     data_source="synthetic", primary_metric="top1"),
-        "builtin-shift": Benchmark(name="builtin-shift", tasks=tuple(builtin.SHIFT_TASKS), groups=builtin.GROUPS,
-                                   data_source="synthetic", primary_metric="top1"),
-    }
+    @property
+    def benchmarks(self) -> dict[str, Benchmark]:  # type: ignore[override]
+        """The registered benchmarks (``vision/benchmarks.py``), a plugin's among them."""
+        return {name: entry.benchmark for name, entry in BENCHMARKS.items()}
+
+    def benchmark(self, name: str) -> Benchmark:
+        return get_benchmark(name).benchmark
 
     def check_tasks(self, benchmark: str, tasks: list[str]) -> list[str]:
-        """VTAB's folder spellings (``cifar100``, ``oxford_pet``) are accepted for their canonical names."""
-        valid = self.benchmark(benchmark).tasks
-        super().check_tasks(benchmark, [t if t in valid else vtab.canonical(t) for t in tasks])
+        """A benchmark's other spellings of its tasks (VTAB's ``cifar100``, ``oxford_pet``) are accepted."""
+        entry = get_benchmark(benchmark)
+        valid = entry.benchmark.tasks
+        super().check_tasks(benchmark, [t if t in valid else entry.canonical(t) for t in tasks])
         return list(tasks)
 
     # --- data and backbones --------------------------------------------------------------------------
     def load_data(self, ts: VisionSettings, benchmark: str, task: str, size: int, seed: int) -> TaskData:
         """The task's splits as uint8 tensors at ``size`` (real data decoded straight to size, cached)."""
-        if self.data_source(benchmark) == "synthetic":
-            return builtin.load_task(benchmark, task, seed=seed, data_seed=ts.data_seed)
-        root = _data_root(ts, benchmark)
-        if benchmark == "vtab1k":
-            return vtab.load_task(root, task, size)
-        if benchmark == "fewshot":
-            return fewshot.load_task(root, task, size, seed)
-        return domain_shift.load_task(root, size, seed, ts.shift_shots)
+        entry = get_benchmark(benchmark)
+        root = None if entry.benchmark.data_source == "synthetic" else _data_root(ts, benchmark)
+        return entry.load(ts, root, task, size, seed)
 
     def make_backbone(self, ts: VisionSettings, benchmark: str, num_classes: int,
                       log: Callable[[dict], None] | None = None) -> Backbone:
@@ -150,6 +146,14 @@ class VisionTrack(Track):
             ckpt, key, _ = ensure_pretrained(ts, log)
         return build_backbone(ts.backbone, num_classes, weights, ts.img_size, ts.drop_path, ts.model_kwargs,
                               tuple(ts.adapter_targets), ckpt, key, normalization=ts.normalization)
+
+    def count_model(self, settings: VisionSettings, classes: int):
+        """The backbone with random weights and a ``classes``-wide head (nothing read or downloaded)."""
+        from harness.methods import AdapterSite
+        from vision.backbones import HEAD, create
+
+        model = create(settings.backbone, classes, settings.img_size, 0.0, settings.model_kwargs)
+        return model, AdapterSite(tuple(settings.adapter_targets), HEAD)
 
     def shape_model(self, settings: VisionSettings, benchmark: str):
         from harness.methods import AdapterSite
@@ -183,15 +187,11 @@ class VisionTrack(Track):
         """The tasks, the data root and each task's list files and images (real benchmarks), and a weights
         file named by path."""
         self.check_tasks(benchmark, tasks)
-        if self.data_source(benchmark) == "real":
+        entry = get_benchmark(benchmark)
+        if entry.benchmark.data_source == "real":
             root = _data_root(settings, benchmark)
             for t in tasks:
-                if benchmark == "vtab1k":
-                    vtab.validate(root, t)
-                elif benchmark == "fewshot":
-                    fewshot.validate(root, t)
-                else:
-                    domain_shift.validate(root)
+                entry.validate(root, t)
         weights = _weights(settings, benchmark, self.data_source(benchmark) == "synthetic")
         if weights not in ("builtin", "random", "hf-cache") and not Path(weights).expanduser().is_file():
             raise ConfigError(f"settings.weights={weights!r}: no such file; give a .safetensors, .pth or .npz "
@@ -235,6 +235,7 @@ class VisionTrack(Track):
         eval_names = ["val200"] if select else ["test"] + sorted(k for k in data.splits if k.startswith("test_"))
         total, warmup, bs, per_epoch = schedule(len(tr), budget)
         eval_bs = budget.eval_batch_size
+        aliases = get_benchmark(spec.benchmark).test_aliases
         order = batches(len(tr), bs, rng.generator("batches"))
 
         def init_batches():
@@ -249,15 +250,15 @@ class VisionTrack(Track):
                 acc = top1(m, split, eval_bs, data.class_subsets.get(name))
                 if name in ("val200", "test"):
                     metrics["top1"] = acc
-                    if spec.benchmark == "domain_shift":
-                        metrics["top1_imagenet"] = acc
+                    metrics.update(dict.fromkeys(aliases, acc))
                 else:
                     metrics["top1_" + name.removeprefix("test_")] = acc
             return metrics, {}
 
         facts: dict[str, Any] = {"stage": budget.stage, "eval_split": eval_names[0], "batch_size": bs,
                                  "train_images": len(tr), "img_size": bb.img_size}
-        facts.update({k: data.info[k] for k in ("shots", "shot_paths", "skipped_test_sets") if data.info.get(k)})
+        facts.update({k: data.info[k] for k in ("shots", "shot_paths", "skipped_test_sets", "classes")
+                      if data.info.get(k)})
         return FineTuneSetup(
             model=bb.model.to(device), site=bb.site, device=device,
             schedule=Schedule(steps=total, lr=ts.lr, weight_decay=ts.weight_decay, warmup=warmup, min_lr_ratio=0.01,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib
 import re
+from typing import Callable, TypeVar
 
+from harness import plugins
 from harness.errors import ConfigError, HarnessError, choices_message
 from harness.methods.base import AdapterSite, Method, MethodContext, Setting, check_settings
 
@@ -26,11 +28,86 @@ REGISTRY: dict[str, str] = {
     "eigenlora": "harness.methods.eigenlora:EigenLoRA",
 }
 
+# The names the project ships: a plugin may take one only when it says so (register_method(replace=True)).
+BUILTIN: frozenset[str] = frozenset(REGISTRY)
+
 _cache: dict[str, Method] = {}
+_entry_points_read = False
 
 
 def method_names() -> list[str]:
+    """Every registered method: the project's, then those of installed entry points and loaded plugins."""
+    _read_entry_points()
     return list(REGISTRY)
+
+
+M = TypeVar("M", bound=type)
+
+
+def register_method(name: str | None = None, *, replace: bool = False) -> Callable[[M], M]:
+    """Class decorator: register a :class:`Method` subclass under ``name`` (default: its ``name``).
+
+    Checked here, where the method is defined: the name is a plain one (see
+    :func:`harness.plugins.check_name`), the class is a Method whose ``name`` agrees (an empty ``name`` is
+    set to ``name``), its settings' defaults fit their kinds (:func:`~harness.methods.base.check_settings`),
+    and the name is not already taken by another class; taking a built-in name needs ``replace=True``. A
+    refused registration is a ConfigError. Registering the same class again (its module imported twice)
+    changes nothing.
+
+    A plugin module holding decorated methods is named in a sweep file's ``plugins`` list (or
+    ``--plugin``) or in an installed package's ``harness.methods`` entry points, so that Ray's workers
+    import it too (:mod:`harness.plugins`).
+    """
+    def decorate(cls: M) -> M:
+        add_method(cls, name, replace=replace)
+        return cls
+
+    return decorate
+
+
+def add_method(cls: type, name: str | None = None, *, replace: bool = False) -> Method:
+    """Register ``cls`` (see :func:`register_method`) and return its instance."""
+    where = f"method class {getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', cls)!s}"
+    if not (isinstance(cls, type) and issubclass(cls, Method)) or cls is Method:
+        raise ConfigError(f"{where}: register_method takes a subclass of harness.methods.Method")
+    name = name if name is not None else cls.name
+    plugins.check_name("method", name, where)
+    if cls.name and cls.name != name:
+        raise ConfigError(f"{where}: registered as {name!r} but its name is {cls.name!r}; a method is registered "
+                          f"under its own name (set name = {name!r} or register it as {cls.name!r})")
+    target = f"{cls.__module__}:{cls.__qualname__}"
+    _read_entry_points()
+    if name in REGISTRY and REGISTRY[name] != target and not replace:
+        owner = "a built-in method" if name in BUILTIN else "another method"
+        raise ConfigError(f"{where}: the name {name!r} is already taken by {owner} ({REGISTRY[name]}); choose "
+                          "another name, or pass register_method(..., replace=True) to replace it deliberately")
+    check_settings(name, cls.settings)  # also for a class that bypassed __init_subclass__
+    cls.name = name
+    if REGISTRY.get(name) == target and isinstance(_cache.get(name), cls):
+        return _cache[name]
+    REGISTRY[name] = target
+    _cache[name] = cls()
+    return _cache[name]
+
+
+def _read_entry_points() -> None:
+    """Installed packages' ``harness.methods`` entry points, once per process (workers included):
+    ``name = "pkg.module:Class"`` is registered lazily (checked by :func:`load_entry` when first used);
+    ``name = "pkg.module"`` is imported, its decorators registering what it holds."""
+    global _entry_points_read
+    if _entry_points_read:
+        return
+    _entry_points_read = True  # before importing: a plugin's own decorators come back here
+    for name, value in plugins.entry_points(plugins.METHOD_GROUP):
+        where = f"entry point {name!r} = {value!r} (group {plugins.METHOD_GROUP!r})"
+        if ":" not in value:
+            plugins.load_plugins([value], where)
+            continue
+        plugins.check_name("method", name, where)
+        if name in REGISTRY and REGISTRY[name] != value:
+            raise ConfigError(f"{where}: the name {name!r} is already taken ({REGISTRY[name]}); rename the entry "
+                              "point (a built-in method is replaced only by register_method(replace=True))")
+        REGISTRY[name] = value
 
 
 # A label after "@" names a variant of a method, so one study can hold it more than once and the
@@ -53,6 +130,7 @@ def get_method(name: str) -> Method:
             raise ConfigError(f"method {name!r}: the variant label after '@' must be 1-40 letters, digits, '.', '_' "
                               "or '-' (starting with a letter or digit), e.g. 'glora@0.29M'")
         name = base_name(name)
+    _read_entry_points()
     if name not in REGISTRY:
         raise ConfigError(choices_message("method", name, method_names()))
     if name not in _cache:
@@ -100,5 +178,5 @@ def load_entry(name: str, target: str) -> Method:
     return cls()
 
 
-__all__ = ["AdapterSite", "Method", "MethodContext", "Setting", "REGISTRY", "base_name", "get_method", "load_entry",
-           "method_names"]
+__all__ = ["AdapterSite", "BUILTIN", "Method", "MethodContext", "Setting", "REGISTRY", "add_method", "base_name",
+           "get_method", "load_entry", "method_names", "register_method"]

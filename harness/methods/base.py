@@ -5,6 +5,7 @@ A track builds its model (with the task head already in place), describes it wit
 
     settings = method.resolve_settings(user_settings)        # validated, defaults filled in
     model = method.wrap(model, site, settings, ctx)          # base frozen, adapter + head trainable
+    groups = method.optimizer_groups(model, settings, wd)    # None: the loop's default AdamW groups
     for step ...:
         loss = task_loss (+ method.extra_loss(model) when not None)
         ... optimizer.step(); method.on_step(model, step, ctx)
@@ -293,6 +294,15 @@ class Method:
 
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
         """A regulariser added to the task loss, if the method has one."""
+        return None
+
+    def optimizer_groups(self, model: nn.Module, settings: dict[str, Any], weight_decay: float
+                         ) -> list[dict[str, Any]] | None:
+        """The method's own AdamW parameter groups for the wrapped ``model``, or None for the loop's default
+        (decay on matrices, none on biases and norms). Each group is ``{"params": [...]}`` with optionally
+        ``lr_scale`` (a factor on the scheduled learning rate: LoRA+ trains B at 16x A's rate) and
+        ``weight_decay`` (default: ``weight_decay``, the trial's); every trainable parameter in exactly one
+        group (``harness.training.check_groups`` refuses anything else)."""
         return None
 
     def finalize(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any], ctx: MethodContext) -> nn.Module:
