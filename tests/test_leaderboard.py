@@ -80,6 +80,18 @@ def test_efficiency_columns_and_site(tmp_path):
     assert tmp_path / "index.html" in written and tmp_path / "board.html" in written
 
 
+def test_rl_rows_show_the_expert_ceiling_beside_the_score(tmp_path):
+    study = Study(name="s", track="rl", benchmark="cw10", methods={"lora": {}}, leaderboard="rlboard")
+    rl = [{**rec("lora", "push-back", s, None), "track": "rl", "benchmark": "cw10", "data_source": "real",
+           "success": v, "expert_success": 0.8} for s, v in enumerate([0.6, 0.8])]
+    update(rl, study, tmp_path)
+    (row,) = pd.read_csv(tmp_path / "rlboard.csv").to_dict("records")
+    assert row["success_mean"] == pytest.approx(0.7) and row["expert_success_mean"] == pytest.approx(0.8)
+    render(tmp_path)
+    page = (tmp_path / "rlboard.html").read_text()
+    assert "expert ceiling" in page and "0.8" in page.split("expert ceiling", 1)[1]
+
+
 # --- row identity: (method, task, backbone, targets, selection) ----------------------------------------
 
 QV, ALL = "attn.qkv.q,attn.qkv.v", "attn.qkv,attn.proj,mlp.fc1,mlp.fc2"

@@ -177,6 +177,8 @@ def task_columns(board: Board) -> list[Column]:
     cols += [
         Column("data_source", "data", show=lambda r: _data_badge(_text(r.get("data_source")))),
         Column(f"{p}_mean", f"{p} (mean &plusmn; s.e.)", True, show=lambda r: _mean_se(r, f"{p}_mean", f"{p}_se")),
+        Column("expert_success_mean", "expert ceiling", True,
+               help="the data's noise-free expert on the same episodes: a score near it is capped by the data"),
         Column("n_seeds", "seeds", True),
         Column("trainable_params", "trainable params", True, help="the method's own, head apart"),
         Column("head_params", "head params", True),
