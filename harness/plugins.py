@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib
 import re
 from importlib import metadata
+from types import ModuleType
 from typing import Iterable
 
 from harness.errors import ConfigError, HarnessError
@@ -84,6 +85,18 @@ def loaded_plugins() -> list[str]:
     return list(_loaded)
 
 
+def import_entry_module(entry: str, module_name: str) -> ModuleType:
+    """The module a registry entry (``entry``, named in errors) points to. A missing module of the entry's
+    own path is a misspelt entry, a ConfigError; a module that imports but lacks a dependency of its own
+    stays an ImportError (the registrant is then "not available")."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
+            raise ConfigError(f"{entry}: there is no module {e.name!r}") from None
+        raise
+
+
 def entry_points(group: str) -> list[tuple[str, str]]:
     """(name, value) of every installed entry point in ``group``, sorted by name; a name two packages both
     claim is a ConfigError naming the values."""
@@ -97,4 +110,4 @@ def entry_points(group: str) -> list[tuple[str, str]]:
 
 
 __all__ = ["METHOD_GROUP", "MODULE_PATTERN", "NAME_PATTERN", "TRACK_GROUP", "check_name", "entry_points",
-           "load_plugins", "loaded_plugins"]
+           "import_entry_module", "load_plugins", "loaded_plugins"]

@@ -294,6 +294,10 @@ def validate_study(study: Study, where: str) -> None:
             raise ConfigError(f"{where}.methods.{name}: {e}") from None
     track.budget(study.budget, f"{where}.budget")
     track.budget({**study.budget, **study.selection.budget}, f"{where}.selection.budget")
+    if study.selection.scheduler and study.protocol != "select-then-final":
+        raise ConfigError(f"{where}.selection.scheduler={study.selection.scheduler!r}: only protocol "
+                          f"'select-then-final' has a selection stage to stop early (protocol is "
+                          f"{study.protocol!r}); set protocol: select-then-final, or drop the scheduler")
 
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None, only: str | None = None,

@@ -9,12 +9,12 @@ models, before Ray starts or any data is built.
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from harness import plugins
 from harness.errors import ConfigError, choices_message
 from harness.validation import Bool, Float, validate
 
@@ -206,8 +206,6 @@ def register_track(name: str | None = None, *, replace: bool = False) -> Callabl
     registration; its module is named in a sweep file's ``plugins`` (or ``--plugin``) or in an installed
     package's ``harness.tracks`` entry points, so that Ray's workers import it too."""
     def decorate(cls: T) -> T:
-        from harness import plugins
-
         where = f"track class {cls.__module__}.{cls.__qualname__}"
         if not (isinstance(cls, type) and issubclass(cls, Track)):
             raise ConfigError(f"{where}: register_track takes a subclass of harness.tracks.Track")
@@ -239,8 +237,6 @@ def _read_entry_points() -> None:
     if _entry_points_read:
         return
     _entry_points_read = True
-    from harness import plugins
-
     for name, value in plugins.entry_points(plugins.TRACK_GROUP):
         where = f"entry point {name!r} = {value!r} (group {plugins.TRACK_GROUP!r})"
         if ":" not in value:
@@ -261,12 +257,7 @@ def get_track(name: str) -> Track:
     if name not in _instances:
         entry = f"track registry entry {name!r}: {TRACKS[name]!r}"
         module_name, _, cls_name = TRACKS[name].partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
-                raise ConfigError(f"{entry}: there is no module {e.name!r}") from None
-            raise
+        module = plugins.import_entry_module(entry, module_name)
         cls = getattr(module, cls_name, None)
         if not (isinstance(cls, type) and issubclass(cls, Track)):
             raise ConfigError(f"{entry}: module {module_name!r} has no Track subclass {cls_name!r}")

@@ -59,6 +59,7 @@ def sweep_exits_2(text: str, capsys) -> str:
     ({"methods": {"lora": {"r": 2, "lr": float("inf")}}}, r"methods.lora: .*'lr'=inf: expected a finite number"),
     ({"settings": {**TINY, "pretrain_lr": float("nan")}}, r"'pretrain_lr'=nan: (must be > 0|expected a finite number)"),
     ({"budgt": {"steps": 4}}, r"unknown key\(s\) \['budgt'\] \(did you mean 'budget'\?\)"),
+    ({"selection": {"scheduler": "asha"}}, r"selection.scheduler='asha': only protocol 'select-then-final'"),
 ])
 def test_bad_values_exit_2_before_ray_naming_key_and_value(user_folder, capsys, over, expected):
     err = sweep_exits_2(yaml.safe_dump(tiny(**over)), capsys)

@@ -38,7 +38,7 @@ def test_interface_tables():
     assert all(x.primary_metric == "top1" and x.higher_is_better for x in b.values())
     assert track.Budget().stage == "final" and track.budget({"stage": "select"}).stage == "select"
     assert track.data_source("builtin") == "synthetic" and track.data_source("vtab1k") == "real"
-    with pytest.raises(ConfigError, match=r"unknown vision setting\(s\) \['bakbone'\]; valid: .*backbone"):
+    with pytest.raises(ConfigError, match=r"unknown vision setting\(s\) \['bakbone'\] \(did you mean 'backbone'\?\); valid: .*backbone"):
         track.settings({"bakbone": "x"})
     with pytest.raises(ConfigError, match=r"budget key 'steps'=0: must be >= 1"):
         track.budget({"steps": 0})

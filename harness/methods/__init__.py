@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import re
 from typing import Callable, TypeVar
 
@@ -155,11 +154,8 @@ def load_entry(name: str, target: str) -> Method:
         raise ConfigError(f"{entry}: expected 'package.module:ClassName', e.g. "
                           "'harness.methods.peft_methods:LoRA'")
     try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        # The entry's own module (or a package on its path) is missing: a misspelt entry, not a missing extra.
-        if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
-            raise ConfigError(f"{entry}: there is no module {e.name!r}") from None
+        module = plugins.import_entry_module(entry, module_name)
+    except ConfigError:
         raise
     except HarnessError as e:  # a declaration the method's module refused as it was defined
         raise ConfigError(f"{entry}: {e}") from None
