@@ -6,12 +6,20 @@ first N visible GPUs, each trial holding ``gpus_per_trial`` of one (auto: up to 
 built once, before the first count, so every count times trials only. Per count it reports the trials'
 aggregate updates/s and trials/hour over the span from the first trial's start to the last one's end,
 the scaling efficiency (rate on N / (N x rate on the first count's one)), how many trials each GPU ran,
-and each GPU's utilisation (nvidia-smi). It also compares each count's leaderboard rows with the first
-count's: with the same seeds and settings they must match in everything but wall time.
+each GPU's utilisation (nvidia-smi), and where the trials' time went (their ``extra.timing`` phases
+summed, and the share of the span in which no trial of a device was training: the GPU idle time that
+start-up, compilation, rollouts and saving imply). It also compares each count's leaderboard rows with
+the first count's: with the same seeds and settings the results (scores, parameter counts, settings)
+must be equal; the measurements (memory, times, dates, commits: ``harness.trial.MEASUREMENT_FIELDS``)
+may differ and are reported apart, as differences, never as a failed comparison.
 
 A count cut short by a time limit is not lost: the same command again (same ``--set`` values and
-``workdir``) keeps the finished counts, resumes the interrupted sweep (Tune keeps its finished trials)
-and measures throughput over the time in which trials ran, leaving out the pause between the calls.
+``workdir``) keeps the finished counts and resumes the interrupted sweep (Tune keeps its finished
+trials). Such a count's throughput is not comparable with an uninterrupted one's: trials killed by the
+cut had done updates that the records do not show and that their retries did again, and the span in
+which only they ran is not seen. So a resumed count says ``comparable: false`` with the reason, gets no
+scaling efficiency (nor do the others, when it is the first count), and reports the resumed call's own
+figures apart (``resumed_call``: the updates done in that call, over the time its trials ran).
 
 ``axis=cpu`` scales over CPU slots instead (a slot: ``cpus_per_trial`` cores, no GPU): the same code on a
 machine without GPUs, which is how the tests run it.
@@ -34,12 +42,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from harness.cache import atomic_write_text
 from harness.errors import ConfigError
 from harness.gpu_monitor import GpuMonitor
+from harness.trial import is_measurement
 from harness.validation import Bool, Float, Int, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_NAME = "scale"
-# leaderboard columns that may differ between counts: how long things took, and when
-WALL_TIME_COLUMNS = ("wall_time_s", "ms_per_update", "date")
 
 
 class ScaleSettings(BaseModel):
@@ -129,28 +136,62 @@ def _records(results: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def board_differences(first: Path, other: Path) -> list[str]:
-    """How ``other``'s leaderboard rows differ from ``first``'s outside the wall-time columns; [] if none."""
+def _entry(row: Any, key: list[str]) -> str:
+    return " ".join(str(row[k]) for k in key if str(row[k]))
+
+
+def _plain(v: Any) -> Any:
+    return v.item() if hasattr(v, "item") else v
+
+
+def compare_boards(first: Path, other: Path, examples: int = 3) -> dict[str, Any]:
+    """``other``'s leaderboard rows against ``first``'s: results apart from measurements.
+
+    Returns ``results_identical`` (every row present in both, every result column equal; NaN equals NaN),
+    ``result_differences`` (one line per differing row and result column) and ``measurement_differences``:
+    per measurement column (:func:`harness.trial.is_measurement`) that differs, how many rows differ, the
+    largest absolute and relative difference (numbers) and a few examples. Measurements differing is no
+    failed comparison: memory and time vary between runs of the same computation."""
     import pandas as pd
 
     from harness.leaderboard import ROW_KEY, keyed
 
     key = ROW_KEY
     a, b = (keyed(pd.read_csv(p), key).sort_values(key).reset_index(drop=True) for p in (first, other))
-    if list(a.columns) != list(b.columns):
-        return [f"columns differ: {sorted(set(a.columns) ^ set(b.columns))}"]
+    results: list[str] = []
+    if set(a.columns) != set(b.columns):
+        results.append(f"columns differ: {sorted(set(a.columns) ^ set(b.columns))}")
     if a[key].values.tolist() != b[key].values.tolist():
-        return [f"rows differ: {a[key].values.tolist()} vs {b[key].values.tolist()}"]
-    out = []
-    for col in a.columns:
-        if col in WALL_TIME_COLUMNS:
-            continue
-        same = (a[col] == b[col]) | (a[col].isna() & b[col].isna())
-        for i in (~same).to_numpy().nonzero()[0]:
-            x, y = (v.item() if hasattr(v, "item") else v for v in (a.at[i, col], b.at[i, col]))
-            entry = " ".join(str(a.at[i, k]) for k in key if str(a.at[i, k]))
-            out.append(f"{entry}: {col} {x!r} vs {y!r}")
-    return out
+        results.append(f"rows differ: {a[key].values.tolist()} vs {b[key].values.tolist()}")
+    measurements: dict[str, Any] = {}
+    if not results:
+        for col in a.columns:
+            same = (a[col] == b[col]) | (a[col].isna() & b[col].isna())
+            rows = (~same).to_numpy().nonzero()[0]
+            if not len(rows):
+                continue
+            lines = [f"{_entry(a.iloc[i], key)}: {col} {_plain(a.at[i, col])!r} vs {_plain(b.at[i, col])!r}"
+                     for i in rows]
+            if not is_measurement(col):
+                results.extend(lines)
+                continue
+            entry: dict[str, Any] = {"rows": int(len(rows))}
+            if pd.api.types.is_numeric_dtype(a[col]) and pd.api.types.is_numeric_dtype(b[col]):
+                x, y = a[col].iloc[rows].astype(float), b[col].iloc[rows].astype(float)
+                diff = (y - x).abs()
+                entry["max_abs_diff"] = round(float(diff.max()), 6)
+                rel = diff / x.abs().where(x != 0)
+                if rel.notna().any():
+                    entry["max_rel_diff"] = round(float(rel.max()), 6)
+            entry["examples"] = lines[:examples]
+            measurements[col] = entry
+    return {"results_identical": not results, "result_differences": results,
+            "measurement_differences": measurements}
+
+
+def board_differences(first: Path, other: Path) -> list[str]:
+    """How ``other``'s rows differ from ``first``'s in their results (measurements apart); [] if none."""
+    return compare_boards(first, other)["result_differences"]
 
 
 def _busy(spans: list[tuple[float, float]]) -> float:
@@ -171,22 +212,64 @@ def _most_concurrent(spans: list[tuple[float, float]]) -> int:
     return most
 
 
+def _extra(r: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(r["extra"]) if isinstance(r.get("extra"), str) else (r.get("extra") or {})
+
+
+def _device(extra: dict[str, Any]) -> str:
+    """The device a trial trained on: its GPU(s) as Ray gave them, else "cpu"."""
+    gpus = ((extra.get("placement") or {}).get("ray") or {}).get("gpu_ids") or []
+    return ",".join(str(g) for g in gpus) or "cpu"
+
+
+def time_breakdown(records: list[dict[str, Any]], span: float) -> dict[str, Any] | None:
+    """Where the trials' time went: each phase of ``extra.timing`` (harness.finetune.PHASES) summed over the
+    trials and as a share of their summed wall time; the time before each trial in its process (a Ray
+    worker's start-up); and, per device, the share of ``span`` in which none of its trials was training
+    (its first update to its last): the GPU idle time that start-up, compilation, rollouts and saving
+    imply. None when no record has a timing (records older than it)."""
+    from harness.finetune import PHASES
+
+    timed = [(e["timing"], _device(e)) for e in map(_extra, records) if isinstance(e.get("timing"), dict)]
+    if not timed:
+        return None
+    phases = {f"{p}_s": round(sum(float(t.get(f"{p}_s", 0.0)) for t, _ in timed), 2) for p in PHASES}
+    total = sum(float(t["total_s"]) for t, _ in timed)
+    training: dict[str, list[tuple[float, float]]] = {}
+    for t, device in timed:
+        if t.get("training_span"):
+            a, b = t["training_span"]
+            training.setdefault(device, []).append((float(a), float(b)))
+    idle = {d: round(1.0 - min(1.0, _busy(spans) / span), 4) for d, spans in sorted(training.items())} \
+        if span > 0 else {}
+    return {"trials": len(timed), "trial_s": round(total, 2), "phases_s": phases,
+            "phase_share": {k: round(v / total, 4) if total > 0 else None for k, v in phases.items()},
+            "process_to_trial_s": round(sum(float(t.get("process_to_trial_s", 0.0)) for t, _ in timed), 2),
+            "idle_share_by_device": idle,
+            "idle_share": round(sum(idle.values()) / len(idle), 4) if idle else None}
+
+
 def summarise(count: int, records: list[dict[str, Any]], s: ScaleSettings, monitor: GpuMonitor | None,
-              sweep_wall_s: float) -> dict[str, Any]:
-    """One count's figures from its trial records (and the GPU samples taken meanwhile)."""
+              sweep_wall_s: float, resumed_since: float | None = None) -> dict[str, Any]:
+    """One count's figures from its trial records (and the GPU samples taken meanwhile).
+
+    ``resumed_since``: the unix time at which this call continued a count an earlier call left unfinished
+    (None: the count ran in this call alone). Such a count is marked ``comparable: false`` (see the
+    module's doc) and its ``resumed_call`` figures count only the trials that started in this call, and of
+    each only the updates done in it (those after the checkpoint it continued from)."""
     ok = [r for r in records if r.get("status") == "ok"]
     spans = []
     gpus_used: dict[str, int] = {}
     for r in ok:
-        extra = json.loads(r["extra"]) if isinstance(r.get("extra"), str) else r.get("extra", {})
+        extra = _extra(r)
         start = float(extra["started_at"])
         spans.append((start, start + float(r["wall_time_s"])))
         ray = (extra.get("placement") or {}).get("ray") or {}
         for gpu in ray.get("gpu_ids") or []:
             gpus_used[str(gpu)] = gpus_used.get(str(gpu), 0) + 1
     start, end = (min(a for a, _ in spans), max(b for _, b in spans)) if spans else (0.0, 0.0)
-    # time in which at least one trial ran: a count finished over several calls (a time limit between
-    # them) leaves out the pause, and equals end - start otherwise
+    # time in which at least one finished trial ran: a count finished over several calls (a time limit
+    # between them) leaves out the pause, and equals end - start otherwise
     span = _busy(spans)
     updates = len(ok) * s.steps
     out: dict[str, Any] = {
@@ -196,13 +279,36 @@ def summarise(count: int, records: list[dict[str, Any]], s: ScaleSettings, monit
         "updates_per_s": round(updates / span, 2) if span > 0 else None,
         "trials_per_hour": round(len(ok) / span * 3600, 1) if span > 0 else None,
         "most_trials_at_once": _most_concurrent(spans), "trials_per_gpu": dict(sorted(gpus_used.items())),
-        "mean_trial_wall_s": round(sum(b - a for a, b in spans) / len(spans), 2) if spans else None}
+        "mean_trial_wall_s": round(sum(b - a for a, b in spans) / len(spans), 2) if spans else None,
+        "comparable": resumed_since is None}
+    if resumed_since is not None:
+        out["comparable_reason"] = (
+            "this count was cut by a time limit and resumed: trials killed by the cut had done updates that no "
+            "record shows and that their retries did again, and the time in which only they ran is outside the "
+            "span, so updates/s here is not the rate of an uninterrupted count (run the count within one call, "
+            "e.g. with fewer tasks or steps, for a comparable figure); resumed_call holds the resumed call's own")
+        here = [(r, a, b) for r, (a, b) in zip(ok, spans) if a >= resumed_since]
+        done = sum(s.steps - int(_extra(r).get("resumed_from_update", 0)) for r, _, _ in here)
+        call_span = _busy([(a, b) for _, a, b in here])
+        out["resumed_call"] = {
+            "since": round(resumed_since, 3), "trials": len(here), "updates": done, "span_s": round(call_span, 2),
+            "updates_per_s": round(done / call_span, 2) if call_span > 0 else None,
+            "trials_from_earlier_calls": len(ok) - len(here)}
+    breakdown = time_breakdown(ok, span)
+    if breakdown is not None:
+        out["time_breakdown"] = breakdown
     if monitor is not None and monitor.samples and span > 0:
-        per_gpu = monitor.per_gpu(start, end)
+        lo = start if resumed_since is None else max(start, resumed_since)  # the samples are this call's
+        per_gpu = monitor.per_gpu(lo, end)
         used = [int(g) for g in gpus_used] or None
         out["gpu"] = {str(i): v for i, v in per_gpu.items()}
-        out["gpu_utilisation_pct"] = monitor.mean_between(start, end, used)
+        out["gpu_utilisation_pct"] = monitor.mean_between(lo, end, used)
     return out
+
+
+def _comparable(run: dict[str, Any]) -> bool:
+    """Whether a count ran uninterrupted (a run kept from before ``comparable`` existed: not resumed)."""
+    return bool(run.get("comparable", not run.get("resumed", True)))
 
 
 def _finished_runs(partial: Path, s: ScaleSettings) -> list[dict[str, Any]]:
@@ -257,25 +363,34 @@ def bench_scale(overrides: dict[str, Any]) -> dict[str, Any]:
         wall = time.time() - started
         if code not in (0, 1):  # 1: some trials failed, which the figures say; others: nothing ran
             raise RuntimeError(f"bench scale: the sweep on {n} {s.axis}(s) exited {code}; see {folder / 'sweep.log'}")
-        run = summarise(n, _records(folder / "results"), s, monitor, wall)
+        run = summarise(n, _records(folder / "results"), s, monitor, wall, started if resumed else None)
         run["board"], run["resumed"] = str(folder / "board" / f"{SWEEP_NAME}.csv"), resumed
         runs.append(run)
         # what is finished survives a run cut short (a time limit between counts)
         atomic_write_text(work / "partial.json", json.dumps({"settings": s.model_dump(), "runs": runs}, indent=1))
+        idle = (run.get("time_breakdown") or {}).get("idle_share")
         print(f"[bench scale] {n} {s.axis}(s): {run['updates_per_s']} updates/s, {run['trials_per_hour']} trials/h, "
-              f"GPU utilisation {run.get('gpu_utilisation_pct')}%", file=sys.stderr, flush=True)
+              f"GPU utilisation {run.get('gpu_utilisation_pct')}%, no trial training {idle}"
+              + ("" if run["comparable"] else " (resumed after a cut: not comparable)"), file=sys.stderr, flush=True)
 
     base = runs[0]
     for run in runs:
-        if base["updates_per_s"] and run["updates_per_s"]:
-            # per device against the first count's per device: 1.0 is perfect scaling
-            run["scaling_efficiency"] = round((run["updates_per_s"] / run["count"])
-                                              / (base["updates_per_s"] / base["count"]), 3)
-        diffs = board_differences(Path(base["board"]), Path(run["board"]))
-        run["rows_identical_to_first"] = not diffs
-        run["row_differences"] = diffs[:20]
+        # per device against the first count's per device: 1.0 is perfect scaling; only between counts that
+        # each ran uninterrupted (a resumed count's rate is not an uninterrupted one's)
+        comparable = _comparable(run) and _comparable(base)
+        run["scaling_efficiency"] = round((run["updates_per_s"] / run["count"])
+                                          / (base["updates_per_s"] / base["count"]), 3) \
+            if comparable and base["updates_per_s"] and run["updates_per_s"] else None
+        if not comparable:
+            which = "this count" if not _comparable(run) else f"the first count ({base['count']})"
+            run["scaling_efficiency_note"] = f"not computed: {which} was resumed after a cut, see comparable_reason"
+        comparison = compare_boards(Path(base["board"]), Path(run["board"]))
+        run["results_identical"] = comparison["results_identical"]
+        run["result_differences"] = comparison["result_differences"][:20]
+        run["measurement_differences"] = comparison["measurement_differences"]
     return {"settings": s.model_dump(), "trials_per_count": trials, "prepare_s": round(prepare_s, 1),
             "workdir": str(work), "runs": runs}
 
 
-__all__ = ["ScaleSettings", "WALL_TIME_COLUMNS", "bench_scale", "board_differences", "summarise", "sweep_doc"]
+__all__ = ["ScaleSettings", "bench_scale", "board_differences", "compare_boards", "summarise", "sweep_doc",
+           "time_breakdown"]

@@ -109,11 +109,49 @@ class MethodHooks:
         self.method.on_step(model, step, self.ctx)
 
 
+# The phases of one trial, in the order they first run; every second of the trial belongs to one of them.
+PHASES = ("setup", "wrap", "first_updates", "steady", "interim_eval", "checkpoint", "finalize", "eval", "save")
+
+
+class PhaseClock:
+    """Where one trial's time goes: its wall time split into :data:`PHASES`, from one ``perf_counter``.
+
+    :meth:`mark` gives the time since the previous mark to a phase, so the phases partition the trial's
+    time and nothing is counted twice. The training split reuses the trainer's own boundary between the
+    warm-up updates and the steady ones (``Trainer._steady_from``, which ``ms_per_update`` leaves out).
+    """
+
+    def __init__(self, t0: float | None = None, unix0: float | None = None) -> None:
+        """``t0``: the trial's start (``perf_counter``), ``unix0`` the same instant as unix time; default now
+        (a trial session passes its own start, taken before its imports)."""
+        self.t0 = self._last = time.perf_counter() if t0 is None else t0
+        self.unix0 = time.time() - (time.perf_counter() - self.t0) if unix0 is None else unix0
+        self.seconds: dict[str, float] = dict.fromkeys(PHASES, 0.0)
+        self.training_span: list[float] = []  # unix [first update's start, last update's end]
+
+    def mark(self, phase: str, at: float | None = None) -> None:
+        """Give ``phase`` the time from the previous mark to ``at`` (a ``perf_counter`` value; default: now)."""
+        now = time.perf_counter() if at is None else max(at, self._last)
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last
+        self._last = now
+
+    def as_dict(self) -> dict[str, Any]:
+        """``extra.timing`` of the record: seconds per phase (``<phase>_s``) and their sum (``total_s``)."""
+        out: dict[str, Any] = {f"{k}_s": round(v, 3) for k, v in self.seconds.items()}
+        out["total_s"] = round(self._last - self.t0, 3)
+        if len(self.training_span) == 2:  # a trial that failed in training has no end to it
+            out["training_span"] = [round(x, 3) for x in self.training_span]
+        return out
+
+
 class FineTuneRun:
     """One fine-tuning trial, advanced update by update: ``start()``, ``step()`` until False, ``finish()``."""
 
-    def __init__(self, spec, report: Report):
+    def __init__(self, spec, report: Report, clock: PhaseClock | None = None):
         self.spec, self.report = spec, report
+        # the trial's clock, started by its session (harness/trial.py) before the imports and validation
+        self.clock = clock if clock is not None else PhaseClock()
+        self._steady_marked = False
         self.track = get_track(spec.track)
         self.method = get_method(spec.method)
         self.settings = self.method.resolve_settings(spec.method_settings)
@@ -136,6 +174,7 @@ class FineTuneRun:
             if ts.deterministic:  # before the first GPU kernel: cuBLAS reads its workspace setting once
                 deterministic_kernels()
             setup = track.setup(spec, ts, track.budget(spec.budget), self.rng, self.report)
+            self.clock.mark("setup")  # imports, validation, the track's data and base model
             # The study's targets (fused qkv split where a slice is named) and the LoRA family's alpha rule.
             setup.site, self.wrap_settings = prepare_protocol(method, self.settings, ts, setup.model, setup.site)
             # Adapters on other layers of the same base are no bank for each other.
@@ -160,12 +199,28 @@ class FineTuneRun:
                 groups = method.optimizer_groups(model, self.wrap_settings, self.weight_decay)  # LoRA+-like
                 self.trainer = Trainer(model, setup.loss, setup.next_batch, cfg, setup.device,
                                        MethodHooks(method, self.ctx), self.report, groups)
+        self.clock.mark("wrap")
+
+    def mark_training(self) -> None:
+        """Give the time since the last mark to training: to ``first_updates`` up to the update where the
+        trainer's steady timing began, to ``steady`` after it. Called when training pauses (an interim
+        score, a checkpoint) and when it ends, so the updates themselves carry no clock calls."""
+        trainer = self.trainer
+        if trainer is None:
+            return
+        steady_at = trainer._steady_start
+        if steady_at is not None and not self._steady_marked:
+            self.clock.mark("first_updates", at=steady_at)
+            self._steady_marked = True
+        self.clock.mark("steady" if self._steady_marked else "first_updates")
 
     def step(self) -> bool:
         """One training update; False once training is over."""
         if self.trainer is None:
             return False
         with self.rng.scope():
+            if not self.clock.training_span:
+                self.clock.training_span = [time.time()]
             more = self.trainer.step()
         if more and self.setup is not None and self.setup.device.type == "cuda":
             # a host-side query of the allocator: no device sync, so it costs the update nothing
@@ -206,10 +261,12 @@ class FineTuneRun:
         the selection episodes; vision: val200 top-1 in the select stage), without finalizing the method
         and without drawing from the trial's random streams."""
         assert self.setup is not None, "interim_score() before start()"
+        self.mark_training()
         devices = [self.setup.device] if self.setup.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             metrics, _ = self.setup.evaluate(self.model)
         self.model.train()
+        self.clock.mark("interim_eval")
         return float(metrics[metric])
 
     def finish(self) -> FineTuneResult:
@@ -218,6 +275,9 @@ class FineTuneRun:
         assert setup is not None, "FineTuneRun.finish() before start()"
         with self.rng.scope():
             stats: TrainStats | None = self.trainer.finish() if self.trainer is not None else None
+            self.mark_training()  # the finish's wait for queued GPU work is the last updates' time
+            if self.clock.training_span:
+                self.clock.training_span.append(time.time())
             cuda = setup.device.type == "cuda"
             train_peak = torch.cuda.max_memory_allocated(setup.device) / 2**20 if cuda else 0.0
             train_reserved = torch.cuda.max_memory_reserved(setup.device) / 2**20 if cuda else 0.0
@@ -225,7 +285,9 @@ class FineTuneRun:
             model = method.finalize(self.model, setup.site, self.wrap_settings, self.ctx)
             model.eval()
             own, head = method.count(model, setup.site)
+            self.clock.mark("finalize")
             metrics, facts = setup.evaluate(model)
+            self.clock.mark("eval")
             metrics = dict(metrics)
             if stats is not None:
                 metrics[setup.loss_metric] = float(stats.final_loss)
@@ -247,6 +309,7 @@ class FineTuneRun:
             "train_steps_per_s": round(stats.steps_per_s, 2) if stats else 0.0,
             "method": describe, "total_wall_s": round(time.time() - self.started, 2),
         }
+        self.clock.mark("save")  # describing and saving the adapter; the session adds its record's bookkeeping
         if stats is not None and setup.time_data:
             extra["data_share"] = round(stats.data_share, 4)
         if adapter_error:

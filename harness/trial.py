@@ -101,6 +101,23 @@ class TrialRecord:
         return d
 
 
+# The record's (and a board's) fields that measure how a trial ran, not what it computed: memory, times, and
+# where and when it ran. Two runs of the same trial may differ in these and still have the same result; every
+# other field (scores, parameter counts, settings, what was adapted) defines the result. Boards carry them
+# under the same names (harness/leaderboard.py); ``*_mean``/``*_se`` of a measurement are measurements too.
+MEASUREMENT_FIELDS = ("peak_memory_mb", "wall_time_s", "train_peak_memory_mb", "ms_per_update",
+                      "train_reserved_memory_mb", "train_mean_reserved_mb", "harness_version", "git_commit",
+                      "device_name", "software", "date")
+
+
+def is_measurement(column: str) -> bool:
+    """Whether a record's or a board's ``column`` is a measurement (:data:`MEASUREMENT_FIELDS`)."""
+    for suffix in ("_mean", "_se"):
+        if column.endswith(suffix) and column[: -len(suffix)] in MEASUREMENT_FIELDS:
+            return True
+    return column in MEASUREMENT_FIELDS
+
+
 def validate_spec(spec: TrialSpec) -> TrialSpec:
     """Check every part of a trial before any compute; returns the spec with method settings and budget
     resolved (defaults filled in), so equal trials have equal specs."""
@@ -135,6 +152,8 @@ class TrialSession:
         from harness import provenance
 
         self.started = time.time()
+        self._t0 = time.perf_counter()  # the same instant: where the trial's phase clock starts
+        self.clock = None  # harness.finetune.PhaseClock, made in start() (finetune imports torch)
         self.report = report
         self.run = None
         self.record = TrialRecord(
@@ -162,8 +181,9 @@ class TrialSession:
         self.run = None
 
     def start(self) -> None:
-        from harness.finetune import FineTuneRun
+        from harness.finetune import FineTuneRun, PhaseClock
 
+        self.clock = PhaseClock(self._t0, self.started)
         try:
             import torch
 
@@ -173,7 +193,7 @@ class TrialSession:
             self.record.settings = json.dumps(self.spec.method_settings, sort_keys=True, default=str)
             self._record_protocol()
             self.record.budget = json.dumps(self.spec.budget, sort_keys=True)
-            self.run = FineTuneRun(self.spec, self.report)
+            self.run = FineTuneRun(self.spec, self.report, self.clock)
             self.run.start()
         except Exception as e:  # a crash in one trial must not end the sweep
             self._fail(e)
@@ -210,9 +230,25 @@ class TrialSession:
             except Exception as e:
                 self._fail(e)
         record.peak_memory_mb = round(_peak_memory_mb(), 1)
+        if self.clock is not None:
+            self.clock.mark("save")
+            record.extra["timing"] = {**self.clock.as_dict(), **_process_start(self.started)}
         record.wall_time_s = round(time.time() - self.started, 2)
         record.extra["started_at"] = round(self.started, 3)  # unix time: when trials ran side by side
         return record
+
+
+def _process_start(started: float) -> dict[str, float]:
+    """When this trial's process started and how long before the trial: under Ray Tune, a worker's start-up
+    (Python, Ray's own imports, an actor's construction), which no phase of the trial sees. Empty where the
+    process's start time cannot be read."""
+    try:
+        import psutil  # Ray's own dependency
+
+        created = float(psutil.Process().create_time())
+    except Exception:  # noqa: BLE001 - an unreadable start time only loses this figure
+        return {}
+    return {"process_started_at": round(created, 3), "process_to_trial_s": round(max(0.0, started - created), 3)}
 
 
 def run_trial(spec: TrialSpec, report: Reporter = print_reporter) -> TrialRecord:
@@ -224,5 +260,5 @@ def run_trial(spec: TrialSpec, report: Reporter = print_reporter) -> TrialRecord
     return session.finish()
 
 
-__all__ = ["Reporter", "TrialRecord", "TrialSession", "TrialSpec", "print_reporter", "run_trial",
-           "validate_spec"]
+__all__ = ["MEASUREMENT_FIELDS", "Reporter", "TrialRecord", "TrialSession", "TrialSpec", "is_measurement",
+           "print_reporter", "run_trial", "validate_spec"]

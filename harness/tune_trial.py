@@ -61,12 +61,14 @@ def _save(session: TrialSession, extra: dict[str, Any], report_metrics: dict[str
     import torch
     from ray import tune
 
+    session.run.mark_training()
     folder = tempfile.mkdtemp(prefix="harness-ckpt-")
     try:
         torch.save({"run": session.run.trial_state(), **extra}, Path(folder) / STATE_FILE)
         tune.report(report_metrics, checkpoint=tune.Checkpoint.from_directory(folder))
     finally:  # Tune has copied it to the trial's storage by now
         shutil.rmtree(folder, ignore_errors=True)
+    session.run.clock.mark("checkpoint")
 
 
 def _restore(session: TrialSession) -> dict[str, Any] | None:
@@ -80,6 +82,7 @@ def _restore(session: TrialSession) -> dict[str, Any] | None:
     with checkpoint.as_directory() as folder:
         state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
     session.run.load_trial_state(state["run"])
+    session.run.clock.mark("checkpoint")  # reading it and redrawing the batches already trained on
     print(f"[trial] continuing from the checkpoint at update {session.run.updates_done}", flush=True)
     return state
 

@@ -39,10 +39,18 @@ def test_one_sweep_over_one_and_two_slots(tmp_path, monkeypatch):
         assert run["most_trials_at_once"] == count  # the trials really ran side by side on two slots
         assert run["updates_per_s"] == pytest.approx(run["updates"] / run["span_s"], rel=0.01)
         assert run["trials_per_hour"] == pytest.approx(4 / run["span_s"] * 3600, rel=0.01)
+    assert one["comparable"] and two["comparable"] and "resumed_call" not in two
     assert one["scaling_efficiency"] == 1.0
     assert two["scaling_efficiency"] == pytest.approx(two["updates_per_s"] / 2 / one["updates_per_s"], abs=0.002)
-    # same seeds and settings: the rows match in everything but wall time, whatever the slots
-    assert one["rows_identical_to_first"] and two["rows_identical_to_first"], two["row_differences"]
+    # same seeds and settings: the results match whatever the slots; measurements are reported apart
+    assert one["results_identical"] and two["results_identical"], two["result_differences"]
+    assert one["measurement_differences"] == {} and "wall_time_s" in two["measurement_differences"]
+    # where the trials' time went: every trial's phases, summed
+    for run in (one, two):
+        breakdown = run["time_breakdown"]
+        assert breakdown["trials"] == 4 and breakdown["phases_s"]["steady_s"] > 0
+        assert sum(breakdown["phases_s"].values()) == pytest.approx(breakdown["trial_s"], abs=0.1)
+        assert 0.0 < breakdown["idle_share"] < 1.0  # trials spend time outside their updates
     a, b = pd.read_csv(one["board"]), pd.read_csv(two["board"])
     assert len(a) == 2 and a["success_mean"].tolist() == b["success_mean"].tolist()
     # every trial ran in its own 1-core slot, without a GPU
@@ -74,17 +82,63 @@ def test_throughput_counts_only_the_time_trials_ran():
     assert run["updates_per_s"] == 15.0 and run["most_trials_at_once"] == 2
 
 
-def test_board_differences_ignore_wall_time_only(tmp_path):
-    from agents.bench_scale import board_differences
+def test_boards_compare_results_and_report_measurements_apart(tmp_path):
+    from agents.bench_scale import board_differences, compare_boards
 
     rows = pd.DataFrame({"method": ["full", "lora"], "task": ["t", "t"], "success_mean": [0.5, 0.25],
-                         "wall_time_s": [10.0, 12.0], "ms_per_update": [3.0, 4.0], "date": ["d1", "d1"]})
+                         "trainable_params": [100, 10], "settings": ['{"r": 4}', '{"r": 4}'],
+                         "wall_time_s": [10.0, 12.0], "ms_per_update": [3.0, 4.0], "peak_memory_mb": [2344.1, 2124.0],
+                         "train_reserved_memory_mb": [2530.0, 2244.0], "date": ["d1", "d1"], "git_commit": ["a", "a"]})
     rows.to_csv(tmp_path / "a.csv", index=False)
-    rows.assign(wall_time_s=[99.0, 1.0], ms_per_update=[9.0, 9.0], date=["d2", "d2"]).iloc[::-1].to_csv(
+    # this week's 2-GPU run: equal scores, memory a few MB apart, other times, dates and commits
+    rows.assign(wall_time_s=[99.0, 1.0], ms_per_update=[9.0, 9.0], peak_memory_mb=[2347.1, 2124.0],
+                train_reserved_memory_mb=[2460.0, 2232.0], date=["d2", "d2"], git_commit=["b", "b"]).iloc[::-1].to_csv(
         tmp_path / "b.csv", index=False)
-    assert board_differences(tmp_path / "a.csv", tmp_path / "b.csv") == []
-    rows.assign(success_mean=[0.5, 0.3]).to_csv(tmp_path / "c.csv", index=False)
-    assert board_differences(tmp_path / "a.csv", tmp_path / "c.csv") == ["lora t: success_mean 0.25 vs 0.3"]
+    same = compare_boards(tmp_path / "a.csv", tmp_path / "b.csv")
+    assert same["results_identical"] and same["result_differences"] == []
+    measured = same["measurement_differences"]
+    assert set(measured) == {"wall_time_s", "ms_per_update", "peak_memory_mb", "train_reserved_memory_mb", "date",
+                             "git_commit"}
+    assert measured["peak_memory_mb"]["rows"] == 1 and measured["peak_memory_mb"]["max_abs_diff"] == pytest.approx(3.0)
+    assert measured["peak_memory_mb"]["examples"] == ["full t: peak_memory_mb 2344.1 vs 2347.1"]
+    assert measured["train_reserved_memory_mb"]["max_rel_diff"] == pytest.approx(70 / 2530, abs=1e-6)
+    assert measured["date"]["rows"] == 2 and "max_abs_diff" not in measured["date"]
+    # a result differing fails the comparison, whatever the measurements do
+    rows.assign(success_mean=[0.5, 0.3], trainable_params=[100, 11]).to_csv(tmp_path / "c.csv", index=False)
+    other = compare_boards(tmp_path / "a.csv", tmp_path / "c.csv")
+    assert not other["results_identical"] and other["measurement_differences"] == {}
+    assert other["result_differences"] == ["lora t: success_mean 0.25 vs 0.3", "lora t: trainable_params 10 vs 11"]
+    assert board_differences(tmp_path / "a.csv", tmp_path / "c.csv") == other["result_differences"]
+    rows.drop(columns="trainable_params").to_csv(tmp_path / "d.csv", index=False)
+    assert compare_boards(tmp_path / "a.csv", tmp_path / "d.csv")["result_differences"] == [
+        "columns differ: ['trainable_params']"]
+
+
+def test_measurement_columns_are_one_list():
+    from harness.trial import MEASUREMENT_FIELDS, TrialRecord, is_measurement
+
+    fields = set(TrialRecord.__dataclass_fields__)
+    assert set(MEASUREMENT_FIELDS) <= fields  # names of the record's own fields, which boards keep
+    assert is_measurement("peak_memory_mb") and is_measurement("ms_per_update") and is_measurement("git_commit")
+    assert is_measurement("wall_time_s_mean") and not is_measurement("success_mean")
+    assert not any(is_measurement(c) for c in ("trainable_params", "adapter_bytes", "settings", "targets", "seed"))
+
+
+def test_a_resumed_count_is_not_compared_as_if_uninterrupted():
+    from agents.bench_scale import ScaleSettings, summarise
+
+    def record(start, wall, resumed_from=0):
+        extra = {"started_at": start, **({"resumed_from_update": resumed_from} if resumed_from else {})}
+        return {"status": "ok", "wall_time_s": wall, "extra": json.dumps(extra)}
+
+    # call 1: two trials finish (a third was killed by the limit, unseen); call 2 at t=200: the killed one
+    # again from its checkpoint at update 40, and a fourth from the start
+    records = [record(0.0, 10.0), record(5.0, 10.0), record(200.0, 6.0, resumed_from=40), record(201.0, 10.0)]
+    run = summarise(2, records, ScaleSettings(steps=100), None, 0, resumed_since=200.0)
+    assert run["comparable"] is False and "cut by a time limit" in run["comparable_reason"]
+    assert run["resumed_call"] == {"since": 200.0, "trials": 2, "updates": 60 + 100, "span_s": 11.0,
+                                   "updates_per_s": round(160 / 11.0, 2), "trials_from_earlier_calls": 2}
+    assert summarise(2, records, ScaleSettings(steps=100), None, 0)["comparable"] is True
 
 
 def test_impossible_counts_are_refused_before_any_compute(tmp_path):
@@ -118,3 +172,78 @@ def test_gpu_monitor_reads_nvidia_smi_lines():
                                    1: {"utilisation_pct": 20.0, "peak_memory_used_mib": 5.0}}
     assert m.mean_between(0.0, 5.0) == 47.5 and m.mean_between(0.0, 5.0, [1]) == 20.0
     assert m.mean_between(20.0, 30.0) is None
+
+
+def test_a_tiny_rl_trial_records_where_its_time_went(tmp_path, monkeypatch):
+    """extra.timing: every phase of the trial, none negative, together its wall time (issue 20 item 4)."""
+    from harness.finetune import PHASES
+    from harness.trial import TrialSpec, run_trial
+
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    settings = {**TINY_DT, "data_episodes": 2, "pretrain_tasks": ["reach"], "pretrain_steps": 5,
+                "pretrain_eval_episodes": 0, "device": "cpu"}
+    spec = TrialSpec("rl", "cw10", "window-close", "lora", {"r": 2}, seed=0,
+                     budget={"steps": 40, "eval_episodes": 1, "batch_size": 4}, track_settings=settings)
+    record = run_trial(spec, report=lambda metrics: None)
+    assert record.status == "ok", record.error
+    timing = record.extra["timing"]
+    assert set(timing) >= {f"{p}_s" for p in PHASES} | {"total_s", "training_span"}
+    assert all(timing[f"{p}_s"] >= 0 for p in PHASES)
+    # the phases partition the trial: together they are its wall time (rounding apart)
+    assert sum(timing[f"{p}_s"] for p in PHASES) == pytest.approx(timing["total_s"], abs=0.01)
+    assert timing["total_s"] == pytest.approx(record.wall_time_s, abs=0.05)
+    # the real work shows where it happened: data and base model, updates, the rollout
+    assert timing["setup_s"] > 0 and timing["steady_s"] > 0 and timing["first_updates_s"] > 0
+    assert timing["eval_s"] >= record.extra["eval_wall_s"] - 0.01
+    # the steady updates are the ones ms_per_update times (the first 8 of 40 are warm-up)
+    assert timing["steady_s"] == pytest.approx(32 * record.ms_per_update / 1000, rel=0.25, abs=0.05)
+    start, end = timing["training_span"]
+    assert record.extra["started_at"] < start < end < record.extra["started_at"] + record.wall_time_s
+    assert timing["process_to_trial_s"] >= 0  # this test's own process started before the trial
+
+
+@pytest.mark.slow
+def test_a_count_cut_by_a_time_limit_and_resumed_is_marked_not_comparable(tmp_path):
+    """A time limit kills the whole command (as the device tool does: its process group) after some trials
+    finished; the same command again resumes the count, whose figures then say they are not comparable."""
+    import os
+    import signal
+    import time
+
+    work = tmp_path / "w"
+    sets = [f"{k}={json.dumps(v)}" for k, v in {**SMALL, "counts": [1], "workdir": str(work)}.items()]
+    cmd = [sys.executable, "-m", "harness", "bench", "scale", *sum((["--set", s] for s in sets), []),
+           "--out", str(tmp_path / "scale.json")]
+    env = {**os.environ, "HARNESS_CACHE": str(tmp_path / "cache")}
+    env.pop("RAY_ADDRESS", None)
+    experiment = work / "0-cpu1" / "results" / "scale"
+
+    def finished() -> int:  # trials whose final record Tune has (the records file is written at the end)
+        return sum('"record": ' in f.read_text() for f in experiment.glob("*/*/result.json"))
+
+    cut = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and cut.poll() is None:
+            if finished() >= 2:  # two trials finished: the limit strikes while the third runs
+                time.sleep(2.0)  # Tune's experiment state has them finished by now
+                break
+            time.sleep(0.5)
+        assert cut.poll() is None, "the count finished before it could be cut"
+    finally:
+        os.killpg(cut.pid, signal.SIGKILL)
+        cut.wait()
+    assert 2 <= finished() < 4 and not (experiment / "scale-records.jsonl").exists()
+    assert not (work / "partial.json").exists()
+
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = json.loads((tmp_path / "scale.json").read_text())["result"]["runs"]
+    assert run["resumed"] and run["ok"] == 4 and run["comparable"] is False
+    assert run["scaling_efficiency"] is None and "resumed after a cut" in run["scaling_efficiency_note"]
+    resumed = run["resumed_call"]
+    assert resumed["trials_from_earlier_calls"] >= 1 and resumed["trials"] == 4 - resumed["trials_from_earlier_calls"]
+    assert resumed["updates"] == resumed["trials"] * SMALL["steps"]  # none had a checkpoint: all from update 0
+    assert resumed["updates_per_s"] == pytest.approx(resumed["updates"] / resumed["span_s"], rel=0.01)
+    assert "not comparable" in proc.stderr

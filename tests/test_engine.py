@@ -17,7 +17,8 @@ RL = {"n_layer": 1, "n_head": 2, "n_embd": 32, "context": 4, "dropout": 0.1, "da
       "eval_pretrained": False}
 # what differs between two runs of the same trial: clocks and dates
 TIMING = {"wall_time_s", "date", "peak_memory_mb", "ms_per_update"}
-EXTRA_TIMING = {"train_wall_s", "train_steps_per_s", "total_wall_s", "eval_wall_s", "data_share", "started_at"}
+EXTRA_TIMING = {"train_wall_s", "train_steps_per_s", "total_wall_s", "eval_wall_s", "data_share", "started_at",
+                "timing"}
 
 
 @pytest.fixture(autouse=True)
