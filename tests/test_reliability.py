@@ -89,11 +89,13 @@ def test_concurrent_leaderboard_writers_lose_no_row(tmp_path):
 
 
 def test_stale_temporary_files_are_cleaned_on_the_next_write(tmp_path):
-    stale = tmp_path / ".board.csv.abc123"
+    from harness.cache import temporary_prefix
+
+    stale = tmp_path / f"{temporary_prefix(tmp_path / 'board.csv')}abc12345"  # as a killed writer left it
     stale.write_text("half a file")
     old = time.time() - 3600
     os.utime(stale, (old, old))
-    fresh = tmp_path / ".board.csv.def456"  # a writer that may still be running: left alone
+    fresh = tmp_path / f"{temporary_prefix(tmp_path / 'board.csv')}def45678"  # may still be being written
     fresh.write_text("being written")
     _write_rows(str(tmp_path), 0, 1)
     assert not stale.exists() and fresh.exists()
