@@ -97,6 +97,22 @@ def import_entry_module(entry: str, module_name: str) -> ModuleType:
         raise
 
 
+def register_entry_points(kind: str, group: str, registry: dict[str, str]) -> None:
+    """Installed packages' entry points of ``group`` into ``registry`` (name -> 'module:Class'): an entry
+    naming a bare module is imported (its decorators register what it holds); a ``module:Class`` entry is
+    recorded under its checked name, and a name the registry already gives another value is a ConfigError."""
+    for name, value in entry_points(group):
+        where = f"entry point {name!r} = {value!r} (group {group!r})"
+        if ":" not in value:
+            load_plugins([value], where)
+            continue
+        check_name(kind, name, where)
+        if registry.get(name, value) != value:
+            raise ConfigError(f"{where}: the {kind} name {name!r} is already taken ({registry[name]}); rename the "
+                              f"entry point (a built-in {kind} is replaced only by register_{kind}(replace=True))")
+        registry[name] = value
+
+
 def entry_points(group: str) -> list[tuple[str, str]]:
     """(name, value) of every installed entry point in ``group``, sorted by name; a name two packages both
     claim is a ConfigError naming the values."""
@@ -110,4 +126,4 @@ def entry_points(group: str) -> list[tuple[str, str]]:
 
 
 __all__ = ["METHOD_GROUP", "MODULE_PATTERN", "NAME_PATTERN", "TRACK_GROUP", "check_name", "entry_points",
-           "import_entry_module", "load_plugins", "loaded_plugins"]
+           "import_entry_module", "load_plugins", "loaded_plugins", "register_entry_points"]

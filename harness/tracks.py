@@ -237,15 +237,7 @@ def _read_entry_points() -> None:
     if _entry_points_read:
         return
     _entry_points_read = True
-    for name, value in plugins.entry_points(plugins.TRACK_GROUP):
-        where = f"entry point {name!r} = {value!r} (group {plugins.TRACK_GROUP!r})"
-        if ":" not in value:
-            plugins.load_plugins([value], where)
-            continue
-        plugins.check_name("track", name, where)
-        if TRACKS.get(name, value) != value:
-            raise ConfigError(f"{where}: the track name {name!r} is already taken ({TRACKS[name]})")
-        TRACKS[name] = value
+    plugins.register_entry_points("track", plugins.TRACK_GROUP, TRACKS)
 
 
 def get_track(name: str) -> Track:

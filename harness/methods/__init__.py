@@ -97,16 +97,7 @@ def _read_entry_points() -> None:
     if _entry_points_read:
         return
     _entry_points_read = True  # before importing: a plugin's own decorators come back here
-    for name, value in plugins.entry_points(plugins.METHOD_GROUP):
-        where = f"entry point {name!r} = {value!r} (group {plugins.METHOD_GROUP!r})"
-        if ":" not in value:
-            plugins.load_plugins([value], where)
-            continue
-        plugins.check_name("method", name, where)
-        if name in REGISTRY and REGISTRY[name] != value:
-            raise ConfigError(f"{where}: the name {name!r} is already taken ({REGISTRY[name]}); rename the entry "
-                              "point (a built-in method is replaced only by register_method(replace=True))")
-        REGISTRY[name] = value
+    plugins.register_entry_points("method", plugins.METHOD_GROUP, REGISTRY)
 
 
 # A label after "@" names a variant of a method, so one study can hold it more than once and the
