@@ -238,6 +238,11 @@ class RLTrack(Track):
             result["export"] = export_base(pre, plan, result.get("eval", {}).get("mean"), Path(export))
         return result
 
+    def check_inputs(self, settings: RLSettings, benchmark: str, tasks: list[str]) -> None:
+        """The tasks, and a shared base file (``pretrained``): checksum, digest, config and shapes."""
+        self.check_tasks(benchmark, tasks)
+        check_pretrained(settings)
+
     def prepare(self, settings: RLSettings, benchmark: str, tasks: list[str], report: Report) -> dict[str, Any]:
         """The datasets of the pretraining and target tasks, and the pretrained DT (cached)."""
         self.check_tasks(benchmark, tasks)

@@ -99,3 +99,13 @@ def test_a_missing_data_root_fails_before_ray_and_does_not_block_the_fixed_comma
     doc["settings"]["data_root"] = "vtab"
     err = sweep_exits_2(yaml.safe_dump(doc), capsys)
     assert "train800" in err or "list file" in err, err
+
+
+def test_a_missing_or_altered_base_file_fails_before_ray(user_folder, capsys):
+    doc = tiny(settings={**TINY, "pretrained": "no-such-base.safetensors"})
+    err = sweep_exits_2(yaml.safe_dump(doc), capsys)
+    assert "pretrained" in err and "no-such-base.safetensors" in err
+    Path("fake.safetensors").write_bytes(b"not a safetensors file")
+    doc = tiny(settings={**TINY, "pretrained": "fake.safetensors"})
+    err = sweep_exits_2(yaml.safe_dump(doc), capsys)
+    assert "fake.safetensors" in err
