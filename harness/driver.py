@@ -24,7 +24,7 @@ from harness.errors import ConfigError, HarnessError
 from harness.sweep_file import (Study, SweepFile, expand_grid, grid_size, selection_methods, study_tasks,
                                 study_trials)
 from harness.tracks import get_track
-from harness.trial import TrialSpec, print_reporter, run_trial
+from harness.trial import TrialSpec, print_reporter
 
 
 class TrialFailed(HarnessError):

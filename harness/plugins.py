@@ -87,7 +87,8 @@ def loaded_plugins() -> list[str]:
 
 def import_entry_module(entry: str, module_name: str) -> ModuleType:
     """The module a registry entry (``entry``, named in errors) points to. A missing module of the entry's
-    own path is a misspelt entry, a ConfigError; a module that imports but lacks a dependency of its own
+    own path is a misspelt entry, and a declaration the module refuses as it is imported is the entry's
+    error: both ConfigErrors naming the entry. A module that imports but lacks a dependency of its own
     stays an ImportError (the registrant is then "not available")."""
     try:
         return importlib.import_module(module_name)
@@ -95,6 +96,8 @@ def import_entry_module(entry: str, module_name: str) -> ModuleType:
         if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
             raise ConfigError(f"{entry}: there is no module {e.name!r}") from None
         raise
+    except HarnessError as e:  # a declaration the module refused as it was defined (a bad setting default)
+        raise ConfigError(f"{entry}: {e}") from None
 
 
 def register_entry_points(kind: str, group: str, registry: dict[str, str]) -> None:

@@ -6,7 +6,7 @@ import re
 from typing import Callable, TypeVar
 
 from harness import plugins
-from harness.errors import ConfigError, HarnessError, choices_message
+from harness.errors import ConfigError, choices_message
 from harness.methods.base import AdapterSite, Method, MethodContext, Setting, check_settings
 
 # name -> "module:Class"; imported lazily so that listing methods stays cheap.
@@ -144,12 +144,7 @@ def load_entry(name: str, target: str) -> Method:
     if not sep or not module_name or not cls_name.isidentifier():
         raise ConfigError(f"{entry}: expected 'package.module:ClassName', e.g. "
                           "'harness.methods.peft_methods:LoRA'")
-    try:
-        module = plugins.import_entry_module(entry, module_name)
-    except ConfigError:
-        raise
-    except HarnessError as e:  # a declaration the method's module refused as it was defined
-        raise ConfigError(f"{entry}: {e}") from None
+    module = plugins.import_entry_module(entry, module_name)
     cls = getattr(module, cls_name, None)
     if cls is None:
         found = [k for k, v in vars(module).items() if isinstance(v, type) and issubclass(v, Method) and v is not Method]
