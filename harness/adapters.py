@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -11,20 +10,20 @@ from torch import nn
 
 from harness.cache import ArtifactCache
 from harness.methods.base import AdapterSite, Method
-from harness.trial import TrialSpec
+from harness.trial import ResolvedTrial
 
 KIND = "adapters"
 
 
 def save_trial_adapter(method: Method, model: nn.Module, site: AdapterSite, settings: dict[str, Any],
-                       spec: TrialSpec, base_key: str, cache: ArtifactCache | None = None) -> Path:
+                       spec: ResolvedTrial, base_key: str, cache: ArtifactCache | None = None) -> Path:
     """Save a trained adapter into the cache, tagged with the base model's key and the trial's task.
 
     ``base_key`` identifies the frozen base model (e.g. the hash of the pretrained checkpoint); only
     adapters of the same base are ever combined into a bank.
     """
     cache = cache or ArtifactCache()
-    key = {"spec": asdict(spec), "base_key": base_key}
+    key = {"spec": spec.to_config(), "base_key": base_key}
 
     def build(folder: Path) -> None:
         method.save(model, site, settings, folder)

@@ -25,6 +25,7 @@ from torch import nn
 
 from harness.errors import ConfigError
 from harness.methods import AdapterSite, MethodContext, get_method, method_names
+from harness.trial import resolve_point
 from harness.randomness import seeded
 from harness.training import LoopConfig, Trainer, synchronize
 from harness.validation import Bool, Int, validate
@@ -102,7 +103,7 @@ def _bank(work: _Workload, folder: Path) -> list[str]:
     lora = get_method("lora")
     paths = []
     for i in range(3):
-        settings = lora.resolve_settings({"r": 4})
+        settings = resolve_point(lora, {"r": 4})
         wrapped = lora.wrap(work.model(), work.site, settings, MethodContext(device=work.device))
         with torch.no_grad():
             for name, p in wrapped.named_parameters():
@@ -155,7 +156,7 @@ def _time_method(name: str, cfg: dict[str, Any], work: _Workload, bank) -> dict[
         # every method compiles the same loss function anew: past dynamo's recompile limit a process
         # would silently run the later methods eager
         torch._dynamo.reset()
-    settings = method.resolve_settings({})
+    settings = method.default_settings()
     batch = work.batch
     ctx = MethodContext(total_steps=cfg["steps"] + cfg["warmup"], device=device, adapter_bank=bank,
                         init_batches=lambda: [batch] * 4, forward_fn=work.forward_fn,

@@ -106,7 +106,7 @@ def cmd_sweep(args) -> int:
 
 def cmd_run(args) -> int:
     from harness.tracks import get_track
-    from harness.trial import TrialSpec, print_reporter, run_trial, validate_spec
+    from harness.trial import TrialSpec, print_reporter, resolve_trial, run_trial
 
     track = get_track(args.track)
     _writable_folders(None, None)
@@ -119,11 +119,11 @@ def cmd_run(args) -> int:
             settings[flag] = value
     if args.steps is not None:
         budget["steps"] = args.steps
-    spec = validate_spec(TrialSpec(track=args.track, benchmark=args.benchmark, task=args.task, method=args.method,
+    spec = resolve_trial(TrialSpec(track=args.track, benchmark=args.benchmark, task=args.task, method=args.method,
                                    method_settings=method, seed=args.seed, budget=budget, track_settings=settings))
     report = (lambda m: print(f"[trial] {json.dumps(m, default=str)}", file=sys.stderr, flush=True)) \
         if args.json else print_reporter
-    track.prepare(track.settings(settings), args.benchmark, [args.task], report)
+    track.prepare(spec.track_settings, args.benchmark, [args.task], report)
     record = run_trial(spec, report)
     if args.json:
         print(json.dumps(record.flat(), default=str, sort_keys=True), flush=True)

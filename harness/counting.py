@@ -28,6 +28,7 @@ from torch import nn
 
 from harness.errors import ConfigError
 from harness.methods import AdapterSite, MethodContext, get_method, method_names
+from harness.trial import resolve_point
 
 BANK_RANK = 8  # rank of the stand-in bank's LoRAs (the LoRA protocol's r)
 BANK_SIZE = 3
@@ -185,7 +186,7 @@ def _count_study(tr, study_settings: dict[str, Any], grids: dict[str, dict[str, 
         method = get_method(name)
         own = {k: v for k, v in given_ms.items() if k in method.all_settings()}
         for point in _grid(name, own, grids.get(name)):
-            plans.append((name, method, method.resolve_settings(point)))
+            plans.append((name, method, resolve_point(method, point)))
     shaped = tr.shape_model(ts, "")  # targets and ranks checked on the meta device, before any weights
     if shaped is not None:
         for name, method, settings in plans:

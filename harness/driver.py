@@ -15,23 +15,23 @@ import math
 import os
 import re
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from harness.cache import atomic_write_text, cache_root
 from harness.errors import ConfigError, HarnessError
-from harness.sweep_file import (Study, SweepFile, expand_grid, grid_size, selection_methods, study_tasks,
-                                study_trials)
+from harness.sweep_file import (Study, SweepFile, grid_size, resolved_grid, selection_methods, study_tasks,
+                                study_trials, track_settings)
 from harness.tracks import get_track
-from harness.trial import TrialSpec, print_reporter
+from harness.trial import ResolvedTrial, print_reporter
 
 
 class TrialFailed(HarnessError):
     """Raised in a Tune trial whose record says it failed (an error or a non-finite loss)."""
 
 
-def _trial_label(spec: TrialSpec) -> str:
+def _trial_label(spec: ResolvedTrial) -> str:
     return f"{spec.task} {spec.method} seed {spec.seed}"
 
 
@@ -59,7 +59,7 @@ def _trainable(config: dict[str, Any]) -> None:
 
     # A worker imports the harness afresh: the sweep's plugin methods and tracks are registered here again
     load_plugins(config.get("plugins") or (), "the sweep's plugins (in a Ray worker)")
-    spec = TrialSpec(**config["spec"])
+    spec = ResolvedTrial.from_config(config["spec"])  # the one serialisation Ray needs, undone
     marker = Path(tune.get_context().get_trial_dir()) / FAILED_RECORD
     if marker.is_file():
         flat = json.loads(marker.read_text())
@@ -108,7 +108,7 @@ def _trial_name(trial) -> str:
     from harness.methods import get_method
 
     spec = trial.config["spec"]
-    defaults = get_method(spec["method"]).resolve_settings({})
+    defaults = get_method(spec["method"]).default_settings()
     # the settings that differ from the method's defaults name the grid point
     settings = "-".join(f"{k}{v}" for k, v in sorted(spec["method_settings"].items()) if defaults.get(k) != v)
     name = f"{spec['task']}_{spec['method']}{('_' + settings) if settings else ''}_s{spec['seed']}"
@@ -252,7 +252,7 @@ def _gpus_per_trial(study: Study, n_trials: int) -> float:
     return auto_gpu_share(n_trials, ray.cluster_resources().get("GPU", 0))
 
 
-def run_wave(specs: list[TrialSpec], study: Study, exp_dir: Path, resume: bool,
+def run_wave(specs: list[ResolvedTrial], study: Study, exp_dir: Path, resume: bool,
              callbacks: list[Any] | None = None, plugins: list[str] | tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """Run (or resume) one Tune experiment over ``specs``; return the flat trial records. ``callbacks``:
     Ray Tune's tracking callbacks (``harness/tracking.py``) for a new experiment; ``plugins``: the sweep's
@@ -276,7 +276,7 @@ def run_wave(specs: list[TrialSpec], study: Study, exp_dir: Path, resume: bool,
         print(f"[sweep] resuming {exp_dir}", flush=True)
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=False)
     else:
-        param_space = {"spec": tune.grid_search([asdict(s) for s in specs]), "cache_root": str(cache_root()),
+        param_space = {"spec": tune.grid_search([s.to_config() for s in specs]), "cache_root": str(cache_root()),
                        "cpus": study.resources.cpus_per_trial, "tune_trial": trial_plan.to_config(),
                        "plugins": list(plugins)}
         tuner = tune.Tuner(
@@ -303,7 +303,7 @@ def run_wave(specs: list[TrialSpec], study: Study, exp_dir: Path, resume: bool,
         if "record" in metrics:
             records.append(json.loads(metrics["record"]))
         else:  # the trial process itself died (not a Python error inside the trial)
-            spec = TrialSpec(**result.config["spec"])
+            spec = ResolvedTrial.from_config(result.config["spec"])
             records.append(_unrun_record(spec, f"trial did not finish: {result.error!r}"))
     return records
 
@@ -415,7 +415,7 @@ def run_study(sweep: SweepFile, study: Study, results_dir: Path, resume: bool) -
     benchmark = track.benchmark(study.benchmark)
     print(f"[sweep] {sweep.name}/{study.name}: preparing {study.track} artifacts (cached after the first run)",
           flush=True)
-    track.prepare(track.settings(study.settings), study.benchmark, study_tasks(study), print_reporter)
+    track.prepare(track_settings(study), study.benchmark, study_tasks(study), print_reporter)
     base = results_dir / sweep.name
     waves = method_waves(list(study.methods))
     metric, higher = benchmark.primary_metric, benchmark.higher_is_better
@@ -442,10 +442,10 @@ def run_study(sweep: SweepFile, study: Study, results_dir: Path, resume: bool) -
             for t in study_tasks(study):
                 if (m, t) in chosen:
                     continue
-                first = expand_grid(study.methods[m], m)[0]
+                first = resolved_grid(study, m)[0]
                 if m not in selecting:  # a grid of one point: nothing to choose
                     chosen[(m, t)] = first
-                elif get_method(m).needs_selection(get_method(m).resolve_settings(first)):
+                elif get_method(m).needs_selection(first):
                     # what the selection trial should have chosen (GLoRA's subnet) cannot be chosen again
                     # in the final stage, whose validation data is training data: no final run
                     print(f"[sweep] no successful selection trial for {(m, t)}: no final run", flush=True)
@@ -485,14 +485,14 @@ def label_records(records: list[dict[str, Any]], study: Study, selecting: list[s
     return records
 
 
-def _unrun_record(spec: TrialSpec, why: str) -> dict[str, Any]:
-    return {"track": spec.track, "benchmark": spec.benchmark, "task": spec.task, "method": spec.method,
-            "settings": json.dumps(spec.method_settings, sort_keys=True, default=str), "seed": spec.seed,
-            "status": "failed", "error": why, "budget": json.dumps(spec.budget, sort_keys=True)}
+def _unrun_record(spec: ResolvedTrial, why: str) -> dict[str, Any]:
+    record = spec.record()
+    record.status, record.error = "failed", why
+    return record.flat()
 
 
-def _with_banks(specs: list[TrialSpec], earlier: list[dict[str, Any]], metric: str, higher: bool
-                ) -> tuple[list[TrialSpec], list[dict[str, Any]]]:
+def _with_banks(specs: list[ResolvedTrial], earlier: list[dict[str, Any]], metric: str, higher: bool
+                ) -> tuple[list[ResolvedTrial], list[dict[str, Any]]]:
     """The specs of methods that build on others' adapters (EigenLoRA), each with its bank picked from
     ``earlier`` (this stage's records) by :func:`lora_bank`; a spec with ``bank_dir`` keeps its folder.
     A spec whose bank would be empty is not run: its failed record says why."""
@@ -522,7 +522,7 @@ def check_inputs(sweep: SweepFile) -> None:
     for study in sweep.studies:
         track = get_track(study.track)
         try:
-            track.check_inputs(track.settings(study.settings), study.benchmark, study_tasks(study))
+            track.check_inputs(track_settings(study), study.benchmark, study_tasks(study))
         except HarnessError as e:
             raise ConfigError(f"study {study.name!r}: {e}") from None
 
@@ -533,11 +533,11 @@ def check_banks(sweep: SweepFile) -> None:
     from harness.methods import base_name, get_method
 
     for study in sweep.studies:
-        for m, space in study.methods.items():
+        for m in study.methods:
             deps = get_method(m).builds_on
             if not deps or any(base_name(d) in deps for d in study.methods):
                 continue
-            if any(not get_method(m).resolve_settings(g).get("bank_dir") for g in expand_grid(space, m)):
+            if any(not g.get("bank_dir") for g in resolved_grid(study, m)):
                 raise ConfigError(f"study {study.name!r}: method {m!r} builds its bank from the study's own "
                                   f"{' / '.join(deps)} trials, and the study has none; add "
                                   f"{' or '.join(repr(d) for d in deps)} to its methods, or set bank_dir to a "

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -24,6 +24,9 @@ from harness.methods import AdapterSite, Method, MethodContext, get_method
 from harness.randomness import TrialRandom, deterministic_kernels
 from harness.tracks import Report, get_track
 from harness.training import LoopConfig, Trainer, TrainStats
+
+if TYPE_CHECKING:
+    from harness.trial import ResolvedTrial, TrialSpec
 
 
 @dataclass
@@ -147,14 +150,17 @@ class PhaseClock:
 class FineTuneRun:
     """One fine-tuning trial, advanced update by update: ``start()``, ``step()`` until False, ``finish()``."""
 
-    def __init__(self, spec, report: Report, clock: PhaseClock | None = None):
-        self.spec, self.report = spec, report
+    def __init__(self, spec: "ResolvedTrial | TrialSpec", report: Report, clock: PhaseClock | None = None):
+        from harness.trial import as_resolved
+
+        self.spec = spec = as_resolved(spec)  # resolved once (sweep validation or resolve_trial), taken as given
+        self.report = report
         # the trial's clock, started by its session (harness/trial.py) before the imports and validation
         self.clock = clock if clock is not None else PhaseClock()
         self._steady_marked = False
         self.track = get_track(spec.track)
         self.method = get_method(spec.method)
-        self.settings = self.method.resolve_settings(spec.method_settings)
+        self.settings = spec.method_settings
         self.rng = TrialRandom(spec.seed)
         self.started = time.time()
         self.setup: FineTuneSetup | None = None
@@ -170,10 +176,10 @@ class FineTuneRun:
 
         track, spec, method = self.track, self.spec, self.method
         with self.rng.scope():
-            ts = track.settings(spec.track_settings)
+            ts = spec.track_settings
             if ts.deterministic:  # before the first GPU kernel: cuBLAS reads its workspace setting once
                 deterministic_kernels()
-            setup = track.setup(spec, ts, track.budget(spec.budget), self.rng, self.report)
+            setup = track.setup(spec, ts, spec.budget, self.rng, self.report)
             self.clock.mark("setup")  # imports, validation, the track's data and base model
             # The study's targets (fused qkv split where a slice is named) and the LoRA family's alpha rule.
             setup.site, self.wrap_settings = prepare_protocol(method, self.settings, ts, setup.model, setup.site)
@@ -370,7 +376,7 @@ def _checkpoint_bytes(adapter_path: str) -> int:
     return sum(f.stat().st_size for f in Path(adapter_path).glob("*.safetensors"))
 
 
-def run_finetune(spec, report: Report) -> FineTuneResult:
+def run_finetune(spec: "ResolvedTrial | TrialSpec", report: Report) -> FineTuneResult:
     """Run one fine-tuning trial to the end."""
     run = FineTuneRun(spec, report)
     run.start()

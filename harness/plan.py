@@ -24,7 +24,7 @@ from typing import Any
 
 from harness.errors import ConfigError
 from harness.sweep_file import Study, SweepFile, study_trials
-from harness.trial import TrialSpec
+from harness.trial import ResolvedTrial
 
 COSTS = Path(__file__).resolve().parents[1] / "benchmarks" / "update-costs.json"
 # VTAB-1K's fixed split sizes: train800 (selection) and train800val200 (final)
@@ -75,12 +75,10 @@ class WavePlan:
     epochs_x_images: str = ""
 
 
-def _rl_cost(spec: TrialSpec, study: Study, device: dict[str, Any] | None) -> TrialCost:
+def _rl_cost(spec: ResolvedTrial, study: Study, device: dict[str, Any] | None) -> TrialCost:
     from agents.tasks import EPISODE_LENGTH
-    from harness.tracks import get_track
 
-    track = get_track("rl")
-    ts, budget = track.settings(study.settings), track.budget(spec.budget)
+    ts, budget = spec.track_settings, spec.budget
     updates = int(budget.steps)
     m = (device or {}).get("rl")
     shape = {"n_layer": ts.n_layer, "n_head": ts.n_head, "n_embd": ts.n_embd, "context": ts.context}
@@ -98,13 +96,11 @@ def _rl_cost(spec: TrialSpec, study: Study, device: dict[str, Any] | None) -> Tr
                      source=f"{'compiled' if ts.compile else 'eager'} {ms} ms/update, rollouts {eval_s:.0f} s/trial")
 
 
-def _vision_cost(spec: TrialSpec, study: Study, device: dict[str, Any] | None) -> TrialCost:
-    from harness.tracks import get_track
+def _vision_cost(spec: ResolvedTrial, study: Study, device: dict[str, Any] | None) -> TrialCost:
     from vision.train import schedule
 
-    track = get_track("vision")
-    ts, budget = track.settings(study.settings), track.budget(spec.budget)
-    stage = spec.budget.get("stage", "final")
+    ts, budget = spec.track_settings, spec.budget
+    stage = budget.stage
     images = VTAB_TRAIN.get(stage) if spec.benchmark == "vtab1k" else None
     if images is not None:
         updates = schedule(images, budget)[0]
@@ -139,7 +135,7 @@ def _vision_cost(spec: TrialSpec, study: Study, device: dict[str, Any] | None) -
     return cost
 
 
-def trial_cost(spec: TrialSpec, study: Study, device: dict[str, Any] | None) -> TrialCost:
+def trial_cost(spec: ResolvedTrial, study: Study, device: dict[str, Any] | None) -> TrialCost:
     """One trial priced on ``device``'s measurements (None: no measurement for this GPU model)."""
     if spec.track == "rl":
         return _rl_cost(spec, study, device)
@@ -148,7 +144,7 @@ def trial_cost(spec: TrialSpec, study: Study, device: dict[str, Any] | None) -> 
     return TrialCost(None, None, 0.0, source=f"track {spec.track!r} has no cost model")
 
 
-def plan_wave(study: Study, stage: str, wave: int, specs: list[TrialSpec], gpus: int,
+def plan_wave(study: Study, stage: str, wave: int, specs: list[ResolvedTrial], gpus: int,
               device: dict[str, Any] | None, update_share: float = 1.0) -> WavePlan:
     """Price one wave of trials on ``gpus`` GPUs. ``update_share``: the share of each trial's updates a
     selection scheduler is expected to spend."""
@@ -202,7 +198,7 @@ def plan_sweep(sweep: SweepFile, gpus: int, device_name: str, costs: dict[str, A
     out: list[WavePlan] = []
     for study in sweep.studies:
         waves = method_waves(list(study.methods))
-        stages: list[tuple[str, list[TrialSpec], float]] = []
+        stages: list[tuple[str, list[ResolvedTrial], float]] = []
         if study.protocol == "select-then-final":
             selecting = selection_methods(study)
             sched = parse_scheduler(study.selection.scheduler_settings())

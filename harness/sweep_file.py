@@ -13,13 +13,13 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints, ValidationError,
+                      field_validator, model_validator)
 
 from harness.errors import ConfigError
 from harness.plugins import MODULE_PATTERN
 from harness.tracks import get_track
-from harness.trial import TrialSpec
+from harness.trial import ResolvedTrial, TrialSpec, resolve_point, resolve_trial
 from harness.validation import format_errors
 from harness.yaml_input import load_yaml
 
@@ -103,6 +103,10 @@ class Study(BaseModel):
     selection: Selection = Field(default_factory=Selection)
     resources: Resources = Field(default_factory=Resources)
     leaderboard: SafeName | None = None  # CSV name; default: the benchmark
+    # what validation resolved, kept so nothing downstream resolves it again: each method's grid points
+    # (resolved_grid) and the track settings (track_settings)
+    _grids: dict[str, list[dict[str, Any]]] = PrivateAttr(default_factory=dict)
+    _track_settings: Any = PrivateAttr(default=None)
 
     @field_validator("methods")
     @classmethod
@@ -201,6 +205,24 @@ def grid_size(settings: dict[str, Any], method: str | None = None) -> int:
     return math.prod(len(v) for v in _grid_axes(settings, method).values())
 
 
+def resolved_grid(study: Study, method: str) -> list[dict[str, Any]]:
+    """The method's grid points of the study, each resolved (defaults filled in, checked) once: the list
+    :func:`expand_grid` gives, in its order. A bad point raises the method's ConfigError."""
+    if method not in study._grids:
+        from harness.methods import get_method
+
+        m = get_method(method)
+        study._grids[method] = [resolve_point(m, combo) for combo in expand_grid(study.methods[method], method)]
+    return study._grids[method]
+
+
+def track_settings(study: Study, where: str = "") -> Any:
+    """The study's track settings as its track's Settings model, validated once."""
+    if study._track_settings is None:
+        study._track_settings = get_track(study.track).settings(study.settings, where or f"{study.name}.settings")
+    return study._track_settings
+
+
 def selection_methods(study: Study) -> list[str]:
     """The methods whose select-then-final selection stage runs: a grid of more than one point, or a
     method that chooses something inside its trial (``Method.needs_selection``), and the methods that
@@ -212,7 +234,7 @@ def selection_methods(study: Study) -> list[str]:
         return []
     picked = {m for m, space in study.methods.items()
               if grid_size(space, m) > 1
-              or any(get_method(m).needs_selection(get_method(m).resolve_settings(g)) for g in expand_grid(space, m))}
+              or any(get_method(m).needs_selection(g) for g in resolved_grid(study, m))}
     for m in list(picked):
         picked |= {d for d in study.methods if base_name(d) in get_method(m).builds_on}
     return [m for m in study.methods if m in picked]
@@ -279,13 +301,12 @@ def validate_study(study: Study, where: str) -> None:
 
     _check_names(study, where)
     track = get_track(study.track)
-    settings = track.settings(study.settings, f"{where}.settings")
+    settings = track_settings(study, f"{where}.settings")
     shaped = track.shape_model(settings, study.benchmark)
-    for name, space in study.methods.items():
+    for name in study.methods:
         try:
             method = get_method(name)
-            for combo in expand_grid(space, name):
-                resolved = method.resolve_settings(combo)
+            for resolved in resolved_grid(study, name):
                 if shaped is not None:  # on the model a trial would wrap: targets split, alpha rule applied
                     from harness.protocol import check_fit
 
@@ -380,11 +401,10 @@ def apply_override(raw: dict[str, Any], item: str, only: str | None = None) -> N
 
 
 def study_trials(study: Study, stage: str, chosen: dict[tuple[str, str], dict[str, Any]] | None = None
-                 ) -> list[TrialSpec]:
-    """The trials of one stage, with resolved method settings and budget (defaults filled in).
-    ``chosen`` maps (method, task) to the settings picked in selection."""
-    from harness.methods import get_method
-
+                 ) -> list[ResolvedTrial]:
+    """The trials of one stage, resolved: method settings from :func:`resolved_grid` (or, with ``chosen``,
+    the settings picked in selection per (method, task), resolved here once as the new points they are),
+    the stage's budget and the study's track settings as their typed models."""
     track = get_track(study.track)
     budget = dict(study.budget)
     seeds = study.seeds
@@ -393,16 +413,20 @@ def study_trials(study: Study, stage: str, chosen: dict[tuple[str, str], dict[st
         seeds = study.selection.seeds
     if study.protocol == "select-then-final":
         budget["stage"] = stage
-    resolved_budget = track.budget(budget, f"{study.name}.budget").model_dump()
-    specs = []
-    for method, space in study.methods.items():
-        m = get_method(method)
+    resolved_budget = track.budget(budget, f"{study.name}.budget")
+    ts = track_settings(study)
+    trials = []
+    for method in study.methods:
         for task in study_tasks(study):
-            combos = [chosen[(method, task)]] if chosen is not None else expand_grid(space, method)
-            for combo in combos:
-                settings = m.resolve_settings(combo)
+            if chosen is not None:  # a chosen point adds what its selection trial chose inside itself (GLoRA)
+                from harness.methods import get_method
+
+                points = [resolve_point(get_method(method), chosen[(method, task)])]
+            else:
+                points = resolved_grid(study, method)
+            for settings in points:
                 for seed in seeds:
-                    specs.append(TrialSpec(track=study.track, benchmark=study.benchmark, task=task, method=method,
-                                           method_settings=dict(settings), seed=int(seed),
-                                           budget=dict(resolved_budget), track_settings=dict(study.settings)))
-    return specs
+                    trials.append(resolve_trial(TrialSpec(study.track, study.benchmark, task, method, seed=int(seed)),
+                                                settings=dict(settings), track_settings=ts, budget=resolved_budget,
+                                                check_fit=False))
+    return trials

@@ -16,10 +16,13 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from harness import __version__
 from harness.errors import HarnessError
+
+if TYPE_CHECKING:
+    from harness.tracks import TrackBudget, TrackSettings
 
 
 class Reporter(Protocol):
@@ -36,7 +39,8 @@ def print_reporter(metrics: dict[str, Any]) -> None:
 
 @dataclass(frozen=True)
 class TrialSpec:
-    """Everything that defines one trial."""
+    """One trial as asked for (raw settings, budget and track settings): what a user or a test writes.
+    :func:`resolve_trial` turns it into the :class:`ResolvedTrial` everything else takes."""
 
     track: str
     benchmark: str
@@ -118,24 +122,94 @@ def is_measurement(column: str) -> bool:
     return column in MEASUREMENT_FIELDS
 
 
-def validate_spec(spec: TrialSpec) -> TrialSpec:
-    """Check every part of a trial before any compute; returns the spec with method settings and budget
-    resolved (defaults filled in), so equal trials have equal specs."""
+def resolve_point(method: Any, point: dict[str, Any] | None) -> dict[str, Any]:
+    """A method's settings at one grid point: defaults filled in, every key and value checked (ConfigError).
+
+    The one place the harness resolves a method's settings: sweep validation resolves each grid point once
+    through it (``harness.sweep_file.resolved_grid``), :func:`resolve_trial` does for a trial made by hand
+    (``python -m harness run``, a selection's chosen point), and the tools that count or time methods
+    outside a trial do. Everything downstream takes the :class:`ResolvedTrial` as given."""
+    return method.resolve_settings(point)
+
+
+@dataclass(frozen=True)
+class ResolvedTrial:
+    """One trial, resolved and checked: what the driver, the trial, the engine and the track take as given.
+
+    Made once, by sweep validation (``harness.sweep_file.study_trials``) or by :func:`resolve_trial` for a
+    trial made by hand; crosses to a Ray worker as :meth:`to_config` (plain JSON) and back with
+    :meth:`from_config`, which rebuilds the typed models without resolving anything again."""
+
+    track: str
+    benchmark: str
+    task: str
+    method: str
+    method_settings: dict[str, Any]  # the method's settings, defaults filled in (resolve_point)
+    seed: int
+    budget: "TrackBudget"  # the track's Budget model, defaults filled in
+    track_settings: "TrackSettings"  # the track's Settings model, defaults filled in
+    targets: str = ""  # the adapted layers as the study gave them ("" where the track's site decides)
+    alpha_rule: str = ""  # the LoRA family's scale as recorded ("" outside it)
+    # EigenLoRA's bank as the sweep driver chose it (one LoRA adapter folder per other task); empty: the
+    # method's bank_dir setting, else the cache's adapters (harness.adapters.find_bank)
+    adapter_bank: tuple[str, ...] = ()
+
+    def to_config(self) -> dict[str, Any]:
+        """Plain JSON values, for Ray Tune's config and the adapter cache's key (the one serialisation)."""
+        return {"track": self.track, "benchmark": self.benchmark, "task": self.task, "method": self.method,
+                "method_settings": json.loads(json.dumps(self.method_settings, default=str)), "seed": self.seed,
+                "budget": self.budget.model_dump(mode="json"),
+                "track_settings": self.track_settings.model_dump(mode="json"),
+                "targets": self.targets, "alpha_rule": self.alpha_rule, "adapter_bank": list(self.adapter_bank)}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "ResolvedTrial":
+        """The trial :meth:`to_config` wrote (in a Ray worker): the typed models rebuilt from their dumps."""
+        from harness.tracks import get_track
+
+        track = get_track(config["track"])
+        return cls(config["track"], config["benchmark"], config["task"], config["method"],
+                   dict(config["method_settings"]), int(config["seed"]), track.Budget.model_validate(config["budget"]),
+                   track.Settings.model_validate(config["track_settings"]), config.get("targets", ""),
+                   config.get("alpha_rule", ""), tuple(config.get("adapter_bank", ())))
+
+    def record(self) -> "TrialRecord":
+        """The record this trial starts from (status ok, no results yet); what a trial that never ran
+        reports too, with its status and error set."""
+        return TrialRecord(track=self.track, benchmark=self.benchmark, task=self.task, method=self.method,
+                           settings=json.dumps(self.method_settings, sort_keys=True, default=str), seed=self.seed,
+                           status="ok", targets=self.targets, alpha_rule=self.alpha_rule,
+                           budget=json.dumps(self.budget.model_dump(mode="json"), sort_keys=True))
+
+
+def resolve_trial(spec: TrialSpec, *, settings: dict[str, Any] | None = None, track_settings: Any = None,
+                  budget: Any = None, check_fit: bool = True) -> ResolvedTrial:
+    """Check every part of a trial before any compute and resolve it (defaults filled in), so equal trials
+    are equal objects. ``settings``, ``track_settings``, ``budget``: parts a sweep's validation already
+    resolved for the whole study (then not resolved again); ``check_fit``: check the method's settings
+    against the track's model shapes (a sweep did so per grid point)."""
     from harness.methods import get_method
-    from harness.protocol import check_fit
+    from harness.protocol import check_fit as fit, describe
     from harness.tracks import get_track
 
     track = get_track(spec.track)
     track.check_tasks(spec.benchmark, [spec.task])
     method = get_method(spec.method)
-    settings = method.resolve_settings(spec.method_settings)
-    track_settings = track.settings(spec.track_settings)
-    shaped = track.shape_model(track_settings, spec.benchmark)
-    if shaped is not None:
-        check_fit(method, settings, track_settings, shaped)
-    budget = track.budget(spec.budget).model_dump()
-    return TrialSpec(spec.track, spec.benchmark, spec.task, spec.method, settings, spec.seed, budget,
-                     dict(spec.track_settings), tuple(spec.adapter_bank))
+    settings = resolve_point(method, spec.method_settings) if settings is None else settings
+    ts = track.settings(spec.track_settings) if track_settings is None else track_settings
+    if check_fit:
+        shaped = track.shape_model(ts, spec.benchmark)
+        if shaped is not None:
+            fit(method, settings, ts, shaped)
+    resolved_budget = track.budget(spec.budget) if budget is None else budget
+    facts = describe(method, settings, ts)
+    return ResolvedTrial(spec.track, spec.benchmark, spec.task, spec.method, dict(settings), int(spec.seed),
+                         resolved_budget, ts, facts.targets, facts.alpha_rule, tuple(spec.adapter_bank))
+
+
+def as_resolved(spec: "TrialSpec | ResolvedTrial") -> ResolvedTrial:
+    """``spec`` as a resolved trial: as given when it is one, else through :func:`resolve_trial`."""
+    return spec if isinstance(spec, ResolvedTrial) else resolve_trial(spec)
 
 
 def _peak_memory_mb() -> float:
@@ -146,9 +220,10 @@ def _peak_memory_mb() -> float:
 
 class TrialSession:
     """One trial as a record: :meth:`start`, :meth:`step` until False, :meth:`finish`. Errors at any point
-    end the session with a failed record instead of raising."""
+    end the session with a failed record instead of raising. A trial made by hand (a :class:`TrialSpec`)
+    is resolved in :meth:`start`, so a bad one becomes a failed record too."""
 
-    def __init__(self, spec: TrialSpec, report: Reporter = print_reporter):
+    def __init__(self, spec: "TrialSpec | ResolvedTrial", report: Reporter = print_reporter):
         from harness import provenance
 
         self.started = time.time()
@@ -156,23 +231,17 @@ class TrialSession:
         self.clock = None  # harness.finetune.PhaseClock, made in start() (finetune imports torch)
         self.report = report
         self.run = None
-        self.record = TrialRecord(
-            track=spec.track, benchmark=spec.benchmark, task=spec.task, method=spec.method,
-            settings=json.dumps(spec.method_settings, sort_keys=True), seed=spec.seed, status="ok",
-            git_commit=provenance.git_commit(), software=json.dumps(provenance.software(), sort_keys=True),
-            date=datetime.now(timezone.utc).strftime("%Y-%m-%d"), budget=json.dumps(spec.budget, sort_keys=True))
+        if isinstance(spec, ResolvedTrial):
+            self.record = spec.record()
+        else:  # not resolved yet: the record says what was asked until start() resolves it
+            self.record = TrialRecord(
+                track=spec.track, benchmark=spec.benchmark, task=spec.task, method=spec.method,
+                settings=json.dumps(spec.method_settings, sort_keys=True, default=str), seed=spec.seed,
+                status="ok", budget=json.dumps(spec.budget, sort_keys=True, default=str))
+        self.record.git_commit = provenance.git_commit()
+        self.record.software = json.dumps(provenance.software(), sort_keys=True)
+        self.record.date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
         self.spec = spec
-
-    def _record_protocol(self) -> None:
-        """The record's targets and alpha rule, from the validated spec (harness/protocol.py)."""
-        from harness.methods import get_method
-        from harness.protocol import describe
-        from harness.tracks import get_track
-
-        track = get_track(self.spec.track)
-        facts = describe(get_method(self.spec.method), self.spec.method_settings,
-                         track.settings(self.spec.track_settings))
-        self.record.targets, self.record.alpha_rule = facts.targets, facts.alpha_rule
 
     def _fail(self, e: BaseException) -> None:
         self.record.status, self.record.error = "failed", f"{type(e).__name__}: {e}"
@@ -189,10 +258,11 @@ class TrialSession:
 
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
-            self.spec = validate_spec(self.spec)
-            self.record.settings = json.dumps(self.spec.method_settings, sort_keys=True, default=str)
-            self._record_protocol()
-            self.record.budget = json.dumps(self.spec.budget, sort_keys=True)
+            if not isinstance(self.spec, ResolvedTrial):
+                self.spec = resolve_trial(self.spec)
+                made = self.spec.record()
+                self.record.settings, self.record.budget = made.settings, made.budget
+                self.record.targets, self.record.alpha_rule = made.targets, made.alpha_rule
             self.run = FineTuneRun(self.spec, self.report, self.clock)
             self.run.start()
         except Exception as e:  # a crash in one trial must not end the sweep
@@ -251,7 +321,7 @@ def _process_start(started: float) -> dict[str, float]:
     return {"process_started_at": round(created, 3), "process_to_trial_s": round(max(0.0, started - created), 3)}
 
 
-def run_trial(spec: TrialSpec, report: Reporter = print_reporter) -> TrialRecord:
+def run_trial(spec: "TrialSpec | ResolvedTrial", report: Reporter = print_reporter) -> TrialRecord:
     """Run one trial to its record; a raised error or a non-finite loss becomes a failed record."""
     session = TrialSession(spec, report)
     session.start()
@@ -260,5 +330,5 @@ def run_trial(spec: TrialSpec, report: Reporter = print_reporter) -> TrialRecord
     return session.finish()
 
 
-__all__ = ["MEASUREMENT_FIELDS", "Reporter", "TrialRecord", "TrialSession", "TrialSpec", "is_measurement",
-           "print_reporter", "run_trial", "validate_spec"]
+__all__ = ["MEASUREMENT_FIELDS", "Reporter", "ResolvedTrial", "TrialRecord", "TrialSession", "TrialSpec",
+           "as_resolved", "is_measurement", "print_reporter", "resolve_point", "resolve_trial", "run_trial"]

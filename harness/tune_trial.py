@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from harness.trial import Reporter, TrialRecord, TrialSession, TrialSpec
+from harness.trial import Reporter, ResolvedTrial, TrialRecord, TrialSession
 
 STATE_FILE = "trial-state.pt"
 # Tests only: the trial's process exits right after its first checkpoint on its first attempt, as a
@@ -107,7 +107,7 @@ def remove_checkpoints() -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def run_tune_trial(spec: TrialSpec, report: Reporter, plan: TuneTrialPlan) -> TrialRecord:
+def run_tune_trial(spec: ResolvedTrial, report: Reporter, plan: TuneTrialPlan) -> TrialRecord:
     """Run one trial under Tune (inside its function trainable) to its record; see the module doc."""
     from ray import tune
 
@@ -154,7 +154,7 @@ def run_tune_trial(spec: TrialSpec, report: Reporter, plan: TuneTrialPlan) -> Tr
 
 
 
-def tune_trial_plan(study, specs: list[TrialSpec]) -> tuple[TuneTrialPlan, Any]:
+def tune_trial_plan(study, specs: list[ResolvedTrial]) -> tuple[TuneTrialPlan, Any]:
     """The plan of a wave's trials and the Tune scheduler of the wave (None but in the selection stage of
     a study with ``selection.scheduler``). Raises ConfigError before any compute when the selection
     budget's updates cannot be known (a scheduler needs them as ``max_t``)."""
@@ -166,7 +166,7 @@ def tune_trial_plan(study, specs: list[TrialSpec]) -> tuple[TuneTrialPlan, Any]:
     r = study.resources
     base = TuneTrialPlan(checkpoint_every=r.checkpoint_every, checkpoint_minutes=r.checkpoint_minutes)
     sched = parse_scheduler(study.selection.scheduler_settings(), f"study {study.name!r}: selection")
-    if sched is None or not specs or specs[0].budget.get("stage") != "select":
+    if sched is None or not specs or specs[0].budget.stage != "select":
         return base, None
     max_t = trial_cost(specs[0], study, None).updates
     if not max_t:

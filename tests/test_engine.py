@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from harness.trial import TrialSession, TrialSpec, run_trial, validate_spec
+from harness.trial import TrialSession, TrialSpec, resolve_trial, run_trial
 
 VISION = {"backbone": "vit_tiny_patch16_224", "img_size": 32, "model_kwargs": {"patch_size": 8, "depth": 2},
           "drop_path": 0.1, "weights": "random", "threads": 1}
@@ -62,9 +62,9 @@ def test_two_trials_interleaved_in_one_process_match_each_alone(track):
 
 
 def test_resolved_settings_name_the_same_trial():
-    a = validate_spec(TrialSpec("rl", "cw10", "hammer", "lora", {}, 0, {}, {}))
-    b = validate_spec(TrialSpec("rl", "cw10", "hammer", "lora", {"r": 8}, 0, {"steps": 100_000}, {}))
-    assert a == b and a.method_settings["r"] == 8 and a.budget["eval_episodes"] == 10
+    a = resolve_trial(TrialSpec("rl", "cw10", "hammer", "lora", {}, 0, {}, {}))
+    b = resolve_trial(TrialSpec("rl", "cw10", "hammer", "lora", {"r": 8}, 0, {"steps": 100_000}, {}))
+    assert a == b and a.method_settings["r"] == 8 and a.budget.eval_episodes == 10
 
 
 def test_record_says_what_made_it():
@@ -111,3 +111,30 @@ def test_trial_names_are_safe_folder_names():
         config = {"spec": asdict(TrialSpec("rl", "cw10", "hammer", "eigenlora", {"bank_dir": "/data/../bank x"}, 2))}
 
     assert _trial_name(Trial) == "hammer_eigenlora_bank_dir_data_.._bank_x_s2"
+
+
+def test_engine_runs_from_the_resolved_trial_alone(monkeypatch):
+    """The engine takes a resolved trial as given: with the method's settings resolver, the track's
+    settings and budget validation and the resolver of hand-made trials all refusing, a resolved trial
+    (here through its Ray form, ``to_config`` -> ``from_config``) still runs to an ok record."""
+    from harness import trial as trial_module
+    from harness.finetune import run_finetune
+    from harness.methods.base import Method
+    from harness.tracks import Track
+    from harness.trial import ResolvedTrial
+
+    resolved = ResolvedTrial.from_config(resolve_trial(specs("vision")[0]).to_config())
+    assert resolved.budget.steps == 6 and resolved.track_settings.img_size == 32 and resolved.method_settings["r"] == 2
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("resolved again")
+
+    monkeypatch.setattr(Method, "resolve_settings", refuse)
+    monkeypatch.setattr(Track, "settings", refuse)
+    monkeypatch.setattr(Track, "budget", refuse)
+    monkeypatch.setattr(trial_module, "resolve_trial", refuse)
+    result = run_finetune(resolved, lambda m: None)
+    assert result.trainable_params > 0 and result.settings["r"] == 2 and result.metrics
+    record = run_trial(resolved, lambda m: None)
+    assert record.status == "ok", record.error
+    assert json.loads(record.settings)["r"] == 2 and json.loads(record.budget)["steps"] == 6

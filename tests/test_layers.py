@@ -61,3 +61,18 @@ def test_a_core_module_importing_a_track_breaks_the_contract(tmp_path):
     assert out.returncode != 0
     assert "The harness core imports no track" in out.stdout and "harness.trial -> agents.dt" in out.stdout, \
         out.stdout[-3000:]
+
+
+def test_method_settings_are_resolved_in_one_place():
+    """Issue 19, item 1: a method's settings are resolved once, in ``harness.trial.resolve_point``; the
+    driver, the trial, the engine and the leaderboard take the resolved trial as given. A second production
+    call of ``resolve_settings(`` (outside its definition) fails here, naming where it is."""
+    import re
+
+    calls = []
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if "resolve_settings(" in line and not re.match(r"\s*def resolve_settings\(", line):
+                    calls.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert len(calls) == 1 and calls[0].startswith("harness/trial.py:"), "\n".join(calls)

@@ -37,7 +37,7 @@ def test_good_file_expands_to_the_grid(tmp_path):
     # (2 full lrs + 2 lora ranks) x 2 tasks x 2 seeds
     assert len(specs) == 16
     assert {s.method_settings.get("r") for s in specs if s.method == "lora"} == {2, 4}
-    assert all(s.budget["steps"] == 5 for s in specs)
+    assert all(s.budget.steps == 5 for s in specs)
 
 
 def test_expand_grid():

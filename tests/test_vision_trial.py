@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from harness.errors import ConfigError, DataError
-from harness.trial import TrialSpec, run_trial, validate_spec
+from harness.trial import TrialSpec, resolve_trial, run_trial
 from tests.test_vision_data import write_fewshot, write_imagenet, write_vtab
 from harness.tracks import get_track
 
@@ -123,10 +123,10 @@ def test_fewshot_and_domain_shift_trials(tmp_path):
     assert ds.extra["skipped_test_sets"] == ["sketch", "r"]
 
 
-def test_validate_spec_accepts_vision_specs():
-    validate_spec(_spec("builtin", "count"))
+def test_resolve_trial_accepts_vision_specs():
+    resolve_trial(_spec("builtin", "count"))
     with pytest.raises(ConfigError, match="did you mean 'count'"):
-        validate_spec(_spec("builtin", "cont"))
+        resolve_trial(_spec("builtin", "cont"))
 
 
 def test_bench_runs_on_cpu():

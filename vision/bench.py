@@ -38,7 +38,7 @@ def bench(ts) -> dict[str, Any]:
         with seeded(0):
             bb = build_backbone(ts.backbone, 10, "random", ts.img_size, 0.0, ts.model_kwargs,
                                 tuple(ts.adapter_targets))
-            model = method.wrap(bb.model.to(device), bb.site, method.resolve_settings({}),
+            model = method.wrap(bb.model.to(device), bb.site, method.default_settings(),
                                 MethodContext(device=device)).to(device)
             data = DeviceSplit.make(split, bb.img_size, bb.mean, bb.std, device)
             order = batches(len(data), bs, torch.Generator().manual_seed(0))

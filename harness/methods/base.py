@@ -3,7 +3,7 @@
 A track builds its model (with the task head already in place), describes it with an
 :class:`AdapterSite`, and drives the method through its life:
 
-    settings = method.resolve_settings(user_settings)        # validated, defaults filled in
+    settings = resolve_point(method, user_settings)          # harness.trial: validated, defaults filled in
     model = method.wrap(model, site, settings, ctx)          # base frozen, adapter + head trainable
     groups = method.optimizer_groups(model, settings, wd)    # None: the loop's default AdamW groups
     for step ...:
@@ -278,6 +278,10 @@ class Method:
     def resolve_settings(self, given: dict[str, Any] | None) -> dict[str, Any]:
         """Defaults merged with ``given``; an unknown key or bad value raises ConfigError."""
         return validate(self.settings_model, dict(given or {}), f"method {self.name!r}").model_dump()
+
+    def default_settings(self) -> dict[str, Any]:
+        """Every setting at its default (what names a grid point: the settings that differ from these)."""
+        return self.settings_model().model_dump()
 
     def check_fit(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any]) -> None:
         """What can be checked from the model's shape alone (targets exist, ranks fit the layers). Sweeps
