@@ -77,7 +77,7 @@ def finetune_trainer(cfg: DTConfig, ts, batch: int, steps: int, compiled: bool, 
         model = DecisionTransformer(cfg).to(device)
     sampler = WindowSampler(random_episodes(200, cfg), cfg.context, seed=0, device=device)
     loop = LoopConfig(steps=steps, lr=ts.lr, weight_decay=ts.weight_decay, warmup=steps // 4,
-                      min_lr=ts.min_lr, grad_clip=ts.grad_clip, compile=compiled, report_every=0)
+                      min_lr_ratio=ts.min_lr_ratio, grad_clip=ts.grad_clip, compile=compiled, report_every=0)
     fixed = sampler.sample(batch)
     trainer = Trainer(model, batch_loss, (lambda: fixed) if fixed_batch else (lambda: sampler.sample(batch)), loop,
                       device)

@@ -48,7 +48,7 @@ class OptimPlan:
     lr: float = 1e-4
     weight_decay: float = 0.01
     warmup: int = 4000  # shortened to steps // 10 for short runs (see effective_warmup)
-    min_lr: float = 1e-6
+    min_lr_ratio: float = 0.01  # the cosine's floor, x lr (harness.training.Schedule)
     grad_clip: float = 0.25
     batch_size: int = 128
     compile: bool = False
@@ -74,7 +74,7 @@ class PretrainPlan:
         t = self.train
         return {"tasks": list(self.tasks), "data": self.data.key("*"), "model": self.model.to_dict(),
                 "train": {"steps": t.steps, "lr": t.lr, "weight_decay": t.weight_decay, "warmup": t.warmup,
-                          "min_lr": t.min_lr, "grad_clip": t.grad_clip, "batch_size": t.batch_size},
+                          "min_lr_ratio": t.min_lr_ratio, "grad_clip": t.grad_clip, "batch_size": t.batch_size},
                 "seed": self.seed}
 
     def base_key(self) -> str:
@@ -201,7 +201,7 @@ def pretrain(plan: PretrainPlan, device: torch.device | None = None, data_worker
     t = plan.train
     # checkpoints are written here (with the clock and the curve), not by the loop; it only resumes
     cfg = LoopConfig(steps=t.steps, lr=t.lr, weight_decay=t.weight_decay, warmup=t.effective_warmup(),
-                     min_lr=t.min_lr, grad_clip=t.grad_clip, compile=t.compile, report_every=t.report_every,
+                     min_lr_ratio=t.min_lr_ratio, grad_clip=t.grad_clip, compile=t.compile, report_every=t.report_every,
                      checkpoint=partial, checkpoint_every=0)
     points = sorted({p for p in (curve.at if curve else ()) if p <= t.steps} | ({t.steps} if curve else set()))
     if curve is not None:

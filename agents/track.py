@@ -80,7 +80,8 @@ class RLSettings(TrackSettings):
     lr: Float = Field(1e-4, gt=0)
     weight_decay: Float = Field(0.01, ge=0)
     warmup: Int = Field(4000, ge=0)
-    min_lr: Float = Field(1e-6, ge=0)
+    # the cosine's floor as a fraction of the trial's lr (harness.training.Schedule): the papers' 1e-6 at 1e-4
+    min_lr_ratio: Float = Field(0.01, ge=0, le=1)
     grad_clip: Float = Field(0.25, ge=0)
     # evaluation and runtime
     eval_workers: Int = Field(0, ge=0)  # rollout processes; 0: min(episodes, the trial's cores)
@@ -146,7 +147,7 @@ def model_config(ts: RLSettings) -> DTConfig:
 def pretrain_plan(ts: RLSettings) -> PretrainPlan:
     warmup = ts.warmup if ts.pretrain_warmup is None else ts.pretrain_warmup
     optim = OptimPlan(steps=ts.pretrain_steps, lr=ts.pretrain_lr, weight_decay=ts.weight_decay, warmup=warmup,
-                      min_lr=ts.min_lr, grad_clip=ts.grad_clip, batch_size=ts.pretrain_batch_size,
+                      min_lr_ratio=ts.min_lr_ratio, grad_clip=ts.grad_clip, batch_size=ts.pretrain_batch_size,
                       compile=ts.compile)
     return PretrainPlan(tasks=tuple(ts.pretrain_tasks), data=data_settings(ts), model=model_config(ts),
                         train=optim, seed=ts.pretrain_seed)
@@ -310,7 +311,7 @@ class RLTrack(Track):
 
         optim = OptimPlan(steps=budget.steps, warmup=ts.warmup)
         schedule = Schedule(steps=budget.steps, lr=ts.lr, weight_decay=ts.weight_decay,
-                            warmup=optim.effective_warmup(), min_lr=ts.min_lr, grad_clip=ts.grad_clip,
+                            warmup=optim.effective_warmup(), min_lr_ratio=ts.min_lr_ratio, grad_clip=ts.grad_clip,
                             report_every=budget.report_every)
         return FineTuneSetup(
             model=model, site=AdapterSite(tuple(ts.adapter_targets), SITE.head), device=device, schedule=schedule,

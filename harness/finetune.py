@@ -14,7 +14,7 @@ process with the same results as each alone.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
@@ -23,26 +23,11 @@ from torch import nn
 from harness.methods import AdapterSite, Method, MethodContext, get_method
 from harness.randomness import TrialRandom, deterministic_kernels
 from harness.tracks import Report, get_track
-from harness.training import LoopConfig, Trainer, TrainStats
+# Schedule: what a track asks for (harness.training owns it); imported from here by tracks with FineTuneSetup
+from harness.training import LoopConfig, Schedule, Trainer, TrainStats
 
 if TYPE_CHECKING:
     from harness.trial import ResolvedTrial, TrialSpec
-
-
-@dataclass
-class Schedule:
-    """The optimiser schedule a track asks for; a method's ``lr``/``weight_decay`` setting or its
-    ``default_lr`` take precedence over ``lr``/``weight_decay`` here (see :func:`optimiser_settings`)."""
-
-    steps: int
-    lr: float
-    weight_decay: float
-    warmup: int = 0
-    min_lr: float | None = None  # absolute floor of the cosine; None: min_lr_ratio x the chosen lr
-    min_lr_ratio: float = 0.01
-    grad_clip: float = 0.0
-    report_every: int = 50
-    steps_per_epoch: int = 0
 
 
 @dataclass
@@ -52,7 +37,7 @@ class FineTuneSetup:
     model: nn.Module  # with the task head in place, on ``device``
     site: AdapterSite
     device: torch.device
-    schedule: Schedule
+    schedule: Schedule  # with the track's lr and weight decay; a method's own replace them
     next_batch: Callable[[], Any]  # a training batch, on the device
     loss: Callable[[nn.Module, Any], torch.Tensor]
     evaluate: Callable[[nn.Module], tuple[dict[str, float], dict[str, Any]]]  # final (metrics, facts)
@@ -194,10 +179,9 @@ class FineTuneRun:
             model = method.wrap(setup.model, setup.site, self.wrap_settings, self.ctx).to(setup.device)
             self.lr, self.weight_decay = optimiser_settings(method, self.settings, setup.schedule)
             s = setup.schedule
-            cfg = LoopConfig(steps=s.steps, lr=self.lr, weight_decay=self.weight_decay, warmup=s.warmup,
-                             min_lr=s.min_lr if s.min_lr is not None else self.lr * s.min_lr_ratio,
-                             grad_clip=s.grad_clip, compile=setup.compile, report_every=s.report_every,
-                             steps_per_epoch=s.steps_per_epoch, time_data=setup.time_data)
+            cfg = LoopConfig(**{f.name: getattr(s, f.name) for f in fields(Schedule)}, compile=setup.compile,
+                             time_data=setup.time_data)
+            cfg.lr, cfg.weight_decay = self.lr, self.weight_decay  # the trial's rate; the floor follows it
             self.model, self.setup, self.loop = model, setup, cfg
             if setup.device.type == "cuda":  # the training peak: from here to the end of training
                 torch.cuda.reset_peak_memory_stats(setup.device)

@@ -1,7 +1,7 @@
 """The one training loop of the harness: fine-tuning trials and backbone pretraining on both tracks.
 
-nanoGPT-style: AdamW (fused on CUDA; no decay on biases, norms, embeddings), linear warm-up then one
-cosine cycle to ``min_lr``, optional gradient clipping, bf16 autocast on CUDA, optional ``torch.compile``,
+nanoGPT-style: AdamW (fused on CUDA; no decay on biases, norms, embeddings), the one learning-rate
+:class:`Schedule` (linear warm-up, then one cosine cycle to ``min_lr_ratio`` x lr), optional gradient clipping, bf16 autocast on CUDA, optional ``torch.compile``,
 finite-loss checks (batched on CUDA, so the GPU is not waited on every update), the method's
 ``extra_loss`` and ``on_step`` hooks, progress reports and resumable, atomically written checkpoints.
 
@@ -100,6 +100,31 @@ def check_groups(model: nn.Module, groups: list[dict], weight_decay: float) -> l
     return out
 
 
+@dataclass
+class Schedule:
+    """The one learning-rate schedule of the harness, with the same meaning everywhere (both tracks'
+    fine-tuning and pretraining, the benches): linear warm-up to ``lr`` over ``warmup`` updates, then one
+    cosine cycle down to ``min_lr_ratio x lr`` at update ``steps`` (:meth:`lr_at`).
+
+    The floor is relative, so it follows whatever rate the trial trains at (a method's ``lr`` setting or
+    ``default_lr`` replaces the track's, :func:`harness.finetune.optimiser_settings`): the RL papers' 1e-6
+    at lr 1e-4 and the vision recipe's 1% are both ``min_lr_ratio = 0.01``. A track hands one to the
+    engine in its ``FineTuneSetup`` with the track's own ``lr`` and ``weight_decay``."""
+
+    steps: int
+    lr: float
+    weight_decay: float = 0.0
+    warmup: int = 0  # updates, absolute (tracks derive it from their settings: updates, epochs)
+    min_lr_ratio: float = 0.01  # the cosine's floor as a fraction of ``lr``
+    grad_clip: float = 0.0  # 0: no clipping
+    report_every: int = 50  # 0: no progress reports
+    steps_per_epoch: int = 0  # >0: reports carry the epoch
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of update ``step`` (0-based)."""
+        return warmup_cosine(step, self.steps, self.warmup, self.lr, self.lr * self.min_lr_ratio)
+
+
 def warmup_cosine(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
     """Linear warm-up to ``lr`` over ``warmup`` updates, then one cosine cycle down to ``min_lr`` at ``total``."""
     if warmup > 0 and step < warmup:
@@ -145,18 +170,10 @@ class StepHooks(Protocol):
 
 
 @dataclass
-class LoopConfig:
-    """One run of the loop. ``warmup`` and ``min_lr`` are absolute (tracks derive them from their settings)."""
+class LoopConfig(Schedule):
+    """One run of the loop: its :class:`Schedule` and how the loop runs it."""
 
-    steps: int
-    lr: float
-    weight_decay: float = 0.0
-    warmup: int = 0
-    min_lr: float = 0.0
-    grad_clip: float = 0.0  # 0: no clipping
     compile: bool = False  # torch.compile the training forward (CUDA only)
-    report_every: int = 50  # 0: no progress reports
-    steps_per_epoch: int = 0  # >0: reports carry the epoch
     checkpoint: Path | None = None  # resume from it when present; write it every checkpoint_every and at the end
     checkpoint_every: int = 0
     time_data: bool = False  # measure the share of step time spent producing batches (synchronises CUDA)
@@ -243,7 +260,7 @@ class Trainer:
         if cfg.time_data:
             synchronize(self.device)
             self._data_time += time.perf_counter() - t0
-        set_lr(self.optimizer, warmup_cosine(step, cfg.steps, cfg.warmup, cfg.lr, cfg.min_lr))
+        set_lr(self.optimizer, cfg.lr_at(step))
         loss = self.compute_loss(batch)
         if self.hooks is not None:
             reg = self.hooks.extra_loss(model)

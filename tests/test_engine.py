@@ -138,3 +138,22 @@ def test_engine_runs_from_the_resolved_trial_alone(monkeypatch):
     record = run_trial(resolved, lambda m: None)
     assert record.status == "ok", record.error
     assert json.loads(record.settings)["r"] == 2 and json.loads(record.budget)["steps"] == 6
+
+
+@pytest.mark.parametrize("track", ["vision", "rl"])
+def test_one_lr_schedule_with_the_same_floor_on_both_tracks(track):
+    """Issue 19, item 4: one schedule (harness.training.Schedule): warm-up, then a cosine to min_lr_ratio x
+    the trial's own lr, on both tracks; a method's lr moves the floor with it."""
+    from harness.finetune import FineTuneRun
+    from harness.training import Schedule
+
+    s = Schedule(steps=10, lr=1e-3, warmup=2)
+    assert s.lr_at(0) == pytest.approx(5e-4) and s.lr_at(2) == pytest.approx(1e-3)
+    assert s.lr_at(10) == pytest.approx(1e-5) and s.lr_at(6) == pytest.approx((1e-3 + 1e-5) / 2)
+    spec = specs(track)[0]
+    run = FineTuneRun(TrialSpec(spec.track, spec.benchmark, spec.task, "lora", {"r": 2, "lr": 2e-3}, 0,
+                                spec.budget, spec.track_settings), lambda m: None)
+    run.start()
+    loop = run.loop
+    assert isinstance(loop, Schedule) and loop.lr == 2e-3 and loop.min_lr_ratio == 0.01
+    assert loop.lr_at(loop.steps) == pytest.approx(2e-5)  # the floor follows the method's lr on either track

@@ -104,7 +104,7 @@ def _train(key: dict[str, Any], device: torch.device, folder: Path, partial: Pat
         log(dict(last))
 
     cfg = LoopConfig(steps=steps, lr=key["lr"], weight_decay=key["weight_decay"], warmup=max(1, steps // 20),
-                     min_lr=key["lr"] * 0.01, grad_clip=1.0, report_every=max(1, steps // 10), checkpoint=partial,
+                     min_lr_ratio=0.01, grad_clip=1.0, report_every=max(1, steps // 10), checkpoint=partial,
                      checkpoint_every=max(500, steps // 10), time_data=device.type == "cuda")
     with seeded(derive_seed(key["seed"], "train")), bar:
         stats = train(model, loss, next_batch, cfg, device, report=report)
