@@ -104,15 +104,24 @@ def base_state(path: str | Path) -> dict[str, Any]:
 
 
 def use_shared_compile_cache(cache_root: str | Path) -> Path:
-    """Point torch's inductor cache at ``<cache_root>/compile/inductor`` unless :data:`INDUCTOR_ENV` is
-    set already (the user's choice wins); return the folder in use. Call before the first compile."""
+    """Point torch's inductor cache at ``<cache_root>/compile/inductor`` unless :data:`INDUCTOR_ENV` names
+    another folder (the user's choice wins); return the folder in use. Call before the first compile.
+
+    torch writes its default (``$TMPDIR/torchinductor_$USER``) into :data:`INDUCTOR_ENV` the first time it
+    asks for the folder, which importing peft already does: that value is torch's, not the user's."""
     chosen = os.environ.get(INDUCTOR_ENV)
-    if chosen:
+    if chosen and Path(chosen) != Path(_torch_default_cache_dir()):
         return Path(chosen)
     folder = Path(cache_root) / "compile" / "inductor"
     folder.mkdir(parents=True, exist_ok=True)
     os.environ[INDUCTOR_ENV] = str(folder)
     return folder
+
+
+def _torch_default_cache_dir() -> str:
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    return default_cache_dir()
 
 
 __all__ = ["INDUCTOR_ENV", "REUSE_ENV", "base_state", "begin_trial", "reuse_actors", "use_shared_compile_cache"]

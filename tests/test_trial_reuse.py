@@ -67,11 +67,13 @@ def test_a_later_trial_of_a_process_compiles_afresh(monkeypatch):
 
 def test_the_compile_cache_goes_under_the_harness_cache_unless_set(tmp_path, monkeypatch):
     monkeypatch.delenv(INDUCTOR_ENV, raising=False)
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    cache_dir()  # as importing peft does: torch writes its own default into the variable
+    assert os.environ.get(INDUCTOR_ENV)  # torch's default, not the user's choice
     folder = process_cache.use_shared_compile_cache(tmp_path / "cache")
     assert folder == tmp_path / "cache" / "compile" / "inductor" and folder.is_dir()
     assert os.environ[INDUCTOR_ENV] == str(folder)
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
-
     assert cache_dir() == str(folder)  # where inductor will look
     monkeypatch.setenv(INDUCTOR_ENV, str(tmp_path / "mine"))
     assert process_cache.use_shared_compile_cache(tmp_path / "cache") == tmp_path / "mine"  # the user's wins
