@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from harness.cache import atomic_write_text
 from harness.errors import ConfigError
 from harness.gpu_monitor import GpuMonitor
+from harness.process_cache import REUSE_ENV
 from harness.trial import is_measurement
 from harness.validation import Bool, Float, Int, validate
 
@@ -73,6 +74,8 @@ class ScaleSettings(BaseModel):
     data_episodes: Int = Field(20, ge=1)
     compile: Bool = True
     deterministic: Bool = True  # torch's deterministic kernels, so rows can match bit for bit across counts
+    # a wave's next trial in a finished trial's process (Tune's reuse_actors; harness/process_cache.py)
+    reuse_actors: Bool = True
     settings: dict[str, Any] = Field(default_factory=dict)  # more RL track settings (the tests' tiny DT)
     workdir: str | None = None  # sweep files, results and boards per count (default: a temporary folder)
 
@@ -120,9 +123,9 @@ def check(s: ScaleSettings, sweep_path: Path) -> int:
     return trials
 
 
-def _run(cmd: list[str], log: Path) -> int:
+def _run(cmd: list[str], log: Path, env_extra: dict[str, str] | None = None) -> int:
     """Run a harness command, its output to our stderr (stdout is the bench's JSON) and to ``log``."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:  # type: ignore[union-attr]
@@ -224,15 +227,19 @@ def _device(extra: dict[str, Any]) -> str:
 
 def time_breakdown(records: list[dict[str, Any]], span: float) -> dict[str, Any] | None:
     """Where the trials' time went: each phase of ``extra.timing`` (harness.finetune.PHASES) summed over the
-    trials and as a share of their summed wall time; the time before each trial in its process (a Ray
-    worker's start-up); and, per device, the share of ``span`` in which none of its trials was training
+    trials and as a share of their summed wall time; the time before each process's first trial in it (a
+    Ray worker's start-up; a trial in a reused process has none: ``trials_in_reused_processes``); and, per device, the share of ``span`` in which none of its trials was training
     (its first update to its last): the GPU idle time that start-up, compilation, rollouts and saving
     imply. None when no record has a timing (records older than it)."""
     from harness.finetune import PHASES
 
-    timed = [(e["timing"], _device(e)) for e in map(_extra, records) if isinstance(e.get("timing"), dict)]
+    extras = [e for e in map(_extra, records) if isinstance(e.get("timing"), dict)]
+    timed = [(e["timing"], _device(e)) for e in extras]
     if not timed:
         return None
+    # a trial in a process that ran trials before (actor reuse) had no start-up of its own: the time from
+    # the process's start to it was its predecessors'
+    first = [e["timing"] for e in extras if not e.get("process_trials_before")]
     phases = {f"{p}_s": round(sum(float(t.get(f"{p}_s", 0.0)) for t, _ in timed), 2) for p in PHASES}
     total = sum(float(t["total_s"]) for t, _ in timed)
     training: dict[str, list[tuple[float, float]]] = {}
@@ -244,7 +251,8 @@ def time_breakdown(records: list[dict[str, Any]], span: float) -> dict[str, Any]
         if span > 0 else {}
     return {"trials": len(timed), "trial_s": round(total, 2), "phases_s": phases,
             "phase_share": {k: round(v / total, 4) if total > 0 else None for k, v in phases.items()},
-            "process_to_trial_s": round(sum(float(t.get("process_to_trial_s", 0.0)) for t, _ in timed), 2),
+            "process_to_trial_s": round(sum(float(t.get("process_to_trial_s", 0.0)) for t in first), 2),
+            "processes_started": len(first), "trials_in_reused_processes": len(timed) - len(first),
             "idle_share_by_device": idle,
             "idle_share": round(sum(idle.values()) / len(idle), 4) if idle else None}
 
@@ -359,7 +367,8 @@ def bench_scale(overrides: dict[str, Any]) -> dict[str, Any]:
         cmd += ["--gpus", str(n)] if s.axis == "gpu" else ["--gpus", "0", "--cpus", str(n * s.cpus_per_trial)]
         started = time.time()
         with GpuMonitor() as monitor:
-            code = _run(cmd, folder / ("sweep-resumed.log" if resumed else "sweep.log"))
+            code = _run(cmd, folder / ("sweep-resumed.log" if resumed else "sweep.log"),
+                        {REUSE_ENV: "1" if s.reuse_actors else "0"})
         wall = time.time() - started
         if code not in (0, 1):  # 1: some trials failed, which the figures say; others: nothing ran
             raise RuntimeError(f"bench scale: the sweep on {n} {s.axis}(s) exited {code}; see {folder / 'sweep.log'}")

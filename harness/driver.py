@@ -261,6 +261,7 @@ def run_wave(specs: list[ResolvedTrial], study: Study, exp_dir: Path, resume: bo
 
     if not specs:
         return []
+    from harness.process_cache import reuse_actors
     from harness.tune_trial import tune_trial_plan
 
     trial_plan, scheduler = tune_trial_plan(study, specs)  # a scheduler in the selection stage only
@@ -282,9 +283,10 @@ def run_wave(specs: list[ResolvedTrial], study: Study, exp_dir: Path, resume: bo
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
+            # reuse_actors: a wave's next trial runs in a finished trial's process (harness/process_cache.py)
             tune_config=tune.TuneConfig(max_concurrent_trials=study.resources.max_concurrent,
                                         trial_name_creator=_trial_name, trial_dirname_creator=_trial_dir,
-                                        scheduler=scheduler),
+                                        scheduler=scheduler, reuse_actors=reuse_actors()),
             run_config=tune.RunConfig(name=exp_dir.name, storage_path=str(exp_dir.parent),
                                       failure_config=tune.FailureConfig(max_failures=MAX_RETRIES), verbose=1,
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
@@ -608,6 +610,9 @@ def run_sweep(sweep: SweepFile, results_dir: Path, leaderboard_dir: Path, resume
     check_banks(sweep)
     check_inputs(sweep)
     check_installed(sweep.tracking)
+    from harness.process_cache import reuse_actors
+
+    reuse_actors()  # a bad HARNESS_REUSE_ACTORS is refused before Ray starts
     init_ray(address, dashboard, local)
     check_resources(sweep.studies, _node_resources())
     from harness.shared_storage import check_shared_cache

@@ -10,6 +10,9 @@ The driver's trainable (``harness/driver.py``) runs a trial here instead of :fun
   and continues from that update; with deterministic kernels its record equals an uninterrupted one's
   (times and memory apart). Tune keeps the latest checkpoint only (``CheckpointConfig(num_to_keep=1)``)
   and a finished trial removes it: what stays is its adapter.
+- **A process shared with earlier trials** (Tune's actor reuse, ``harness/process_cache.py``): what an
+  earlier trial of the process left is cleared first, and the record says how many ran before it
+  (``extra.process_trials_before``).
 - **Intermediate scores** (selection under a scheduler, ``harness/early_stopping.py``): at the updates
   the scheduler decides on, the model is scored on the stage's held-out split or episodes and reported
   with :data:`~harness.early_stopping.TIME_ATTR` and a provisional record, so that a trial the scheduler
@@ -111,8 +114,13 @@ def run_tune_trial(spec: ResolvedTrial, report: Reporter, plan: TuneTrialPlan) -
     """Run one trial under Tune (inside its function trainable) to its record; see the module doc."""
     from ray import tune
 
+    from harness.cache import cache_root
     from harness.early_stopping import TIME_ATTR
+    from harness.process_cache import begin_trial, use_shared_compile_cache
 
+    # under actor reuse the process may have run trials before this one: what they left is cleared
+    trials_before = begin_trial()
+    use_shared_compile_cache(cache_root())
     session = TrialSession(spec, report)
     session.start()
     run = session.run
@@ -145,6 +153,8 @@ def run_tune_trial(spec: ResolvedTrial, report: Reporter, plan: TuneTrialPlan) -
         elif metrics:
             tune.report(metrics)
     record = session.finish()
+    # the process's earlier trials: its start-up (extra.timing.process_to_trial_s) was theirs, not this one's
+    record.extra["process_trials_before"] = trials_before
     if resumed_from:
         record.extra["resumed_from_update"] = resumed_from
     if plan.scheduler:

@@ -4,6 +4,7 @@ time-to-quality pretraining curve (and its resume), and shareable base files. Re
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -235,7 +236,7 @@ def test_trial_from_a_base_file_carries_its_name_and_the_expert_ceiling(base_fil
                      track_settings=settings)
     record = run_trial(spec, lambda m: None)
     assert record.status == "ok", record.error
-    assert record.backbone.endswith(f"from {out['export']['label']}")
+    assert record.backbone.endswith(f"[{out['export']['label']}]")
     assert record.extra["base_key"] == out["base_key"] and record.extra["pretrained_file"] == out["export"]["label"]
     m = record.metrics
     assert 0 <= m["expert_success"] <= m["expert_success_any"] <= 1 and m["expert_success_any"] == 1.0
@@ -265,3 +266,22 @@ def track_data(settings):
     from agents.track import data_settings
 
     return data_settings(settings)
+
+
+def test_presets_fill_only_the_keys_a_sweep_leaves_out():
+    """`preset: recipe` (the default) is the measured base; `paper` the papers' pretraining; keys a sweep
+    file sets win over both, and an unknown preset is refused with the valid names."""
+    from agents.track import PRESETS, RLSettings, backbone_name
+    from agents.pretrain import Pretrained
+
+    recipe, paper = RLSettings(), RLSettings(preset="paper")
+    assert (recipe.pretrain_steps, recipe.pretrain_lr, recipe.dropout) == (90_000, 3e-4, 0.1)
+    assert {k: getattr(paper, k) for k in PRESETS["paper"]} == PRESETS["paper"]
+    assert RLSettings(preset="paper", pretrain_steps=5).pretrain_steps == 5
+    assert RLSettings(preset="paper", pretrain_steps=5).pretrain_lr == 1e-4
+    with pytest.raises(ConfigError, match="recipe.*paper"):
+        track.settings({"preset": "papers"})
+    # two bases never share a leaderboard row: the backbone column names the base
+    shape = "DecisionTransformer(layers=4, heads=8, width=512, context=50)"
+    assert backbone_name(recipe, Pretrained(Path("m.pt"), "aaaa", {})) == f"{shape} [base aaaa]"
+    assert backbone_name(paper, Pretrained(Path("m.pt"), "bbbb", {})) == f"{shape} [base bbbb]"

@@ -224,7 +224,13 @@ class VisionTrack(Track):
             torch.set_num_threads(ts.threads)
         device = pick_device(ts.device)
         with torch.random.fork_rng(devices=[]):  # the probe (for its input size) draws nothing of the trial's
-            size = self.make_backbone(ts, spec.benchmark, 2, report).img_size
+            try:  # on the meta device: no weights made or read twice per trial just for a number
+                from vision.backbones import create, model_img_size
+
+                with torch.device("meta"):
+                    size = model_img_size(create(ts.backbone, 2, ts.img_size, 0.0, ts.model_kwargs))
+            except Exception:  # noqa: BLE001 - a model timm cannot build on the meta device: built for real
+                size = self.make_backbone(ts, spec.benchmark, 2, report).img_size
         data = self.load_data(ts, spec.benchmark, spec.task, size, spec.seed)
         bb = self.make_backbone(ts, spec.benchmark, data.num_classes, report)
 

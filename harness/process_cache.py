@@ -1,0 +1,127 @@
+"""What the trials that one process runs one after another share, and what they must not (issue 20, item 4).
+
+Under Ray Tune a process is a trial's actor. With actor reuse (``TuneConfig(reuse_actors=True)``, which
+Ray 2.60 supports for function trainables through ``FunctionTrainable.reset_config``) the next trial of a
+wave with the same resources runs in the actor the last one finished in: no new worker process, no second
+import of torch, Ray, MuJoCo and the harness. The sweep driver turns it on unless
+:data:`REUSE_ENV` says no (:func:`reuse_actors`).
+
+What a later trial in the same process reuses, and why its record stays what a fresh process would give:
+
+- **The pretrained base's weights** (:func:`base_state`): read from disk once per process, kept on the
+  CPU, and copied into each trial's freshly built model (``load_state_dict`` copies, so no trial can
+  change what the next one starts from). Keyed by the file's path, size and modification time.
+- **Compiled kernels** (:func:`use_shared_compile_cache`): torch's inductor keeps an FX-graph and an
+  AOT-autograd cache on disk by default, under ``$TMPDIR/torchinductor_$USER`` (``/tmp``). The harness
+  points ``TORCHINDUCTOR_CACHE_DIR`` at ``<harness cache>/compile/inductor`` instead (unless the user set
+  it): a folder that lives as long as the rest of the cache, so a later sweep, another process of the
+  host, or a node that mounts the same cache finds the kernels compiled already. The cache's key holds
+  torch's version, the device, the graph and the deterministic-kernel setting, so a hit is the same code.
+
+What each trial gets afresh (:func:`begin_trial`): dynamo's in-memory compiled frames are dropped before
+the second and later trials of a process. Kept, they would let a trial start from the previous trial's
+shape decisions (a frame that saw two batch sizes is recompiled with dynamic shapes) and, past
+``torch._dynamo.config.recompile_limit`` frames, run eagerly: different kernels than a fresh process's,
+so different last bits. Re-tracing is cheap next to inductor's compile, which the on-disk cache keeps.
+torch's global random state is each trial's own already (``harness.randomness.TrialRandom.scope``).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from harness.errors import ConfigError
+
+REUSE_ENV = "HARNESS_REUSE_ACTORS"
+INDUCTOR_ENV = "TORCHINDUCTOR_CACHE_DIR"
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+_trials_begun = 0
+_states: dict[tuple[str, int, int], dict[str, Any]] = {}
+
+
+def reuse_actors(environ: dict[str, str] | None = None) -> bool:
+    """Whether a sweep's trials reuse Ray actors (:data:`REUSE_ENV`: unset or 1/true/yes/on: yes;
+    0/false/no/off: every trial in a new process). Anything else is a ConfigError naming the variable."""
+    raw = (os.environ if environ is None else environ).get(REUSE_ENV)
+    if raw is None or raw.strip() == "":
+        return True
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigError(f"environment variable {REUSE_ENV}={raw!r}: expected one of {', '.join(_TRUE + _FALSE)} "
+                      "(unset: actors are reused)")
+
+
+def begin_trial() -> int:
+    """Mark the start of a trial in this process; return how many trials the process ran before it.
+
+    From the second trial on, what the previous one left behind is cleared first: its objects (collected,
+    and on a GPU the allocator's cached blocks handed back, so the memory columns start where a fresh
+    process's would) and dynamo's compiled frames (see the module's doc)."""
+    global _trials_begun
+    before = _trials_begun
+    _trials_begun += 1
+    if before:
+        gc.collect()
+        if "torch" in sys.modules:
+            import torch
+
+            if "torch._dynamo" in sys.modules:
+                torch._dynamo.reset()
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.empty_cache()
+    return before
+
+
+def base_state(path: str | Path) -> dict[str, Any]:
+    """The tensors of a pretrained base file (``.safetensors``, else a ``torch.save``d state dict), read
+    once per process and kept on the CPU. Load them into a freshly built model with ``load_state_dict``
+    (which copies); never change them in place. A file rewritten since (other size or modification
+    time) is read again."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = (str(p), st.st_size, st.st_mtime_ns)
+    if key not in _states:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(p))
+        else:
+            import torch
+
+            state = torch.load(p, map_location="cpu", weights_only=True)
+        for old in [k for k in _states if k[0] == key[0]]:  # an older version of the same file
+            del _states[old]
+        _states[key] = state
+    return _states[key]
+
+
+def use_shared_compile_cache(cache_root: str | Path) -> Path:
+    """Point torch's inductor cache at ``<cache_root>/compile/inductor`` unless :data:`INDUCTOR_ENV` names
+    another folder (the user's choice wins); return the folder in use. Call before the first compile.
+
+    torch writes its default (``$TMPDIR/torchinductor_$USER``) into :data:`INDUCTOR_ENV` the first time it
+    asks for the folder, which importing peft already does: that value is torch's, not the user's."""
+    chosen = os.environ.get(INDUCTOR_ENV)
+    if chosen and Path(chosen) != Path(_torch_default_cache_dir()):
+        return Path(chosen)
+    folder = Path(cache_root) / "compile" / "inductor"
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ[INDUCTOR_ENV] = str(folder)
+    return folder
+
+
+def _torch_default_cache_dir() -> str:
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    return default_cache_dir()
+
+
+__all__ = ["INDUCTOR_ENV", "REUSE_ENV", "base_state", "begin_trial", "reuse_actors", "use_shared_compile_cache"]
