@@ -3,19 +3,24 @@
 A track builds a :class:`FineTuneSetup` (the model with its head, where adapters may go, a batch source,
 the loss, a validation scorer and the final evaluation); the engine does the rest in a fixed order:
 
-    settings (validated) -> method context -> wrap -> lr / weight decay -> training loop -> finalize
-    -> count -> evaluate -> describe -> save the adapter -> result
+    resolved trial -> method context -> wrap -> lr / weight decay -> training loop -> finalize
+    -> count -> evaluate -> describe -> save the adapter -> the trial's record
 
-:class:`FineTuneRun` takes one update per :meth:`FineTuneRun.step`, with the trial's own random state
-swapped in (``harness/randomness.py``), so the updates of several trials can be interleaved in one
-process with the same results as each alone.
+:class:`FineTuneRun` is a trial's one life cycle (start, step, finish; no session or result object
+around it): it takes one update per :meth:`FineTuneRun.step`, with the trial's own random state swapped
+in (``harness/randomness.py``), so the updates of several trials can be interleaved in one process with
+the same results as each alone, and writes its results straight into its ``TrialRecord``.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import time
+import traceback
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -23,11 +28,10 @@ from torch import nn
 from harness.methods import AdapterSite, Method, MethodContext, get_method
 from harness.randomness import TrialRandom, deterministic_kernels
 from harness.tracks import Report, get_track
+from harness.errors import HarnessError
 # Schedule: what a track asks for (harness.training owns it); imported from here by tracks with FineTuneSetup
 from harness.training import LoopConfig, Schedule, Trainer, TrainStats
-
-if TYPE_CHECKING:
-    from harness.trial import ResolvedTrial, TrialSpec
+from harness.trial import ResolvedTrial, TrialRecord, TrialSpec, print_reporter, resolve_trial
 
 
 @dataclass
@@ -53,28 +57,6 @@ class FineTuneSetup:
     time_data: bool = False
     save_adapter: bool = True
     facts: dict[str, Any] = field(default_factory=dict)  # track facts for the record
-
-
-@dataclass
-class FineTuneResult:
-    """What a trial produced, before the harness adds its bookkeeping (``harness.trial.TrialRecord``)."""
-
-    metrics: dict[str, float]
-    settings: dict[str, Any]  # the method's resolved settings
-    trainable_params: int
-    head_params: int = 0
-    train_peak_memory_mb: float = 0.0  # GPU memory at its peak while training (the model and its states)
-    ms_per_update: float = 0.0  # training time per update after the warm-up updates (compilation), evaluation not
-    # the caching allocator's view while training (what another process on the GPU could not use): its
-    # peak, and its mean over updates sampled after each update (as PEFT's method comparison reports it)
-    train_reserved_memory_mb: float = 0.0
-    train_mean_reserved_mb: float = 0.0
-    adapter_bytes: int = 0  # the saved trainable state (safetensors files), what a user ships per task
-    backbone: str = ""
-    data_source: str = "real"
-    adapter_path: str = ""
-    device: str = "cpu"
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def optimiser_settings(method: Method, settings: dict[str, Any], schedule: Schedule) -> tuple[float, float]:
@@ -111,7 +93,7 @@ class PhaseClock:
 
     def __init__(self, t0: float | None = None, unix0: float | None = None) -> None:
         """``t0``: the trial's start (``perf_counter``), ``unix0`` the same instant as unix time; default now
-        (a trial session passes its own start, taken before its imports)."""
+        (a trial passes its own start)."""
         self.t0 = self._last = time.perf_counter() if t0 is None else t0
         self.unix0 = time.time() - (time.perf_counter() - self.t0) if unix0 is None else unix0
         self.seconds: dict[str, float] = dict.fromkeys(PHASES, 0.0)
@@ -133,39 +115,75 @@ class PhaseClock:
 
 
 class FineTuneRun:
-    """One fine-tuning trial, advanced update by update: ``start()``, ``step()`` until False, ``finish()``."""
+    """One trial's whole life cycle, advanced update by update: :meth:`start`, :meth:`step` until False,
+    :meth:`finish` -> its :class:`~harness.trial.TrialRecord`.
 
-    def __init__(self, spec: "ResolvedTrial | TrialSpec", report: Report, clock: PhaseClock | None = None):
-        from harness.trial import as_resolved
+    The one object of a trial (no session around it): it resolves a hand-made :class:`TrialSpec` (a
+    :class:`ResolvedTrial` is taken as given), builds the track's setup, wraps the model, trains, finalizes,
+    counts, evaluates, saves the adapter and writes its results straight into its record. Its
+    :class:`PhaseClock` is the one source of the trial's times, :func:`_memory_mb` of its memory readings.
+    An error at any point (or a non-finite loss or score) ends it with a failed record instead of raising,
+    so a crash in one trial never ends a sweep."""
 
-        self.spec = spec = as_resolved(spec)  # resolved once (sweep validation or resolve_trial), taken as given
-        self.report = report
-        # the trial's clock, started by its session (harness/trial.py) before the imports and validation
-        self.clock = clock if clock is not None else PhaseClock()
+    def __init__(self, spec: "ResolvedTrial | TrialSpec", report: Report = print_reporter,
+                 clock: PhaseClock | None = None):
+        from harness import provenance
+
+        self.started = time.time() if clock is None else clock.unix0
+        # the trial's clock, started before the imports, the resolution and the track's setup
+        self.clock = clock if clock is not None else PhaseClock(unix0=self.started)
+        self.spec, self.report = spec, report
+        self.record = spec.record() if isinstance(spec, ResolvedTrial) else TrialRecord(
+            track=spec.track, benchmark=spec.benchmark, task=spec.task, method=spec.method,
+            settings=json.dumps(spec.method_settings, sort_keys=True, default=str), seed=spec.seed,
+            status="ok", budget=json.dumps(spec.budget, sort_keys=True, default=str))  # until start() resolves it
+        self.record.git_commit = provenance.git_commit()
+        self.record.software = json.dumps(provenance.software(), sort_keys=True)
+        self.record.date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+        self.failed = False
         self._steady_marked = False
-        self.track = get_track(spec.track)
-        self.method = get_method(spec.method)
-        self.settings = spec.method_settings
-        self.rng = TrialRandom(spec.seed)
-        self.started = time.time()
         self.setup: FineTuneSetup | None = None
         self.trainer: Trainer | None = None
         self._reserved_sum, self._reserved_n = 0.0, 0
 
+    def _fail(self, e: BaseException) -> None:
+        """End the trial with a failed record (the traceback kept unless the error explains itself)."""
+        self.record.status, self.record.error = "failed", f"{type(e).__name__}: {e}"
+        if not isinstance(e, HarnessError):
+            self.record.extra = {"traceback": traceback.format_exc(limit=8)}
+        self.failed, self.trainer = True, None
+
     def start(self) -> None:
-        """Build the track's setup, wrap the model with the method and make the trainer."""
+        """Resolve (a hand-made spec), build the track's setup, wrap the model with the method and make the
+        trainer."""
+        try:
+            if torch.cuda.is_available():  # the trial's peak: from here to its end
+                torch.cuda.reset_peak_memory_stats()
+            if not isinstance(self.spec, ResolvedTrial):
+                self.spec = resolve_trial(self.spec)
+                made = self.spec.record()
+                self.record.settings, self.record.budget = made.settings, made.budget
+                self.record.targets, self.record.alpha_rule = made.targets, made.alpha_rule
+            self._start()
+        except Exception as e:  # a crash in one trial must not end the sweep
+            self._fail(e)
+
+    def _start(self) -> None:
         from harness.adapters import find_bank
 
         from harness.protocol import prepare as prepare_protocol
         from harness.targets import join_targets
 
-        track, spec, method = self.track, self.spec, self.method
+        spec = self.spec
+        self.track, self.method = track, method = get_track(spec.track), get_method(spec.method)
+        self.settings = spec.method_settings  # resolved once (sweep validation or resolve_trial), as given
+        self.rng = TrialRandom(spec.seed)
         with self.rng.scope():
             ts = spec.track_settings
             if ts.deterministic:  # before the first GPU kernel: cuBLAS reads its workspace setting once
                 deterministic_kernels()
             setup = track.setup(spec, ts, spec.budget, self.rng, self.report)
-            self.clock.mark("setup")  # imports, validation, the track's data and base model
+            self.clock.mark("setup")  # imports, resolution, the track's data and base model
             # The study's targets (fused qkv split where a slice is named) and the LoRA family's alpha rule.
             setup.site, self.wrap_settings = prepare_protocol(method, self.settings, ts, setup.model, setup.site)
             # Adapters on other layers of the same base are no bank for each other.
@@ -205,13 +223,17 @@ class FineTuneRun:
         self.clock.mark("steady" if self._steady_marked else "first_updates")
 
     def step(self) -> bool:
-        """One training update; False once training is over."""
+        """One training update; False once training is over (or the trial failed)."""
         if self.trainer is None:
             return False
-        with self.rng.scope():
-            if not self.clock.training_span:
-                self.clock.training_span = [time.time()]
-            more = self.trainer.step()
+        try:
+            with self.rng.scope():
+                if not self.clock.training_span:
+                    self.clock.training_span = [time.time()]
+                more = self.trainer.step()
+        except Exception as e:  # a non-finite loss, an error in a method's hook: this trial fails alone
+            self._fail(e)
+            return False
         if more and self.setup is not None and self.setup.device.type == "cuda":
             # a host-side query of the allocator: no device sync, so it costs the update nothing
             self._reserved_sum += torch.cuda.memory_reserved(self.setup.device)
@@ -259,18 +281,35 @@ class FineTuneRun:
         self.clock.mark("interim_eval")
         return float(metrics[metric])
 
-    def finish(self) -> FineTuneResult:
-        """Finalize, count, evaluate, describe and save; the trial's result."""
-        spec, method, setup, settings = self.spec, self.method, self.setup, self.settings
-        assert setup is not None, "FineTuneRun.finish() before start()"
+    def finish(self) -> TrialRecord:
+        """Finalize, count, evaluate, describe and save, into the trial's record; the record, failed where
+        anything failed (a non-finite final metric too)."""
+        from harness import placement, provenance
+
+        record = self.record
+        if not self.failed and self.setup is not None:
+            try:
+                self._finish(record)
+                record.device_name = provenance.device_name(str(self.setup.device))
+                record.extra["placement"] = placement.describe(str(self.setup.device))  # which GPU and cores
+            except Exception as e:
+                self._fail(e)
+        record.peak_memory_mb = round(_memory_mb("peak"), 1)  # the whole trial's, evaluation and search included
+        self.clock.mark("save")
+        record.extra["timing"] = {**self.clock.as_dict(), **_process_start(self.started)}
+        record.wall_time_s = round(time.time() - self.started, 2)
+        record.extra["started_at"] = round(self.started, 3)  # unix time: when trials ran side by side
+        return record
+
+    def _finish(self, record: TrialRecord) -> None:
+        spec, method, setup = self.spec, self.method, self.setup
+        assert setup is not None
         with self.rng.scope():
             stats: TrainStats | None = self.trainer.finish() if self.trainer is not None else None
             self.mark_training()  # the finish's wait for queued GPU work is the last updates' time
             if self.clock.training_span:
                 self.clock.training_span.append(time.time())
-            cuda = setup.device.type == "cuda"
-            train_peak = torch.cuda.max_memory_allocated(setup.device) / 2**20 if cuda else 0.0
-            train_reserved = torch.cuda.max_memory_reserved(setup.device) / 2**20 if cuda else 0.0
+            train_peak, train_reserved = _memory_mb("peak", setup.device), _memory_mb("reserved", setup.device)
             mean_reserved = self._reserved_sum / self._reserved_n / 2**20 if self._reserved_n else 0.0
             model = method.finalize(self.model, setup.site, self.wrap_settings, self.ctx)
             model.eval()
@@ -292,26 +331,51 @@ class FineTuneRun:
                                                             self.adapter_key))
                 except OSError as e:  # a full or read-only disk must not cost the trial its scores
                     adapter_error = f"{type(e).__name__}: {e}"
-        train_s = stats.wall_s if stats else 0.0
         extra = {
             **setup.facts, **facts, "lr": self.lr, "weight_decay": self.weight_decay, "warmup": self.loop.warmup,
-            "updates": setup.schedule.steps, "train_wall_s": round(train_s, 2),
+            "updates": setup.schedule.steps, "train_wall_s": round(stats.wall_s if stats else 0.0, 2),
             "train_steps_per_s": round(stats.steps_per_s, 2) if stats else 0.0,
             "method": describe, "total_wall_s": round(time.time() - self.started, 2),
         }
-        self.clock.mark("save")  # describing and saving the adapter; the session adds its record's bookkeeping
         if stats is not None and setup.time_data:
             extra["data_share"] = round(stats.data_share, 4)
         if adapter_error:
             extra["adapter_error"] = adapter_error
-        return FineTuneResult(metrics=metrics, settings=settings, trainable_params=own, head_params=head,
-                              train_peak_memory_mb=round(train_peak, 1),
-                              ms_per_update=round(stats.steady_ms_per_update, 3) if stats else 0.0,
-                              train_reserved_memory_mb=round(train_reserved, 1),
-                              train_mean_reserved_mb=round(mean_reserved, 1),
-                              adapter_bytes=_checkpoint_bytes(adapter_path),
-                              backbone=setup.backbone, data_source=setup.data_source, adapter_path=adapter_path,
-                              device=str(setup.device), extra=extra)
+        bad = {k: v for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)}
+        if bad:  # after the adapter is saved, as any finished trial's
+            raise HarnessError(f"non-finite final metrics {bad}")
+        record.metrics, record.extra = metrics, extra
+        record.trainable_params, record.head_params = int(own), int(head)
+        record.train_peak_memory_mb, record.train_reserved_memory_mb = round(train_peak, 1), round(train_reserved, 1)
+        record.train_mean_reserved_mb = round(mean_reserved, 1)
+        record.ms_per_update = round(stats.steady_ms_per_update, 3) if stats else 0.0
+        record.adapter_bytes = _checkpoint_bytes(adapter_path)
+        record.backbone, record.data_source, record.adapter_path = setup.backbone, setup.data_source, adapter_path
+
+
+def _memory_mb(kind: str, device: torch.device | None = None) -> float:
+    """The one memory reading of a trial, in MiB: the allocator's peak of allocated (``"peak"``) or reserved
+    (``"reserved"``) memory since the last reset, on ``device`` (None: the current CUDA device); 0 off CUDA."""
+    if device is None:
+        if not torch.cuda.is_available():
+            return 0.0
+    elif device.type != "cuda":
+        return 0.0
+    read = torch.cuda.max_memory_allocated if kind == "peak" else torch.cuda.max_memory_reserved
+    return read(device) / 2**20
+
+
+def _process_start(started: float) -> dict[str, float]:
+    """When this trial's process started and how long before the trial: under Ray Tune, a worker's start-up
+    (Python, Ray's own imports, an actor's construction), which no phase of the trial sees. Empty where the
+    process's start time cannot be read."""
+    try:
+        import psutil  # Ray's own dependency
+
+        created = float(psutil.Process().create_time())
+    except Exception:  # noqa: BLE001 - an unreadable start time only loses this figure
+        return {}
+    return {"process_started_at": round(created, 3), "process_to_trial_s": round(max(0.0, started - created), 3)}
 
 
 def _rng_state(rng: TrialRandom) -> dict[str, Any]:
@@ -358,12 +422,3 @@ def _checkpoint_bytes(adapter_path: str) -> int:
     if not adapter_path:
         return 0
     return sum(f.stat().st_size for f in Path(adapter_path).glob("*.safetensors"))
-
-
-def run_finetune(spec: "ResolvedTrial | TrialSpec", report: Report) -> FineTuneResult:
-    """Run one fine-tuning trial to the end."""
-    run = FineTuneRun(spec, report)
-    run.start()
-    while run.step():
-        pass
-    return run.finish()

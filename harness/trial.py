@@ -1,25 +1,21 @@
 """One trial, one interface for both tracks.
 
 (track, benchmark, task, method, method settings, seed, budget, track settings) go in as a
-:class:`TrialSpec`; a flat :class:`TrialRecord` of metrics comes out, with what made it (package
-versions, git commit, device). The sweep driver and the command line call :func:`run_trial` and know
-nothing track-specific: the track (``harness/tracks.py``) builds the trial's model and data, the engine
-(``harness/finetune.py``) runs the method's life cycle. A raised error or a non-finite loss becomes a
-failed record, never a crash of the sweep.
+:class:`TrialSpec`, resolved once into a :class:`ResolvedTrial`; a flat :class:`TrialRecord` of metrics
+comes out, with what made it (package versions, git commit, device). The sweep driver and the command line
+call :func:`run_trial` and know nothing track-specific: the track (``harness/tracks.py``) builds the
+trial's model and data, the engine (``harness/finetune.py``: ``FineTuneRun``, the trial's one life cycle)
+runs the method and fills in the record. A raised error or a non-finite loss becomes a failed record,
+never a crash of the sweep.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import time
-import traceback
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Protocol
 
 from harness import __version__
-from harness.errors import HarnessError
 
 if TYPE_CHECKING:
     from harness.tracks import TrackBudget, TrackSettings
@@ -57,7 +53,9 @@ class TrialSpec:
 
 @dataclass
 class TrialRecord:
-    """The flat record of one finished (or failed) trial, one row of the results table."""
+    """The record of one finished (or failed) trial, one row of the results table: the one result type
+    from the engine (``FineTuneRun.finish``) to the leaderboard, flattened once (:meth:`flat`) where it
+    leaves the trial's process (Ray Tune's report, a records file, ``run --json``)."""
 
     track: str
     benchmark: str
@@ -212,123 +210,16 @@ def as_resolved(spec: "TrialSpec | ResolvedTrial") -> ResolvedTrial:
     return spec if isinstance(spec, ResolvedTrial) else resolve_trial(spec)
 
 
-def _peak_memory_mb() -> float:
-    import torch
-
-    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
-
-
-class TrialSession:
-    """One trial as a record: :meth:`start`, :meth:`step` until False, :meth:`finish`. Errors at any point
-    end the session with a failed record instead of raising. A trial made by hand (a :class:`TrialSpec`)
-    is resolved in :meth:`start`, so a bad one becomes a failed record too."""
-
-    def __init__(self, spec: "TrialSpec | ResolvedTrial", report: Reporter = print_reporter):
-        from harness import provenance
-
-        self.started = time.time()
-        self._t0 = time.perf_counter()  # the same instant: where the trial's phase clock starts
-        self.clock = None  # harness.finetune.PhaseClock, made in start() (finetune imports torch)
-        self.report = report
-        self.run = None
-        if isinstance(spec, ResolvedTrial):
-            self.record = spec.record()
-        else:  # not resolved yet: the record says what was asked until start() resolves it
-            self.record = TrialRecord(
-                track=spec.track, benchmark=spec.benchmark, task=spec.task, method=spec.method,
-                settings=json.dumps(spec.method_settings, sort_keys=True, default=str), seed=spec.seed,
-                status="ok", budget=json.dumps(spec.budget, sort_keys=True, default=str))
-        self.record.git_commit = provenance.git_commit()
-        self.record.software = json.dumps(provenance.software(), sort_keys=True)
-        self.record.date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-        self.spec = spec
-
-    def _fail(self, e: BaseException) -> None:
-        self.record.status, self.record.error = "failed", f"{type(e).__name__}: {e}"
-        if not isinstance(e, HarnessError):
-            self.record.extra = {"traceback": traceback.format_exc(limit=8)}
-        self.run = None
-
-    def start(self) -> None:
-        from harness.finetune import FineTuneRun, PhaseClock
-
-        self.clock = PhaseClock(self._t0, self.started)
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
-            if not isinstance(self.spec, ResolvedTrial):
-                self.spec = resolve_trial(self.spec)
-                made = self.spec.record()
-                self.record.settings, self.record.budget = made.settings, made.budget
-                self.record.targets, self.record.alpha_rule = made.targets, made.alpha_rule
-            self.run = FineTuneRun(self.spec, self.report, self.clock)
-            self.run.start()
-        except Exception as e:  # a crash in one trial must not end the sweep
-            self._fail(e)
-
-    def step(self) -> bool:
-        if self.run is None:
-            return False
-        try:
-            return self.run.step()
-        except Exception as e:
-            self._fail(e)
-            return False
-
-    def finish(self) -> TrialRecord:
-        from harness import placement, provenance
-
-        record = self.record
-        if self.run is not None:
-            try:
-                result = self.run.finish()
-                bad = {k: v for k, v in result.metrics.items() if isinstance(v, float) and not math.isfinite(v)}
-                if bad:
-                    raise HarnessError(f"non-finite final metrics {bad}")
-                record.metrics = dict(result.metrics)
-                record.trainable_params, record.head_params = int(result.trainable_params), int(result.head_params)
-                record.train_peak_memory_mb, record.ms_per_update = result.train_peak_memory_mb, result.ms_per_update
-                record.train_reserved_memory_mb = result.train_reserved_memory_mb
-                record.train_mean_reserved_mb = result.train_mean_reserved_mb
-                record.adapter_bytes = int(result.adapter_bytes)
-                record.backbone, record.data_source = result.backbone, result.data_source
-                record.adapter_path, record.extra = result.adapter_path, dict(result.extra)
-                record.device_name = provenance.device_name(result.device)
-                record.extra["placement"] = placement.describe(result.device)  # which GPU and cores Ray gave it
-            except Exception as e:
-                self._fail(e)
-        record.peak_memory_mb = round(_peak_memory_mb(), 1)
-        if self.clock is not None:
-            self.clock.mark("save")
-            record.extra["timing"] = {**self.clock.as_dict(), **_process_start(self.started)}
-        record.wall_time_s = round(time.time() - self.started, 2)
-        record.extra["started_at"] = round(self.started, 3)  # unix time: when trials ran side by side
-        return record
-
-
-def _process_start(started: float) -> dict[str, float]:
-    """When this trial's process started and how long before the trial: under Ray Tune, a worker's start-up
-    (Python, Ray's own imports, an actor's construction), which no phase of the trial sees. Empty where the
-    process's start time cannot be read."""
-    try:
-        import psutil  # Ray's own dependency
-
-        created = float(psutil.Process().create_time())
-    except Exception:  # noqa: BLE001 - an unreadable start time only loses this figure
-        return {}
-    return {"process_started_at": round(created, 3), "process_to_trial_s": round(max(0.0, started - created), 3)}
-
-
 def run_trial(spec: "TrialSpec | ResolvedTrial", report: Reporter = print_reporter) -> TrialRecord:
     """Run one trial to its record; a raised error or a non-finite loss becomes a failed record."""
-    session = TrialSession(spec, report)
-    session.start()
-    while session.step():
+    from harness.finetune import FineTuneRun  # the engine imports torch; listing and checking do not need it
+
+    run = FineTuneRun(spec, report)
+    run.start()
+    while run.step():
         pass
-    return session.finish()
+    return run.finish()
 
 
-__all__ = ["MEASUREMENT_FIELDS", "Reporter", "ResolvedTrial", "TrialRecord", "TrialSession", "TrialSpec",
+__all__ = ["MEASUREMENT_FIELDS", "Reporter", "ResolvedTrial", "TrialRecord", "TrialSpec",
            "as_resolved", "is_measurement", "print_reporter", "resolve_point", "resolve_trial", "run_trial"]

@@ -30,7 +30,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from harness.trial import Reporter, ResolvedTrial, TrialRecord, TrialSession
+from harness.finetune import FineTuneRun
+from harness.trial import Reporter, ResolvedTrial, TrialRecord
 
 STATE_FILE = "trial-state.pt"
 # Tests only: the trial's process exits right after its first checkpoint on its first attempt, as a
@@ -60,41 +61,41 @@ class TuneTrialPlan:
                 "eval_points": list(self.eval_points), "metric": self.metric, "scheduler": self.scheduler}
 
 
-def _save(session: TrialSession, extra: dict[str, Any], report_metrics: dict[str, Any]) -> None:
+def _save(run: FineTuneRun, extra: dict[str, Any], report_metrics: dict[str, Any]) -> None:
     import torch
     from ray import tune
 
-    session.run.mark_training()
+    run.mark_training()
     folder = tempfile.mkdtemp(prefix="harness-ckpt-")
     try:
-        torch.save({"run": session.run.trial_state(), **extra}, Path(folder) / STATE_FILE)
+        torch.save({"run": run.trial_state(), **extra}, Path(folder) / STATE_FILE)
         tune.report(report_metrics, checkpoint=tune.Checkpoint.from_directory(folder))
     finally:  # Tune has copied it to the trial's storage by now
         shutil.rmtree(folder, ignore_errors=True)
-    session.run.clock.mark("checkpoint")
+    run.clock.mark("checkpoint")
 
 
-def _restore(session: TrialSession) -> dict[str, Any] | None:
+def _restore(run: FineTuneRun) -> dict[str, Any] | None:
     """The latest checkpoint of this trial, loaded into the freshly started run (None: none yet)."""
     import torch
     from ray import tune
 
     checkpoint = tune.get_checkpoint()
-    if checkpoint is None or session.run is None or session.run.trainer is None:
+    if checkpoint is None or run.trainer is None:
         return None
     with checkpoint.as_directory() as folder:
         state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
-    session.run.load_trial_state(state["run"])
-    session.run.clock.mark("checkpoint")  # reading it and redrawing the batches already trained on
-    print(f"[trial] continuing from the checkpoint at update {session.run.updates_done}", flush=True)
+    run.load_trial_state(state["run"])
+    run.clock.mark("checkpoint")  # reading it and redrawing the batches already trained on
+    print(f"[trial] continuing from the checkpoint at update {run.updates_done}", flush=True)
     return state
 
 
-def provisional_record(session: TrialSession, metric: str, score: float, update: int, label: str) -> dict[str, Any]:
+def provisional_record(run: FineTuneRun, metric: str, score: float, update: int, label: str) -> dict[str, Any]:
     """The flat record a trial stopped now would leave: its score so far, and where it stopped."""
-    rec: TrialRecord = replace(session.record, metrics={metric: score},
+    rec: TrialRecord = replace(run.record, metrics={metric: score},
                                extra={"stopped_at_update": update, "selection_scheduler": label})
-    rec.wall_time_s = round(time.time() - session.started, 2)
+    rec.wall_time_s = round(time.time() - run.started, 2)
     return rec.flat()
 
 
@@ -121,38 +122,37 @@ def run_tune_trial(spec: ResolvedTrial, report: Reporter, plan: TuneTrialPlan) -
     # under actor reuse the process may have run trials before this one: what they left is cleared
     trials_before = begin_trial()
     use_shared_compile_cache(cache_root())
-    session = TrialSession(spec, report)
-    session.start()
-    run = session.run
-    state = _restore(session) if run is not None else None
+    run = FineTuneRun(spec, report)
+    run.start()
+    state = _restore(run)
     resumed_from = run.updates_done if state is not None else 0
     last: dict[str, Any] = dict(state.get("last", {})) if state else {}  # the last intermediate report
     points = set(plan.eval_points)
     saved_at, since = resumed_from, time.monotonic()
     first_attempt = state is None
-    while session.step():
+    while run.step():
         done = run.updates_done
         metrics: dict[str, Any] = {}
         if done in points:
             try:
                 score = run.interim_score(plan.metric)
             except Exception as e:  # noqa: BLE001 - a failed evaluation fails the trial, not the sweep
-                session._fail(e)
+                run._fail(e)
                 break
-            flat = provisional_record(session, plan.metric, score, done, plan.scheduler)
+            flat = provisional_record(run, plan.metric, score, done, plan.scheduler)
             last = {plan.metric: score, TIME_ATTR: done, "record": json.dumps(flat, default=str)}
             metrics = {"update": done, **last}
         due = (plan.checkpoint_every and done - saved_at >= plan.checkpoint_every) or (
             not plan.checkpoint_every and plan.checkpoint_minutes > 0
             and time.monotonic() - since >= 60 * plan.checkpoint_minutes)
         if due and not run.trainer.done:
-            _save(session, {"last": last}, metrics or {"update": done})
+            _save(run, {"last": last}, metrics or {"update": done})
             saved_at, since = done, time.monotonic()
             if first_attempt and os.environ.get(KILL_AFTER_CHECKPOINT) == "1":
                 os._exit(1)
         elif metrics:
             tune.report(metrics)
-    record = session.finish()
+    record = run.finish()
     # the process's earlier trials: its start-up (extra.timing.process_to_trial_s) was theirs, not this one's
     record.extra["process_trials_before"] = trials_before
     if resumed_from:

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from harness.trial import TrialSession, TrialSpec, resolve_trial, run_trial
+from harness.finetune import FineTuneRun
+from harness.trial import TrialSpec, resolve_trial, run_trial
 
 VISION = {"backbone": "vit_tiny_patch16_224", "img_size": 32, "model_kwargs": {"patch_size": 8, "depth": 2},
           "drop_path": 0.1, "weights": "random", "threads": 1}
@@ -48,7 +49,7 @@ def test_two_trials_interleaved_in_one_process_match_each_alone(track):
     first, second = specs(track)
     alone = [run_trial(s, lambda m: None) for s in (first, second)]
     assert all(r.status == "ok" for r in alone), [r.error for r in alone]
-    sessions = [TrialSession(s, lambda m: None) for s in (first, second)]
+    sessions = [FineTuneRun(s, lambda m: None) for s in (first, second)]
     for s in sessions:
         s.start()
     stepping = list(sessions)
@@ -118,8 +119,8 @@ def test_engine_runs_from_the_resolved_trial_alone(monkeypatch):
     settings and budget validation and the resolver of hand-made trials all refusing, a resolved trial
     (here through its Ray form, ``to_config`` -> ``from_config``) still runs to an ok record."""
     from harness import trial as trial_module
-    from harness.finetune import run_finetune
     from harness.methods.base import Method
+    from harness.trial import TrialRecord
     from harness.tracks import Track
     from harness.trial import ResolvedTrial
 
@@ -133,11 +134,19 @@ def test_engine_runs_from_the_resolved_trial_alone(monkeypatch):
     monkeypatch.setattr(Track, "settings", refuse)
     monkeypatch.setattr(Track, "budget", refuse)
     monkeypatch.setattr(trial_module, "resolve_trial", refuse)
-    result = run_finetune(resolved, lambda m: None)
-    assert result.trainable_params > 0 and result.settings["r"] == 2 and result.metrics
-    record = run_trial(resolved, lambda m: None)
-    assert record.status == "ok", record.error
+    run = FineTuneRun(resolved, lambda m: None)  # the trial's one life cycle
+    run.start()
+    while run.step():
+        pass
+    record = run.finish()
+    assert isinstance(record, TrialRecord) and record.status == "ok", record.error
+    assert record.trainable_params > 0 and record.metrics and record.targets == resolved.targets != ""
     assert json.loads(record.settings)["r"] == 2 and json.loads(record.budget)["steps"] == 6
+    # one clock: the phases partition the trial's time, and the record's wall time is the same clock's
+    timing = record.extra["timing"]
+    phases = sum(v for k, v in timing.items() if k.endswith("_s") and k not in ("total_s", "process_to_trial_s"))
+    assert phases == pytest.approx(timing["total_s"], abs=0.01)
+    assert timing["total_s"] <= record.wall_time_s + 0.01 and record.extra["updates"] == 6
 
 
 @pytest.mark.parametrize("track", ["vision", "rl"])
@@ -154,6 +163,7 @@ def test_one_lr_schedule_with_the_same_floor_on_both_tracks(track):
     run = FineTuneRun(TrialSpec(spec.track, spec.benchmark, spec.task, "lora", {"r": 2, "lr": 2e-3}, 0,
                                 spec.budget, spec.track_settings), lambda m: None)
     run.start()
+    assert not run.failed, run.record.error
     loop = run.loop
     assert isinstance(loop, Schedule) and loop.lr == 2e-3 and loop.min_lr_ratio == 0.01
     assert loop.lr_at(loop.steps) == pytest.approx(2e-5)  # the floor follows the method's lr on either track
