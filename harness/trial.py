@@ -153,11 +153,13 @@ class ResolvedTrial:
     adapter_bank: tuple[str, ...] = ()
 
     def to_config(self) -> dict[str, Any]:
-        """Plain JSON values, for Ray Tune's config and the adapter cache's key (the one serialisation)."""
+        """Plain JSON values, for Ray Tune's config and the adapter cache's key (the one serialisation).
+        The track's models keep only the keys the study set (their defaults come back in
+        :meth:`from_config`): Tune copies the config into every result row and progress table."""
         return {"track": self.track, "benchmark": self.benchmark, "task": self.task, "method": self.method,
                 "method_settings": json.loads(json.dumps(self.method_settings, default=str)), "seed": self.seed,
-                "budget": self.budget.model_dump(mode="json"),
-                "track_settings": self.track_settings.model_dump(mode="json"),
+                "budget": self.budget.model_dump(mode="json", exclude_unset=True),
+                "track_settings": self.track_settings.model_dump(mode="json", exclude_unset=True),
                 "targets": self.targets, "alpha_rule": self.alpha_rule, "adapter_bank": list(self.adapter_bank)}
 
     @classmethod
