@@ -113,6 +113,8 @@ def fill_missing_checkpoints(exp_dir: Path) -> list[str]:
     checkpoint as it does not exist on storage anymore``) and the trial fails; with the marker it is
     restored, finds no training state (:func:`_restore`) and trains again from update 0, its record saying
     so (``extra.checkpoint_missing``). Only a local ``exp_dir`` is looked at."""
+    # Tune's own readers of its experiment state (private in Ray 2.60, which pyproject pins exactly): the
+    # state's trials are pickled, and their checkpoint paths are what Tune rebases on restore
     from ray.tune.execution.experiment_state import _find_newest_experiment_checkpoint
     from ray.tune.experiment.trial import Trial
     from ray.tune.utils.serialization import _loads_with_cloudpickle
