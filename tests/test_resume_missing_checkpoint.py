@@ -36,8 +36,7 @@ def test_resume_restarts_a_trial_whose_checkpoint_is_gone(tmp_path):
         ckpts = sorted(exp.glob("*/checkpoint_*"))
         time.sleep(0.5)
     assert len(ckpts) == 2, "the trials did not both checkpoint"
-    time.sleep(3)  # Tune writes the experiment's state, naming the checkpoints, every few seconds
-    os.kill(proc.pid, signal.SIGINT)
+    os.kill(proc.pid, signal.SIGINT)  # Tune saves the experiment's state, naming the checkpoints, as it stops
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out[-3000:]
     gone, kept = ckpts  # one trial's checkpoint lost, the other's still there
