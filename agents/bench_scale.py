@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +42,7 @@ from harness.cache import atomic_write_text
 from harness.errors import ConfigError
 from harness.gpu_monitor import GpuMonitor
 from harness.process_cache import REUSE_ENV
+from harness.subprocesses import run_logged
 from harness.trial import is_measurement
 from harness.validation import Bool, Float, Int, validate
 
@@ -123,15 +123,7 @@ def check(s: ScaleSettings, sweep_path: Path) -> int:
     return trials
 
 
-def _run(cmd: list[str], log: Path, env_extra: dict[str, str] | None = None) -> int:
-    """Run a harness command, its output to our stderr (stdout is the bench's JSON) and to ``log``."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in proc.stdout:  # type: ignore[union-attr]
-            f.write(line)
-            sys.stderr.write(line)
-        return proc.wait()
+_run = run_logged
 
 
 def _records(results: Path) -> list[dict[str, Any]]:

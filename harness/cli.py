@@ -185,12 +185,17 @@ def cmd_bench(args) -> int:
 
         config = dict(_parse_sets(args.set))
         result = bench_scale(config)
+    elif args.track == "selection":
+        from harness.bench_selection import bench_selection
+
+        config = dict(_parse_sets(args.set))
+        result = bench_selection(config)
     else:  # a track's own bench
         from harness.errors import choices_message
         from harness.tracks import track_names
 
         if args.track not in track_names():
-            raise ConfigError(choices_message("bench", args.track, [*track_names(), "methods", "share", "scale"]))
+            raise ConfigError(choices_message("bench", args.track, [*track_names(), "methods", "share", "scale", "selection"]))
         track, settings = _track_settings(args)
         config = settings.model_dump()
         result = track.bench(settings)
@@ -342,10 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
         c.set_defaults(fn=fn)
 
     b = sub.add_parser("bench", help="measure training and rollout speed")
-    b.add_argument("track", metavar="TRACK|methods|share|scale",
+    b.add_argument("track", metavar="TRACK|methods|share|scale|selection",
                    help=f"a track ({', '.join(TRACKS)}): its loop against a plain one; methods: every method's step on one "
                         "model; share: N RL fine-tuning trials sharing one GPU through Ray Tune; scale: one CW10 "
-                        "sweep on 1, 2, 4, 8 GPUs of this host")
+                        "sweep on 1, 2, 4, 8 GPUs of this host; selection: a study's selection grid in full and "
+                        "under its scheduler (updates spent, settings chosen)")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     b.add_argument("--out", default=None, metavar="FILE", help="also write the JSON (with device and versions) here")
     b.set_defaults(fn=cmd_bench)

@@ -275,6 +275,9 @@ def run_wave(specs: list[ResolvedTrial], study: Study, exp_dir: Path, resume: bo
                           "(finished trials are kept), or --results DIR for a fresh folder")
     if exists and tune.Tuner.can_restore(str(exp_dir)):
         print(f"[sweep] resuming {exp_dir}", flush=True)
+        from harness.tune_trial import fill_missing_checkpoints
+
+        fill_missing_checkpoints(exp_dir)  # a checkpoint gone from storage: its trial starts again, not fails
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=False)
     else:
         param_space = {"spec": tune.grid_search([s.to_config() for s in specs]), "cache_root": str(cache_root()),

@@ -34,8 +34,13 @@ from harness.finetune import FineTuneRun
 from harness.trial import Reporter, ResolvedTrial, TrialRecord
 
 STATE_FILE = "trial-state.pt"
+# Left by the driver in a checkpoint folder that the experiment's state names but storage no longer has
+# (results moved without their checkpoints, storage that lost them): Ray restores the trial from it, and
+# the trial starts again from update 0 (:func:`fill_missing_checkpoints`).
+MISSING_MARKER = "MISSING-CHECKPOINT.txt"
 # Tests only: the trial's process exits right after its first checkpoint on its first attempt, as a
-# preempted node would leave it (tests/test_trial_checkpoint.py).
+# preempted node would leave it (tests/test_trial_checkpoint.py); "pause": it waits there instead, so that
+# a test can interrupt the sweep with every trial mid-way (tests/test_resume_missing_checkpoint.py).
 KILL_AFTER_CHECKPOINT = "HARNESS_TEST_EXIT_AFTER_CHECKPOINT"
 
 
@@ -75,20 +80,72 @@ def _save(run: FineTuneRun, extra: dict[str, Any], report_metrics: dict[str, Any
     run.clock.mark("checkpoint")
 
 
-def _restore(run: FineTuneRun) -> dict[str, Any] | None:
-    """The latest checkpoint of this trial, loaded into the freshly started run (None: none yet)."""
+def _restore(run: FineTuneRun) -> tuple[dict[str, Any] | None, str | None]:
+    """The latest checkpoint of this trial, loaded into the freshly started run, and the name of a
+    checkpoint that Tune restored the trial from but that holds no training state (None, None: no
+    checkpoint yet). A checkpoint without the state file (gone from storage, see
+    :func:`fill_missing_checkpoints`) counts as none: the trial starts again from update 0."""
     import torch
     from ray import tune
 
     checkpoint = tune.get_checkpoint()
     if checkpoint is None or run.trainer is None:
-        return None
+        return None, None
     with checkpoint.as_directory() as folder:
-        state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
+        path = Path(folder) / STATE_FILE
+        if not path.is_file():
+            if not (Path(folder) / MISSING_MARKER).is_file():  # the driver warned of the marked ones already
+                print(f"[trial] warning: checkpoint {checkpoint.path} holds no {STATE_FILE}; "
+                      "starting again from update 0", flush=True)
+            return None, Path(checkpoint.path).name
+        state = torch.load(path, map_location="cpu", weights_only=False)
     run.load_trial_state(state["run"])
     run.clock.mark("checkpoint")  # reading it and redrawing the batches already trained on
     print(f"[trial] continuing from the checkpoint at update {run.updates_done}", flush=True)
-    return state
+    return state, None
+
+
+def fill_missing_checkpoints(exp_dir: Path) -> list[str]:
+    """Before ``Tuner.restore``: the checkpoints that the experiment's saved state names for its unfinished
+    trials but that are not in ``exp_dir`` are made again as folders holding only :data:`MISSING_MARKER`,
+    and each is named in a printed warning; return their paths relative to ``exp_dir``.
+
+    Ray refuses to restore a trial whose checkpoint is gone (``ValueError: Could not recover from
+    checkpoint as it does not exist on storage anymore``) and the trial fails; with the marker it is
+    restored, finds no training state (:func:`_restore`) and trains again from update 0, its record saying
+    so (``extra.checkpoint_missing``). Only a local ``exp_dir`` is looked at."""
+    # Tune's own readers of its experiment state (private in Ray 2.60, which pyproject pins exactly): the
+    # state's trials are pickled, and their checkpoint paths are what Tune rebases on restore
+    from ray.tune.execution.experiment_state import _find_newest_experiment_checkpoint
+    from ray.tune.experiment.trial import Trial
+    from ray.tune.utils.serialization import _loads_with_cloudpickle
+
+    newest = _find_newest_experiment_checkpoint(str(exp_dir))
+    if newest is None:
+        return []
+    state = _loads_with_cloudpickle(Path(newest).read_text())
+    made = []
+    for trial_json, run_metadata in state.get("trial_data", []):
+        trial = Trial.from_json_state(trial_json, stub=True)
+        if trial.status in (Trial.TERMINATED, Trial.ERROR):  # not run again on resume; they keep no checkpoint
+            continue
+        trial.restore_run_metadata(run_metadata)
+        latest = trial.run_metadata.checkpoint_manager.latest_checkpoint_result
+        if latest is None:
+            continue
+        # the folder as the moved experiment has it: <trial folder>/<checkpoint folder>, as Tune rebases it
+        rel = Path(*Path(latest.checkpoint.path).parts[-2:])
+        folder = exp_dir / rel
+        if folder.exists():
+            continue
+        folder.mkdir(parents=True)
+        (folder / MISSING_MARKER).write_text(
+            f"{rel} was named by the experiment's state but missing when it was resumed; the trial "
+            "started again from update 0.\n")
+        print(f"[sweep] warning: trial {trial.custom_trial_name or trial.trial_id}: its checkpoint {rel} is "
+              "missing from the results; the trial starts again from update 0", flush=True)
+        made.append(str(rel))
+    return made
 
 
 def provisional_record(run: FineTuneRun, metric: str, score: float, update: int, label: str) -> dict[str, Any]:
@@ -124,12 +181,12 @@ def run_tune_trial(spec: ResolvedTrial, report: Reporter, plan: TuneTrialPlan) -
     use_shared_compile_cache(cache_root())
     run = FineTuneRun(spec, report)
     run.start()
-    state = _restore(run)
+    state, missing = _restore(run)
     resumed_from = run.updates_done if state is not None else 0
     last: dict[str, Any] = dict(state.get("last", {})) if state else {}  # the last intermediate report
     points = set(plan.eval_points)
     saved_at, since = resumed_from, time.monotonic()
-    first_attempt = state is None
+    first_attempt = state is None and missing is None
     while run.step():
         done = run.updates_done
         metrics: dict[str, Any] = {}
@@ -150,6 +207,8 @@ def run_tune_trial(spec: ResolvedTrial, report: Reporter, plan: TuneTrialPlan) -
             saved_at, since = done, time.monotonic()
             if first_attempt and os.environ.get(KILL_AFTER_CHECKPOINT) == "1":
                 os._exit(1)
+            if first_attempt and os.environ.get(KILL_AFTER_CHECKPOINT) == "pause":
+                time.sleep(600)  # until the test's SIGINT stops the experiment
         elif metrics:
             tune.report(metrics)
     record = run.finish()
@@ -157,6 +216,8 @@ def run_tune_trial(spec: ResolvedTrial, report: Reporter, plan: TuneTrialPlan) -
     record.extra["process_trials_before"] = trials_before
     if resumed_from:
         record.extra["resumed_from_update"] = resumed_from
+    if missing:  # restored from a checkpoint without its training state: trained again from update 0
+        record.extra["checkpoint_missing"] = missing
     if plan.scheduler:
         record.extra["selection_scheduler"] = plan.scheduler
     return record
@@ -189,4 +250,5 @@ def tune_trial_plan(study, specs: list[ResolvedTrial]) -> tuple[TuneTrialPlan, A
     return plan, grouped_scheduler(sched, benchmark.primary_metric, mode, max_t)
 
 
-__all__ = ["KILL_AFTER_CHECKPOINT", "TuneTrialPlan", "provisional_record", "run_tune_trial", "tune_trial_plan"]
+__all__ = ["KILL_AFTER_CHECKPOINT", "MISSING_MARKER", "TuneTrialPlan", "fill_missing_checkpoints", "provisional_record",
+           "run_tune_trial", "tune_trial_plan"]

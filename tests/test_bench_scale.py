@@ -211,7 +211,10 @@ def test_a_count_cut_by_a_time_limit_and_resumed_is_marked_not_comparable(tmp_pa
     import time
 
     work = tmp_path / "w"
-    sets = [f"{k}={json.dumps(v)}" for k, v in {**SMALL, "counts": [1], "workdir": str(work)}.items()]
+    # trials long enough that the third is still running when the cut strikes, in a process that Tune's actor
+    # reuse keeps from one trial to the next (no start-up between them)
+    small = {**SMALL, "steps": 400}
+    sets = [f"{k}={json.dumps(v)}" for k, v in {**small, "counts": [1], "workdir": str(work)}.items()]
     cmd = [sys.executable, "-m", "harness", "bench", "scale", *sum((["--set", s] for s in sets), []),
            "--out", str(tmp_path / "scale.json")]
     env = {**os.environ, "HARNESS_CACHE": str(tmp_path / "cache")}
@@ -244,6 +247,6 @@ def test_a_count_cut_by_a_time_limit_and_resumed_is_marked_not_comparable(tmp_pa
     assert run["scaling_efficiency"] is None and "resumed after a cut" in run["scaling_efficiency_note"]
     resumed = run["resumed_call"]
     assert resumed["trials_from_earlier_calls"] >= 1 and resumed["trials"] == 4 - resumed["trials_from_earlier_calls"]
-    assert resumed["updates"] == resumed["trials"] * SMALL["steps"]  # none had a checkpoint: all from update 0
+    assert resumed["updates"] == resumed["trials"] * small["steps"]  # none had a checkpoint: all from update 0
     assert resumed["updates_per_s"] == pytest.approx(resumed["updates"] / resumed["span_s"], rel=0.01)
     assert "not comparable" in proc.stderr

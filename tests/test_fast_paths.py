@@ -92,6 +92,23 @@ def test_fast_forward_under_autocast_is_as_accurate_as_peft(name):
         assert fast <= max(2.5 * peft, 3e-2), (k, fast, peft)
 
 
+@pytest.mark.parametrize("r", [2, 256])
+def test_vera_merges_only_where_it_pays_and_matches_peft_either_way(r):
+    """VeRA's rank decides its path (r=2 on these 16-wide layers: low-rank; the papers' 256: merged);
+    both give peft's outputs and gradients."""
+    assert not fast_peft.merge_pays(2, 16, 16) and fast_peft.merge_pays(256, 16, 16)
+    assert fast_peft.merge_pays(256, 512, 512) and not fast_peft.merge_pays(16, 512, 512)  # the DT's width
+    x, y = _data()
+    fast = _wrapped("vera", {"r": r})
+    reference = _wrapped("vera", {"r": r})
+    fast_peft.disable(reference)
+    out_fast, g_fast = _step(fast, x, y, autocast=False)
+    out_ref, g_ref = _step(reference, x, y, autocast=False)
+    torch.testing.assert_close(out_fast, out_ref, atol=1e-5, rtol=1e-5)
+    for k in g_ref:
+        assert _error(g_fast[k], g_ref[k]) < 1e-5, k
+
+
 def test_fast_path_keeps_peft_state_and_save_format(tmp_path):
     model = _wrapped("dora")
     keys = set(model.state_dict())

@@ -1,50 +1,67 @@
 """Trials that survive preemption: a trial whose process dies after its first Tune checkpoint is retried by
-Ray, continues from that checkpoint, and ends with the record of an uninterrupted run (times apart)."""
+Ray, continues from that checkpoint, and ends with the record of an uninterrupted run (times apart). The
+uninterrupted reference sweep runs its trials in one process (Tune's actor reuse), and is checked here too:
+each of its records is the one the same trial gives alone."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 import yaml
 
+from harness.process_cache import REUSE_ENV
 from harness.tune_trial import KILL_AFTER_CHECKPOINT
 from tests.test_sweep_e2e import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, EVERY = 12, 4
+# dropout on, so the restored random streams matter; AdaLoRA, so its state outside the model does too
+BUDGET = {"steps": STEPS, "eval_episodes": 1, "batch_size": 8, "report_every": 4}
+SETTINGS = {**TINY, "dropout": 0.1, "deterministic": True}
+METHODS = {"full": {"lr": 1.0e-3}, "lora": {"r": 2, "lr": 1.0e-3}, "adalora": {"r": 2, "lr": 1.0e-3}}
 
 
-def run_sweep(tmp_path: Path, name: str, kill: bool) -> list[dict]:
-    # dropout on, so the restored random streams matter; AdaLoRA, so its state outside the model does too
-    doc = {"name": name, "track": "rl", "benchmark": "cw10", "tasks": ["window-close"],
-           "methods": {"adalora": {"r": 2, "lr": 1.0e-3}}, "seeds": [0],
-           "budget": {"steps": STEPS, "eval_episodes": 1, "batch_size": 8, "report_every": 4},
-           "settings": {**TINY, "dropout": 0.1, "deterministic": True}, "leaderboard": name,
+def run_sweep(tmp_path: Path, name: str, methods: dict, kill: bool) -> list[dict]:
+    doc = {"name": name, "track": "rl", "benchmark": "cw10", "tasks": ["window-close"], "methods": methods,
+           "seeds": [0], "budget": BUDGET, "settings": SETTINGS, "leaderboard": name,
            "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0, "checkpoint_every": EVERY}}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc))
     env = dict(os.environ, HARNESS_CACHE=str(tmp_path / "cache"), RAY_DEDUP_LOGS="0")
-    env.pop("RAY_ADDRESS", None)
-    env.pop(KILL_AFTER_CHECKPOINT, None)
+    for key in ("RAY_ADDRESS", KILL_AFTER_CHECKPOINT, REUSE_ENV):  # actors reused: the default
+        env.pop(key, None)
     if kill:
         env[KILL_AFTER_CHECKPOINT] = "1"
     done = subprocess.run([sys.executable, "-m", "harness", "sweep", str(path), "--results", str(tmp_path / name),
-                           "--leaderboard", str(tmp_path / f"{name}-board"), "--no-dashboard"],
+                           "--leaderboard", str(tmp_path / f"{name}-board"), "--no-dashboard", "--cpus", "1"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-3000:]
     lines = (tmp_path / name / name / f"{name}-records.jsonl").read_text().splitlines()
-    return [json.loads(x) for x in lines]
+    return sorted((json.loads(x) for x in lines), key=lambda r: r["method"])
 
 
-def test_a_killed_trial_continues_from_its_checkpoint_with_the_same_record(tmp_path):
-    whole = run_sweep(tmp_path, "whole", kill=False)
-    killed = run_sweep(tmp_path, "killed", kill=True)
-    assert len(whole) == len(killed) == 1
-    a, b = whole[0], killed[0]
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory) -> tuple[Path, list[dict]]:
+    """Three uninterrupted trials, checkpointing, one after another in one process (one 1-CPU slot, Tune's
+    actor reuse): the reference of both tests here (one sweep, one Ray start for the two)."""
+    tmp = tmp_path_factory.mktemp("whole")
+    return tmp, run_sweep(tmp, "whole", METHODS, kill=False)
+
+
+@pytest.mark.slow
+def test_a_killed_trial_continues_from_its_checkpoint_with_the_same_record(whole, tmp_path):
+    base, uninterrupted = whole
+    shutil.copytree(base / "cache", tmp_path / "cache")  # the RL data and base, as a second sweep finds them
+    killed = run_sweep(tmp_path, "killed", {"adalora": METHODS["adalora"]}, kill=True)
+    assert len(killed) == 1
+    a, b = next(r for r in uninterrupted if r["method"] == "adalora"), killed[0]
     assert a["status"] == b["status"] == "ok"
     ea, eb = json.loads(a["extra"]), json.loads(b["extra"])
     # the retry continued from the first checkpoint, not from update 0
@@ -56,3 +73,34 @@ def test_a_killed_trial_continues_from_its_checkpoint_with_the_same_record(tmp_p
     # a finished trial keeps no checkpoint: only its adapter
     assert not list((tmp_path / "killed").rglob("checkpoint_*"))
     assert Path(b["adapter_path"]).is_dir()
+
+
+@pytest.mark.slow
+def test_trials_in_one_process_give_the_records_of_trials_in_their_own(whole, monkeypatch):
+    """Tune's actor reuse (issue 20, item 4; tests/test_trial_reuse.py has the parts): each record of the
+    three trials that shared a process is the one the same trial gives with nothing run before it."""
+    base, shared = whole
+    assert len(shared) == 3 and all(r["status"] == "ok" for r in shared)
+    extras = [json.loads(r["extra"]) for r in shared]
+    assert sorted(e["process_trials_before"] for e in extras) == [0, 1, 2]
+    assert len({e["timing"]["process_started_at"] for e in extras}) == 1  # one process
+    # each against the same trial without Ray (one thread, as in its 1-CPU slot) and with the base read
+    # afresh; a trial under Tune gives run_trial's record (tests/test_cluster.py), so a difference is reuse's
+    from harness import process_cache
+    from harness.trial import MEASUREMENT_FIELDS, TrialSpec, run_trial
+
+    monkeypatch.setenv("HARNESS_CACHE", str(base / "cache"))
+    monkeypatch.setattr(process_cache, "_states", {})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        apart = [run_trial(TrialSpec("rl", "cw10", "window-close", r["method"], json.loads(r["settings"]), 0, BUDGET,
+                                     SETTINGS), lambda _: None).flat() for r in shared]
+    finally:
+        torch.set_num_threads(threads)
+    skip = {*MEASUREMENT_FIELDS, "extra", "adapter_path", "selection", "grid_size"}  # the last two: the driver's
+    for a, b, ea in zip(shared, apart, extras):
+        assert b["status"] == "ok", b.get("error")
+        assert {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}, \
+            a["method"]
+        assert ea["returns"] == json.loads(b["extra"])["returns"]

@@ -9,6 +9,8 @@ no adapter dropout in training, an ``nn.Linear`` base); anything else falls back
 - LoRA family, AdaLoRA, VeRA: ``fast_linear.low_rank_linear`` with the method's scalings folded into
   its factors (LoRA: ``B`` times ``scaling``; AdaLoRA: ``A * E`` and ``B`` times ``scaling / ranknum``;
   VeRA: the shared bases scaled by ``lambda_d`` and ``lambda_b``), so nothing scales the activations.
+  VeRA's update is merged into the weight instead where its rank is high enough for that to be cheaper
+  (``merge_pays``; the papers' r=256 on 512- to 768-wide layers).
 - DoRA: the column-normalised weight ``m / ||W + s B A||_c (W + s B A)`` (norm detached, DoRA section 4.3,
   as peft does) in one ``F.linear``; peft instead keeps the base output and the LoRA output and mixes
   them element-wise, which holds several activation-sized tensors per layer for the backward.
@@ -87,14 +89,31 @@ class FastSVDLinear(SVDLinear):
         return low_rank_linear(x, base.weight, base.bias, a, b)
 
 
+def merge_pays(rank: int, d_in: int, d_out: int) -> bool:
+    """Whether merging a rank-``rank`` update into the weight costs fewer FLOPs per token than applying it
+    to the activations. The activation path adds ``rank (d_in + d_out)`` multiply-adds per token in the
+    forward and twice that in the backward; the merged weight adds its weight gradient, ``d_in d_out``
+    (the merge itself, ``rank d_in d_out`` once per step, is small against thousands of tokens)."""
+    return 3 * rank * (d_in + d_out) > d_in * d_out
+
+
 class FastVeraLinear(VeraLinear):
-    """peft's VeRA layer, fast forward: the shared frozen bases scaled by the trained vectors."""
+    """peft's VeRA layer, fast forward: the shared frozen bases scaled by the trained vectors, applied to
+    the activations, or merged into the weight where its rank (256 in the papers) makes that cheaper
+    (:func:`merge_pays`: on the DT's 512-wide layers VeRA's low-rank path cost 1.6x full fine-tuning)."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         name = _fast_adapter(self, args, kwargs, self.vera_lambda_d.keys(), self.vera_dropout)
         if name is None:
             return super().forward(x, *args, **kwargs)
         base = self.get_base_layer()
+        if merge_pays(self.vera_A[name].shape[0], self.in_features, self.out_features):
+            # the product in the adapter's dtype, autocast off, as RandLoRA's merged path (accuracy)
+            with torch.autocast(x.device.type, enabled=False):
+                a = self.vera_lambda_d[name].unsqueeze(1) * self.vera_A[name][:, : self.in_features]
+                b = self.vera_lambda_b[name].unsqueeze(1) * self.vera_B[name][: self.out_features, :]
+                weight = base.weight + (b @ a).to(base.weight.dtype)
+            return F.linear(x, weight, base.bias)
         a = self.vera_lambda_d[name].unsqueeze(1) * self.vera_A[name][:, : self.in_features]
         b = self.vera_lambda_b[name].unsqueeze(1) * self.vera_B[name][: self.out_features, :]
         return low_rank_linear(x, base.weight, base.bias, a, b)

@@ -1,0 +1,165 @@
+"""``python -m harness bench selection``: what early stopping saves in a study's selection stage, and
+whether it still chooses the same settings.
+
+The same select-then-final study runs twice, each as its own ``python -m harness sweep`` process: once
+with the full selection grid (no scheduler) and once under the scheduler (the study's own
+``selection.scheduler`` and Tune parameters, or ``scheduler`` given here). Per (method, task) it reports
+the selection updates each run spent (a trial the scheduler stopped counts the updates it had done), the
+settings each run chose for the final stage, whether they agree, and both final scores; in total the
+ratio of selection updates (grid / scheduler) and the share of (method, task) pairs that agree.
+
+A run cut short (a job's time limit) is not lost: the same command again resumes it (``--resume``), and
+finished runs are kept. Methods with a single grid point skip selection in both runs and are left out.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from harness.errors import ConfigError
+from harness.subprocesses import run_logged
+from harness.sweep_file import Study, load_sweep, selection_methods
+from harness.tracks import get_track
+from harness.validation import validate
+
+
+
+class SelectionBenchSettings(BaseModel):
+    """``--set`` keys of ``bench selection``."""
+
+    model_config = ConfigDict(extra="forbid")
+    file: str = "sweeps/cw10-short.yaml"  # a sweep file with a select-then-final study
+    only: str | None = None  # its study, where the file has several
+    sets: list[str] = Field(default_factory=list)  # sweep overrides for both runs, e.g. ["budget.steps=10000"]
+    # the scheduler run's selection settings, e.g. {scheduler: asha, grace_period: 625, reduction_factor: 4};
+    # empty: the study's own
+    scheduler: dict[str, Any] = Field(default_factory=dict)
+    workdir: str = "bench-selection"  # results and boards of both runs; the same value resumes them
+
+
+def _study(s: SelectionBenchSettings, sets: list[str]) -> Study:
+    sweep = load_sweep(s.file, sets, only=s.only, confirmed=True)
+    studies = [st for st in sweep.studies if s.only in (None, st.name)]
+    if len(studies) != 1:
+        raise ConfigError(f"bench selection: {s.file} has {len(studies)} studies "
+                          f"({', '.join(st.name for st in sweep.studies)}): name one with --set only=NAME")
+    return studies[0]
+
+
+def _selection_sets(s: SelectionBenchSettings) -> dict[str, list[str]]:
+    """The ``--set`` overrides of each run; checked as a sweep would check them, before any compute."""
+    study = _study(s, list(s.sets))
+    if study.protocol != "select-then-final":
+        raise ConfigError(f"bench selection: study {study.name!r} has protocol {study.protocol!r}; only "
+                          "'select-then-final' has a selection stage (set protocol=select-then-final)")
+    scheduler = s.scheduler or study.selection.scheduler_settings()
+    if not scheduler.get("scheduler"):
+        raise ConfigError(f"bench selection: study {study.name!r} names no selection.scheduler; give one, e.g. "
+                          "--set 'scheduler={scheduler: asha, grace_period: 625, reduction_factor: 4}'")
+    if not selection_methods(study):
+        raise ConfigError(f"bench selection: no method of study {study.name!r} has more than one grid point, "
+                          "so there is nothing to select")
+    seeds = json.dumps({"seeds": study.selection.seeds})
+    runs = {"grid": [*s.sets, f"selection={seeds}"],
+            "scheduler": [*s.sets, "selection=" + json.dumps({"seeds": study.selection.seeds, **scheduler})]}
+    for sets in runs.values():
+        _study(s, sets)  # the scheduler's parameters are validated here, before either run starts
+    return runs
+
+
+def _records(results: Path, select: bool) -> list[dict[str, Any]]:
+    pattern = "*-select-records.jsonl" if select else "*-records.jsonl"
+    out = []
+    for path in sorted(results.rglob(pattern)):
+        if not select and path.name.endswith("-select-records.jsonl"):
+            continue
+        out += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return out
+
+
+def _extra(r: dict[str, Any]) -> dict[str, Any]:
+    e = r.get("extra") or {}
+    return json.loads(e) if isinstance(e, str) else e
+
+
+def _settings(r: dict[str, Any]) -> dict[str, Any]:
+    s = r.get("settings") or {}
+    return json.loads(s) if isinstance(s, str) else s
+
+
+def spent_updates(r: dict[str, Any]) -> int:
+    """A selection trial's updates: where the scheduler stopped it, else all it trained."""
+    extra = _extra(r)
+    if "stopped_at_update" in extra:
+        return int(extra["stopped_at_update"])
+    if "updates" in extra:
+        return int(extra["updates"])
+    budget = r.get("budget") or {}
+    budget = json.loads(budget) if isinstance(budget, str) else budget
+    return int(budget.get("steps") or budget.get("epochs") or 0)
+
+
+def compare(grid: Path, scheduled: Path, metric: str) -> dict[str, Any]:
+    """Per (method, task) and in total: selection updates of both runs, the settings each chose (the final
+    records' settings, which the selection stage picked), agreement, and the final ``metric`` of each."""
+    pairs: dict[tuple[str, str], dict[str, Any]] = {}
+    for name, results in (("grid", grid), ("scheduler", scheduled)):
+        for r in _records(results, select=True):
+            entry = pairs.setdefault((r["method"], r["task"]), {})
+            entry[f"{name}_updates"] = entry.get(f"{name}_updates", 0) + spent_updates(r)
+            entry[f"{name}_trials"] = entry.get(f"{name}_trials", 0) + 1
+        finals: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for r in _records(results, select=False):
+            finals.setdefault((r["method"], r["task"]), []).append(r)
+        for key, rows in finals.items():
+            if key not in pairs:
+                continue  # a method that skipped selection
+            rows.sort(key=lambda r: r.get("seed", 0))
+            pairs[key][f"{name}_chosen"] = _settings(rows[0])
+            scores = [r["metrics"][metric] if "metrics" in r else r.get(metric) for r in rows]
+            scores = [float(x) for x in scores if x is not None]
+            pairs[key][f"{name}_final_{metric}"] = round(sum(scores) / len(scores), 4) if scores else None
+    rows = []
+    for (method, task), e in sorted(pairs.items()):
+        agree = "grid_chosen" in e and e.get("grid_chosen") == e.get("scheduler_chosen")
+        rows.append({"method": method, "task": task, **e, "same_choice": agree})
+    grid_total = sum(r.get("grid_updates", 0) for r in rows)
+    sched_total = sum(r.get("scheduler_updates", 0) for r in rows)
+    complete = [r for r in rows if "grid_chosen" in r and "scheduler_chosen" in r]
+    return {"pairs": rows, "grid_updates": grid_total, "scheduler_updates": sched_total,
+            "update_ratio": round(grid_total / sched_total, 3) if sched_total else None,
+            "same_choice": sum(r["same_choice"] for r in complete), "compared": len(complete)}
+
+
+def bench_selection(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Run the grid and the scheduler run of one study (or resume them) and compare their selection."""
+    s = validate(SelectionBenchSettings, overrides, "bench selection")
+    runs = _selection_sets(s)
+    study = _study(s, runs["grid"])
+    metric = get_track(study.track).benchmarks[study.benchmark].primary_metric
+    work = Path(s.workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    for name, sets in runs.items():
+        done = work / f"{name}.done"
+        if done.exists():
+            print(f"[bench selection] {name}: finished earlier, kept", file=sys.stderr)
+            continue
+        results = work / name
+        cmd = [sys.executable, "-m", "harness", "sweep", str(Path(s.file).resolve()), "--results", str(results),
+               "--leaderboard", str(work / f"{name}-board"), "--no-dashboard", "--yes"]
+        cmd += ["--only", s.only] if s.only else []
+        cmd += [x for item in sets for x in ("--set", item)]
+        if results.exists() and any(results.rglob("tuner.pkl")):
+            cmd.append("--resume")
+        rc = run_logged(cmd, work / f"{name}.log")
+        if rc != 0:
+            raise ConfigError(f"bench selection: the {name} run exited {rc}; its log is {work / f'{name}.log'}; "
+                              "the same command again resumes it")
+        done.write_text("ok\n")
+    result = compare(work / "grid", work / "scheduler", metric)
+    return {"study": study.name, "metric": metric, "runs": runs, **result}
