@@ -302,6 +302,9 @@ def run_wave(specs: list[ResolvedTrial], study: Study, exp_dir: Path, resume: bo
     if stopped or unfinished:
         # Ray stopped the experiment on SIGINT and saved its state: finished trials are kept for --resume
         raise KeyboardInterrupt(f"{len(unfinished)} trial(s) of {exp_dir.name} did not finish")
+    from harness.tune_trial import remove_wave_checkpoints
+
+    remove_wave_checkpoints(exp_dir)  # those of trials a scheduler stopped before their own clean-up
     records = []
     for result in grid:
         metrics = result.metrics or {}

@@ -168,6 +168,18 @@ def remove_checkpoints() -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def remove_wave_checkpoints(exp_dir: Path) -> int:
+    """After a wave's experiment has ended with every trial finished: remove the checkpoints its trials
+    left in ``exp_dir``; return how many. A trial removes its own as it finishes (:func:`remove_checkpoints`)
+    unless Tune stopped it first, which a scheduler does: at a rung (early stopping) and also on the final
+    report that reaches ``max_t``, before the trial's own clean-up runs."""
+    gone = 0
+    for folder in exp_dir.glob("*/checkpoint_*"):
+        shutil.rmtree(folder, ignore_errors=True)
+        gone += 1
+    return gone
+
+
 def run_tune_trial(spec: ResolvedTrial, report: Reporter, plan: TuneTrialPlan) -> TrialRecord:
     """Run one trial under Tune (inside its function trainable) to its record; see the module doc."""
     from ray import tune
@@ -251,4 +263,4 @@ def tune_trial_plan(study, specs: list[ResolvedTrial]) -> tuple[TuneTrialPlan, A
 
 
 __all__ = ["KILL_AFTER_CHECKPOINT", "MISSING_MARKER", "TuneTrialPlan", "fill_missing_checkpoints", "provisional_record",
-           "run_tune_trial", "tune_trial_plan"]
+           "remove_wave_checkpoints", "run_tune_trial", "tune_trial_plan"]

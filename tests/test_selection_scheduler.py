@@ -47,7 +47,7 @@ def test_asha_stops_selection_trials_and_the_chosen_setting_runs_in_full(tmp_pat
            "methods": {"full": {"lr": LRS}},
            "budget": {"steps": STEPS, "batch_size": 8}, "settings": TINY,
            # one trial at a time: ASHA then compares each trial with all the earlier ones at every rung
-           "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0, "max_concurrent": 1}}
+           "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0, "max_concurrent": 1, "checkpoint_every": GRACE}}
     path = tmp_path / "asha.yaml"
     path.write_text(yaml.safe_dump(doc))
     env = dict(os.environ, HARNESS_CACHE=str(tmp_path / "cache"), RAY_DEDUP_LOGS="0")
@@ -73,3 +73,5 @@ def test_asha_stops_selection_trials_and_the_chosen_setting_runs_in_full(tmp_pat
     assert json.loads(final[0]["settings"])["lr"] == json.loads(best["settings"])["lr"]
     assert json.loads(final[0]["extra"])["updates"] == STEPS  # the final stage is never stopped early
     assert final[0]["selection"].startswith("held-out/asha(") and final[0]["grid_size"] == len(LRS)
+    # trials the scheduler stopped (at a rung, or at max_t before their own clean-up) keep no checkpoint
+    assert not list(base.rglob("checkpoint_*"))
