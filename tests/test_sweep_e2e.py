@@ -23,9 +23,9 @@ TINY = {"n_layer": 1, "n_head": 2, "n_embd": 32, "context": 4, "dropout": 0.0, "
         "warmup": 0, "grad_clip": 0.0, "eval_pretrained": False}
 
 
-def sweep_file(tmp_path: Path, methods: dict, seeds=(0,), max_concurrent=None) -> Path:
+def sweep_file(tmp_path: Path, methods: dict, seeds=(0,), max_concurrent=None, steps: int = 8) -> Path:
     doc = {"name": "tiny", "track": "rl", "benchmark": "cw10", "tasks": ["window-close"], "methods": methods,
-           "seeds": list(seeds), "budget": {"steps": 8, "eval_episodes": 1, "batch_size": 8, "report_every": 4},
+           "seeds": list(seeds), "budget": {"steps": steps, "eval_episodes": 1, "batch_size": 8, "report_every": 4},
            "settings": TINY, "leaderboard": "tiny-cw10",
            "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0, "max_concurrent": max_concurrent}}
     path = tmp_path / "tiny.yaml"
@@ -82,7 +82,9 @@ def test_tiny_sweep_writes_leaderboard_and_survives_a_nan_trial(tmp_path, env):
 def test_interrupted_sweep_resumes_without_rerunning(tmp_path, env):
     """The README's recovery path as a user meets it: the default (relative) --results and --leaderboard
     in the working folder, Ctrl-C (SIGINT) ends with 130, and the same command with --resume finishes."""
-    sweep_file(tmp_path, {"full": {"lr": [1.0e-4, 2.0e-4, 3.0e-4]}}, max_concurrent=1)
+    # trials long enough (seconds) that the next one is still training when Ctrl-C arrives: with actor
+    # reuse an 8-update trial ends within the poll's half second, and all three finished before the signal
+    sweep_file(tmp_path, {"full": {"lr": [1.0e-4, 2.0e-4, 3.0e-4]}}, max_concurrent=1, steps=600)
     res, board = tmp_path / "results", tmp_path / "leaderboard"
     args = ["sweep", "tiny.yaml", "--no-dashboard"]
     proc = run_cli(args, env, cwd=tmp_path)
