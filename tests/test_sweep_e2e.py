@@ -23,9 +23,11 @@ TINY = {"n_layer": 1, "n_head": 2, "n_embd": 32, "context": 4, "dropout": 0.0, "
         "warmup": 0, "grad_clip": 0.0, "eval_pretrained": False}
 
 
-def sweep_file(tmp_path: Path, methods: dict, seeds=(0,), max_concurrent=None, steps: int = 8) -> Path:
+def sweep_file(tmp_path: Path, methods: dict, seeds=(0,), max_concurrent=None, steps: int = 8,
+               report_every: int = 4) -> Path:
     doc = {"name": "tiny", "track": "rl", "benchmark": "cw10", "tasks": ["window-close"], "methods": methods,
-           "seeds": list(seeds), "budget": {"steps": steps, "eval_episodes": 1, "batch_size": 8, "report_every": 4},
+           "seeds": list(seeds),
+           "budget": {"steps": steps, "eval_episodes": 1, "batch_size": 8, "report_every": report_every},
            "settings": TINY, "leaderboard": "tiny-cw10",
            "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0, "max_concurrent": max_concurrent}}
     path = tmp_path / "tiny.yaml"
@@ -84,7 +86,8 @@ def test_interrupted_sweep_resumes_without_rerunning(tmp_path, env):
     in the working folder, Ctrl-C (SIGINT) ends with 130, and the same command with --resume finishes."""
     # trials long enough (seconds) that the next one is still training when Ctrl-C arrives: with actor
     # reuse an 8-update trial ends within the poll's half second, and all three finished before the signal
-    sweep_file(tmp_path, {"full": {"lr": [1.0e-4, 2.0e-4, 3.0e-4]}}, max_concurrent=1, steps=600)
+    sweep_file(tmp_path, {"full": {"lr": [1.0e-4, 2.0e-4, 3.0e-4]}}, max_concurrent=1, steps=600,
+               report_every=150)  # each progress report is a Tune result the driver processes
     res, board = tmp_path / "results", tmp_path / "leaderboard"
     args = ["sweep", "tiny.yaml", "--no-dashboard"]
     proc = run_cli(args, env, cwd=tmp_path)
