@@ -123,9 +123,6 @@ def check(s: ScaleSettings, sweep_path: Path) -> int:
     return trials
 
 
-_run = run_logged
-
-
 def _records(results: Path) -> list[dict[str, Any]]:
     path = results / SWEEP_NAME / f"{SWEEP_NAME}-records.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -340,7 +337,7 @@ def bench_scale(overrides: dict[str, Any]) -> dict[str, Any]:
     prep = [sys.executable, "-m", "harness", "pretrain", "rl"]
     for k, v in settings.items():
         prep += ["--set", f"{k}={json.dumps(v) if isinstance(v, (list, dict, bool)) else v}"]
-    if _run(prep, work / "prepare.log") != 0:
+    if run_logged(prep, work / "prepare.log") != 0:
         raise RuntimeError(f"bench scale: preparing the data and the pretrained DT failed; see {work / 'prepare.log'}")
     prepare_s = time.time() - started
 
@@ -359,7 +356,7 @@ def bench_scale(overrides: dict[str, Any]) -> dict[str, Any]:
         cmd += ["--gpus", str(n)] if s.axis == "gpu" else ["--gpus", "0", "--cpus", str(n * s.cpus_per_trial)]
         started = time.time()
         with GpuMonitor() as monitor:
-            code = _run(cmd, folder / ("sweep-resumed.log" if resumed else "sweep.log"),
+            code = run_logged(cmd, folder / ("sweep-resumed.log" if resumed else "sweep.log"),
                         {REUSE_ENV: "1" if s.reuse_actors else "0"})
         wall = time.time() - started
         if code not in (0, 1):  # 1: some trials failed, which the figures say; others: nothing ran

@@ -107,15 +107,13 @@ class FastVeraLinear(VeraLinear):
         if name is None:
             return super().forward(x, *args, **kwargs)
         base = self.get_base_layer()
-        if merge_pays(self.vera_A[name].shape[0], self.in_features, self.out_features):
-            # the product in the adapter's dtype, autocast off, as RandLoRA's merged path (accuracy)
-            with torch.autocast(x.device.type, enabled=False):
-                a = self.vera_lambda_d[name].unsqueeze(1) * self.vera_A[name][:, : self.in_features]
-                b = self.vera_lambda_b[name].unsqueeze(1) * self.vera_B[name][: self.out_features, :]
-                weight = base.weight + (b @ a).to(base.weight.dtype)
-            return F.linear(x, weight, base.bias)
         a = self.vera_lambda_d[name].unsqueeze(1) * self.vera_A[name][:, : self.in_features]
         b = self.vera_lambda_b[name].unsqueeze(1) * self.vera_B[name][: self.out_features, :]
+        if merge_pays(a.shape[0], self.in_features, self.out_features):
+            # the product in the adapter's dtype, autocast off, as RandLoRA's merged path (accuracy)
+            with torch.autocast(x.device.type, enabled=False):
+                weight = base.weight + (b @ a).to(base.weight.dtype)
+            return F.linear(x, weight, base.bias)
         return low_rank_linear(x, base.weight, base.bias, a, b)
 
 
