@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from agents.tasks import EPISODE_LENGTH
@@ -19,12 +21,23 @@ COSTS = json.loads((ROOT / "benchmarks" / "update-costs.json").read_text())["dev
 
 
 def plan(tmp_path: Path, doc: dict, *args: str) -> subprocess.CompletedProcess:
+    """``python -m harness sweep FILE --plan ...`` through the command line's own entry point, in this
+    process: the same parsing, validation, output and exit status as the command, without paying a fresh
+    interpreter's imports per call (``main`` is what ``python -m harness`` calls)."""
+    from harness.cli import main
+
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(doc))
-    env = dict(os.environ, HARNESS_CACHE=str(tmp_path / "cache"))
-    return subprocess.run([sys.executable, "-m", "harness", "sweep", str(path), "--plan",
-                           "--results", str(tmp_path / "results"), "--leaderboard", str(tmp_path / "board"), *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    argv = ["sweep", str(path), "--plan", "--results", str(tmp_path / "results"), "--leaderboard",
+            str(tmp_path / "board"), *args]
+    out, err = io.StringIO(), io.StringIO()
+    cwd = os.getcwd()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        mp.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+        mp.chdir(ROOT)
+        code = main(argv)
+    assert os.getcwd() == cwd
+    return subprocess.CompletedProcess(["python", "-m", "harness", *argv], code, out.getvalue(), err.getvalue())
 
 
 def rows(out: str) -> dict[str, list[str]]:
