@@ -42,6 +42,12 @@ MISSING_MARKER = "MISSING-CHECKPOINT.txt"
 # preempted node would leave it (tests/test_trial_checkpoint.py); "pause": it waits there instead, so that
 # a test can interrupt the sweep with every trial mid-way (tests/test_resume_missing_checkpoint.py).
 KILL_AFTER_CHECKPOINT = "HARNESS_TEST_EXIT_AFTER_CHECKPOINT"
+# Tests only: a trial whose Tune trial name contains this variable's value waits after its first update, on
+# its first attempt, having left PAUSED_MARKER in its trial folder: a test then interrupts or kills the sweep
+# with that trial mid-way and the trials before it finished, whatever the machine's speed
+# (tests/test_sweep_e2e.py, tests/test_bench_scale.py).
+PAUSE_TRIAL = "HARNESS_TEST_PAUSE_TRIAL"
+PAUSED_MARKER = "PAUSED-BY-TEST"
 
 
 @dataclass(frozen=True)
@@ -180,6 +186,14 @@ def remove_wave_checkpoints(exp_dir: Path) -> int:
     return gone
 
 
+def _paused_by_test() -> bool:
+    """Whether this trial is the one a test asked to wait mid-way (:data:`PAUSE_TRIAL`)."""
+    from ray import tune
+
+    wanted = os.environ.get(PAUSE_TRIAL)
+    return bool(wanted) and wanted in tune.get_context().get_trial_name()
+
+
 def run_tune_trial(spec: ResolvedTrial, report: Reporter, plan: TuneTrialPlan) -> TrialRecord:
     """Run one trial under Tune (inside its function trainable) to its record; see the module doc."""
     from ray import tune
@@ -199,8 +213,15 @@ def run_tune_trial(spec: ResolvedTrial, report: Reporter, plan: TuneTrialPlan) -
     points = set(plan.eval_points)
     saved_at, since = resumed_from, time.monotonic()
     first_attempt = state is None and missing is None
+    pause = first_attempt and _paused_by_test()
     while run.step():
         done = run.updates_done
+        if pause:
+            # in the trial's folder of the results (storage), where the test looks
+            folder = Path(tune.get_context().get_storage().trial_fs_path)
+            (folder / PAUSED_MARKER).write_text(f"paused after update {done}\n")
+            time.sleep(600)  # until the test's signal stops the sweep
+            pause = False
         metrics: dict[str, Any] = {}
         if done in points:
             try:
@@ -262,5 +283,5 @@ def tune_trial_plan(study, specs: list[ResolvedTrial]) -> tuple[TuneTrialPlan, A
     return plan, grouped_scheduler(sched, benchmark.primary_metric, mode, max_t)
 
 
-__all__ = ["KILL_AFTER_CHECKPOINT", "MISSING_MARKER", "TuneTrialPlan", "fill_missing_checkpoints", "provisional_record",
+__all__ = ["KILL_AFTER_CHECKPOINT", "MISSING_MARKER", "PAUSED_MARKER", "PAUSE_TRIAL", "TuneTrialPlan", "fill_missing_checkpoints", "provisional_record",
            "remove_wave_checkpoints", "run_tune_trial", "tune_trial_plan"]

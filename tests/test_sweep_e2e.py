@@ -15,6 +15,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from harness.tune_trial import PAUSE_TRIAL, PAUSED_MARKER
+
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY = {"n_layer": 1, "n_head": 2, "n_embd": 32, "context": 4, "dropout": 0.0, "data_episodes": 2,
@@ -84,28 +86,27 @@ def test_tiny_sweep_writes_leaderboard_and_survives_a_nan_trial(tmp_path, env):
 def test_interrupted_sweep_resumes_without_rerunning(tmp_path, env):
     """The README's recovery path as a user meets it: the default (relative) --results and --leaderboard
     in the working folder, Ctrl-C (SIGINT) ends with 130, and the same command with --resume finishes."""
-    # trials long enough (seconds) that the next one is still training when Ctrl-C arrives: with actor
-    # reuse an 8-update trial ends within the poll's half second, and all three finished before the signal
-    sweep_file(tmp_path, {"full": {"lr": [1.0e-4, 2.0e-4, 3.0e-4]}}, max_concurrent=1, steps=600,
-               report_every=150)  # each progress report is a Tune result the driver processes
+    # the second trial waits after its first update (a test hook), so Ctrl-C arrives with the first trial
+    # finished, the second mid-way and the third not started, however fast or slow this machine is
+    sweep_file(tmp_path, {"full": {"lr": [1.0e-4, 2.0e-4, 3.0e-4]}}, max_concurrent=1)
     res, board = tmp_path / "results", tmp_path / "leaderboard"
     args = ["sweep", "tiny.yaml", "--no-dashboard"]
-    proc = run_cli(args, env, cwd=tmp_path)
+    proc = run_cli(args, {**env, PAUSE_TRIAL: "_lr0.0002_"}, cwd=tmp_path)
     exp = res / "tiny" / "tiny-final"
     deadline = time.time() + 400
-    finished: list[Path] = []
-    while time.time() < deadline and proc.poll() is None:
-        finished = [p for p in exp.glob("*/result.json") if '"record"' in p.read_text()]
-        if finished:
-            break
+    while time.time() < deadline and proc.poll() is None and not list(exp.glob(f"*/{PAUSED_MARKER}")):
         time.sleep(0.5)
-    assert finished, "no trial finished before the deadline"
+    assert proc.poll() is None, "the sweep ended before it could be interrupted"
+    (paused,) = exp.glob(f"*/{PAUSED_MARKER}")
+    assert "_lr0.0002_" in paused.parent.name
+    finished = [p.parent.name for p in exp.glob("*/result.json") if '"record"' in p.read_text()]
+    assert len(finished) == 1 and "_lr0.0001_" in finished[0], finished  # the grid's first point, before it
     os.kill(proc.pid, signal.SIGINT)  # the driver alone, as `kill -INT`; Ctrl-C reaches its Ray workers too
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "--resume" in out, out[-3000:]
     assert "Traceback" not in out.split("Stop signal received")[-1], out[-3000:]
     done_before = {p.parent.name for p in exp.glob("*/result.json") if '"record"' in p.read_text()}
-    assert 1 <= len(done_before) < 3, out[-3000:]
+    assert done_before == set(finished), out[-3000:]  # the paused trial did not finish on the way out
     assert not (res / "tiny" / "tiny-records.jsonl").exists()  # no record of an unfinished sweep
 
     proc = run_cli([*args, "--resume"], env, cwd=tmp_path)
