@@ -55,19 +55,18 @@ def records(results: Path) -> list[dict]:
     return [json.loads(line) for line in (results / "tiny" / "tiny-records.jsonl").read_text().splitlines()]
 
 
-def test_tiny_sweep_writes_leaderboard_and_survives_a_nan_trial(tmp_path, env):
-    path = sweep_file(tmp_path, {"full": {"lr": [1.0e-4, 1.0e30]}, "lora": {"r": 2, "lr": 1.0e-3}})
-    res, board = tmp_path / "results", tmp_path / "board"
-    proc = run_cli(["sweep", str(path), "--results", str(res), "--leaderboard", str(board), "--no-dashboard"], env)
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 1, out[-4000:]  # some trials failed: the exit status says so
-    recs = records(res)
-    assert len(recs) == 3
+def test_tiny_sweep_writes_leaderboard_and_survives_a_nan_trial(tiny_rl_sweep):
+    """The shared tiny sweep (tests/conftest.py): ``full`` at lr 1e-4 and 1e30, ``lora``, and a plugin method
+    that tests/test_extension.py asserts on; here the NaN trial, the board and Ray's view of the failure."""
+    sweep, out = tiny_rl_sweep, tiny_rl_sweep.output
+    assert sweep.returncode == 1, out[-4000:]  # some trials failed: the exit status says so
+    recs = sweep.records()
+    assert len(recs) == 4
     failed = [r for r in recs if r["status"] == "failed"]
-    assert len(failed) == 1 and "NonFiniteLossError" in failed[0]["error"]
-    assert json.loads(failed[0]["settings"])["lr"] == 1e30
-    table = pd.read_csv(board / "tiny-cw10.csv")
-    assert sorted(table["method"]) == ["full", "lora"]
+    assert len(failed) == 1 and "NonFiniteLossError" in failed[0]["error"], [r.get("error") for r in recs]
+    assert failed[0]["method"] == "full" and json.loads(failed[0]["settings"])["lr"] == 1e30
+    table = pd.read_csv(sweep.board / "tiny-cw10.csv")
+    assert sorted(table["method"]) == sorted(["full", "lora", sweep.plugin_method])
     row = table.set_index("method").loc["lora"]
     assert row["task"] == "window-close" and 0.0 <= row["success_mean"] <= 1.0
     assert row["trainable_params"] > 0 and row["data_source"] == "real" and row["n_seeds"] == 1
@@ -76,6 +75,7 @@ def test_tiny_sweep_writes_leaderboard_and_survives_a_nan_trial(tmp_path, env):
     assert json.loads(table.set_index("method").loc["full", "settings"]) == {"lr": 1e-4, "weight_decay": None}
     ok = [r for r in recs if r["status"] == "ok"]
     assert all(json.loads(r["software"])["torch"] and r["device_name"] and r["git_commit"] for r in ok)
+    board = sweep.board
     assert (board / "tiny-cw10-summary.csv").exists() and (board / "tiny-cw10.md").exists()
     assert "failed window-close full" in out
     assert "errored" in out  # Ray's own status agrees: the failed trial is ERROR, not TERMINATED
