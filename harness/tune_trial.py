@@ -42,10 +42,10 @@ MISSING_MARKER = "MISSING-CHECKPOINT.txt"
 # preempted node would leave it (tests/test_trial_checkpoint.py); "pause": it waits there instead, so that
 # a test can interrupt the sweep with every trial mid-way (tests/test_resume_missing_checkpoint.py).
 KILL_AFTER_CHECKPOINT = "HARNESS_TEST_EXIT_AFTER_CHECKPOINT"
-# Tests only: a trial whose Tune trial name contains this variable's value waits after its first update, on
-# its first attempt, having left PAUSED_MARKER in its trial folder: a test then interrupts or kills the sweep
-# with that trial mid-way and the trials before it finished, whatever the machine's speed
-# (tests/test_sweep_e2e.py, tests/test_bench_scale.py).
+# Tests only: a trial whose Tune trial name contains one of this variable's comma-separated values waits, on
+# its first attempt, after its first checkpoint (``checkpoint_every`` set) or else after its first update,
+# having left PAUSED_MARKER in its trial folder: a test then interrupts or kills the sweep with that trial
+# mid-way and the others finished, whatever the machine's speed (tests/conftest.py, tests/test_bench_scale.py).
 PAUSE_TRIAL = "HARNESS_TEST_PAUSE_TRIAL"
 PAUSED_MARKER = "PAUSED-BY-TEST"
 
@@ -190,8 +190,8 @@ def _paused_by_test() -> bool:
     """Whether this trial is the one a test asked to wait mid-way (:data:`PAUSE_TRIAL`)."""
     from ray import tune
 
-    wanted = os.environ.get(PAUSE_TRIAL)
-    return bool(wanted) and wanted in tune.get_context().get_trial_name()
+    name = tune.get_context().get_trial_name()
+    return any(part and part in name for part in os.environ.get(PAUSE_TRIAL, "").split(","))
 
 
 def run_tune_trial(spec: ResolvedTrial, report: Reporter, plan: TuneTrialPlan) -> TrialRecord:
@@ -216,12 +216,6 @@ def run_tune_trial(spec: ResolvedTrial, report: Reporter, plan: TuneTrialPlan) -
     pause = first_attempt and _paused_by_test()
     while run.step():
         done = run.updates_done
-        if pause:
-            # in the trial's folder of the results (storage), where the test looks
-            folder = Path(tune.get_context().get_storage().trial_fs_path)
-            (folder / PAUSED_MARKER).write_text(f"paused after update {done}\n")
-            time.sleep(600)  # until the test's signal stops the sweep
-            pause = False
         metrics: dict[str, Any] = {}
         if done in points:
             try:
@@ -244,6 +238,12 @@ def run_tune_trial(spec: ResolvedTrial, report: Reporter, plan: TuneTrialPlan) -
                 time.sleep(600)  # until the test's SIGINT stops the experiment
         elif metrics:
             tune.report(metrics)
+        if pause and (saved_at > resumed_from or not plan.checkpoint_every):
+            # in the trial's folder of the results (storage), where the test looks
+            folder = Path(tune.get_context().get_storage().trial_fs_path)
+            (folder / PAUSED_MARKER).write_text(f"paused after update {done}\n")
+            time.sleep(600)  # until the test's signal stops the sweep
+            pause = False
     record = run.finish()
     # the process's earlier trials: its start-up (extra.timing.process_to_trial_s) was theirs, not this one's
     record.extra["process_trials_before"] = trials_before

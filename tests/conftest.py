@@ -6,6 +6,10 @@ a NaN trial that fails alone (tests/test_sweep_e2e.py), MLflow tracking (tests/t
 plugin method that runs in the Ray workers (tests/test_extension.py). Each of those once ran its own
 sweep; they paid Ray's start, the workers' imports, the data and the pretrained DT three times over for
 trials that are independent of one another.
+
+``interrupted_rl_sweep``: one tiny RL sweep interrupted by Ctrl-C and resumed, with a checkpoint lost in
+between, for the interrupted-sweep test (tests/test_sweep_e2e.py) and the missing-checkpoint test
+(tests/test_resume_missing_checkpoint.py), which once interrupted and resumed a sweep each.
 """
 
 from __future__ import annotations
@@ -13,8 +17,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,3 +79,83 @@ def tiny_rl_sweep(tmp_path_factory) -> TinySweep:
                            "--leaderboard", str(board), "--no-dashboard"], cwd=ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
     return TinySweep(res, board, proc.returncode, proc.stdout, name, tracking)
+
+
+@dataclass(frozen=True)
+class InterruptedSweep:
+    """What ``interrupted_rl_sweep`` ran and left."""
+
+    folder: Path  # the working folder the commands ran in
+    experiment: Path  # the Tune experiment of the sweep's final stage
+    first: subprocess.CompletedProcess  # the interrupted command (returncode 130 expected)
+    resumed: subprocess.CompletedProcess  # the same command with --resume
+    finished_before: tuple[str, ...]  # trial folders finished before Ctrl-C, seen as it arrived
+    done_before: tuple[str, ...]  # trial folders with a final record after the interrupted command ended
+    records_after_interrupt: bool  # whether the interrupted command left a records file
+    kept: Path  # the paused trial's checkpoint left in place
+    gone: Path  # the paused trial's checkpoint removed before --resume
+    steps: int
+    checkpoint_every: int
+
+    def records(self) -> list[dict]:
+        text = (self.folder / "results" / "tiny" / "tiny-records.jsonl").read_text()
+        return [json.loads(line) for line in text.splitlines()]
+
+
+@pytest.fixture(scope="session")
+def interrupted_rl_sweep(tmp_path_factory) -> InterruptedSweep:
+    """The README's recovery path as a user meets it, in a working folder with the default (relative)
+    --results and --leaderboard: three ``full`` trials on two 1-CPU slots, checkpointing every 4 of their 8
+    updates. The lr 2e-4 and 3e-4 trials wait after their first checkpoint (a test hook), so Ctrl-C (SIGINT
+    to the driver) arrives with the lr 1e-4 trial finished and the other two mid-way, however fast this
+    machine is. Then one of the two checkpoints is removed (results moved without it) and the same command
+    with --resume finishes the sweep. tests/test_sweep_e2e.py asserts on the interruption and the finished
+    trial, tests/test_resume_missing_checkpoint.py on the two resumed trials."""
+    from harness.tune_trial import PAUSE_TRIAL, PAUSED_MARKER
+    from tests.test_sweep_e2e import TINY
+
+    steps, every = 8, 4
+    tmp = tmp_path_factory.mktemp("interrupted-rl-sweep")
+    doc = {"name": "tiny", "track": "rl", "benchmark": "cw10", "tasks": ["window-close"],
+           "methods": {"full": {"lr": [1.0e-4, 2.0e-4, 3.0e-4]}}, "seeds": [0],
+           "budget": {"steps": steps, "eval_episodes": 1, "batch_size": 8, "report_every": 4},
+           "settings": TINY, "leaderboard": "tiny-cw10",
+           "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0, "checkpoint_every": every}}
+    (tmp / "tiny.yaml").write_text(yaml.safe_dump(doc))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(HARNESS_CACHE=str(tmp / "cache"), RAY_DEDUP_LOGS="0")
+    args = [sys.executable, "-m", "harness", "sweep", "tiny.yaml", "--no-dashboard", "--cpus", "2"]
+    proc = subprocess.Popen(args, cwd=tmp, env={**env, PAUSE_TRIAL: "_lr0.0002_,_lr0.0003_"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    exp = tmp / "results" / "tiny" / "tiny-final"
+
+    def finished() -> list[str]:
+        return sorted(p.parent.name for p in exp.glob("*/result.json") if '"record"' in p.read_text())
+
+    try:
+        deadline = time.time() + 400
+        # the paused trials wait ten minutes: time enough for Tune to write the first one's final result
+        while time.time() < deadline and proc.poll() is None and not (
+                len(list(exp.glob(f"*/{PAUSED_MARKER}"))) == 2 and finished()):
+            time.sleep(0.5)
+        running = proc.poll() is None
+        finished_before = finished()
+        os.kill(proc.pid, signal.SIGINT)  # the driver alone, as `kill -INT`; Ctrl-C reaches its Ray workers too
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    first = subprocess.CompletedProcess(args, proc.returncode, out if running else "the sweep ended before "
+                                        "it could be interrupted:\n" + out, "")
+    done_before = finished()
+    records_after_interrupt = (tmp / "results" / "tiny" / "tiny-records.jsonl").exists()
+    checkpoints = sorted(exp.glob("*/checkpoint_*"))
+    assert len(checkpoints) == 2, first.stdout[-3000:]  # the paused trials', one each
+    kept, gone = checkpoints  # lr 2e-4's is kept, lr 3e-4's lost
+    shutil.rmtree(gone)
+    resumed = subprocess.run([*args, "--resume"], cwd=tmp, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, timeout=600)
+    return InterruptedSweep(tmp, exp, first, resumed, tuple(finished_before), tuple(done_before),
+                            records_after_interrupt, kept, gone,
+                            steps, every)
