@@ -325,6 +325,8 @@ def bench_scale(overrides: dict[str, Any]) -> dict[str, Any]:
     s = validate(ScaleSettings, overrides, "bench scale", "bench setting")
     work = Path(s.workdir) if s.workdir else Path(tempfile.mkdtemp(prefix="harness-bench-scale-"))
     work.mkdir(parents=True, exist_ok=True)
+    # a workdir holding another run is refused before anything in it is written or built
+    done = _finished_runs(work / "partial.json", s)
     sweep_path = work / f"{SWEEP_NAME}.yaml"
     sweep_path.write_text(yaml.safe_dump(sweep_doc(s), sort_keys=False))
     trials = check(s, sweep_path)
@@ -337,11 +339,11 @@ def bench_scale(overrides: dict[str, Any]) -> dict[str, Any]:
     prep = [sys.executable, "-m", "harness", "pretrain", "rl"]
     for k, v in settings.items():
         prep += ["--set", f"{k}={json.dumps(v) if isinstance(v, (list, dict, bool)) else v}"]
-    if run_logged(prep, work / "prepare.log") != 0:
+    # every count kept from an earlier call: nothing runs, so nothing needs preparing (prepare_s 0)
+    if len(done) < len(s.counts) and run_logged(prep, work / "prepare.log") != 0:
         raise RuntimeError(f"bench scale: preparing the data and the pretrained DT failed; see {work / 'prepare.log'}")
     prepare_s = time.time() - started
 
-    done = _finished_runs(work / "partial.json", s)
     runs: list[dict[str, Any]] = []
     for i, n in enumerate(s.counts):
         if i < len(done):  # finished by an earlier call of the same command

@@ -210,10 +210,10 @@ def test_a_count_cut_by_a_time_limit_and_resumed_is_marked_not_comparable(tmp_pa
     import signal
     import time
 
+    from harness.tune_trial import PAUSE_TRIAL, PAUSED_MARKER
+
     work = tmp_path / "w"
-    # trials long enough that the third is still running when the cut strikes, in a process that Tune's actor
-    # reuse keeps from one trial to the next (no start-up between them)
-    small = {**SMALL, "steps": 400}
+    small = dict(SMALL)
     sets = [f"{k}={json.dumps(v)}" for k, v in {**small, "counts": [1], "workdir": str(work)}.items()]
     cmd = [sys.executable, "-m", "harness", "bench", "scale", *sum((["--set", s] for s in sets), []),
            "--out", str(tmp_path / "scale.json")]
@@ -224,20 +224,25 @@ def test_a_count_cut_by_a_time_limit_and_resumed_is_marked_not_comparable(tmp_pa
     def finished() -> int:  # trials whose final record Tune has (the records file is written at the end)
         return sum('"record": ' in f.read_text() for f in experiment.glob("*/*/result.json"))
 
-    cut = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           start_new_session=True)
+    # the grid's third trial (one slot: they run in grid order) waits after its first update (a test hook),
+    # so the cut strikes with two trials finished and the third mid-way, however fast this machine is
+    third = "_lora_lr0.001-r4_s0"
+    cut = subprocess.Popen(cmd, cwd=ROOT, env={**env, PAUSE_TRIAL: third}, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 400
-        while time.time() < deadline and cut.poll() is None:
-            if finished() >= 2:  # two trials finished: the limit strikes while the third runs
-                time.sleep(2.0)  # Tune's experiment state has them finished by now
-                break
+        # the third waits for ten minutes: time enough for Tune to write the first two's final results
+        while time.time() < deadline and cut.poll() is None and not (
+                list(experiment.glob(f"*/*/{PAUSED_MARKER}")) and finished() >= 2):
             time.sleep(0.5)
         assert cut.poll() is None, "the count finished before it could be cut"
+        (paused,) = experiment.glob(f"*/*/{PAUSED_MARKER}")
+        assert third in paused.parent.name
+        time.sleep(2.0)  # Tune's experiment state has the two finished trials by now
     finally:
         os.killpg(cut.pid, signal.SIGKILL)
         cut.wait()
-    assert 2 <= finished() < 4 and not (experiment / "scale-records.jsonl").exists()
+    assert finished() == 2 and not (experiment / "scale-records.jsonl").exists()
     assert not (work / "partial.json").exists()
 
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
