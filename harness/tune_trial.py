@@ -39,8 +39,8 @@ STATE_FILE = "trial-state.pt"
 # the trial starts again from update 0 (:func:`fill_missing_checkpoints`).
 MISSING_MARKER = "MISSING-CHECKPOINT.txt"
 # Tests only: the trial's process exits right after its first checkpoint on its first attempt, as a
-# preempted node would leave it (tests/test_trial_checkpoint.py); "pause": it waits there instead, so that
-# a test can interrupt the sweep with every trial mid-way (tests/test_resume_missing_checkpoint.py).
+# preempted node would leave it (tests/test_trial_checkpoint.py): every trial's with "1", else the trials
+# whose Tune trial name contains one of the variable's comma-separated values.
 KILL_AFTER_CHECKPOINT = "HARNESS_TEST_EXIT_AFTER_CHECKPOINT"
 # Tests only: a trial whose Tune trial name contains one of this variable's comma-separated values waits, on
 # its first attempt, after its first checkpoint (``checkpoint_every`` set) or else after its first update,
@@ -186,12 +186,14 @@ def remove_wave_checkpoints(exp_dir: Path) -> int:
     return gone
 
 
-def _paused_by_test() -> bool:
-    """Whether this trial is the one a test asked to wait mid-way (:data:`PAUSE_TRIAL`)."""
+def _named_by_test(variable: str) -> bool:
+    """Whether a test hook (:data:`PAUSE_TRIAL`, :data:`KILL_AFTER_CHECKPOINT`) names this trial: "1" names
+    every trial, else comma-separated parts of trial names."""
     from ray import tune
 
+    value = os.environ.get(variable, "")
     name = tune.get_context().get_trial_name()
-    return any(part and part in name for part in os.environ.get(PAUSE_TRIAL, "").split(","))
+    return value == "1" or any(part and part in name for part in value.split(","))
 
 
 def run_tune_trial(spec: ResolvedTrial, report: Reporter, plan: TuneTrialPlan) -> TrialRecord:
@@ -213,7 +215,8 @@ def run_tune_trial(spec: ResolvedTrial, report: Reporter, plan: TuneTrialPlan) -
     points = set(plan.eval_points)
     saved_at, since = resumed_from, time.monotonic()
     first_attempt = state is None and missing is None
-    pause = first_attempt and _paused_by_test()
+    pause = first_attempt and _named_by_test(PAUSE_TRIAL)
+    kill = first_attempt and _named_by_test(KILL_AFTER_CHECKPOINT)
     while run.step():
         done = run.updates_done
         metrics: dict[str, Any] = {}
@@ -232,10 +235,8 @@ def run_tune_trial(spec: ResolvedTrial, report: Reporter, plan: TuneTrialPlan) -
         if due and not run.trainer.done:
             _save(run, {"last": last}, metrics or {"update": done})
             saved_at, since = done, time.monotonic()
-            if first_attempt and os.environ.get(KILL_AFTER_CHECKPOINT) == "1":
+            if kill:
                 os._exit(1)
-            if first_attempt and os.environ.get(KILL_AFTER_CHECKPOINT) == "pause":
-                time.sleep(600)  # until the test's SIGINT stops the experiment
         elif metrics:
             tune.report(metrics)
         if pause and (saved_at > resumed_from or not plan.checkpoint_every):
