@@ -74,8 +74,9 @@ class ScaleSettings(BaseModel):
     data_episodes: Int = Field(20, ge=1)
     compile: Bool = True
     deterministic: Bool = True  # torch's deterministic kernels, so rows can match bit for bit across counts
-    # a wave's next trial in a finished trial's process (Tune's reuse_actors; harness/process_cache.py)
-    reuse_actors: Bool = True
+    # a wave's next trial in a finished trial's process (Tune's reuse_actors; harness/process_cache.py);
+    # None: the sweep's own default (on for CPU trials, off for GPU trials)
+    reuse_actors: Bool | None = None
     settings: dict[str, Any] = Field(default_factory=dict)  # more RL track settings (the tests' tiny DT)
     workdir: str | None = None  # sweep files, results and boards per count (default: a temporary folder)
 
@@ -359,7 +360,7 @@ def bench_scale(overrides: dict[str, Any]) -> dict[str, Any]:
         started = time.time()
         with GpuMonitor() as monitor:
             code = run_logged(cmd, folder / ("sweep-resumed.log" if resumed else "sweep.log"),
-                        {REUSE_ENV: "1" if s.reuse_actors else "0"})
+                              {} if s.reuse_actors is None else {REUSE_ENV: "1" if s.reuse_actors else "0"})
         wall = time.time() - started
         if code not in (0, 1):  # 1: some trials failed, which the figures say; others: nothing ran
             raise RuntimeError(f"bench scale: the sweep on {n} {s.axis}(s) exited {code}; see {folder / 'sweep.log'}")
