@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from harness.bench_selection import compare
@@ -47,9 +50,17 @@ def test_bench_selection_compares_the_full_grid_with_asha(tmp_path):
     best = max(select, key=lambda r: r["top1"])
     assert pair["grid_chosen"]["lr"] == json.loads(best["settings"])["lr"]
     assert pair["same_choice"] == (pair["grid_chosen"] == pair["scheduler_chosen"]) and result["compared"] == 1
-    # the same command again keeps both finished runs: nothing is trained twice
-    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and again.stderr.count("finished earlier, kept") == 2, again.stderr[-3000:]
+    # the same command again keeps both finished runs: nothing is trained twice. Through the command line's
+    # entry point in this process (what `python -m harness` calls): a run it started would fail the test
+    from harness.cli import main
+
+    err = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        mp.chdir(tmp_path)
+        mp.setenv("HARNESS_CACHE", env["HARNESS_CACHE"])
+        mp.setattr("harness.bench_selection.run_logged", lambda *a, **k: pytest.fail(f"ran {a[0]} again"))
+        code = main(cmd[3:])
+    assert code == 0 and err.getvalue().count("finished earlier, kept") == 2, err.getvalue()[-3000:]
     assert json.loads((tmp_path / "sel.json").read_text())["result"] == result
 
 
