@@ -40,12 +40,13 @@ STATE_FILE = "trial-state.pt"
 MISSING_MARKER = "MISSING-CHECKPOINT.txt"
 # Tests only: the trial's process exits right after its first checkpoint on its first attempt, as a
 # preempted node would leave it (tests/test_trial_checkpoint.py): every trial's with "1", else the trials
-# whose Tune trial name contains one of the variable's comma-separated values.
+# named as by PAUSE_TRIAL below.
 KILL_AFTER_CHECKPOINT = "HARNESS_TEST_EXIT_AFTER_CHECKPOINT"
-# Tests only: a trial whose Tune trial name contains one of this variable's comma-separated values waits, on
-# its first attempt, after its first checkpoint (``checkpoint_every`` set) or else after its first update,
-# having left PAUSED_MARKER in its trial folder: a test then interrupts or kills the sweep with that trial
-# mid-way and the others finished, whatever the machine's speed (tests/conftest.py, tests/test_bench_scale.py).
+# Tests only: a trial whose folder path in the results (its Tune trial name included) contains one of this
+# variable's comma-separated values waits, on its first attempt, after its first checkpoint
+# (``checkpoint_every`` set) or else after its first update, having left PAUSED_MARKER in its trial folder:
+# a test then interrupts or kills the sweep with that trial mid-way and the others finished, whatever the
+# machine's speed (tests/conftest.py, tests/test_bench_scale.py).
 PAUSE_TRIAL = "HARNESS_TEST_PAUSE_TRIAL"
 PAUSED_MARKER = "PAUSED-BY-TEST"
 
@@ -188,12 +189,18 @@ def remove_wave_checkpoints(exp_dir: Path) -> int:
 
 def _named_by_test(variable: str) -> bool:
     """Whether a test hook (:data:`PAUSE_TRIAL`, :data:`KILL_AFTER_CHECKPOINT`) names this trial: "1" names
-    every trial, else comma-separated parts of trial names."""
+    every trial, else comma-separated parts of the trial's folder path in the results (its name included)."""
     from ray import tune
 
     value = os.environ.get(variable, "")
-    name = tune.get_context().get_trial_name()
-    return value == "1" or any(part and part in name for part in value.split(","))
+    if value == "1":
+        return True
+    context = tune.get_context()
+    try:
+        where = f"{context.get_storage().trial_fs_path}/{context.get_trial_name()}"
+    except Exception:  # noqa: BLE001 - a storage without a local path: the trial's name alone
+        where = context.get_trial_name()
+    return any(part and part in where for part in value.split(","))
 
 
 def run_tune_trial(spec: ResolvedTrial, report: Reporter, plan: TuneTrialPlan) -> TrialRecord:
