@@ -430,25 +430,41 @@ def test_custom_rows_are_labelled_custom_on_the_board(tmp_path):
 
 # --- a track ---------------------------------------------------------------------------------------------
 
-def test_plugin_track_runs_one_trial(tmp_path):
-    plugins = tmp_path / "plugins"
+def harness_here(args: list[str]) -> subprocess.CompletedProcess:
+    """``python -m harness ARGS`` through its entry point (``harness.cli.main``) in this process: the same
+    parsing, plugin loading, output and exit status without a fresh interpreter's imports. For commands that
+    leave no state behind but registrations, which the ``registry`` fixture undoes."""
+    import contextlib
+    import io
+
+    from harness.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(args)
+    return subprocess.CompletedProcess(["python", "-m", "harness", *args], code, out.getvalue(), err.getvalue())
+
+
+def test_plugin_track_runs_one_trial(tmp_path, registry, on_path, monkeypatch):
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
     module, name = _unique("toytrack"), _unique("toy").replace("_", "-")
-    write_module(plugins, module, TOY_TRACK.format(name=name))
-    env = cli_env(tmp_path, plugins)
-    out = harness(["tasks", "--plugin", module], env)
+    write_module(on_path, module, TOY_TRACK.format(name=name))
+    # a fresh process without --plugin does not know the track: a clean error, no traceback
+    out = harness(["run", "--track", name, "--benchmark", "toyreg", "--task", "line", "--method", "lora"],
+                  cli_env(tmp_path, on_path))
+    assert out.returncode == 2 and f"unknown track {name!r}" in out.stderr and "Traceback" not in out.stderr
+    out = harness_here(["tasks", "--plugin", module])
     assert out.returncode == 0 and f"{name}/toyreg (1 tasks, synthetic data, ranked by mse, lower" in out.stdout, \
         out.stderr
-    out = harness(["run", "--plugin", module, "--track", name, "--benchmark", "toyreg", "--task", "line",
-                   "--method", "lora", "--set", "r=2", "--set", "steps=3", "--json"], env)
+    out = harness_here(["run", "--plugin", module, "--track", name, "--benchmark", "toyreg", "--task", "line",
+                        "--method", "lora", "--set", "r=2", "--set", "steps=3", "--json"])
     assert out.returncode == 0, out.stderr[-3000:]
     rec = json.loads(out.stdout.strip().splitlines()[-1])
     assert (rec["track"], rec["benchmark"], rec["task"], rec["status"]) == (name, "toyreg", "line", "ok")
     assert rec["mse"] >= 0 and rec["trainable_params"] == 2 * (4 + 16)  # LoRA r=2 on body (4 -> 16)
-    out = harness(["methods", "--count", "--plugin", module, "--track", name, "--methods", "lora", "--set", "r=3",
-                   "--json"], env)  # the track's model counted (Track.count_model), no code naming the track
+    out = harness_here(["methods", "--count", "--plugin", module, "--track", name, "--methods", "lora", "--set",
+                        "r=3", "--json"])  # the track's model counted (Track.count_model), no code naming the track
     assert out.returncode == 0 and json.loads(out.stdout)[0]["trainable_params"] == 3 * (4 + 16), out.stderr
-    out = harness(["run", "--track", name, "--benchmark", "toyreg", "--task", "line", "--method", "lora"], env)
-    assert out.returncode == 2 and f"unknown track {name!r}" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_register_track_checks(registry, on_path):
