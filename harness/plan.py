@@ -11,13 +11,14 @@ GPUs); ``p`` trials on one GPU train ``speedup(p)`` times as fast in all as one 
 paper DT, interpolated between measured counts); the GPUs a wave occupies are the ones its concurrent
 trials need; evaluation (RL rollouts, priced from the measured DT rollout rate) holds a trial's share
 of its GPU. Selection under ASHA is priced at :func:`harness.early_stopping.expected_update_fraction`
-of the full grid's updates.
+of the full grid's updates, for each (method, task) group at its own size (a small group saves little).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,7 +205,9 @@ def plan_sweep(sweep: SweepFile, gpus: int, device_name: str, costs: dict[str, A
             sched = parse_scheduler(study.selection.scheduler_settings())
             specs = [s for s in study_trials(study, "select") if s.method in selecting]
             max_t = (trial_cost(specs[0], study, None).updates or 0) if specs else 0
-            share = expected_update_fraction(sched, max_t)
+            groups = Counter((s.method, s.task) for s in specs)  # a scheduler per (method, task) group
+            share = (sum(n * expected_update_fraction(sched, max_t, n) for n in groups.values()) / len(specs)
+                     if specs else 1.0)
             stages.append(("select" + (f" [{sched.label()}]" if sched else ""), specs, share))
             first = {(m, t): expand_grid(space, m)[0] for m, space in study.methods.items() for t in study_tasks(study)}
             stages.append(("final", study_trials(study, "final", first), 1.0))

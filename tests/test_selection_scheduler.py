@@ -23,6 +23,40 @@ STEPS, GRACE = 16, 4
 LRS = [1.0e-9, 1.0e-2, 3.0e-2, 1.0e-1]  # on random features the first (barely moving) scores best on val200
 
 
+def test_the_priced_share_of_a_small_group_follows_tunes_own_asha_rule():
+    """The plan's simulation of asynchronous ASHA against Tune's own bracket, on the same random
+    arrivals: a group of two or four under eta 2 saves far less than the synchronous ideal."""
+    import random
+
+    from ray.tune.schedulers.async_hyperband import _Bracket
+    from ray.tune.schedulers.trial_scheduler import TrialScheduler
+
+    plan = parse_scheduler({"scheduler": "asha", "grace_period": 750, "reduction_factor": 2})
+    rungs, max_t = [750, 1500], 3000
+    for n in (2, 4):
+        rng, spent = random.Random(1), 0.0
+        for _ in range(3000):
+            bracket = _Bracket(750, max_t, 2, 0)
+            score = [rng.random() for _ in range(n)]
+            alive, used = list(range(n)), [max_t] * n
+            for rung in rungs:
+                rng.shuffle(alive)
+                survivors = []
+                for t in alive:
+                    trial = type("T", (), {"trial_id": str(t)})()
+                    if bracket.on_result(trial, rung, score[t]) == TrialScheduler.STOP:
+                        used[t] = rung
+                    else:
+                        survivors.append(t)
+                alive = survivors
+            spent += sum(used) / (n * max_t)
+        assert expected_update_fraction(plan, max_t, n) == pytest.approx(spent / 3000, abs=0.015)
+    assert expected_update_fraction(plan, max_t, 1) == 1.0  # a lone trial is never stopped
+    shares = [expected_update_fraction(plan, max_t, n) for n in (2, 4, 16, 256)]
+    assert shares == sorted(shares, reverse=True) and shares[0] > 0.7
+    assert shares[-1] == pytest.approx(expected_update_fraction(plan, max_t), abs=0.02)  # large: the ideal
+
+
 def test_scheduler_settings_are_checked_with_tunes_names():
     plan = parse_scheduler({"scheduler": "asha", "grace_period": 4, "reduction_factor": 2})
     assert eval_points(plan, 16) == [4, 8]  # Tune's rungs below max_t
