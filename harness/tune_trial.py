@@ -156,10 +156,15 @@ def fill_missing_checkpoints(exp_dir: Path) -> list[str]:
 
 
 def provisional_record(run: FineTuneRun, metric: str, score: float, update: int, label: str) -> dict[str, Any]:
-    """The flat record a trial stopped now would leave: its score so far, and where it stopped."""
+    """The flat record a trial stopped now would leave: its score so far, where it stopped, and its cost so
+    far (updates, ms per steady update, wall time), so a stopped trial's GPU time is counted too."""
+    wall = round(time.time() - run.started, 2)
     rec: TrialRecord = replace(run.record, metrics={metric: score},
-                               extra={"stopped_at_update": update, "selection_scheduler": label})
-    rec.wall_time_s = round(time.time() - run.started, 2)
+                               extra={"stopped_at_update": update, "updates": update, "total_wall_s": wall,
+                                      "selection_scheduler": label})
+    rec.wall_time_s = wall
+    if run.trainer is not None:
+        rec.ms_per_update = round(run.trainer.steady_ms_per_update(), 3)
     return rec.flat()
 
 

@@ -98,6 +98,9 @@ def test_asha_stops_selection_trials_and_the_chosen_setting_runs_in_full(tmp_pat
     ran = [r for r in select if r not in stopped]
     assert max(r["top1"] for r in stopped) < max(r["top1"] for r in ran)  # stopped for scoring worse
     assert all(json.loads(r["extra"])["stopped_at_update"] in (GRACE, 2 * GRACE) for r in stopped)
+    # a stopped trial's cost is counted too: its updates and its wall time so far
+    assert all(json.loads(r["extra"])["updates"] == json.loads(r["extra"])["stopped_at_update"]
+               and r["wall_time_s"] > 0 for r in stopped)
     spent = sum(json.loads(r["extra"]).get("stopped_at_update", STEPS) for r in select)
     assert spent < STEPS * len(LRS)  # fewer updates than the full grid
     # the setting chosen is the best score among all selection trials, stopped ones with their last score
