@@ -105,7 +105,7 @@ def test_plan_under_asha_prices_the_expected_share_of_selection_updates(tmp_path
     levels = [100 * 3 ** k for k in range(7)] + [120_000]
     ideal = (100 + sum((levels[i + 1] - levels[i]) / 3 ** (i + 1) for i in range(7))) / 120_000
     line = next(x for x in done.stdout.splitlines() if x.startswith("paper") and "select" in x)
-    assert "asha(" in line
+    assert "asha(" in line and "rung evaluations per trial" in line  # rung evaluations are priced too
     updates = int(re.search(r"\s(\d[\d,]*)\s+\d+\.\d\d", line).group(1).replace(",", ""))
     sched = parse_scheduler({k: v for k, v in doc["selection"].items() if k != "seeds"})
     assert updates == round(8 * 120_000 * expected_update_fraction(sched, 120_000, 4))

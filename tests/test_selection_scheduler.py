@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness.early_stopping import eval_points, expected_update_fraction, parse_scheduler
+from harness.early_stopping import eval_points, expected_rung_reports, expected_update_fraction, parse_scheduler
 from harness.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +34,7 @@ def test_the_priced_share_of_a_small_group_follows_tunes_own_asha_rule():
     plan = parse_scheduler({"scheduler": "asha", "grace_period": 750, "reduction_factor": 2})
     rungs, max_t = [750, 1500], 3000
     for n in (2, 4):
-        rng, spent = random.Random(1), 0.0
+        rng, spent, reports = random.Random(1), 0.0, 0
         for _ in range(3000):
             bracket = _Bracket(750, max_t, 2, 0)
             score = [rng.random() for _ in range(n)]
@@ -42,6 +42,7 @@ def test_the_priced_share_of_a_small_group_follows_tunes_own_asha_rule():
             for rung in rungs:
                 rng.shuffle(alive)
                 survivors = []
+                reports += len(alive)  # one evaluation per trial that reaches the rung
                 for t in alive:
                     trial = type("T", (), {"trial_id": str(t)})()
                     if bracket.on_result(trial, rung, score[t]) == TrialScheduler.STOP:
@@ -51,6 +52,8 @@ def test_the_priced_share_of_a_small_group_follows_tunes_own_asha_rule():
                 alive = survivors
             spent += sum(used) / (n * max_t)
         assert expected_update_fraction(plan, max_t, n) == pytest.approx(spent / 3000, abs=0.015)
+        assert expected_rung_reports(plan, max_t, n) == pytest.approx(reports / (3000 * n), abs=0.03)
+    assert expected_rung_reports(plan, max_t, 1) == 2.0  # a lone trial reports at both rungs
     assert expected_update_fraction(plan, max_t, 1) == 1.0  # a lone trial is never stopped
     shares = [expected_update_fraction(plan, max_t, n) for n in (2, 4, 16, 256)]
     assert shares == sorted(shares, reverse=True) and shares[0] > 0.7
