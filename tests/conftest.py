@@ -10,6 +10,10 @@ trials that are independent of one another.
 ``interrupted_rl_sweep``: one tiny RL sweep interrupted by Ctrl-C and resumed, with a checkpoint lost in
 between, for the interrupted-sweep test (tests/test_sweep_e2e.py) and the missing-checkpoint test
 (tests/test_resume_missing_checkpoint.py), which once interrupted and resumed a sweep each.
+
+``selection_bench``: one ``bench selection`` run (a full grid and an ASHA run of a tiny vision study), for
+the bench's own test (tests/test_bench_selection.py) and the ASHA test (tests/test_selection_scheduler.py),
+whose sweep is the bench's scheduler run.
 """
 
 from __future__ import annotations
@@ -159,3 +163,54 @@ def interrupted_rl_sweep(tmp_path_factory) -> InterruptedSweep:
     return InterruptedSweep(tmp, exp, first, resumed, tuple(finished_before), tuple(done_before),
                             records_after_interrupt, kept, gone,
                             steps, every)
+
+
+@dataclass(frozen=True)
+class SelectionBench:
+    """What ``selection_bench`` ran and left."""
+
+    folder: Path  # the working folder the command ran in (relative --set file=..., workdir=..., --out ...)
+    command: list[str]
+    done: subprocess.CompletedProcess
+    env: dict[str, str]
+    steps: int
+    lrs: list[float]
+    grace: int
+
+    def select_records(self, run: str) -> list[dict]:
+        """The selection stage's records of the ``grid`` or the ``scheduler`` run."""
+        path = next((self.folder / "work" / run).rglob("*-select-records.jsonl"))
+        return [json.loads(x) for x in path.read_text().splitlines()]
+
+    def final_records(self, run: str) -> list[dict]:
+        """The final stage's records of the ``grid`` or the ``scheduler`` run."""
+        path = next(p for p in (self.folder / "work" / run).rglob("*-records.jsonl")
+                    if not p.name.endswith("-select-records.jsonl"))
+        return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def selection_bench(tmp_path_factory) -> SelectionBench:
+    """``python -m harness bench selection`` as a user runs it from a working folder with relative paths, on
+    a tiny vision study with a select-then-final protocol: ``full`` over four learning rates (selected, under
+    ASHA in the scheduler run: grace 4 of 16 updates, reduction factor 2, one trial at a time so ASHA compares
+    each with all the earlier ones, checkpoints every 4 updates) and ``linear`` at one point (no selection).
+    tests/test_bench_selection.py asserts on the comparison, tests/test_selection_scheduler.py on the
+    scheduler run's own sweep (which once ran by itself)."""
+    from tests.test_selection_scheduler import GRACE, LRS, STEPS, TINY
+
+    tmp = tmp_path_factory.mktemp("selection-bench")
+    doc = {"name": "sel", "track": "vision", "benchmark": "builtin", "tasks": ["shapes"],
+           "protocol": "select-then-final", "seeds": [0],
+           "selection": {"seeds": [0], "scheduler": "asha", "grace_period": GRACE, "reduction_factor": 2},
+           "methods": {"full": {"lr": LRS}, "linear": {"lr": [1.0e-2]}},  # linear: one point, no selection
+           "budget": {"steps": STEPS, "batch_size": 8}, "settings": TINY,
+           "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0, "max_concurrent": 1, "checkpoint_every": GRACE}}
+    (tmp / "sel.yaml").write_text(yaml.safe_dump(doc))
+    env = dict(os.environ, HARNESS_CACHE=str(tmp / "cache"), RAY_DEDUP_LOGS="0",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "harness", "bench", "selection", "--set", "file=sel.yaml", "--set", "workdir=work",
+           "--out", "sel.json"]
+    done = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
+    return SelectionBench(tmp, cmd, done, env, STEPS, list(LRS), GRACE)

@@ -5,13 +5,9 @@ trains it at full budget."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from harness.early_stopping import eval_points, expected_rung_reports, expected_update_fraction, parse_scheduler
 from harness.errors import ConfigError
@@ -77,24 +73,14 @@ def test_scheduler_settings_are_checked_with_tunes_names():
         parse_scheduler({"scheduler": None, "grace_period": 3})
 
 
-def test_asha_stops_selection_trials_and_the_chosen_setting_runs_in_full(tmp_path):
-    doc = {"name": "asha", "track": "vision", "benchmark": "builtin", "tasks": ["shapes"],
-           "protocol": "select-then-final", "seeds": [0],
-           "selection": {"seeds": [0], "scheduler": "asha", "grace_period": GRACE, "reduction_factor": 2},
-           "methods": {"full": {"lr": LRS}},
-           "budget": {"steps": STEPS, "batch_size": 8}, "settings": TINY,
-           # one trial at a time: ASHA then compares each trial with all the earlier ones at every rung
-           "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0, "max_concurrent": 1, "checkpoint_every": GRACE}}
-    path = tmp_path / "asha.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    env = dict(os.environ, HARNESS_CACHE=str(tmp_path / "cache"), RAY_DEDUP_LOGS="0")
-    env.pop("RAY_ADDRESS", None)
-    done = subprocess.run([sys.executable, "-m", "harness", "sweep", str(path), "--results", str(tmp_path / "res"),
-                           "--leaderboard", str(tmp_path / "board"), "--no-dashboard"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+def test_asha_stops_selection_trials_and_the_chosen_setting_runs_in_full(selection_bench):
+    """The scheduler run of tests/conftest.py's ``bench selection``: a sweep of ``full`` over LRS under ASHA
+    (grace GRACE of STEPS updates, reduction factor 2, one trial at a time, checkpoints every GRACE)."""
+    done = selection_bench.done
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-3000:]
-    base = tmp_path / "res" / "asha"
-    select = [json.loads(x) for x in (base / "asha-select-records.jsonl").read_text().splitlines()]
+    base = selection_bench.folder / "work" / "scheduler"
+    select = selection_bench.select_records("scheduler")
+    final = [r for r in selection_bench.final_records("scheduler") if r["method"] == "full"]
     assert len(select) == len(LRS) and all(r["status"] == "ok" for r in select)
     stopped = [r for r in select if "stopped_at_update" in json.loads(r["extra"])]
     assert stopped, "no selection trial was stopped"
@@ -108,7 +94,6 @@ def test_asha_stops_selection_trials_and_the_chosen_setting_runs_in_full(tmp_pat
     assert spent < STEPS * len(LRS)  # fewer updates than the full grid
     # the setting chosen is the best score among all selection trials, stopped ones with their last score
     best = max(select, key=lambda r: r["top1"])
-    final = [json.loads(x) for x in (base / "asha-records.jsonl").read_text().splitlines()]
     assert len(final) == 1 and final[0]["status"] == "ok"
     assert json.loads(final[0]["settings"])["lr"] == json.loads(best["settings"])["lr"]
     assert json.loads(final[0]["extra"])["updates"] == STEPS  # the final stage is never stopped early
