@@ -2,10 +2,11 @@
 
 ``tiny_rl_sweep``: one tiny RL sweep through ``python -m harness sweep`` (a fresh local Ray instance, real
 trials, real rollouts) whose outputs several end-to-end tests assert on, each on the part it is about:
-a NaN trial that fails alone (tests/test_sweep_e2e.py), MLflow tracking (tests/test_tracking.py) and a
-plugin method that runs in the Ray workers (tests/test_extension.py). Each of those once ran its own
-sweep; they paid Ray's start, the workers' imports, the data and the pretrained DT three times over for
-trials that are independent of one another.
+a NaN trial that fails alone (tests/test_sweep_e2e.py), MLflow tracking (tests/test_tracking.py), a
+plugin method that runs in the Ray workers (tests/test_extension.py), and, in a second study, held-out
+selection and EigenLoRA's banks (tests/test_protocol_fidelity.py). Each of those once ran its own sweep;
+they paid Ray's start, the driver's and the workers' imports, the data and the pretrained DT four times
+over for trials that are independent of one another.
 
 ``interrupted_rl_sweep``: one tiny RL sweep interrupted by Ctrl-C and resumed, with a checkpoint lost in
 between, for the interrupted-sweep test (tests/test_sweep_e2e.py) and the missing-checkpoint test
@@ -53,10 +54,12 @@ class TinySweep:
 
 @pytest.fixture(scope="session")
 def tiny_rl_sweep(tmp_path_factory) -> TinySweep:
-    """One sweep of four independent trials of window-close on the tiny DT, one after another or two at a
-    time on two 1-CPU slots: ``full`` at lr 1e-4 and at 1e30 (its loss turns NaN), ``lora`` r=2, and the
-    toy BitFit plugin method; with ``tracking: [mlflow]`` when mlflow is installed."""
+    """One sweep, two studies, with ``tracking: [mlflow]`` when mlflow is installed. ``tiny``: four
+    independent trials of window-close on the tiny DT, two at a time on two 1-CPU slots: ``full`` at lr
+    1e-4 and at 1e30 (its loss turns NaN), ``lora`` r=2, and the toy BitFit plugin method. ``pf``: the
+    select-then-final study of tests/test_protocol_fidelity.py (held-out selection, EigenLoRA banks)."""
     from tests.test_extension import BITFIT, write_module
+    from tests.test_protocol_fidelity import pf_study
     from tests.test_sweep_e2e import TINY
 
     tmp = tmp_path_factory.mktemp("tiny-rl-sweep")
@@ -65,13 +68,13 @@ def tiny_rl_sweep(tmp_path_factory) -> TinySweep:
     plugins = tmp / "plugins"
     write_module(plugins, module, BITFIT.format(name=name))
     tracking = ("mlflow",) if importlib.util.find_spec("mlflow") else ()
-    doc = {"name": "tiny", "track": "rl", "benchmark": "cw10", "tasks": ["window-close"], "plugins": [module],
-           "methods": {"full": {"lr": [1.0e-4, 1.0e30]}, "lora": {"r": 2, "lr": 1.0e-3},
-                       name: {"bias_lr_scale": 4.0}},
-           "seeds": [0], "tracking": list(tracking),
-           "budget": {"steps": 8, "eval_episodes": 1, "batch_size": 8, "report_every": 4},
-           "settings": TINY, "leaderboard": "tiny-cw10",
-           "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0}}
+    tiny = {"name": "tiny", "track": "rl", "benchmark": "cw10", "tasks": ["window-close"],
+            "methods": {"full": {"lr": [1.0e-4, 1.0e30]}, "lora": {"r": 2, "lr": 1.0e-3},
+                        name: {"bias_lr_scale": 4.0}},
+            "seeds": [0], "budget": {"steps": 8, "eval_episodes": 1, "batch_size": 8, "report_every": 4},
+            "settings": TINY, "leaderboard": "tiny-cw10", "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0}}
+    doc = {"name": "tiny", "plugins": [module], "tracking": list(tracking),
+           "studies": [tiny, pf_study(tmp, TINY)]}  # the second: tests/test_protocol_fidelity.py's
     path = tmp / "tiny.yaml"
     path.write_text(yaml.safe_dump(doc))
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}

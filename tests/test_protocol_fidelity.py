@@ -230,19 +230,15 @@ def test_method_variant_labels_are_checked():
 
 # --- end to end through Ray Tune: held-out RL selection, the default bank and a bank_dir with '/' -------
 
-def test_sweep_selects_held_out_and_builds_banks_by_the_rule(tmp_path):
-    import os
-    import subprocess
-    import sys
-
+def pf_study(tmp_path: Path, tiny: dict) -> dict:
+    """The study of the end-to-end test below, with its folder of two LoRA adapters (a bank_dir holding '/'
+    and a space): lora over a grid of two ranks (selected on held-out episodes), EigenLoRA with the default
+    bank (the study's own LoRA adapters of the other task) and with that folder. tests/conftest.py runs it
+    in the shared tiny sweep, beside the study the other end-to-end tests look at."""
     from safetensors.torch import save_file
 
     from harness.tracks import get_track
 
-    tiny = {"n_layer": 1, "n_head": 2, "n_embd": 32, "context": 4, "dropout": 0.0, "data_episodes": 2,
-            "noise_levels": [0.0, 0.5], "pretrain_tasks": ["reach"], "pretrain_steps": 20, "pretrain_batch_size": 16,
-            "pretrain_eval_episodes": 0, "eval_workers": 1, "data_workers": 1, "device": "cpu", "compile": False,
-            "warmup": 0, "grad_clip": 0.0, "eval_pretrained": False}
     track = get_track("rl")
     model, site = track.shape_model(track.settings(tiny), "cw10")
     bank = tmp_path / "a bank" / "of/adapters"  # '/' and a space: the trial folder names must cope
@@ -253,23 +249,22 @@ def test_sweep_selects_held_out_and_builds_banks_by_the_rule(tmp_path):
                    for n, m in site.target_linears(model)
                    for side, shape in (("A", (2, m.in_features)), ("B", (m.out_features, 2)))},
                   str(bank / f"t{i}.safetensors"))
-    doc = {"name": "pf", "track": "rl", "benchmark": "cw10", "tasks": ["window-close", "faucet-close"],
-           "protocol": "select-then-final", "selection": {"seeds": [0]}, "seeds": [0],
-           "methods": {"lora": {"r": [2, 4], "lr": 1e-3}, "eigenlora": {"k": 1, "r": 1},
-                       "eigenlora@dir": {"k": 1, "r": 1, "bank_dir": str(bank)}},
-           "budget": {"steps": 4, "eval_episodes": 1, "batch_size": 8, "report_every": 2}, "settings": tiny,
-           "leaderboard": "pf", "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0}}
-    path = tmp_path / "pf.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    env = {**os.environ, "HARNESS_CACHE": str(tmp_path / "cache"), "RAY_DEDUP_LOGS": "0"}
-    env.pop("RAY_ADDRESS", None)
-    res, board = tmp_path / "results", tmp_path / "board"
-    proc = subprocess.run([sys.executable, "-m", "harness", "sweep", str(path), "--results", str(res), "--leaderboard",
-                           str(board), "--no-dashboard"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return {"name": "pf", "track": "rl", "benchmark": "cw10", "tasks": ["window-close", "faucet-close"],
+            "protocol": "select-then-final", "selection": {"seeds": [0]}, "seeds": [0],
+            "methods": {"lora": {"r": [2, 4], "lr": 1e-3}, "eigenlora": {"k": 1, "r": 1},
+                        "eigenlora@dir": {"k": 1, "r": 1, "bank_dir": str(bank)}},
+            "budget": {"steps": 4, "eval_episodes": 1, "batch_size": 8, "report_every": 2}, "settings": tiny,
+            "leaderboard": "pf", "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0}}
+
+
+def test_sweep_selects_held_out_and_builds_banks_by_the_rule(tiny_rl_sweep):
+    """The study ``pf`` (:func:`pf_study`) of the shared tiny sweep (tests/conftest.py)."""
+    sweep = tiny_rl_sweep
+    res, board = sweep.results, sweep.board
+    assert (res / "tiny" / "pf-records.jsonl").is_file(), sweep.output[-4000:]
 
     def load(name):
-        return [json.loads(line) for line in (res / "pf" / name).read_text().splitlines()]
+        return [json.loads(line) for line in (res / "tiny" / name).read_text().splitlines()]
 
     select, final = load("pf-select-records.jsonl"), load("pf-records.jsonl")
     # only lora has a grid to choose from; its selection rollouts have start states of their own

@@ -41,12 +41,17 @@ def test_mlflow_tracking_writes_a_file_store_run(tiny_rl_sweep):
     store = sweep.results / "tiny" / "mlruns"
     experiments = [p for p in store.iterdir() if (p / "meta.yaml").is_file() and p.name not in (".trash", "0")]
     (experiment,) = [p for p in experiments if yaml.safe_load((p / "meta.yaml").read_text())["name"] == "tiny"]
-    runs = [p for p in experiment.iterdir() if (p / "meta.yaml").is_file()]
 
     def param(run: Path, key: str) -> str | None:
         file = run / "params" / key
         return file.read_text() if file.is_file() else None
 
+    def study(run: Path) -> str | None:
+        file = run / "tags" / "study"
+        return file.read_text() if file.is_file() else None
+
+    # the sweep's experiment holds both of its studies' trials; the study tag tells them apart
+    runs = [p for p in experiment.iterdir() if (p / "meta.yaml").is_file() and study(p) == "tiny"]
     assert len(runs) == len(sweep.records()) == 4  # one run per trial
     (run,) = [r for r in runs if param(r, "spec/method") == "lora"]
     assert yaml.safe_load((run / "meta.yaml").read_text())["status"] in (3, "FINISHED")
