@@ -19,10 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness import tracking
 from harness.cache import atomic_write_text, cache_root
+from harness.early_stopping import TIME_ATTR, parse_scheduler
 from harness.errors import ConfigError, HarnessError
+from harness.placement import host_cpus, visible_gpus
+from harness.plugins import load_plugins
+from harness.process_cache import reuse_actors
+from harness.shared_storage import check_shared_cache
 from harness.sweep_file import (Study, SweepFile, grid_size, resolved_grid, selection_methods, study_tasks,
                                 study_trials, track_settings)
+from harness.tracking import check_installed
 from harness.tracks import get_track
 from harness.trial import ResolvedTrial, print_reporter
 
@@ -55,7 +62,6 @@ def _trainable(config: dict[str, Any]) -> None:
     import torch
     from ray import tune
 
-    from harness.plugins import load_plugins
 
     # A worker imports the harness afresh: the sweep's plugin methods and tracks are registered here again
     load_plugins(config.get("plugins") or (), "the sweep's plugins (in a Ray worker)")
@@ -71,7 +77,7 @@ def _trainable(config: dict[str, Any]) -> None:
     def report(metrics: dict[str, Any]) -> None:
         tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))})
 
-    from harness.early_stopping import TIME_ATTR
+    # heavy: harness.tune_trial imports torch
     from harness.tune_trial import TuneTrialPlan, remove_checkpoints, run_tune_trial
 
     plan = TuneTrialPlan.from_config(config)
@@ -105,7 +111,7 @@ def _no_retry_callback():
 
 
 def _trial_name(trial) -> str:
-    from harness.methods import get_method
+    from harness.methods import get_method  # heavy: harness.methods imports torch
 
     spec = trial.config["spec"]
     defaults = get_method(spec["method"]).default_settings()
@@ -158,7 +164,6 @@ class LocalResources:
         if address:
             raise ConfigError("--cpus/--gpus size a local Ray instance; a cluster's resources are set where its "
                               "nodes start (`ray start --num-cpus N --num-gpus N`): leave them out with --address")
-        from harness.placement import host_cpus, visible_gpus
 
         if self.cpus is not None and not 1 <= self.cpus <= host_cpus():
             raise ConfigError(f"--cpus {self.cpus}: this machine lets the sweep use 1..{host_cpus()} cores")
@@ -261,8 +266,7 @@ def run_wave(specs: list[ResolvedTrial], study: Study, exp_dir: Path, resume: bo
 
     if not specs:
         return []
-    from harness.process_cache import reuse_actors
-    from harness.tune_trial import tune_trial_plan
+    from harness.tune_trial import tune_trial_plan  # heavy: harness.tune_trial imports torch
 
     trial_plan, scheduler = tune_trial_plan(study, specs)  # a scheduler in the selection stage only
     if scheduler is not None:  # progress reports carry no score; the scheduler skips them
@@ -275,7 +279,7 @@ def run_wave(specs: list[ResolvedTrial], study: Study, exp_dir: Path, resume: bo
                           "(finished trials are kept), or --results DIR for a fresh folder")
     if exists and tune.Tuner.can_restore(str(exp_dir)):
         print(f"[sweep] resuming {exp_dir}", flush=True)
-        from harness.tune_trial import fill_missing_checkpoints
+        from harness.tune_trial import fill_missing_checkpoints  # heavy: harness.tune_trial imports torch
 
         fill_missing_checkpoints(exp_dir)  # a checkpoint gone from storage: its trial starts again, not fails
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=False)
@@ -302,7 +306,7 @@ def run_wave(specs: list[ResolvedTrial], study: Study, exp_dir: Path, resume: bo
     if stopped or unfinished:
         # Ray stopped the experiment on SIGINT and saved its state: finished trials are kept for --resume
         raise KeyboardInterrupt(f"{len(unfinished)} trial(s) of {exp_dir.name} did not finish")
-    from harness.tune_trial import remove_wave_checkpoints
+    from harness.tune_trial import remove_wave_checkpoints  # heavy: harness.tune_trial imports torch
 
     remove_wave_checkpoints(exp_dir)  # those of trials a scheduler stopped before their own clean-up
     records = []
@@ -344,7 +348,7 @@ def choose_settings(records: list[dict[str, Any]], metric: str, higher_is_better
     """Per (method, task), the settings with the best mean ``metric`` over seeds (failed trials skipped),
     plus what the selection trial chose inside itself (``Method.final_settings``: GLoRA's searched subnet),
     taken from the seed that scored best under those settings."""
-    from harness.methods import get_method
+    from harness.methods import get_method  # heavy: harness.methods imports torch
 
     chosen = {}
     for (method, task), (settings, top) in _best_groups(records, metric, higher_is_better).items():
@@ -380,7 +384,7 @@ def lora_bank(records: list[dict[str, Any]], task: str, methods: tuple[str, ...]
     """EigenLoRA's bank in a sweep: for every task but ``task``, one saved adapter of ``methods`` (LoRA)
     from ``records`` (one stage of the study): the settings chosen for that task as :func:`choose_settings`
     chooses them (the final stage of select-then-final has only one), and of those the lowest seed."""
-    from harness.methods import base_name
+    from harness.methods import base_name  # heavy: harness.methods imports torch
 
     ok = [r for r in records if r.get("status") == "ok" and base_name(r["method"]) in methods
           and r["task"] != task and r.get("adapter_path")]
@@ -396,7 +400,7 @@ def lora_bank(records: list[dict[str, Any]], task: str, methods: tuple[str, ...]
 def method_waves(methods: list[str]) -> list[list[str]]:
     """Methods grouped into waves: a method runs one wave after the latest of the methods it builds on
     (``Method.builds_on``) that are in the same study; the rest run in the first wave."""
-    from harness.methods import base_name, get_method
+    from harness.methods import base_name, get_method  # heavy: harness.methods imports torch
 
     depth: dict[str, int] = {}
 
@@ -416,8 +420,7 @@ def method_waves(methods: list[str]) -> list[list[str]]:
 
 def run_study(sweep: SweepFile, study: Study, results_dir: Path, resume: bool) -> list[dict[str, Any]]:
     """Prepare the track's artifacts once, then run the study's waves; return all final-stage records."""
-    from harness import tracking
-    from harness.methods import get_method
+    from harness.methods import get_method  # heavy: harness.methods imports torch
 
     track = get_track(study.track)
     benchmark = track.benchmark(study.benchmark)
@@ -482,7 +485,6 @@ def label_records(records: list[dict[str, Any]], study: Study, selecting: list[s
         if r["method"] in selecting:
             how = "held-out"
             if study.selection.scheduler:  # chosen among early-stopped trials: another entry than the full grid
-                from harness.early_stopping import parse_scheduler
 
                 how += "/" + parse_scheduler(study.selection.scheduler_settings()).label()
         elif size == 1:
@@ -506,7 +508,7 @@ def _with_banks(specs: list[ResolvedTrial], earlier: list[dict[str, Any]], metri
     A spec whose bank would be empty is not run: its failed record says why."""
     from dataclasses import replace
 
-    from harness.methods import get_method
+    from harness.methods import get_method  # heavy: harness.methods imports torch
 
     out, unrun = [], []
     for s in specs:
@@ -538,7 +540,7 @@ def check_inputs(sweep: SweepFile) -> None:
 def check_banks(sweep: SweepFile) -> None:
     """Before any compute: a method that builds on other methods' adapters (EigenLoRA) needs them in its
     own study, or a named folder (``bank_dir``); its bank is never whatever the cache happens to hold."""
-    from harness.methods import base_name, get_method
+    from harness.methods import base_name, get_method  # heavy: harness.methods imports torch
 
     for study in sweep.studies:
         for m in study.methods:
@@ -607,8 +609,7 @@ def run_sweep(sweep: SweepFile, results_dir: Path, leaderboard_dir: Path, resume
               address: str | None = None, dashboard: bool = True,
               local: LocalResources = LocalResources()) -> dict[str, list[dict[str, Any]]]:
     """Run every study of a sweep through Ray Tune and update the leaderboard after each study."""
-    from harness import leaderboard
-    from harness.tracking import check_installed
+    from harness import leaderboard  # heavy: harness.leaderboard imports pandas
 
     # Ray Tune resolves a relative path against its own storage root, not the working folder
     results_dir = Path(results_dir).resolve()
@@ -616,12 +617,10 @@ def run_sweep(sweep: SweepFile, results_dir: Path, leaderboard_dir: Path, resume
     check_banks(sweep)
     check_inputs(sweep)
     check_installed(sweep.tracking)
-    from harness.process_cache import reuse_actors
 
     reuse_actors()  # a bad HARNESS_REUSE_ACTORS is refused before Ray starts
     init_ray(address, dashboard, local)
     check_resources(sweep.studies, _node_resources())
-    from harness.shared_storage import check_shared_cache
 
     check_shared_cache(cache_root())
     record_studies(sweep, results_dir)

@@ -354,7 +354,7 @@ def render(out_dir: Path, boards: "Iterable[str] | None" = None) -> list[Path]:
         fig.tight_layout()
         written.append(_save_fig(fig, path.with_name(f"{path.stem}-params.png")))
         plt.close(fig)
-    from harness.site import write_site
+    from harness.site import write_site  # cycle: harness.site -> harness.site.pages -> harness.leaderboard
 
     written += write_site(out_dir, wanted)
     return written

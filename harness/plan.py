@@ -22,8 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.driver import auto_gpu_share, check_reachable, method_waves, selection_methods
+from harness.early_stopping import expected_update_fraction, parse_scheduler
 from harness.errors import ConfigError
-from harness.sweep_file import Study, SweepFile, study_trials
+from harness.placement import visible_gpus
+from harness.sweep_file import Study, SweepFile, expand_grid, study_tasks, study_trials
 from harness.trial import ResolvedTrial
 
 COSTS = Path(__file__).resolve().parents[1] / "benchmarks" / "update-costs.json"
@@ -76,7 +79,7 @@ class WavePlan:
 
 
 def _rl_cost(spec: ResolvedTrial, study: Study, device: dict[str, Any] | None) -> TrialCost:
-    from agents.tasks import EPISODE_LENGTH
+    from agents.tasks import EPISODE_LENGTH  # heavy: agents.tasks imports metaworld
 
     ts, budget = spec.track_settings, spec.budget
     updates = int(budget.steps)
@@ -97,7 +100,7 @@ def _rl_cost(spec: ResolvedTrial, study: Study, device: dict[str, Any] | None) -
 
 
 def _vision_cost(spec: ResolvedTrial, study: Study, device: dict[str, Any] | None) -> TrialCost:
-    from vision.train import schedule
+    from vision.train import schedule  # heavy: vision.train imports torch
 
     ts, budget = spec.track_settings, spec.budget
     stage = budget.stage
@@ -121,7 +124,7 @@ def _vision_cost(spec: ResolvedTrial, study: Study, device: dict[str, Any] | Non
         return cost
     kind = "compiled" if ts.compile else "eager"
     table = m["ms_per_update"][kind]
-    from harness.methods import base_name
+    from harness.methods import base_name  # heavy: harness.methods imports torch
 
     method = base_name(spec.method)  # glora@0.29M is priced as glora
     if method not in table:  # a method measured only eager is priced at that (an upper bound)
@@ -148,8 +151,6 @@ def plan_wave(study: Study, stage: str, wave: int, specs: list[ResolvedTrial], g
               device: dict[str, Any] | None, update_share: float = 1.0) -> WavePlan:
     """Price one wave of trials on ``gpus`` GPUs. ``update_share``: the share of each trial's updates a
     selection scheduler is expected to spend."""
-    from harness.driver import auto_gpu_share
-
     costs = [trial_cost(s, study, device) for s in specs]
     n = len(specs)
     r = study.resources
@@ -182,10 +183,6 @@ def plan_wave(study: Study, stage: str, wave: int, specs: list[ResolvedTrial], g
 def plan_sweep(sweep: SweepFile, gpus: int, device_name: str, costs: dict[str, Any] | None = None
                ) -> tuple[list[WavePlan], str]:
     """Every study's waves priced on ``gpus`` GPUs of model ``device_name``; (waves, which measurement)."""
-    from harness.driver import method_waves, selection_methods
-    from harness.early_stopping import expected_update_fraction, parse_scheduler
-    from harness.sweep_file import expand_grid, study_tasks
-
     costs = load_costs() if costs is None else costs
     device = costs.get(device_name)
     if device is None:
@@ -248,8 +245,6 @@ def format_plan(waves: list[WavePlan], said: str, gpus: int, device_name: str) -
 
 def local_gpus() -> tuple[int, str]:
     """This machine's visible GPUs and their model (no Ray)."""
-    from harness.placement import visible_gpus
-
     n = visible_gpus()
     if n == 0:
         return 0, ""
@@ -263,7 +258,6 @@ def cluster_gpus(address: str) -> tuple[int, str]:
     starting anything."""
     import ray
 
-    from harness.driver import check_reachable
 
     check_reachable(address)
     ray.init(address=address, log_to_driver=False)

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from harness import __version__
+from harness.tracks import get_track
 
 if TYPE_CHECKING:
     from harness.tracks import TrackBudget, TrackSettings
@@ -165,8 +166,6 @@ class ResolvedTrial:
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "ResolvedTrial":
         """The trial :meth:`to_config` wrote (in a Ray worker): the typed models rebuilt from their dumps."""
-        from harness.tracks import get_track
-
         track = get_track(config["track"])
         return cls(config["track"], config["benchmark"], config["task"], config["method"],
                    dict(config["method_settings"]), int(config["seed"]), track.Budget.model_validate(config["budget"]),
@@ -188,9 +187,8 @@ def resolve_trial(spec: TrialSpec, *, settings: dict[str, Any] | None = None, tr
     are equal objects. ``settings``, ``track_settings``, ``budget``: parts a sweep's validation already
     resolved for the whole study (then not resolved again); ``check_fit``: check the method's settings
     against the track's model shapes (a sweep did so per grid point)."""
-    from harness.methods import get_method
-    from harness.protocol import check_fit as fit, describe
-    from harness.tracks import get_track
+    from harness.methods import get_method  # heavy: harness.methods imports torch
+    from harness.protocol import check_fit as fit, describe  # heavy: harness.protocol imports torch
 
     track = get_track(spec.track)
     track.check_tasks(spec.benchmark, [spec.task])
@@ -214,7 +212,7 @@ def as_resolved(spec: "TrialSpec | ResolvedTrial") -> ResolvedTrial:
 
 def run_trial(spec: "TrialSpec | ResolvedTrial", report: Reporter = print_reporter) -> TrialRecord:
     """Run one trial to its record; a raised error or a non-finite loss becomes a failed record."""
-    from harness.finetune import FineTuneRun  # the engine imports torch; listing and checking do not need it
+    from harness.finetune import FineTuneRun  # heavy: the engine imports torch; listing and checking do not
 
     run = FineTuneRun(spec, report)
     run.start()

@@ -30,7 +30,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from harness.cache import cache_root
+from harness.early_stopping import TIME_ATTR, eval_points, grouped_scheduler, parse_scheduler
+from harness.errors import ConfigError
 from harness.finetune import FineTuneRun
+from harness.plan import trial_cost
+from harness.process_cache import begin_trial, use_shared_compile_cache
+from harness.tracks import get_track
 from harness.trial import Reporter, ResolvedTrial, TrialRecord
 
 STATE_FILE = "trial-state.pt"
@@ -184,9 +190,6 @@ def run_tune_trial(spec: ResolvedTrial, report: Reporter, plan: TuneTrialPlan) -
     """Run one trial under Tune (inside its function trainable) to its record; see the module doc."""
     from ray import tune
 
-    from harness.cache import cache_root
-    from harness.early_stopping import TIME_ATTR
-    from harness.process_cache import begin_trial, use_shared_compile_cache
 
     # under actor reuse the process may have run trials before this one: what they left is cleared
     trials_before = begin_trial()
@@ -241,11 +244,6 @@ def tune_trial_plan(study, specs: list[ResolvedTrial]) -> tuple[TuneTrialPlan, A
     """The plan of a wave's trials and the Tune scheduler of the wave (None but in the selection stage of
     a study with ``selection.scheduler``). Raises ConfigError before any compute when the selection
     budget's updates cannot be known (a scheduler needs them as ``max_t``)."""
-    from harness.early_stopping import eval_points, grouped_scheduler, parse_scheduler
-    from harness.errors import ConfigError
-    from harness.plan import trial_cost
-    from harness.tracks import get_track
-
     r = study.resources
     base = TuneTrialPlan(checkpoint_every=r.checkpoint_every, checkpoint_minutes=r.checkpoint_minutes)
     sched = parse_scheduler(study.selection.scheduler_settings(), f"study {study.name!r}: selection")

@@ -50,6 +50,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from harness.adapters import bank_manifest
 from harness.errors import ConfigError
 from harness.methods.base import AdapterSite, MethodContext, Setting, check_rank, method_state
 from harness.methods.fast_linear import low_rank_linear
@@ -319,7 +320,6 @@ class EigenLoRA(LinearAdapterMethod):
         if mode == "reconstruct" and len(target) != 1:
             raise ConfigError(f"method 'eigenlora': reconstruct_from={settings['reconstruct_from']!r} holds "
                               f"{len(target)} LoRA adapters; give exactly one")
-        from harness.adapters import bank_manifest
 
         info = {"K": k, "bank_size": len(bank), "mode": mode, "random_components": 0, "explained_min": 1.0,
                 "bank_from": f"bank_dir={settings['bank_dir']}" if settings["bank_dir"] else "trials",

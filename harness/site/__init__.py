@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
+from harness import leaderboard
 from harness.cache import write_if_changed
 from harness.site.pages import Board, board_page, index_page
 
@@ -18,7 +19,6 @@ def load_boards(out_dir: Path) -> list[Board]:
     """Every board CSV in ``out_dir`` with its summary (recomputed, so it has the current columns)."""
     import pandas as pd
 
-    from harness import leaderboard
 
     boards = []
     for path in leaderboard.board_files(out_dir):
