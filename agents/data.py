@@ -423,7 +423,6 @@ def write_report(report: dict[str, Any], out: Path) -> list[Path]:
     import io
     import json
 
-
     out.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(REPORT_COLUMNS))

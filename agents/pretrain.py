@@ -190,7 +190,6 @@ def pretrain(plan: PretrainPlan, device: torch.device | None = None, data_worker
         f"{plan.train.steps} updates on {len(plan.tasks)} task(s), device {device}")
     every = max(1, plan.train.report_every)
 
-
     bar = progress(plan.train.steps, "rl-pretrain", unit="update")
 
     def report(m: dict[str, Any]) -> None:
@@ -325,7 +324,6 @@ def export_base(pre: Pretrained, plan: PretrainPlan, evaluation: dict[str, Any] 
     """Write the pretrained DT ``pre`` as one safetensors file at ``path`` (plus ``<path>.sha256``);
     returns the file's description (path, sha256, base_key)."""
     from safetensors.torch import save_file
-
 
     path = Path(path)
     if path.suffix != ".safetensors":

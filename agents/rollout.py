@@ -26,7 +26,6 @@ def _worker(conn, task: str, seeds: list[int], length: int, hold: str | None = N
     ``scripted`` steps every env with its own expert (``agents.tasks.Expert`` with ``hold``)."""
     import warnings
 
-
     warnings.simplefilter("ignore")
     envs = [make_env(task, seed=s, max_episode_steps=length) for s in seeds]
     experts = [Expert(task, env, hold) for env in envs]

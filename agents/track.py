@@ -459,7 +459,6 @@ def data_report(ts: RLSettings, tasks: list[str] | None, out) -> str:
     MT40 then CW10), written as JSON and CSV under ``out``; returns the printed text."""
     from pathlib import Path
 
-
     tasks = list(tasks) if tasks else list(MT40) + list(CW10)
     report = build_report(tasks, data_settings(ts), _data_workers(ts))
     paths = write_report(report, Path(out))

@@ -163,7 +163,7 @@ def _time_method(name: str, cfg: dict[str, Any], work: _Workload, bank) -> dict[
     batch = work.batch
     ctx = MethodContext(total_steps=cfg["steps"] + cfg["warmup"], device=device, adapter_bank=bank,
                         init_batches=lambda: [batch] * 4, forward_fn=work.forward_fn,
-                        layer_inputs_fn=work.layer_inputs_fn, evaluate=lambda m: 0.0)
+                        layer_inputs_fn=work.layer_inputs_fn, validate=lambda m: 0.0)
     model = method.wrap(work.model(), work.site, settings, ctx).to(device)
     if not cfg["fast"]:
         from harness.methods import fast_peft  # heavy: harness.methods.fast_peft imports peft

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness import tracking
+from harness import experiment_logging
 from harness.cache import atomic_write_text, cache_root
 from harness.early_stopping import TIME_ATTR, parse_scheduler
 from harness.errors import ConfigError, HarnessError
@@ -29,7 +29,6 @@ from harness.process_cache import reuse_actors
 from harness.shared_storage import check_shared_cache
 from harness.sweep_file import (Study, SweepFile, grid_size, resolved_grid, selection_methods, study_tasks,
                                 study_trials, track_settings)
-from harness.tracking import check_installed
 from harness.tracks import get_track
 from harness.trial import ResolvedTrial, print_reporter
 
@@ -61,7 +60,6 @@ def _trainable(config: dict[str, Any]) -> None:
     """
     import torch
     from ray import tune
-
 
     # A worker imports the harness afresh: the sweep's plugin methods and tracks are registered here again
     load_plugins(config.get("plugins") or (), "the sweep's plugins (in a Ray worker)")
@@ -260,7 +258,7 @@ def _gpus_per_trial(study: Study, n_trials: int) -> float:
 def run_wave(specs: list[ResolvedTrial], study: Study, exp_dir: Path, resume: bool,
              callbacks: list[Any] | None = None, plugins: list[str] | tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """Run (or resume) one Tune experiment over ``specs``; return the flat trial records. ``callbacks``:
-    Ray Tune's tracking callbacks (``harness/tracking.py``) for a new experiment; ``plugins``: the sweep's
+    Ray Tune's tracking callbacks (``harness/experiment_logging.py``) for a new experiment; ``plugins``: the sweep's
     plugin modules, imported by each trial's worker before it runs."""
     from ray import tune
 
@@ -440,7 +438,7 @@ def run_study(sweep: SweepFile, study: Study, results_dir: Path, resume: bool) -
             folder = base / (f"{study.name}-{stage}" + (f"-wave{i}" if i else ""))
             wave, unbanked = _with_banks([s for s in specs if s.method in names], recs, metric, higher)
             recs += run_wave(wave, study, folder, resume,
-                             tracking.callbacks(sweep.tracking, results_dir, sweep.name, study.name),
+                             experiment_logging.callbacks(sweep.tracking, results_dir, sweep.name, study.name),
                              sweep.plugins) + unbanked
         return recs
 
@@ -616,7 +614,7 @@ def run_sweep(sweep: SweepFile, results_dir: Path, leaderboard_dir: Path, resume
     check_results(sweep, results_dir, resume)
     check_banks(sweep)
     check_inputs(sweep)
-    check_installed(sweep.tracking)
+    experiment_logging.check_installed(sweep.tracking)
 
     reuse_actors()  # a bad HARNESS_REUSE_ACTORS is refused before Ray starts
     init_ray(address, dashboard, local)

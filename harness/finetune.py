@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from harness import adapters, placement, provenance
+from harness import adapter_store, placement, provenance
 from harness.methods import AdapterSite, Method, MethodContext, get_method
 from harness.protocol import prepare as prepare_protocol
 from harness.randomness import TrialRandom, deterministic_kernels
@@ -186,8 +186,8 @@ class FineTuneRun:
             self.adapter_key = f"{setup.base_key}|targets={join_targets(setup.site.targets)}"
             self.ctx = MethodContext(
                 total_steps=max(1, setup.schedule.steps), seed=spec.seed, init_batches=setup.init_batches,
-                forward_fn=setup.forward, layer_inputs_fn=setup.layer_inputs, evaluate=setup.validate,
-                adapter_bank=[str(p) for p in adapters.find_bank(self.adapter_key, spec.task, method.builds_on)]
+                forward_fn=setup.forward, layer_inputs_fn=setup.layer_inputs, validate=setup.validate,
+                adapter_bank=[str(p) for p in adapter_store.find_bank(self.adapter_key, spec.task, method.builds_on)]
                 if method.builds_on and not spec.adapter_bank else list(spec.adapter_bank),
                 device=setup.device)
             model = method.wrap(setup.model, setup.site, self.wrap_settings, self.ctx).to(setup.device)
@@ -319,7 +319,7 @@ class FineTuneRun:
             adapter_path, adapter_error = "", ""
             if setup.save_adapter:
                 try:
-                    adapter_path = str(adapters.save_trial_adapter(method, model, setup.site, self.wrap_settings, spec,
+                    adapter_path = str(adapter_store.save_trial_adapter(method, model, setup.site, self.wrap_settings, spec,
                                                             self.adapter_key))
                 except OSError as e:  # a full or read-only disk must not cost the trial its scores
                     adapter_error = f"{type(e).__name__}: {e}"

@@ -258,7 +258,6 @@ def cluster_gpus(address: str) -> tuple[int, str]:
     starting anything."""
     import ray
 
-
     check_reachable(address)
     ray.init(address=address, log_to_driver=False)
     try:

@@ -9,6 +9,7 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
+
 from harness.tracks import TRACKS
 
 PACKAGES = ("torch", "peft", "timm", "ray", "metaworld", "mujoco", "gymnasium")

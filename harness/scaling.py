@@ -10,6 +10,7 @@ every trial record and leaderboard row (``alpha_rule``).
 from __future__ import annotations
 
 from typing import Any, Callable
+
 from harness.errors import ConfigError, choices_message
 
 # rule -> alpha as a function of the rank r

@@ -145,7 +145,7 @@ class SweepFile(BaseModel):
     name: SafeName
     description: str = ""
     studies: list[Study]
-    # Ray Tune's tracking integrations for the whole sweep (harness/tracking.py): local and offline by default
+    # Ray Tune's tracking integrations for the whole sweep (harness/experiment_logging.py): local and offline by default
     tracking: list[Literal["mlflow", "wandb"]] = Field(default_factory=list)
     # modules imported before the file is checked and in every Ray worker: methods and tracks from outside
     # the project (harness/plugins.py)

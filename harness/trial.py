@@ -48,7 +48,7 @@ class TrialSpec:
     budget: dict[str, Any] = field(default_factory=dict)
     track_settings: dict[str, Any] = field(default_factory=dict)
     # EigenLoRA's bank as the sweep driver chose it (one LoRA adapter folder per other task); empty: the
-    # method's bank_dir setting, else the cache's adapters (harness.adapters.find_bank)
+    # method's bank_dir setting, else the cache's adapters (harness.adapter_store.find_bank)
     adapter_bank: tuple[str, ...] = ()
 
 
@@ -150,7 +150,7 @@ class ResolvedTrial:
     targets: str = ""  # the adapted layers as the study gave them ("" where the track's site decides)
     alpha_rule: str = ""  # the LoRA family's scale as recorded ("" outside it)
     # EigenLoRA's bank as the sweep driver chose it (one LoRA adapter folder per other task); empty: the
-    # method's bank_dir setting, else the cache's adapters (harness.adapters.find_bank)
+    # method's bank_dir setting, else the cache's adapters (harness.adapter_store.find_bank)
     adapter_bank: tuple[str, ...] = ()
 
     def to_config(self) -> dict[str, Any]:

@@ -190,7 +190,6 @@ def run_tune_trial(spec: ResolvedTrial, report: Reporter, plan: TuneTrialPlan) -
     """Run one trial under Tune (inside its function trainable) to its record; see the module doc."""
     from ray import tune
 
-
     # under actor reuse the process may have run trials before this one: what they left is cleared
     trials_before = begin_trial()
     use_shared_compile_cache(cache_root())

@@ -94,7 +94,6 @@ def _train(key: dict[str, Any], device: torch.device, folder: Path, partial: Pat
     started = time.time()
     last: dict[str, Any] = {}
 
-
     bar = progress(steps, "vision-pretrain", unit="update")
 
     def report(m: dict[str, Any]) -> None:

@@ -19,7 +19,6 @@ def load_boards(out_dir: Path) -> list[Board]:
     """Every board CSV in ``out_dir`` with its summary (recomputed, so it has the current columns)."""
     import pandas as pd
 
-
     boards = []
     for path in leaderboard.board_files(out_dir):
         meta = leaderboard.board_meta(path)
