@@ -30,7 +30,7 @@ from harness.shared_storage import check_shared_cache
 from harness.sweep_file import (Study, SweepFile, grid_size, resolved_grid, selection_methods, study_tasks,
                                 study_trials, track_settings)
 from harness.tracks import get_track
-from harness.trial import ResolvedTrial, print_reporter
+from harness.trial import ResolvedTrial, TrialRecord, print_reporter
 
 
 class TrialFailed(HarnessError):
@@ -45,9 +45,11 @@ FAILED_RECORD = "harness-failed-record.json"  # in the trial's folder: a determi
 MAX_RETRIES = 2  # attempts after a trial's process or node died (infrastructure, not the trial's own error)
 
 
-def _final_report(flat: dict[str, Any]) -> dict[str, Any]:
-    final = {k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    final.update(status=flat["status"], record=json.dumps(flat, default=str))
+def _final_report(record: TrialRecord) -> dict[str, Any]:
+    """A trial's last report to Tune: its numbers as Tune's metrics (what a scheduler and Tune's tables
+    read), and the whole record as one JSON document under ``record``, which the driver reads back."""
+    final = {k: v for k, v in record.flat().items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    final.update(status=record.status, record=record.to_json())
     return final
 
 
@@ -66,9 +68,9 @@ def _trainable(config: dict[str, Any]) -> None:
     spec = ResolvedTrial.from_config(config["spec"])  # the one serialisation Ray needs, undone
     marker = Path(tune.get_context().get_trial_dir()) / FAILED_RECORD
     if marker.is_file():
-        flat = json.loads(marker.read_text())
-        tune.report(_final_report(flat))
-        raise TrialFailed(f"{_trial_label(spec)}: {flat.get('error', '')}")
+        failed = TrialRecord.from_json(marker.read_text())
+        tune.report(_final_report(failed))
+        raise TrialFailed(f"{_trial_label(spec)}: {failed.error}")
     os.environ["HARNESS_CACHE"] = config["cache_root"]
     torch.set_num_threads(max(1, int(config["cpus"])))
 
@@ -80,8 +82,7 @@ def _trainable(config: dict[str, Any]) -> None:
 
     plan = TuneTrialPlan.from_config(config)
     record = run_tune_trial(spec, report, plan)  # checkpoints, and intermediate scores under a scheduler
-    flat = record.flat()
-    final = _final_report(flat)
+    final = _final_report(record)
     if plan.scheduler:  # the scheduler's last word on the trial: its full-budget score
         final[TIME_ATTR] = int(record.extra.get("updates") or 0)
     tune.report(final)
@@ -89,7 +90,7 @@ def _trainable(config: dict[str, Any]) -> None:
     if record.status != "ok":
         # Ray's own status (dashboard, ResultGrid) then says the trial failed; resume_errored=False keeps
         # --resume from rerunning it.
-        atomic_write_text(marker, json.dumps(flat, default=str))
+        atomic_write_text(marker, record.to_json())
         raise TrialFailed(f"{_trial_label(spec)}: {record.error}")
 
 
@@ -311,7 +312,7 @@ def run_wave(specs: list[ResolvedTrial], study: Study, exp_dir: Path, resume: bo
     for result in grid:
         metrics = result.metrics or {}
         if "record" in metrics:
-            records.append(json.loads(metrics["record"]))
+            records.append(TrialRecord.from_json(metrics["record"]).flat())  # the worker's record, as a row
         else:  # the trial process itself died (not a Python error inside the trial)
             spec = ResolvedTrial.from_config(result.config["spec"])
             records.append(_unrun_record(spec, f"trial did not finish: {result.error!r}"))

@@ -14,7 +14,6 @@ the same results as each alone, and writes its results straight into its ``Trial
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import traceback
@@ -136,10 +135,10 @@ class FineTuneRun:
         self.spec, self.report = spec, report
         self.record = spec.record() if isinstance(spec, ResolvedTrial) else TrialRecord(
             track=spec.track, benchmark=spec.benchmark, task=spec.task, method=spec.method,
-            settings=json.dumps(spec.method_settings, sort_keys=True, default=str), seed=spec.seed,
-            status="ok", budget=json.dumps(spec.budget, sort_keys=True, default=str))  # until start() resolves it
+            settings=dict(spec.method_settings), seed=spec.seed, status="ok",
+            budget=dict(spec.budget))  # until start() resolves it
         self.record.git_commit = provenance.git_commit()
-        self.record.software = json.dumps(provenance.software(), sort_keys=True)
+        self.record.software = dict(provenance.software())
         self.record.date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
         self.failed = False
         self._steady_marked = False

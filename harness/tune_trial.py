@@ -21,7 +21,6 @@ The driver's trainable (``harness/driver.py``) runs a trial here instead of :fun
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -154,12 +153,12 @@ def fill_missing_checkpoints(exp_dir: Path) -> list[str]:
     return made
 
 
-def provisional_record(run: FineTuneRun, metric: str, score: float, update: int, label: str) -> dict[str, Any]:
-    """The flat record a trial stopped now would leave: its score so far, and where it stopped."""
+def provisional_record(run: FineTuneRun, metric: str, score: float, update: int, label: str) -> TrialRecord:
+    """The record a trial stopped now would leave: its score so far, and where it stopped."""
     rec: TrialRecord = replace(run.record, metrics={metric: score},
                                extra={"stopped_at_update": update, "selection_scheduler": label})
     rec.wall_time_s = round(time.time() - run.started, 2)
-    return rec.flat()
+    return rec
 
 
 def remove_checkpoints() -> None:
@@ -210,8 +209,8 @@ def run_tune_trial(spec: ResolvedTrial, report: Reporter, plan: TuneTrialPlan) -
             except Exception as e:  # noqa: BLE001 - a failed evaluation fails the trial, not the sweep
                 run._fail(e)
                 break
-            flat = provisional_record(run, plan.metric, score, done, plan.scheduler)
-            last = {plan.metric: score, TIME_ATTR: done, "record": json.dumps(flat, default=str)}
+            provisional = provisional_record(run, plan.metric, score, done, plan.scheduler)
+            last = {plan.metric: score, TIME_ATTR: done, "record": provisional.to_json()}
             metrics = {"update": done, **last}
         due = (plan.checkpoint_every and done - saved_at >= plan.checkpoint_every) or (
             not plan.checkpoint_every and plan.checkpoint_minutes > 0
