@@ -12,6 +12,7 @@ import yaml
 
 from harness.cache import atomic_write_text, cache_root, check_writable_dir
 from harness.errors import ConfigError, HarnessError, choices_message
+from harness.methods import get_method, method_names
 from harness.plugins import load_plugins
 from harness.tracks import TRACKS, get_track, track_names
 from harness.trial import TrialSpec, print_reporter, resolve_trial, run_trial
@@ -32,8 +33,6 @@ def _parse_sets(items: list[str]) -> list[tuple[str, Any]]:
 
 def _split_run_sets(args, method_name: str, track) -> tuple[dict, dict, dict]:
     """Sort ``--set`` pairs into method settings, track settings and budget (prefix or bare key)."""
-    from harness.methods import get_method  # heavy: harness.methods imports torch
-
     method_keys = set(get_method(method_name).all_settings())
     track_keys, budget_keys = set(track.Settings.model_fields), set(track.Budget.model_fields)
     method, settings, budget = {}, {}, {}
@@ -226,8 +225,6 @@ def cmd_leaderboard(args) -> int:
 
 
 def cmd_methods(args) -> int:
-    from harness.methods import get_method, method_names  # heavy: harness.methods imports torch
-
     if args.count:
         from harness.counting import count_methods, format_rows, rows_json  # heavy: harness.counting imports torch
 

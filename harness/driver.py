@@ -23,6 +23,7 @@ from harness import experiment_logging
 from harness.cache import atomic_write_text, cache_root
 from harness.early_stopping import TIME_ATTR, parse_scheduler
 from harness.errors import ConfigError, HarnessError
+from harness.methods import base_name, get_method
 from harness.placement import host_cpus, visible_gpus
 from harness.plugins import load_plugins
 from harness.process_cache import reuse_actors
@@ -110,8 +111,6 @@ def _no_retry_callback():
 
 
 def _trial_name(trial) -> str:
-    from harness.methods import get_method  # heavy: harness.methods imports torch
-
     spec = trial.config["spec"]
     defaults = get_method(spec["method"]).default_settings()
     # the settings that differ from the method's defaults name the grid point
@@ -347,8 +346,6 @@ def choose_settings(records: list[dict[str, Any]], metric: str, higher_is_better
     """Per (method, task), the settings with the best mean ``metric`` over seeds (failed trials skipped),
     plus what the selection trial chose inside itself (``Method.final_settings``: GLoRA's searched subnet),
     taken from the seed that scored best under those settings."""
-    from harness.methods import get_method  # heavy: harness.methods imports torch
-
     chosen = {}
     for (method, task), (settings, top) in _best_groups(records, metric, higher_is_better).items():
         extra = top.get("extra")
@@ -383,8 +380,6 @@ def lora_bank(records: list[dict[str, Any]], task: str, methods: tuple[str, ...]
     """EigenLoRA's bank in a sweep: for every task but ``task``, one saved adapter of ``methods`` (LoRA)
     from ``records`` (one stage of the study): the settings chosen for that task as :func:`choose_settings`
     chooses them (the final stage of select-then-final has only one), and of those the lowest seed."""
-    from harness.methods import base_name  # heavy: harness.methods imports torch
-
     ok = [r for r in records if r.get("status") == "ok" and base_name(r["method"]) in methods
           and r["task"] != task and r.get("adapter_path")]
     bank = {}
@@ -399,8 +394,6 @@ def lora_bank(records: list[dict[str, Any]], task: str, methods: tuple[str, ...]
 def method_waves(methods: list[str]) -> list[list[str]]:
     """Methods grouped into waves: a method runs one wave after the latest of the methods it builds on
     (``Method.builds_on``) that are in the same study; the rest run in the first wave."""
-    from harness.methods import base_name, get_method  # heavy: harness.methods imports torch
-
     depth: dict[str, int] = {}
 
     def wave(name: str, seen: tuple[str, ...] = ()) -> int:
@@ -419,8 +412,6 @@ def method_waves(methods: list[str]) -> list[list[str]]:
 
 def run_study(sweep: SweepFile, study: Study, results_dir: Path, resume: bool) -> list[dict[str, Any]]:
     """Prepare the track's artifacts once, then run the study's waves; return all final-stage records."""
-    from harness.methods import get_method  # heavy: harness.methods imports torch
-
     track = get_track(study.track)
     benchmark = track.benchmark(study.benchmark)
     print(f"[sweep] {sweep.name}/{study.name}: preparing {study.track} artifacts (cached after the first run)",
@@ -507,8 +498,6 @@ def _with_banks(specs: list[ResolvedTrial], earlier: list[dict[str, Any]], metri
     A spec whose bank would be empty is not run: its failed record says why."""
     from dataclasses import replace
 
-    from harness.methods import get_method  # heavy: harness.methods imports torch
-
     out, unrun = [], []
     for s in specs:
         deps = get_method(s.method).builds_on
@@ -539,8 +528,6 @@ def check_inputs(sweep: SweepFile) -> None:
 def check_banks(sweep: SweepFile) -> None:
     """Before any compute: a method that builds on other methods' adapters (EigenLoRA) needs them in its
     own study, or a named folder (``bank_dir``); its bank is never whatever the cache happens to hold."""
-    from harness.methods import base_name, get_method  # heavy: harness.methods imports torch
-
     for study in sweep.studies:
         for m in study.methods:
             deps = get_method(m).builds_on

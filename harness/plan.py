@@ -25,6 +25,7 @@ from typing import Any
 from harness.driver import auto_gpu_share, check_reachable, method_waves, selection_methods
 from harness.early_stopping import expected_update_fraction, parse_scheduler
 from harness.errors import ConfigError
+from harness.methods import base_name
 from harness.placement import visible_gpus
 from harness.sweep_file import Study, SweepFile, expand_grid, study_tasks, study_trials
 from harness.trial import ResolvedTrial
@@ -124,7 +125,6 @@ def _vision_cost(spec: ResolvedTrial, study: Study, device: dict[str, Any] | Non
         return cost
     kind = "compiled" if ts.compile else "eager"
     table = m["ms_per_update"][kind]
-    from harness.methods import base_name  # heavy: harness.methods imports torch
 
     method = base_name(spec.method)  # glora@0.29M is priced as glora
     if method not in table:  # a method measured only eager is priced at that (an upper bound)

@@ -18,6 +18,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StringConstrain
 
 from harness.early_stopping import parse_scheduler
 from harness.errors import ConfigError
+from harness.methods import base_name, get_method
 from harness.plugins import MODULE_PATTERN, load_plugins
 from harness.tracks import get_track
 from harness.trial import ResolvedTrial, TrialSpec, resolve_point, resolve_trial
@@ -182,8 +183,6 @@ def _grid_axes(settings: dict[str, Any], method: str | None) -> dict[str, list[A
     ``ranks: [[8, 4], [2]]`` two."""
     list_valued: set[str] = set()
     if method is not None:
-        from harness.methods import get_method  # heavy: harness.methods imports torch
-
         list_valued = {k for k, s in get_method(method).all_settings().items() if isinstance(s.default, (list, tuple))}
     axes = {}
     for k, v in settings.items():
@@ -209,8 +208,6 @@ def resolved_grid(study: Study, method: str) -> list[dict[str, Any]]:
     """The method's grid points of the study, each resolved (defaults filled in, checked) once: the list
     :func:`expand_grid` gives, in its order. A bad point raises the method's ConfigError."""
     if method not in study._grids:
-        from harness.methods import get_method  # heavy: harness.methods imports torch
-
         m = get_method(method)
         study._grids[method] = [resolve_point(m, combo) for combo in expand_grid(study.methods[method], method)]
     return study._grids[method]
@@ -228,8 +225,6 @@ def selection_methods(study: Study) -> list[str]:
     method that chooses something inside its trial (``Method.needs_selection``), and the methods that
     those build on (EigenLoRA's selection trials need LoRA's adapters of the same stage). A method with
     one grid point and nothing to choose goes straight to its final runs."""
-    from harness.methods import base_name, get_method  # heavy: harness.methods imports torch
-
     if study.protocol != "select-then-final":
         return []
     picked = {m for m, space in study.methods.items()
@@ -265,8 +260,6 @@ def study_tasks(study: Study) -> list[str]:
 
 def _check_names(study: Study, where: str) -> None:
     """The study's benchmark, tasks and method names (cheap: nothing is built)."""
-    from harness.methods import get_method  # heavy: harness.methods imports torch
-
     track = get_track(study.track)
     try:
         track.benchmark(study.benchmark)
@@ -297,8 +290,6 @@ def check_size(sweep: SweepFile, confirmed: bool) -> None:
 def validate_study(study: Study, where: str) -> None:
     """Everything the track and the method registry can check, once, before any compute: names, track
     settings, budgets (both stages) and every grid point of every method."""
-    from harness.methods import get_method  # heavy: harness.methods imports torch
-
     _check_names(study, where)
     track = get_track(study.track)
     settings = track_settings(study, f"{where}.settings")
@@ -418,8 +409,6 @@ def study_trials(study: Study, stage: str, chosen: dict[tuple[str, str], dict[st
     for method in study.methods:
         for task in study_tasks(study):
             if chosen is not None:  # a chosen point adds what its selection trial chose inside itself (GLoRA)
-                from harness.methods import get_method  # heavy: harness.methods imports torch
-
                 points = [resolve_point(get_method(method), chosen[(method, task)])]
             else:
                 points = resolved_grid(study, method)

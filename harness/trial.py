@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Protocol
 
 from harness import __version__
+from harness.methods import get_method
 from harness.tracks import get_track
 
 if TYPE_CHECKING:
@@ -230,7 +231,6 @@ def resolve_trial(spec: TrialSpec, *, settings: dict[str, Any] | None = None, tr
     are equal objects. ``settings``, ``track_settings``, ``budget``: parts a sweep's validation already
     resolved for the whole study (then not resolved again); ``check_fit``: check the method's settings
     against the track's model shapes (a sweep did so per grid point)."""
-    from harness.methods import get_method  # heavy: harness.methods imports torch
     from harness.protocol import check_fit as fit, describe  # heavy: harness.protocol imports torch
 
     track = get_track(spec.track)
