@@ -89,7 +89,7 @@ def cmd_sweep(args) -> int:
     local = LocalResources(cpus=args.cpus, gpus=args.gpus)
     out = run_sweep(sweep, Path(args.results), Path(args.leaderboard), resume=args.resume, address=args.address,
                     dashboard=not args.no_dashboard, local=local)
-    from harness.leaderboard import render  # heavy: harness.leaderboard imports pandas
+    from harness.site import render  # heavy: harness.site imports pandas
 
     # only this sweep's boards (and the index, where it changes): other boards' files stay as they are
     render(Path(args.leaderboard), {s.board_name for s in sweep.studies})
@@ -209,7 +209,8 @@ def cmd_bench(args) -> int:
 
 
 def cmd_leaderboard(args) -> int:
-    from harness.leaderboard import board_files, render  # heavy: harness.leaderboard imports pandas
+    from harness.leaderboard import board_files  # heavy: harness.leaderboard imports pandas
+    from harness.site import render  # heavy: harness.site imports pandas
 
     out = Path(args.out)
     if not board_files(out):
