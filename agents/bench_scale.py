@@ -76,8 +76,9 @@ class ScaleSettings(BaseModel):
     data_episodes: Int = Field(20, ge=1)
     compile: Bool = True
     deterministic: Bool = True  # torch's deterministic kernels, so rows can match bit for bit across counts
-    # a wave's next trial in a finished trial's process (Tune's reuse_actors; harness/process_cache.py)
-    reuse_actors: Bool = True
+    # a wave's next trial in a finished trial's process (Tune's reuse_actors; harness/process_cache.py);
+    # None: the sweep's own default (on for CPU trials, off for GPU trials)
+    reuse_actors: Bool | None = None
     settings: dict[str, Any] = Field(default_factory=dict)  # more RL track settings (the tests' tiny DT)
     workdir: str | None = None  # sweep files, results and boards per count (default: a temporary folder)
 
@@ -324,6 +325,8 @@ def bench_scale(overrides: dict[str, Any]) -> dict[str, Any]:
     s = validate(ScaleSettings, overrides, "bench scale", "bench setting")
     work = Path(s.workdir) if s.workdir else Path(tempfile.mkdtemp(prefix="harness-bench-scale-"))
     work.mkdir(parents=True, exist_ok=True)
+    # a workdir holding another run is refused before anything in it is written or built
+    done = _finished_runs(work / "partial.json", s)
     sweep_path = work / f"{SWEEP_NAME}.yaml"
     sweep_path.write_text(yaml.safe_dump(sweep_doc(s), sort_keys=False))
     trials = check(s, sweep_path)
@@ -336,11 +339,11 @@ def bench_scale(overrides: dict[str, Any]) -> dict[str, Any]:
     prep = [sys.executable, "-m", "harness", "pretrain", "rl"]
     for k, v in settings.items():
         prep += ["--set", f"{k}={json.dumps(v) if isinstance(v, (list, dict, bool)) else v}"]
-    if run_logged(prep, work / "prepare.log") != 0:
+    # every count kept from an earlier call: nothing runs, so nothing needs preparing (prepare_s 0)
+    if len(done) < len(s.counts) and run_logged(prep, work / "prepare.log") != 0:
         raise RuntimeError(f"bench scale: preparing the data and the pretrained DT failed; see {work / 'prepare.log'}")
     prepare_s = time.time() - started
 
-    done = _finished_runs(work / "partial.json", s)
     runs: list[dict[str, Any]] = []
     for i, n in enumerate(s.counts):
         if i < len(done):  # finished by an earlier call of the same command
@@ -356,7 +359,7 @@ def bench_scale(overrides: dict[str, Any]) -> dict[str, Any]:
         started = time.time()
         with GpuMonitor() as monitor:
             code = run_logged(cmd, folder / ("sweep-resumed.log" if resumed else "sweep.log"),
-                        {REUSE_ENV: "1" if s.reuse_actors else "0"})
+                              {} if s.reuse_actors is None else {REUSE_ENV: "1" if s.reuse_actors else "0"})
         wall = time.time() - started
         if code not in (0, 1):  # 1: some trials failed, which the figures say; others: nothing ran
             raise RuntimeError(f"bench scale: the sweep on {n} {s.axis}(s) exited {code}; see {folder / 'sweep.log'}")

@@ -269,8 +269,8 @@ def run_wave(specs: list[ResolvedTrial], study: Study, exp_dir: Path, resume: bo
     trial_plan, scheduler = tune_trial_plan(study, specs)  # a scheduler in the selection stage only
     if scheduler is not None:  # progress reports carry no score; the scheduler skips them
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    trainable = tune.with_resources(_trainable, {"cpu": study.resources.cpus_per_trial,
-                                                 "gpu": _gpus_per_trial(study, len(specs))})
+    gpus = _gpus_per_trial(study, len(specs))
+    trainable = tune.with_resources(_trainable, {"cpu": study.resources.cpus_per_trial, "gpu": gpus})
     exists = (exp_dir / "tuner.pkl").exists()
     if exists and not resume:
         raise ConfigError(f"results of this sweep already exist in {exp_dir}: pass --resume to continue "
@@ -291,7 +291,7 @@ def run_wave(specs: list[ResolvedTrial], study: Study, exp_dir: Path, resume: bo
             # reuse_actors: a wave's next trial runs in a finished trial's process (harness/process_cache.py)
             tune_config=tune.TuneConfig(max_concurrent_trials=study.resources.max_concurrent,
                                         trial_name_creator=_trial_name, trial_dirname_creator=_trial_dir,
-                                        scheduler=scheduler, reuse_actors=reuse_actors()),
+                                        scheduler=scheduler, reuse_actors=reuse_actors(on_gpu=gpus > 0)),
             run_config=tune.RunConfig(name=exp_dir.name, storage_path=str(exp_dir.parent),
                                       failure_config=tune.FailureConfig(max_failures=MAX_RETRIES), verbose=1,
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1),

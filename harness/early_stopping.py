@@ -16,7 +16,10 @@ score. The final stage never uses a scheduler.
 
 from __future__ import annotations
 
+import bisect
+import functools
 import math
+import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,12 +107,17 @@ def eval_points(plan: SchedulerPlan, max_t: int) -> list[int]:
     return sorted(points)
 
 
-def expected_update_fraction(plan: SchedulerPlan | None, max_t: int) -> float:
+def expected_update_fraction(plan: SchedulerPlan | None, max_t: int, group_size: int | None = None) -> float:
     """The share of the full grid's selection updates that a scheduler is expected to spend.
 
-    ASHA (one bracket): every trial reaches the first rung and 1/eta of them each next one, the ideal of
-    the synchronous algorithm; asynchronous promotion lets a few more through while rungs fill, so the
-    measured share is somewhat higher. Median stopping has no closed form: priced at the full grid."""
+    ASHA (one bracket) with no ``group_size``: every trial reaches the first rung and 1/eta of them each
+    next one, the ideal of the synchronous algorithm. With ``group_size`` (the trials of one (method,
+    task) group, which compete only with each other): Tune's asynchronous rule simulated
+    (:func:`_async_asha`): a trial is stopped at a rung only when it scores below the
+    (1 - 1/eta) quantile of the trials recorded there before it, so the first to arrive always goes on
+    and small groups save much less (a group of two under eta 2 spends about 0.7 of its grid; measured
+    on the H200's cw10-short selection: 0.75). Median stopping has no closed form: priced at the full
+    grid."""
     if plan is None or plan.name != "asha" or max_t <= 0:
         return 1.0
     eta = float(plan.params.get("reduction_factor", 4))
@@ -118,9 +126,71 @@ def expected_update_fraction(plan: SchedulerPlan | None, max_t: int) -> float:
     shares = []
     for s in range(brackets):
         levels = [math.ceil(g * eta ** (k + s)) for k in range(64) if g * eta ** (k + s) < max_t] + [max_t]
-        spent = levels[0] + sum(eta ** -(i + 1) * (levels[i + 1] - levels[i]) for i in range(len(levels) - 1))
-        shares.append(spent / max_t)
-    return sum(shares) / len(shares)  # Tune spreads trials over the brackets about evenly
+        if group_size is None:
+            spent = levels[0] + sum(eta ** -(i + 1) * (levels[i + 1] - levels[i]) for i in range(len(levels) - 1))
+            shares.append(spent / max_t)
+        else:  # Tune spreads a group's trials over the brackets about evenly
+            shares.append(_async_asha(tuple(levels), eta, max(1, math.ceil(group_size / brackets)))[0])
+    return sum(shares) / len(shares)
+
+
+def expected_rung_reports(plan: SchedulerPlan | None, max_t: int, group_size: int | None = None) -> float:
+    """How many intermediate scores (each one evaluation) a selection trial is expected to report: one at
+    each of :func:`eval_points` it reaches. ASHA: by the same model as :func:`expected_update_fraction`;
+    median stopping: every point (priced, like its updates, at the full grid); no scheduler: none."""
+    if plan is None or max_t <= 0:
+        return 0.0
+    points = eval_points(plan, max_t)
+    if plan.name != "asha":
+        return float(len(points))
+    eta = float(plan.params.get("reduction_factor", 4))
+    brackets = int(plan.params.get("brackets", 1))
+    g = plan.grace(max_t)
+    reports = []
+    for s in range(brackets):
+        levels = [math.ceil(g * eta ** (k + s)) for k in range(64) if g * eta ** (k + s) < max_t] + [max_t]
+        if group_size is None:  # the synchronous ideal: all reach the first rung, 1/eta the next, ...
+            reports.append(sum(eta ** -k for k in range(len(levels) - 1)))
+        else:
+            reports.append(_async_asha(tuple(levels), eta, max(1, math.ceil(group_size / brackets)))[1])
+    return sum(reports) / len(reports)
+
+
+@functools.lru_cache(maxsize=256)
+def _async_asha(levels: tuple[int, ...], eta: float, n: int) -> tuple[float, float]:
+    """(expected share of ``n`` trials' full-budget updates, expected rung reports per trial) under Tune's
+    asynchronous ASHA, when the trials run side by side and reach each rung in a random order, and each
+    keeps one quality throughout (the case most favourable to stopping). ``levels``: the rungs, then
+    max_t. A fixed seed: a plan prints the same figures every time."""
+    rng = random.Random(0)
+    q = 1 - 1 / eta
+    draws = max(50, 20_000 // n)  # about the same work for any group size
+    total, reports = 0.0, 0
+    for _ in range(draws):
+        score = [rng.random() for _ in range(n)]
+        alive = list(range(n))
+        spent = [float(levels[-1])] * n
+        for rung in levels[:-1]:
+            rng.shuffle(alive)
+            recorded: list[float] = []  # kept sorted: Tune's cutoff is numpy's linear percentile of these
+            survivors = []
+            reports += len(alive)
+            for t in alive:
+                if recorded:
+                    pos = q * (len(recorded) - 1)
+                    lo = int(pos)
+                    hi = min(lo + 1, len(recorded) - 1)
+                    cutoff = recorded[lo] + (recorded[hi] - recorded[lo]) * (pos - lo)
+                else:
+                    cutoff = None
+                if cutoff is not None and score[t] < cutoff:
+                    spent[t] = rung
+                else:
+                    survivors.append(t)
+                bisect.insort(recorded, score[t])
+            alive = survivors
+        total += sum(spent) / (n * levels[-1])
+    return total / draws, reports / (draws * n)
 
 
 def make_scheduler(plan: SchedulerPlan, metric: str, mode: str, max_t: int):
@@ -182,5 +252,5 @@ def grouped_scheduler(plan: SchedulerPlan, metric: str, mode: str, max_t: int):
     return GroupedScheduler()
 
 
-__all__ = ["SCHEDULERS", "TIME_ATTR", "SchedulerPlan", "eval_points", "expected_update_fraction",
+__all__ = ["SCHEDULERS", "TIME_ATTR", "SchedulerPlan", "eval_points", "expected_rung_reports", "expected_update_fraction",
            "grouped_scheduler", "make_scheduler", "parse_scheduler"]

@@ -9,21 +9,23 @@ or started: the sweep file is validated as a sweep validates it, and no Ray inst
 The model of a wave: ``p`` trials share a GPU (``gpus_per_trial``, or auto's share for the wave on these
 GPUs); ``p`` trials on one GPU train ``speedup(p)`` times as fast in all as one alone (measured for the
 paper DT, interpolated between measured counts); the GPUs a wave occupies are the ones its concurrent
-trials need; evaluation (RL rollouts, priced from the measured DT rollout rate) holds a trial's share
+trials need; evaluation (RL rollouts, priced from the measured DT rollout rate; a selection trial under a scheduler
+evaluates also at each rung it reaches) holds a trial's share
 of its GPU. Selection under ASHA is priced at :func:`harness.early_stopping.expected_update_fraction`
-of the full grid's updates.
+of the full grid's updates, for each (method, task) group at its own size (a small group saves little).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from harness.driver import auto_gpu_share, check_reachable, method_waves, selection_methods
-from harness.early_stopping import expected_update_fraction, parse_scheduler
+from harness.early_stopping import expected_rung_reports, expected_update_fraction, parse_scheduler
 from harness.errors import ConfigError
 from harness.methods import base_name
 from harness.placement import visible_gpus
@@ -148,9 +150,10 @@ def trial_cost(spec: ResolvedTrial, study: Study, device: dict[str, Any] | None)
 
 
 def plan_wave(study: Study, stage: str, wave: int, specs: list[ResolvedTrial], gpus: int,
-              device: dict[str, Any] | None, update_share: float = 1.0) -> WavePlan:
+              device: dict[str, Any] | None, update_share: float = 1.0, rung_reports: float = 0.0) -> WavePlan:
     """Price one wave of trials on ``gpus`` GPUs. ``update_share``: the share of each trial's updates a
-    selection scheduler is expected to spend."""
+    selection scheduler is expected to spend; ``rung_reports``: the intermediate scores (one evaluation
+    each, as long as the final one) it is expected to ask of each trial."""
     costs = [trial_cost(s, study, device) for s in specs]
     n = len(specs)
     r = study.resources
@@ -171,8 +174,11 @@ def plan_wave(study: Study, stage: str, wave: int, specs: list[ResolvedTrial], g
     concurrent = min(n, gpus * per_gpu, r.max_concurrent or n)
     out.gpus_used = min(gpus, math.ceil(concurrent / per_gpu))
     # a GPU's time: its trials' training at the packed rate, and their evaluations sharing it p ways
-    gpu_s = sum(c.train_s * update_share / speed + c.eval_s / per_gpu for c in costs)
-    longest = max(c.train_s * update_share * per_gpu / speed + c.eval_s for c in costs)
+    evals = 1 + rung_reports
+    gpu_s = sum(c.train_s * update_share / speed + evals * c.eval_s / per_gpu for c in costs)
+    longest = max(c.train_s * update_share * per_gpu / speed + evals * c.eval_s for c in costs)
+    if rung_reports:
+        out.notes.append(f"{rung_reports:.2g} rung evaluations per trial")
     out.gpu_hours = gpu_s / 3600
     out.wall_hours = max(gpu_s / out.gpus_used, longest) / 3600
     if per_gpu > 1:
@@ -201,17 +207,21 @@ def plan_sweep(sweep: SweepFile, gpus: int, device_name: str, costs: dict[str, A
             sched = parse_scheduler(study.selection.scheduler_settings())
             specs = [s for s in study_trials(study, "select") if s.method in selecting]
             max_t = (trial_cost(specs[0], study, None).updates or 0) if specs else 0
-            share = expected_update_fraction(sched, max_t)
-            stages.append(("select" + (f" [{sched.label()}]" if sched else ""), specs, share))
+            groups = Counter((s.method, s.task) for s in specs)  # a scheduler per (method, task) group
+            share = (sum(n * expected_update_fraction(sched, max_t, n) for n in groups.values()) / len(specs)
+                     if specs else 1.0)
+            rungs = (sum(n * expected_rung_reports(sched, max_t, n) for n in groups.values()) / len(specs)
+                     if specs else 0.0)
+            stages.append(("select" + (f" [{sched.label()}]" if sched else ""), specs, share, rungs))
             first = {(m, t): expand_grid(space, m)[0] for m, space in study.methods.items() for t in study_tasks(study)}
-            stages.append(("final", study_trials(study, "final", first), 1.0))
+            stages.append(("final", study_trials(study, "final", first), 1.0, 0.0))
         else:
-            stages.append(("final", study_trials(study, "final"), 1.0))
-        for stage, specs, share in stages:
+            stages.append(("final", study_trials(study, "final"), 1.0, 0.0))
+        for stage, specs, share, rungs in stages:
             for i, names in enumerate(waves):
                 wave = [s for s in specs if s.method in names]
                 if wave:
-                    out.append(plan_wave(study, stage, i, wave, gpus, device, share))
+                    out.append(plan_wave(study, stage, i, wave, gpus, device, share, rungs))
     return out, said
 
 

@@ -3,8 +3,8 @@
 Under Ray Tune a process is a trial's actor. With actor reuse (``TuneConfig(reuse_actors=True)``, which
 Ray 2.60 supports for function trainables through ``FunctionTrainable.reset_config``) the next trial of a
 wave with the same resources runs in the actor the last one finished in: no new worker process, no second
-import of torch, Ray, MuJoCo and the harness. The sweep driver turns it on unless
-:data:`REUSE_ENV` says no (:func:`reuse_actors`).
+import of torch, Ray, MuJoCo and the harness. The sweep driver turns it on for trials on the CPU and off
+for trials on a GPU unless :data:`REUSE_ENV` says otherwise (:func:`reuse_actors` says why).
 
 What a later trial in the same process reuses, and why its record stays what a fresh process would give:
 
@@ -44,19 +44,25 @@ _trials_begun = 0
 _states: dict[tuple[str, int, int], dict[str, Any]] = {}
 
 
-def reuse_actors(environ: dict[str, str] | None = None) -> bool:
-    """Whether a sweep's trials reuse Ray actors (:data:`REUSE_ENV`: unset or 1/true/yes/on: yes;
-    0/false/no/off: every trial in a new process). Anything else is a ConfigError naming the variable."""
+def reuse_actors(environ: dict[str, str] | None = None, on_gpu: bool = False) -> bool:
+    """Whether a sweep's trials reuse Ray actors. :data:`REUSE_ENV` decides when set (1/true/yes/on: yes;
+    0/false/no/off: every trial in a new process); anything else is a ConfigError naming the variable.
+
+    Unset, trials on the CPU reuse actors and trials on a GPU (``on_gpu``) do not: there a trial compiles
+    its update with torch.compile, and on the H200 a reused process died of a segmentation fault in the
+    garbage collection between two compiled trials (6 of the first 125 trials of sweeps/cw10-short.yaml,
+    each retried by Ray and finished in a new process; BENCHMARKS.md). ``HARNESS_REUSE_ACTORS=1`` still
+    turns it on there."""
     raw = (os.environ if environ is None else environ).get(REUSE_ENV)
     if raw is None or raw.strip() == "":
-        return True
+        return not on_gpu
     value = raw.strip().lower()
     if value in _TRUE:
         return True
     if value in _FALSE:
         return False
     raise ConfigError(f"environment variable {REUSE_ENV}={raw!r}: expected one of {', '.join(_TRUE + _FALSE)} "
-                      "(unset: actors are reused)")
+                      "(unset: actors are reused by trials on the CPU, not by trials on a GPU)")
 
 
 def begin_trial() -> int:

@@ -312,6 +312,12 @@ class Trainer:
         self.stats.resumed_from = self.step_index
         self._steady_from = self.step_index + min(20, max(0, (self.cfg.steps - self.step_index) // 5))
 
+    def steady_ms_per_update(self) -> float:
+        """Milliseconds per update since the warm-up ended, up to now (0.0 before any steady update)."""
+        if self._steady_start is None or self.step_index <= self._steady_from:
+            return 0.0
+        return 1000 * (time.perf_counter() - self._steady_start) / (self.step_index - self._steady_from)
+
     def finish(self) -> TrainStats:
         """Final checkpoint and statistics; the model is left in eval mode."""
         cfg, stats = self.cfg, self.stats
@@ -320,9 +326,7 @@ class Trainer:
         started = time.perf_counter()
         synchronize(self.device)  # the queued GPU work belongs to the training time
         self._wall += time.perf_counter() - started
-        if self._steady_start is not None and self.step_index > self._steady_from:
-            stats.steady_ms_per_update = 1000 * (time.perf_counter() - self._steady_start) / (
-                self.step_index - self._steady_from)
+        stats.steady_ms_per_update = self.steady_ms_per_update()
         self.model.eval()
         stats.wall_s = self._wall
         ran = self.step_index - stats.resumed_from

@@ -44,9 +44,16 @@ STATE_FILE = "trial-state.pt"
 # the trial starts again from update 0 (:func:`fill_missing_checkpoints`).
 MISSING_MARKER = "MISSING-CHECKPOINT.txt"
 # Tests only: the trial's process exits right after its first checkpoint on its first attempt, as a
-# preempted node would leave it (tests/test_trial_checkpoint.py); "pause": it waits there instead, so that
-# a test can interrupt the sweep with every trial mid-way (tests/test_resume_missing_checkpoint.py).
+# preempted node would leave it (tests/test_trial_checkpoint.py): every trial's with "1", else the trials
+# named as by PAUSE_TRIAL below.
 KILL_AFTER_CHECKPOINT = "HARNESS_TEST_EXIT_AFTER_CHECKPOINT"
+# Tests only: a trial whose folder path in the results (its Tune trial name included) contains one of this
+# variable's comma-separated values waits, on its first attempt, after its first checkpoint
+# (``checkpoint_every`` set) or else after its first update, having left PAUSED_MARKER in its trial folder:
+# a test then interrupts or kills the sweep with that trial mid-way and the others finished, whatever the
+# machine's speed (tests/conftest.py, tests/test_bench_scale.py).
+PAUSE_TRIAL = "HARNESS_TEST_PAUSE_TRIAL"
+PAUSED_MARKER = "PAUSED-BY-TEST"
 
 
 @dataclass(frozen=True)
@@ -154,10 +161,15 @@ def fill_missing_checkpoints(exp_dir: Path) -> list[str]:
 
 
 def provisional_record(run: FineTuneRun, metric: str, score: float, update: int, label: str) -> TrialRecord:
-    """The record a trial stopped now would leave: its score so far, and where it stopped."""
+    """The record a trial stopped now would leave: its score so far, where it stopped, and its cost so far
+    (updates, ms per steady update, wall time), so a stopped trial's GPU time is counted too."""
+    wall = round(time.time() - run.started, 2)
     rec: TrialRecord = replace(run.record, metrics={metric: score},
-                               extra={"stopped_at_update": update, "selection_scheduler": label})
-    rec.wall_time_s = round(time.time() - run.started, 2)
+                               extra={"stopped_at_update": update, "updates": update, "total_wall_s": wall,
+                                      "selection_scheduler": label})
+    rec.wall_time_s = wall
+    if run.trainer is not None:
+        rec.ms_per_update = round(run.trainer.steady_ms_per_update(), 3)
     return rec
 
 
@@ -185,6 +197,22 @@ def remove_wave_checkpoints(exp_dir: Path) -> int:
     return gone
 
 
+def _named_by_test(variable: str) -> bool:
+    """Whether a test hook (:data:`PAUSE_TRIAL`, :data:`KILL_AFTER_CHECKPOINT`) names this trial: "1" names
+    every trial, else comma-separated parts of the trial's folder path in the results (its name included)."""
+    from ray import tune
+
+    value = os.environ.get(variable, "")
+    if value == "1":
+        return True
+    context = tune.get_context()
+    try:
+        where = f"{context.get_storage().trial_fs_path}/{context.get_trial_name()}"
+    except Exception:  # noqa: BLE001 - a storage without a local path: the trial's name alone
+        where = context.get_trial_name()
+    return any(part and part in where for part in value.split(","))
+
+
 def run_tune_trial(spec: ResolvedTrial, report: Reporter, plan: TuneTrialPlan) -> TrialRecord:
     """Run one trial under Tune (inside its function trainable) to its record; see the module doc."""
     from ray import tune
@@ -200,6 +228,8 @@ def run_tune_trial(spec: ResolvedTrial, report: Reporter, plan: TuneTrialPlan) -
     points = set(plan.eval_points)
     saved_at, since = resumed_from, time.monotonic()
     first_attempt = state is None and missing is None
+    pause = first_attempt and _named_by_test(PAUSE_TRIAL)
+    kill = first_attempt and _named_by_test(KILL_AFTER_CHECKPOINT)
     while run.step():
         done = run.updates_done
         metrics: dict[str, Any] = {}
@@ -218,12 +248,16 @@ def run_tune_trial(spec: ResolvedTrial, report: Reporter, plan: TuneTrialPlan) -
         if due and not run.trainer.done:
             _save(run, {"last": last}, metrics or {"update": done})
             saved_at, since = done, time.monotonic()
-            if first_attempt and os.environ.get(KILL_AFTER_CHECKPOINT) == "1":
+            if kill:
                 os._exit(1)
-            if first_attempt and os.environ.get(KILL_AFTER_CHECKPOINT) == "pause":
-                time.sleep(600)  # until the test's SIGINT stops the experiment
         elif metrics:
             tune.report(metrics)
+        if pause and (saved_at > resumed_from or not plan.checkpoint_every):
+            # in the trial's folder of the results (storage), where the test looks
+            folder = Path(tune.get_context().get_storage().trial_fs_path)
+            (folder / PAUSED_MARKER).write_text(f"paused after update {done}\n")
+            time.sleep(600)  # until the test's signal stops the sweep
+            pause = False
     record = run.finish()
     # the process's earlier trials: its start-up (extra.timing.process_to_trial_s) was theirs, not this one's
     record.extra["process_trials_before"] = trials_before
@@ -258,5 +292,5 @@ def tune_trial_plan(study, specs: list[ResolvedTrial]) -> tuple[TuneTrialPlan, A
     return plan, grouped_scheduler(sched, benchmark.primary_metric, mode, max_t)
 
 
-__all__ = ["KILL_AFTER_CHECKPOINT", "MISSING_MARKER", "TuneTrialPlan", "fill_missing_checkpoints", "provisional_record",
+__all__ = ["KILL_AFTER_CHECKPOINT", "MISSING_MARKER", "PAUSED_MARKER", "PAUSE_TRIAL", "TuneTrialPlan", "fill_missing_checkpoints", "provisional_record",
            "remove_wave_checkpoints", "run_tune_trial", "tune_trial_plan"]

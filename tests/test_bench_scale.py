@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -21,18 +22,74 @@ SMALL = {"axis": "cpu", "cpus_per_trial": 1, "tasks": ["window-close"], "seeds":
          "batch_size": 8, "pretrain_tasks": ["reach"], "pretrain_steps": 10, "data_episodes": 2, "settings": TINY_DT}
 
 
+COUNTS = [1, 2, 1]  # one slot, two, and one again: the last is the count a time limit cuts
+CUT = "2-cpu1/results/scale/scale-final/window-close_lora_lr0.001-r4_s0_"  # its grid's third trial
+
+
+@dataclass(frozen=True)
+class ScaleCalls:
+    """``bench scale`` over COUNTS as a user runs it, cut by a time limit in the last count and resumed."""
+
+    tmp: Path
+    work: Path
+    cut_finished: int  # trials of the cut count with a final record when the cut struck
+    cut_records_file: bool  # whether the cut count had written its records file
+    partial_counts: list[int]  # the counts that partial.json held after the cut
+    resumed: subprocess.CompletedProcess  # the same command again
+    doc: dict  # its --out JSON
+
+
+@pytest.fixture(scope="module")
+def scale_calls(tmp_path_factory) -> ScaleCalls:
+    """The command over three counts of the same sweep. In the third count the grid's third trial waits after
+    its first update (a test hook), and the command's whole process group is killed then (as a time limit
+    kills it), with two of that count's trials finished and the first two counts done, whatever the machine's
+    speed; the same command again keeps the two counts and resumes the third."""
+    import os
+    import signal
+    import time
+
+    from harness.tune_trial import PAUSE_TRIAL, PAUSED_MARKER
+
+    tmp = tmp_path_factory.mktemp("scale")
+    work, out = tmp / "w", tmp / "scale.json"
+    sets = [f"{k}={json.dumps(v)}" for k, v in {**SMALL, "counts": COUNTS, "workdir": str(work)}.items()]
+    cmd = [sys.executable, "-m", "harness", "bench", "scale", *sum((["--set", s] for s in sets), []), "--out", str(out)]
+    env = {**os.environ, "HARNESS_CACHE": str(tmp / "cache")}
+    env.pop("RAY_ADDRESS", None)
+    experiment = work / "2-cpu1" / "results" / "scale"
+
+    def finished() -> int:  # trials whose final record Tune has (the records file is written at the end)
+        return sum('"record": ' in f.read_text() for f in experiment.glob("*/*/result.json"))
+
+    cut = subprocess.Popen(cmd, cwd=ROOT, env={**env, PAUSE_TRIAL: CUT}, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 500
+        # the held trial waits ten minutes: time enough for Tune to write the two before it as finished
+        while time.time() < deadline and cut.poll() is None and not (
+                list(experiment.glob(f"*/*/{PAUSED_MARKER}")) and finished() >= 2):
+            time.sleep(0.5)
+        assert cut.poll() is None, f"the command ended (exit {cut.poll()}) before it could be cut"
+        (paused,) = experiment.glob(f"*/*/{PAUSED_MARKER}")
+        assert CUT in f"{paused.parent}/", paused
+        time.sleep(2.0)  # Tune's experiment state has the two finished trials by now
+    finally:
+        os.killpg(cut.pid, signal.SIGKILL)
+        cut.wait()
+    partial = json.loads((work / "partial.json").read_text())
+    cut_state = (finished(), (experiment / "scale-records.jsonl").exists(), [r["count"] for r in partial["runs"]])
+    resumed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return ScaleCalls(tmp, work, *cut_state, resumed, json.loads(out.read_text()))
+
+
 @pytest.mark.slow
-def test_one_sweep_over_one_and_two_slots(tmp_path, monkeypatch):
-    out = tmp_path / "scale.json"
-    sets = [f"{k}={json.dumps(v)}" for k, v in {**SMALL, "counts": [1, 2], "workdir": str(tmp_path / "w")}.items()]
-    proc = subprocess.run([sys.executable, "-m", "harness", "bench", "scale", *sum((["--set", s] for s in sets), []),
-                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "HARNESS_CACHE": str(tmp_path / "cache")})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    doc = json.loads(out.read_text())
+def test_one_sweep_over_one_and_two_slots(scale_calls, monkeypatch):
+    doc = scale_calls.doc
     assert doc["bench"] == "scale" and doc["command"].startswith("python -m harness bench scale")
     result = doc["result"]
-    one, two = result["runs"]
+    one, two, _ = result["runs"]  # the third: test_a_count_cut_by_a_time_limit_and_resumed_is_marked_not_comparable
     assert result["trials_per_count"] == 4  # 1 task x 2 methods x 2 seeds
     for run, count in ((one, 1), (two, 2)):
         assert (run["count"], run["trials"], run["ok"], run["updates"]) == (count, 4, 4, 4 * SMALL["steps"])
@@ -62,10 +119,11 @@ def test_one_sweep_over_one_and_two_slots(tmp_path, monkeypatch):
     # the same command again keeps what is finished; other settings in that folder are refused
     from agents.bench_scale import bench_scale
 
-    overrides = {**SMALL, "counts": [1, 2], "workdir": str(tmp_path / "w")}
-    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    overrides = {**SMALL, "counts": COUNTS, "workdir": str(scale_calls.work)}
+    monkeypatch.setenv("HARNESS_CACHE", str(scale_calls.tmp / "cache"))
+    monkeypatch.setattr("agents.bench_scale.run_logged", lambda *a, **k: pytest.fail(f"ran {a[0]} again"))
     again = bench_scale(overrides)
-    assert [r["updates_per_s"] for r in again["runs"]] == [one["updates_per_s"], two["updates_per_s"]]
+    assert [r["updates_per_s"] for r in again["runs"]] == [r["updates_per_s"] for r in result["runs"]]
     with pytest.raises(ConfigError, match="holds a run with other settings"):
         bench_scale({**overrides, "steps": 31})
 
@@ -203,50 +261,21 @@ def test_a_tiny_rl_trial_records_where_its_time_went(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_count_cut_by_a_time_limit_and_resumed_is_marked_not_comparable(tmp_path):
-    """A time limit kills the whole command (as the device tool does: its process group) after some trials
-    finished; the same command again resumes the count, whose figures then say they are not comparable."""
-    import os
-    import signal
-    import time
-
-    work = tmp_path / "w"
-    # trials long enough that the third is still running when the cut strikes, in a process that Tune's actor
-    # reuse keeps from one trial to the next (no start-up between them)
-    small = {**SMALL, "steps": 400}
-    sets = [f"{k}={json.dumps(v)}" for k, v in {**small, "counts": [1], "workdir": str(work)}.items()]
-    cmd = [sys.executable, "-m", "harness", "bench", "scale", *sum((["--set", s] for s in sets), []),
-           "--out", str(tmp_path / "scale.json")]
-    env = {**os.environ, "HARNESS_CACHE": str(tmp_path / "cache")}
-    env.pop("RAY_ADDRESS", None)
-    experiment = work / "0-cpu1" / "results" / "scale"
-
-    def finished() -> int:  # trials whose final record Tune has (the records file is written at the end)
-        return sum('"record": ' in f.read_text() for f in experiment.glob("*/*/result.json"))
-
-    cut = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           start_new_session=True)
-    try:
-        deadline = time.time() + 400
-        while time.time() < deadline and cut.poll() is None:
-            if finished() >= 2:  # two trials finished: the limit strikes while the third runs
-                time.sleep(2.0)  # Tune's experiment state has them finished by now
-                break
-            time.sleep(0.5)
-        assert cut.poll() is None, "the count finished before it could be cut"
-    finally:
-        os.killpg(cut.pid, signal.SIGKILL)
-        cut.wait()
-    assert 2 <= finished() < 4 and not (experiment / "scale-records.jsonl").exists()
-    assert not (work / "partial.json").exists()
-
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (run,) = json.loads((tmp_path / "scale.json").read_text())["result"]["runs"]
+def test_a_count_cut_by_a_time_limit_and_resumed_is_marked_not_comparable(scale_calls):
+    """A time limit kills the whole command (as the device tool does: its process group) after some trials of
+    a count finished; the same command again keeps the counts finished before and resumes the cut one, whose
+    figures then say they are not comparable."""
+    calls = scale_calls
+    assert calls.cut_finished == 2 and not calls.cut_records_file
+    assert calls.partial_counts == COUNTS[:2]  # the finished counts survived the cut
+    assert calls.resumed.stderr.count("kept from an earlier call") == 2, calls.resumed.stderr[-3000:]
+    one, two, run = calls.doc["result"]["runs"]
     assert run["resumed"] and run["ok"] == 4 and run["comparable"] is False
     assert run["scaling_efficiency"] is None and "resumed after a cut" in run["scaling_efficiency_note"]
+    assert one["comparable"] and two["comparable"] and two["scaling_efficiency"] is not None  # unaffected
     resumed = run["resumed_call"]
     assert resumed["trials_from_earlier_calls"] >= 1 and resumed["trials"] == 4 - resumed["trials_from_earlier_calls"]
-    assert resumed["updates"] == resumed["trials"] * small["steps"]  # none had a checkpoint: all from update 0
+    assert resumed["updates"] == resumed["trials"] * SMALL["steps"]  # none had a checkpoint: all from update 0
     assert resumed["updates_per_s"] == pytest.approx(resumed["updates"] / resumed["span_s"], rel=0.01)
-    assert "not comparable" in proc.stderr
+    assert "not comparable" in calls.resumed.stderr
+    assert run["results_identical"], run["result_differences"]  # a resumed count's rows are the same rows

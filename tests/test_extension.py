@@ -186,30 +186,19 @@ def on_path(tmp_path, monkeypatch):
 
 # --- methods -------------------------------------------------------------------------------------------
 
-def test_plugin_method_runs_in_every_ray_worker(tmp_path):
+def test_plugin_method_runs_in_every_ray_worker(tiny_rl_sweep):
     """The bug this fixes: a method registered only in the driver passed validation and then every worker
-    failed with 'unknown method'. Named under ``plugins:``, it is imported in the workers too."""
-    module, name = _unique("bitfit_plugin"), _unique("bitfit").replace("_", "-")
-    plugins = tmp_path / "plugins"
-    write_module(plugins, module, BITFIT.format(name=name))
-    doc = {"name": "ext", "plugins": [module], "track": "rl", "benchmark": "cw10", "tasks": ["window-close"],
-           "methods": {name: {"bias_lr_scale": 4.0}}, "seeds": [0],
-           "budget": {"steps": 4, "eval_episodes": 1, "batch_size": 8, "report_every": 2},
-           "settings": TINY_RL, "leaderboard": "ext-cw10",
-           "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0}}
-    path = tmp_path / "ext.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    res, board = tmp_path / "results", tmp_path / "board"
-    out = harness(["sweep", str(path), "--results", str(res), "--leaderboard", str(board), "--no-dashboard"],
-                  cli_env(tmp_path, plugins))
-    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
-    recs = [json.loads(line) for line in (res / "ext" / "ext-records.jsonl").read_text().splitlines()]
-    assert len(recs) == 1 and recs[0]["status"] == "ok" and recs[0]["method"] == name, recs
+    failed with 'unknown method'. Named under ``plugins:``, it is imported in the workers too. The shared
+    tiny sweep (tests/conftest.py) runs the toy BitFit plugin beside the built-in methods."""
+    sweep, name = tiny_rl_sweep, tiny_rl_sweep.plugin_method
+    assert sweep.returncode in (0, 1), sweep.output[-4000:]  # 1: the sweep's deliberate NaN trial failed
+    recs = [r for r in sweep.records() if r["method"] == name]
+    assert len(recs) == 1 and recs[0]["status"] == "ok", recs
     assert json.loads(recs[0]["settings"])["bias_lr_scale"] == 4.0
     assert 0 < recs[0]["trainable_params"] < 2000  # the DT's biases only: a few hundred of its ~15k weights
     import pandas as pd
 
-    assert list(pd.read_csv(board / "ext-cw10.csv")["method"]) == [name]
+    assert name in list(pd.read_csv(sweep.board / "tiny-cw10.csv")["method"])
 
 
 def test_a_plugin_that_fails_to_import_is_refused_before_ray(tmp_path, on_path):
@@ -442,25 +431,41 @@ def test_custom_rows_are_labelled_custom_on_the_board(tmp_path):
 
 # --- a track ---------------------------------------------------------------------------------------------
 
-def test_plugin_track_runs_one_trial(tmp_path):
-    plugins = tmp_path / "plugins"
+def harness_here(args: list[str]) -> subprocess.CompletedProcess:
+    """``python -m harness ARGS`` through its entry point (``harness.cli.main``) in this process: the same
+    parsing, plugin loading, output and exit status without a fresh interpreter's imports. For commands that
+    leave no state behind but registrations, which the ``registry`` fixture undoes."""
+    import contextlib
+    import io
+
+    from harness.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(args)
+    return subprocess.CompletedProcess(["python", "-m", "harness", *args], code, out.getvalue(), err.getvalue())
+
+
+def test_plugin_track_runs_one_trial(tmp_path, registry, on_path, monkeypatch):
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
     module, name = _unique("toytrack"), _unique("toy").replace("_", "-")
-    write_module(plugins, module, TOY_TRACK.format(name=name))
-    env = cli_env(tmp_path, plugins)
-    out = harness(["tasks", "--plugin", module], env)
+    write_module(on_path, module, TOY_TRACK.format(name=name))
+    # a fresh process without --plugin does not know the track: a clean error, no traceback
+    out = harness(["run", "--track", name, "--benchmark", "toyreg", "--task", "line", "--method", "lora"],
+                  cli_env(tmp_path, on_path))
+    assert out.returncode == 2 and f"unknown track {name!r}" in out.stderr and "Traceback" not in out.stderr
+    out = harness_here(["tasks", "--plugin", module])
     assert out.returncode == 0 and f"{name}/toyreg (1 tasks, synthetic data, ranked by mse, lower" in out.stdout, \
         out.stderr
-    out = harness(["run", "--plugin", module, "--track", name, "--benchmark", "toyreg", "--task", "line",
-                   "--method", "lora", "--set", "r=2", "--set", "steps=3", "--json"], env)
+    out = harness_here(["run", "--plugin", module, "--track", name, "--benchmark", "toyreg", "--task", "line",
+                        "--method", "lora", "--set", "r=2", "--set", "steps=3", "--json"])
     assert out.returncode == 0, out.stderr[-3000:]
     rec = json.loads(out.stdout.strip().splitlines()[-1])
     assert (rec["track"], rec["benchmark"], rec["task"], rec["status"]) == (name, "toyreg", "line", "ok")
     assert rec["mse"] >= 0 and rec["trainable_params"] == 2 * (4 + 16)  # LoRA r=2 on body (4 -> 16)
-    out = harness(["methods", "--count", "--plugin", module, "--track", name, "--methods", "lora", "--set", "r=3",
-                   "--json"], env)  # the track's model counted (Track.count_model), no code naming the track
+    out = harness_here(["methods", "--count", "--plugin", module, "--track", name, "--methods", "lora", "--set",
+                        "r=3", "--json"])  # the track's model counted (Track.count_model), no code naming the track
     assert out.returncode == 0 and json.loads(out.stdout)[0]["trainable_params"] == 3 * (4 + 16), out.stderr
-    out = harness(["run", "--track", name, "--benchmark", "toyreg", "--task", "line", "--method", "lora"], env)
-    assert out.returncode == 2 and f"unknown track {name!r}" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_register_track_checks(registry, on_path):

@@ -5,15 +5,11 @@ trains it at full budget."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from harness.early_stopping import eval_points, expected_update_fraction, parse_scheduler
+from harness.early_stopping import eval_points, expected_rung_reports, expected_update_fraction, parse_scheduler
 from harness.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,6 +17,43 @@ TINY = {"backbone": "vit_tiny_patch16_224", "img_size": 32, "model_kwargs": {"pa
         "drop_path": 0.0, "weights": "random", "threads": 1}
 STEPS, GRACE = 16, 4
 LRS = [1.0e-9, 1.0e-2, 3.0e-2, 1.0e-1]  # on random features the first (barely moving) scores best on val200
+
+
+def test_the_priced_share_of_a_small_group_follows_tunes_own_asha_rule():
+    """The plan's simulation of asynchronous ASHA against Tune's own bracket, on the same random
+    arrivals: a group of two or four under eta 2 saves far less than the synchronous ideal."""
+    import random
+
+    from ray.tune.schedulers.async_hyperband import _Bracket
+    from ray.tune.schedulers.trial_scheduler import TrialScheduler
+
+    plan = parse_scheduler({"scheduler": "asha", "grace_period": 750, "reduction_factor": 2})
+    rungs, max_t = [750, 1500], 3000
+    for n in (2, 4):
+        rng, spent, reports = random.Random(1), 0.0, 0
+        for _ in range(3000):
+            bracket = _Bracket(750, max_t, 2, 0)
+            score = [rng.random() for _ in range(n)]
+            alive, used = list(range(n)), [max_t] * n
+            for rung in rungs:
+                rng.shuffle(alive)
+                survivors = []
+                reports += len(alive)  # one evaluation per trial that reaches the rung
+                for t in alive:
+                    trial = type("T", (), {"trial_id": str(t)})()
+                    if bracket.on_result(trial, rung, score[t]) == TrialScheduler.STOP:
+                        used[t] = rung
+                    else:
+                        survivors.append(t)
+                alive = survivors
+            spent += sum(used) / (n * max_t)
+        assert expected_update_fraction(plan, max_t, n) == pytest.approx(spent / 3000, abs=0.015)
+        assert expected_rung_reports(plan, max_t, n) == pytest.approx(reports / (3000 * n), abs=0.03)
+    assert expected_rung_reports(plan, max_t, 1) == 2.0  # a lone trial reports at both rungs
+    assert expected_update_fraction(plan, max_t, 1) == 1.0  # a lone trial is never stopped
+    shares = [expected_update_fraction(plan, max_t, n) for n in (2, 4, 16, 256)]
+    assert shares == sorted(shares, reverse=True) and shares[0] > 0.7
+    assert shares[-1] == pytest.approx(expected_update_fraction(plan, max_t), abs=0.02)  # large: the ideal
 
 
 def test_scheduler_settings_are_checked_with_tunes_names():
@@ -40,35 +73,27 @@ def test_scheduler_settings_are_checked_with_tunes_names():
         parse_scheduler({"scheduler": None, "grace_period": 3})
 
 
-def test_asha_stops_selection_trials_and_the_chosen_setting_runs_in_full(tmp_path):
-    doc = {"name": "asha", "track": "vision", "benchmark": "builtin", "tasks": ["shapes"],
-           "protocol": "select-then-final", "seeds": [0],
-           "selection": {"seeds": [0], "scheduler": "asha", "grace_period": GRACE, "reduction_factor": 2},
-           "methods": {"full": {"lr": LRS}},
-           "budget": {"steps": STEPS, "batch_size": 8}, "settings": TINY,
-           # one trial at a time: ASHA then compares each trial with all the earlier ones at every rung
-           "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0, "max_concurrent": 1, "checkpoint_every": GRACE}}
-    path = tmp_path / "asha.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    env = dict(os.environ, HARNESS_CACHE=str(tmp_path / "cache"), RAY_DEDUP_LOGS="0")
-    env.pop("RAY_ADDRESS", None)
-    done = subprocess.run([sys.executable, "-m", "harness", "sweep", str(path), "--results", str(tmp_path / "res"),
-                           "--leaderboard", str(tmp_path / "board"), "--no-dashboard"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+def test_asha_stops_selection_trials_and_the_chosen_setting_runs_in_full(selection_bench):
+    """The scheduler run of tests/conftest.py's ``bench selection``: a sweep of ``full`` over LRS under ASHA
+    (grace GRACE of STEPS updates, reduction factor 2, one trial at a time, checkpoints every GRACE)."""
+    done = selection_bench.done
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-3000:]
-    base = tmp_path / "res" / "asha"
-    select = [json.loads(x) for x in (base / "asha-select-records.jsonl").read_text().splitlines()]
+    base = selection_bench.folder / "work" / "scheduler"
+    select = selection_bench.select_records("scheduler")
+    final = [r for r in selection_bench.final_records("scheduler") if r["method"] == "full"]
     assert len(select) == len(LRS) and all(r["status"] == "ok" for r in select)
     stopped = [r for r in select if "stopped_at_update" in json.loads(r["extra"])]
     assert stopped, "no selection trial was stopped"
     ran = [r for r in select if r not in stopped]
     assert max(r["top1"] for r in stopped) < max(r["top1"] for r in ran)  # stopped for scoring worse
     assert all(json.loads(r["extra"])["stopped_at_update"] in (GRACE, 2 * GRACE) for r in stopped)
+    # a stopped trial's cost is counted too: its updates and its wall time so far
+    assert all(json.loads(r["extra"])["updates"] == json.loads(r["extra"])["stopped_at_update"]
+               and r["wall_time_s"] > 0 for r in stopped)
     spent = sum(json.loads(r["extra"]).get("stopped_at_update", STEPS) for r in select)
     assert spent < STEPS * len(LRS)  # fewer updates than the full grid
     # the setting chosen is the best score among all selection trials, stopped ones with their last score
     best = max(select, key=lambda r: r["top1"])
-    final = [json.loads(x) for x in (base / "asha-records.jsonl").read_text().splitlines()]
     assert len(final) == 1 and final[0]["status"] == "ok"
     assert json.loads(final[0]["settings"])["lr"] == json.loads(best["settings"])["lr"]
     assert json.loads(final[0]["extra"])["updates"] == STEPS  # the final stage is never stopped early

@@ -1,19 +1,13 @@
 """End to end through Ray Tune: a tiny RL sweep writes the leaderboard, a NaN trial fails alone, and an
-interrupted sweep resumes without rerunning or duplicating finished trials."""
+interrupted sweep resumes without rerunning or duplicating finished trials. The sweeps themselves are run
+once each by the shared fixtures of tests/conftest.py (``tiny_rl_sweep``, ``interrupted_rl_sweep``)."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pandas as pd
-import pytest
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,49 +17,18 @@ TINY = {"n_layer": 1, "n_head": 2, "n_embd": 32, "context": 4, "dropout": 0.0, "
         "warmup": 0, "grad_clip": 0.0, "eval_pretrained": False}
 
 
-def sweep_file(tmp_path: Path, methods: dict, seeds=(0,), max_concurrent=None, steps: int = 8,
-               report_every: int = 4) -> Path:
-    doc = {"name": "tiny", "track": "rl", "benchmark": "cw10", "tasks": ["window-close"], "methods": methods,
-           "seeds": list(seeds),
-           "budget": {"steps": steps, "eval_episodes": 1, "batch_size": 8, "report_every": report_every},
-           "settings": TINY, "leaderboard": "tiny-cw10",
-           "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0, "max_concurrent": max_concurrent}}
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
-
-
-def run_cli(args: list[str], env: dict, cwd: Path = ROOT) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "harness", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-@pytest.fixture()
-def env(tmp_path):
-    e = dict(os.environ)
-    e["HARNESS_CACHE"] = str(tmp_path / "cache")
-    e["RAY_DEDUP_LOGS"] = "0"
-    e.pop("RAY_ADDRESS", None)
-    return e
-
-
-def records(results: Path) -> list[dict]:
-    return [json.loads(line) for line in (results / "tiny" / "tiny-records.jsonl").read_text().splitlines()]
-
-
-def test_tiny_sweep_writes_leaderboard_and_survives_a_nan_trial(tmp_path, env):
-    path = sweep_file(tmp_path, {"full": {"lr": [1.0e-4, 1.0e30]}, "lora": {"r": 2, "lr": 1.0e-3}})
-    res, board = tmp_path / "results", tmp_path / "board"
-    proc = run_cli(["sweep", str(path), "--results", str(res), "--leaderboard", str(board), "--no-dashboard"], env)
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 1, out[-4000:]  # some trials failed: the exit status says so
-    recs = records(res)
-    assert len(recs) == 3
+def test_tiny_sweep_writes_leaderboard_and_survives_a_nan_trial(tiny_rl_sweep):
+    """The shared tiny sweep (tests/conftest.py): ``full`` at lr 1e-4 and 1e30, ``lora``, and a plugin method
+    that tests/test_extension.py asserts on; here the NaN trial, the board and Ray's view of the failure."""
+    sweep, out = tiny_rl_sweep, tiny_rl_sweep.output
+    assert sweep.returncode == 1, out[-4000:]  # some trials failed: the exit status says so
+    recs = sweep.records()
+    assert len(recs) == 4
     failed = [r for r in recs if r["status"] == "failed"]
-    assert len(failed) == 1 and "NonFiniteLossError" in failed[0]["error"]
-    assert json.loads(failed[0]["settings"])["lr"] == 1e30
-    table = pd.read_csv(board / "tiny-cw10.csv")
-    assert sorted(table["method"]) == ["full", "lora"]
+    assert len(failed) == 1 and "NonFiniteLossError" in failed[0]["error"], [r.get("error") for r in recs]
+    assert failed[0]["method"] == "full" and json.loads(failed[0]["settings"])["lr"] == 1e30
+    table = pd.read_csv(sweep.board / "tiny-cw10.csv")
+    assert sorted(table["method"]) == sorted(["full", "lora", sweep.plugin_method])
     row = table.set_index("method").loc["lora"]
     assert row["task"] == "window-close" and 0.0 <= row["success_mean"] <= 1.0
     assert row["trainable_params"] > 0 and row["data_source"] == "real" and row["n_seeds"] == 1
@@ -74,6 +37,7 @@ def test_tiny_sweep_writes_leaderboard_and_survives_a_nan_trial(tmp_path, env):
     assert json.loads(table.set_index("method").loc["full", "settings"]) == {"lr": 1e-4, "weight_decay": None}
     ok = [r for r in recs if r["status"] == "ok"]
     assert all(json.loads(r["software"])["torch"] and r["device_name"] and r["git_commit"] for r in ok)
+    board = sweep.board
     assert (board / "tiny-cw10-summary.csv").exists() and (board / "tiny-cw10.md").exists()
     assert "failed window-close full" in out
     assert "errored" in out  # Ray's own status agrees: the failed trial is ERROR, not TERMINATED
@@ -81,39 +45,24 @@ def test_tiny_sweep_writes_leaderboard_and_survives_a_nan_trial(tmp_path, env):
     assert out.count(" errored after ") == 1, out[-4000:]
 
 
-def test_interrupted_sweep_resumes_without_rerunning(tmp_path, env):
-    """The README's recovery path as a user meets it: the default (relative) --results and --leaderboard
-    in the working folder, Ctrl-C (SIGINT) ends with 130, and the same command with --resume finishes."""
-    # trials long enough (seconds) that the next one is still training when Ctrl-C arrives: with actor
-    # reuse an 8-update trial ends within the poll's half second, and all three finished before the signal
-    sweep_file(tmp_path, {"full": {"lr": [1.0e-4, 2.0e-4, 3.0e-4]}}, max_concurrent=1, steps=600,
-               report_every=150)  # each progress report is a Tune result the driver processes
-    res, board = tmp_path / "results", tmp_path / "leaderboard"
-    args = ["sweep", "tiny.yaml", "--no-dashboard"]
-    proc = run_cli(args, env, cwd=tmp_path)
-    exp = res / "tiny" / "tiny-final"
-    deadline = time.time() + 400
-    finished: list[Path] = []
-    while time.time() < deadline and proc.poll() is None:
-        finished = [p for p in exp.glob("*/result.json") if '"record"' in p.read_text()]
-        if finished:
-            break
-        time.sleep(0.5)
-    assert finished, "no trial finished before the deadline"
-    os.kill(proc.pid, signal.SIGINT)  # the driver alone, as `kill -INT`; Ctrl-C reaches its Ray workers too
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "--resume" in out, out[-3000:]
+def test_interrupted_sweep_resumes_without_rerunning(interrupted_rl_sweep):
+    """The README's recovery path as a user meets it (tests/conftest.py runs it): the default (relative)
+    --results and --leaderboard in the working folder, Ctrl-C (SIGINT) ends with 130, and the same command
+    with --resume finishes: the trial finished before Ctrl-C is not run again, the others run to the end."""
+    sweep = interrupted_rl_sweep
+    out = sweep.first.stdout
+    assert sweep.first.returncode == 130 and "--resume" in out, out[-3000:]
     assert "Traceback" not in out.split("Stop signal received")[-1], out[-3000:]
-    done_before = {p.parent.name for p in exp.glob("*/result.json") if '"record"' in p.read_text()}
-    assert 1 <= len(done_before) < 3, out[-3000:]
-    assert not (res / "tiny" / "tiny-records.jsonl").exists()  # no record of an unfinished sweep
+    # the lr 1e-4 trial finished; the two paused ones did not finish on the way out
+    assert len(sweep.finished_before) == 1 and "_lr0.0001_" in sweep.finished_before[0], out[-3000:]
+    assert sweep.done_before == sweep.finished_before, out[-3000:]
+    assert not sweep.records_after_interrupt  # no record of an unfinished sweep
 
-    proc = run_cli([*args, "--resume"], env, cwd=tmp_path)
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out[-4000:]
-    recs = records(res)
+    assert sweep.resumed.returncode == 0, sweep.resumed.stdout[-4000:]
+    recs = sweep.records()
     assert len(recs) == 3 and len({r["settings"] for r in recs}) == 3
-    for name in done_before:  # finished trials were not run again: one final record each
-        lines = (exp / name / "result.json").read_text().splitlines()
+    assert all(r["status"] == "ok" for r in recs), [r.get("error") for r in recs]
+    for name in sweep.done_before:  # finished trials were not run again: one final record each
+        lines = (sweep.experiment / name / "result.json").read_text().splitlines()
         assert sum('"record"' in line for line in lines) == 1
-    assert len(pd.read_csv(board / "tiny-cw10.csv")) == 1
+    assert len(pd.read_csv(sweep.folder / "leaderboard" / "tiny-cw10.csv")) == 1

@@ -3,8 +3,6 @@ run per trial with its parameters and metrics; an unknown tracker is refused bef
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +10,7 @@ import yaml
 
 from harness.errors import ConfigError
 from harness.sweep_file import load_sweep
-from test_sweep_e2e import ROOT, TINY
+from test_sweep_e2e import TINY
 
 
 def _sweep(tmp_path: Path, tracking) -> Path:
@@ -34,21 +32,23 @@ def test_unknown_tracker_is_refused_with_the_valid_names(tmp_path):
     assert load_sweep(_sweep(tmp_path, []), ["tracking=[wandb]"]).tracking == ["wandb"]
 
 
-def test_mlflow_tracking_writes_a_file_store_run(tmp_path):
+def test_mlflow_tracking_writes_a_file_store_run(tiny_rl_sweep):
+    """The shared tiny sweep (tests/conftest.py) tracks to MLflow: one file-store run per trial."""
     pytest.importorskip("mlflow", reason="the mlflow extra (part of the test extra) is not installed")
-    env = {k: v for k, v in __import__("os").environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    env["HARNESS_CACHE"] = str(tmp_path / "cache")
-    res, board = tmp_path / "results", tmp_path / "board"
-    proc = subprocess.run([sys.executable, "-m", "harness", "sweep", str(_sweep(tmp_path, ["mlflow"])),
-                           "--results", str(res), "--leaderboard", str(board), "--no-dashboard"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    store = res / "tracked" / "mlruns"
+    sweep = tiny_rl_sweep
+    assert sweep.tracking == ("mlflow",)
+    assert (sweep.results / "tiny" / "tiny-records.jsonl").is_file(), sweep.output[-4000:]
+    store = sweep.results / "tiny" / "mlruns"
     experiments = [p for p in store.iterdir() if (p / "meta.yaml").is_file() and p.name not in (".trash", "0")]
-    (experiment,) = [p for p in experiments if yaml.safe_load((p / "meta.yaml").read_text())["name"] == "tracked"]
+    (experiment,) = [p for p in experiments if yaml.safe_load((p / "meta.yaml").read_text())["name"] == "tiny"]
     runs = [p for p in experiment.iterdir() if (p / "meta.yaml").is_file()]
-    assert len(runs) == 1  # one trial, one run
-    run = runs[0]
+
+    def param(run: Path, key: str) -> str | None:
+        file = run / "params" / key
+        return file.read_text() if file.is_file() else None
+
+    assert len(runs) == len(sweep.records()) == 4  # one run per trial
+    (run,) = [r for r in runs if param(r, "spec/method") == "lora"]
     assert yaml.safe_load((run / "meta.yaml").read_text())["status"] in (3, "FINISHED")
     params = {p.relative_to(run / "params").as_posix(): p.read_text() for p in (run / "params").rglob("*") if p.is_file()}
     assert params.get("spec/method") == "lora" and params.get("spec/task") == "window-close", sorted(params)
@@ -59,4 +59,4 @@ def test_mlflow_tracking_writes_a_file_store_run(tmp_path):
     assert float(metrics["trainable_params"][1]) > 0 and float(metrics["ms_per_update"][1]) > 0
     assert "loss" in metrics  # the intermediate reports too
     tags = {p.name: p.read_text() for p in (run / "tags").iterdir()}
-    assert tags["study"] == "tracked" and tags["harness.sweep"] == "tracked"
+    assert tags["study"] == "tiny" and tags["harness.sweep"] == "tiny"

@@ -1,13 +1,13 @@
 """Trials that survive preemption: a trial whose process dies after its first Tune checkpoint is retried by
 Ray, continues from that checkpoint, and ends with the record of an uninterrupted run (times apart). The
-uninterrupted reference sweep runs its trials in one process (Tune's actor reuse), and is checked here too:
-each of its records is the one the same trial gives alone."""
+uninterrupted trials run in one process (Tune's actor reuse), and are checked here too: each of their
+records is the one the same trial gives alone. One sweep serves both: the three uninterrupted trials, then
+a labelled copy of the AdaLoRA one (``adalora@killed``) whose process a test hook kills."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,17 +28,20 @@ SETTINGS = {**TINY, "dropout": 0.1, "deterministic": True}
 METHODS = {"full": {"lr": 1.0e-3}, "lora": {"r": 2, "lr": 1.0e-3}, "adalora": {"r": 2, "lr": 1.0e-3}}
 
 
-def run_sweep(tmp_path: Path, name: str, methods: dict, kill: bool) -> list[dict]:
+KILLED = "adalora@killed"  # the same trial as adalora's, under a variant label; its name: ..._adalora_killed_...
+
+
+def run_sweep(tmp_path: Path, name: str, methods: dict, kill: str | None) -> list[dict]:
     doc = {"name": name, "track": "rl", "benchmark": "cw10", "tasks": ["window-close"], "methods": methods,
            "seeds": [0], "budget": BUDGET, "settings": SETTINGS, "leaderboard": name,
            "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0, "checkpoint_every": EVERY}}
     path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(doc))
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))  # the grid in the order written: the killed one last
     env = dict(os.environ, HARNESS_CACHE=str(tmp_path / "cache"), RAY_DEDUP_LOGS="0")
     for key in ("RAY_ADDRESS", KILL_AFTER_CHECKPOINT, REUSE_ENV):  # actors reused: the default
         env.pop(key, None)
     if kill:
-        env[KILL_AFTER_CHECKPOINT] = "1"
+        env[KILL_AFTER_CHECKPOINT] = kill
     done = subprocess.run([sys.executable, "-m", "harness", "sweep", str(path), "--results", str(tmp_path / name),
                            "--leaderboard", str(tmp_path / f"{name}-board"), "--no-dashboard", "--cpus", "1"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -48,38 +51,40 @@ def run_sweep(tmp_path: Path, name: str, methods: dict, kill: bool) -> list[dict
 
 
 @pytest.fixture(scope="module")
-def whole(tmp_path_factory) -> tuple[Path, list[dict]]:
+def whole(tmp_path_factory) -> tuple[Path, list[dict], dict]:
     """Three uninterrupted trials, checkpointing, one after another in one process (one 1-CPU slot, Tune's
-    actor reuse): the reference of both tests here (one sweep, one Ray start for the two)."""
+    actor reuse), then the killed copy of the AdaLoRA one, last in the grid so that it cannot end the
+    shared process early: the reference records, and the killed trial's record."""
     tmp = tmp_path_factory.mktemp("whole")
-    return tmp, run_sweep(tmp, "whole", METHODS, kill=False)
+    records = run_sweep(tmp, "whole", {**METHODS, KILLED: METHODS["adalora"]}, kill="_adalora_killed_")
+    killed = [r for r in records if r["method"] == KILLED]
+    assert len(killed) == 1, records
+    return tmp, [r for r in records if r["method"] != KILLED], killed[0]
 
 
 @pytest.mark.slow
-def test_a_killed_trial_continues_from_its_checkpoint_with_the_same_record(whole, tmp_path):
-    base, uninterrupted = whole
-    shutil.copytree(base / "cache", tmp_path / "cache")  # the RL data and base, as a second sweep finds them
-    killed = run_sweep(tmp_path, "killed", {"adalora": METHODS["adalora"]}, kill=True)
-    assert len(killed) == 1
-    a, b = next(r for r in uninterrupted if r["method"] == "adalora"), killed[0]
+def test_a_killed_trial_continues_from_its_checkpoint_with_the_same_record(whole):
+    base, uninterrupted, b = whole
+    a = next(r for r in uninterrupted if r["method"] == "adalora")
     assert a["status"] == b["status"] == "ok"
     ea, eb = json.loads(a["extra"]), json.loads(b["extra"])
-    # the retry continued from the first checkpoint, not from update 0
+    # the retry continued from the first checkpoint, not from update 0, in a process of its own
     assert "resumed_from_update" not in ea and eb["resumed_from_update"] == EVERY
+    assert eb["process_trials_before"] == 0 and eb["timing"]["process_started_at"] != ea["timing"]["process_started_at"]
     # the results are the same bit for bit; times and memory are measurements, not results
     for key in ("final_loss", "success", "success_any", "return", "trainable_params", "adapter_bytes"):
         assert a[key] == b[key], key
     assert ea["returns"] == eb["returns"] and ea["method"] == eb["method"]
     # a finished trial keeps no checkpoint: only its adapter
-    assert not list((tmp_path / "killed").rglob("checkpoint_*"))
-    assert Path(b["adapter_path"]).is_dir()
+    assert not list((base / "whole").rglob("checkpoint_*"))
+    assert Path(b["adapter_path"]).is_dir() and b["adapter_path"] != a["adapter_path"]
 
 
 @pytest.mark.slow
 def test_trials_in_one_process_give_the_records_of_trials_in_their_own(whole, monkeypatch):
     """Tune's actor reuse (issue 20, item 4; tests/test_trial_reuse.py has the parts): each record of the
     three trials that shared a process is the one the same trial gives with nothing run before it."""
-    base, shared = whole
+    base, shared, _ = whole
     assert len(shared) == 3 and all(r["status"] == "ok" for r in shared)
     extras = [json.loads(r["extra"]) for r in shared]
     assert sorted(e["process_trials_before"] for e in extras) == [0, 1, 2]
