@@ -19,6 +19,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from harness.errors import ConfigError
 from harness.randomness import seeded
 from harness.training import LoopConfig, Trainer, autocast, pick_device, synchronize
 from agents.data import Episodes, WindowSampler
@@ -43,8 +44,6 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 def compile_mode(ts) -> str:
     """The torch.compile mode of the compiled bench runs: ``ts.bench_compile_mode`` where the settings
     have it, else torch's default."""
-    from harness.errors import ConfigError
-
     mode = getattr(ts, "bench_compile_mode", "default") or "default"
     if mode not in COMPILE_MODES:
         raise ConfigError(f"bench rl setting 'bench_compile_mode'={mode!r}: expected one of {list(COMPILE_MODES)}")
@@ -130,13 +129,11 @@ def _plain_rate(cfg: DTConfig, ts, batch: int, steps: int, compiled: bool, devic
     return steps / (time.perf_counter() - t0)
 
 
-def bench(ts) -> dict[str, Any]:
-    """Speed figures for the DT of the track settings ``ts`` (an ``agents.track.RLSettings``)."""
-    from agents.track import RLBudget, model_config, rollout_workers
-
+def bench(ts, cfg: DTConfig, batch: int, workers: int) -> dict[str, Any]:
+    """Speed figures for the DT ``cfg`` of the track settings ``ts`` (an ``agents.track.RLSettings``):
+    training updates of ``batch`` windows, rollouts on ``workers`` processes (the track passes its own
+    model, budget and worker count, so this module needs nothing else from it)."""
     device = pick_device(ts.device)
-    cfg = model_config(ts)
-    batch = RLBudget().batch_size
     steps = ts.bench_steps
     modes = [False, True] if ts.compile and device.type == "cuda" else [False]
     out: dict[str, Any] = {"device": str(device), "model": cfg.describe(), "batch_size": batch, "steps": steps,
@@ -159,7 +156,6 @@ def bench(ts) -> dict[str, Any]:
         print(f"[bench rl] {name}: harness {harness:.1f} updates/s, plain loop {plain:.1f}, "
               f"ratio {harness / plain:.3f}", flush=True)
     envs = ts.bench_envs
-    workers = rollout_workers(ts, envs)
     task = "window-close"
     with seeded(0):
         model = DecisionTransformer(cfg).to(device)

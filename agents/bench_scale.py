@@ -41,8 +41,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from harness.cache import atomic_write_text
 from harness.errors import ConfigError
 from harness.gpu_monitor import GpuMonitor
+from harness.placement import host_cpus, visible_gpus
 from harness.process_cache import REUSE_ENV
 from harness.subprocesses import run_logged
+from harness.sweep_file import load_sweep, study_trials
 from harness.trial import is_measurement
 from harness.validation import Bool, Float, Int, validate
 
@@ -105,9 +107,6 @@ def sweep_doc(s: ScaleSettings) -> dict[str, Any]:
 
 def check(s: ScaleSettings, sweep_path: Path) -> int:
     """Everything that can be wrong, before any compute; returns the number of trials per count."""
-    from harness.placement import host_cpus, visible_gpus
-    from harness.sweep_file import load_sweep, study_trials
-
     sweep = load_sweep(sweep_path, confirmed=True)  # the generated file gets the sweep's own validation and messages
     trials = len(study_trials(sweep.studies[0], "final"))
     if s.axis == "gpu":
@@ -147,7 +146,7 @@ def compare_boards(first: Path, other: Path, examples: int = 3) -> dict[str, Any
     failed comparison: memory and time vary between runs of the same computation."""
     import pandas as pd
 
-    from harness.leaderboard import ROW_KEY, keyed
+    from harness.leaderboard import ROW_KEY, keyed  # heavy: harness.leaderboard imports pandas
 
     key = ROW_KEY
     a, b = (keyed(pd.read_csv(p), key).sort_values(key).reset_index(drop=True) for p in (first, other))
@@ -221,7 +220,7 @@ def time_breakdown(records: list[dict[str, Any]], span: float) -> dict[str, Any]
     Ray worker's start-up; a trial in a reused process has none: ``trials_in_reused_processes``); and, per device, the share of ``span`` in which none of its trials was training
     (its first update to its last): the GPU idle time that start-up, compilation, rollouts and saving
     imply. None when no record has a timing (records older than it)."""
-    from harness.finetune import PHASES
+    from harness.finetune import PHASES  # heavy: harness.finetune imports torch
 
     extras = [e for e in map(_extra, records) if isinstance(e.get("timing"), dict)]
     timed = [(e["timing"], _device(e)) for e in extras]

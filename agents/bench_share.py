@@ -50,10 +50,10 @@ def _trial(config: dict[str, Any]) -> None:
     import torch
     from ray import tune
 
-    from agents.bench import finetune_trainer
-    from agents.dt import DTConfig
-    from agents.track import RLSettings
-    from harness.training import synchronize
+    from agents.bench import finetune_trainer  # heavy: agents.bench imports metaworld
+    from agents.dt import DTConfig  # heavy: agents.dt imports metaworld
+    from agents.track import RLSettings  # heavy: agents.track imports metaworld
+    from harness.training import synchronize  # heavy: harness.training imports torch
 
     s = ShareSettings(**config["settings"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -26,9 +26,11 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from harness.cache import ArtifactCache, settings_hash
+from harness.cache import ArtifactCache, atomic_write_text, settings_hash
 from harness.errors import ConfigError, DataError
-from agents.tasks import (ACT_DIM, EPISODE_LENGTH, EXPERT_POLICY, EXPERTS, HOLD_MODES, OBS_DIM, SCRIPTED_POLICY,
+from harness.placement import usable_cpus
+from harness.progress import progress
+from agents.tasks import (ACT_DIM, CW10, EPISODE_LENGTH, EXPERTS, EXPERT_POLICY, HOLD_MODES, OBS_DIM, SCRIPTED_POLICY,
                           Expert, check_task, make_env)
 
 if TYPE_CHECKING:  # torch is imported lazily: the spawned data workers never need it
@@ -246,8 +248,6 @@ def say(message: str) -> None:
 def default_workers() -> int:
     """One generating process per core this process may use: every core of the host in the sweep's
     driver, the trial's own under Ray."""
-    from harness.placement import usable_cpus
-
     return usable_cpus()
 
 
@@ -272,7 +272,6 @@ def build_datasets(tasks: Sequence[str], settings: DataSettings, workers: int | 
     workers = max(1, min(workers or default_workers(), len(missing) * (1 + settings.episodes // UNIT)))
     started = time.time()
     log(f"[rl-data] generating {len(missing)} task(s) x {settings.episodes} episodes with {workers} process(es)")
-    from harness.progress import progress
 
     holds: dict[str, str | None] = {t: None for t in missing}
     uncalibrated = []
@@ -396,8 +395,6 @@ def data_report(tasks: Sequence[str], settings: DataSettings, workers: int | Non
     last-step and any-step success and its return range, with the task's hold mode and whether the
     noise-free expert holds success there (``holds_success``: its last-step success within
     ``HOLD_TOLERANCE`` of its any-step success)."""
-    from agents.tasks import CW10
-
     cache = cache or ArtifactCache()
     paths = build_datasets(list(tasks), settings, workers, cache, log)
     rows = []
@@ -425,8 +422,6 @@ def write_report(report: dict[str, Any], out: Path) -> list[Path]:
     import csv
     import io
     import json
-
-    from harness.cache import atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()

@@ -26,12 +26,14 @@ from typing import Any, Callable
 
 import torch
 
-from harness.cache import ArtifactCache, settings_hash
+from harness.cache import ArtifactCache, atomic_write_text, file_sha256, settings_hash
 from harness.errors import ConfigError
+from harness.progress import progress
 from harness.randomness import derive_seed, seeded
 from harness.training import LoopConfig, Trainer, pick_device, synchronize
 from agents.data import DataSettings, Episodes, WindowSampler, build_datasets, say
 from agents.dt import DTConfig, DecisionTransformer, batch_loss
+from agents.rollout import TaskPools, evaluate_dt_tasks
 from agents.tasks import MT40, check_task
 
 CHECKPOINT_S = 120.0  # at most this much training between partial checkpoints
@@ -139,7 +141,6 @@ def _read_partial_extras(path: Path) -> dict[str, Any]:
 def _write_curve(curve: CurveEval, plan: "PretrainPlan", extra: dict[str, Any]) -> None:
     if curve.path is None:
         return
-    from harness.cache import atomic_write_text
 
     doc = {"base_key": plan.base_key(), "plan": plan.key(), "eval_episodes": curve.episodes,
            "eval_seed": curve.seed, "eval_at": list(curve.at), "points": curve.points, **extra}
@@ -189,8 +190,6 @@ def pretrain(plan: PretrainPlan, device: torch.device | None = None, data_worker
         f"{plan.train.steps} updates on {len(plan.tasks)} task(s), device {device}")
     every = max(1, plan.train.report_every)
 
-    from harness.progress import progress
-
     bar = progress(plan.train.steps, "rl-pretrain", unit="update")
 
     def report(m: dict[str, Any]) -> None:
@@ -233,8 +232,6 @@ def pretrain(plan: PretrainPlan, device: torch.device | None = None, data_worker
                 if curve is not None and done in points and not any(p["updates"] == done for p in curve.points):
                     _save_partial(partial, model, trainer.optimizer, done, extras())
                     if pools is None:
-                        from agents.rollout import TaskPools
-
                         pools = TaskPools(plan.tasks, curve.episodes, curve.workers, curve.seed,
                                           plan.data.episode_length)
                     point = _curve_point(model, pools, targets, device, done, clock0 + train_s, data_s, calls)
@@ -279,8 +276,6 @@ def pretrain(plan: PretrainPlan, device: torch.device | None = None, data_worker
 
 def _curve_point(model: torch.nn.Module, pools, targets: dict[str, float], device: torch.device, updates: int,
                  clock: float, data_s: float, calls: int) -> dict[str, Any]:
-    from agents.rollout import evaluate_dt_tasks
-
     started = time.perf_counter()
     results = evaluate_dt_tasks(model, pools, targets, device)
     model.train()
@@ -330,8 +325,6 @@ def export_base(pre: Pretrained, plan: PretrainPlan, evaluation: dict[str, Any] 
     returns the file's description (path, sha256, base_key)."""
     from safetensors.torch import save_file
 
-    from harness.cache import atomic_write_text, file_sha256
-
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ConfigError(f"--export {str(path)!r}: the base file's name must end in .safetensors")
@@ -374,8 +367,6 @@ def read_base(path: str | Path, expected: DTConfig | None = None, key: str = "pr
     its sha256 matches ``<file>.sha256`` (when present) and its tensors their digest, its DT config equals
     ``expected`` (the study's) and every tensor has the shape that config gives. Each failure is a
     ConfigError naming the setting ``key``, the file and what would be valid."""
-    from harness.cache import file_sha256
-
     p = Path(path).expanduser()
     where = f"setting {key!r}={str(path)!r}"
     if not p.is_file():

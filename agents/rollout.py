@@ -15,7 +15,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from agents.tasks import ACT_DIM, EPISODE_LENGTH, OBS_DIM, check_task
+from harness.progress import progress
+from agents.tasks import ACT_DIM, EPISODE_LENGTH, OBS_DIM, Expert, check_task, make_env
 
 SCALE = 200.0  # the DT's return/reward token scale (agents.data.SCALE; kept here so workers skip numpy IO code)
 
@@ -24,8 +25,6 @@ def _worker(conn, task: str, seeds: list[int], length: int, hold: str | None = N
     """Worker loop: owns ``len(seeds)`` envs of ``task``; answers reset / step / scripted / close.
     ``scripted`` steps every env with its own expert (``agents.tasks.Expert`` with ``hold``)."""
     import warnings
-
-    from agents.tasks import Expert, make_env
 
     warnings.simplefilter("ignore")
     envs = [make_env(task, seed=s, max_episode_steps=length) for s in seeds]
@@ -216,7 +215,7 @@ class _Policy:
     def _forward(self, masked: bool):
         import torch
 
-        from harness.training import autocast
+        from harness.training import autocast  # heavy: harness.training imports torch
 
         with torch.no_grad(), autocast(self.device):
             return self.model(**self.inputs, attention_mask=self.mask if masked else None)[:, -1].float()
@@ -320,7 +319,6 @@ def evaluate_dt(model, task: str, episodes: int, target_return: float, workers: 
     was_training = model.training
     model.eval()
     t0 = time.time()
-    from harness.progress import progress
 
     try:
         with RolloutPool(task, N, workers, seed, length) as pool, \

@@ -30,15 +30,18 @@ from harness.errors import ConfigError
 from harness.finetune import FineTuneSetup, Schedule
 from harness.methods.base import AdapterSite
 from harness.placement import usable_cpus
+from harness.process_cache import base_state
 from harness.randomness import TrialRandom, derive_seed, seeded
 from harness.tracks import Benchmark, Report, Track, TrackBudget, TrackSettings
 from harness.training import pick_device
 from harness.validation import Bool, Float, Int
-from agents.data import DataSettings, Episodes, WindowSampler, build_datasets, load_dataset
+from agents.bench import bench as run_bench
+from agents.data import (DataSettings, Episodes, WindowSampler, build_datasets, data_report as build_report,
+                         expert_hold, format_report, load_dataset, write_report)
 from agents.dt import SITE, DTConfig, DecisionTransformer, batch_loss, forward_batch, layer_tokens
-from agents.pretrain import (BaseFile, CurveEval, OptimPlan, Pretrained, PretrainPlan, cached_eval, export_base,
-                             load_model, pretrain as build_pretrained, read_base)
-from agents.rollout import evaluate_dt
+from agents.pretrain import (EVAL_KIND, BaseFile, CurveEval, OptimPlan, PretrainPlan, Pretrained, cached_eval,
+                             export_base, load_model, pretrain as build_pretrained, read_base)
+from agents.rollout import TaskPools, evaluate_dt, evaluate_dt_tasks, evaluate_scripted
 from agents.tasks import CW10, MT40, MT50, check_task
 
 DATA_NOTE = "Meta-World v3 scripted policies + Gaussian action noise (simulator rollouts)"
@@ -286,9 +289,8 @@ class RLTrack(Track):
         return out
 
     def bench(self, settings: RLSettings) -> dict[str, Any]:
-        from agents.bench import bench
-
-        return bench(settings)
+        return run_bench(settings, model_config(settings), RLBudget().batch_size,
+                         rollout_workers(settings, settings.bench_envs))
 
     def shape_model(self, settings: RLSettings, benchmark: str):
         with torch.device("meta"):
@@ -300,7 +302,6 @@ class RLTrack(Track):
         ts, device = settings, pick_device(settings.device)
         plan = pretrain_plan(ts)
         pre = base_model(ts, device)
-        from harness.process_cache import base_state
 
         model = DecisionTransformer(plan.model)  # as load_model, with the base read once per process
         model.load_state_dict(base_state(pre.path))
@@ -380,9 +381,6 @@ def _batched_task_evals(ts: RLSettings, tasks: list[str], episodes: int, seed: i
     """Fill :func:`task_eval`'s cache for ``tasks`` with all their rollouts at once (one batched forward
     per step over every task's environments: the same start states, so the same episodes, as one task at a
     time; on a GPU the batch's kernels may round differently)."""
-    from agents.pretrain import EVAL_KIND
-    from agents.rollout import TaskPools, evaluate_dt_tasks
-
     plan = pretrain_plan(ts)
     device = pick_device(ts.device)
     pre = base_model(ts, device)
@@ -444,9 +442,6 @@ def task_eval(ts: RLSettings, task: str, episodes: int, seed: int, untrained: bo
 def expert_eval(ts: RLSettings, task: str, episodes: int, seed: int) -> dict[str, Any]:
     """The task's data ceiling: the noise-free expert of the data (its hold mode included) on the
     evaluation episodes of ``seed`` (the start states the DT is scored on); cached."""
-    from agents.data import expert_hold
-    from agents.rollout import evaluate_scripted
-
     check_task(task)
     ds = data_settings(ts)
     hold = expert_hold(task, ds.episode_length)["mode"] if ds.expert == "hold" else None
@@ -463,8 +458,6 @@ def data_report(ts: RLSettings, tasks: list[str] | None, out) -> str:
     """``python -m harness data rl --report``: the expert data's per-task table (default: all 50 tasks,
     MT40 then CW10), written as JSON and CSV under ``out``; returns the printed text."""
     from pathlib import Path
-
-    from agents.data import data_report as build_report, format_report, write_report
 
     tasks = list(tasks) if tasks else list(MT40) + list(CW10)
     report = build_report(tasks, data_settings(ts), _data_workers(ts))

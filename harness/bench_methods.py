@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from harness.errors import ConfigError
+from harness.finetune import MethodHooks
 from harness.methods import AdapterSite, MethodContext, get_method, method_names
 from harness.trial import resolve_point
 from harness.randomness import seeded
@@ -69,8 +70,9 @@ class _Workload:
         self.cfg, self.device = cfg, device
         n = cfg["batch_size"]
         if cfg["model"] == "dt":
-            from agents.bench import random_episodes
-            from agents.data import WindowSampler
+            from agents.bench import random_episodes  # heavy: agents.bench imports metaworld
+            from agents.data import WindowSampler  # heavy: agents.data imports metaworld
+            # heavy: agents.dt imports metaworld
             from agents.dt import SITE, DTConfig, batch_loss, forward_batch, layer_tokens
 
             self.dt_cfg = (DTConfig(n_layer=2, n_head=2, n_embd=32, context=6) if cfg["tiny"] else DTConfig())
@@ -92,7 +94,7 @@ class _Workload:
     def model(self) -> nn.Module:
         with seeded(0):
             if self.cfg["model"] == "dt":
-                from agents.dt import DecisionTransformer
+                from agents.dt import DecisionTransformer  # heavy: agents.dt imports metaworld
 
                 return DecisionTransformer(self.dt_cfg).to(self.device)
             import timm
@@ -151,8 +153,6 @@ def bench_methods(overrides: dict[str, Any]) -> dict[str, Any]:
 
 def _time_method(name: str, cfg: dict[str, Any], work: _Workload, bank) -> dict[str, Any]:
     """Step time through the harness's training loop (the same one trials use), after ``warmup`` untimed steps."""
-    from harness.finetune import MethodHooks
-
     device = work.device
     method = get_method(name)
     if cfg["compile"]:
@@ -163,10 +163,10 @@ def _time_method(name: str, cfg: dict[str, Any], work: _Workload, bank) -> dict[
     batch = work.batch
     ctx = MethodContext(total_steps=cfg["steps"] + cfg["warmup"], device=device, adapter_bank=bank,
                         init_batches=lambda: [batch] * 4, forward_fn=work.forward_fn,
-                        layer_inputs_fn=work.layer_inputs_fn, evaluate=lambda m: 0.0)
+                        layer_inputs_fn=work.layer_inputs_fn, validate=lambda m: 0.0)
     model = method.wrap(work.model(), work.site, settings, ctx).to(device)
     if not cfg["fast"]:
-        from harness.methods import fast_peft
+        from harness.methods import fast_peft  # heavy: harness.methods.fast_peft imports peft
 
         fast_peft.disable(model)
     loop = LoopConfig(steps=cfg["warmup"] + cfg["steps"], lr=1e-4, report_every=0, compile=cfg["compile"])

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from harness.errors import ConfigError
+
 try:
     import fcntl
 except ImportError:  # not a POSIX system: builds go unlocked, the rename race still keeps entries whole
@@ -397,8 +399,6 @@ def check_writable_dir(path: Path, what: str) -> Path:
     """``path`` as a folder this process can write or create, or a ConfigError saying why not: found before
     any compute, not after a trial has trained. A missing folder is not made here (a refused command leaves
     nothing behind); its nearest existing parent must be a folder this process may write."""
-    from harness.errors import ConfigError
-
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{what} {str(path)!r} is a file, not a folder; give a folder")

@@ -10,7 +10,12 @@ from typing import Any
 
 import yaml
 
-from harness.errors import ConfigError, HarnessError
+from harness.cache import atomic_write_text, cache_root, check_writable_dir
+from harness.errors import ConfigError, HarnessError, choices_message
+from harness.methods import get_method, method_names
+from harness.plugins import load_plugins
+from harness.tracks import TRACKS, get_track, track_names
+from harness.trial import TrialSpec, print_reporter, resolve_trial, run_trial
 from harness.yaml_input import load_yaml
 
 DEFAULT_SWEEP = "sweeps/quickstart.yaml"
@@ -28,8 +33,6 @@ def _parse_sets(items: list[str]) -> list[tuple[str, Any]]:
 
 def _split_run_sets(args, method_name: str, track) -> tuple[dict, dict, dict]:
     """Sort ``--set`` pairs into method settings, track settings and budget (prefix or bare key)."""
-    from harness.methods import get_method
-
     method_keys = set(get_method(method_name).all_settings())
     track_keys, budget_keys = set(track.Settings.model_fields), set(track.Budget.model_fields)
     method, settings, budget = {}, {}, {}
@@ -63,8 +66,6 @@ EXIT_OK, EXIT_SOME_FAILED, EXIT_BAD_INPUT, EXIT_ALL_FAILED = 0, 1, 2, 3
 
 
 def _writable_folders(results: str | None, leaderboard: str | None) -> None:
-    from harness.cache import cache_root, check_writable_dir
-
     check_writable_dir(cache_root(), "the cache (HARNESS_CACHE)")
     if results is not None:
         check_writable_dir(Path(results), "--results")
@@ -73,13 +74,13 @@ def _writable_folders(results: str | None, leaderboard: str | None) -> None:
 
 
 def cmd_sweep(args) -> int:
-    from harness.driver import LocalResources, run_sweep
-    from harness.sweep_file import load_sweep
+    from harness.driver import LocalResources, run_sweep  # heavy: the sweep schema, not for --help
+    from harness.sweep_file import load_sweep  # heavy: the sweep schema, not for --help
 
     sweep = load_sweep(args.file, args.set, args.only, confirmed=args.yes or args.plan)  # a plan runs nothing
     if args.plan:  # the price, before (and instead of) any compute
-        from harness.driver import check_banks
-        from harness.plan import run_plan
+        from harness.driver import check_banks  # heavy: the sweep schema, not for --help
+        from harness.plan import run_plan  # heavy: the sweep schema, not for --help
 
         check_banks(sweep)
         print(run_plan(sweep, args.gpus, args.address, args.gpu_model), flush=True)
@@ -88,7 +89,7 @@ def cmd_sweep(args) -> int:
     local = LocalResources(cpus=args.cpus, gpus=args.gpus)
     out = run_sweep(sweep, Path(args.results), Path(args.leaderboard), resume=args.resume, address=args.address,
                     dashboard=not args.no_dashboard, local=local)
-    from harness.leaderboard import render
+    from harness.site import render  # heavy: harness.site imports pandas
 
     # only this sweep's boards (and the index, where it changes): other boards' files stay as they are
     render(Path(args.leaderboard), {s.board_name for s in sweep.studies})
@@ -105,9 +106,6 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from harness.tracks import get_track
-    from harness.trial import TrialSpec, print_reporter, resolve_trial, run_trial
-
     track = get_track(args.track)
     _writable_folders(None, None)
     method, settings, budget = _split_run_sets(args, args.method, track)
@@ -133,8 +131,6 @@ def cmd_run(args) -> int:
 
 
 def _track_settings(args) -> tuple[Any, Any]:
-    from harness.tracks import get_track
-
     track = get_track(args.track)
     return track, track.settings(dict(_parse_sets(args.set)))
 
@@ -158,7 +154,7 @@ def cmd_data(args) -> int:
     if args.report:  # per task and noise level: the expert's success and return range (agents/data.py)
         if args.track != "rl":
             raise ConfigError("data --report is for the rl track (the expert data's per-task success)")
-        from agents.track import data_report
+        from agents.track import data_report  # heavy: agents.track imports metaworld
 
         out = Path(args.out or "results")
         print(data_report(settings, args.tasks or None, out))
@@ -168,32 +164,29 @@ def cmd_data(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from harness import provenance
+    from harness import provenance  # heavy: harness.provenance imports torch
 
     if args.track == "methods":
-        from harness.bench_methods import bench_methods
+        from harness.bench_methods import bench_methods  # heavy: harness.bench_methods imports torch
 
         config: dict[str, Any] = dict(_parse_sets(args.set))
         result = bench_methods(config)
     elif args.track == "share":
-        from agents.bench_share import bench_share
+        from agents.bench_share import bench_share  # heavy: pydantic settings, not for --help
 
         config = dict(_parse_sets(args.set))
         result = bench_share(config)
     elif args.track == "scale":
-        from agents.bench_scale import bench_scale
+        from agents.bench_scale import bench_scale  # heavy: pydantic settings, not for --help
 
         config = dict(_parse_sets(args.set))
         result = bench_scale(config)
     elif args.track == "selection":
-        from harness.bench_selection import bench_selection
+        from harness.bench_selection import bench_selection  # heavy: pydantic settings, not for --help
 
         config = dict(_parse_sets(args.set))
         result = bench_selection(config)
     else:  # a track's own bench
-        from harness.errors import choices_message
-        from harness.tracks import track_names
-
         if args.track not in track_names():
             raise ConfigError(choices_message("bench", args.track, [*track_names(), "methods", "share", "scale", "selection"]))
         track, settings = _track_settings(args)
@@ -207,8 +200,6 @@ def cmd_bench(args) -> int:
         "git_commit": provenance.git_commit(), "software": provenance.software(), "config": config, "result": result}
     text = json.dumps(doc, indent=1, default=str)
     if args.out:
-        from harness.cache import atomic_write_text
-
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out, text + "\n")
@@ -218,9 +209,8 @@ def cmd_bench(args) -> int:
 
 
 def cmd_leaderboard(args) -> int:
-    from harness.leaderboard import render
-
-    from harness.leaderboard import board_files
+    from harness.leaderboard import board_files  # heavy: harness.leaderboard imports pandas
+    from harness.site import render  # heavy: harness.site imports pandas
 
     out = Path(args.out)
     if not board_files(out):
@@ -228,7 +218,7 @@ def cmd_leaderboard(args) -> int:
     for p in render(out):
         print(p)
     if args.screenshots is not None:
-        from harness.site.browser import screenshots
+        from harness.site.browser import screenshots  # heavy: harness.site.browser imports pandas
 
         for p in screenshots(out, args.screenshots or None):
             print(p)
@@ -236,12 +226,8 @@ def cmd_leaderboard(args) -> int:
 
 
 def cmd_methods(args) -> int:
-    from harness.methods import get_method, method_names
-
     if args.count:
-        from harness.counting import count_methods, format_rows, rows_json
-
-        from harness.tracks import get_track
+        from harness.counting import count_methods, format_rows, rows_json  # heavy: harness.counting imports torch
 
         if "backbone" in get_track(args.track).Settings.model_fields and not (args.backbone or args.sweep):
             raise ConfigError(f"methods --count on the {args.track} track needs --backbone NAME (e.g. a timm ViT, "
@@ -264,8 +250,6 @@ def cmd_methods(args) -> int:
 
 
 def cmd_tasks(args) -> int:
-    from harness.tracks import get_track, track_names
-
     for name in track_names():
         for bench in get_track(name).benchmarks.values():
             count = "tasks found on disk" if bench.task_pattern is not None else f"{len(bench.tasks)} tasks"
@@ -280,8 +264,6 @@ def cmd_tasks(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from harness.tracks import TRACKS  # named in help texts; a plugin's tracks are checked when used
-
     p = argparse.ArgumentParser(prog="python -m harness", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -389,8 +371,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if getattr(args, "plugin", None):
-            from harness.plugins import load_plugins
-
             load_plugins(args.plugin, "--plugin")
         return args.fn(args)
     except HarnessError as e:

@@ -28,6 +28,9 @@ from torch import nn
 
 from harness.errors import ConfigError
 from harness.methods import AdapterSite, MethodContext, get_method, method_names
+from harness.protocol import describe, prepare
+from harness.sweep_file import expand_grid, load_sweep
+from harness.tracks import get_track
 from harness.trial import resolve_point
 
 BANK_RANK = 8  # rank of the stand-in bank's LoRAs (the LoRA protocol's r)
@@ -129,7 +132,6 @@ def _grid(method: str, given: dict[str, Any], sweep_grid: dict[str, Any] | None)
     """The settings to count: the sweep's grid points (lr and weight decay dropped), else ``given``."""
     if not sweep_grid:
         return [dict(given)]
-    from harness.sweep_file import expand_grid
 
     seen, out = set(), []
     for point in expand_grid(sweep_grid, method):
@@ -149,13 +151,9 @@ def count_methods(track: str, backbone: str | None = None, methods: list[str] | 
     sweep: a sweep file; its study on ``track`` gives the track settings (targets, alpha rule, backbone
     unless ``backbone`` is given) and each method's grid. Every input is checked before a model is built.
     """
-    from harness.protocol import describe, prepare
-    from harness.tracks import get_track
-
     tr = get_track(track)
     if not sweep:
         return _count_study(tr, {}, {}, backbone, methods, sets, classes)
-    from harness.sweep_file import load_sweep
 
     studies = [s for s in load_sweep(sweep, confirmed=True).studies if s.track == track]  # counting runs nothing
     if not studies:
@@ -170,8 +168,6 @@ def count_methods(track: str, backbone: str | None = None, methods: list[str] | 
 
 def _count_study(tr, study_settings: dict[str, Any], grids: dict[str, dict[str, Any]], backbone: str | None,
                  methods: list[str] | None, sets: list[str] | None, classes: int) -> list[CountRow]:
-    from harness.protocol import describe, prepare
-
     track = tr.name
     names = list(methods or (list(grids) if grids else method_names()))
     for m in names:

@@ -19,12 +19,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness import experiment_logging
 from harness.cache import atomic_write_text, cache_root
+from harness.early_stopping import TIME_ATTR, parse_scheduler
 from harness.errors import ConfigError, HarnessError
+from harness.methods import base_name, get_method
+from harness.placement import host_cpus, visible_gpus
+from harness.plugins import load_plugins
+from harness.process_cache import reuse_actors
+from harness.shared_storage import check_shared_cache
 from harness.sweep_file import (Study, SweepFile, grid_size, resolved_grid, selection_methods, study_tasks,
                                 study_trials, track_settings)
 from harness.tracks import get_track
-from harness.trial import ResolvedTrial, print_reporter
+from harness.trial import ResolvedTrial, TrialRecord, print_reporter
 
 
 class TrialFailed(HarnessError):
@@ -39,9 +46,11 @@ FAILED_RECORD = "harness-failed-record.json"  # in the trial's folder: a determi
 MAX_RETRIES = 2  # attempts after a trial's process or node died (infrastructure, not the trial's own error)
 
 
-def _final_report(flat: dict[str, Any]) -> dict[str, Any]:
-    final = {k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    final.update(status=flat["status"], record=json.dumps(flat, default=str))
+def _final_report(record: TrialRecord) -> dict[str, Any]:
+    """A trial's last report to Tune: its numbers as Tune's metrics (what a scheduler and Tune's tables
+    read), and the whole record as one JSON document under ``record``, which the driver reads back."""
+    final = {k: v for k, v in record.flat().items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    final.update(status=record.status, record=record.to_json())
     return final
 
 
@@ -55,29 +64,26 @@ def _trainable(config: dict[str, Any]) -> None:
     import torch
     from ray import tune
 
-    from harness.plugins import load_plugins
-
     # A worker imports the harness afresh: the sweep's plugin methods and tracks are registered here again
     load_plugins(config.get("plugins") or (), "the sweep's plugins (in a Ray worker)")
     spec = ResolvedTrial.from_config(config["spec"])  # the one serialisation Ray needs, undone
     marker = Path(tune.get_context().get_trial_dir()) / FAILED_RECORD
     if marker.is_file():
-        flat = json.loads(marker.read_text())
-        tune.report(_final_report(flat))
-        raise TrialFailed(f"{_trial_label(spec)}: {flat.get('error', '')}")
+        failed = TrialRecord.from_json(marker.read_text())
+        tune.report(_final_report(failed))
+        raise TrialFailed(f"{_trial_label(spec)}: {failed.error}")
     os.environ["HARNESS_CACHE"] = config["cache_root"]
     torch.set_num_threads(max(1, int(config["cpus"])))
 
     def report(metrics: dict[str, Any]) -> None:
         tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))})
 
-    from harness.early_stopping import TIME_ATTR
+    # heavy: harness.tune_trial imports torch
     from harness.tune_trial import TuneTrialPlan, remove_checkpoints, run_tune_trial
 
     plan = TuneTrialPlan.from_config(config)
     record = run_tune_trial(spec, report, plan)  # checkpoints, and intermediate scores under a scheduler
-    flat = record.flat()
-    final = _final_report(flat)
+    final = _final_report(record)
     if plan.scheduler:  # the scheduler's last word on the trial: its full-budget score
         final[TIME_ATTR] = int(record.extra.get("updates") or 0)
     tune.report(final)
@@ -85,7 +91,7 @@ def _trainable(config: dict[str, Any]) -> None:
     if record.status != "ok":
         # Ray's own status (dashboard, ResultGrid) then says the trial failed; resume_errored=False keeps
         # --resume from rerunning it.
-        atomic_write_text(marker, json.dumps(flat, default=str))
+        atomic_write_text(marker, record.to_json())
         raise TrialFailed(f"{_trial_label(spec)}: {record.error}")
 
 
@@ -105,8 +111,6 @@ def _no_retry_callback():
 
 
 def _trial_name(trial) -> str:
-    from harness.methods import get_method
-
     spec = trial.config["spec"]
     defaults = get_method(spec["method"]).default_settings()
     # the settings that differ from the method's defaults name the grid point
@@ -158,7 +162,6 @@ class LocalResources:
         if address:
             raise ConfigError("--cpus/--gpus size a local Ray instance; a cluster's resources are set where its "
                               "nodes start (`ray start --num-cpus N --num-gpus N`): leave them out with --address")
-        from harness.placement import host_cpus, visible_gpus
 
         if self.cpus is not None and not 1 <= self.cpus <= host_cpus():
             raise ConfigError(f"--cpus {self.cpus}: this machine lets the sweep use 1..{host_cpus()} cores")
@@ -255,14 +258,13 @@ def _gpus_per_trial(study: Study, n_trials: int) -> float:
 def run_wave(specs: list[ResolvedTrial], study: Study, exp_dir: Path, resume: bool,
              callbacks: list[Any] | None = None, plugins: list[str] | tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """Run (or resume) one Tune experiment over ``specs``; return the flat trial records. ``callbacks``:
-    Ray Tune's tracking callbacks (``harness/tracking.py``) for a new experiment; ``plugins``: the sweep's
+    Ray Tune's tracking callbacks (``harness/experiment_logging.py``) for a new experiment; ``plugins``: the sweep's
     plugin modules, imported by each trial's worker before it runs."""
     from ray import tune
 
     if not specs:
         return []
-    from harness.process_cache import reuse_actors
-    from harness.tune_trial import tune_trial_plan
+    from harness.tune_trial import tune_trial_plan  # heavy: harness.tune_trial imports torch
 
     trial_plan, scheduler = tune_trial_plan(study, specs)  # a scheduler in the selection stage only
     if scheduler is not None:  # progress reports carry no score; the scheduler skips them
@@ -275,7 +277,7 @@ def run_wave(specs: list[ResolvedTrial], study: Study, exp_dir: Path, resume: bo
                           "(finished trials are kept), or --results DIR for a fresh folder")
     if exists and tune.Tuner.can_restore(str(exp_dir)):
         print(f"[sweep] resuming {exp_dir}", flush=True)
-        from harness.tune_trial import fill_missing_checkpoints
+        from harness.tune_trial import fill_missing_checkpoints  # heavy: harness.tune_trial imports torch
 
         fill_missing_checkpoints(exp_dir)  # a checkpoint gone from storage: its trial starts again, not fails
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=False)
@@ -302,14 +304,14 @@ def run_wave(specs: list[ResolvedTrial], study: Study, exp_dir: Path, resume: bo
     if stopped or unfinished:
         # Ray stopped the experiment on SIGINT and saved its state: finished trials are kept for --resume
         raise KeyboardInterrupt(f"{len(unfinished)} trial(s) of {exp_dir.name} did not finish")
-    from harness.tune_trial import remove_wave_checkpoints
+    from harness.tune_trial import remove_wave_checkpoints  # heavy: harness.tune_trial imports torch
 
     remove_wave_checkpoints(exp_dir)  # those of trials a scheduler stopped before their own clean-up
     records = []
     for result in grid:
         metrics = result.metrics or {}
         if "record" in metrics:
-            records.append(json.loads(metrics["record"]))
+            records.append(TrialRecord.from_json(metrics["record"]).flat())  # the worker's record, as a row
         else:  # the trial process itself died (not a Python error inside the trial)
             spec = ResolvedTrial.from_config(result.config["spec"])
             records.append(_unrun_record(spec, f"trial did not finish: {result.error!r}"))
@@ -344,8 +346,6 @@ def choose_settings(records: list[dict[str, Any]], metric: str, higher_is_better
     """Per (method, task), the settings with the best mean ``metric`` over seeds (failed trials skipped),
     plus what the selection trial chose inside itself (``Method.final_settings``: GLoRA's searched subnet),
     taken from the seed that scored best under those settings."""
-    from harness.methods import get_method
-
     chosen = {}
     for (method, task), (settings, top) in _best_groups(records, metric, higher_is_better).items():
         extra = top.get("extra")
@@ -380,8 +380,6 @@ def lora_bank(records: list[dict[str, Any]], task: str, methods: tuple[str, ...]
     """EigenLoRA's bank in a sweep: for every task but ``task``, one saved adapter of ``methods`` (LoRA)
     from ``records`` (one stage of the study): the settings chosen for that task as :func:`choose_settings`
     chooses them (the final stage of select-then-final has only one), and of those the lowest seed."""
-    from harness.methods import base_name
-
     ok = [r for r in records if r.get("status") == "ok" and base_name(r["method"]) in methods
           and r["task"] != task and r.get("adapter_path")]
     bank = {}
@@ -396,8 +394,6 @@ def lora_bank(records: list[dict[str, Any]], task: str, methods: tuple[str, ...]
 def method_waves(methods: list[str]) -> list[list[str]]:
     """Methods grouped into waves: a method runs one wave after the latest of the methods it builds on
     (``Method.builds_on``) that are in the same study; the rest run in the first wave."""
-    from harness.methods import base_name, get_method
-
     depth: dict[str, int] = {}
 
     def wave(name: str, seen: tuple[str, ...] = ()) -> int:
@@ -416,9 +412,6 @@ def method_waves(methods: list[str]) -> list[list[str]]:
 
 def run_study(sweep: SweepFile, study: Study, results_dir: Path, resume: bool) -> list[dict[str, Any]]:
     """Prepare the track's artifacts once, then run the study's waves; return all final-stage records."""
-    from harness import tracking
-    from harness.methods import get_method
-
     track = get_track(study.track)
     benchmark = track.benchmark(study.benchmark)
     print(f"[sweep] {sweep.name}/{study.name}: preparing {study.track} artifacts (cached after the first run)",
@@ -437,7 +430,7 @@ def run_study(sweep: SweepFile, study: Study, results_dir: Path, resume: bool) -
             folder = base / (f"{study.name}-{stage}" + (f"-wave{i}" if i else ""))
             wave, unbanked = _with_banks([s for s in specs if s.method in names], recs, metric, higher)
             recs += run_wave(wave, study, folder, resume,
-                             tracking.callbacks(sweep.tracking, results_dir, sweep.name, study.name),
+                             experiment_logging.callbacks(sweep.tracking, results_dir, sweep.name, study.name),
                              sweep.plugins) + unbanked
         return recs
 
@@ -482,7 +475,6 @@ def label_records(records: list[dict[str, Any]], study: Study, selecting: list[s
         if r["method"] in selecting:
             how = "held-out"
             if study.selection.scheduler:  # chosen among early-stopped trials: another entry than the full grid
-                from harness.early_stopping import parse_scheduler
 
                 how += "/" + parse_scheduler(study.selection.scheduler_settings()).label()
         elif size == 1:
@@ -505,8 +497,6 @@ def _with_banks(specs: list[ResolvedTrial], earlier: list[dict[str, Any]], metri
     ``earlier`` (this stage's records) by :func:`lora_bank`; a spec with ``bank_dir`` keeps its folder.
     A spec whose bank would be empty is not run: its failed record says why."""
     from dataclasses import replace
-
-    from harness.methods import get_method
 
     out, unrun = [], []
     for s in specs:
@@ -538,8 +528,6 @@ def check_inputs(sweep: SweepFile) -> None:
 def check_banks(sweep: SweepFile) -> None:
     """Before any compute: a method that builds on other methods' adapters (EigenLoRA) needs them in its
     own study, or a named folder (``bank_dir``); its bank is never whatever the cache happens to hold."""
-    from harness.methods import base_name, get_method
-
     for study in sweep.studies:
         for m in study.methods:
             deps = get_method(m).builds_on
@@ -607,21 +595,18 @@ def run_sweep(sweep: SweepFile, results_dir: Path, leaderboard_dir: Path, resume
               address: str | None = None, dashboard: bool = True,
               local: LocalResources = LocalResources()) -> dict[str, list[dict[str, Any]]]:
     """Run every study of a sweep through Ray Tune and update the leaderboard after each study."""
-    from harness import leaderboard
-    from harness.tracking import check_installed
+    from harness import leaderboard  # heavy: harness.leaderboard imports pandas
 
     # Ray Tune resolves a relative path against its own storage root, not the working folder
     results_dir = Path(results_dir).resolve()
     check_results(sweep, results_dir, resume)
     check_banks(sweep)
     check_inputs(sweep)
-    check_installed(sweep.tracking)
-    from harness.process_cache import reuse_actors
+    experiment_logging.check_installed(sweep.tracking)
 
     reuse_actors()  # a bad HARNESS_REUSE_ACTORS is refused before Ray starts
     init_ray(address, dashboard, local)
     check_resources(sweep.studies, _node_resources())
-    from harness.shared_storage import check_shared_cache
 
     check_shared_cache(cache_root())
     record_studies(sweep, results_dir)

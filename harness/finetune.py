@@ -14,7 +14,6 @@ the same results as each alone, and writes its results straight into its ``Trial
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import traceback
@@ -25,8 +24,11 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from harness import adapter_store, placement, provenance
 from harness.methods import AdapterSite, Method, MethodContext, get_method
+from harness.protocol import prepare as prepare_protocol
 from harness.randomness import TrialRandom, deterministic_kernels
+from harness.targets import join_targets
 from harness.tracks import Report, get_track
 from harness.errors import HarnessError
 # Schedule: what a track asks for (harness.training owns it); imported from here by tracks with FineTuneSetup
@@ -127,18 +129,16 @@ class FineTuneRun:
 
     def __init__(self, spec: "ResolvedTrial | TrialSpec", report: Report = print_reporter,
                  clock: PhaseClock | None = None):
-        from harness import provenance
-
         self.started = time.time() if clock is None else clock.unix0
         # the trial's clock, started before the imports, the resolution and the track's setup
         self.clock = clock if clock is not None else PhaseClock(unix0=self.started)
         self.spec, self.report = spec, report
         self.record = spec.record() if isinstance(spec, ResolvedTrial) else TrialRecord(
             track=spec.track, benchmark=spec.benchmark, task=spec.task, method=spec.method,
-            settings=json.dumps(spec.method_settings, sort_keys=True, default=str), seed=spec.seed,
-            status="ok", budget=json.dumps(spec.budget, sort_keys=True, default=str))  # until start() resolves it
+            settings=dict(spec.method_settings), seed=spec.seed, status="ok",
+            budget=dict(spec.budget))  # until start() resolves it
         self.record.git_commit = provenance.git_commit()
-        self.record.software = json.dumps(provenance.software(), sort_keys=True)
+        self.record.software = dict(provenance.software())
         self.record.date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
         self.failed = False
         self._steady_marked = False
@@ -169,11 +169,6 @@ class FineTuneRun:
             self._fail(e)
 
     def _start(self) -> None:
-        from harness.adapters import find_bank
-
-        from harness.protocol import prepare as prepare_protocol
-        from harness.targets import join_targets
-
         spec = self.spec
         self.track, self.method = track, method = get_track(spec.track), get_method(spec.method)
         self.settings = spec.method_settings  # resolved once (sweep validation or resolve_trial), as given
@@ -190,8 +185,8 @@ class FineTuneRun:
             self.adapter_key = f"{setup.base_key}|targets={join_targets(setup.site.targets)}"
             self.ctx = MethodContext(
                 total_steps=max(1, setup.schedule.steps), seed=spec.seed, init_batches=setup.init_batches,
-                forward_fn=setup.forward, layer_inputs_fn=setup.layer_inputs, evaluate=setup.validate,
-                adapter_bank=[str(p) for p in find_bank(self.adapter_key, spec.task, method.builds_on)]
+                forward_fn=setup.forward, layer_inputs_fn=setup.layer_inputs, validate=setup.validate,
+                adapter_bank=[str(p) for p in adapter_store.find_bank(self.adapter_key, spec.task, method.builds_on)]
                 if method.builds_on and not spec.adapter_bank else list(spec.adapter_bank),
                 device=setup.device)
             model = method.wrap(setup.model, setup.site, self.wrap_settings, self.ctx).to(setup.device)
@@ -284,8 +279,6 @@ class FineTuneRun:
     def finish(self) -> TrialRecord:
         """Finalize, count, evaluate, describe and save, into the trial's record; the record, failed where
         anything failed (a non-finite final metric too)."""
-        from harness import placement, provenance
-
         record = self.record
         if not self.failed and self.setup is not None:
             try:
@@ -324,10 +317,8 @@ class FineTuneRun:
             describe = method.describe(model)
             adapter_path, adapter_error = "", ""
             if setup.save_adapter:
-                from harness.adapters import save_trial_adapter
-
                 try:
-                    adapter_path = str(save_trial_adapter(method, model, setup.site, self.wrap_settings, spec,
+                    adapter_path = str(adapter_store.save_trial_adapter(method, model, setup.site, self.wrap_settings, spec,
                                                             self.adapter_key))
                 except OSError as e:  # a full or read-only disk must not cost the trial its scores
                     adapter_error = f"{type(e).__name__}: {e}"

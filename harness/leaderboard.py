@@ -293,11 +293,10 @@ def board_files(out_dir: Path) -> list[Path]:
     return boards
 
 
-def render(out_dir: Path, boards: "Iterable[str] | None" = None) -> list[Path]:
-    """Markdown tables, plots and the static site (``index.html``, a page per board) for the boards named
-    in ``boards`` (None: every board in ``out_dir``); the front page always lists every board. Returns the
-    files rendered; a file whose bytes would not change is not rewritten, so a sweep leaves the files of
-    boards it did not update, and an index whose content did not change, exactly as they were."""
+def write_tables_and_plots(out_dir: Path, boards: "Iterable[str] | None" = None) -> list[Path]:
+    """Each board's summary CSV, markdown tables and plots, for the boards named in ``boards`` (None: every
+    board in ``out_dir``); returns the files written. A file whose bytes would not change is not rewritten.
+    The site's pages come on top of these in :func:`harness.site.render`, which publishes a board."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -354,9 +353,6 @@ def render(out_dir: Path, boards: "Iterable[str] | None" = None) -> list[Path]:
         fig.tight_layout()
         written.append(_save_fig(fig, path.with_name(f"{path.stem}-params.png")))
         plt.close(fig)
-    from harness.site import write_site
-
-    written += write_site(out_dir, wanted)
     return written
 
 

@@ -24,8 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness.driver import auto_gpu_share, check_reachable, method_waves, selection_methods
+from harness.early_stopping import expected_rung_reports, expected_update_fraction, parse_scheduler
 from harness.errors import ConfigError
-from harness.sweep_file import Study, SweepFile, study_trials
+from harness.methods import base_name
+from harness.placement import visible_gpus
+from harness.sweep_file import Study, SweepFile, expand_grid, study_tasks, study_trials
 from harness.trial import ResolvedTrial
 
 COSTS = Path(__file__).resolve().parents[1] / "benchmarks" / "update-costs.json"
@@ -78,7 +82,7 @@ class WavePlan:
 
 
 def _rl_cost(spec: ResolvedTrial, study: Study, device: dict[str, Any] | None) -> TrialCost:
-    from agents.tasks import EPISODE_LENGTH
+    from agents.tasks import EPISODE_LENGTH  # heavy: agents.tasks imports metaworld
 
     ts, budget = spec.track_settings, spec.budget
     updates = int(budget.steps)
@@ -99,7 +103,7 @@ def _rl_cost(spec: ResolvedTrial, study: Study, device: dict[str, Any] | None) -
 
 
 def _vision_cost(spec: ResolvedTrial, study: Study, device: dict[str, Any] | None) -> TrialCost:
-    from vision.train import schedule
+    from vision.train import schedule  # heavy: vision.train imports torch
 
     ts, budget = spec.track_settings, spec.budget
     stage = budget.stage
@@ -123,7 +127,6 @@ def _vision_cost(spec: ResolvedTrial, study: Study, device: dict[str, Any] | Non
         return cost
     kind = "compiled" if ts.compile else "eager"
     table = m["ms_per_update"][kind]
-    from harness.methods import base_name
 
     method = base_name(spec.method)  # glora@0.29M is priced as glora
     if method not in table:  # a method measured only eager is priced at that (an upper bound)
@@ -151,8 +154,6 @@ def plan_wave(study: Study, stage: str, wave: int, specs: list[ResolvedTrial], g
     """Price one wave of trials on ``gpus`` GPUs. ``update_share``: the share of each trial's updates a
     selection scheduler is expected to spend; ``rung_reports``: the intermediate scores (one evaluation
     each, as long as the final one) it is expected to ask of each trial."""
-    from harness.driver import auto_gpu_share
-
     costs = [trial_cost(s, study, device) for s in specs]
     n = len(specs)
     r = study.resources
@@ -188,10 +189,6 @@ def plan_wave(study: Study, stage: str, wave: int, specs: list[ResolvedTrial], g
 def plan_sweep(sweep: SweepFile, gpus: int, device_name: str, costs: dict[str, Any] | None = None
                ) -> tuple[list[WavePlan], str]:
     """Every study's waves priced on ``gpus`` GPUs of model ``device_name``; (waves, which measurement)."""
-    from harness.driver import method_waves, selection_methods
-    from harness.early_stopping import expected_rung_reports, expected_update_fraction, parse_scheduler
-    from harness.sweep_file import expand_grid, study_tasks
-
     costs = load_costs() if costs is None else costs
     device = costs.get(device_name)
     if device is None:
@@ -258,8 +255,6 @@ def format_plan(waves: list[WavePlan], said: str, gpus: int, device_name: str) -
 
 def local_gpus() -> tuple[int, str]:
     """This machine's visible GPUs and their model (no Ray)."""
-    from harness.placement import visible_gpus
-
     n = visible_gpus()
     if n == 0:
         return 0, ""
@@ -272,8 +267,6 @@ def cluster_gpus(address: str) -> tuple[int, str]:
     """A running Ray cluster's GPU count and model (its ``accelerator_type:`` resource), read without
     starting anything."""
     import ray
-
-    from harness.driver import check_reachable
 
     check_reachable(address)
     ray.init(address=address, log_to_driver=False)

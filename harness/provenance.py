@@ -10,14 +10,14 @@ from pathlib import Path
 
 import torch
 
+from harness.tracks import TRACKS
+
 PACKAGES = ("torch", "peft", "timm", "ray", "metaworld", "mujoco", "gymnasium")
 
 
 def code_paths() -> tuple[str, ...]:
     """What counts as the harness's code in its checkout: the harness itself, the top-level package of
     every track the registry names (``harness/tracks.py``) that lives in this checkout, and pyproject.toml."""
-    from harness.tracks import TRACKS
-
     root = Path(__file__).resolve().parents[1]
     packages = sorted({target.split(":")[0].split(".")[0] for target in TRACKS.values()} - {"harness"})
     return ("harness", *(p for p in packages if (root / p).is_dir()), "pyproject.toml")

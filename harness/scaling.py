@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from harness.errors import ConfigError, choices_message
+
 # rule -> alpha as a function of the rank r
 ALPHA_RULES: dict[str, Callable[[int], float]] = {
     "1": lambda r: 1.0,  # EVA section 4: alpha = 1 for every method (scale 1/r)
@@ -27,8 +29,6 @@ def apply_alpha_rule(settings: dict[str, Any], rule: str) -> tuple[dict[str, Any
     method's settings gave alpha explicitly.
     """
     if rule not in ALPHA_RULES:
-        from harness.errors import ConfigError, choices_message
-
         raise ConfigError(choices_message("alpha_rule", rule, list(ALPHA_RULES)))
     if settings.get("alpha") is not None:
         return dict(settings), f"alpha={settings['alpha']:g} (set)"

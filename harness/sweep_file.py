@@ -16,8 +16,10 @@ from typing import Annotated, Any, Literal
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints, ValidationError,
                       field_validator, model_validator)
 
+from harness.early_stopping import parse_scheduler
 from harness.errors import ConfigError
-from harness.plugins import MODULE_PATTERN
+from harness.methods import base_name, get_method
+from harness.plugins import MODULE_PATTERN, load_plugins
 from harness.tracks import get_track
 from harness.trial import ResolvedTrial, TrialSpec, resolve_point, resolve_trial
 from harness.validation import format_errors
@@ -69,8 +71,6 @@ class Selection(BaseModel):
 
     @model_validator(mode="after")
     def _known_scheduler(self) -> "Selection":
-        from harness.early_stopping import parse_scheduler
-
         try:
             parse_scheduler(self.scheduler_settings())
         except ConfigError as e:
@@ -118,7 +118,8 @@ class Study(BaseModel):
     @field_validator("leaderboard")
     @classmethod
     def _board_name(cls, v: str | None) -> str | None:
-        from harness.leaderboard import board_name_problem  # the one rule for names the site keeps for itself
+        # heavy: harness.leaderboard imports pandas (it holds the one rule for names the site keeps for itself)
+        from harness.leaderboard import board_name_problem
 
         problem = board_name_problem(v) if v else None
         if problem:
@@ -145,7 +146,7 @@ class SweepFile(BaseModel):
     name: SafeName
     description: str = ""
     studies: list[Study]
-    # Ray Tune's tracking integrations for the whole sweep (harness/tracking.py): local and offline by default
+    # Ray Tune's tracking integrations for the whole sweep (harness/experiment_logging.py): local and offline by default
     tracking: list[Literal["mlflow", "wandb"]] = Field(default_factory=list)
     # modules imported before the file is checked and in every Ray worker: methods and tracks from outside
     # the project (harness/plugins.py)
@@ -182,8 +183,6 @@ def _grid_axes(settings: dict[str, Any], method: str | None) -> dict[str, list[A
     ``ranks: [[8, 4], [2]]`` two."""
     list_valued: set[str] = set()
     if method is not None:
-        from harness.methods import get_method
-
         list_valued = {k for k, s in get_method(method).all_settings().items() if isinstance(s.default, (list, tuple))}
     axes = {}
     for k, v in settings.items():
@@ -209,8 +208,6 @@ def resolved_grid(study: Study, method: str) -> list[dict[str, Any]]:
     """The method's grid points of the study, each resolved (defaults filled in, checked) once: the list
     :func:`expand_grid` gives, in its order. A bad point raises the method's ConfigError."""
     if method not in study._grids:
-        from harness.methods import get_method
-
         m = get_method(method)
         study._grids[method] = [resolve_point(m, combo) for combo in expand_grid(study.methods[method], method)]
     return study._grids[method]
@@ -228,8 +225,6 @@ def selection_methods(study: Study) -> list[str]:
     method that chooses something inside its trial (``Method.needs_selection``), and the methods that
     those build on (EigenLoRA's selection trials need LoRA's adapters of the same stage). A method with
     one grid point and nothing to choose goes straight to its final runs."""
-    from harness.methods import base_name, get_method
-
     if study.protocol != "select-then-final":
         return []
     picked = {m for m, space in study.methods.items()
@@ -265,8 +260,6 @@ def study_tasks(study: Study) -> list[str]:
 
 def _check_names(study: Study, where: str) -> None:
     """The study's benchmark, tasks and method names (cheap: nothing is built)."""
-    from harness.methods import get_method
-
     track = get_track(study.track)
     try:
         track.benchmark(study.benchmark)
@@ -297,8 +290,6 @@ def check_size(sweep: SweepFile, confirmed: bool) -> None:
 def validate_study(study: Study, where: str) -> None:
     """Everything the track and the method registry can check, once, before any compute: names, track
     settings, budgets (both stages) and every grid point of every method."""
-    from harness.methods import get_method
-
     _check_names(study, where)
     track = get_track(study.track)
     settings = track_settings(study, f"{where}.settings")
@@ -308,7 +299,7 @@ def validate_study(study: Study, where: str) -> None:
             method = get_method(name)
             for resolved in resolved_grid(study, name):
                 if shaped is not None:  # on the model a trial would wrap: targets split, alpha rule applied
-                    from harness.protocol import check_fit
+                    from harness.protocol import check_fit  # heavy: harness.protocol imports torch
 
                     check_fit(method, resolved, settings, shaped)
         except ConfigError as e:
@@ -344,7 +335,6 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, only: str |
         sweep = SweepFile.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_pydantic_message(e, str(path), single)) from None
-    from harness.plugins import load_plugins
 
     load_plugins(sweep.plugins, f"{path}: plugins")  # their methods and tracks are checked like the project's
     names = [s.name for s in sweep.studies]
@@ -419,8 +409,6 @@ def study_trials(study: Study, stage: str, chosen: dict[tuple[str, str], dict[st
     for method in study.methods:
         for task in study_tasks(study):
             if chosen is not None:  # a chosen point adds what its selection trial chose inside itself (GLoRA)
-                from harness.methods import get_method
-
                 points = [resolve_point(get_method(method), chosen[(method, task)])]
             else:
                 points = resolved_grid(study, method)

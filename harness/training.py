@@ -23,7 +23,8 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import nn
 
-from harness.errors import NonFiniteLossError
+from harness.errors import ConfigError, NonFiniteLossError
+from harness.placement import trial_device
 
 
 # --- optimiser and schedule -------------------------------------------------------------------------
@@ -64,8 +65,6 @@ def check_groups(model: nn.Module, groups: list[dict], weight_decay: float) -> l
     model) and optionally ``lr_scale`` (a positive factor on the scheduled learning rate, e.g. LoRA+'s
     larger rate for B) and ``weight_decay`` (default: the trial's); every trainable parameter in exactly
     one group. Returns fresh dicts, so the method's own are not changed."""
-    from harness.errors import ConfigError
-
     names = {id(p): n for n, p in model.named_parameters()}
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     seen: set[int] = set()
@@ -149,8 +148,6 @@ def autocast(device: torch.device):
 
 def pick_device(requested: str = "auto") -> torch.device:
     """The device for this process's work: the trial's own GPU under Ray (``harness/placement.py``)."""
-    from harness.placement import trial_device
-
     return trial_device(requested)
 
 

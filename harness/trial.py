@@ -12,10 +12,12 @@ never a crash of the sweep.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Protocol
 
 from harness import __version__
+from harness.methods import get_method
+from harness.tracks import get_track
 
 if TYPE_CHECKING:
     from harness.tracks import TrackBudget, TrackSettings
@@ -47,21 +49,24 @@ class TrialSpec:
     budget: dict[str, Any] = field(default_factory=dict)
     track_settings: dict[str, Any] = field(default_factory=dict)
     # EigenLoRA's bank as the sweep driver chose it (one LoRA adapter folder per other task); empty: the
-    # method's bank_dir setting, else the cache's adapters (harness.adapters.find_bank)
+    # method's bank_dir setting, else the cache's adapters (harness.adapter_store.find_bank)
     adapter_bank: tuple[str, ...] = ()
 
 
 @dataclass
 class TrialRecord:
-    """The record of one finished (or failed) trial, one row of the results table: the one result type
-    from the engine (``FineTuneRun.finish``) to the leaderboard, flattened once (:meth:`flat`) where it
-    leaves the trial's process (Ray Tune's report, a records file, ``run --json``)."""
+    """The record of one finished (or failed) trial: the one result type from the engine
+    (``FineTuneRun.finish``) to the leaderboard, with typed fields (the settings, budget and package versions
+    are mappings, not JSON text). It crosses from a Ray worker to the driver as one JSON document
+    (:meth:`to_json` -> :meth:`from_json`, the one serialisation Ray needs) and becomes one row of the
+    results table, the leaderboard's file format, in :meth:`flat` (there, and only there, ``settings``,
+    ``budget``, ``software`` and ``extra`` are JSON text in their columns)."""
 
     track: str
     benchmark: str
     task: str
     method: str
-    settings: str  # JSON of the method's resolved settings (defaults filled in)
+    settings: dict[str, Any]  # the method's resolved settings (defaults filled in)
     seed: int
     status: str  # "ok" or "failed"
     error: str = ""
@@ -82,9 +87,9 @@ class TrialRecord:
     harness_version: str = __version__
     git_commit: str = ""
     device_name: str = ""
-    software: str = ""  # JSON: versions of torch, peft, timm, ray, metaworld, mujoco, gymnasium
+    software: dict[str, str] = field(default_factory=dict)  # versions of torch, peft, timm, ray, metaworld, ...
     date: str = ""
-    budget: str = ""
+    budget: dict[str, Any] = field(default_factory=dict)  # the trial's resolved budget
     # how the row's settings were chosen, set by the sweep driver: "held-out" (select-then-final: on
     # validation data or episodes apart from the reported ones), "on-reported" (the best grid point on the
     # reported metric itself, EVA Table 4's convention), "single-point" (a grid of one: nothing chosen)
@@ -93,14 +98,55 @@ class TrialRecord:
     metrics: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # a record read back from an older results folder (--resume) carries these as JSON text
+        for name in _JSON_COLUMNS:
+            value = getattr(self, name)
+            if isinstance(value, str):
+                setattr(self, name, json.loads(value) if value else {})
+
     def flat(self) -> dict[str, Any]:
-        """One level dict: metrics become top-level columns, extra goes in as JSON."""
+        """The record as one row of the results table (the leaderboard's file format): metrics become
+        top-level columns; settings, budget, software and extra are JSON text (keys sorted, so equal
+        settings are equal text: the driver groups trials by it)."""
         d = asdict(self)
-        metrics = d.pop("metrics")
-        extra = d.pop("extra")
+        metrics, extra = d.pop("metrics"), d.pop("extra")
+        for name in ("settings", "budget", "software"):
+            # an unset budget or software (a trial that never ran) is an empty cell, as it always was
+            d[name] = json.dumps(d[name], default=str, sort_keys=True) if d[name] or name == "settings" else ""
         d.update(metrics)
         d["extra"] = json.dumps(extra, default=str, sort_keys=True)
         return d
+
+    def to_json(self) -> str:
+        """The whole record as one JSON document (nested, nothing encoded twice): what a Ray worker reports."""
+        return json.dumps(asdict(self), default=str)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrialRecord":
+        """The record :meth:`to_json` wrote; a row (:meth:`flat`, what a worker of an older version reported
+        into an experiment that is now resumed) is read as :meth:`from_row` does."""
+        data = json.loads(text)
+        if "metrics" not in data:
+            return cls.from_row(data)
+        known = {f.name for f in fields(cls)}
+        unknown = {k: data.pop(k) for k in list(data) if k not in known}
+        record = cls(**data)
+        if unknown:  # a newer writer's fields: kept, not lost or refused
+            record.extra = {**record.extra, "unknown_fields": unknown}
+        return record
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> "TrialRecord":
+        """The record of a results-table row (:meth:`flat`'s inverse): the record's own columns are its
+        fields, every other column is a metric."""
+        known = {f.name for f in fields(cls)} - {"metrics"}
+        return cls(**{k: v for k, v in row.items() if k in known},
+                   metrics={k: v for k, v in row.items() if k not in known})
+
+
+# the record's fields that are mappings in the record and JSON text in a row of the results table
+_JSON_COLUMNS = ("settings", "budget", "software", "extra")
 
 
 # The record's (and a board's) fields that measure how a trial ran, not what it computed: memory, times, and
@@ -149,7 +195,7 @@ class ResolvedTrial:
     targets: str = ""  # the adapted layers as the study gave them ("" where the track's site decides)
     alpha_rule: str = ""  # the LoRA family's scale as recorded ("" outside it)
     # EigenLoRA's bank as the sweep driver chose it (one LoRA adapter folder per other task); empty: the
-    # method's bank_dir setting, else the cache's adapters (harness.adapters.find_bank)
+    # method's bank_dir setting, else the cache's adapters (harness.adapter_store.find_bank)
     adapter_bank: tuple[str, ...] = ()
 
     def to_config(self) -> dict[str, Any]:
@@ -165,8 +211,6 @@ class ResolvedTrial:
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "ResolvedTrial":
         """The trial :meth:`to_config` wrote (in a Ray worker): the typed models rebuilt from their dumps."""
-        from harness.tracks import get_track
-
         track = get_track(config["track"])
         return cls(config["track"], config["benchmark"], config["task"], config["method"],
                    dict(config["method_settings"]), int(config["seed"]), track.Budget.model_validate(config["budget"]),
@@ -177,9 +221,8 @@ class ResolvedTrial:
         """The record this trial starts from (status ok, no results yet); what a trial that never ran
         reports too, with its status and error set."""
         return TrialRecord(track=self.track, benchmark=self.benchmark, task=self.task, method=self.method,
-                           settings=json.dumps(self.method_settings, sort_keys=True, default=str), seed=self.seed,
-                           status="ok", targets=self.targets, alpha_rule=self.alpha_rule,
-                           budget=json.dumps(self.budget.model_dump(mode="json"), sort_keys=True))
+                           settings=dict(self.method_settings), seed=self.seed, status="ok", targets=self.targets,
+                           alpha_rule=self.alpha_rule, budget=self.budget.model_dump(mode="json"))
 
 
 def resolve_trial(spec: TrialSpec, *, settings: dict[str, Any] | None = None, track_settings: Any = None,
@@ -188,9 +231,7 @@ def resolve_trial(spec: TrialSpec, *, settings: dict[str, Any] | None = None, tr
     are equal objects. ``settings``, ``track_settings``, ``budget``: parts a sweep's validation already
     resolved for the whole study (then not resolved again); ``check_fit``: check the method's settings
     against the track's model shapes (a sweep did so per grid point)."""
-    from harness.methods import get_method
-    from harness.protocol import check_fit as fit, describe
-    from harness.tracks import get_track
+    from harness.protocol import check_fit as fit, describe  # heavy: harness.protocol imports torch
 
     track = get_track(spec.track)
     track.check_tasks(spec.benchmark, [spec.task])
@@ -214,7 +255,7 @@ def as_resolved(spec: "TrialSpec | ResolvedTrial") -> ResolvedTrial:
 
 def run_trial(spec: "TrialSpec | ResolvedTrial", report: Reporter = print_reporter) -> TrialRecord:
     """Run one trial to its record; a raised error or a non-finite loss becomes a failed record."""
-    from harness.finetune import FineTuneRun  # the engine imports torch; listing and checking do not need it
+    from harness.finetune import FineTuneRun  # heavy: the engine imports torch; listing and checking do not
 
     run = FineTuneRun(spec, report)
     run.start()

@@ -21,7 +21,6 @@ The driver's trainable (``harness/driver.py``) runs a trial here instead of :fun
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -30,7 +29,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from harness.cache import cache_root
+from harness.early_stopping import TIME_ATTR, eval_points, grouped_scheduler, parse_scheduler
+from harness.errors import ConfigError
 from harness.finetune import FineTuneRun
+from harness.plan import trial_cost
+from harness.process_cache import begin_trial, use_shared_compile_cache
+from harness.tracks import get_track
 from harness.trial import Reporter, ResolvedTrial, TrialRecord
 
 STATE_FILE = "trial-state.pt"
@@ -155,9 +160,9 @@ def fill_missing_checkpoints(exp_dir: Path) -> list[str]:
     return made
 
 
-def provisional_record(run: FineTuneRun, metric: str, score: float, update: int, label: str) -> dict[str, Any]:
-    """The flat record a trial stopped now would leave: its score so far, where it stopped, and its cost so
-    far (updates, ms per steady update, wall time), so a stopped trial's GPU time is counted too."""
+def provisional_record(run: FineTuneRun, metric: str, score: float, update: int, label: str) -> TrialRecord:
+    """The record a trial stopped now would leave: its score so far, where it stopped, and its cost so far
+    (updates, ms per steady update, wall time), so a stopped trial's GPU time is counted too."""
     wall = round(time.time() - run.started, 2)
     rec: TrialRecord = replace(run.record, metrics={metric: score},
                                extra={"stopped_at_update": update, "updates": update, "total_wall_s": wall,
@@ -165,7 +170,7 @@ def provisional_record(run: FineTuneRun, metric: str, score: float, update: int,
     rec.wall_time_s = wall
     if run.trainer is not None:
         rec.ms_per_update = round(run.trainer.steady_ms_per_update(), 3)
-    return rec.flat()
+    return rec
 
 
 def remove_checkpoints() -> None:
@@ -212,10 +217,6 @@ def run_tune_trial(spec: ResolvedTrial, report: Reporter, plan: TuneTrialPlan) -
     """Run one trial under Tune (inside its function trainable) to its record; see the module doc."""
     from ray import tune
 
-    from harness.cache import cache_root
-    from harness.early_stopping import TIME_ATTR
-    from harness.process_cache import begin_trial, use_shared_compile_cache
-
     # under actor reuse the process may have run trials before this one: what they left is cleared
     trials_before = begin_trial()
     use_shared_compile_cache(cache_root())
@@ -238,8 +239,8 @@ def run_tune_trial(spec: ResolvedTrial, report: Reporter, plan: TuneTrialPlan) -
             except Exception as e:  # noqa: BLE001 - a failed evaluation fails the trial, not the sweep
                 run._fail(e)
                 break
-            flat = provisional_record(run, plan.metric, score, done, plan.scheduler)
-            last = {plan.metric: score, TIME_ATTR: done, "record": json.dumps(flat, default=str)}
+            provisional = provisional_record(run, plan.metric, score, done, plan.scheduler)
+            last = {plan.metric: score, TIME_ATTR: done, "record": provisional.to_json()}
             metrics = {"update": done, **last}
         due = (plan.checkpoint_every and done - saved_at >= plan.checkpoint_every) or (
             not plan.checkpoint_every and plan.checkpoint_minutes > 0
@@ -275,11 +276,6 @@ def tune_trial_plan(study, specs: list[ResolvedTrial]) -> tuple[TuneTrialPlan, A
     """The plan of a wave's trials and the Tune scheduler of the wave (None but in the selection stage of
     a study with ``selection.scheduler``). Raises ConfigError before any compute when the selection
     budget's updates cannot be known (a scheduler needs them as ``max_t``)."""
-    from harness.early_stopping import eval_points, grouped_scheduler, parse_scheduler
-    from harness.errors import ConfigError
-    from harness.plan import trial_cost
-    from harness.tracks import get_track
-
     r = study.resources
     base = TuneTrialPlan(checkpoint_every=r.checkpoint_every, checkpoint_minutes=r.checkpoint_minutes)
     sched = parse_scheduler(study.selection.scheduler_settings(), f"study {study.name!r}: selection")

@@ -73,7 +73,7 @@ def test_record_says_what_made_it():
 
     record = run_trial(specs("vision")[0], lambda m: None)
     assert record.status == "ok", record.error
-    software = json.loads(record.software)
+    software = record.software
     assert set(software) == {"torch", "peft", "timm", "ray", "metaworld", "mujoco", "gymnasium"}
     assert software["torch"] == __import__("torch").__version__
     assert record.git_commit == provenance.git_commit() and record.git_commit
@@ -81,7 +81,7 @@ def test_record_says_what_made_it():
     # the method's own costs: training alone (no GPU here, so no GPU memory)
     assert record.ms_per_update > 0 and record.train_peak_memory_mb == 0.0
     assert record.ms_per_update < 1000 * record.extra["train_wall_s"]  # steady updates only, warm-up left out
-    assert json.loads(record.settings) == {"r": 2, "alpha": None, "dropout": 0.0, "rslora": False, "lr": None,
+    assert record.settings == {"r": 2, "alpha": None, "dropout": 0.0, "rslora": False, "lr": None,
                                            "weight_decay": None, "targets": None}
 
 
@@ -141,7 +141,7 @@ def test_engine_runs_from_the_resolved_trial_alone(monkeypatch):
     record = run.finish()
     assert isinstance(record, TrialRecord) and record.status == "ok", record.error
     assert record.trainable_params > 0 and record.metrics and record.targets == resolved.targets != ""
-    assert json.loads(record.settings)["r"] == 2 and json.loads(record.budget)["steps"] == 6
+    assert record.settings["r"] == 2 and record.budget["steps"] == 6
     # one clock: the phases partition the trial's time, and the record's wall time is the same clock's
     timing = record.extra["timing"]
     phases = sum(v for k, v in timing.items() if k.endswith("_s") and k not in ("total_s", "process_to_trial_s"))
@@ -167,3 +167,27 @@ def test_one_lr_schedule_with_the_same_floor_on_both_tracks(track):
     loop = run.loop
     assert isinstance(loop, Schedule) and loop.lr == 2e-3 and loop.min_lr_ratio == 0.01
     assert loop.lr_at(loop.steps) == pytest.approx(2e-5)  # the floor follows the method's lr on either track
+
+
+def test_a_record_crosses_the_ray_boundary_as_one_json_document():
+    """Issue 19, item 2: the record is typed (settings, budget and versions are mappings) and serialised once
+    where Ray needs it (``to_json``, nothing encoded twice); the results-table row keeps its file format
+    (``settings`` and the other mappings as JSON text in their columns), and a row reads back as the record."""
+    from harness.driver import _final_report
+    from harness.trial import TrialRecord
+
+    record = run_trial(specs("vision")[0], lambda m: None)
+    assert record.status == "ok", record.error
+    report = _final_report(record)
+    payload = json.loads(report["record"])
+    assert payload["settings"]["r"] == 2 and payload["budget"]["steps"] == record.budget["steps"]
+    assert isinstance(payload["software"], dict) and isinstance(payload["extra"], dict)
+    assert report["top1"] == record.metrics["top1"] and report["status"] == "ok"
+    back = TrialRecord.from_json(report["record"])
+    assert back == record
+    row = record.flat()
+    assert json.loads(row["settings"]) == record.settings and json.loads(row["software"]) == record.software
+    assert row["top1"] == record.metrics["top1"] and list(row)[-1] == "extra"
+    assert TrialRecord.from_row(row) == back
+    # a row is also what an older worker reported under ``record``: read the same way (a resumed experiment)
+    assert TrialRecord.from_json(json.dumps(row)).flat() == row

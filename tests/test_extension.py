@@ -408,7 +408,8 @@ def test_custom_benchmark_checks_tasks_against_the_folders(tmp_path, monkeypatch
 
 def test_custom_rows_are_labelled_custom_on_the_board(tmp_path):
     """The leaderboard's rows and page of a custom study name the custom benchmark."""
-    from harness.leaderboard import render, update
+    from harness.leaderboard import update
+    from harness.site import render
     from harness.sweep_file import Study
 
     from harness.trial import TrialRecord

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from harness.methods import MethodContext, fast_peft, get_method
-from harness.methods.fast_linear import low_rank_linear
+from harness.methods.low_rank import low_rank_linear
 from tiny_models import SITE, Tiny
 
 FAST_METHODS = ["lora", "dora", "pissa", "olora", "adalora", "eva", "eva-dora", "vera", "randlora"]

@@ -76,3 +76,72 @@ def test_method_settings_are_resolved_in_one_place():
                 if "resolve_settings(" in line and not re.match(r"\s*def resolve_settings\(", line):
                     calls.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
     assert len(calls) == 1 and calls[0].startswith("harness/trial.py:"), "\n".join(calls)
+
+
+# what a function-level import of the project's own modules must say, on its line or the line above it
+IMPORT_REASONS = ("heavy:", "cycle:", "optional:")
+
+
+def _project_module(node, module: str, is_package: bool) -> str | None:
+    """The project module an import statement inside ``module`` names, or None for a third-party one."""
+    import ast
+
+    if isinstance(node, ast.Import):
+        names = [a.name for a in node.names]
+    else:
+        base = node.module or ""
+        if node.level:  # relative: resolved against the importing module's package
+            package = module.split(".") if is_package else module.split(".")[:-1]
+            base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
+        names = [base]
+    hits = [n for n in names if n.split(".")[0] in PACKAGES]
+    return hits[0] if hits else None
+
+
+def function_level_imports(root: Path) -> list[str]:
+    """Every import of a project module inside a function under ``root``'s packages without a reason comment
+    (one of IMPORT_REASONS) on its lines or the line above, as ``path:line: statement``."""
+    import ast
+
+    missing = []
+    for pkg in PACKAGES:
+        for path in sorted((root / pkg).rglob("*.py")):
+            text = path.read_text(encoding="utf-8")
+            lines = text.splitlines()
+            parts = list(path.relative_to(root).with_suffix("").parts)
+            module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            for func in ast.walk(ast.parse(text)):
+                if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    continue
+                for node in ast.walk(func):
+                    if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                        continue
+                    if _project_module(node, module, path.name == "__init__.py") is None:
+                        continue
+                    around = lines[node.lineno - 2: node.end_lineno]
+                    comments = [ln.split("#", 1)[1].strip() for ln in around if "#" in ln]
+                    if not any(c.startswith(IMPORT_REASONS) for c in comments):
+                        missing.append(f"{path.relative_to(root)}:{node.lineno}: {lines[node.lineno - 1].strip()}")
+    return sorted(set(missing))  # a nested function's import is seen from each enclosing one
+
+
+def test_function_level_imports_of_the_project_say_why():
+    """Issue 19, item 3: the project's own modules are imported at module level, except where a heavy or
+    optional dependency or an import cycle justifies importing inside a function; such an import says why in
+    a comment (``# heavy: harness.methods imports torch``, ``# cycle: ...``, ``# optional: ...``) on its line
+    or the line above. A new one without its reason fails here, naming where it is: move it to the top of
+    the module, or give the reason."""
+    missing = function_level_imports(ROOT)
+    assert not missing, "function-level imports of project modules without a reason:\n" + "\n".join(missing)
+
+
+def test_an_unexplained_function_level_import_is_found(tmp_path):
+    root = copy_tree(tmp_path)
+    assert function_level_imports(root) == []
+    plant(root / "harness" / "cache.py", "def _late():\n    from harness.errors import ConfigError\n    return ConfigError")
+    plant(root / "harness" / "cache.py", "def _late_relative():\n    from .errors import DataError\n    return DataError")
+    plant(root / "harness" / "cache.py", "def _said():\n    from harness.errors import DataError  # heavy: test\n    return DataError")
+    found = function_level_imports(root)
+    assert sorted(f.split(": ", 1)[1] for f in found) == ["from .errors import DataError",
+                                                         "from harness.errors import ConfigError"], found
+    assert all(f.startswith("harness/cache.py:") for f in found)

@@ -9,7 +9,8 @@ import math
 import pandas as pd
 import pytest
 
-from harness.leaderboard import aggregate, render, summarise, update
+from harness.leaderboard import aggregate, summarise, update
+from harness.site import render
 from harness.sweep_file import Study
 
 

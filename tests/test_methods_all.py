@@ -119,7 +119,7 @@ def test_method_on_real_models(name, track, tmp_path):
     head = sum(p.numel() for n, p in model.named_parameters() if site.is_head_param(n))
     bank = make_bank(setup, tmp_path / "bank") if "lora" in method.builds_on else []
     ctx = MethodContext(total_steps=30, init_batches=lambda: [batch] * 4, forward_fn=forward,
-                        evaluate=lambda m: -float(loss_fn(m, batch)), adapter_bank=bank)
+                        validate=lambda m: -float(loss_fn(m, batch)), adapter_bank=bank)
     model = method.wrap(model, site, settings, ctx)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR.get(name, 1e-2),
                             weight_decay=0.0)

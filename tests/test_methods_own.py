@@ -95,7 +95,7 @@ def lifecycle(name: str, make, site: AdapterSite, x, y, loss_fn, layers, tmp: Pa
               steps: int, lr: float) -> None:
     method = get_method(name)
     settings = method.resolve_settings(settings_for(name, bank))
-    ctx = MethodContext(evaluate=lambda m: -float(loss_fn(m(x), y)))
+    ctx = MethodContext(validate=lambda m: -float(loss_fn(m(x), y)))
     model = method.wrap(make(), site, settings, ctx)
     losses = train(method, model, x, y, loss_fn, steps, lr)
     assert losses[-1] < losses[0], f"{name}: loss did not fall {losses[0]:.4f} -> {losses[-1]:.4f}"
@@ -268,7 +268,7 @@ def test_glora_search_beats_random_within_budget():
         counts.append(method.count(m, SITE)[0])
         return float(sum(getattr(l.form, t) == getattr(h, t) for l, h in zip(layers, hidden) for t in "ABCDE"))
 
-    model = method.finalize(model, SITE, settings, MethodContext(evaluate=score, seed=0))
+    model = method.finalize(model, SITE, settings, MethodContext(validate=score, seed=0))
     assert all(300 <= c <= 900 for c in counts)
     chosen = [m.form for m in layers]
     best = score(model)

@@ -50,7 +50,7 @@ def test_glora_final_stage_trains_the_subnet_selection_searched():
     x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
     select = method.resolve_settings({"ranks": [2], "search_population": 6, "search_generations": 2,
                                       "search_parents": 3, "search_mutations": 3, "search_crossovers": 3})
-    ctx = MethodContext(seed=3, evaluate=lambda m: -float(nn.functional.cross_entropy(m(x), y)))
+    ctx = MethodContext(seed=3, validate=lambda m: -float(nn.functional.cross_entropy(m(x), y)))
     model = method.finalize(method.wrap(Tiny(), SITE, select, ctx), SITE, select, ctx)
     searched = method.describe(model)["subnet"]
     assert set(searched) == {"l1", "l2"} and "sampled" not in searched.values()
@@ -68,7 +68,7 @@ def test_glora_final_stage_trains_the_subnet_selection_searched():
         raise AssertionError("the final stage scored a candidate subnet")
 
     # the final trial: the fixed subnet from the start, no sampling, no search (it never calls evaluate)
-    ctx = MethodContext(seed=0, evaluate=no_scoring)
+    ctx = MethodContext(seed=0, validate=no_scoring)
     model = method.wrap(Tiny(), SITE, final, ctx)
     model.train()
     out1, out2 = model(x), model(x)
@@ -101,7 +101,7 @@ def test_glora_budget_is_checked_before_compute_and_respected_by_the_search():
     settings = method.resolve_settings({"ranks": [2], "param_budget_max": 60, "search_population": 8,
                                         "search_generations": 2})
     method.check_fit(Tiny(), SITE, settings)
-    ctx = MethodContext(seed=1, evaluate=lambda m: random.Random(str(method.describe(m))).random())
+    ctx = MethodContext(seed=1, validate=lambda m: random.Random(str(method.describe(m))).random())
     model = method.finalize(method.wrap(Tiny(), SITE, settings, ctx), SITE, settings, ctx)
     own, _head = method.count(model, SITE)
     found = method.describe(model)["search"]

@@ -179,13 +179,13 @@ def test_sweep_exit_status_tells_all_failed_from_some(tmp_path, monkeypatch):
 
 
 def test_a_failed_adapter_save_keeps_the_trials_scores(monkeypatch):
-    import harness.adapters
+    import harness.adapter_store
     from harness.trial import TrialSpec, run_trial
 
     def full_disk(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(harness.adapters, "save_trial_adapter", full_disk)
+    monkeypatch.setattr(harness.adapter_store, "save_trial_adapter", full_disk)
     spec = TrialSpec("vision", "builtin", "shapes", "lora", {"r": 2}, 0, {"steps": 2, "batch_size": 8},
                      {"backbone": "vit_tiny_patch16_224", "img_size": 32, "model_kwargs": {"patch_size": 8, "depth": 2},
                       "weights": "random", "threads": 1})

@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 
 from harness import paper_refs
-from harness.leaderboard import ppt_score, render, update
+from harness.leaderboard import ppt_score, update
+from harness.site import render
 from harness.site.pareto import Point, pareto_front
 from harness.sweep_file import Study
 

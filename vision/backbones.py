@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness.errors import ConfigError, DataError
+from harness.errors import ConfigError, DataError, choices_message
 from harness.methods.base import AdapterSite
 from harness.targets import check_targets
 
@@ -216,8 +216,6 @@ def build_backbone(name: str, num_classes: int, weights: str, img_size: int | No
     ``describe()`` for real weights.
     """
     if normalization not in NORMALIZATIONS:
-        from harness.errors import choices_message
-
         raise ConfigError(choices_message("normalization", normalization, list(NORMALIZATIONS)))
     model = create(name, num_classes, img_size, drop_path, model_kwargs)
     size = model_img_size(model)

@@ -13,13 +13,11 @@ from harness.randomness import seeded
 from harness.training import LoopConfig, pick_device, train
 from vision.backbones import build_backbone
 from vision.images import Split
-from vision.train import DeviceSplit, batches
+from vision.train import DeviceSplit, batches, classification_loss
 
 
 def bench(ts) -> dict[str, Any]:
     """Speed figures for the backbone of the track settings ``ts`` (a ``vision.track.VisionSettings``)."""
-    from vision.track import classification_loss
-
     device = pick_device(ts.device)
     gpu = device.type == "cuda"
     if not gpu and "backbone" not in ts.model_fields_set:

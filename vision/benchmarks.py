@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from harness.errors import ConfigError, choices_message
+from harness.plugins import check_name
 from harness.tracks import Benchmark
 from vision import builtin, custom, domain_shift, fewshot, vtab
 from vision.images import TaskData
@@ -55,8 +56,6 @@ BENCHMARKS: dict[str, VisionBenchmark] = {}
 def register_benchmark(entry: VisionBenchmark, *, replace: bool = False) -> VisionBenchmark:
     """Add ``entry`` under its benchmark's name; a name already taken needs ``replace=True``, and a benchmark
     of real data needs a ``validate`` (its files are checked before any compute)."""
-    from harness.plugins import check_name
-
     name = check_name("benchmark", entry.name, f"vision benchmark {entry.name!r}")
     if name in BENCHMARKS and BENCHMARKS[name] is not entry and not replace:
         raise ConfigError(f"vision benchmark {name!r} is already registered; choose another name, or pass "

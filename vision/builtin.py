@@ -28,7 +28,7 @@ import torch
 
 from harness.cache import ArtifactCache
 from harness.errors import ConfigError
-from vision.images import Split, TaskData, cached_split, split_shot_task
+from vision.images import Split, TaskData, cached_split, seeded_shots, split_shot_task
 
 NATIVE = 32
 VERSION = 1  # bump when any renderer changes: cache keys include it
@@ -385,8 +385,6 @@ def parse_fewshot(task: str) -> tuple[str, int]:
 
 
 def _shots(split: Split, k: int, seed: int) -> Split:
-    from vision.images import seeded_shots
-
     return split.subset(seeded_shots(split.labels.tolist(), k, seed))
 
 

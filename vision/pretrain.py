@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.cache import ArtifactCache, settings_hash
+from harness.progress import progress
 from harness.randomness import derive_seed, seeded
 from harness.training import LoopConfig, pick_device, train
 from vision import backbones, fractal
@@ -92,8 +93,6 @@ def _train(key: dict[str, Any], device: torch.device, folder: Path, partial: Pat
 
     started = time.time()
     last: dict[str, Any] = {}
-
-    from harness.progress import progress
 
     bar = progress(steps, "vision-pretrain", unit="update")
 

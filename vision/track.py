@@ -24,20 +24,22 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from harness.errors import ConfigError, DataError
 from harness.finetune import FineTuneSetup, Schedule
+from harness.methods import AdapterSite
 from harness.randomness import TrialRandom
 from harness.tracks import Benchmark, Report, Track, TrackBudget, TrackSettings
 from harness.training import pick_device
 from harness.validation import Bool, Float, Int
 from vision import builtin, domain_shift
+from vision.bench import bench as run_bench
 from vision.benchmarks import BENCHMARKS, get_benchmark
-from vision.backbones import DEFAULT_TARGETS, Backbone, build_backbone, check_model_name
+from vision.backbones import DEFAULT_TARGETS, HEAD, Backbone, build_backbone, check_model_name, create, model_img_size
 from vision.images import TaskData
-from vision.train import DeviceSplit, batches, schedule, top1
+from vision.pretrain import ensure_pretrained
+from vision.train import DeviceSplit, batches, classification_loss, schedule, top1
 
 
 class VisionSettings(TrackSettings):
@@ -141,24 +143,16 @@ class VisionTrack(Track):
         weights = _weights(ts, benchmark, self.data_source(benchmark) == "synthetic")
         ckpt, key = None, ""
         if weights == "builtin":
-            from vision.pretrain import ensure_pretrained
-
             ckpt, key, _ = ensure_pretrained(ts, log)
         return build_backbone(ts.backbone, num_classes, weights, ts.img_size, ts.drop_path, ts.model_kwargs,
                               tuple(ts.adapter_targets), ckpt, key, normalization=ts.normalization)
 
     def count_model(self, settings: VisionSettings, classes: int):
         """The backbone with random weights and a ``classes``-wide head (nothing read or downloaded)."""
-        from harness.methods import AdapterSite
-        from vision.backbones import HEAD, create
-
         model = create(settings.backbone, classes, settings.img_size, 0.0, settings.model_kwargs)
         return model, AdapterSite(tuple(settings.adapter_targets), HEAD)
 
     def shape_model(self, settings: VisionSettings, benchmark: str):
-        from harness.methods import AdapterSite
-        from vision.backbones import HEAD, create
-
         try:
             with torch.device("meta"):
                 model = create(settings.backbone, 2, settings.img_size, 0.0, settings.model_kwargs)
@@ -169,8 +163,6 @@ class VisionTrack(Track):
     # --- stages --------------------------------------------------------------------------------------
     def pretrain(self, settings: VisionSettings) -> dict[str, Any]:
         """Pretrain (or find cached) the builtin backbone."""
-        from vision.pretrain import ensure_pretrained
-
         path, key, summary = ensure_pretrained(settings)
         return {"checkpoint": str(path), "key": key[:12], **summary}
 
@@ -211,9 +203,7 @@ class VisionTrack(Track):
         return {"backbone": bb.describe(), "tasks": prepared}
 
     def bench(self, settings: VisionSettings) -> dict[str, Any]:
-        from vision.bench import bench
-
-        return bench(settings)
+        return run_bench(settings)
 
     # --- one trial -----------------------------------------------------------------------------------
     def setup(self, spec, settings: VisionSettings, budget: VisionBudget, rng: TrialRandom,
@@ -225,7 +215,6 @@ class VisionTrack(Track):
         device = pick_device(ts.device)
         with torch.random.fork_rng(devices=[]):  # the probe (for its input size) draws nothing of the trial's
             try:  # on the meta device: no weights made or read twice per trial just for a number
-                from vision.backbones import create, model_img_size
 
                 with torch.device("meta"):
                     size = model_img_size(create(ts.backbone, 2, ts.img_size, 0.0, ts.model_kwargs))
@@ -273,8 +262,3 @@ class VisionTrack(Track):
             base_key=bb.base_key, backbone=bb.describe(), data_source=self.data_source(spec.benchmark),
             validate=lambda m: top1(m, val, eval_bs), init_batches=init_batches, forward=lambda m, b: m(b[0]),
             loss_metric="train_loss", compile=ts.compile, time_data=True, save_adapter=ts.save_adapter, facts=facts)
-
-
-def classification_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    x, y = batch
-    return F.cross_entropy(model(x).float(), y)

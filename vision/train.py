@@ -91,6 +91,12 @@ def predict(model: nn.Module, data: DeviceSplit, bs: int = 256, classes: list[in
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=data.device)
 
 
+def classification_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy of the model's logits (in fp32, also under autocast) on an (images, labels) batch."""
+    x, y = batch
+    return F.cross_entropy(model(x).float(), y)
+
+
 def top1(model: nn.Module, data: DeviceSplit, bs: int = 256, classes: list[int] | None = None) -> float:
     """Top-1 accuracy in percent."""
     if len(data) == 0:

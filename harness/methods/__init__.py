@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 import re
-from typing import Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from harness import plugins
 from harness.errors import ConfigError, choices_message
-from harness.methods.base import AdapterSite, Method, MethodContext, Setting, check_settings
+
+if TYPE_CHECKING:
+    from harness.methods.base import AdapterSite, Method, MethodContext, Setting
+
+# The method interface (harness/methods/base.py) imports torch; the registry itself does not, so the sweep
+# file's schema, the driver and the command line look names up without torch. The interface's names are
+# still importable from here (``from harness.methods import Method``): loaded on first use.
+_INTERFACE = ("AdapterSite", "Method", "MethodContext", "Setting")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _INTERFACE:
+        from harness.methods import base  # heavy: the method interface imports torch
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # name -> "module:Class"; imported lazily so that listing methods stays cheap.
 REGISTRY: dict[str, str] = {
@@ -66,6 +81,8 @@ def register_method(name: str | None = None, *, replace: bool = False) -> Callab
 
 def add_method(cls: type, name: str | None = None, *, replace: bool = False) -> Method:
     """Register ``cls`` (see :func:`register_method`) and return its instance."""
+    from harness.methods.base import Method, check_settings  # heavy: the method interface imports torch
+
     where = f"method class {getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', cls)!s}"
     if not (isinstance(cls, type) and issubclass(cls, Method)) or cls is Method:
         raise ConfigError(f"{where}: register_method takes a subclass of harness.methods.Method")
@@ -135,6 +152,8 @@ def load_entry(name: str, target: str) -> Method:
     is a ConfigError naming it; a module that imports but lacks one of its own dependencies stays an
     ImportError (``python -m harness methods`` lists that method as not available)."""
     import difflib
+
+    from harness.methods.base import Method, check_settings  # heavy: the method interface imports torch
 
     entry = f"method registry entry {name!r}: {target!r}"
     if not isinstance(name, str) or not _LABEL.match(name):

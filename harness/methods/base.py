@@ -76,7 +76,8 @@ class MethodContext:
     forward_fn: calls the model on one such batch.
     layer_inputs_fn: ``(layer_input, batch) -> 2-d (tokens x features) tensor``: a targeted layer's
         captured input with padded tokens dropped (EVA on the DT); None flattens all tokens.
-    evaluate: scores a model on the validation split, higher is better (GLoRA's search).
+    validate: scores a model on the validation split, higher is better (GLoRA's search); not the trial's
+        evaluation (``FineTuneSetup.evaluate``), which the engine runs after ``finalize``.
     adapter_bank: folders of saved LoRA adapters of the same base model (EigenLoRA), the current task's
         own already left out.
     device: where the model lives.
@@ -87,7 +88,7 @@ class MethodContext:
     init_batches: Callable[[], Iterable[Any]] | None = None
     forward_fn: Callable[[nn.Module, Any], Any] | None = None
     layer_inputs_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None = None
-    evaluate: Callable[[nn.Module], float] | None = None
+    validate: Callable[[nn.Module], float] | None = None
     adapter_bank: list[str] = field(default_factory=list)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 

@@ -6,7 +6,7 @@ Bank: N LoRA adapters of the same base model: the setting ``bank_dir`` (a named 
 study, one adapter of the study's own ``lora`` trials of the same stage, the one with the settings that
 stage chose for that task (the final stage: the leaderboard row's), lowest seed (``harness/driver.py``
 ``lora_bank``). Outside a sweep (``python -m harness run``) the cache gives one ``lora`` adapter of the same
-base per other task (``harness.adapters.find_bank``). Every trial records the bank's manifest (each
+base per other task (``harness.adapter_store.find_bank``). Every trial records the bank's manifest (each
 adapter's path, task, seed and settings) in its record's ``extra.method.bank``. For each adapted module and separately for the A
 side (rows of length d_in) and the B side (columns of B, length d_out): stack the rows of every adapter
 (R = sum of the ranks) into R x n, centre, SVD, keep the top K right singular vectors E (K x n).
@@ -50,10 +50,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from harness.adapter_store import bank_manifest
 from harness.errors import ConfigError
 from harness.methods.base import AdapterSite, MethodContext, Setting, check_rank, method_state
-from harness.methods.fast_linear import low_rank_linear
-from harness.methods.linear_adapters import AdaptedLinear, LayerBuilder, LinearAdapterMethod, target_layers
+from harness.methods.low_rank import low_rank_linear
+from harness.methods.adapted_layers import AdaptedLinear, LayerBuilder, LinearAdapterMethod, target_layers
 
 _INFO_FILE = "eigenlora.json"
 _INFO_KEY = "eigenlora"  # method_state key of what describe() reports (K, bank size, explained variance)
@@ -319,7 +320,6 @@ class EigenLoRA(LinearAdapterMethod):
         if mode == "reconstruct" and len(target) != 1:
             raise ConfigError(f"method 'eigenlora': reconstruct_from={settings['reconstruct_from']!r} holds "
                               f"{len(target)} LoRA adapters; give exactly one")
-        from harness.adapters import bank_manifest
 
         info = {"K": k, "bank_size": len(bank), "mode": mode, "random_components": 0, "explained_min": 1.0,
                 "bank_from": f"bank_dir={settings['bank_dir']}" if settings["bank_dir"] else "trials",

@@ -6,7 +6,7 @@ and every ``isinstance`` check of peft stay as they were; :func:`disable` restor
 A forward takes the fast path only in the plain training/evaluation case (one active adapter, not merged,
 no adapter dropout in training, an ``nn.Linear`` base); anything else falls back to peft's forward.
 
-- LoRA family, AdaLoRA, VeRA: ``fast_linear.low_rank_linear`` with the method's scalings folded into
+- LoRA family, AdaLoRA, VeRA: ``low_rank.low_rank_linear`` with the method's scalings folded into
   its factors (LoRA: ``B`` times ``scaling``; AdaLoRA: ``A * E`` and ``B`` times ``scaling / ranknum``;
   VeRA: the shared bases scaled by ``lambda_d`` and ``lambda_b``), so nothing scales the activations.
   VeRA's update is merged into the weight instead where its rank is high enough for that to be cheaper
@@ -32,7 +32,7 @@ from peft.tuners.vera.layer import Linear as VeraLinear
 from torch import nn
 from torch.nn import functional as F
 
-from harness.methods.fast_linear import low_rank_linear
+from harness.methods.low_rank import low_rank_linear
 
 
 def _fast_adapter(layer, args: tuple, kwargs: dict, names, dropouts) -> str | None:

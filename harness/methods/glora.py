@@ -23,7 +23,7 @@ Life cycle here:
 - ``finalize``: the evolutionary search of the code (population 50, 20 generations, parents from the top
   10, 25 mutants with per-choice probability 0.2, 25 crossovers, random top-up, candidates seen before
   skipped, candidates outside [param_budget_min, param_budget_max] rejected before scoring), scored with
-  ``ctx.evaluate`` (validation, higher is better) and the inherited supernet weights; the best subnet is
+  ``ctx.validate`` (validation, higher is better) and the inherited supernet weights; the best subnet is
   then fixed in every layer (no retraining). ``search=False``: the largest form is fixed instead.
 - ``subnet`` set ("largest", "random", one form for every layer, e.g. "A=lora4,B=vector,C=none,D=scalar,
   E=vector", or a mapping of every adapted layer to its form, as a search records it): the subnet is fixed at
@@ -56,7 +56,7 @@ from harness.errors import ConfigError
 from harness.methods.base import AdapterSite, MethodContext, Setting, check_rank, count_trainable, method_state
 from harness.methods.glora_search import (TENSORS, Candidate, LayerForm, SearchConfig,
                                           evolutionary_search, form_choices, form_params, largest_form, lora_rank)
-from harness.methods.linear_adapters import AdaptedLinear, LayerBuilder, LinearAdapterMethod
+from harness.methods.adapted_layers import AdaptedLinear, LayerBuilder, LinearAdapterMethod
 
 _SUBNET_FILE = "glora_subnet.json"
 _SEARCH_KEY = "glora_search"  # method_state key of the SearchResult
@@ -372,8 +372,8 @@ class GLoRA(LinearAdapterMethod):
             for m in layers:
                 m.form = largest_form(m.ranks)
             return model
-        if ctx.evaluate is None:
-            raise ConfigError("method 'glora': the evolutionary search needs a validation scorer (ctx.evaluate) "
+        if ctx.validate is None:
+            raise ConfigError("method 'glora': the evolutionary search needs a validation scorer (ctx.validate) "
                               "and the track gave none; set search=False to keep the largest form, or fix a "
                               "subnet with the 'subnet' setting")
         was_training = model.training
@@ -383,7 +383,7 @@ class GLoRA(LinearAdapterMethod):
                 m.form = f
             model.eval()
             with torch.no_grad():
-                return float(ctx.evaluate(model))
+                return float(ctx.validate(model))
 
         cfg = SearchConfig(population=int(settings["search_population"]),
                            generations=int(settings["search_generations"]),

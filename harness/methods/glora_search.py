@@ -92,7 +92,7 @@ class SearchResult:
 
     best_score: float
     best_params: int
-    scored: int  # candidates evaluated with ctx.evaluate
+    scored: int  # candidates scored with ctx.validate
     rejected_budget: int  # candidates outside the parameter budget, never scored
     best_per_generation: list[float] = field(default_factory=list)
 

@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from harness.methods.base import AdapterSite, MethodContext, Setting
-from harness.methods.fast_linear import low_rank_linear
-from harness.methods.linear_adapters import AdaptedLinear, LayerBuilder, LinearAdapterMethod
+from harness.methods.low_rank import low_rank_linear
+from harness.methods.adapted_layers import AdaptedLinear, LayerBuilder, LinearAdapterMethod
 
 
 class NoLALinear(AdaptedLinear):

@@ -21,6 +21,7 @@ from torch import nn
 from harness.errors import ConfigError
 from harness.methods.base import (AdapterSite, Method, MethodContext, Setting, check_rank, head_state,
                                   load_head_state, method_state, unfreeze_head, write_settings)
+from harness.scaling import ALPHA_RULES, DEFAULT_ALPHA_RULE
 
 # method_state keys
 _INIT_DIR = "initial_adapter_dir"  # PiSSA/OLoRA: the untrained adapter a save converts against
@@ -44,7 +45,7 @@ def _ready(model: nn.Module, site: AdapterSite, input_casts: bool) -> nn.Module:
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from harness.methods import fast_peft
+    from harness.methods import fast_peft  # heavy: harness.methods.fast_peft imports peft
 
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
@@ -112,8 +113,6 @@ class PeftMethod(Method):
 def _alpha(settings: dict[str, Any]) -> float:
     """The study's alpha rule has filled ``alpha`` (harness/scaling.py) for trials; a direct call without
     it gets the rule's default."""
-    from harness.scaling import ALPHA_RULES, DEFAULT_ALPHA_RULE
-
     return settings["alpha"] if settings["alpha"] is not None else ALPHA_RULES[DEFAULT_ALPHA_RULE](int(settings["r"]))
 
 

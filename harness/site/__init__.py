@@ -1,8 +1,9 @@
 """The static leaderboard site: ``index.html`` and a page per board in the leaderboard folder.
 
-:func:`write_site` is called by ``python -m harness leaderboard`` and at the end of every sweep (through
-``harness.leaderboard.render``); :func:`harness.site.browser.screenshots` photographs a board and its
-Pareto plot in headless Chromium (``python -m harness leaderboard --screenshots``).
+:func:`render` publishes boards (``python -m harness leaderboard`` and the end of every sweep): each
+board's tables and plots (:func:`harness.leaderboard.write_tables_and_plots`), then the pages
+(:func:`write_site`); :func:`harness.site.browser.screenshots` photographs a board and its Pareto plot in
+headless Chromium (``python -m harness leaderboard --screenshots``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
+from harness import leaderboard
 from harness.cache import write_if_changed
 from harness.site.pages import Board, board_page, index_page
 
@@ -17,8 +19,6 @@ from harness.site.pages import Board, board_page, index_page
 def load_boards(out_dir: Path) -> list[Board]:
     """Every board CSV in ``out_dir`` with its summary (recomputed, so it has the current columns)."""
     import pandas as pd
-
-    from harness import leaderboard
 
     boards = []
     for path in leaderboard.board_files(out_dir):
@@ -53,3 +53,12 @@ def write_site(out_dir: Path, boards: "Iterable[str] | None" = None) -> list[Pat
 
 
 __all__ = ["Board", "load_boards", "write_site"]
+
+
+def render(out_dir: Path, boards: "Iterable[str] | None" = None) -> list[Path]:
+    """Markdown tables, plots and the static site (``index.html``, a page per board) for the boards named
+    in ``boards`` (None: every board in ``out_dir``); the front page always lists every board. Returns the
+    files rendered; a file whose bytes would not change is not rewritten, so a sweep leaves the files of
+    boards it did not update, and an index whose content did not change, exactly as they were."""
+    wanted = None if boards is None else set(boards)
+    return leaderboard.write_tables_and_plots(out_dir, wanted) + write_site(out_dir, wanted)
