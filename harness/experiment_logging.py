@@ -47,10 +47,7 @@ def callbacks(names: list[str], results_dir: Path, sweep: str, study: str) -> li
     out: list[Any] = []
     for name in names:
         if name == "mlflow":
-            from ray.air.integrations.mlflow import MLflowLoggerCallback
-
-            out.append(MLflowLoggerCallback(tracking_uri=mlflow_uri(results_dir, sweep), experiment_name=sweep,
-                                            tags={"study": study, "harness.sweep": sweep}))
+            out.append(mlflow_callback(mlflow_uri(results_dir, sweep), sweep, {"study": study, "harness.sweep": sweep}))
         elif name == "wandb":
             from ray.air.integrations.wandb import WandbLoggerCallback
 
@@ -61,4 +58,27 @@ def callbacks(names: list[str], results_dir: Path, sweep: str, study: str) -> li
     return out
 
 
-__all__ = ["TRACKERS", "callbacks", "check_installed", "mlflow_uri"]
+def mlflow_callback(uri: str, experiment: str, tags: dict[str, str]) -> Any:
+    """Ray's ``MLflowLoggerCallback``, made to survive a trial it never saw start.
+
+    Ray's callback keeps its MLflow run per trial from ``log_trial_start``; a trial whose worker failed to
+    start can reach ``log_trial_end`` (or a result) without it, and the callback's ``KeyError`` then ended
+    the whole sweep instead of letting Ray retry the trial. Here such a trial gets its run first, so it
+    is recorded (FAILED when it failed) and the sweep goes on."""
+    from ray.air.integrations.mlflow import MLflowLoggerCallback  # heavy: imports mlflow
+
+    class TrialSafeMLflowLoggerCallback(MLflowLoggerCallback):
+        def log_trial_result(self, iteration, trial, result):
+            if trial not in self._trial_runs:
+                self.log_trial_start(trial)
+            super().log_trial_result(iteration, trial, result)
+
+        def log_trial_end(self, trial, failed: bool = False):
+            if trial not in self._trial_runs:
+                self.log_trial_start(trial)
+            super().log_trial_end(trial, failed=failed)
+
+    return TrialSafeMLflowLoggerCallback(tracking_uri=uri, experiment_name=experiment, tags=tags)
+
+
+__all__ = ["TRACKERS", "callbacks", "check_installed", "mlflow_callback", "mlflow_uri"]

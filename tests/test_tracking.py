@@ -65,3 +65,21 @@ def test_mlflow_tracking_writes_a_file_store_run(tiny_rl_sweep):
     assert "loss" in metrics  # the intermediate reports too
     tags = {p.name: p.read_text() for p in (run / "tags").iterdir()}
     assert tags["study"] == "tiny" and tags["harness.sweep"] == "tiny"
+
+
+def test_mlflow_records_a_trial_it_never_saw_start_instead_of_ending_the_sweep(tmp_path, monkeypatch):
+    """A trial whose worker failed to start reaches the callback's end without its start (seen on a loaded
+    machine): Ray's own callback raised KeyError there and took the sweep down."""
+    mlflow = pytest.importorskip("mlflow")
+    from ray.tune.experiment import Trial
+
+    from harness.experiment_logging import mlflow_callback, mlflow_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = mlflow_uri(tmp_path, "sweep")
+    cb = mlflow_callback(uri, "sweep", {"study": "s"})
+    cb.setup()
+    trial = Trial("fn", config={"lr": 0.1}, stub=True, trial_id="t0")
+    cb.log_trial_end(trial, failed=True)  # never started: no KeyError
+    runs = mlflow.search_runs(experiment_names=["sweep"], output_format="list", filter_string="")
+    assert [r.info.status for r in runs] == ["FAILED"] and runs[0].data.tags["study"] == "s"
