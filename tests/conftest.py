@@ -10,7 +10,9 @@ over for trials that are independent of one another.
 
 ``interrupted_rl_sweep``: one tiny RL sweep interrupted by Ctrl-C and resumed, with a checkpoint lost in
 between, for the interrupted-sweep test (tests/test_sweep_e2e.py) and the missing-checkpoint test
-(tests/test_resume_missing_checkpoint.py), which once interrupted and resumed a sweep each.
+(tests/test_resume_missing_checkpoint.py), which once interrupted and resumed a sweep each, and for the test
+that a sweep leaves the rest of its leaderboard folder alone (tests/test_reliability_publish.py), which once
+ran a sweep of its own.
 
 ``selection_bench``: one ``bench selection`` run (a full grid and an ASHA run of a tiny vision study), for
 the bench's own test (tests/test_bench_selection.py) and the ASHA test (tests/test_selection_scheduler.py),
@@ -103,6 +105,7 @@ class InterruptedSweep:
     gone: Path  # the paused trial's checkpoint removed before --resume
     steps: int
     checkpoint_every: int
+    board_before: dict[str, tuple[bytes, int]]  # the leaderboard folder's files before the first command
 
     def records(self) -> list[dict]:
         text = (self.folder / "results" / "tiny" / "tiny-records.jsonl").read_text()
@@ -117,8 +120,11 @@ def interrupted_rl_sweep(tmp_path_factory) -> InterruptedSweep:
     to the driver) arrives with the lr 1e-4 trial finished and the other two mid-way, however fast this
     machine is. Then one of the two checkpoints is removed (results moved without it) and the same command
     with --resume finishes the sweep. tests/test_sweep_e2e.py asserts on the interruption and the finished
-    trial, tests/test_resume_missing_checkpoint.py on the two resumed trials."""
+    trial, tests/test_resume_missing_checkpoint.py on the two resumed trials, and
+    tests/test_reliability_publish.py on the leaderboard folder, which held another board and a user's files
+    before the first command."""
     from harness.tune_trial import PAUSE_TRIAL, PAUSED_MARKER
+    from tests.test_reliability_publish import seed_board_folder
     from tests.test_sweep_e2e import TINY
 
     steps, every = 8, 4
@@ -129,6 +135,7 @@ def interrupted_rl_sweep(tmp_path_factory) -> InterruptedSweep:
            "settings": TINY, "leaderboard": "tiny-cw10",
            "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0, "checkpoint_every": every}}
     (tmp / "tiny.yaml").write_text(yaml.safe_dump(doc))
+    board_before = seed_board_folder(tmp / "leaderboard")  # the default --leaderboard
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(HARNESS_CACHE=str(tmp / "cache"), RAY_DEDUP_LOGS="0")
     args = [sys.executable, "-m", "harness", "sweep", "tiny.yaml", "--no-dashboard", "--cpus", "2"]
@@ -165,7 +172,7 @@ def interrupted_rl_sweep(tmp_path_factory) -> InterruptedSweep:
                              stderr=subprocess.STDOUT, text=True, timeout=600)
     return InterruptedSweep(tmp, exp, first, resumed, tuple(finished_before), tuple(done_before),
                             records_after_interrupt, kept, gone,
-                            steps, every)
+                            steps, every, board_before)
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
-import sys
 import textwrap
 import time
 import warnings
@@ -232,43 +230,57 @@ TINY_VISION = {
     "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0}, "leaderboard": "tiny-board"}
 
 
+USER_FILES = (".pre-commit-config.yaml", ".env.local")  # a user's own files, old enough to look stale
+
+
 def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
     return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-def test_a_sweep_leaves_other_boards_and_user_files_untouched(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    board = Path("leaderboard")  # the default --leaderboard, relative to where the user runs
-    board.mkdir()
+def seed_board_folder(board: Path) -> dict[str, tuple[bytes, int]]:
+    """Fill ``board`` with what a sweep must leave alone (another benchmark's board, a user's files) and
+    return their bytes and modification times. tests/conftest.py's ``interrupted_rl_sweep`` calls this in its
+    working folder before its first command, so the test below needs no sweep of its own."""
+    board.mkdir(parents=True)
     for p in (ROOT / "leaderboard").glob("quickstart-builtin*"):
         (board / p.name).write_bytes(p.read_bytes())
-    for name in (".pre-commit-config.yaml", ".env.local"):
+    for name in USER_FILES:
         (board / name).write_text("user\n")
         _aged(board / name, 2 * 3600)
-    others = _snapshot(board)
-    Path("tiny.yaml").write_text(yaml.safe_dump(TINY_VISION))
-    env = {**os.environ, "HARNESS_CACHE": str(tmp_path / "cache"), "RAY_DEDUP_LOGS": "0"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-m", "harness", "sweep", "tiny.yaml", "--no-dashboard"], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return _snapshot(board)
+
+
+def test_a_sweep_leaves_other_boards_and_user_files_untouched(interrupted_rl_sweep, tmp_path, monkeypatch):
+    """The README's commands in a working folder with the default --leaderboard (tests/conftest.py): a sweep
+    interrupted by Ctrl-C, then resumed, into a board folder already holding another board and user files."""
+    sweep = interrupted_rl_sweep
+    assert sweep.resumed.returncode == 0, sweep.resumed.stdout[-4000:]
+    board = sweep.folder / "leaderboard"  # the default --leaderboard, relative to where the user ran
+    others = sweep.board_before
+    assert set(USER_FILES) < set(others) and any(n.startswith("quickstart-builtin") for n in others)
     after = _snapshot(board)
     changed = sorted(name for name, seen in others.items() if after.get(name) != seen)
     assert changed == [], changed  # bytes and modification times of every file the sweep did not own
-    assert {"tiny-board.csv", "tiny-board-summary.csv", "tiny-board.html", "tiny-board.md", "index.html"} <= set(after)
+    assert {"tiny-cw10.csv", "tiny-cw10-summary.csv", "tiny-cw10.html", "tiny-cw10.md", "index.html"} <= set(after)
     index = (board / "index.html").read_text()
-    assert 'href="tiny-board.html"' in index and 'href="quickstart-builtin.html"' in index
+    assert 'href="tiny-cw10.html"' in index and 'href="quickstart-builtin.html"' in index
     from harness.cache import is_harness_temporary
 
     assert not any(is_harness_temporary(p) for p in board.iterdir())
 
-    # every page rendered again from unchanged rows: not a byte nor a modification time changes
+    # every page rendered again from unchanged rows: not a byte nor a modification time changes (in a copy,
+    # with the modification times kept, so the shared sweep's folder stays as the sweep left it)
+    import shutil
+
     from harness.cli import main
 
+    shutil.copytree(board, tmp_path / "leaderboard")
+    monkeypatch.chdir(tmp_path)
+    assert _snapshot(Path("leaderboard")) == after
     assert main(["leaderboard"]) == 0
-    again = _snapshot(board)
+    again = _snapshot(Path("leaderboard"))
     assert main(["leaderboard"]) == 0
-    assert _snapshot(board) == again
+    assert _snapshot(Path("leaderboard")) == again
 
 
 @pytest.mark.parametrize("name, why", [("quickstart-builtin-summary", "-summary"), ("index", "front page"),
