@@ -129,6 +129,83 @@ def _plain_rate(cfg: DTConfig, ts, batch: int, steps: int, compiled: bool, devic
     return steps / (time.perf_counter() - t0)
 
 
+# Kernel (GPU) or operator (CPU) names to a class of work, first match wins; the rest is "other".
+KERNEL_CLASSES: tuple[tuple[str, str], ...] = (
+    ("attention", r"flash|fmha|attention|sdpa|softmax"),
+    ("matmul", r"gemm|matmul|::mm\b|::addmm|::bmm|cutlass|nvjet|cublas|xmma|sm90_|sm80_|splitk"),
+    ("optimizer", r"adam|multi_tensor|foreach|clip_grad|_fused_"),
+    ("norm", r"norm"),
+    ("dropout / random", r"dropout|philox|rand|bernoulli"),
+    ("copy / fill", r"copy|memcpy|memset|fill|cat\b|index|gather|scatter|to_copy"),
+    ("fused pointwise / reduction (compiled)", r"^triton_|^Torch-Compiled|CompiledFunction"),
+    ("pointwise (eager)", r"elementwise|vectorized|unrolled|::add|::mul|::gelu|::sub|::div|reduce|::sum|::mean"),
+)
+
+
+def classify_kernel(name: str) -> str:
+    """The class of work of a kernel or operator name (:data:`KERNEL_CLASSES`)."""
+    import re
+
+    for label, pattern in KERNEL_CLASSES:
+        if re.search(pattern, name, flags=re.IGNORECASE):
+            return label
+    return "other"
+
+
+def profile_update(cfg: DTConfig, ts, batch: int, steps: int, compiled: bool, device: torch.device,
+                   top: int = 15) -> dict[str, Any]:
+    """Where one fine-tuning update's time goes: ``steps`` updates of :func:`finetune_trainer` (after as
+    many untimed ones) under ``torch.profiler``. On a GPU the device's kernels are counted (their self
+    time); on the CPU the operators' self CPU time. Returns the wall time per update, the busy time per
+    update (kernels or operators) and its share of the wall (on a GPU, ``1 - busy_share`` is time the
+    device waits: launches, Python, synchronisation), the share of busy time per class of work
+    (:func:`classify_kernel`), and the ``top`` kernels by time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device.type == "cuda"
+    trainer = finetune_trainer(cfg, ts, batch, 2 * steps, compiled, device, mode=compile_mode(ts))
+    with seeded(0):
+        for _ in range(steps):
+            trainer.step()
+        synchronize(device)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+        with profile(activities=activities) as prof:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                trainer.step()
+            synchronize(device)
+            wall = time.perf_counter() - t0
+    rows = []
+    for e in prof.key_averages():
+        if on_gpu:
+            if getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA:
+                continue
+            us = float(getattr(e, "self_device_time_total", 0.0) or getattr(e, "self_cuda_time_total", 0.0))
+        else:
+            if not e.key.startswith("aten::"):  # the operators, not the Python-level ranges around them
+                continue
+            us = float(e.self_cpu_time_total)
+        if us > 0:
+            rows.append((e.key, us, int(e.count)))
+    busy_us = sum(us for _, us, _ in rows)
+    classes: dict[str, float] = {}
+    for name, us, _ in rows:
+        label = classify_kernel(name)
+        classes[label] = classes.get(label, 0.0) + us
+    rows.sort(key=lambda r: -r[1])
+    per_step_ms = lambda us: round(us / 1000 / steps, 4)  # noqa: E731
+    return {
+        "compiled": compiled, "steps": steps, "counted": "CUDA kernels" if on_gpu else "CPU operators (aten)",
+        "wall_ms_per_update": round(1000 * wall / steps, 3),
+        "busy_ms_per_update": per_step_ms(busy_us),
+        "busy_share": round(busy_us / 1e6 / wall, 4) if wall > 0 else 0.0,
+        "classes": {k: round(v / busy_us, 4) for k, v in sorted(classes.items(), key=lambda kv: -kv[1])}
+        if busy_us else {},
+        "top": [{"name": name[:120], "class": classify_kernel(name), "ms_per_update": per_step_ms(us),
+                 "calls_per_update": round(n / steps, 2)} for name, us, n in rows[:top]],
+    }
+
+
 def bench(ts, cfg: DTConfig, batch: int, workers: int) -> dict[str, Any]:
     """Speed figures for the DT ``cfg`` of the track settings ``ts`` (an ``agents.track.RLSettings``):
     training updates of ``batch`` windows, rollouts on ``workers`` processes (the track passes its own
@@ -155,6 +232,13 @@ def bench(ts, cfg: DTConfig, batch: int, workers: int) -> dict[str, Any]:
                               "harness_tflops_per_s": round(flops * harness / 1e12, 2)}
         print(f"[bench rl] {name}: harness {harness:.1f} updates/s, plain loop {plain:.1f}, "
               f"ratio {harness / plain:.3f}", flush=True)
+    if ts.bench_profile:
+        compiled = modes[-1]
+        out["profile"] = profile_update(cfg, ts, batch, steps, compiled, device)
+        p = out["profile"]
+        print(f"[bench rl] profile ({'compiled' if compiled else 'eager'}): {p['wall_ms_per_update']} ms/update, "
+              f"busy {p['busy_share']:.0%} ({p['counted']}); by class: "
+              + ", ".join(f"{k} {v:.0%}" for k, v in p["classes"].items()), flush=True)
     envs = ts.bench_envs
     task = "window-close"
     with seeded(0):

@@ -110,6 +110,8 @@ class RLSettings(TrackSettings):
     bench_envs: Int = Field(10, ge=1)
     # torch.compile's mode for `bench rl`'s compiled runs (reduce-overhead: CUDA graphs for the step)
     bench_compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
+    # also profile the update (torch.profiler): where a step's time goes, by kernel class (issue 21)
+    bench_profile: Bool = False
 
     @model_validator(mode="before")
     @classmethod

@@ -112,7 +112,15 @@ def test_unknown_task_is_a_config_error(cache):
 
 
 def test_bench_reports_speeds():
-    out = track.bench(track.settings({**TINY, "bench_steps": 5, "bench_envs": 2}))
+    out = track.bench(track.settings({**TINY, "bench_steps": 5, "bench_envs": 2, "bench_profile": True}))
+    # the profile of the update: operators (kernels on a GPU) by class of work, the largest first
+    prof = out["profile"]
+    assert prof["counted"] == "CPU operators (aten)" and prof["wall_ms_per_update"] > 0
+    assert 0 < prof["busy_ms_per_update"] and 0 < prof["busy_share"]
+    assert sum(prof["classes"].values()) == pytest.approx(1.0, abs=0.01)
+    assert {"matmul", "attention", "norm"} <= set(prof["classes"])  # the DT's own work is found and named
+    times = [t["ms_per_update"] for t in prof["top"]]
+    assert times == sorted(times, reverse=True) and any(t["class"] == "matmul" for t in prof["top"])
     eager = out["train"]["eager"]
     assert eager["harness_updates_per_s"] > 0 and eager["plain_updates_per_s"] > 0
     # the ratio is of the unrounded rates; the rates are reported rounded, so their ratio may differ by 1e-3
