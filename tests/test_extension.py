@@ -251,44 +251,61 @@ def test_register_method_checks_name_clash_and_settings(registry, on_path):
     assert isinstance(get_method("lora"), Dummy)
 
 
-def test_methods_command_lists_plugins_and_refuses_misregistrations(tmp_path):
+def test_methods_command_lists_plugins_and_refuses_misregistrations(tmp_path, registry, monkeypatch):
     """``python -m harness methods``: a plugin's method is listed; a misregistered one exits 2 with a message
-    naming it, never a traceback (a plugin named by --plugin, or an installed package's entry point)."""
-    plugins = tmp_path / "plugins"
+    naming it, never a traceback (a plugin named by --plugin, or an installed package's entry point). Each
+    call runs through ``harness.cli.main`` in this process, from the state a fresh process starts in: the
+    registries, the plugins imported and whether entry points were read are put back before each."""
+    import harness.plugins as plugins
+
+    registries = {"REGISTRY": dict(registry.REGISTRY), "_cache": dict(registry._cache)}
+
+    def methods_command(args: list[str]) -> subprocess.CompletedProcess:
+        for key, value in registries.items():
+            monkeypatch.setattr(registry, key, dict(value))
+        monkeypatch.setattr(registry, "_entry_points_read", False)
+        monkeypatch.setattr(plugins, "_loaded", [])
+        return harness_here(["methods", *args])
+
+    plugins_folder = tmp_path / "plugins"
     good, name = _unique("bitfit_cli"), _unique("bitfit")
-    write_module(plugins, good, BITFIT.format(name=name))
-    write_module(plugins, "bad_name_mod", BITFIT.format(name="bit fit"))
-    write_module(plugins, "bad_default_mod", '''
+    # unique module names: a module this process imported once is not imported again
+    bad_name, bad_default = _unique("bad_name_mod"), _unique("bad_default_mod")
+    write_module(plugins_folder, good, BITFIT.format(name=name))
+    write_module(plugins_folder, bad_name, BITFIT.format(name="bit fit"))
+    write_module(plugins_folder, bad_default, '''
         from harness.methods import Method, Setting, register_method
 
         @register_method("wrongkind")
         class WrongKind(Method):
             settings = {"r": Setting(0.5, "rank", kind=int)}
     ''')
-    env = cli_env(tmp_path, plugins)
-    out = harness(["methods", "--plugin", good], env)
+    monkeypatch.syspath_prepend(str(plugins_folder))
+    out = methods_command(["--plugin", good])
     assert out.returncode == 0, out.stderr
     assert f"{name}" in out.stdout and "bias_lr_scale" in out.stdout and "lora" in out.stdout
-    for module, message in (("bad_name_mod", "name 'bit fit' must be 1-40"),
-                            ("bad_default_mod", "setting 'r': its default 0.5 is a float, not of its kind int"),
+    for module, message in ((bad_name, "name 'bit fit' must be 1-40"),
+                            (bad_default, "setting 'r': its default 0.5 is a float, not of its kind int"),
                             ("no_such_mod_abc", "plugin module 'no_such_mod_abc' was not found")):
-        out = harness(["methods", "--plugin", module], env)
+        out = methods_command(["--plugin", module])
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+        assert module in out.stderr
     # an installed package's entry points (a dist-info folder on the path, as pip leaves it)
     site = tmp_path / "site"
     dist = site / "toyplug-0.1.dist-info"
     dist.mkdir(parents=True)
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: toyplug\nVersion: 0.1\n")
     plain = _unique("bitfit_plain")  # the class alone: the entry point registers it
-    write_module(plugins, plain, BITFIT.format(name=name).replace(f'@register_method("{name}")\n', "").replace(
+    write_module(plugins_folder, plain, BITFIT.format(name=name).replace(f'@register_method("{name}")\n', "").replace(
         "    takes_targets = False", f"    takes_targets = False\n    name = {name!r}"))
     (dist / "entry_points.txt").write_text(f"[harness.methods]\n{name} = {plain}:BitFit\n")
-    out = harness(["methods"], cli_env(tmp_path, plugins, site))
+    monkeypatch.syspath_prepend(str(site))
+    out = methods_command([])
     assert out.returncode == 0 and name in out.stdout and "biases only" in out.stdout, out.stderr
     (dist / "entry_points.txt").write_text(f"[harness.methods]\n{name} = {plain}:BitFits\n")
-    out = harness(["methods"], cli_env(tmp_path, plugins, site))
+    out = methods_command([])
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
-    assert f"has no class 'BitFits' (did you mean 'BitFit'?)" in out.stderr
+    assert "has no class 'BitFits' (did you mean 'BitFit'?)" in out.stderr
 
 
 def test_optimizer_groups_reach_the_optimizer(registry, on_path, tmp_path, monkeypatch):
