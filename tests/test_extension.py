@@ -373,23 +373,31 @@ def write_noah_folder(root: Path, task: str, classes: int = 3, per_class: int = 
     return folder
 
 
-def test_custom_benchmark_runs_a_users_folder(tmp_path):
+def test_custom_benchmark_runs_a_users_folder(tmp_path, monkeypatch):
     """A folder in NOAH's layout runs as ``--benchmark custom --task <folder>``: its class count read from
-    its labels (3 here), the record labelled custom, never a VTAB task; a folder named svhn stays custom."""
+    its labels (3 here), the record labelled custom, never a VTAB task; a folder named svhn stays custom.
+    The command runs through ``harness.cli.main`` in this process (the trial's thread setting undone after)."""
+    import torch
+
     root = tmp_path / "data"
     write_noah_folder(root, "mydigits", classes=3)
     write_noah_folder(root, "svhn", classes=2)
-    env = cli_env(tmp_path)
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
     base = ["run", "--track", "vision", "--benchmark", "custom", "--data-root", str(root), "--method", "linear",
             "--steps", "2", "--json", *TINY_VIT, "--set", "batch_size=4"]
-    out = harness([*base, "--task", "mydigits"], env)
+    threads = torch.get_num_threads()
+    try:
+        out = harness_here([*base, "--task", "mydigits"])
+        assert out.returncode == 0, out.stderr[-3000:]
+        rec = json.loads(out.stdout.strip().splitlines()[-1])
+        assert (rec["track"], rec["benchmark"], rec["task"], rec["status"]) == ("vision", "custom", "mydigits", "ok")
+        assert rec["data_source"] == "real" and 0.0 <= rec["top1"] <= 100.0  # percent
+        assert rec["head_params"] == (192 + 1) * 3  # vit_tiny's width 192, a head of 3 classes read from the labels
+        assert json.loads(rec["extra"])["classes"] == 3
+        out = harness_here([*base, "--task", "svhn"])
+    finally:
+        torch.set_num_threads(threads)
     assert out.returncode == 0, out.stderr[-3000:]
-    rec = json.loads(out.stdout.strip().splitlines()[-1])
-    assert (rec["track"], rec["benchmark"], rec["task"], rec["status"]) == ("vision", "custom", "mydigits", "ok")
-    assert rec["data_source"] == "real" and 0.0 <= rec["top1"] <= 100.0  # percent
-    assert rec["head_params"] == (192 + 1) * 3  # vit_tiny's width 192, a head of 3 classes read from the labels
-    assert json.loads(rec["extra"])["classes"] == 3
-    out = harness([*base, "--task", "svhn"], env)
     rec = json.loads(out.stdout.strip().splitlines()[-1])
     assert (rec["benchmark"], rec["task"], rec["head_params"]) == ("custom", "svhn", (192 + 1) * 2)
 
