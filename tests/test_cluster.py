@@ -1,6 +1,8 @@
 """A real multi-node Ray cluster on this machine: a worker node dies mid-sweep, and the sweep still ends
 with every trial recorded once (Ray retries trials whose node died), each killed trial continuing from
-its last checkpoint with the record an uninterrupted run of it gives (issue 20, item 3)."""
+its last checkpoint with the record an uninterrupted run of it gives (issue 20, item 3). The same cluster
+serves the shared-cache probe on every node (harness/shared_storage.py; its plain-data decisions are
+tests/test_shared_storage.py's)."""
 
 from __future__ import annotations
 
@@ -32,15 +34,32 @@ def _checkpointed_trials(experiment: Path) -> int:
 
 @pytest.mark.slow
 def test_sweep_survives_a_worker_node_dying(tmp_path, monkeypatch):
+    """Also the cache probe on the same cluster, from this test's own Ray driver (the sweep is another): on
+    one node it writes nothing, on two every node reads the probe, which is removed after, and a node that
+    cannot answer (the worker, once it is gone) is named, not passed over."""
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # a throwaway local cluster: no token to pass around
+    import ray
     from ray.cluster_utils import Cluster
+
+    from harness.errors import ConfigError
+    from harness.shared_storage import PROBE_PREFIX, check_probe_results, check_shared_cache, probe_nodes
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     settings = {**TINY, "deterministic": True}  # so that a continued trial can match an uninterrupted one
     budget = {"steps": STEPS, "eval_episodes": 1, "batch_size": 8, "report_every": 10}
+    probed = tmp_path / "probed-cache"  # the probe's own folder: the sweep's cache is checked by the sweep
     try:
+        ray.init(address=cluster.address)
+        check_shared_cache(probed)  # one node: nothing to compare, nothing written
+        assert not probed.exists()
         worker = cluster.add_node(num_cpus=2)
         cluster.wait_for_nodes()
+        nodes = [n for n in ray.nodes() if n["Alive"]]
+        assert len(nodes) == 2
+        seen = probe_nodes(probed, nodes, timeout_s=30)
+        assert seen == {f"node {n['NodeManagerAddress']} (id {n['NodeID'][:12]})": True for n in nodes}
+        check_shared_cache(probed)
+        assert not list(probed.glob(f"{PROBE_PREFIX}*"))  # the probe is removed
         # every node reaches the results folder (one disk here; a shared filesystem on a real cluster), so a
         # checkpoint written on the worker is there for the retry on another node
         doc = {"name": "nodes", "track": "rl", "benchmark": "cw10", "tasks": ["window-close"],
@@ -67,10 +86,16 @@ def test_sweep_survives_a_worker_node_dying(tmp_path, monkeypatch):
         # its running trials die with it; their retries and the fourth trial then run in the head's slot, one
         # after another in the head's process (Tune's actor reuse), so no node is added for them
         cluster.remove_node(worker)
+        # the cache probe of a node that cannot answer (here: gone), while the sweep goes on without it
+        gone = [n for n in nodes if n["NodeID"] == worker.node_id]
+        with pytest.raises(ConfigError, match=rf"could not be checked.*id {worker.node_id[:12]}"):
+            check_probe_results(probe_nodes(probed, gone, timeout_s=10), probed)
+        assert not list(probed.glob(f"{PROBE_PREFIX}*"))
         proc.wait(timeout=600)
         reader.join(30)
         out = "".join(lines)
     finally:
+        ray.shutdown()
         cluster.shutdown()
     assert "errored" in out  # the dead node's trials failed in Ray, and were run again
     assert proc.returncode == 0, out[-4000:]
