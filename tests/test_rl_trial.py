@@ -16,10 +16,17 @@ TINY = {"n_layer": 1, "n_head": 2, "n_embd": 32, "context": 4, "dropout": 0.0, "
         "pretrain_eval_episodes": 0, "eval_workers": 2, "data_workers": 1, "device": "cpu", "compile": False}
 
 
+@pytest.fixture(scope="module")
+def _module_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("rl-trial") / "cache"
+
+
 @pytest.fixture()
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+def cache(_module_cache, monkeypatch):
+    # one cache for the module: its trials share TINY, so the data and the pretrained DT are built once (the
+    # cache keys on the settings; tests/test_cache.py is about the cache itself)
+    monkeypatch.setenv("HARNESS_CACHE", str(_module_cache))
+    return _module_cache
 
 
 def test_rollout_two_envs_tiny_dt():
