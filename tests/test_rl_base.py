@@ -21,10 +21,17 @@ TINY = {"n_layer": 1, "n_head": 2, "n_embd": 32, "context": 4, "dropout": 0.1, "
         "pretrain_eval_episodes": 0, "eval_workers": 1, "data_workers": 1, "device": "cpu", "compile": False}
 
 
+@pytest.fixture(scope="module")
+def _module_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("rl-base") / "cache"
+
+
 @pytest.fixture()
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
-    return ArtifactCache(tmp_path / "cache")
+def cache(_module_cache, monkeypatch):
+    # one cache for the module's tests that build on TINY: the data and the pretrained DT are built once (the
+    # cache keys on the settings); the curve test keeps caches of its own, since it times the data's making
+    monkeypatch.setenv("HARNESS_CACHE", str(_module_cache))
+    return ArtifactCache(_module_cache)
 
 
 # --- experts ---------------------------------------------------------------------------------------------
