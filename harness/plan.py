@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.driver import auto_gpu_share, check_reachable, method_waves, selection_methods
 from harness.early_stopping import expected_rung_reports, expected_update_fraction, parse_scheduler
 from harness.errors import ConfigError
 from harness.methods import base_name
-from harness.placement import visible_gpus
-from harness.sweep_file import Study, SweepFile, expand_grid, study_tasks, study_trials
+from harness.placement import auto_gpu_share, check_reachable, visible_gpus
+from harness.sweep_file import (Study, SweepFile, expand_grid, method_waves, selection_methods, study_tasks,
+                                study_trials)
 from harness.trial import ResolvedTrial
 
 COSTS = Path(__file__).resolve().parents[1] / "benchmarks" / "update-costs.json"

@@ -32,7 +32,7 @@ class Resources(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     cpus_per_trial: float = Field(1.0, gt=0)
-    # auto: per wave, 1 / ceil(trials / GPUs), at most 4 trials per GPU (driver.auto_gpu_share); 0 without GPUs
+    # auto: per wave, 1 / ceil(trials / GPUs), at most 4 trials per GPU (placement.auto_gpu_share); 0 without GPUs
     gpus_per_trial: float | Literal["auto"] = "auto"
     max_concurrent: int | None = Field(None, ge=1)
     # Under a sweep, each trial saves a Tune checkpoint this often (harness/tune_trial.py), so a retried
@@ -233,6 +233,25 @@ def selection_methods(study: Study) -> list[str]:
     for m in list(picked):
         picked |= {d for d in study.methods if base_name(d) in get_method(m).builds_on}
     return [m for m in study.methods if m in picked]
+
+
+def method_waves(methods: list[str]) -> list[list[str]]:
+    """Methods grouped into waves: a method runs one wave after the latest of the methods it builds on
+    (``Method.builds_on``) that are in the same study; the rest run in the first wave."""
+    depth: dict[str, int] = {}
+
+    def wave(name: str, seen: tuple[str, ...] = ()) -> int:
+        if name in seen:
+            raise ConfigError(f"methods {' -> '.join(seen + (name,))} build on each other in a cycle")
+        if name not in depth:
+            deps = [d for d in methods if base_name(d) in get_method(name).builds_on]
+            depth[name] = 1 + max(wave(d, seen + (name,)) for d in deps) if deps else 0
+        return depth[name]
+
+    waves: list[list[str]] = [[] for _ in range(1 + max((wave(m) for m in methods), default=0))]
+    for m in methods:
+        waves[wave(m)].append(m)
+    return waves
 
 
 LARGE_SWEEP = 10_000  # trials; above it a sweep runs only when the user confirms (``sweep --yes``)

@@ -50,7 +50,7 @@ def test_a_planted_cycle_breaks_the_contract(tmp_path):
     plant(root / "harness" / "errors.py", "import harness.tracks")
     out = lint(root)
     assert out.returncode != 0
-    assert "No new import cycles between sibling modules" in out.stdout and "BROKEN" in out.stdout, out.stdout[-3000:]
+    assert "No import cycles between sibling modules" in out.stdout and "BROKEN" in out.stdout, out.stdout[-3000:]
     assert ".errors -> .tracks" in out.stdout or ".tracks -> .errors" in out.stdout, out.stdout[-3000:]
 
 
