@@ -26,7 +26,7 @@ from torch import nn
 
 from harness import adapter_store, placement, provenance
 from harness.methods import AdapterSite, Method, MethodContext, get_method
-from harness.protocol import prepare as prepare_protocol
+from harness.study_rules import prepare as apply_study_rules
 from harness.randomness import TrialRandom, deterministic_kernels
 from harness.targets import join_targets
 from harness.tracks import Report, get_track
@@ -180,7 +180,7 @@ class FineTuneRun:
             setup = track.setup(spec, ts, spec.budget, self.rng, self.report)
             self.clock.mark("setup")  # imports, resolution, the track's data and base model
             # The study's targets (fused qkv split where a slice is named) and the LoRA family's alpha rule.
-            setup.site, self.wrap_settings = prepare_protocol(method, self.settings, ts, setup.model, setup.site)
+            setup.site, self.wrap_settings = apply_study_rules(method, self.settings, ts, setup.model, setup.site)
             # Adapters on other layers of the same base are no bank for each other.
             self.adapter_key = f"{setup.base_key}|targets={join_targets(setup.site.targets)}"
             self.ctx = MethodContext(

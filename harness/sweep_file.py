@@ -318,7 +318,7 @@ def validate_study(study: Study, where: str) -> None:
             method = get_method(name)
             for resolved in resolved_grid(study, name):
                 if shaped is not None:  # on the model a trial would wrap: targets split, alpha rule applied
-                    from harness.protocol import check_fit  # heavy: harness.protocol imports torch
+                    from harness.study_rules import check_fit  # heavy: harness.study_rules imports torch
 
                     check_fit(method, resolved, settings, shaped)
         except ConfigError as e:

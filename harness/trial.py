@@ -232,7 +232,7 @@ def resolve_trial(spec: TrialSpec, *, settings: dict[str, Any] | None = None, tr
     are equal objects. ``settings``, ``track_settings``, ``budget``: parts a sweep's validation already
     resolved for the whole study (then not resolved again); ``check_fit``: check the method's settings
     against the track's model shapes (a sweep did so per grid point)."""
-    from harness.protocol import check_fit as fit, describe  # heavy: harness.protocol imports torch
+    from harness.study_rules import check_fit as fit, describe  # heavy: harness.study_rules imports torch
 
     track = get_track(spec.track)
     track.check_tasks(spec.benchmark, [spec.task])
