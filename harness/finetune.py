@@ -26,7 +26,7 @@ from torch import nn
 
 from harness import adapter_store, placement, provenance
 from harness.methods import AdapterSite, Method, MethodContext, get_method
-from harness.protocol import prepare as prepare_protocol
+from harness.study_rules import prepare as apply_study_rules
 from harness.randomness import TrialRandom, deterministic_kernels
 from harness.targets import join_targets
 from harness.tracks import Report, get_track
@@ -180,7 +180,7 @@ class FineTuneRun:
             setup = track.setup(spec, ts, spec.budget, self.rng, self.report)
             self.clock.mark("setup")  # imports, resolution, the track's data and base model
             # The study's targets (fused qkv split where a slice is named) and the LoRA family's alpha rule.
-            setup.site, self.wrap_settings = prepare_protocol(method, self.settings, ts, setup.model, setup.site)
+            setup.site, self.wrap_settings = apply_study_rules(method, self.settings, ts, setup.model, setup.site)
             # Adapters on other layers of the same base are no bank for each other.
             self.adapter_key = f"{setup.base_key}|targets={join_targets(setup.site.targets)}"
             self.ctx = MethodContext(
@@ -318,8 +318,9 @@ class FineTuneRun:
             adapter_path, adapter_error = "", ""
             if setup.save_adapter:
                 try:
-                    adapter_path = str(adapter_store.save_trial_adapter(method, model, setup.site, self.wrap_settings, spec,
-                                                            self.adapter_key))
+                    adapter_path = str(adapter_store.save_trial_adapter(
+                        lambda folder: method.save(model, setup.site, self.wrap_settings, folder), spec.to_config(),
+                        self.wrap_settings, self.adapter_key))
                 except OSError as e:  # a full or read-only disk must not cost the trial its scores
                     adapter_error = f"{type(e).__name__}: {e}"
         extra = {
@@ -413,3 +414,14 @@ def _checkpoint_bytes(adapter_path: str) -> int:
     if not adapter_path:
         return 0
     return sum(f.stat().st_size for f in Path(adapter_path).glob("*.safetensors"))
+
+
+def run_trial(spec: "ResolvedTrial | TrialSpec", report: Report = print_reporter) -> TrialRecord:
+    """Run one trial to its record outside Ray (the command line's ``run``, tests): a raised error or a
+    non-finite loss becomes a failed record. It lives with the engine, not with the trial's types, so that
+    ``harness.trial`` (imported by the driver and the sweep file, without torch) never imports the engine."""
+    run = FineTuneRun(spec, report)
+    run.start()
+    while run.step():
+        pass
+    return run.finish()

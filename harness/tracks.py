@@ -10,6 +10,7 @@ models, before Ray starts or any data is built.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from harness.finetune import FineTuneSetup
     from harness.methods import AdapterSite
     from harness.randomness import TrialRandom
-    from harness.trial import TrialSpec
+    from harness.trial import ResolvedTrial, TrialSpec
 
 Report = Callable[[dict[str, Any]], None]
 
@@ -52,6 +53,18 @@ class Benchmark(BaseModel):
 
     def group_of(self, task: str) -> str:
         return next((g for g, tasks in self.groups.items() if task in tasks), "")
+
+
+@dataclass(frozen=True)
+class PlannedWork:
+    """One trial's work as its track knows it before any data is loaded: what the sweep's planner
+    (``python -m harness sweep --plan``, ``harness/plan.py``) prices against measured per-update costs,
+    without importing the track's modules."""
+
+    updates: int | None  # None: they follow a data set's size, known only once it is loaded
+    images: int | None = None  # training images per epoch, where they set the updates
+    epochs: int | None = None  # the budget's epochs, on a track that counts them
+    episode_steps: int = 0  # simulator steps of one evaluation episode (0: the trial runs no rollouts)
 
 
 class TrackSettings(BaseModel):
@@ -137,6 +150,12 @@ class Track(ABC):
         """Before any compute and before anything is written: the files the study reads (data folders and
         their layout, weights files), cheaply, so a wrong path fails in seconds with a message naming it.
         Raises ConfigError or DataError; the default has nothing to check."""
+
+    def planned_work(self, spec: "ResolvedTrial") -> PlannedWork:
+        """One trial's updates (and what sets them) and its evaluation episodes' length, before any data is
+        loaded, for the sweep's planner. The default: the budget's ``steps`` where it has them, no rollouts."""
+        steps = getattr(spec.budget, "steps", None)
+        return PlannedWork(int(steps) if steps else None)
 
     # --- stages ------------------------------------------------------------------------------------
     @abstractmethod
