@@ -27,13 +27,12 @@ from pydantic import Field, field_validator, model_validator
 
 from harness.cache import ArtifactCache
 from harness.errors import ConfigError
-from harness.finetune import FineTuneSetup, Schedule
 from harness.methods.base import AdapterSite
 from harness.placement import usable_cpus
 from harness.process_cache import base_state
 from harness.randomness import TrialRandom, derive_seed, seeded
-from harness.tracks import Benchmark, PlannedWork, Report, Track, TrackBudget, TrackSettings
-from harness.training import pick_device
+from harness.tracks import Benchmark, FineTuneSetup, PlannedWork, Report, Track, TrackBudget, TrackSettings
+from harness.training import Schedule, pick_device
 from harness.validation import Bool, Float, Int
 from agents.bench import bench as run_bench
 from agents.data import (DataSettings, Episodes, WindowSampler, build_datasets, data_report as build_report,

@@ -1,6 +1,6 @@
 """The fine-tuning engine: a method's whole life cycle in one trial, written once for both tracks.
 
-A track builds a :class:`FineTuneSetup` (the model with its head, where adapters may go, a batch source,
+A track builds a :class:`harness.tracks.FineTuneSetup` (the model with its head, where adapters may go, a batch source,
 the loss, a validation scorer and the final evaluation); the engine does the rest in a fixed order:
 
     resolved trial -> method context -> wrap -> lr / weight decay -> training loop -> finalize
@@ -29,36 +29,10 @@ from harness.methods import AdapterSite, Method, MethodContext, get_method
 from harness.study_rules import prepare as apply_study_rules
 from harness.randomness import TrialRandom, deterministic_kernels
 from harness.targets import join_targets
-from harness.tracks import Report, get_track
+from harness.tracks import FineTuneSetup, Report, get_track
 from harness.errors import HarnessError
-# Schedule: what a track asks for (harness.training owns it); imported from here by tracks with FineTuneSetup
 from harness.training import LoopConfig, Schedule, Trainer, TrainStats
 from harness.trial import ResolvedTrial, TrialRecord, TrialSpec, print_reporter, resolve_trial
-
-
-@dataclass
-class FineTuneSetup:
-    """What a track hands the engine for one trial."""
-
-    model: nn.Module  # with the task head in place, on ``device``
-    site: AdapterSite
-    device: torch.device
-    schedule: Schedule  # with the track's lr and weight decay; a method's own replace them
-    next_batch: Callable[[], Any]  # a training batch, on the device
-    loss: Callable[[nn.Module, Any], torch.Tensor]
-    evaluate: Callable[[nn.Module], tuple[dict[str, float], dict[str, Any]]]  # final (metrics, facts)
-    base_key: str  # names the frozen base model; adapters of the same base form EigenLoRA's bank
-    backbone: str
-    data_source: str
-    validate: Callable[[nn.Module], float] | None = None  # higher is better (GLoRA's search)
-    init_batches: Callable[[], Iterable[Any]] | None = None  # EVA's initialisation data
-    forward: Callable[[nn.Module, Any], Any] | None = None
-    layer_inputs: Callable[[torch.Tensor, Any], torch.Tensor] | None = None
-    loss_metric: str = "final_loss"  # the name of the last training loss among the metrics
-    compile: bool = False
-    time_data: bool = False
-    save_adapter: bool = True
-    facts: dict[str, Any] = field(default_factory=dict)  # track facts for the record
 
 
 def optimiser_settings(method: Method, settings: dict[str, Any], schedule: Schedule) -> tuple[float, float]:

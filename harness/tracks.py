@@ -10,8 +10,8 @@ models, before Ray starts or any data is built.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, TypeVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -20,10 +20,11 @@ from harness.errors import ConfigError, choices_message
 from harness.validation import Bool, Float, validate
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
-    from harness.finetune import FineTuneSetup
     from harness.methods import AdapterSite
+    from harness.training import Schedule
     from harness.randomness import TrialRandom
     from harness.trial import ResolvedTrial, TrialSpec
 
@@ -53,6 +54,32 @@ class Benchmark(BaseModel):
 
     def group_of(self, task: str) -> str:
         return next((g for g, tasks in self.groups.items() if task in tasks), "")
+
+
+@dataclass
+class FineTuneSetup:
+    """What a track hands the engine for one trial (:meth:`Track.setup`'s answer). Defined here, beside the
+    interface that returns it; its types are annotations only, so listing tracks imports no torch."""
+
+    model: nn.Module  # with the task head in place, on ``device``
+    site: AdapterSite
+    device: torch.device
+    schedule: Schedule  # with the track's lr and weight decay; a method's own replace them
+    next_batch: Callable[[], Any]  # a training batch, on the device
+    loss: Callable[[nn.Module, Any], torch.Tensor]
+    evaluate: Callable[[nn.Module], tuple[dict[str, float], dict[str, Any]]]  # final (metrics, facts)
+    base_key: str  # names the frozen base model; adapters of the same base form EigenLoRA's bank
+    backbone: str
+    data_source: str
+    validate: Callable[[nn.Module], float] | None = None  # higher is better (GLoRA's search)
+    init_batches: Callable[[], Iterable[Any]] | None = None  # EVA's initialisation data
+    forward: Callable[[nn.Module, Any], Any] | None = None
+    layer_inputs: Callable[[torch.Tensor, Any], torch.Tensor] | None = None
+    loss_metric: str = "final_loss"  # the name of the last training loss among the metrics
+    compile: bool = False
+    time_data: bool = False
+    save_adapter: bool = True
+    facts: dict[str, Any] = field(default_factory=dict)  # track facts for the record
 
 
 @dataclass(frozen=True)

@@ -27,11 +27,10 @@ import torch
 from pydantic import Field, field_validator
 
 from harness.errors import ConfigError, DataError
-from harness.finetune import FineTuneSetup, Schedule
 from harness.methods import AdapterSite
 from harness.randomness import TrialRandom
-from harness.tracks import Benchmark, PlannedWork, Report, Track, TrackBudget, TrackSettings
-from harness.training import pick_device
+from harness.tracks import Benchmark, FineTuneSetup, PlannedWork, Report, Track, TrackBudget, TrackSettings
+from harness.training import Schedule, pick_device
 from harness.validation import Bool, Float, Int
 from vision import builtin, domain_shift, vtab
 from vision.bench import bench as run_bench
