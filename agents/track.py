@@ -27,13 +27,12 @@ from pydantic import Field, field_validator, model_validator
 
 from harness.cache import ArtifactCache
 from harness.errors import ConfigError
-from harness.finetune import FineTuneSetup, Schedule
 from harness.methods.base import AdapterSite
 from harness.placement import usable_cpus
 from harness.process_cache import base_state
 from harness.randomness import TrialRandom, derive_seed, seeded
-from harness.tracks import Benchmark, Report, Track, TrackBudget, TrackSettings
-from harness.training import pick_device
+from harness.tracks import Benchmark, FineTuneSetup, PlannedWork, Report, Track, TrackBudget, TrackSettings
+from harness.training import Schedule, pick_device
 from harness.validation import Bool, Float, Int
 from agents.bench import bench as run_bench
 from agents.data import (DataSettings, Episodes, WindowSampler, build_datasets, data_report as build_report,
@@ -42,7 +41,7 @@ from agents.dt import SITE, DTConfig, DecisionTransformer, batch_loss, forward_b
 from agents.pretrain import (EVAL_KIND, BaseFile, CurveEval, OptimPlan, PretrainPlan, Pretrained, cached_eval,
                              export_base, load_model, pretrain as build_pretrained, read_base)
 from agents.rollout import TaskPools, evaluate_dt, evaluate_dt_tasks, evaluate_scripted
-from agents.tasks import CW10, MT40, MT50, check_task
+from agents.tasks import CW10, EPISODE_LENGTH, MT40, MT50, check_task
 
 DATA_NOTE = "Meta-World v3 scripted policies + Gaussian action noise (simulator rollouts)"
 
@@ -297,6 +296,10 @@ class RLTrack(Track):
     def shape_model(self, settings: RLSettings, benchmark: str):
         with torch.device("meta"):
             return DecisionTransformer(model_config(settings)), AdapterSite(tuple(settings.adapter_targets), SITE.head)
+
+    def planned_work(self, spec) -> PlannedWork:
+        """A fixed number of updates; each evaluation episode is the papers' 200 simulator steps."""
+        return PlannedWork(int(spec.budget.steps), episode_steps=EPISODE_LENGTH)
 
     # --- one trial -----------------------------------------------------------------------------------
     def setup(self, spec, settings: RLSettings, budget: RLBudget, rng: TrialRandom, report: Report) -> FineTuneSetup:

@@ -3,41 +3,41 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
-from typing import Any
-
-from torch import nn
+from typing import Any, Callable, Mapping
 
 from harness.cache import ArtifactCache
-from harness.methods.base import AdapterSite, Method
-from harness.trial import ResolvedTrial
 
 KIND = "adapters"
+# what a saved adapter's trial.json tags it with, from the trial's plain config
+TAG_KEYS = ("track", "benchmark", "task", "method", "seed")
 
 
-def save_trial_adapter(method: Method, model: nn.Module, site: AdapterSite, settings: dict[str, Any],
-                       spec: ResolvedTrial, base_key: str, cache: ArtifactCache | None = None) -> Path:
+def save_trial_adapter(write: Callable[[Path], None], trial: Mapping[str, Any], settings: Mapping[str, Any],
+                       base_key: str, cache: ArtifactCache | None = None) -> Path:
     """Save a trained adapter into the cache, tagged with the base model's key and the trial's task.
 
-    ``base_key`` identifies the frozen base model (e.g. the hash of the pretrained checkpoint); only
-    adapters of the same base are ever combined into a bank.
+    The store takes plain keys and imports neither the methods (EigenLoRA reads its bank from here) nor the
+    trial's types: ``write(folder)`` writes the adapter's files (the method's ``save``), ``trial`` is the
+    trial as plain JSON values (``ResolvedTrial.to_config()``, the cache key), ``settings`` the method
+    settings it was wrapped with. ``base_key`` identifies the frozen base model (e.g. the hash of the pretrained
+    checkpoint); only adapters of the same base are ever combined into a bank.
     """
     cache = cache or ArtifactCache()
-    key = {"spec": spec.to_config(), "base_key": base_key}
+    key = {"spec": dict(trial), "base_key": base_key}
+    name = f"{trial['task']}-{trial['method']}"
 
     def build(folder: Path) -> None:
-        method.save(model, site, settings, folder)
-        tag = {"track": spec.track, "benchmark": spec.benchmark, "task": spec.task, "method": spec.method,
-               "seed": spec.seed, "settings": settings, "base_key": base_key}
+        write(folder)
+        tag = {**{k: trial[k] for k in TAG_KEYS}, "settings": dict(settings), "base_key": base_key}
         (folder / "trial.json").write_text(json.dumps(tag, indent=1, sort_keys=True, default=str))
 
     # A rerun of the same trial replaces its adapter: drop the old entry first.
-    old = cache.lookup(KIND, f"{spec.task}-{spec.method}", key)
+    old = cache.lookup(KIND, name, key)
     if old is not None:
-        import shutil
-
         shutil.rmtree(old.path, ignore_errors=True)
-    return cache.get_or_build(KIND, f"{spec.task}-{spec.method}", key, build).path
+    return cache.get_or_build(KIND, name, key, build).path
 
 
 def find_bank(base_key: str, exclude_task: str, methods: tuple[str, ...] = ("lora",),

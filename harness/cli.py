@@ -15,7 +15,7 @@ from harness.errors import ConfigError, HarnessError, choices_message
 from harness.methods import get_method, method_names
 from harness.plugins import load_plugins
 from harness.tracks import TRACKS, get_track, track_names
-from harness.trial import TrialSpec, print_reporter, resolve_trial, run_trial
+from harness.trial import TrialSpec, print_reporter, resolve_trial
 from harness.yaml_input import load_yaml
 
 DEFAULT_SWEEP = "sweeps/quickstart.yaml"
@@ -122,6 +122,8 @@ def cmd_run(args) -> int:
     report = (lambda m: print(f"[trial] {json.dumps(m, default=str)}", file=sys.stderr, flush=True)) \
         if args.json else print_reporter
     track.prepare(spec.track_settings, args.benchmark, [args.task], report)
+    from harness.finetune import run_trial  # heavy: the engine imports torch; the other commands do not
+
     record = run_trial(spec, report)
     if args.json:
         print(json.dumps(record.flat(), default=str, sort_keys=True), flush=True)

@@ -1,7 +1,7 @@
 """``python -m harness methods --count``: every method's trainable parameters on a backbone, without training.
 
 The model is built with random weights (``pretrained=False``: nothing is downloaded), prepared exactly as a
-trial prepares it (``harness/protocol.py``: targets, fused qkv split, alpha rule) and wrapped by each
+trial prepares it (``harness/study_rules.py``: targets, fused qkv split, alpha rule) and wrapped by each
 method; the count is the method's own ``count`` (the papers' way; the task head apart). Two methods need
 more than a model to wrap, and get a stand-in that does not change their count:
 - EVA / EVA+DoRA initialise from the trial's activations; they are counted as the LoRA of the same
@@ -28,7 +28,7 @@ from torch import nn
 
 from harness.errors import ConfigError
 from harness.methods import AdapterSite, MethodContext, get_method, method_names
-from harness.protocol import describe, prepare
+from harness.study_rules import describe, prepare
 from harness.sweep_file import expand_grid, load_sweep
 from harness.tracks import get_track
 from harness.trial import resolve_point

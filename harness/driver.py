@@ -11,7 +11,6 @@ skips finished ones. The driver knows nothing of tracks beyond their declaration
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from contextlib import contextmanager
@@ -24,12 +23,12 @@ from harness.cache import atomic_write_text, cache_root
 from harness.early_stopping import TIME_ATTR, parse_scheduler
 from harness.errors import ConfigError, HarnessError
 from harness.methods import base_name, get_method
-from harness.placement import host_cpus, visible_gpus
+from harness.placement import auto_gpu_share, check_reachable, host_cpus, visible_gpus
 from harness.plugins import load_plugins
 from harness.process_cache import reuse_actors
 from harness.shared_storage import check_shared_cache
-from harness.sweep_file import (Study, SweepFile, grid_size, resolved_grid, selection_methods, study_tasks,
-                                study_trials, track_settings)
+from harness.sweep_file import (Study, SweepFile, grid_size, method_waves, resolved_grid, selection_methods,
+                                study_tasks, study_trials, track_settings)
 from harness.tracks import get_track
 from harness.trial import ResolvedTrial, TrialRecord, print_reporter
 
@@ -129,25 +128,6 @@ _AUTH_HINT = ("If the cluster uses token authentication (Ray 2.59+ turns it on f
               "`ray get-auth-token` reads on the head node).")
 
 
-def check_reachable(address: str, timeout: float = 5.0) -> None:
-    """An explicit ``host:port`` (or ``ray://host:port``) must answer within seconds; Ray itself would
-    retry for minutes. ``auto`` is left to Ray, which finds a local cluster or fails at once."""
-    import socket
-
-    if address in ("auto", "local"):
-        return
-    hostport = address.split("://", 1)[-1]
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"--address {address!r}: expected auto, HOST:PORT or ray://HOST:PORT")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except OSError as e:
-        raise ConfigError(f"--address {address!r}: nothing answers there ({e.strerror or e}). Start the cluster "
-                          "first (`ray start --head` on the head node), check the host and port, or leave out "
-                          "--address to run on this machine alone") from None
-
-
 @dataclass(frozen=True)
 class LocalResources:
     """What a local Ray instance may hand to trials (``sweep --cpus/--gpus``); None: all of this machine."""
@@ -229,22 +209,6 @@ def _node_resources() -> list[dict[str, float]]:
     import ray
 
     return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
-
-
-MOST_TRIALS_PER_GPU = 4  # past four, trials sharing a GPU add no throughput (BENCHMARKS.md, bench share)
-
-
-def auto_gpu_share(n_trials: int, gpus: float) -> float:
-    """``gpus_per_trial: auto`` for a wave of ``n_trials`` on a cluster of ``gpus`` GPUs: the largest share
-    that still runs every trial at once, at most four trials per GPU (0 without GPUs).
-
-    Ray packs fractional requests onto one GPU before it opens the next, so a fixed quarter would put a
-    wave of six trials on two of eight GPUs and leave six idle; a share of 1 / ceil(trials / GPUs) spreads
-    them, and a wave larger than the cluster still gets four trials per GPU."""
-    if gpus <= 0 or n_trials <= 0:
-        return 0.0
-    per_gpu = min(MOST_TRIALS_PER_GPU, math.ceil(n_trials / gpus))
-    return 1.0 / per_gpu
 
 
 def _gpus_per_trial(study: Study, n_trials: int) -> float:
@@ -389,25 +353,6 @@ def lora_bank(records: list[dict[str, Any]], task: str, methods: tuple[str, ...]
         runs = sorted((r for r in ok if r["task"] == other and r["settings"] == settings), key=lambda r: r["seed"])
         bank[other] = runs[0]["adapter_path"]
     return [bank[t] for t in sorted(bank)]
-
-
-def method_waves(methods: list[str]) -> list[list[str]]:
-    """Methods grouped into waves: a method runs one wave after the latest of the methods it builds on
-    (``Method.builds_on``) that are in the same study; the rest run in the first wave."""
-    depth: dict[str, int] = {}
-
-    def wave(name: str, seen: tuple[str, ...] = ()) -> int:
-        if name in seen:
-            raise ConfigError(f"methods {' -> '.join(seen + (name,))} build on each other in a cycle")
-        if name not in depth:
-            deps = [d for d in methods if base_name(d) in get_method(name).builds_on]
-            depth[name] = 1 + max(wave(d, seen + (name,)) for d in deps) if deps else 0
-        return depth[name]
-
-    waves: list[list[str]] = [[] for _ in range(1 + max((wave(m) for m in methods), default=0))]
-    for m in methods:
-        waves[wave(m)].append(m)
-    return waves
 
 
 def run_study(sweep: SweepFile, study: Study, results_dir: Path, resume: bool) -> list[dict[str, Any]]:

@@ -1,6 +1,6 @@
 """The fine-tuning engine: a method's whole life cycle in one trial, written once for both tracks.
 
-A track builds a :class:`FineTuneSetup` (the model with its head, where adapters may go, a batch source,
+A track builds a :class:`harness.tracks.FineTuneSetup` (the model with its head, where adapters may go, a batch source,
 the loss, a validation scorer and the final evaluation); the engine does the rest in a fixed order:
 
     resolved trial -> method context -> wrap -> lr / weight decay -> training loop -> finalize
@@ -26,39 +26,13 @@ from torch import nn
 
 from harness import adapter_store, placement, provenance
 from harness.methods import AdapterSite, Method, MethodContext, get_method
-from harness.protocol import prepare as prepare_protocol
+from harness.study_rules import prepare as apply_study_rules
 from harness.randomness import TrialRandom, deterministic_kernels
 from harness.targets import join_targets
-from harness.tracks import Report, get_track
+from harness.tracks import FineTuneSetup, Report, get_track
 from harness.errors import HarnessError
-# Schedule: what a track asks for (harness.training owns it); imported from here by tracks with FineTuneSetup
 from harness.training import LoopConfig, Schedule, Trainer, TrainStats
 from harness.trial import ResolvedTrial, TrialRecord, TrialSpec, print_reporter, resolve_trial
-
-
-@dataclass
-class FineTuneSetup:
-    """What a track hands the engine for one trial."""
-
-    model: nn.Module  # with the task head in place, on ``device``
-    site: AdapterSite
-    device: torch.device
-    schedule: Schedule  # with the track's lr and weight decay; a method's own replace them
-    next_batch: Callable[[], Any]  # a training batch, on the device
-    loss: Callable[[nn.Module, Any], torch.Tensor]
-    evaluate: Callable[[nn.Module], tuple[dict[str, float], dict[str, Any]]]  # final (metrics, facts)
-    base_key: str  # names the frozen base model; adapters of the same base form EigenLoRA's bank
-    backbone: str
-    data_source: str
-    validate: Callable[[nn.Module], float] | None = None  # higher is better (GLoRA's search)
-    init_batches: Callable[[], Iterable[Any]] | None = None  # EVA's initialisation data
-    forward: Callable[[nn.Module, Any], Any] | None = None
-    layer_inputs: Callable[[torch.Tensor, Any], torch.Tensor] | None = None
-    loss_metric: str = "final_loss"  # the name of the last training loss among the metrics
-    compile: bool = False
-    time_data: bool = False
-    save_adapter: bool = True
-    facts: dict[str, Any] = field(default_factory=dict)  # track facts for the record
 
 
 def optimiser_settings(method: Method, settings: dict[str, Any], schedule: Schedule) -> tuple[float, float]:
@@ -180,7 +154,7 @@ class FineTuneRun:
             setup = track.setup(spec, ts, spec.budget, self.rng, self.report)
             self.clock.mark("setup")  # imports, resolution, the track's data and base model
             # The study's targets (fused qkv split where a slice is named) and the LoRA family's alpha rule.
-            setup.site, self.wrap_settings = prepare_protocol(method, self.settings, ts, setup.model, setup.site)
+            setup.site, self.wrap_settings = apply_study_rules(method, self.settings, ts, setup.model, setup.site)
             # Adapters on other layers of the same base are no bank for each other.
             self.adapter_key = f"{setup.base_key}|targets={join_targets(setup.site.targets)}"
             self.ctx = MethodContext(
@@ -318,8 +292,9 @@ class FineTuneRun:
             adapter_path, adapter_error = "", ""
             if setup.save_adapter:
                 try:
-                    adapter_path = str(adapter_store.save_trial_adapter(method, model, setup.site, self.wrap_settings, spec,
-                                                            self.adapter_key))
+                    adapter_path = str(adapter_store.save_trial_adapter(
+                        lambda folder: method.save(model, setup.site, self.wrap_settings, folder), spec.to_config(),
+                        self.wrap_settings, self.adapter_key))
                 except OSError as e:  # a full or read-only disk must not cost the trial its scores
                     adapter_error = f"{type(e).__name__}: {e}"
         extra = {
@@ -413,3 +388,14 @@ def _checkpoint_bytes(adapter_path: str) -> int:
     if not adapter_path:
         return 0
     return sum(f.stat().st_size for f in Path(adapter_path).glob("*.safetensors"))
+
+
+def run_trial(spec: "ResolvedTrial | TrialSpec", report: Report = print_reporter) -> TrialRecord:
+    """Run one trial to its record outside Ray (the command line's ``run``, tests): a raised error or a
+    non-finite loss becomes a failed record. It lives with the engine, not with the trial's types, so that
+    ``harness.trial`` (imported by the driver and the sweep file, without torch) never imports the engine."""
+    run = FineTuneRun(spec, report)
+    run.start()
+    while run.step():
+        pass
+    return run.finish()

@@ -7,11 +7,17 @@ indices. A trial must use the GPU Ray gave it and nothing else, and must size it
 processes, data generation) to its cores, not the host's: eight GPUs' worth of trials each spawning a
 process per host core would ask for the host's cores many times over. Outside Ray the process has every
 core its affinity mask allows and every visible GPU.
+
+The sweep's side of it lives here too, where the driver and the planner (``harness/plan.py``) both read
+it: the share of a GPU a wave's trials get under ``gpus_per_trial: auto`` (:func:`auto_gpu_share`) and
+whether an explicit cluster address answers (:func:`check_reachable`).
 """
 
 from __future__ import annotations
 
+import math
 import os
+import socket
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -136,3 +142,36 @@ def describe(device: Any) -> dict[str, Any]:
 
 __all__ = ["RaySlice", "describe", "host_cpus", "ray_slice", "resolve_device", "trial_device", "usable_cpus",
            "visible_gpus"]
+
+
+MOST_TRIALS_PER_GPU = 4  # past four, trials sharing a GPU add no throughput (BENCHMARKS.md, bench share)
+
+
+def auto_gpu_share(n_trials: int, gpus: float) -> float:
+    """``gpus_per_trial: auto`` for a wave of ``n_trials`` on a cluster of ``gpus`` GPUs: the largest share
+    that still runs every trial at once, at most four trials per GPU (0 without GPUs).
+
+    Ray packs fractional requests onto one GPU before it opens the next, so a fixed quarter would put a
+    wave of six trials on two of eight GPUs and leave six idle; a share of 1 / ceil(trials / GPUs) spreads
+    them, and a wave larger than the cluster still gets four trials per GPU."""
+    if gpus <= 0 or n_trials <= 0:
+        return 0.0
+    per_gpu = min(MOST_TRIALS_PER_GPU, math.ceil(n_trials / gpus))
+    return 1.0 / per_gpu
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """An explicit ``host:port`` (or ``ray://host:port``) must answer within seconds; Ray itself would
+    retry for minutes. ``auto`` is left to Ray, which finds a local cluster or fails at once."""
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--address {address!r}: expected auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ConfigError(f"--address {address!r}: nothing answers there ({e.strerror or e}). Start the cluster "
+                          "first (`ray start --head` on the head node), check the host and port, or leave out "
+                          "--address to run on this machine alone") from None

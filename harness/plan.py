@@ -24,17 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.driver import auto_gpu_share, check_reachable, method_waves, selection_methods
 from harness.early_stopping import expected_rung_reports, expected_update_fraction, parse_scheduler
 from harness.errors import ConfigError
 from harness.methods import base_name
-from harness.placement import visible_gpus
-from harness.sweep_file import Study, SweepFile, expand_grid, study_tasks, study_trials
+from harness.placement import auto_gpu_share, check_reachable, visible_gpus
+from harness.sweep_file import (Study, SweepFile, expand_grid, method_waves, selection_methods, study_tasks,
+                                study_trials)
+from harness.tracks import get_track
 from harness.trial import ResolvedTrial
 
 COSTS = Path(__file__).resolve().parents[1] / "benchmarks" / "update-costs.json"
-# VTAB-1K's fixed split sizes: train800 (selection) and train800val200 (final)
-VTAB_TRAIN = {"select": 800, "final": 1000}
 
 
 def load_costs(path: Path = COSTS) -> dict[str, Any]:
@@ -82,10 +81,9 @@ class WavePlan:
 
 
 def _rl_cost(spec: ResolvedTrial, study: Study, device: dict[str, Any] | None) -> TrialCost:
-    from agents.tasks import EPISODE_LENGTH  # heavy: agents.tasks imports metaworld
-
     ts, budget = spec.track_settings, spec.budget
-    updates = int(budget.steps)
+    work = get_track(spec.track).planned_work(spec)
+    updates = work.updates
     m = (device or {}).get("rl")
     shape = {"n_layer": ts.n_layer, "n_head": ts.n_head, "n_embd": ts.n_embd, "context": ts.context}
     if m is None:
@@ -97,23 +95,17 @@ def _rl_cost(spec: ResolvedTrial, study: Study, device: dict[str, Any] | None) -
     envs = int(m["rollout_envs"])
     per_env = float(m["rollout_env_steps_per_s"]) / envs
     episodes = int(budget.eval_episodes)
-    eval_s = episodes * EPISODE_LENGTH / (per_env * min(episodes, envs))
+    eval_s = episodes * work.episode_steps / (per_env * min(episodes, envs))
     return TrialCost(updates, updates * ms / 1000, eval_s,
                      source=f"{'compiled' if ts.compile else 'eager'} {ms} ms/update, rollouts {eval_s:.0f} s/trial")
 
 
 def _vision_cost(spec: ResolvedTrial, study: Study, device: dict[str, Any] | None) -> TrialCost:
-    from vision.train import schedule  # heavy: vision.train imports torch
-
     ts, budget = spec.track_settings, spec.budget
-    stage = budget.stage
-    images = VTAB_TRAIN.get(stage) if spec.benchmark == "vtab1k" else None
-    if images is not None:
-        updates = schedule(images, budget)[0]
-    else:
-        updates = int(budget.steps) if budget.steps else None
+    work = get_track(spec.track).planned_work(spec)
+    updates = work.updates
     m = (device or {}).get("vision")
-    cost = TrialCost(updates, None, 0.0, images=images, epochs=int(budget.epochs))
+    cost = TrialCost(updates, None, 0.0, images=work.images, epochs=work.epochs)
     if updates is None:
         cost.source = f"{spec.benchmark}: images per split are known only once its data is loaded; set budget.steps"
         return cost

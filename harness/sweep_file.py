@@ -32,7 +32,7 @@ class Resources(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     cpus_per_trial: float = Field(1.0, gt=0)
-    # auto: per wave, 1 / ceil(trials / GPUs), at most 4 trials per GPU (driver.auto_gpu_share); 0 without GPUs
+    # auto: per wave, 1 / ceil(trials / GPUs), at most 4 trials per GPU (placement.auto_gpu_share); 0 without GPUs
     gpus_per_trial: float | Literal["auto"] = "auto"
     max_concurrent: int | None = Field(None, ge=1)
     # Under a sweep, each trial saves a Tune checkpoint this often (harness/tune_trial.py), so a retried
@@ -235,6 +235,25 @@ def selection_methods(study: Study) -> list[str]:
     return [m for m in study.methods if m in picked]
 
 
+def method_waves(methods: list[str]) -> list[list[str]]:
+    """Methods grouped into waves: a method runs one wave after the latest of the methods it builds on
+    (``Method.builds_on``) that are in the same study; the rest run in the first wave."""
+    depth: dict[str, int] = {}
+
+    def wave(name: str, seen: tuple[str, ...] = ()) -> int:
+        if name in seen:
+            raise ConfigError(f"methods {' -> '.join(seen + (name,))} build on each other in a cycle")
+        if name not in depth:
+            deps = [d for d in methods if base_name(d) in get_method(name).builds_on]
+            depth[name] = 1 + max(wave(d, seen + (name,)) for d in deps) if deps else 0
+        return depth[name]
+
+    waves: list[list[str]] = [[] for _ in range(1 + max((wave(m) for m in methods), default=0))]
+    for m in methods:
+        waves[wave(m)].append(m)
+    return waves
+
+
 LARGE_SWEEP = 10_000  # trials; above it a sweep runs only when the user confirms (``sweep --yes``)
 
 
@@ -299,7 +318,7 @@ def validate_study(study: Study, where: str) -> None:
             method = get_method(name)
             for resolved in resolved_grid(study, name):
                 if shaped is not None:  # on the model a trial would wrap: targets split, alpha rule applied
-                    from harness.protocol import check_fit  # heavy: harness.protocol imports torch
+                    from harness.study_rules import check_fit  # heavy: harness.study_rules imports torch
 
                     check_fit(method, resolved, settings, shaped)
         except ConfigError as e:

@@ -10,7 +10,8 @@ models, before Ray starts or any data is built.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, TypeVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -19,12 +20,13 @@ from harness.errors import ConfigError, choices_message
 from harness.validation import Bool, Float, validate
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
-    from harness.finetune import FineTuneSetup
     from harness.methods import AdapterSite
+    from harness.training import Schedule
     from harness.randomness import TrialRandom
-    from harness.trial import TrialSpec
+    from harness.trial import ResolvedTrial, TrialSpec
 
 Report = Callable[[dict[str, Any]], None]
 
@@ -52,6 +54,44 @@ class Benchmark(BaseModel):
 
     def group_of(self, task: str) -> str:
         return next((g for g, tasks in self.groups.items() if task in tasks), "")
+
+
+@dataclass
+class FineTuneSetup:
+    """What a track hands the engine for one trial (:meth:`Track.setup`'s answer). Defined here, beside the
+    interface that returns it; its types are annotations only, so listing tracks imports no torch."""
+
+    model: nn.Module  # with the task head in place, on ``device``
+    site: AdapterSite
+    device: torch.device
+    schedule: Schedule  # with the track's lr and weight decay; a method's own replace them
+    next_batch: Callable[[], Any]  # a training batch, on the device
+    loss: Callable[[nn.Module, Any], torch.Tensor]
+    evaluate: Callable[[nn.Module], tuple[dict[str, float], dict[str, Any]]]  # final (metrics, facts)
+    base_key: str  # names the frozen base model; adapters of the same base form EigenLoRA's bank
+    backbone: str
+    data_source: str
+    validate: Callable[[nn.Module], float] | None = None  # higher is better (GLoRA's search)
+    init_batches: Callable[[], Iterable[Any]] | None = None  # EVA's initialisation data
+    forward: Callable[[nn.Module, Any], Any] | None = None
+    layer_inputs: Callable[[torch.Tensor, Any], torch.Tensor] | None = None
+    loss_metric: str = "final_loss"  # the name of the last training loss among the metrics
+    compile: bool = False
+    time_data: bool = False
+    save_adapter: bool = True
+    facts: dict[str, Any] = field(default_factory=dict)  # track facts for the record
+
+
+@dataclass(frozen=True)
+class PlannedWork:
+    """One trial's work as its track knows it before any data is loaded: what the sweep's planner
+    (``python -m harness sweep --plan``, ``harness/plan.py``) prices against measured per-update costs,
+    without importing the track's modules."""
+
+    updates: int | None  # None: they follow a data set's size, known only once it is loaded
+    images: int | None = None  # training images per epoch, where they set the updates
+    epochs: int | None = None  # the budget's epochs, on a track that counts them
+    episode_steps: int = 0  # simulator steps of one evaluation episode (0: the trial runs no rollouts)
 
 
 class TrackSettings(BaseModel):
@@ -137,6 +177,12 @@ class Track(ABC):
         """Before any compute and before anything is written: the files the study reads (data folders and
         their layout, weights files), cheaply, so a wrong path fails in seconds with a message naming it.
         Raises ConfigError or DataError; the default has nothing to check."""
+
+    def planned_work(self, spec: "ResolvedTrial") -> PlannedWork:
+        """One trial's updates (and what sets them) and its evaluation episodes' length, before any data is
+        loaded, for the sweep's planner. The default: the budget's ``steps`` where it has them, no rollouts."""
+        steps = getattr(spec.budget, "steps", None)
+        return PlannedWork(int(steps) if steps else None)
 
     # --- stages ------------------------------------------------------------------------------------
     @abstractmethod

@@ -2,10 +2,11 @@
 
 (track, benchmark, task, method, method settings, seed, budget, track settings) go in as a
 :class:`TrialSpec`, resolved once into a :class:`ResolvedTrial`; a flat :class:`TrialRecord` of metrics
-comes out, with what made it (package versions, git commit, device). The sweep driver and the command line
-call :func:`run_trial` and know nothing track-specific: the track (``harness/tracks.py``) builds the
-trial's model and data, the engine (``harness/finetune.py``: ``FineTuneRun``, the trial's one life cycle)
-runs the method and fills in the record. A raised error or a non-finite loss becomes a failed record,
+comes out, with what made it (package versions, git commit, device). This module holds what a trial is
+and what it leaves (no torch): the sweep driver and the command line know nothing track-specific, the
+track (``harness/tracks.py``) builds the trial's model and data, and the engine (``harness/finetune.py``:
+``FineTuneRun``, the trial's one life cycle, and :func:`harness.finetune.run_trial`, which runs one to its
+record) runs the method and fills in the record. A raised error or a non-finite loss becomes a failed record,
 never a crash of the sweep.
 """
 
@@ -231,7 +232,7 @@ def resolve_trial(spec: TrialSpec, *, settings: dict[str, Any] | None = None, tr
     are equal objects. ``settings``, ``track_settings``, ``budget``: parts a sweep's validation already
     resolved for the whole study (then not resolved again); ``check_fit``: check the method's settings
     against the track's model shapes (a sweep did so per grid point)."""
-    from harness.protocol import check_fit as fit, describe  # heavy: harness.protocol imports torch
+    from harness.study_rules import check_fit as fit, describe  # heavy: harness.study_rules imports torch
 
     track = get_track(spec.track)
     track.check_tasks(spec.benchmark, [spec.task])
@@ -253,16 +254,5 @@ def as_resolved(spec: "TrialSpec | ResolvedTrial") -> ResolvedTrial:
     return spec if isinstance(spec, ResolvedTrial) else resolve_trial(spec)
 
 
-def run_trial(spec: "TrialSpec | ResolvedTrial", report: Reporter = print_reporter) -> TrialRecord:
-    """Run one trial to its record; a raised error or a non-finite loss becomes a failed record."""
-    from harness.finetune import FineTuneRun  # heavy: the engine imports torch; listing and checking do not
-
-    run = FineTuneRun(spec, report)
-    run.start()
-    while run.step():
-        pass
-    return run.finish()
-
-
 __all__ = ["MEASUREMENT_FIELDS", "Reporter", "ResolvedTrial", "TrialRecord", "TrialSpec",
-           "as_resolved", "is_measurement", "print_reporter", "resolve_point", "resolve_trial", "run_trial"]
+           "as_resolved", "is_measurement", "print_reporter", "resolve_point", "resolve_trial"]

@@ -1,6 +1,6 @@
 """One trial inside Ray Tune: checkpoints through Tune's API and intermediate scores for a scheduler.
 
-The driver's trainable (``harness/driver.py``) runs a trial here instead of :func:`harness.trial.run_trial`
+The driver's trainable (``harness/driver.py``) runs a trial here instead of :func:`harness.finetune.run_trial`
 (which trials outside Ray still use, unchanged). Two things are added:
 
 - **Checkpoints.** Every ``checkpoint_every`` updates, or every ``checkpoint_minutes`` of the trial's

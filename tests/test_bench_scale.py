@@ -238,7 +238,8 @@ def test_gpu_monitor_reads_nvidia_smi_lines():
 def test_a_tiny_rl_trial_records_where_its_time_went(tmp_path, monkeypatch):
     """extra.timing: every phase of the trial, none negative, together its wall time (issue 20 item 4)."""
     from harness.finetune import PHASES
-    from harness.trial import TrialSpec, run_trial
+    from harness.trial import TrialSpec
+    from harness.finetune import run_trial
 
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
     settings = {**TINY_DT, "data_episodes": 2, "pretrain_tasks": ["reach"], "pretrain_steps": 5,

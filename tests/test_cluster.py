@@ -115,7 +115,8 @@ def test_sweep_survives_a_worker_node_dying(tmp_path, monkeypatch):
     # one of them against the same trial run uninterrupted (no Ray, one thread as in its 1-CPU slot)
     import torch
 
-    from harness.trial import MEASUREMENT_FIELDS, TrialSpec, run_trial
+    from harness.trial import MEASUREMENT_FIELDS, TrialSpec
+    from harness.finetune import run_trial
 
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
     got = resumed[0]

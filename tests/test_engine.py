@@ -8,7 +8,8 @@ import json
 import pytest
 
 from harness.finetune import FineTuneRun
-from harness.trial import TrialSpec, resolve_trial, run_trial
+from harness.trial import TrialSpec, resolve_trial
+from harness.finetune import run_trial
 
 VISION = {"backbone": "vit_tiny_patch16_224", "img_size": 32, "model_kwargs": {"patch_size": 8, "depth": 2},
           "drop_path": 0.1, "weights": "random", "threads": 1}
@@ -93,7 +94,7 @@ def test_record_says_what_made_it():
 
 
 def test_waves_follow_method_declarations():
-    from harness.driver import method_waves
+    from harness.sweep_file import method_waves
     from harness.methods import get_method
 
     assert get_method("eigenlora").builds_on == ("lora",)

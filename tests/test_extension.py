@@ -69,7 +69,8 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from harness.finetune import FineTuneSetup, Schedule
+from harness.tracks import FineTuneSetup
+from harness.training import Schedule
 from harness.methods import AdapterSite
 from harness.tracks import Benchmark, Track, TrackBudget, TrackSettings, register_track
 

@@ -119,7 +119,7 @@ def test_deterministic_kernels_are_switched_on_in_the_process():
 def test_auto_gpu_share_spreads_a_wave_over_every_gpu():
     """Ray packs fractional GPUs onto one device before the next: the share must make a small wave take
     whole GPUs (spread over all of them) and a large one four per GPU."""
-    from harness.driver import auto_gpu_share
+    from harness.placement import auto_gpu_share
 
     assert auto_gpu_share(6, 8) == 1.0  # six trials, six GPUs, none sharing
     assert auto_gpu_share(12, 8) == 0.5  # every trial at once, two per GPU at most

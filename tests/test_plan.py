@@ -130,3 +130,31 @@ def test_plan_validates_as_a_sweep_does(tmp_path):
     bad = dict(STUDY, budget={"steps": -1})
     assert plan(tmp_path, bad, "--gpus", "1").returncode == 2
     assert not (tmp_path / "results").exists()
+
+
+def test_the_plan_prices_the_work_each_track_says_a_trial_does(tmp_path, monkeypatch):
+    """Issue 19, item 3: the planner imports no track; a track says what one trial does before any data is
+    loaded (``Track.planned_work``: updates, an evaluation episode's steps) and the plan prices that."""
+    import sys
+
+    from harness.sweep_file import load_sweep, study_trials
+    from harness.tracks import PlannedWork, get_track
+
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(STUDY))
+    track = get_track("rl")
+    trial = study_trials(load_sweep(path).studies[0], "select")[0]
+    assert track.planned_work(trial) == PlannedWork(120_000, episode_steps=EPISODE_LENGTH)
+    monkeypatch.setattr(type(track), "planned_work",
+                        lambda self, spec: PlannedWork(60_000, episode_steps=10 * EPISODE_LENGTH))
+    done = plan(tmp_path, STUDY, "--gpus", "2", "--gpu-model", "NVIDIA H200")
+    assert done.returncode == 0, done.stdout + done.stderr
+    row = rows(done.stdout)["select"]
+    assert int(row[4].replace(",", "")) == 8 * 60_000
+    # the rollouts are priced at the track's episode length: the plan's model with episodes ten times as long
+    m = COSTS["NVIDIA H200"]["rl"]
+    eval_s = 5 * 10 * EPISODE_LENGTH / (m["rollout_env_steps_per_s"] / m["rollout_envs"] * 5)
+    assert f"rollouts {eval_s:.0f} s/trial" in " ".join(row), row
+    monkeypatch.setattr(sys.modules[__name__], "EPISODE_LENGTH", 10 * EPISODE_LENGTH)
+    _, gpu_h, wall_h = expected(8, 60_000, 5, gpus=2)
+    assert abs(float(row[5]) - gpu_h) <= 0.005 and abs(float(row[6]) - wall_h) <= 0.005

@@ -178,7 +178,7 @@ FAMILY = ("lora", "dora", "pissa", "olora", "adalora", "eva", "eva-dora")
 
 
 def test_alpha_rule_is_applied_and_recorded_across_the_family():
-    from harness.protocol import describe, prepare
+    from harness.study_rules import describe, prepare
     from vision.track import VisionSettings
 
     ts = VisionSettings(alpha_rule=1, adapter_targets=["qkv.q", "qkv.v"])
@@ -205,7 +205,7 @@ def test_alpha_rule_is_applied_and_recorded_across_the_family():
 
 
 def test_wrapped_scale_follows_the_rule():
-    from harness.protocol import prepare
+    from harness.study_rules import prepare
     from vision.track import VisionSettings
 
     for rule, scale in (("1", 1 / 4), ("r", 1.0), ("2r", 2.0)):

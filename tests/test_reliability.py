@@ -180,7 +180,8 @@ def test_sweep_exit_status_tells_all_failed_from_some(tmp_path, monkeypatch):
 
 def test_a_failed_adapter_save_keeps_the_trials_scores(monkeypatch):
     import harness.adapter_store
-    from harness.trial import TrialSpec, run_trial
+    from harness.trial import TrialSpec
+    from harness.finetune import run_trial
 
     def full_disk(*a, **k):
         raise OSError(28, "No space left on device")

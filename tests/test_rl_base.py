@@ -227,7 +227,8 @@ def test_bad_base_files_are_refused_before_compute(base_file, tmp_path):
 def test_trial_from_a_base_file_carries_its_name_and_the_expert_ceiling(base_file, monkeypatch):
     import agents.track as rl
     from harness.leaderboard import aggregate
-    from harness.trial import TrialSpec, run_trial
+    from harness.trial import TrialSpec
+    from harness.finetune import run_trial
 
     path, out = base_file
 

@@ -71,7 +71,8 @@ def test_settings_are_checked():
 
 @pytest.mark.parametrize("method", ["full", "linear"])
 def test_trial_end_to_end(cache, method):
-    from harness.trial import TrialSpec, run_trial
+    from harness.trial import TrialSpec
+    from harness.finetune import run_trial
 
     track.prepare(track.settings(TINY), "cw10", ["window-close"], None)
     spec = TrialSpec(track="rl", benchmark="cw10", task="window-close", method=method, seed=0,
@@ -94,7 +95,8 @@ def test_trial_end_to_end(cache, method):
 
 
 def test_trial_lora_if_available(cache):
-    from harness.trial import TrialSpec, run_trial
+    from harness.trial import TrialSpec
+    from harness.finetune import run_trial
 
     spec = TrialSpec(track="rl", benchmark="cw10", task="window-close", method="lora", method_settings={"r": 2},
                      budget={"steps": 10, "eval_episodes": 2, "batch_size": 16}, track_settings=TINY)
@@ -104,7 +106,8 @@ def test_trial_lora_if_available(cache):
 
 
 def test_nan_training_fails_the_trial(cache):
-    from harness.trial import TrialSpec, run_trial
+    from harness.trial import TrialSpec
+    from harness.finetune import run_trial
 
     spec = TrialSpec(track="rl", benchmark="cw10", task="window-close", method="full",
                      method_settings={"lr": 1e30}, budget={"steps": 30, "eval_episodes": 1, "batch_size": 16},

@@ -92,7 +92,8 @@ def test_trials_in_one_process_give_the_records_of_trials_in_their_own(whole, mo
     # each against the same trial without Ray (one thread, as in its 1-CPU slot) and with the base read
     # afresh; a trial under Tune gives run_trial's record (tests/test_cluster.py), so a difference is reuse's
     from harness import process_cache
-    from harness.trial import MEASUREMENT_FIELDS, TrialSpec, run_trial
+    from harness.trial import MEASUREMENT_FIELDS, TrialSpec
+    from harness.finetune import run_trial
 
     monkeypatch.setenv("HARNESS_CACHE", str(base / "cache"))
     monkeypatch.setattr(process_cache, "_states", {})

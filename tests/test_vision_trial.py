@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from harness.errors import ConfigError, DataError
-from harness.trial import TrialSpec, resolve_trial, run_trial
+from harness.trial import TrialSpec, resolve_trial
+from harness.finetune import run_trial
 from tests.test_vision_data import write_fewshot, write_imagenet, write_vtab
 from harness.tracks import get_track
 

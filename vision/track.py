@@ -27,13 +27,12 @@ import torch
 from pydantic import Field, field_validator
 
 from harness.errors import ConfigError, DataError
-from harness.finetune import FineTuneSetup, Schedule
 from harness.methods import AdapterSite
 from harness.randomness import TrialRandom
-from harness.tracks import Benchmark, Report, Track, TrackBudget, TrackSettings
-from harness.training import pick_device
+from harness.tracks import Benchmark, FineTuneSetup, PlannedWork, Report, Track, TrackBudget, TrackSettings
+from harness.training import Schedule, pick_device
 from harness.validation import Bool, Float, Int
-from vision import builtin, domain_shift
+from vision import builtin, domain_shift, vtab
 from vision.bench import bench as run_bench
 from vision.benchmarks import BENCHMARKS, get_benchmark
 from vision.backbones import DEFAULT_TARGETS, HEAD, Backbone, build_backbone, check_model_name, create, model_img_size
@@ -204,6 +203,17 @@ class VisionTrack(Track):
 
     def bench(self, settings: VisionSettings) -> dict[str, Any]:
         return run_bench(settings)
+
+    def planned_work(self, spec) -> PlannedWork:
+        """Updates follow the training split's size: known in advance for VTAB-1K (fixed splits), else only
+        once the data is loaded (then a ``steps`` cap, when the budget sets one, is all that is known)."""
+        budget = spec.budget
+        images = vtab.TRAIN_IMAGES.get(budget.stage) if spec.benchmark == "vtab1k" else None
+        if images is not None:
+            updates = schedule(images, budget)[0]
+        else:
+            updates = int(budget.steps) if budget.steps else None
+        return PlannedWork(updates, images=images, epochs=int(budget.epochs))
 
     # --- one trial -----------------------------------------------------------------------------------
     def setup(self, spec, settings: VisionSettings, budget: VisionBudget, rng: TrialRandom,

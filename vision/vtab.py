@@ -25,6 +25,8 @@ GROUPS: dict[str, list[str]] = {
 }
 # NOAH's scripts spell two folders differently; either spelling is accepted on disk and as a task name.
 ALIASES: dict[str, str] = {"cifar100": "cifar", "oxford_pet": "oxford_iiit_pet"}
+# the training images of each stage's split, the same for every task: train800 (select), train800val200 (final)
+TRAIN_IMAGES: dict[str, int] = {"select": 800, "final": 1000}
 LIST_FILES: dict[str, str] = {"train800": "train800.txt", "val200": "val200.txt",
                               "train800val200": "train800val200.txt", "test": "test.txt"}
 

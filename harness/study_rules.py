@@ -1,4 +1,4 @@
-"""What a study fixes for every method it runs: the adapter targets and the LoRA family's scale.
+"""The study's rules for every method it runs: the adapter targets and the LoRA family's scale.
 
 Both are read from the study's track settings (``adapter_targets``, ``alpha_rule``), may be overridden by
 a method's own settings (``targets``, ``alpha``), and are recorded in every trial record and leaderboard
@@ -19,8 +19,8 @@ from harness.targets import join_targets, parse_targets, prepare_model
 
 
 @dataclass(frozen=True)
-class Protocol:
-    """The recorded facts: ``targets`` comma-joined as the study gave them ("" for a method that adapts
+class StudyRules:
+    """The rules as one trial applies them, as recorded: ``targets`` comma-joined as the study gave them ("" for a method that adapts
     no chosen layers), ``alpha_rule`` ("" outside the LoRA family)."""
 
     targets: str
@@ -47,17 +47,17 @@ def alpha_rule(track_settings: Any) -> str:
 
 
 def describe(method: Method, settings: dict[str, Any], track_settings: Any,
-             site: AdapterSite | None = None) -> Protocol:
+             site: AdapterSite | None = None) -> StudyRules:
     """The record's ``targets`` and ``alpha_rule`` for one trial."""
     label = ""
     if method.alpha_family:
         _, label = apply_alpha_rule(settings, alpha_rule(track_settings))
-    return Protocol(join_targets(method_targets(method, settings, track_settings, site)), label)
+    return StudyRules(join_targets(method_targets(method, settings, track_settings, site)), label)
 
 
 def prepare(method: Method, settings: dict[str, Any], track_settings: Any, model: nn.Module,
             site: AdapterSite) -> tuple[AdapterSite, dict[str, Any]]:
-    """Make ``model`` ready for ``method`` under the study's protocol, in place: split the fused qkv layers
+    """Make ``model`` ready for ``method`` under the study's rules, in place: split the fused qkv layers
     a slice target names. Returns the site with the method's targets and the settings the method wraps
     with (alpha filled from the study's rule for the LoRA family)."""
     targets = method_targets(method, settings, track_settings, site)
@@ -80,4 +80,4 @@ def check_fit(method: Method, settings: dict[str, Any], track_settings: Any,
     method.check_fit(model, site, wrap_settings)
 
 
-__all__ = ["Protocol", "alpha_rule", "check_fit", "describe", "method_targets", "prepare"]
+__all__ = ["StudyRules", "alpha_rule", "check_fit", "describe", "method_targets", "prepare"]
