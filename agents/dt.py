@@ -24,7 +24,8 @@ from harness.methods.base import AdapterSite
 from agents.tasks import ACT_DIM, EPISODE_LENGTH, OBS_DIM
 
 TOKENS_PER_STEP = 4
-SITE = AdapterSite(targets=("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"), head=("action_head",))
+SITE = AdapterSite(targets=("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"), head=("action_head",),
+                   feedforward=("mlp.fc2",))
 
 
 @dataclass(frozen=True)

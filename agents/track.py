@@ -27,7 +27,6 @@ from pydantic import Field, field_validator, model_validator
 
 from harness.cache import ArtifactCache
 from harness.errors import ConfigError
-from harness.methods.base import AdapterSite
 from harness.placement import usable_cpus
 from harness.process_cache import base_state
 from harness.randomness import TrialRandom, derive_seed, seeded
@@ -295,7 +294,7 @@ class RLTrack(Track):
 
     def shape_model(self, settings: RLSettings, benchmark: str):
         with torch.device("meta"):
-            return DecisionTransformer(model_config(settings)), AdapterSite(tuple(settings.adapter_targets), SITE.head)
+            return DecisionTransformer(model_config(settings)), SITE.with_targets(tuple(settings.adapter_targets))
 
     def planned_work(self, spec) -> PlannedWork:
         """A fixed number of updates; each evaluation episode is the papers' 200 simulator steps."""
@@ -349,7 +348,7 @@ class RLTrack(Track):
                             warmup=optim.effective_warmup(), min_lr_ratio=ts.min_lr_ratio, grad_clip=ts.grad_clip,
                             report_every=budget.report_every)
         return FineTuneSetup(
-            model=model, site=AdapterSite(tuple(ts.adapter_targets), SITE.head), device=device, schedule=schedule,
+            model=model, site=SITE.with_targets(tuple(ts.adapter_targets)), device=device, schedule=schedule,
             next_batch=lambda: sampler.sample(bs), loss=batch_loss, evaluate=evaluate,
             base_key=pre.base_key, backbone=backbone_name(ts, pre), data_source=self.data_source(spec.benchmark),
             validate=validate, forward=forward_batch, layer_inputs=layer_tokens, compile=ts.compile,

@@ -31,7 +31,7 @@ from harness.randomness import seeded
 from harness.training import LoopConfig, Trainer, synchronize
 from harness.validation import Bool, Int, validate
 
-VIT_SITE = AdapterSite(targets=("qkv", "attn.proj", "fc1", "fc2"), head=("head",))
+VIT_SITE = AdapterSite(targets=("qkv", "attn.proj", "fc1", "fc2"), head=("head",), feedforward=("mlp.fc2",))
 
 
 class BenchSettings(BaseModel):

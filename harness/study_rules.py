@@ -63,7 +63,7 @@ def prepare(method: Method, settings: dict[str, Any], track_settings: Any, model
     targets = method_targets(method, settings, track_settings, site)
     if targets:
         prepare_model(model, targets, site.head)
-        site = AdapterSite(targets, site.head)
+        site = site.with_targets(targets)
     if method.alpha_family:
         settings, _ = apply_alpha_rule(settings, alpha_rule(track_settings))
     return site, settings

@@ -62,6 +62,27 @@ class BitFit(Method):
         return [{{"params": own, "lr_scale": settings["bias_lr_scale"], "weight_decay": 0.0}}, {{"params": rest}}]
 '''
 
+IA3 = '''
+"""A toy plugin through peft: IA3 (Liu et al. 2022), learned scales on activations. It takes its sites from
+the track: the feed-forward sites' inputs are scaled, the other targets' outputs."""
+from harness.methods import register_method
+from harness.methods.peft_methods import PeftMethod
+
+
+@register_method("{name}")
+class IA3(PeftMethod):
+    summary = "IA3: learned activation scales (toy plugin through peft)"
+    rank_limited = False
+
+    def wrap(self, model, site, settings, ctx):
+        from peft import IA3Config, get_peft_model
+
+        self.check_fit(model, site, settings)
+        config = IA3Config(target_modules=[n for n, _ in site.target_linears(model)],
+                           feedforward_modules=site.feedforward_targets(model))
+        return self.ready(get_peft_model(model, config), site)
+'''
+
 TOY_TRACK = '''
 """A toy track: regress y = w.x on random data with a two-layer MLP."""
 from typing import Any
@@ -250,6 +271,38 @@ def test_register_method_checks_name_clash_and_settings(registry, on_path):
             settings = {"r": Setting("eight", "rank", kind=int)}
     register_method("lora", replace=True)(Dummy)  # replacing a built-in is allowed when said
     assert isinstance(get_method("lora"), Dummy)
+
+
+def test_an_activation_scaling_plugin_reads_its_sites_from_the_track(registry, on_path):
+    """An IA3-like method from outside the project: the track's site says which targets are feed-forward
+    (scaled at their input); the others are scaled at their output. A peft method that does not declare
+    itself a pure matmul keeps peft's input casts."""
+    import torch
+    from peft.tuners.ia3 import IA3Layer
+
+    from agents.dt import SITE, DecisionTransformer, DTConfig
+    from harness.methods import MethodContext, get_method
+    from harness.plugins import load_plugins
+
+    module, name = _unique("ia3_mod"), _unique("ia3")
+    write_module(on_path, module, IA3.format(name=name))
+    load_plugins([module])
+    method = get_method(name)
+    torch.manual_seed(0)
+    base = DecisionTransformer(DTConfig(n_layer=2, n_head=2, n_embd=16, context=4, dropout=0.0))
+    targeted = sorted(n for n, _ in SITE.target_linears(base))
+    assert SITE.feedforward_targets(base) == ["blocks.0.mlp.fc2", "blocks.1.mlp.fc2"]
+    model = method.wrap(base, SITE, method.resolve_settings({}), MethodContext())
+    layers = {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if isinstance(m, IA3Layer)}
+    assert sorted(layers) == targeted
+    for n, layer in layers.items():
+        ff = n.endswith("mlp.fc2")
+        assert layer.is_feedforward == ff  # the track's feed-forward sites, and only they, are input-scaled
+        vec = layer.ia3_l["default"]
+        assert vec.numel() == (layer.in_features if ff else layer.out_features) and torch.all(vec == 1)
+        assert layer.cast_input_dtype_enabled  # not declared a pure matmul: peft's casts stay
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all("ia3_l" in n or SITE.is_head_param(n.removeprefix("base_model.model.")) for n in trained)
 
 
 def test_methods_command_lists_plugins_and_refuses_misregistrations(tmp_path, registry, monkeypatch):

@@ -21,6 +21,7 @@ from harness.targets import check_targets
 
 DEFAULT_TARGETS: tuple[str, ...] = ("qkv", "attn.proj", "fc1", "fc2")
 HEAD: tuple[str, ...] = ("head",)
+FEEDFORWARD: tuple[str, ...] = ("mlp.fc2",)  # timm blocks' second MLP Linear (AdapterSite.feedforward)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INCEPTION_MEAN = INCEPTION_STD = (0.5, 0.5, 0.5)
@@ -245,7 +246,7 @@ def build_backbone(name: str, num_classes: int, weights: str, img_size: int | No
         mean, std = chosen
     if weights not in ("random", "builtin"):
         notes = {**notes, "normalization": _norm_label(mean, std)}
-    site = AdapterSite(targets=tuple(targets), head=HEAD)
+    site = AdapterSite(targets=tuple(targets), head=HEAD, feedforward=FEEDFORWARD)
     check_targets(model, site.targets, HEAD)  # a bad adapter_targets setting fails here, before training
     key = f"{key}|{name}|{size}|{sorted((model_kwargs or {}).items())}"
     return Backbone(model, name, source, size, mean, std, site, key, notes)

@@ -35,7 +35,7 @@ from harness.validation import Bool, Float, Int
 from vision import builtin, domain_shift, vtab
 from vision.bench import bench as run_bench
 from vision.benchmarks import BENCHMARKS, get_benchmark
-from vision.backbones import DEFAULT_TARGETS, HEAD, Backbone, build_backbone, check_model_name, create, model_img_size
+from vision.backbones import DEFAULT_TARGETS, FEEDFORWARD, HEAD, Backbone, build_backbone, check_model_name, create, model_img_size
 from vision.images import TaskData
 from vision.pretrain import ensure_pretrained
 from vision.train import DeviceSplit, batches, classification_loss, schedule, top1
@@ -149,7 +149,7 @@ class VisionTrack(Track):
     def count_model(self, settings: VisionSettings, classes: int):
         """The backbone with random weights and a ``classes``-wide head (nothing read or downloaded)."""
         model = create(settings.backbone, classes, settings.img_size, 0.0, settings.model_kwargs)
-        return model, AdapterSite(tuple(settings.adapter_targets), HEAD)
+        return model, AdapterSite(tuple(settings.adapter_targets), HEAD, FEEDFORWARD)
 
     def shape_model(self, settings: VisionSettings, benchmark: str):
         try:
@@ -157,7 +157,7 @@ class VisionTrack(Track):
                 model = create(settings.backbone, 2, settings.img_size, 0.0, settings.model_kwargs)
         except Exception:  # noqa: BLE001 - a model timm cannot build on the meta device is checked at wrap time
             return None
-        return model, AdapterSite(tuple(settings.adapter_targets), HEAD)
+        return model, AdapterSite(tuple(settings.adapter_targets), HEAD, FEEDFORWARD)
 
     # --- stages --------------------------------------------------------------------------------------
     def pretrain(self, settings: VisionSettings) -> dict[str, Any]:

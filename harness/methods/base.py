@@ -42,10 +42,15 @@ class AdapterSite:
     targets: module-name suffixes of the ``nn.Linear`` layers to adapt (matched like PEFT's
         ``target_modules`` list: exact name or dotted suffix), e.g. ``("qkv", "attn.proj", "fc1", "fc2")``.
     head: names of the task-head modules; every method trains them, and they are counted apart.
+    feedforward: the model's activation-scaling sites that sit at a layer's *input*: name suffixes of the
+        second Linear of each feed-forward block (e.g. ``("mlp.fc2",)``). A method that scales activations
+        (IA3-like, peft's ``feedforward_modules``) scales these layers' inputs and the other targets'
+        outputs; :meth:`feedforward_targets` gives the ones among the targets. A model fact, set by the track.
     """
 
     targets: tuple[str, ...]
     head: tuple[str, ...]
+    feedforward: tuple[str, ...] = ()
 
     def is_target(self, module_name: str) -> bool:
         return any(module_name == t or module_name.endswith("." + t) for t in self.targets)
@@ -58,6 +63,15 @@ class AdapterSite:
                 if parts[i:i + len(hp)] == hp:
                     return True
         return False
+
+    def with_targets(self, targets: tuple[str, ...]) -> "AdapterSite":
+        """The same model's site with other targets (its head and feed-forward sites kept)."""
+        return AdapterSite(tuple(targets), self.head, self.feedforward)
+
+    def feedforward_targets(self, model: nn.Module) -> list[str]:
+        """Full names of the targeted Linears that are feed-forward sites (input-scaled, see the class)."""
+        return [n for n, _ in self.target_linears(model)
+                if any(n == f or n.endswith("." + f) for f in self.feedforward)]
 
     def target_linears(self, model: nn.Module) -> list[tuple[str, nn.Linear]]:
         """The targeted Linear layers, in module order; an error when none match."""

@@ -67,10 +67,22 @@ class PeftMethod(Method):
         self.check_fit(model, site, settings)
         peft_model = get_peft_model(model, self.peft_config(settings, site, ctx))
         self.after_wrap(peft_model, settings, ctx)
+        return self.ready(peft_model, site)
+
+    def ready(self, peft_model: nn.Module, site: AdapterSite) -> nn.Module:
+        """The last steps of every wrap and load (the head trains, the fast forward, peft's input casts as
+        :attr:`pure_matmul` says): a method that builds its peft model in a ``wrap`` of its own ends with it."""
         return _ready(peft_model, site, self.input_casts)
 
     rank_limited = True
-    input_casts = False  # True where peft's input casts change the numbers (see _ready)
+    # peft casts each adapter's input to the adapter's dtype; a method whose adapter path is matmuls only
+    # declares pure_matmul = True and runs without the casts (see _ready). The default keeps peft's casts,
+    # so a new method behaves as in peft until a test shows the casts change nothing for it.
+    pure_matmul = False
+
+    @property
+    def input_casts(self) -> bool:
+        return not self.pure_matmul
 
     def check_fit(self, model: nn.Module, site: AdapterSite, settings: dict[str, Any]) -> None:
         super().check_fit(model, site, settings)  # fails clearly when no target matches
@@ -141,8 +153,8 @@ class LoRA(PeftMethod):
     alpha_family = True
 
     @property
-    def input_casts(self) -> bool:  # type: ignore[override]
-        return self.dora  # DoRA's magnitude terms run in the input's dtype
+    def pure_matmul(self) -> bool:  # type: ignore[override]
+        return not self.dora  # DoRA's magnitude terms run in the input's dtype: they keep peft's casts
 
     def init_weights(self, settings: dict[str, Any]) -> Any:
         return self.init
@@ -197,6 +209,7 @@ class OLoRA(_BaseRewritingLoRA):
 
 
 class AdaLoRA(PeftMethod):
+    pure_matmul = True  # P diag(E) Q: matmuls only (tests/test_methods_peft.py checks it without the casts)
     name = "adalora"
     summary = "AdaLoRA (Zhang et al. 2023) through peft: SVD-form adapters, rank budget reallocated during training"
     settings = {
@@ -450,6 +463,7 @@ class EVADoRA(EVA):
 
 
 class VeRA(PeftMethod):
+    pure_matmul = True  # scaled frozen projections: matmuls only (checked as AdaLoRA's)
     name = "vera"
     summary = "VeRA (Kopiczko et al. 2024) through peft: one frozen random A/B pair shared by all layers, trained scaling vectors"
     default_lr = 1e-2
@@ -470,7 +484,7 @@ class VeRA(PeftMethod):
 
 
 class RandLoRA(PeftMethod):
-    input_casts = True  # its scaled bases multiply in the input's dtype
+    pure_matmul = False  # its scaled bases multiply in the input's dtype: peft's casts stay
     name = "randlora"
     summary = "RandLoRA (Albert et al. 2025) through peft: full-rank update from frozen random rank-r bases, trained scalings"
     rank_limited = True
