@@ -107,30 +107,35 @@ def eval_points(plan: SchedulerPlan, max_t: int) -> list[int]:
     return sorted(points)
 
 
+def _asha_brackets(plan: SchedulerPlan, max_t: int) -> tuple[float, list[tuple[int, ...]]]:
+    """(eta, each bracket's rungs followed by max_t), as Tune's ASHA lays them out."""
+    eta = float(plan.params.get("reduction_factor", 4))
+    g = plan.grace(max_t)
+    return eta, [tuple(math.ceil(g * eta ** (k + s)) for k in range(64) if g * eta ** (k + s) < max_t) + (max_t,)
+                 for s in range(int(plan.params.get("brackets", 1)))]
+
+
 def expected_update_fraction(plan: SchedulerPlan | None, max_t: int, group_size: int | None = None) -> float:
     """The share of the full grid's selection updates that a scheduler is expected to spend.
 
-    ASHA (one bracket) with no ``group_size``: every trial reaches the first rung and 1/eta of them each
-    next one, the ideal of the synchronous algorithm. With ``group_size`` (the trials of one (method,
-    task) group, which compete only with each other): Tune's asynchronous rule simulated
-    (:func:`_async_asha`): a trial is stopped at a rung only when it scores below the
-    (1 - 1/eta) quantile of the trials recorded there before it, so the first to arrive always goes on
-    and small groups save much less (a group of two under eta 2 spends about 0.7 of its grid; measured
-    on the H200's cw10-short selection: 0.75). Median stopping has no closed form: priced at the full
-    grid."""
+    ASHA with no ``group_size``: every trial reaches the first rung and 1/eta of them each next one, the
+    ideal of the synchronous algorithm. With ``group_size`` (the trials of one (method, task) group, which
+    compete only with each other): Tune's asynchronous rule simulated (:func:`_async_asha`): a trial is
+    stopped at a rung only when it scores below the (1 - 1/eta) quantile of the trials recorded there
+    before it, so the first to arrive always goes on and small groups save much less (a group of two
+    under eta 2 spends about 0.75 of its grid, as cw10-short's selection did on the H200). Median stopping
+    has no closed form: priced at the full grid. Several brackets: their mean (Tune spreads a group's
+    trials over them about evenly)."""
     if plan is None or plan.name != "asha" or max_t <= 0:
         return 1.0
-    eta = float(plan.params.get("reduction_factor", 4))
-    brackets = int(plan.params.get("brackets", 1))
-    g = plan.grace(max_t)
+    eta, brackets = _asha_brackets(plan, max_t)
     shares = []
-    for s in range(brackets):
-        levels = [math.ceil(g * eta ** (k + s)) for k in range(64) if g * eta ** (k + s) < max_t] + [max_t]
+    for levels in brackets:
         if group_size is None:
             spent = levels[0] + sum(eta ** -(i + 1) * (levels[i + 1] - levels[i]) for i in range(len(levels) - 1))
             shares.append(spent / max_t)
-        else:  # Tune spreads a group's trials over the brackets about evenly
-            shares.append(_async_asha(tuple(levels), eta, max(1, math.ceil(group_size / brackets)))[0])
+        else:
+            shares.append(_async_asha(levels, eta, max(1, math.ceil(group_size / len(brackets))))[0])
     return sum(shares) / len(shares)
 
 
@@ -140,19 +145,15 @@ def expected_rung_reports(plan: SchedulerPlan | None, max_t: int, group_size: in
     median stopping: every point (priced, like its updates, at the full grid); no scheduler: none."""
     if plan is None or max_t <= 0:
         return 0.0
-    points = eval_points(plan, max_t)
     if plan.name != "asha":
-        return float(len(points))
-    eta = float(plan.params.get("reduction_factor", 4))
-    brackets = int(plan.params.get("brackets", 1))
-    g = plan.grace(max_t)
+        return float(len(eval_points(plan, max_t)))
+    eta, brackets = _asha_brackets(plan, max_t)
     reports = []
-    for s in range(brackets):
-        levels = [math.ceil(g * eta ** (k + s)) for k in range(64) if g * eta ** (k + s) < max_t] + [max_t]
+    for levels in brackets:
         if group_size is None:  # the synchronous ideal: all reach the first rung, 1/eta the next, ...
             reports.append(sum(eta ** -k for k in range(len(levels) - 1)))
         else:
-            reports.append(_async_asha(tuple(levels), eta, max(1, math.ceil(group_size / brackets)))[1])
+            reports.append(_async_asha(levels, eta, max(1, math.ceil(group_size / len(brackets))))[1])
     return sum(reports) / len(reports)
 
 
