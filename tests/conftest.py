@@ -38,6 +38,13 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The tests start throwaway local Ray clusters, in this process and in subprocesses. Ray reads its auth mode
+# once per process, and a GCS it starts later reads the environment: with the mode unset, a machine that
+# holds a token file (~/.ray/auth_token) gave the cluster test's in-process driver "disabled" and a later
+# in-process cluster's GCS "token", which then refused its own driver. One mode for the whole session; the
+# token test sets its own in the processes it starts.
+os.environ["RAY_AUTH_MODE"] = "disabled"
+
 
 @dataclass(frozen=True)
 class TinySweep:
