@@ -13,6 +13,7 @@ The compiled runs use torch.compile's mode ``bench_compile_mode`` of the track s
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, Callable
 
@@ -144,8 +145,6 @@ KERNEL_CLASSES: tuple[tuple[str, str], ...] = (
 
 def classify_kernel(name: str) -> str:
     """The class of work of a kernel or operator name (:data:`KERNEL_CLASSES`)."""
-    import re
-
     for label, pattern in KERNEL_CLASSES:
         if re.search(pattern, name, flags=re.IGNORECASE):
             return label
