@@ -115,46 +115,46 @@ def _asha_brackets(plan: SchedulerPlan, max_t: int) -> tuple[float, list[tuple[i
                  for s in range(int(plan.params.get("brackets", 1)))]
 
 
-def expected_update_fraction(plan: SchedulerPlan | None, max_t: int, group_size: int | None = None) -> float:
-    """The share of the full grid's selection updates that a scheduler is expected to spend.
+def expected_selection_work(plan: SchedulerPlan | None, max_t: int,
+                            group_size: int | None = None) -> tuple[float, float]:
+    """(share of the full grid's selection updates, intermediate scores per trial) a scheduler is expected
+    to cost; each intermediate score is one evaluation, at each of :func:`eval_points` a trial reaches.
 
     ASHA with no ``group_size``: every trial reaches the first rung and 1/eta of them each next one, the
     ideal of the synchronous algorithm. With ``group_size`` (the trials of one (method, task) group, which
     compete only with each other): Tune's asynchronous rule simulated (:func:`_async_asha`): a trial is
     stopped at a rung only when it scores below the (1 - 1/eta) quantile of the trials recorded there
     before it, so the first to arrive always goes on and small groups save much less (a group of two
-    under eta 2 spends about 0.75 of its grid, as cw10-short's selection did on the H200). Median stopping
-    has no closed form: priced at the full grid. Several brackets: their mean (Tune spreads a group's
-    trials over them about evenly)."""
-    if plan is None or plan.name != "asha" or max_t <= 0:
-        return 1.0
-    eta, brackets = _asha_brackets(plan, max_t)
-    shares = []
+    under eta 2 spends about 0.75 of its grid, as cw10-short's selection did on the H200). Several
+    brackets: their mean (Tune spreads a group's trials over them about evenly). Median stopping has no
+    closed form: priced at the full grid, every point evaluated. No scheduler: the full grid, none."""
+    if plan is None or max_t <= 0:
+        return 1.0, 0.0
+    if plan.name != "asha":
+        return 1.0, float(len(eval_points(plan, max_t)))
+    eta = float(plan.params.get("reduction_factor", 4))
+    g = plan.grace(max_t)
+    brackets = [tuple(math.ceil(g * eta ** (k + s)) for k in range(64) if g * eta ** (k + s) < max_t) + (max_t,)
+                for s in range(int(plan.params.get("brackets", 1)))]
+    work = []
     for levels in brackets:
         if group_size is None:
             spent = levels[0] + sum(eta ** -(i + 1) * (levels[i + 1] - levels[i]) for i in range(len(levels) - 1))
-            shares.append(spent / max_t)
+            work.append((spent / max_t, sum(eta ** -k for k in range(len(levels) - 1))))
         else:
-            shares.append(_async_asha(levels, eta, max(1, math.ceil(group_size / len(brackets))))[0])
-    return sum(shares) / len(shares)
+            work.append(_async_asha(levels, eta, max(1, math.ceil(group_size / len(brackets)))))
+    return sum(w[0] for w in work) / len(work), sum(w[1] for w in work) / len(work)
+
+
+def expected_update_fraction(plan: SchedulerPlan | None, max_t: int, group_size: int | None = None) -> float:
+    """The share of the full grid's selection updates a scheduler is expected to spend
+    (:func:`expected_selection_work`)."""
+    return expected_selection_work(plan, max_t, group_size)[0]
 
 
 def expected_rung_reports(plan: SchedulerPlan | None, max_t: int, group_size: int | None = None) -> float:
-    """How many intermediate scores (each one evaluation) a selection trial is expected to report: one at
-    each of :func:`eval_points` it reaches. ASHA: by the same model as :func:`expected_update_fraction`;
-    median stopping: every point (priced, like its updates, at the full grid); no scheduler: none."""
-    if plan is None or max_t <= 0:
-        return 0.0
-    if plan.name != "asha":
-        return float(len(eval_points(plan, max_t)))
-    eta, brackets = _asha_brackets(plan, max_t)
-    reports = []
-    for levels in brackets:
-        if group_size is None:  # the synchronous ideal: all reach the first rung, 1/eta the next, ...
-            reports.append(sum(eta ** -k for k in range(len(levels) - 1)))
-        else:
-            reports.append(_async_asha(levels, eta, max(1, math.ceil(group_size / len(brackets))))[1])
-    return sum(reports) / len(reports)
+    """How many intermediate scores a selection trial is expected to report (:func:`expected_selection_work`)."""
+    return expected_selection_work(plan, max_t, group_size)[1]
 
 
 @functools.lru_cache(maxsize=256)
@@ -253,5 +253,5 @@ def grouped_scheduler(plan: SchedulerPlan, metric: str, mode: str, max_t: int):
     return GroupedScheduler()
 
 
-__all__ = ["SCHEDULERS", "TIME_ATTR", "SchedulerPlan", "eval_points", "expected_rung_reports", "expected_update_fraction",
-           "grouped_scheduler", "make_scheduler", "parse_scheduler"]
+__all__ = ["SCHEDULERS", "TIME_ATTR", "SchedulerPlan", "eval_points", "expected_rung_reports", "expected_selection_work",
+           "expected_update_fraction", "grouped_scheduler", "make_scheduler", "parse_scheduler"]

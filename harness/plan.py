@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.early_stopping import expected_rung_reports, expected_update_fraction, parse_scheduler
+from harness.early_stopping import expected_selection_work, parse_scheduler
 from harness.errors import ConfigError
 from harness.methods import base_name
 from harness.placement import auto_gpu_share, check_reachable, visible_gpus
@@ -200,10 +200,11 @@ def plan_sweep(sweep: SweepFile, gpus: int, device_name: str, costs: dict[str, A
             specs = [s for s in study_trials(study, "select") if s.method in selecting]
             max_t = (trial_cost(specs[0], study, None).updates or 0) if specs else 0
             groups = Counter((s.method, s.task) for s in specs)  # a scheduler per (method, task) group
-            share = (sum(n * expected_update_fraction(sched, max_t, n) for n in groups.values()) / len(specs)
-                     if specs else 1.0)
-            rungs = (sum(n * expected_rung_reports(sched, max_t, n) for n in groups.values()) / len(specs)
-                     if specs else 0.0)
+            share, rungs = 1.0, 0.0
+            if specs:
+                work = [(n, expected_selection_work(sched, max_t, n)) for n in groups.values()]
+                share = sum(n * w[0] for n, w in work) / len(specs)
+                rungs = sum(n * w[1] for n, w in work) / len(specs)
             stages.append(("select" + (f" [{sched.label()}]" if sched else ""), specs, share, rungs))
             first = {(m, t): expand_grid(space, m)[0] for m, space in study.methods.items() for t in study_tasks(study)}
             stages.append(("final", study_trials(study, "final", first), 1.0, 0.0))
