@@ -33,6 +33,7 @@ from harness.randomness import derive_seed, seeded
 from harness.training import LoopConfig, Trainer, pick_device, synchronize
 from agents.data import DataSettings, Episodes, WindowSampler, build_datasets, say
 from agents.dt import DTConfig, DecisionTransformer, batch_loss
+from agents.return_targets import DEFAULT_RULE, return_target
 from agents.rollout import TaskPools, evaluate_dt_tasks
 from agents.tasks import MT40, check_task
 
@@ -106,13 +107,15 @@ def load_model(path: Path, cfg: DTConfig, device: torch.device | str = "cpu") ->
 @dataclass
 class CurveEval:
     """What a pretraining scores at each of ``at`` (update counts): MT40 success over ``episodes`` episodes
-    per task (evaluation seed ``seed``), written to ``path`` (JSON) after every point when given."""
+    per task (evaluation seed ``seed``, each task's return target by ``target_rule``,
+    ``agents.return_targets``), written to ``path`` (JSON) after every point when given."""
 
     at: tuple[int, ...]
     episodes: int = 10
     workers: int = 1
     seed: int = 0
     path: Path | None = None
+    target_rule: str = DEFAULT_RULE
     points: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -143,7 +146,8 @@ def _write_curve(curve: CurveEval, plan: "PretrainPlan", extra: dict[str, Any]) 
         return
 
     doc = {"base_key": plan.base_key(), "plan": plan.key(), "eval_episodes": curve.episodes,
-           "eval_seed": curve.seed, "eval_at": list(curve.at), "points": curve.points, **extra}
+           "eval_seed": curve.seed, "return_target": curve.target_rule, "eval_at": list(curve.at),
+           "points": curve.points, **extra}
     Path(curve.path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(curve.path), json.dumps(doc, indent=1, default=str) + "\n")
 
@@ -170,6 +174,11 @@ def pretrain(plan: PretrainPlan, device: torch.device | None = None, data_worker
             if missing:
                 log(f"[rl-pretrain] this pretraining is cached ({found.path}); its curve has no point at "
                     f"{missing} (only a new run can add them: change a setting, or remove the entry)")
+            # points from before the rule existed were scored with max
+            other = sorted({p.get("return_target", DEFAULT_RULE) for p in curve.points} - {curve.target_rule})
+            if other:
+                log(f"[rl-pretrain] the cached curve's points were scored with return target {', '.join(other)}, "
+                    f"not {curve.target_rule}; each point says which (score the final model with `eval rl`)")
             _write_curve(curve, plan, {"cached": True})
         return Pretrained(found.file(WEIGHTS), plan.base_key(), info)
     device = device or pick_device("auto")
@@ -181,7 +190,8 @@ def pretrain(plan: PretrainPlan, device: torch.device | None = None, data_worker
     sampler = WindowSampler(episodes, plan.model.context, seed=plan.seed, device=device)
     # what the data cost the run that began it (a resumed call finds the data cached)
     data_s = float(resumed.get("data_s", time.perf_counter() - data_started))
-    targets = {t: float(e.returns.max()) for t, e in zip(plan.tasks, episodes)}
+    rule = curve.target_rule if curve is not None else DEFAULT_RULE
+    targets = {t: return_target(e, rule).value for t, e in zip(plan.tasks, episodes)}
     del episodes
     with seeded(derive_seed(plan.seed, "init")):
         model = DecisionTransformer(plan.model).to(device)
@@ -234,7 +244,7 @@ def pretrain(plan: PretrainPlan, device: torch.device | None = None, data_worker
                     if pools is None:
                         pools = TaskPools(plan.tasks, curve.episodes, curve.workers, curve.seed,
                                           plan.data.episode_length)
-                    point = _curve_point(model, pools, targets, device, done, clock0 + train_s, data_s, calls)
+                    point = _curve_point(model, pools, targets, device, done, clock0 + train_s, data_s, calls, rule)
                     curve.points.append(point)
                     log(f"[rl-pretrain] update {done}: MT40 success {point['success']:.3f} (any-step "
                         f"{point['success_any']:.3f}) after {clock0 + train_s:.0f}s of data and training; "
@@ -275,7 +285,7 @@ def pretrain(plan: PretrainPlan, device: torch.device | None = None, data_worker
 
 
 def _curve_point(model: torch.nn.Module, pools, targets: dict[str, float], device: torch.device, updates: int,
-                 clock: float, data_s: float, calls: int) -> dict[str, Any]:
+                 clock: float, data_s: float, calls: int, rule: str = DEFAULT_RULE) -> dict[str, Any]:
     started = time.perf_counter()
     results = evaluate_dt_tasks(model, pools, targets, device)
     model.train()
@@ -284,7 +294,7 @@ def _curve_point(model: torch.nn.Module, pools, targets: dict[str, float], devic
     mean = {m: float(sum(r[m] for r in per_task.values()) / len(per_task)) for m in ("success", "success_any", "return")}
     return {"updates": updates, "wall_s": round(clock, 2), "data_s": round(data_s, 2),
             "train_s": round(clock - data_s, 2), "eval_s": round(time.perf_counter() - started, 2), "calls": calls,
-            **mean, "tasks": per_task}
+            "return_target": rule, **mean, "tasks": per_task}
 
 
 def cached_eval(cache: ArtifactCache, name: str, key: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from agents.data import (DataSettings, Episodes, WindowSampler, build_datasets, 
 from agents.dt import SITE, DTConfig, DecisionTransformer, batch_loss, forward_batch, layer_tokens
 from agents.pretrain import (EVAL_KIND, BaseFile, CurveEval, OptimPlan, PretrainPlan, Pretrained, cached_eval,
                              export_base, load_model, pretrain as build_pretrained, read_base)
+from agents.return_targets import DEFAULT_RULE, ReturnTarget, canonical_rule, return_target
 from agents.rollout import TaskPools, evaluate_dt, evaluate_dt_tasks, evaluate_scripted
 from agents.tasks import CW10, EPISODE_LENGTH, MT40, MT50, check_task
 
@@ -102,6 +103,10 @@ class RLSettings(TrackSettings):
     # evaluation and runtime
     eval_workers: Int = Field(0, ge=0)  # rollout processes; 0: min(episodes, the trial's cores)
     eval_pretrained: Bool = True  # also score the pretrained DT on each trial's evaluation episodes
+    # the return-to-go a DT is conditioned on in every evaluation (base, trials, pretraining curve), a rule over
+    # the task's data episodes (agents/return_targets.py): max (the papers'), mean, quantile:Q, or success_max,
+    # success_mean, success_quantile:Q over the episodes whose last step is a success (max when there are none)
+    return_target: str = DEFAULT_RULE
     compile: Bool = True
     # `python -m harness bench rl`
     bench_steps: Int = Field(50, ge=1)
@@ -118,6 +123,11 @@ class RLSettings(TrackSettings):
         if isinstance(data, dict) and data.get("preset", "recipe") in PRESETS:
             return {**PRESETS[data.get("preset", "recipe")], **data}
         return data
+
+    @field_validator("return_target")
+    @classmethod
+    def _target_rule(cls, v: str) -> str:
+        return canonical_rule(v)
 
     @field_validator("pretrain_eval_at")
     @classmethod
@@ -166,6 +176,13 @@ def data_settings(ts: RLSettings) -> DataSettings:
                         expert=ts.expert)
 
 
+def task_target(ts: RLSettings, task: str, data: Episodes | None = None) -> ReturnTarget:
+    """The return ``task``'s evaluations condition the DT on: the study's rule ``return_target`` over the
+    task's data (``data`` when the caller holds it, else read or built from the cache)."""
+    return return_target(data if data is not None else load_dataset(task, data_settings(ts), _data_workers(ts)),
+                         ts.return_target)
+
+
 def model_config(ts: RLSettings) -> DTConfig:
     return DTConfig(n_layer=ts.n_layer, n_head=ts.n_head, n_embd=ts.n_embd, context=ts.context, dropout=ts.dropout)
 
@@ -201,9 +218,13 @@ def base_model(ts: RLSettings, device: torch.device | None = None) -> Pretrained
 def backbone_name(ts: RLSettings, pre: Pretrained) -> str:
     """The leaderboard's backbone column: the DT's shape, then in brackets (the weights, as on the vision
     track) the base file's name and short hash, or the base's key when the trials pretrained it themselves,
-    so rows of two bases (e.g. two presets) never share a row."""
+    so rows of two bases (e.g. two presets) never share a row; a return-target rule other than the default
+    is named there too, so rows scored under different targets never share one either."""
     described = model_config(ts).describe()
-    return f"{described} [{pre.info['label']}]" if "label" in pre.info else f"{described} [base {pre.base_key}]"
+    # rows scored under another return target are other rows (the default's rows keep their name)
+    weights = pre.info["label"] if "label" in pre.info else f"base {pre.base_key}"
+    rule = "" if ts.return_target == DEFAULT_RULE else f"; return target {ts.return_target}"
+    return f"{described} [{weights}{rule}]"
 
 
 def rollout_workers(ts: RLSettings, episodes: int) -> int:
@@ -252,7 +273,7 @@ class RLTrack(Track):
                 raise ConfigError("a time-to-quality curve needs setting 'pretrain_eval_episodes' >= 1")
             points = CurveEval(at=tuple(settings.pretrain_eval_at), episodes=settings.pretrain_eval_episodes,
                                workers=rollout_workers(settings, 10**6), seed=0,
-                               path=Path(curve) if curve else None)
+                               path=Path(curve) if curve else None, target_rule=settings.return_target)
         pre = build_pretrained(plan, pick_device(settings.device), _data_workers(settings), curve=points)
         result = {"path": str(pre.path), "base_key": pre.base_key,
                   **{k: pre.info[k] for k in ("final_loss", "steps_per_s", "wall_s", "params") if k in pre.info}}
@@ -264,7 +285,10 @@ class RLTrack(Track):
         if export is not None:
             from pathlib import Path
 
-            result["export"] = export_base(pre, plan, result.get("eval", {}).get("mean"), Path(export))
+            scored = result.get("eval", {}).get("mean")  # with the conditions it was scored under
+            scored = scored and {**scored, "episodes": settings.pretrain_eval_episodes,
+                                 "return_target": settings.return_target}
+            result["export"] = export_base(pre, plan, scored, Path(export))
         return result
 
     def check_inputs(self, settings: RLSettings, benchmark: str, tasks: list[str]) -> None:
@@ -311,7 +335,8 @@ class RLTrack(Track):
         model.load_state_dict(base_state(pre.path))
         model = model.to(device).eval()
         data = load_dataset(spec.task, plan.data, _data_workers(ts))
-        target = float(data.returns.max())
+        chosen = task_target(ts, spec.task, data)
+        target = chosen.value
         K, bs, episodes = plan.model.context, budget.batch_size, budget.eval_episodes
         eval_seed = episode_seed(spec.seed, budget.stage)
         sampler = WindowSampler(data, K, seed=derive_seed(spec.seed, "batches"), device=device)
@@ -355,7 +380,7 @@ class RLTrack(Track):
             init_batches=lambda: [init_sampler.sample(bs) for _ in range(8)],
             facts={"data": DATA_NOTE, "data_episodes": ts.data_episodes, "noise_levels": list(ts.noise_levels),
                    "pretrain_tasks": len(plan.tasks), "pretrain_steps": plan.train.steps, "base_key": pre.base_key,
-                   "target_return": target, "expert": data_settings(ts).policy_id,
+                   **chosen.facts(), "expert": data_settings(ts).policy_id,
                    **({"pretrained_file": pre.info["label"]} if "label" in pre.info else {})})
 
 
@@ -381,7 +406,15 @@ def _task_eval_key(pre: Pretrained, task: str, episodes: int, seed: int, untrain
             "target": target}
 
 
-def _batched_task_evals(ts: RLSettings, tasks: list[str], episodes: int, seed: int) -> None:
+def pretrained_evals(ts: RLSettings, tasks: list[str], episodes: int, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """The pretrained DT's scores on each of ``tasks`` (:func:`task_eval`'s, cached), all tasks' rollouts
+    batched; no untrained reference (``python -m harness eval rl``)."""
+    _batched_task_evals(ts, list(tasks), episodes, seed, with_untrained=False)
+    return {t: task_eval(ts, t, episodes, seed) for t in tasks}
+
+
+def _batched_task_evals(ts: RLSettings, tasks: list[str], episodes: int, seed: int,
+                        with_untrained: bool = True) -> None:
     """Fill :func:`task_eval`'s cache for ``tasks`` with all their rollouts at once (one batched forward
     per step over every task's environments: the same start states, so the same episodes, as one task at a
     time; on a GPU the batch's kernels may round differently)."""
@@ -389,8 +422,8 @@ def _batched_task_evals(ts: RLSettings, tasks: list[str], episodes: int, seed: i
     device = pick_device(ts.device)
     pre = base_model(ts, device)
     cache = ArtifactCache()
-    targets = {t: float(load_dataset(t, plan.data).returns.max()) for t in tasks}
-    for untrained in (False, True):
+    targets = {t: task_target(ts, t).value for t in tasks}
+    for untrained in (False, True) if with_untrained else (False,):
         name = "untrained" if untrained else "pretrained"
         keys = {t: _task_eval_key(pre, t, episodes, seed, untrained, targets[t]) for t in tasks}
         missing = [t for t in tasks if cache.lookup(EVAL_KIND, f"{t}-{name}", keys[t]) is None]
@@ -413,12 +446,13 @@ def _reuse_final_point(ts: RLSettings, pre: Pretrained, points: CurveEval) -> No
     """The curve's last point scored the finished model on the episodes :func:`pretraining_eval` uses:
     its per-task scores go into that evaluation's cache instead of being rolled out again."""
     final = next((p for p in points.points if p["updates"] == ts.pretrain_steps), None)
-    if final is None or points.seed != 0 or points.episodes != ts.pretrain_eval_episodes:
+    # points written before the rule existed were scored with max, today's default
+    if (final is None or points.seed != 0 or points.episodes != ts.pretrain_eval_episodes
+            or final.get("return_target", DEFAULT_RULE) != ts.return_target):
         return
     plan = pretrain_plan(ts)
     for task, scores in final["tasks"].items():
-        target = float(load_dataset(task, plan.data).returns.max())
-        key = _task_eval_key(pre, task, points.episodes, 0, False, target)
+        key = _task_eval_key(pre, task, points.episodes, 0, False, task_target(ts, task).value)
         cached_eval(ArtifactCache(), f"{task}-pretrained", key, lambda s=scores: {**s, "wall_s": final["eval_s"]})
 
 
@@ -428,7 +462,7 @@ def task_eval(ts: RLSettings, task: str, episodes: int, seed: int, untrained: bo
     plan = pretrain_plan(ts)
     device = pick_device(ts.device)
     pre = base_model(ts, device)
-    target = float(load_dataset(task, plan.data).returns.max())
+    target = task_target(ts, task).value
     key = _task_eval_key(pre, task, episodes, seed, untrained, target)
 
     def compute() -> dict[str, Any]:

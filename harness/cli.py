@@ -1,4 +1,4 @@
-"""The command line: ``python -m harness {sweep,run,pretrain,data,leaderboard,methods,tasks,bench}``."""
+"""The command line: ``python -m harness {sweep,run,pretrain,data,eval,leaderboard,methods,tasks,bench}``."""
 
 from __future__ import annotations
 
@@ -162,6 +162,25 @@ def cmd_data(args) -> int:
         print(data_report(settings, args.tasks or None, out))
         return 0
     print(json.dumps(track.make_data(settings, args.tasks or None), indent=1, default=str))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    if args.track != "rl":
+        raise ConfigError(f"eval {args.track!r}: eval scores an exported base of the rl track "
+                          "(python -m harness eval rl --pretrained FILE)")
+    from agents.evaluation import evaluate_base, format_eval  # heavy: agents.track imports metaworld
+
+    config = dict(_parse_sets(args.set))
+    _writable_folders(None, None)
+    if args.out:
+        check_writable_dir(Path(args.out).parent, "--out")
+    result = evaluate_base(args.pretrained, config)
+    print(format_eval(result), flush=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(args.out), json.dumps(result, indent=1, default=str) + "\n")
+        print(f"[eval] written to {args.out}", file=sys.stderr)
     return 0
 
 
@@ -329,6 +348,17 @@ def build_parser() -> argparse.ArgumentParser:
                            help="rl: also write the pretrained DT as a shareable base file (+ FILE.sha256); "
                                 "trials load it with --set pretrained=FILE")
         c.set_defaults(fn=fn)
+
+    ev = sub.add_parser("eval", help="score an exported base (pretrain rl --export FILE) in the simulator, "
+                                     "without pretraining (cached)")
+    ev.add_argument("track", help="rl")
+    ev.add_argument("--pretrained", required=True, metavar="FILE.safetensors", help="the base file")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="tasks=[a,b] (default: the file's), eval_episodes=N (default 10), eval_seed=N, "
+                         "return_target=RULE (max, mean, quantile:Q, success_max, success_mean, success_quantile:Q), "
+                         "eval_workers, data_workers, device")
+    ev.add_argument("--out", default=None, metavar="FILE", help="also write the result as JSON here")
+    ev.set_defaults(fn=cmd_eval)
 
     b = sub.add_parser("bench", help="measure training and rollout speed")
     b.add_argument("track", metavar="TRACK|methods|share|scale|selection",
