@@ -13,6 +13,7 @@ full fine-tuning (and to LoRA), so the figures compare within the run. Two model
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import tempfile
 import time
@@ -26,6 +27,7 @@ from torch import nn
 from harness.errors import ConfigError
 from harness.finetune import MethodHooks
 from harness.methods import AdapterSite, MethodContext, get_method, method_names
+from harness.methods import low_rank
 from harness.trial import resolve_point
 from harness.randomness import seeded
 from harness.training import LoopConfig, Trainer, synchronize
@@ -48,6 +50,17 @@ class BenchSettings(BaseModel):
     methods: list[str] | None = None
     compile: Bool = False  # torch.compile forward and loss, as trials with `compile: true` do (CUDA only)
     fast: Bool = True  # the harness's fast adapter forwards (fast_peft); false: peft's own, for comparison
+    # torch.compile mode of the compiled forward and loss (needs compile=true): None the trainer's own
+    # (inductor's default); "reduce-overhead" replays it as CUDA graphs, which tells whether a method's
+    # extra cost is kernel launches rather than device work
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] | None = None
+    # pad adapter ranks to a multiple of this on CUDA (harness.methods.low_rank.RANK_ALIGN); 0: never
+    rank_align: Int | None = Field(None, ge=0)
+    # after the timed steps, `profile_steps` more with the device synchronised between the phases of a
+    # step (forward+loss, the method's extra loss, backward, optimiser, the method's on_step), reporting
+    # ms per phase and the kernels (CUDA) or top-level aten ops (CPU) each phase launches per step
+    profile: Bool = False
+    profile_steps: Int = Field(5, ge=1)
 
 
 def _defaults(cuda: bool, model: str) -> dict[str, Any]:
@@ -127,18 +140,27 @@ def bench_methods(overrides: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError("bench methods: 'backbone' and 'img_size' are ViT settings; with model=dt use "
                           "'tiny' (true: a 2-layer width-32 DT; false: the paper's DT) and 'batch_size'")
     cfg = {**_defaults(device.type == "cuda", given["model"]), **given}
+    if given.get("compile_mode") and not cfg["compile"]:
+        raise ConfigError(f"bench methods: 'compile_mode'={given['compile_mode']!r} needs compile=true")
     for name in cfg["methods"]:
         get_method(name)  # an unknown name fails here, listing the valid ones
     work = _Workload(cfg, device)
     rows: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        bank = _bank(work, Path(tmp)) if "eigenlora" in cfg["methods"] else []
-        for name in cfg["methods"]:
-            try:
-                rows[name] = _time_method(name, cfg, work, bank)
-            except Exception as e:  # one method's failure must not hide the others' figures
-                rows[name] = {"error": f"{type(e).__name__}: {e}"}
-            print(f"[bench] {name}: {rows[name]}", file=sys.stderr, flush=True)
+    align = low_rank.RANK_ALIGN
+    if cfg.get("rank_align") is not None:
+        low_rank.RANK_ALIGN = cfg["rank_align"]
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            bank = _bank(work, Path(tmp)) if "eigenlora" in cfg["methods"] else []
+            for name in cfg["methods"]:
+                try:
+                    rows[name] = _time_method(name, cfg, work, bank)
+                except Exception as e:  # one method's failure must not hide the others' figures
+                    rows[name] = {"error": f"{type(e).__name__}: {e}"}
+                print(f"[bench] {name}: {rows[name]}", file=sys.stderr, flush=True)
+    finally:
+        low_rank.RANK_ALIGN = align
+    cfg["rank_align"] = low_rank.RANK_ALIGN if cfg.get("rank_align") is None else cfg["rank_align"]
     for ref in ("full", "lora"):
         base = rows.get(ref, {}).get("ms_per_step")
         if base:
@@ -161,7 +183,8 @@ def _time_method(name: str, cfg: dict[str, Any], work: _Workload, bank) -> dict[
         torch._dynamo.reset()
     settings = method.default_settings()
     batch = work.batch
-    ctx = MethodContext(total_steps=cfg["steps"] + cfg["warmup"], device=device, adapter_bank=bank,
+    extra = cfg["profile_steps"] if cfg["profile"] else 0
+    ctx = MethodContext(total_steps=cfg["steps"] + cfg["warmup"] + extra, device=device, adapter_bank=bank,
                         init_batches=lambda: [batch] * 4, forward_fn=work.forward_fn,
                         layer_inputs_fn=work.layer_inputs_fn, validate=lambda m: 0.0)
     model = method.wrap(work.model(), work.site, settings, ctx).to(device)
@@ -170,7 +193,10 @@ def _time_method(name: str, cfg: dict[str, Any], work: _Workload, bank) -> dict[
 
         fast_peft.disable(model)
     loop = LoopConfig(steps=cfg["warmup"] + cfg["steps"], lr=1e-4, report_every=0, compile=cfg["compile"])
-    trainer = Trainer(model, work.loss, lambda: batch, loop, device, MethodHooks(method, ctx))
+    hooks = MethodHooks(method, ctx)
+    trainer = Trainer(model, work.loss, lambda: batch, loop, device, hooks)
+    if cfg["compile"] and cfg.get("compile_mode") and device.type == "cuda":
+        trainer.compute_loss = _compiled_loss(trainer, cfg["compile_mode"])
     synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -184,5 +210,93 @@ def _time_method(name: str, cfg: dict[str, Any], work: _Workload, bank) -> dict[
     ms = (time.perf_counter() - start) * 1000 / cfg["steps"]
     own, head = method.count(model, work.site)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-    return {"ms_per_step": round(ms, 2), work.unit: round(cfg["batch_size"] * 1000 / ms, 1),
-            "peak_mb": round(peak, 1) if peak else None, "trainable_params": own, "head_params": head}
+    row = {"ms_per_step": round(ms, 2), work.unit: round(cfg["batch_size"] * 1000 / ms, 1),
+           "peak_mb": round(peak, 1) if peak else None, "trainable_params": own, "head_params": head}
+    if cfg["profile"]:
+        row["phases"] = profile_phases(trainer, hooks, batch, cfg["steps"] + cfg["warmup"], cfg["profile_steps"])
+    return row
+
+
+def _compiled_loss(trainer: Trainer, mode: str) -> Callable[[Any], torch.Tensor]:
+    """The trainer's forward and loss compiled in ``mode``. Under CUDA graphs a replay overwrites the
+    previous replay's outputs, so the loss the trainer keeps for its finiteness check is cloned out."""
+    compiled = torch.compile(trainer._loss, mode=mode)
+    if mode != "reduce-overhead":
+        return compiled
+
+    def run(batch: Any) -> torch.Tensor:
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(batch).clone()
+
+    return run
+
+
+PHASES = ("forward", "extra_loss", "backward", "optimizer", "on_step")
+
+
+def profile_phases(trainer: Trainer, hooks: MethodHooks, batch: Any, first_step: int, steps: int) -> dict[str, Any]:
+    """Where one training step goes, per phase (:data:`PHASES`): ms per step, with the device synchronised
+    at every phase boundary (so a phase's figure is its own host and device time, and the phases sum to
+    more than an unsynchronised step), and the kernels (CUDA) or top-level aten calls (CPU) that a step
+    launches in each phase, from ``torch.profiler`` over the last of the ``steps`` steps.
+
+    The steps are the trainer's own (its compiled loss, optimiser and the method's hooks, in its order),
+    numbered from ``first_step`` for the method's ``on_step`` schedule (AdaLoRA's), after the timed ones.
+    """
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    model, device = trainer.model, trainer.device
+    cuda = device.type == "cuda"
+    seconds = dict.fromkeys(PHASES, 0.0)
+
+    def one(step: int, mark: Callable[[str], Any]) -> None:
+        tick = time.perf_counter()
+
+        def done(name: str) -> None:
+            nonlocal tick
+            synchronize(device)
+            now = time.perf_counter()
+            seconds[name] += now - tick
+            tick = now
+
+        with mark("forward"):
+            loss = trainer.compute_loss(batch)
+            done("forward")
+        with mark("extra_loss"):
+            reg = hooks.extra_loss(model)
+            if reg is not None:
+                loss = loss + reg
+            done("extra_loss")
+        with mark("backward"):
+            loss.backward()
+            done("backward")
+        with mark("optimizer"):
+            trainer.optimizer.step()
+            done("optimizer")
+        with mark("on_step"):
+            hooks.on_step(model, step)
+            done("on_step")
+        trainer.optimizer.zero_grad(set_to_none=True)
+
+    model.train()
+    synchronize(device)
+    for i in range(steps - 1):
+        one(first_step + i, lambda _name: contextlib.nullcontext())
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        one(first_step + steps - 1, record_function)
+    spans = {e.name: (e.time_range.start, e.time_range.end) for e in prof.events() if e.name in PHASES}
+    launches = dict.fromkeys(PHASES, 0)
+    for e in prof.events():
+        if cuda:
+            counted = e.device_type == torch.autograd.DeviceType.CUDA
+        else:  # an aten call not made by another aten call: one dispatch from Python or autograd
+            counted = e.name.startswith("aten::") and not (e.cpu_parent is not None
+                                                           and e.cpu_parent.name.startswith("aten::"))
+        if counted:
+            for name, (start, end) in spans.items():
+                if start <= e.time_range.start <= end:
+                    launches[name] += 1
+                    break
+    return {"ms": {k: round(v * 1000 / steps, 3) for k, v in seconds.items()},
+            "kernels" if cuda else "aten_calls": launches}

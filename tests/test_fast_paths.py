@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from harness.methods import MethodContext, fast_peft, get_method
-from harness.methods.low_rank import low_rank_linear
+from harness.methods.low_rank import low_rank_linear, padded_rank
 from tiny_models import SITE, Tiny
 
 FAST_METHODS = ["lora", "dora", "pissa", "olora", "adalora", "eva", "eva-dora", "vera", "randlora"]
@@ -167,6 +167,60 @@ def test_low_rank_linear_gradients():
     torch.testing.assert_close(fn(x, a0, d, b), expected)
     assert low_rank_linear(x, w, None, a0, b).shape == (2, 3, 4)
 
+
+
+def test_padded_rank_rounds_up_only_where_the_rank_is_unaligned():
+    assert [padded_rank(r, 8) for r in (1, 2, 8, 12, 16, 17)] == [1, 8, 8, 16, 16, 24]
+    assert padded_rank(12, 0) == padded_rank(12, 1) == 12
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_low_rank_linear_padded_rank_gives_the_unpadded_outputs_and_gradients(autocast):
+    """AdaLoRA's rank 12 padded to 16 (as on CUDA): the zero rows and columns change no output and no
+    gradient of x, a or b (fp32 to rounding; under bf16 autocast within bf16's noise of the unpadded)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 7, 24, generator=g)
+    w, bias = torch.randn(20, 24, generator=g), torch.randn(20, generator=g)
+    a, b = torch.randn(12, 24, generator=g), torch.randn(20, 12, generator=g)
+
+    def run(align):
+        leaves = [t.clone().requires_grad_(True) for t in (x, a, b)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = low_rank_linear(leaves[0], w, bias, leaves[1] * 1.0, leaves[2], 0.5, align=align)
+        out.float().square().sum().backward()
+        return out.float(), [t.grad for t in leaves]
+
+    out_plain, grads_plain = run(0)
+    out_pad, grads_pad = run(8)
+    tol = 2e-2 if autocast else 1e-6
+    assert _error(out_pad, out_plain) < tol
+    for padded, plain in zip(grads_pad, grads_plain):
+        assert padded.shape == plain.shape and _error(padded, plain) < tol
+    if not autocast:
+        x64, a64, b64 = (t.double().requires_grad_(True) for t in (x[:2, :2], a, b))
+        assert torch.autograd.gradcheck(lambda x, a, b: low_rank_linear(x, w.double(), bias.double(), a, b,
+                                                                        align=8), (x64, a64, b64))
+
+
+def test_adalora_fast_path_with_its_rank_padded_matches_peft(monkeypatch):
+    """The fast AdaLoRA forward with the padding CUDA applies (rank 4 + init_r_extra 4 = 8 is aligned, so
+    init_r_extra=2 gives rank 6 -> 8) against peft's own forward: same outputs and gradients."""
+    from functools import partial
+
+    from harness.methods import low_rank
+
+    monkeypatch.setattr(fast_peft, "low_rank_linear", partial(low_rank.low_rank_linear, align=8))
+    x, y = _data()
+    fast = _wrapped("adalora", {"init_r_extra": 2})
+    reference = _wrapped("adalora", {"init_r_extra": 2})
+    fast_peft.disable(reference)
+    ranks = {m.lora_A["default"].shape[0] for m in fast.modules() if isinstance(m, fast_peft.FastSVDLinear)}
+    assert ranks == {6}
+    out_fast, g_fast = _step(fast, x, y, autocast=False)
+    out_ref, g_ref = _step(reference, x, y, autocast=False)
+    torch.testing.assert_close(out_fast, out_ref, atol=1e-5, rtol=1e-5)
+    for k in g_ref:
+        assert _error(g_fast[k], g_ref[k]) < 1e-5, k
 
 # --- the own methods on the same low-rank linear ------------------------------------------------------
 

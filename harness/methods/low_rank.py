@@ -21,13 +21,37 @@ import torch
 from torch.nn import functional as F
 
 
+# On CUDA a rank that is not a multiple of this is padded with zero rows of ``a`` and zero columns of
+# ``b`` up to the next multiple (0 or 1: never). cuBLAS runs bf16 GEMMs whose rank-sized dimension (the
+# output of ``x a^T``, the inner size of ``(x a^T) b^T``, and their backward) is not a multiple of 8
+# elements with narrower loads than the aligned ones; AdaLoRA's initial rank r + 4 = 12 and EVA's
+# redistributed ranks hit this, LoRA's powers of two do not. The zeros add exact zeros to every sum and
+# the padding's gradient is dropped by the slice's backward, so outputs and gradients are those of the
+# unpadded product (tests/test_fast_paths.py). ``bench methods --set rank_align=0`` measures without it.
+RANK_ALIGN = 8
+
+
+def padded_rank(rank: int, align: int) -> int:
+    """``rank`` rounded up to a multiple of ``align``; rank 1 (a matrix-vector product) and ``align`` <= 1
+    stay as they are."""
+    if align <= 1 or rank <= 1 or rank % align == 0:
+        return rank
+    return rank + align - rank % align
+
+
 def low_rank_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
-                    b: torch.Tensor, scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+                    b: torch.Tensor, scale: float | torch.Tensor = 1.0, align: int | None = None) -> torch.Tensor:
     """``x W^T + bias + scale (x a^T) b^T`` for ``weight`` (out x in), ``a`` (r x in) and ``b`` (out x r).
 
     ``a`` and ``b`` may be parameters or tensors computed from them (VeRA's scaled bases, AdaLoRA's
-    ``A * E``); ``scale`` is folded into ``b`` (out x r), never applied to the activations.
+    ``A * E``); ``scale`` is folded into ``b`` (out x r), never applied to the activations. ``align``:
+    pad the rank to a multiple of it (None: :data:`RANK_ALIGN` on CUDA, no padding elsewhere).
     """
     if not (isinstance(scale, (int, float)) and scale == 1):
         b = b * scale
+    rank = a.shape[0]
+    target = padded_rank(rank, (RANK_ALIGN if x.is_cuda else 0) if align is None else align)
+    if target != rank:
+        a = F.pad(a, (0, 0, 0, target - rank))
+        b = F.pad(b, (0, target - rank))
     return F.linear(x, weight, bias) + F.linear(F.linear(x, a), b)
