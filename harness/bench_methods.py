@@ -192,7 +192,7 @@ def _time_method(name: str, cfg: dict[str, Any], work: _Workload, bank) -> dict[
         from harness.methods import fast_peft  # heavy: harness.methods.fast_peft imports peft
 
         fast_peft.disable(model)
-    loop = LoopConfig(steps=cfg["warmup"] + cfg["steps"], lr=1e-4, report_every=0, compile=cfg["compile"])
+    loop = LoopConfig(steps=cfg["warmup"] + extra + cfg["steps"], lr=1e-4, report_every=0, compile=cfg["compile"])
     hooks = MethodHooks(method, ctx)
     trainer = Trainer(model, work.loss, lambda: batch, loop, device, hooks)
     if cfg["compile"] and cfg.get("compile_mode") and device.type == "cuda":
@@ -202,6 +202,9 @@ def _time_method(name: str, cfg: dict[str, Any], work: _Workload, bank) -> dict[
         torch.cuda.reset_peak_memory_stats()
     for _ in range(cfg["warmup"]):
         trainer.step()
+    # the profiled steps come before the timed ones, so that a method's schedule (AdaLoRA's budget phase)
+    # is profiled where most of a trial's steps are, not in its final phase
+    phases = profile_phases(trainer, hooks, batch, extra) if extra else None
     synchronize(device)
     start = time.perf_counter()
     while trainer.step():
@@ -212,8 +215,8 @@ def _time_method(name: str, cfg: dict[str, Any], work: _Workload, bank) -> dict[
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
     row = {"ms_per_step": round(ms, 2), work.unit: round(cfg["batch_size"] * 1000 / ms, 1),
            "peak_mb": round(peak, 1) if peak else None, "trainable_params": own, "head_params": head}
-    if cfg["profile"]:
-        row["phases"] = profile_phases(trainer, hooks, batch, cfg["steps"] + cfg["warmup"], cfg["profile_steps"])
+    if phases is not None:
+        row["phases"] = phases
     return row
 
 
@@ -234,14 +237,14 @@ def _compiled_loss(trainer: Trainer, mode: str) -> Callable[[Any], torch.Tensor]
 PHASES = ("forward", "extra_loss", "backward", "optimizer", "on_step")
 
 
-def profile_phases(trainer: Trainer, hooks: MethodHooks, batch: Any, first_step: int, steps: int) -> dict[str, Any]:
+def profile_phases(trainer: Trainer, hooks: MethodHooks, batch: Any, steps: int) -> dict[str, Any]:
     """Where one training step goes, per phase (:data:`PHASES`): ms per step, with the device synchronised
     at every phase boundary (so a phase's figure is its own host and device time, and the phases sum to
     more than an unsynchronised step), and the kernels (CUDA) or top-level aten calls (CPU) that a step
     launches in each phase, from ``torch.profiler`` over the last of the ``steps`` steps.
 
-    The steps are the trainer's own (its compiled loss, optimiser and the method's hooks, in its order),
-    numbered from ``first_step`` for the method's ``on_step`` schedule (AdaLoRA's), after the timed ones.
+    The steps are the trainer's next ``steps`` (its compiled loss, optimiser and the method's hooks, in its
+    order, with the trainer's step numbers for the method's ``on_step`` schedule), and count as done.
     """
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -277,14 +280,15 @@ def profile_phases(trainer: Trainer, hooks: MethodHooks, batch: Any, first_step:
             hooks.on_step(model, step)
             done("on_step")
         trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.step_index = step + 1
 
     model.train()
     synchronize(device)
-    for i in range(steps - 1):
-        one(first_step + i, lambda _name: contextlib.nullcontext())
+    for _ in range(steps - 1):
+        one(trainer.step_index, lambda _name: contextlib.nullcontext())
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
-        one(first_step + steps - 1, record_function)
+        one(trainer.step_index, record_function)
     spans = {e.name: (e.time_range.start, e.time_range.end) for e in prof.events() if e.name in PHASES}
     launches = dict.fromkeys(PHASES, 0)
     for e in prof.events():

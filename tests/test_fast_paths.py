@@ -297,6 +297,15 @@ def test_eigenlora_fast_forward_matches_its_formula(tmp_path):
     assert any("alpha" in k for k in g_ref)
     for k in g_ref:
         assert _error(g_fast[k], g_ref[k]) < 1e-5, k
+    # bf16 autocast: the factors stay fp32 (autocast off for them), the layer's matmuls run in bf16
+    out_bf16, g_bf16 = _step(model, x, y, autocast=True)
+    assert _error(out_bf16, out_ref) < 2e-2
+    for k in g_ref:
+        assert g_bf16[k].dtype == g_ref[k].dtype and _error(g_bf16[k], g_ref[k]) < 3e-2, k
+    a, b = next(m for m in model.modules() if hasattr(m, "alpha_a")).factors()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a16, b16 = next(m for m in model.modules() if hasattr(m, "alpha_a")).factors()
+    assert a16.dtype == b16.dtype == torch.float32 and torch.equal(a16, a) and torch.equal(b16, b)
 
 
 

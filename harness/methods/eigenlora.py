@@ -193,9 +193,15 @@ class EigenLoRALinear(AdaptedLinear):
         self.alpha_b = nn.Parameter(alpha_b.to(**kw), requires_grad=trainable)  # K x r
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A': r x d_in, B': d_out x r)."""
-        a = self.alpha_a.T @ self.e_a + self.mean_a
-        b = (self.alpha_b.T @ self.e_b + self.mean_b).T
+        """(A': r x d_in, B': d_out x r), each one ``addmm`` (the mean added in the product's epilogue).
+
+        In the components' dtype with autocast off, as NoLA's factors: under bf16 autocast each product
+        would first copy its coefficients and components to bf16 and the mean's add would promote the
+        result back to fp32, five kernels per factor in the forward where this is one; the factors are
+        small (r x d), so fp32 costs nothing and rounds less than bf16 did."""
+        with torch.autocast(self.e_a.device.type, enabled=False):
+            a = torch.addmm(self.mean_a, self.alpha_a.T, self.e_a)
+            b = torch.addmm(self.mean_b, self.alpha_b.T, self.e_b).T
         return a, b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
