@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from harness.methods import MethodContext, fast_peft, get_method
+from harness.methods.base import method_state
 from harness.methods.low_rank import low_rank_linear, padded_rank
 from tiny_models import SITE, Tiny
 
@@ -335,6 +336,75 @@ def test_adalora_orthogonality_penalty_matches_peft():
     for n in ga:
         torch.testing.assert_close(ga[n], gb[n], atol=1e-6, rtol=1e-5)
 
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_adalora_penalty_computed_with_the_forward_gives_the_same_loss_and_gradients(compiled, autocast):
+    """The training forward computes the weighted penalty (a forward hook, in fp32 also under autocast)
+    and extra_loss returns it: the loop's total loss and every gradient are those of peft's penalty
+    computed after the forward in fp32; compiled, forward and penalty are one graph."""
+    method = get_method("adalora")
+    x, y = _data()
+    model, reference = _wrapped("adalora"), _wrapped("adalora")
+    weight = float(method.default_settings()["orth_reg_weight"])
+
+    def loss_of(m):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return nn.functional.mse_loss(m(x).float(), y)
+
+    if compiled:
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(loss_of)(model)
+        assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+        model.zero_grad()
+        method.extra_loss(model)  # the explained forward's stash
+        run = torch.compile(loss_of, backend="aot_eager")
+    else:
+        run = loss_of
+    data_loss = run(model)
+    hook = method_state(model)["adalora_penalty"]
+    assert hook.value is not None  # the forward (compiled or not) computed it
+    total = data_loss + method.extra_loss(model)
+    with torch.no_grad():  # evaluation forwards compute no penalty
+        model(x)
+    assert hook.value is None
+    total.backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        ref_data = nn.functional.mse_loss(reference(x).float(), y)
+    ref_total = ref_data + weight * _peft_orth_penalty(reference)
+    ref_total.backward()
+    torch.testing.assert_close(total, ref_total, atol=1e-6, rtol=1e-6)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    ref_grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+    assert grads.keys() == ref_grads.keys()
+    for n in ref_grads:
+        assert _error(grads[n], ref_grads[n]) < 1e-5, n
+
+
+def test_adalora_compiled_step_compiles_once_over_its_whole_schedule():
+    """Forward with the penalty, extra loss, backward, optimiser and the allocator's on_step over a whole
+    budget schedule (importance updates, masking every delta_t, the final masks): one compiled graph,
+    although the allocator keeps adding to the model's method state."""
+    from torch._dynamo.testing import CompileCounter
+
+    method = get_method("adalora")
+    x, y = _data()
+    model = _wrapped("adalora", {"delta_t": 2})
+    ctx = _ctx()  # total_steps 10
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    loss_of = torch.compile(lambda m: nn.functional.mse_loss(m(x), y), backend=counter)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(ctx.total_steps):
+        loss = loss_of(model) + method.extra_loss(model)
+        loss.backward()
+        optimizer.step()
+        method.on_step(model, step, ctx)
+        optimizer.zero_grad(set_to_none=True)
+    assert counter.frame_count == 1
+    assert method.describe(model)["rank_per_layer"]  # the schedule ran to its final masks
+    assert any(p.eq(0).any() for n, p in model.named_parameters() if "lora_E" in n)
 
 def test_adalora_allocator_matches_peft_over_a_schedule():
     """Ten steps through warm-up, budget masks every deltaT steps, the final mask and the final phase: the

@@ -30,6 +30,7 @@ _IMPORTANCE_EVERY = "adalora_importance_every"
 _ORTH_GROUPS = "adalora_orth_groups"  # the P and Q matrices grouped by shape, found once per model
 _ADALORA_PARAMS = "adalora_named_params"  # (names, params) the allocator scores, found once per model
 _FINAL_MASKS = "adalora_final_masks"  # (rank_pattern it was built from, E params, 0/1 masks)
+_PENALTY = "adalora_penalty"  # the PenaltyWithForward hook (the last training forward's penalty)
 
 
 def _ready(model: nn.Module, site: AdapterSite, input_casts: bool) -> nn.Module:
@@ -250,8 +251,12 @@ class AdaLoRA(PeftMethod):
 
     def wrap(self, model, site, settings, ctx):
         wrapped = super().wrap(model, site, settings, ctx)
-        method_state(wrapped)[_ORTH_WEIGHT] = float(settings["orth_reg_weight"])
-        method_state(wrapped)[_IMPORTANCE_EVERY] = int(settings["importance_every"])
+        state = method_state(wrapped)
+        state[_ORTH_WEIGHT] = float(settings["orth_reg_weight"])
+        state[_IMPORTANCE_EVERY] = int(settings["importance_every"])
+        if state[_ORTH_WEIGHT] > 0 and _orth_groups(wrapped):
+            hook = state[_PENALTY] = PenaltyWithForward(state[_ORTH_WEIGHT], _orth_groups(wrapped))
+            wrapped.register_forward_hook(hook)
         return wrapped
 
     def on_step(self, model, step, ctx):
@@ -259,9 +264,14 @@ class AdaLoRA(PeftMethod):
 
     def extra_loss(self, model):
         # peft adds this penalty only when the model output has `.loss`, which neither track's model has.
-        weight = method_state(model).get(_ORTH_WEIGHT, 0.0)
+        state = method_state(model)
+        weight = state.get(_ORTH_WEIGHT, 0.0)
         if weight <= 0:
             return None
+        hook = state.get(_PENALTY)
+        if hook is not None and hook.value is not None:  # the training forward's
+            stashed, hook.value = hook.value, None
+            return stashed
         penalty = orthogonality_penalty(model)
         return None if penalty is None else weight * penalty
 
@@ -283,6 +293,22 @@ def orthogonality_penalty(model: nn.Module) -> torch.Tensor | None:
     the matrices of one shape are stacked and done in one batched product and one norm per shape, so the
     cost does not grow with the number of adapted layers.
     """
+    groups = _orth_groups(model)
+    return _grouped_penalty(groups) if groups else None
+
+
+def _grouped_penalty(groups: list[tuple[str, list[nn.Parameter]]]) -> torch.Tensor:
+    norms = []
+    for kind, ps in groups:
+        stacked = torch.stack(ps)
+        gram = stacked @ stacked.mT if kind == "A" else stacked.mT @ stacked  # (G, r, r)
+        eye = torch.eye(gram.shape[-1], device=gram.device, dtype=gram.dtype)
+        norms.append(torch.linalg.matrix_norm(gram - eye, ord="fro"))
+    return torch.cat(norms).mean()
+
+
+def _orth_groups(model: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
+    """The trainable P (``lora_A``) and Q (``lora_B``) matrices grouped by kind and shape, found once."""
     state = method_state(model)
     groups = state.get(_ORTH_GROUPS)
     if groups is None:
@@ -292,13 +318,31 @@ def orthogonality_penalty(model: nn.Module) -> torch.Tensor | None:
                 continue
             by_shape.setdefault(("A" if "lora_A" in name else "B", tuple(p.shape)), []).append(p)
         groups = state[_ORTH_GROUPS] = [(kind, ps) for (kind, _), ps in by_shape.items()]
-    norms = []
-    for kind, ps in groups:
-        stacked = torch.stack(ps)
-        gram = stacked @ stacked.mT if kind == "A" else stacked.mT @ stacked  # (G, r, r)
-        eye = torch.eye(gram.shape[-1], device=gram.device, dtype=gram.dtype)
-        norms.append(torch.linalg.matrix_norm(gram - eye, ord="fro"))
-    return torch.cat(norms).mean() if norms else None
+    return groups
+
+
+class PenaltyWithForward:
+    """Forward hook of a wrapped AdaLoRA model: a training forward also computes the weighted penalty
+    (``value``), which :meth:`AdaLoRA.extra_loss` then hands to the loop (and clears).
+
+    Same value, same gradients as computing it after the forward (the parameters do not change in
+    between), and in fp32 as before (autocast off here). Inside the forward it is part of the trainer's
+    compiled graph (``compile: true``): its products and norms fuse there, and its gradients are summed
+    with the forward's inside the compiled backward, where, computed eagerly after the forward, it cost
+    some hundred small kernel launches per step on ViT-B (the penalty, its backward, and one gradient
+    accumulation per P and Q). What the traced hook reads lives on this object, not in the model's
+    method state, which the allocator changes during training: a compiled forward would recompile then.
+    """
+
+    def __init__(self, weight: float, groups: list[tuple[str, list[nn.Parameter]]]):
+        self.weight, self.groups = weight, groups
+        self.value: torch.Tensor | None = None
+
+    def __call__(self, model: nn.Module, args: Any, output: Any) -> None:
+        if not (model.training and torch.is_grad_enabled()):
+            return
+        with torch.autocast(self.groups[0][1][0].device.type, enabled=False):
+            self.value = self.weight * _grouped_penalty(self.groups)
 
 
 def adalora_update_and_allocate(model: nn.Module, step: int, importance_every: int = 1) -> None:
