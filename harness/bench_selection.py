@@ -21,6 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from harness.costs import record_updates
 from harness.errors import ConfigError
 from harness.subprocesses import run_logged
 from harness.sweep_file import Study, load_sweep, selection_methods
@@ -82,26 +83,9 @@ def _records(results: Path, select: bool) -> list[dict[str, Any]]:
     return out
 
 
-def _extra(r: dict[str, Any]) -> dict[str, Any]:
-    e = r.get("extra") or {}
-    return json.loads(e) if isinstance(e, str) else e
-
-
 def _settings(r: dict[str, Any]) -> dict[str, Any]:
     s = r.get("settings") or {}
     return json.loads(s) if isinstance(s, str) else s
-
-
-def spent_updates(r: dict[str, Any]) -> int:
-    """A selection trial's updates: where the scheduler stopped it, else all it trained."""
-    extra = _extra(r)
-    if "stopped_at_update" in extra:
-        return int(extra["stopped_at_update"])
-    if "updates" in extra:
-        return int(extra["updates"])
-    budget = r.get("budget") or {}
-    budget = json.loads(budget) if isinstance(budget, str) else budget
-    return int(budget.get("steps") or budget.get("epochs") or 0)
 
 
 def compare(grid: Path, scheduled: Path, metric: str) -> dict[str, Any]:
@@ -111,7 +95,7 @@ def compare(grid: Path, scheduled: Path, metric: str) -> dict[str, Any]:
     for name, results in (("grid", grid), ("scheduler", scheduled)):
         for r in _records(results, select=True):
             entry = pairs.setdefault((r["method"], r["task"]), {})
-            entry[f"{name}_updates"] = entry.get(f"{name}_updates", 0) + spent_updates(r)
+            entry[f"{name}_updates"] = entry.get(f"{name}_updates", 0) + record_updates(r)
             entry[f"{name}_trials"] = entry.get(f"{name}_trials", 0) + 1
         finals: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for r in _records(results, select=False):

@@ -1,4 +1,4 @@
-"""The command line: ``python -m harness {sweep,run,pretrain,data,eval,leaderboard,methods,tasks,bench}``."""
+"""The command line: ``python -m harness {sweep,run,pretrain,data,eval,leaderboard,costs,methods,tasks,bench}``."""
 
 from __future__ import annotations
 
@@ -246,6 +246,27 @@ def cmd_leaderboard(args) -> int:
     return 0
 
 
+def cmd_costs(args) -> int:
+    from harness.costs import COST_KEYS, cost_table, format_costs, trial_costs  # heavy: tables need pandas
+
+    by = tuple(k.strip() for k in args.by.split(",") if k.strip())
+    allowed = ("sweep", *COST_KEYS, "task", "wave", "status", "device")
+    if not by or any(k not in allowed for k in by):
+        raise ConfigError(f"--by {args.by!r}: group by a comma-joined list of {', '.join(allowed)} "
+                          "(default study,stage,method)")
+    out = Path(args.out) if args.out else None
+    if out is not None and out.suffix not in (".csv", ".json"):
+        raise ConfigError(f"--out {args.out!r}: the file's name must end in .csv or .json")
+    table = cost_table(trial_costs(args.results), by)
+    print(format_costs(table))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        text = table.to_csv(index=False) if out.suffix == ".csv" else table.to_json(orient="records", indent=1)
+        atomic_write_text(out, text)
+        print(f"[costs] written to {out}", file=sys.stderr)
+    return 0
+
+
 def cmd_methods(args) -> int:
     if args.count:
         from harness.counting import count_methods, format_rows, rows_json  # heavy: harness.counting imports torch
@@ -376,6 +397,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also photograph each board's table and Pareto plot (or BOARD's) in headless Chromium "
                          "into <out>/<board>-table.png and -pareto.png")
     lb.set_defaults(fn=cmd_leaderboard)
+
+    co = sub.add_parser("costs", help="what a sweep cost per study, stage and method (updates, GPU-minutes, "
+                        "ms/update, memory), from its trials' records; works while it runs or after an interruption")
+    co.add_argument("results", nargs="?", default="results", help="the sweep's --results folder (default: results)")
+    co.add_argument("--by", default="study,stage,method", metavar="KEYS",
+                    help="group by these comma-joined keys (also sweep, task, wave, status, device)")
+    co.add_argument("--out", default=None, metavar="FILE", help="also write the table here (.csv or .json)")
+    co.set_defaults(fn=cmd_costs)
 
     me = sub.add_parser("methods", help="list every method with its settings; --count: their parameters on a backbone")
     me.add_argument("--count", action="store_true",

@@ -1,0 +1,157 @@
+"""``python -m harness costs RESULTS``: what a sweep cost, from its trials' own records.
+
+The plan (``sweep FILE --plan``) prices a sweep before compute; this reads what it spent. It works on a
+finished sweep and on one still running or interrupted (``--resume`` later): each trial's last report in
+its Tune folder (``RESULTS/<sweep>/<study>-<stage>[-waveN]/<trial>/result.json``) carries the trial's
+record once it finished or a scheduler stopped it, so nothing waits for the stage's records file.
+
+Per trial the cost is its record's: updates trained (where a scheduler stopped it, the updates done by
+then), its wall time from process start to record (``extra.total_wall_s``: start-up, model build,
+compilation, training, evaluations) and the GPU share Ray gave it (``extra.placement.ray.gpus``), so
+``gpu_minutes`` is wall x share: the GPU time the trial held, whether or not its kernels kept the GPU busy.
+A trial retried after its process died, or resumed from a checkpoint, counts its last attempt only (the
+record's times are the last attempt's); ``resumed`` counts those trials, whose earlier work is not seen.
+Trials without a record yet (running, or cut by an interruption) are counted as ``unfinished``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from harness.errors import ConfigError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+STAGE_DIR = re.compile(r"^(?P<study>.+)-(?P<stage>select|final)(?:-wave(?P<wave>\d+))?$")
+COST_KEYS = ("study", "stage", "method")
+
+
+@dataclass(frozen=True)
+class TrialCost:
+    """One trial's cost, as its record gives it (see the module doc)."""
+
+    sweep: str
+    study: str
+    stage: str
+    wave: int
+    method: str
+    task: str
+    status: str  # ok / failed / stopped (by the scheduler) / unfinished (no record yet)
+    updates: int
+    wall_s: float
+    gpu_share: float
+    ms_per_update: float
+    train_peak_memory_mb: float
+    resumed: bool
+    device: str
+
+    @property
+    def gpu_s(self) -> float:
+        return self.wall_s * self.gpu_share
+
+
+def _json(value: Any) -> dict[str, Any]:
+    if isinstance(value, str):
+        return json.loads(value) if value else {}
+    return dict(value or {})
+
+
+def record_updates(record: dict[str, Any]) -> int:
+    """A record's updates: where a scheduler stopped the trial, the updates done by then; else all it
+    trained (``extra.updates``), or its budget's steps (epochs) for records older than that field."""
+    extra = _json(record.get("extra"))
+    if "stopped_at_update" in extra:
+        return int(extra["stopped_at_update"])
+    if "updates" in extra:
+        return int(extra["updates"])
+    budget = _json(record.get("budget"))
+    return int(budget.get("steps") or budget.get("epochs") or 0)
+
+
+def _last_report(path: Path) -> dict[str, Any]:
+    """The last complete line of a trial's result.json (the file may be written while it is read)."""
+    last: dict[str, Any] = {}
+    for line in path.read_text().splitlines():
+        try:
+            last = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+    return last
+
+
+def _trial_cost(sweep: str, study: str, stage: str, wave: int, folder: Path) -> TrialCost:
+    report = _last_report(folder / "result.json") if (folder / "result.json").is_file() else {}
+    if "record" not in report:  # running, or cut: its spec (Tune's params.json) names it
+        spec = _json(json.loads((folder / "params.json").read_text()).get("spec"))
+        return TrialCost(sweep, study, stage, wave, str(spec.get("method", "")), str(spec.get("task", "")),
+                         "unfinished", int(report.get("update", 0) or 0), 0.0, 0.0, 0.0, 0.0, False, "")
+    rec = json.loads(report["record"])
+    extra = _json(rec.get("extra"))
+    ray = (extra.get("placement") or {}).get("ray") or {}
+    status = str(rec.get("status", ""))
+    if status == "ok" and "stopped_at_update" in extra:
+        status = "stopped"
+    return TrialCost(
+        sweep=sweep, study=study, stage=stage, wave=wave, method=str(rec.get("method", "")),
+        task=str(rec.get("task", "")), status=status, updates=record_updates(rec),
+        wall_s=float(extra.get("total_wall_s", rec.get("wall_time_s", 0.0)) or 0.0),
+        gpu_share=float(ray.get("gpus", 0.0) or 0.0), ms_per_update=float(rec.get("ms_per_update", 0.0) or 0.0),
+        train_peak_memory_mb=float(rec.get("train_peak_memory_mb", 0.0) or 0.0),
+        resumed=bool(extra.get("resumed_from_update")), device=str(rec.get("device_name", "")))
+
+
+def trial_costs(results: str | Path) -> list[TrialCost]:
+    """Every trial under a sweep's ``--results`` folder (or one sweep's folder inside it)."""
+    root = Path(results)
+    if not root.is_dir():
+        raise ConfigError(f"costs: {str(results)!r} is not a folder; give a sweep's --results folder "
+                          "(default: results)")
+    costs: list[TrialCost] = []
+    for stage_dir in sorted(p for p in root.rglob("*") if p.is_dir() and STAGE_DIR.match(p.name)):
+        m = STAGE_DIR.match(stage_dir.name)
+        trials = sorted(p for p in stage_dir.iterdir() if p.is_dir() and (p / "params.json").is_file())
+        costs += [_trial_cost(stage_dir.parent.name, m["study"], m["stage"], int(m["wave"] or 0), t) for t in trials]
+    if not costs:
+        raise ConfigError(f"costs: no trial folders under {str(results)!r} (expected "
+                          "<results>/<sweep>/<study>-<select|final>/<trial>/result.json, as `harness sweep` writes)")
+    return costs
+
+
+def cost_table(costs: list[TrialCost], by: tuple[str, ...] = COST_KEYS) -> "pd.DataFrame":
+    """Costs summed per ``by`` group, plus a ``total`` row: trials by outcome, updates, GPU-minutes (wall x
+    GPU share), trial-minutes (wall), median ms/update of the trials that trained, largest peak memory."""
+    import pandas as pd  # heavy: pandas is only needed once costs are tabled
+
+    df = pd.DataFrame([{**asdict(c), "gpu_s": c.gpu_s} for c in costs])
+
+    def summary(part: "pd.DataFrame") -> dict[str, Any]:
+        trained = part[part["ms_per_update"] > 0]
+        return {"trials": len(part), "ok": int((part["status"] == "ok").sum()),
+                "stopped": int((part["status"] == "stopped").sum()),
+                "failed": int((part["status"] == "failed").sum()),
+                "unfinished": int((part["status"] == "unfinished").sum()),
+                "resumed": int(part["resumed"].sum()), "updates": int(part["updates"].sum()),
+                "gpu_minutes": round(float(part["gpu_s"].sum()) / 60, 2),
+                "trial_minutes": round(float(part["wall_s"].sum()) / 60, 2),
+                "median_ms_per_update": round(float(trained["ms_per_update"].median()), 2) if len(trained) else 0.0,
+                "peak_memory_mb": round(float(part["train_peak_memory_mb"].max()), 1)}
+
+    rows = [{**dict(zip(by, key if isinstance(key, tuple) else (key,))), **summary(part)}
+            for key, part in df.groupby(list(by), sort=True)]
+    rows.append({**{k: ("total" if i == 0 else "") for i, k in enumerate(by)}, **summary(df)})
+    return pd.DataFrame(rows)
+
+
+def format_costs(table: "pd.DataFrame") -> str:
+    """The table as aligned text, with what the columns mean."""
+    return (table.to_string(index=False) + "\n\ngpu_minutes: each trial's wall time (process start to record) x "
+            "the GPU share Ray gave it; trial_minutes: wall time alone; a retried or resumed trial counts its "
+            "last attempt (resumed: how many)")
+
+
+__all__ = ["COST_KEYS", "TrialCost", "cost_table", "format_costs", "record_updates", "trial_costs"]

@@ -1,0 +1,91 @@
+"""``python -m harness costs``: a sweep's cost from its trials' records, as a user runs it from the folder
+the sweep ran in, on a finished scheduled selection (trials ASHA stopped), a trial still running, and a
+GPU trial's share."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from harness.cli import main
+from harness.costs import cost_table, record_updates, trial_costs
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_costs_of_a_scheduled_sweep_add_up_its_records(selection_bench, monkeypatch, capsys):
+    """Per stage and method, from the Tune folders alone: the trials, the updates each record says it
+    trained (a stopped trial: where ASHA stopped it), the stopped count; the CSV's total row sums them."""
+    assert selection_bench.done.returncode == 0, selection_bench.done.stdout[-3000:]
+    monkeypatch.chdir(selection_bench.folder)
+    assert main(["costs", "work/scheduler", "--out", "costs/scheduler.csv"]) == 0
+    printed = capsys.readouterr().out
+    table = _rows(Path("costs/scheduler.csv"))
+    rows = {(r["stage"], r["method"]): r for r in table if r["study"] != "total"}
+    select, final = selection_bench.select_records("scheduler"), selection_bench.final_records("scheduler")
+    stopped = [r for r in select if "stopped_at_update" in json.loads(r["extra"])]
+    assert stopped, "the fixture's ASHA run stops no trial: nothing here tests a stopped trial's cost"
+    sel = rows[("select", "full")]
+    assert int(sel["trials"]) == len(select) == len(selection_bench.lrs)
+    assert int(sel["stopped"]) == len(stopped)
+    assert int(sel["updates"]) == sum(record_updates(r) for r in select) < len(select) * selection_bench.steps
+    assert int(sel["unfinished"]) == int(sel["failed"]) == 0
+    for method in {r["method"] for r in final}:
+        mine = [r for r in final if r["method"] == method]
+        assert int(rows[("final", method)]["trials"]) == len(mine)
+        assert int(rows[("final", method)]["updates"]) == sum(record_updates(r) for r in mine)
+        assert float(rows[("final", method)]["trial_minutes"]) * 60 == pytest.approx(
+            sum(json.loads(r["extra"])["total_wall_s"] for r in mine), abs=0.6)
+    total = next(r for r in table if r["study"] == "total")
+    body = list(rows.values())
+    assert int(total["updates"]) == sum(int(r["updates"]) for r in body)
+    assert int(total["trials"]) == len(select) + len(final)
+    assert float(total["gpu_minutes"]) == 0.0  # CPU trials hold no GPU
+    assert "gpu_minutes" in printed and "total" in printed
+
+
+def test_a_running_trial_and_a_gpu_share(selection_bench, tmp_path):
+    """A trial with no record yet counts as unfinished (with the updates it reported); a trial that held a
+    quarter of a GPU for 120 s costs half a GPU-minute."""
+    work = tmp_path / "results"
+    shutil.copytree(selection_bench.folder / "work" / "grid", work)
+    trials = sorted(p for p in work.rglob("result.json") if "-final" in str(p.parent.parent))
+    running, gpu = trials[0], trials[1]
+    running.write_text(running.read_text().splitlines()[0] + "\n")  # its first report only
+    lines = gpu.read_text().splitlines()
+    last = json.loads(lines[-1])
+    record = json.loads(last["record"])
+    extra = json.loads(record["extra"]) if isinstance(record["extra"], str) else record["extra"]
+    extra.update(total_wall_s=120.0, placement={**extra.get("placement", {}), "ray": {"gpus": 0.25}})
+    record["extra"] = json.dumps(extra)
+    last["record"] = json.dumps(record)
+    gpu.write_text("\n".join([*lines[:-1], json.dumps(last)]) + "\n")
+
+    costs = trial_costs(work)
+    mine = {c.task + c.method + str(c.status): c for c in costs if c.stage == "final"}
+    unfinished = [c for c in costs if c.status == "unfinished"]
+    assert len(unfinished) == 1 and unfinished[0].method and unfinished[0].task
+    assert unfinished[0].updates == json.loads(running.read_text())["update"] > 0
+    assert any(c.gpu_s == pytest.approx(30.0) for c in mine.values())
+    table = cost_table(costs, ("stage",))
+    assert float(table[table["stage"] == "total"]["gpu_minutes"].iloc[0]) == pytest.approx(0.5)
+    assert int(table[table["stage"] == "total"]["unfinished"].iloc[0]) == 1
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["costs", "no-such-folder"], "is not a folder"),
+    (["costs", "."], "no trial folders"),
+    (["costs", ".", "--by", "method,colour"], "--by 'method,colour'"),
+    (["costs", ".", "--out", "costs.txt"], ".csv or .json"),
+])
+def test_bad_costs_input_is_named(argv, says, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert says in capsys.readouterr().err
