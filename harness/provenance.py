@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import platform
 import subprocess
 from importlib import metadata
@@ -38,7 +39,9 @@ def software() -> dict[str, str]:
 
 @functools.lru_cache(maxsize=1)
 def git_commit() -> str:
-    """The commit of the harness checkout, with "+dirty" when tracked files changed; "unknown" outside one."""
+    """The commit of the harness checkout, with "+dirty" when tracked files changed. Outside a checkout (a
+    copy of the code on a machine without its .git, an installed wheel) the commit the environment
+    declares in ``HARNESS_GIT_COMMIT``, marked "(declared)", else "unknown"."""
     root = Path(__file__).resolve().parents[1]
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -47,7 +50,8 @@ def git_commit() -> str:
         dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--",
                                 *code_paths()], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        declared = os.environ.get("HARNESS_GIT_COMMIT", "").strip()
+        return f"{declared} (declared)" if declared else "unknown"
     return f"{commit}+dirty" if dirty else commit or "unknown"
 
 

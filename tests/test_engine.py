@@ -4,6 +4,11 @@ the same row, records carry their provenance, waves come from method declaration
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -74,6 +79,27 @@ def test_resolved_settings_name_the_same_trial():
     a = resolve_trial(TrialSpec("rl", "cw10", "hammer", "lora", {}, 0, {}, {}))
     b = resolve_trial(TrialSpec("rl", "cw10", "hammer", "lora", {"r": 8}, 0, {"steps": 100_000}, {}))
     assert a == b and a.method_settings["r"] == 8 and a.budget.eval_episodes == 10
+
+
+def test_a_copy_without_git_records_the_commit_it_declares(tmp_path, monkeypatch):
+    """Code copied to a GPU host without its .git records HARNESS_GIT_COMMIT (marked declared), else
+    "unknown"; a checkout's own commit wins over the variable."""
+    from harness import provenance
+
+    copy = tmp_path / "copy"
+    shutil.copytree(Path(provenance.__file__).parent, copy / "harness", ignore=shutil.ignore_patterns("__pycache__"))
+    probe = [sys.executable, "-c", "from harness.provenance import git_commit; print(git_commit())"]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HARNESS_GIT_COMMIT")}
+    run = lambda extra: subprocess.run(probe, cwd=copy, env={**env, **extra}, capture_output=True, text=True,
+                                       check=True).stdout.strip()
+    assert run({}) == "unknown"
+    assert run({"HARNESS_GIT_COMMIT": "abc1234"}) == "abc1234 (declared)"
+    monkeypatch.setenv("HARNESS_GIT_COMMIT", "abc1234")
+    provenance.git_commit.cache_clear()
+    try:
+        assert "declared" not in provenance.git_commit()  # this checkout has its .git
+    finally:
+        provenance.git_commit.cache_clear()
 
 
 def test_record_says_what_made_it():
