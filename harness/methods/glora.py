@@ -205,8 +205,18 @@ class GLoRALinear(AdaptedLinear):
 
         w0, b0 = self.base.weight, self.base.bias
         weight = w0 + w0 * matrix(ta, self.A_d, self.A_u) + matrix(tb, self.B_d, self.B_u)
-        c = (self.C_d * tc[:r]) @ self.C_u + tc[r] * self.C_d[:, :1]
-        bias = vector(te, self.E) + (w0 @ c).squeeze(-1)
+        if torch.compiler.is_compiling():
+            # The prompt p = W0 C as sums over W0's rows and C's rank rather than two matrix products:
+            # compiled, the row sums read W0 in the same kernel that writes W' (one pass over the weight
+            # instead of a separate product), and C's rank-r sum fuses with its gate, which removes two
+            # of the layer's matrix-product launches from the forward and two from the backward. Eager,
+            # the products stay: there the sums would materialise a weight-sized temporary.
+            c = (self.C_d * (tc[:r] * self.C_u[:, 0])).sum(1) + tc[r] * self.C_d[:, 0]
+            prompt = (w0 * c).sum(1)
+        else:
+            c = (self.C_d * tc[:r]) @ self.C_u + tc[r] * self.C_d[:, :1]
+            prompt = (w0 @ c).squeeze(-1)
+        bias = vector(te, self.E) + prompt
         if b0 is not None:
             bias = bias + b0 + b0 * vector(td, self.D)
         return weight, bias
