@@ -1,13 +1,13 @@
-"""Leaderboard CSVs: one row per (method, task, backbone, targets, selection) with mean and standard
-error over seeds, plus a summary.
+"""Leaderboard CSVs: one row per (method, task, backbone, targets, selection, budget) with mean and
+standard error over seeds, plus a summary.
 
 Files in the leaderboard folder, per board (the benchmark, or the study's ``leaderboard`` name):
-``<board>.csv`` (per task), ``<board>-summary.csv`` (per method, backbone, targets and selection: group
-means, their average, parameters), and, from ``python -m harness leaderboard``, ``<board>.md`` and two
-plots. Writes are atomic; a rerun replaces the rows of the (method, task, backbone, targets, selection)
-it reran and keeps the rest, so rows never duplicate, and two studies that differ only in the adapted
-layers or in how settings were chosen keep a row each. A record or CSV without ``targets`` or
-``selection`` keys as "" there.
+``<board>.csv`` (per task), ``<board>-summary.csv`` (per method, backbone, targets, selection and budget:
+group means, their average, parameters), and, from ``python -m harness leaderboard``, ``<board>.md`` and
+two plots. Writes are atomic; a rerun replaces the rows of the (method, task, backbone, targets,
+selection, budget) it reran and keeps the rest, so rows never duplicate, and two studies that differ only
+in the adapted layers, in how settings were chosen or in their training budget keep a row each. A record
+or CSV without ``targets``, ``selection`` or ``budget`` keys as "" there.
 """
 
 from __future__ import annotations
@@ -27,32 +27,81 @@ from harness.tracks import get_track
 from harness.trial import TrialRecord
 
 # What makes a row: two studies that differ in any of these (LoRA on q,v against LoRA on every Linear; EVA's
-# on-reported convention against held-out selection) are two results, and neither may replace the other.
-ROW_KEY = ["method", "task", "backbone", "targets", "selection"]
+# on-reported convention against held-out selection; 3K updates against the paper's 100K) are two results,
+# and neither may replace the other.
+ROW_KEY = ["method", "task", "backbone", "targets", "selection", "budget"]
 # What makes a summary entry: a row's identity over its tasks.
 ENTRY_KEY = [k for k in ROW_KEY if k != "task"]
 _PROVENANCE = ("git_commit", "device_name", "software")
 _BOOKKEEPING = {f.name for f in fields(TrialRecord)} | {"extra"}
 
 
+# What may tell two entries of one method apart, in the order their labels show it.
+_ENTRY_PARTS = ("backbone", "targets", "selection", "budget")
+# Budget keys that do not change what a row's number measures: how often progress is logged, and the
+# stage, which is "final" for every row on a board.
+_BUDGET_BOOKKEEPING = ("report_every", "stage")
+
+
+def budget_key(budget: Any) -> str:
+    """A budget as a row key: its JSON with sorted keys, bookkeeping keys left out; text that is not a JSON
+    object is kept as it is."""
+    if isinstance(budget, str):
+        try:
+            parsed = json.loads(budget) if budget.strip() else ""
+        except json.JSONDecodeError:
+            return budget
+        budget = parsed
+    if not isinstance(budget, dict):
+        return "" if budget in (None, "") else str(budget)
+    return json.dumps({k: v for k, v in budget.items() if k not in _BUDGET_BOOKKEEPING}, sort_keys=True)
+
+
 def keyed(df: pd.DataFrame, key: list[str] = ROW_KEY) -> pd.DataFrame:
     """``df`` with every column of ``key`` as text, a missing column or a missing value as "": records and
-    boards older than ``targets`` and ``selection`` key like rows that recorded them empty."""
+    boards older than ``targets``, ``selection`` or ``budget`` key like rows that recorded them empty. A
+    budget keys by :func:`budget_key`."""
     df = df.copy()
     for k in key:
         df[k] = df[k].astype(object).fillna("").astype(str) if k in df else ""
+    if "budget" in key:
+        df["budget"] = df["budget"].map(budget_key)
     return df
 
 
-def entry_labels(table: pd.DataFrame, parts: tuple[str, ...] = ("targets", "selection")) -> list[str]:
+def budget_label(budget: Any) -> str:
+    """A row's training budget in words (``3,000 updates, batch 128, 10 eval episodes``; vision: ``100
+    epochs``), from the budget its records carry (a JSON object or a mapping); "" when none was recorded."""
+    if isinstance(budget, str):
+        try:
+            budget = json.loads(budget) if budget.strip() else {}
+        except json.JSONDecodeError:
+            return budget
+    if not isinstance(budget, dict) or not budget:
+        return ""
+    parts = []
+    if budget.get("epochs"):
+        parts.append(f"{int(budget['epochs']):,} epochs"
+                     + (f" (at most {int(budget['steps']):,} updates)" if budget.get("steps") else ""))
+    elif budget.get("steps") is not None:
+        parts.append(f"{int(budget['steps']):,} updates")
+    if budget.get("batch_size"):
+        parts.append(f"batch {int(budget['batch_size'])}")
+    if budget.get("eval_episodes"):
+        parts.append(f"{int(budget['eval_episodes'])} eval episodes")
+    return ", ".join(parts) or json.dumps(budget, sort_keys=True)
+
+
+def entry_labels(table: pd.DataFrame, parts: tuple[str, ...] = ("targets", "selection", "budget")) -> list[str]:
     """Each row's method name, followed in brackets by its values of those ``parts`` in which the method's
-    rows on the board differ (``lora [attn.qkv.q,attn.qkv.v]`` beside ``lora [attn.qkv,mlp.fc1]``), so two
-    entries of one method never show under one name; a method with one entry keeps its bare name."""
+    rows on the board differ (``lora [attn.qkv.q,attn.qkv.v]`` beside ``lora [attn.qkv,mlp.fc1]``; a budget
+    in words), so two entries of one method never show under one name; a method with one entry keeps its
+    bare name."""
     t = keyed(table, ["method", *parts]).reset_index(drop=True)
     varies = {p: t.groupby("method")[p].transform("nunique") > 1 for p in parts}
     labels = []
     for i, row in t.iterrows():
-        shown = [row[p] or "unrecorded" for p in parts if varies[p][i]]
+        shown = [(budget_label(row[p]) if p == "budget" else row[p]) or "unrecorded" for p in parts if varies[p][i]]
         labels.append(row["method"] + (f" [{'; '.join(shown)}]" if shown else ""))
     return labels
 
@@ -75,7 +124,7 @@ def aggregate(records: list[dict[str, Any]], primary: str, groups: dict[str, Any
         return pd.DataFrame()
     metrics = metric_columns(ok)
     rows = []
-    for (method, task, backbone, targets, selection), part in keyed(ok).groupby(ROW_KEY, sort=False):
+    for (method, task, backbone, targets, selection, budget), part in keyed(ok).groupby(ROW_KEY, sort=False):
         by_settings = part.groupby("settings")
         if primary in part:
             means = by_settings[primary].mean()
@@ -106,7 +155,7 @@ def aggregate(records: list[dict[str, Any]], primary: str, groups: dict[str, Any
             # the LoRA family's scale (harness/scaling.py), as its records say
             **({"alpha_rule": ";".join(sorted(set(chosen["alpha_rule"].fillna("").astype(str))))}
                if "alpha_rule" in chosen else {}),
-            budget=str(chosen["budget"].iloc[0]) if "budget" in chosen else "",
+            budget=budget,
             **({"targets": targets} if "targets" in ok else {}),
             # what made the row: one value when every seed ran on the same software and hardware
             **{k: ";".join(sorted(set(chosen[k].fillna("").astype(str)))) for k in _PROVENANCE if k in chosen},
@@ -149,7 +198,7 @@ def with_efficiency(table: pd.DataFrame, meta: dict[str, Any], summary: bool = F
 
 def summarise(table: pd.DataFrame, primary: str, groups: dict[str, Any], higher_is_better: bool = True
               ) -> pd.DataFrame:
-    """Per entry (``ENTRY_KEY``: method, backbone, targets, selection): group means, the average (of group
+    """Per entry (``ENTRY_KEY``: method, backbone, targets, selection, budget): group means, the average (of group
     means when there are groups), mean parameters."""
     col = f"{primary}_mean"
     rows = []
@@ -323,8 +372,17 @@ def write_tables_and_plots(out_dir: Path, boards: "Iterable[str] | None" = None)
         title = f"{path.stem}" + (" (synthetic data: the harness's built-in suite)" if synthetic else "")
         # every entry its own line: pivot_table would average two entries that share a method and backbone
         pivot = keyed(table).pivot_table(index=ENTRY_KEY, columns="task", values=f"{primary}_mean")
+        # each entry by its method name, with what tells it apart from the method's other entries
+        pivot.index = pd.Index(entry_labels(pivot.index.to_frame(index=False), _ENTRY_PARTS), name="entry")
+        # the references every entry is read against, where the rows carry them (RL: the data's expert on the
+        # same episodes, and the pretrained model before any fine-tuning)
+        for col, name in ((f"expert_{primary}_mean", "(expert ceiling)"),
+                          (f"pretrained_{primary}_mean", "(pretrained, not fine-tuned)")):
+            if col in table:
+                pivot.loc[name] = table.groupby("task")[col].mean().reindex(pivot.columns)
+        shown = summary.assign(budget=summary["budget"].map(budget_label)) if "budget" in summary else summary
         md = [f"# {title}", "", f"Ranked by `{primary}` (mean over seeds; per task, the best settings).", "",
-              "## Summary", "", _md_safe(summary).to_markdown(index=False, floatfmt=".3f"), "",
+              "## Summary", "", _md_safe(shown).to_markdown(index=False, floatfmt=".3f"), "",
               "## Per task", "", _md_safe(pivot).to_markdown(floatfmt=".3f"), ""]
         write_if_changed(path.with_suffix(".md"), "\n".join(md))
         written.append(path.with_suffix(".md"))
@@ -332,7 +390,7 @@ def write_tables_and_plots(out_dir: Path, boards: "Iterable[str] | None" = None)
         fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(summary) + 2), 3.5))
         avg, se = summary[f"average_{primary}"], summary[f"average_{primary}_se"].fillna(0)
         # bars on a categorical axis: two entries under one name would be drawn over each other
-        labels = entry_labels(summary, ("backbone", "targets", "selection"))
+        labels = entry_labels(summary, _ENTRY_PARTS)
         ax.bar(labels, avg, yerr=se, capsize=4, color="tab:blue")
         ax.set_ylabel(f"average {primary}")
         ax.set_title(title, fontsize=9)

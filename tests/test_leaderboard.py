@@ -1,4 +1,4 @@
-"""Leaderboard aggregation: best settings per row (method, task, backbone, targets, selection), mean and SE
+"""Leaderboard aggregation: best settings per row (method, task, backbone, targets, selection, budget), mean and SE
 over seeds, merge without duplicates, rows that differ in targets or selection kept apart."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import math
 import pandas as pd
 import pytest
 
-from harness.leaderboard import aggregate, summarise, update
+from harness.leaderboard import aggregate, budget_label, summarise, update
 from harness.site import render
 from harness.sweep_file import Study
 
@@ -157,3 +157,40 @@ def test_an_old_board_without_targets_or_selection_merges_by_the_same_key(tmp_pa
     assert sorted(zip(table["method"], table["targets"], table["top1_mean"])) == [
         ("full", "", 0.6), ("lora", "", 0.3), ("lora", QV, 0.8)]
     assert len(pd.read_csv(tmp_path / "board-summary.csv")) == 3
+
+
+def test_a_short_budget_sits_beside_the_full_one_and_says_so(tmp_path):
+    """Two studies that differ only in their budget keep a row each; logging cadence and the stage do not
+    split a row; every view names each row's budget in words, and an RL board's per-task markdown shows
+    the expert ceiling and the pretrained model beside the entries."""
+    study = Study(name="s", track="rl", benchmark="cw10", methods={"lora": {}}, leaderboard="rlb")
+    short = {"steps": 3000, "batch_size": 128, "eval_episodes": 10, "report_every": 50, "stage": "final"}
+
+    def rl(seed, value, budget):
+        return {**rec("lora", "push-back", seed, None), "track": "rl", "benchmark": "cw10", "data_source": "real",
+                "success": value, "expert_success": 0.8, "pretrained_success": 0.3,
+                "budget": json.dumps(budget, sort_keys=True), "selection": "held-out/asha(grace_period=750)",
+                "grid_size": 2}
+
+    update([rl(s, v, short) for s, v in enumerate([0.6, 0.8])], study, tmp_path)
+    update([rl(s, v, {**short, "steps": 100_000}) for s, v in enumerate([0.9, 1.0])], study, tmp_path)
+    # the short study again, logging more often: the same row, replaced
+    update([rl(s, v, {**short, "report_every": 10}) for s, v in enumerate([0.4, 0.6])], study, tmp_path)
+    table = pd.read_csv(tmp_path / "rlb.csv")
+    assert len(table) == 2
+    by_steps = {json.loads(b)["steps"]: v for b, v in zip(table["budget"], table["success_mean"])}
+    assert by_steps == pytest.approx({3000: 0.5, 100_000: 0.95})
+    assert budget_label(table["budget"].iloc[0]).startswith(("3,000 updates", "100,000 updates"))
+    assert budget_label(json.dumps({"epochs": 100, "batch_size": 64})) == "100 epochs, batch 64"
+    render(tmp_path)
+    html = (tmp_path / "rlb.html").read_text()
+    for label in ("lora [3,000 updates, batch 128, 10 eval episodes]",
+                  "lora [100,000 updates, batch 128, 10 eval episodes]"):
+        assert html.count(f">{label}</td>") == 2  # the summary row and the per-task row
+        assert html.count(f">{label}</text>") == 1  # its point in the parameters plot
+    assert "held-out/asha(grace_period=750) of 2" in html
+    md = (tmp_path / "rlb.md").read_text()
+    assert "3,000 updates, batch 128, 10 eval episodes" in md and '{"batch_size"' not in md
+    ceiling = next(line for line in md.splitlines() if line.startswith("| (expert ceiling)"))
+    pretrained = next(line for line in md.splitlines() if line.startswith("| (pretrained, not fine-tuned)"))
+    assert "0.800" in ceiling and "0.300" in pretrained

@@ -142,5 +142,5 @@ def test_site_in_headless_chromium(board_dir):
         assert page.url.endswith("board.html")
         assert errors == []
     shots = screenshots(board_dir, "board")
-    assert [p.name for p in shots] == ["board-table.png", "board-pareto.png"]
+    assert [p.name for p in shots] == ["board-summary.png", "board-table.png", "board-pareto.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 2000 for p in shots)

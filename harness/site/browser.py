@@ -52,8 +52,8 @@ def open_browser() -> Iterator[object]:
 
 
 def screenshots(out_dir: Path, board: str | None = None) -> list[Path]:
-    """Photograph one board's page (its per-task table) and its first Pareto plot into
-    ``<out_dir>/<board>-table.png`` and ``<out_dir>/<board>-pareto.png``; every board when ``board`` is None."""
+    """Photograph one board's page, its summary, per-task table and first Pareto plot, into
+    ``<out_dir>/<board>-summary.png``, ``-table.png`` and ``-pareto.png``; every board when ``board`` is None."""
     out_dir = Path(out_dir).resolve()
     pages = [out_dir / f"{board}.html"] if board else sorted(p for p in out_dir.glob("*.html") if p.name != "index.html")
     missing = [p for p in pages if not p.is_file()]
@@ -68,7 +68,12 @@ def screenshots(out_dir: Path, board: str | None = None) -> list[Path]:
             page.goto(html.as_uri())
             page.wait_for_load_state("load")
             # the whole table in the picture, not the part its scrolling box shows
-            page.add_style_tag(content="body { max-width: none } .table-wrap { overflow: visible }")
+            # (and the header once at its top: a sticky header would be drawn where the page happened to scroll)
+            page.add_style_tag(content="body { max-width: none } .table-wrap { overflow: visible } "
+                                       "thead th { position: static !important }")
+            summary = out_dir / f"{html.stem}-summary.png"
+            page.locator("#summary").screenshot(path=str(summary))
+            written.append(summary)
             table = out_dir / f"{html.stem}-table.png"
             page.locator("#rows").screenshot(path=str(table))
             written.append(table)

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import pandas as pd
 
 from harness import __version__, paper_refs
-from harness.leaderboard import ENTRY_KEY, entry_labels, keyed
+from harness.leaderboard import ENTRY_KEY, budget_label, entry_labels, keyed
 from harness.site.pareto import Point, pareto_svg
 
 # Filterable columns of the per-task table (those present in the board).
@@ -167,6 +167,21 @@ def _ref_cells(ref: paper_refs.Reference | None, ours: float) -> tuple[str, str]
 _METHOD = Column("method", "method", show=lambda r: escape(_text(r.get("label", r.get("method")))))
 
 
+def _selection_text(row: dict[str, Any]) -> str:
+    """How the row's settings were chosen, and among how many grid points where there was a choice."""
+    points = _num(row.get("grid_size"))
+    return _text(row.get("selection")) + (f" of {int(points)}" if math.isfinite(points) and points > 1 else "")
+
+
+# How every row was made, beside what it scored: a 3K-update row never reads as the paper's 100K.
+_SELECTION = Column("selection", "selection", show=lambda r: escape(_selection_text(r)),
+                    help="how the settings were chosen (held-out: on episodes or images apart from the reported "
+                         "ones; a scheduler's name where it stopped selection trials early), and among how many "
+                         "grid points")
+_BUDGET = Column("budget", "budget", show=lambda r: escape(budget_label(r.get("budget"))),
+                 help="each trial's training budget")
+
+
 def task_columns(board: Board) -> list[Column]:
     """The per-task table's columns, those the board has."""
     t, p = board.table, board.primary
@@ -174,6 +189,7 @@ def task_columns(board: Board) -> list[Column]:
             Column("backbone", "backbone")]
     if "targets" in t:
         cols.append(Column("targets", "targets", help="the modules the method adapted"))
+    cols += [c for c in (_SELECTION, _BUDGET) if c.key in t]
     cols += [
         Column("data_source", "data", show=lambda r: _data_badge(_text(r.get("data_source")))),
         Column(f"{p}_mean", f"{p} (mean &plusmn; s.e.)", True, show=lambda r: _mean_se(r, f"{p}_mean", f"{p}_se")),
@@ -218,12 +234,13 @@ def task_table(board: Board) -> str:
     """The per-task rows: sortable, filterable, the paper's number and the difference where it matches."""
     cols = task_columns(board)
     p = board.primary
+    split = next(i for i, c in enumerate(cols) if c.key == f"{p}_mean") + 1  # the paper's cells follow the score
     head = "".join(f'<th{" class=num" if c.numeric else ""}{f" title={chr(34)}{escape(c.help)}{chr(34)}" if c.help else ""}>'
-                   f"{c.header}</th>" for c in cols[:7])
+                   f"{c.header}</th>" for c in cols[:split])
     head += '<th class="num" title="the paper\'s published number, where its protocol matches this row">paper</th>' \
             '<th class="num" title="ours minus the paper\'s">&Delta; vs paper</th>'
     head += "".join(f'<th{" class=num" if c.numeric else ""}{f" title={chr(34)}{escape(c.help)}{chr(34)}" if c.help else ""}>'
-                    f"{c.header}</th>" for c in cols[7:])
+                    f"{c.header}</th>" for c in cols[split:])
     body = []
     for row, label in zip(board.table.to_dict("records"), entry_labels(board.table)):
         row["label"] = label
@@ -232,7 +249,7 @@ def task_table(board: Board) -> str:
         cells = [c.cell(row) for c in cols]
         paper, delta = _ref_cells(_reference(board, row), _num(row.get(f"{p}_mean")))
         body.append(f'<tr class="{"synthetic" if synthetic else "real"}"{attrs}>'
-                    + "".join(cells[:7]) + paper + delta + "".join(cells[7:]) + "</tr>")
+                    + "".join(cells[:split]) + paper + delta + "".join(cells[split:]) + "</tr>")
     return (_filters(board, "rows") + '<div class="table-wrap"><table id="rows" class="sortable">'
             f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>")
 
@@ -256,7 +273,7 @@ def summary_table(board: Board) -> str:
     s = entry_costs(board)
     p = board.primary
     groups = [g for g in board.meta.get("groups", {}) if f"{g}_{p}" in s]
-    cols = [_METHOD, Column("backbone", "backbone"),
+    cols = [_METHOD, Column("backbone", "backbone"), *[c for c in (_SELECTION, _BUDGET) if c.key in s],
             Column("data_source", "data", show=lambda r: _data_badge(_text(r.get("data_source")))),
             Column("n_tasks", "tasks", True)]
     cols += [Column(f"{g}_{p}", f"{g}", True) for g in groups]
