@@ -501,7 +501,8 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 def check_results(sweep: SweepFile, results_dir: Path, resume: bool) -> None:
     """Before any compute: a study whose results exist needs ``--resume``, and a resumed study must be
     the one that made them. Each study's validated definition is kept beside its results; a resume of an
-    edited study is refused with the keys that changed (a finished grid would otherwise pass for the new one)."""
+    edited study is refused with the keys that changed (a finished grid would otherwise pass for the new one).
+    Its ``resources`` may change (printed), and keys that newer code added with their defaults are no edit."""
     base = results_dir / sweep.name
     for study in sweep.studies:
         saved = base / f"{study.name}.study.json"
@@ -512,14 +513,33 @@ def check_results(sweep: SweepFile, results_dir: Path, resume: bool) -> None:
             raise ConfigError(f"results of study {study.name!r} already exist in {base}: pass --resume to continue "
                               "(finished trials are kept), or --results DIR for a fresh folder")
         if saved.exists():
-            old = _flatten(json.loads(saved.read_text()))
+            old = _flatten(_as_current(json.loads(saved.read_text()), study))
             new = _flatten(current)
-            changed = [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}"
-                       for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            describe = lambda k: f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}"  # noqa: E731
+            # where and how fast trials run is not what they compute: a resume on another machine may
+            # change them (say, more cores per trial); the trials keep their settings, budget and seeds
+            moved = [k for k in keys if k.startswith(f"{RESOURCES_KEY}.")]
+            if moved:
+                print(f"[sweep] --resume of study {study.name!r} with other resources: "
+                      + "; ".join(map(describe, moved)), flush=True)
+            changed = [describe(k) for k in keys if k not in moved]
             if changed:
                 raise ConfigError(f"--resume: study {study.name!r} is not the one whose results are in {base}; "
                                   f"changed: {'; '.join(changed[:8])}. Undo the edit to resume, or run the edited "
                                   "study into a fresh --results folder")
+
+
+RESOURCES_KEY = "resources"
+
+
+def _as_current(saved: dict[str, Any], study: Study) -> dict[str, Any]:
+    """A study definition saved by older code, read by today's model: a key added since (with its default)
+    is not an edit. A definition today's model refuses is compared as it was saved."""
+    try:
+        return type(study).model_validate(saved).model_dump(mode="json")
+    except Exception:  # noqa: BLE001 - any refusal means the same: compare what was saved
+        return saved
 
 
 def _started(base: Path, study: Study) -> bool:

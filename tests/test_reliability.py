@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import multiprocessing
 import os
 import time
@@ -54,6 +56,31 @@ def test_resume_refuses_an_edited_study_naming_what_changed(tmp_path):
     more = load_sweep(sweep_yaml(tmp_path, methods={"lora": {"r": 2}, "full": {}}))
     with pytest.raises(ConfigError, match=r"methods\.full: '\(absent\)' -> \{\}"):
         check_results(more, results, resume=True)
+
+
+def test_resume_on_other_resources_and_after_new_keys(tmp_path, capsys):
+    """Resources may change on resume (another machine: more cores per trial), named on the console; a key
+    that newer code added to the study with its default is no edit; an edit beside a resources change is
+    still refused."""
+    from harness.driver import check_results, record_studies
+
+    results = tmp_path / "results"
+    record_studies(load_sweep(sweep_yaml(tmp_path)), results)
+    (results / "tiny" / "tiny-final").mkdir(parents=True)
+    (results / "tiny" / "tiny-final" / "tuner.pkl").write_bytes(b"")
+    bigger = {"resources": {"cpus_per_trial": 3, "gpus_per_trial": 0.2}}
+    check_results(load_sweep(sweep_yaml(tmp_path, **bigger)), results, resume=True)
+    out = capsys.readouterr().out
+    assert "other resources" in out and "resources.cpus_per_trial: 1.0 -> 3.0" in out
+    saved = results / "tiny" / "tiny.study.json"
+    doc = json.loads(saved.read_text())
+    del doc["resources"]["checkpoint_minutes"]  # as a definition saved before that key existed
+    doc["selection"].pop("seeds", None)
+    saved.write_text(json.dumps(doc))
+    check_results(load_sweep(sweep_yaml(tmp_path)), results, resume=True)
+    edited = load_sweep(sweep_yaml(tmp_path, seeds=[1], **bigger))
+    with pytest.raises(ConfigError, match=r"changed: seeds: \[0\] -> \[1\]\. Undo"):
+        check_results(edited, results, resume=True)
 
 
 @pytest.mark.parametrize("key, value", [("name", "../escape"), ("name", "/abs/path"), ("leaderboard", "../../x"),
