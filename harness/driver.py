@@ -520,9 +520,10 @@ def check_results(sweep: SweepFile, results_dir: Path, resume: bool) -> None:
             # where and how fast trials run is not what they compute: a resume on another machine may
             # change them (say, more cores per trial); the trials keep their settings, budget and seeds
             moved = [k for k in keys if k.startswith(f"{RESOURCES_KEY}.")]
-            if moved:
+            if moved:  # Ray Tune restores a queued trial with the resources it was queued with
                 print(f"[sweep] --resume of study {study.name!r} with other resources: "
-                      + "; ".join(map(describe, moved)), flush=True)
+                      + "; ".join(map(describe, moved)) + ". Trials of a wave that had begun keep the "
+                      "resources they were queued with; waves and stages not begun yet take the new ones", flush=True)
             changed = [describe(k) for k in keys if k not in moved]
             if changed:
                 raise ConfigError(f"--resume: study {study.name!r} is not the one whose results are in {base}; "
