@@ -366,13 +366,13 @@ def adalora_update_and_allocate(model: nn.Module, step: int, importance_every: i
             _update_importance(alloc, base.model, state)
         budget, mask_now = alloc.budget_schedule(step)
         if mask_now:
-            pattern = alloc.mask_to_budget(base.model, budget)
+            pattern = _mask_to_budget(alloc, base.model, budget)
             if pattern:
                 cfg.rank_pattern = pattern
     elif step == final:
         # at this step peft's allocator skips the sensitivity update and masks to the final budget
-        _, pattern = alloc.update_and_allocate(base.model, step, force_mask=True)
-        cfg.rank_pattern = pattern
+        budget, _ = alloc.budget_schedule(step)
+        cfg.rank_pattern = _mask_to_budget(alloc, base.model, budget)
         alloc.reset_ipt()
     elif cfg.rank_pattern:
         cached = state.get(_FINAL_MASKS)
@@ -380,6 +380,49 @@ def adalora_update_and_allocate(model: nn.Module, step: int, importance_every: i
             cached = state[_FINAL_MASKS] = (cfg.rank_pattern, *_final_masks(base.model, alloc, cfg.rank_pattern))
         with torch.no_grad():
             torch._foreach_mul_(cached[1], cached[2])
+
+
+def _mask_to_budget(alloc, inner: nn.Module, budget: int) -> dict[str, list[bool]]:
+    """peft's ``RankAllocator.mask_to_budget`` with one device-to-host copy instead of one per layer.
+
+    The same scores from the same per-tensor operations in the same order (peft's own ``_element_score``
+    and ``_combine_ipt``), the same threshold (``kthvalue``, compared as a tensor of the scores' dtype
+    where peft compares with its ``.item()``: the same value) and the same in-place masking; only the
+    rank pattern's lists are read back together, where peft waits for the device once per layer (and
+    once more for the threshold) at every masking step.
+    """
+    adapter = alloc.adapter_name
+    vector_ipt: dict[str, list[torch.Tensor]] = {}
+    value_ipt: dict[str, torch.Tensor] = {}
+    e_params: list[tuple[str, nn.Parameter]] = []
+    for n, p in inner.named_parameters():
+        if f"lora_A.{adapter}" in n:
+            vector_ipt.setdefault(n.replace("lora_A", "%s"), []).append(
+                torch.mean(alloc._element_score(n), dim=1, keepdim=True))
+        if f"lora_B.{adapter}" in n:
+            vector_ipt.setdefault(n.replace("lora_B", "%s"), []).append(
+                torch.mean(alloc._element_score(n), dim=0, keepdim=False).view(-1, 1))
+        if f"lora_E.{adapter}" in n:
+            value_ipt[n.replace("lora_E", "%s")] = alloc._element_score(n)
+            e_params.append((n, p))
+    triplet_ipt, all_score = {}, []
+    for name_m, parts in vector_ipt.items():
+        sum_ipt = alloc._combine_ipt(value_ipt[name_m], torch.cat(parts, dim=1))
+        triplet_ipt[name_m % "lora_E"] = sum_ipt.view(-1, 1)
+        all_score.append(sum_ipt.view(-1))
+    threshold = torch.kthvalue(torch.cat(all_score), k=alloc.init_bgt - budget)[0]
+    kept = []
+    with torch.no_grad():
+        for n, p in e_params:
+            pruned = triplet_ipt[n] <= threshold
+            p.masked_fill_(pruned, 0.0)
+            kept.append(~pruned.view(-1))
+    flags = torch.cat(kept).tolist() if kept else []
+    pattern, start = {}, 0
+    for (n, _), k in zip(e_params, kept):
+        pattern[n] = flags[start:start + k.numel()]
+        start += k.numel()
+    return pattern
 
 
 def _update_importance(alloc, inner: nn.Module, state: dict[str, Any]) -> None:
