@@ -196,15 +196,21 @@ class GLoRALinear(AdaptedLinear):
         ta, tb, tc, td, te = (getattr(self, f"_table_{t}").index_select(0, code[i:i + 1])[0]
                               for i, t in enumerate(TENSORS))
 
-        def matrix(t, down, up):  # LoRA (masked to rank r1) + a column from the vector or scalar form
-            column = t[r] * down[:, 0] + t[r + 1] * down[0, 0]
-            return (down * t[:r]) @ up + column[:, None]
+        def column(t, down):  # the vector or scalar form: one column, broadcast along each row
+            return (t[r] * down[:, 0] + t[r + 1] * down[0, 0])[:, None]
 
         def vector(t, v):
             return t[r] * v + t[r + 1] * v[0]
 
         w0, b0 = self.base.weight, self.base.bias
-        weight = w0 + w0 * matrix(ta, self.A_d, self.A_u) + matrix(tb, self.B_d, self.B_u)
+        if torch.compiler.is_compiling():
+            # A's and B's LoRA products (masked to rank r1) as one batched product: compiled, one launch
+            # forward and two backward where two and four separate products took their own
+            lora = torch.bmm(torch.stack([self.A_d * ta[:r], self.B_d * tb[:r]]), torch.stack([self.A_u, self.B_u]))
+            lora_a, lora_b = lora[0], lora[1]
+        else:
+            lora_a, lora_b = (self.A_d * ta[:r]) @ self.A_u, (self.B_d * tb[:r]) @ self.B_u
+        weight = w0 + w0 * (lora_a + column(ta, self.A_d)) + (lora_b + column(tb, self.B_d))
         if torch.compiler.is_compiling():
             # The prompt p = W0 C as sums over W0's rows and C's rank rather than two matrix products:
             # compiled, the row sums read W0 in the same kernel that writes W' (one pass over the weight
