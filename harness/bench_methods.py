@@ -71,7 +71,9 @@ def _defaults(cuda: bool, model: str) -> dict[str, Any]:
         timed = {"steps": 200, "warmup": 20} if cuda else common
         return {**timed, "batch_size": 128 if cuda else 8, "tiny": not cuda, "methods": method_names()}
     if cuda:
-        return {**common, "backbone": "vit_base_patch16_224", "img_size": 224, "batch_size": 64,
+        # 20 timed steps of ViT-B (about 0.5 s) read LoRA at 1.05 to 1.34 of full fine-tuning across runs
+        # of the same code (BENCHMARKS.md, issue 21): five times as many
+        return {"steps": 100, "warmup": 10, "backbone": "vit_base_patch16_224", "img_size": 224, "batch_size": 64,
                 "methods": method_names()}
     return {**common, "backbone": "vit_tiny_patch16_224", "img_size": 64, "batch_size": 16, "methods": method_names()}
 
