@@ -54,7 +54,8 @@ class BenchSettings(BaseModel):
     # (inductor's default); "reduce-overhead" replays it as CUDA graphs, which tells whether a method's
     # extra cost is kernel launches rather than device work
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] | None = None
-    # pad adapter ranks to a multiple of this on CUDA (harness.methods.low_rank.RANK_ALIGN); 0: never
+    # pad adapter ranks to a multiple of this on CUDA (harness.methods.low_rank.RANK_ALIGN, 0 by default:
+    # never); 8 measures the padding against the default
     rank_align: Int | None = Field(None, ge=0)
     # after the timed steps, `profile_steps` more with the device synchronised between the phases of a
     # step (forward+loss, the method's extra loss, backward, optimiser, the method's on_step), reporting

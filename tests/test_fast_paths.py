@@ -177,7 +177,7 @@ def test_padded_rank_rounds_up_only_where_the_rank_is_unaligned():
 
 @pytest.mark.parametrize("autocast", [False, True])
 def test_low_rank_linear_padded_rank_gives_the_unpadded_outputs_and_gradients(autocast):
-    """AdaLoRA's rank 12 padded to 16 (as on CUDA): the zero rows and columns change no output and no
+    """AdaLoRA's rank 12 padded to 16 (as RANK_ALIGN=8 does on CUDA): the zero rows and columns change no output and no
     gradient of x, a or b (fp32 to rounding; under bf16 autocast within bf16's noise of the unpadded)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 7, 24, generator=g)
@@ -204,8 +204,9 @@ def test_low_rank_linear_padded_rank_gives_the_unpadded_outputs_and_gradients(au
 
 
 def test_adalora_fast_path_with_its_rank_padded_matches_peft(monkeypatch):
-    """The fast AdaLoRA forward with the padding CUDA applies (rank 4 + init_r_extra 4 = 8 is aligned, so
-    init_r_extra=2 gives rank 6 -> 8) against peft's own forward: same outputs and gradients."""
+    """The fast AdaLoRA forward with its rank padded as RANK_ALIGN=8 pads it on CUDA (rank 4 + init_r_extra
+    4 = 8 is aligned, so init_r_extra=2 gives rank 6 -> 8) against peft's own forward: same outputs and
+    gradients."""
     from functools import partial
 
     from harness.methods import low_rank

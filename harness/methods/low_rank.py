@@ -25,10 +25,12 @@ from torch.nn import functional as F
 # ``b`` up to the next multiple (0 or 1: never). cuBLAS runs bf16 GEMMs whose rank-sized dimension (the
 # output of ``x a^T``, the inner size of ``(x a^T) b^T``, and their backward) is not a multiple of 8
 # elements with narrower loads than the aligned ones; AdaLoRA's initial rank r + 4 = 12 and EVA's
-# redistributed ranks hit this, LoRA's powers of two do not. The zeros add exact zeros to every sum and
-# the padding's gradient is dropped by the slice's backward, so outputs and gradients are those of the
-# unpadded product (tests/test_fast_paths.py). ``bench methods --set rank_align=0`` measures without it.
-RANK_ALIGN = 8
+# redistributed ranks hit this (both read slower than LoRA r=8 on the H200, BENCHMARKS.md, issue 21). The
+# zeros add exact zeros to every sum and the padding's gradient is dropped by the slice's backward, so
+# outputs and gradients are those of the unpadded product (tests/test_fast_paths.py); only the GEMMs'
+# rounding order may differ. Off until a GPU measures it: ``bench methods --set rank_align=8`` against
+# the default in one run.
+RANK_ALIGN = 0
 
 
 def padded_rank(rank: int, align: int) -> int:
