@@ -318,6 +318,43 @@ def test_glora_samples_forms_in_training_only():
     assert layer.active_form() == LayerForm("lora4", "lora4", "lora4", "vector", "vector")
 
 
+def test_glora_builds_its_weight_once_per_inference_form(monkeypatch):
+    """In inference (eval, no grad: rollouts and the search's scoring) a layer builds W' and b' once for
+    its form and weights; a new form, an in-place weight update or training builds them again, and every
+    output equals the uncached forward's."""
+    method = get_method("glora")
+    model = method.wrap(make_base(), SITE, method.resolve_settings({"ranks": [4, 2]}), MethodContext())
+    layer = model.blocks[0].fc1
+    with torch.no_grad():
+        for t in layer.adapter_tensors:
+            getattr(layer, t).normal_(0, 0.1)
+    builds = []
+    real = GLoRALinear.effective_coded
+    monkeypatch.setattr(GLoRALinear, "effective_coded", lambda self, code: builds.append(1) or real(self, code))
+    x = torch.randn(4, layer.in_features)
+
+    def reference() -> torch.Tensor:
+        weight, bias = real(layer, layer._code)
+        return torch.nn.functional.linear(x, weight, bias)
+
+    layer.eval()
+    with torch.no_grad():
+        first = [layer(x) for _ in range(5)]
+        assert len(builds) == 1 and all(torch.equal(y, reference()) for y in first)
+        layer.form = LayerForm("lora2", "scalar", "none", "vector", "none")  # the search's next candidate
+        assert torch.equal(layer(x), reference()) and not torch.equal(layer(x), first[0])
+        assert len(builds) == 2
+        layer.E.add_(0.5)  # an optimizer step between evaluations
+        assert torch.equal(layer(x), reference()) and len(builds) == 3
+    y = layer(x)  # grad enabled: built for autograd every time
+    assert y.requires_grad and len(builds) == 4
+    layer.train()
+    layer.eval()
+    with torch.no_grad():
+        layer(x)
+    assert len(builds) == 5  # train() dropped the cache
+
+
 # --- EigenLoRA -------------------------------------------------------------------------------------
 
 def _write_bank(folder: Path, n: int, rank: int, seed: int) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:

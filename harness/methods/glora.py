@@ -227,9 +227,31 @@ class GLoRALinear(AdaptedLinear):
             bias = bias + b0 + b0 * vector(td, self.D)
         return weight, bias
 
+    def _inference_key(self) -> tuple:
+        """What the effective weight of an inference forward depends on: every tensor it reads (storage
+        and version: a form set, an optimizer step or a load changes them in place) and the autocast state."""
+        tensors = [self._code, self.base.weight, *([self.base.bias] if self.base.bias is not None else []),
+                   *(getattr(self, t) for t in self.adapter_tensors)]
+        autocast = tuple(torch.is_autocast_enabled(d) and torch.get_autocast_dtype(d) for d in ("cuda", "cpu"))
+        return tuple((t.data_ptr(), t._version) for t in tensors), autocast
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.effective_coded(self._codes())
+        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            self._inference = None
+            weight, bias = self.effective_coded(self._codes())
+        else:
+            # Inference (rollouts, the subnet search's scoring): the form and weights stay fixed across
+            # forwards, so W' and b' are built once, not again for every step of every episode
+            key = self._inference_key()
+            cached = getattr(self, "_inference", None)
+            if cached is None or cached[0] != key:
+                cached = self._inference = (key, *self.effective_coded(self._codes()))
+            weight, bias = cached[1], cached[2]
         return F.linear(x, weight, bias)
+
+    def train(self, mode: bool = True):
+        self._inference = None  # training changes the weights: no stale W' kept
+        return super().train(mode)
 
     def merged_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         form = self.form if self.form is not None else largest_form(self.ranks)
