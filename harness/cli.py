@@ -257,8 +257,20 @@ def cmd_costs(args) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and out.suffix not in (".csv", ".json"):
         raise ConfigError(f"--out {args.out!r}: the file's name must end in .csv or .json")
-    table = cost_table(trial_costs(args.results), by)
+    spent = trial_costs(args.results)
+    table = cost_table(spent, by)
     print(format_costs(table))
+    if args.plan:
+        from harness.costs import against_plan  # heavy: tables need pandas
+        from harness.plan import local_gpus, plan_sweep  # heavy: the sweep schema, not for --help
+        from harness.sweep_file import load_sweep  # heavy: the sweep schema, not for --help
+
+        sweep = load_sweep(args.plan, args.set, None, confirmed=True)  # priced, never run
+        gpus, name = local_gpus()
+        gpus = args.gpus if args.gpus is not None else gpus
+        waves, said = plan_sweep(sweep, gpus, args.gpu_model or name)
+        print(f"\nPlan ({args.plan} on {gpus} x {args.gpu_model or name}; {said}) against the records:")
+        print(against_plan(spent, waves).to_string(index=False))
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         text = table.to_csv(index=False) if out.suffix == ".csv" else table.to_json(orient="records", indent=1)
@@ -404,6 +416,12 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--by", default="study,stage,method", metavar="KEYS",
                     help="group by these comma-joined keys (also sweep, task, wave, status, device)")
     co.add_argument("--out", default=None, metavar="FILE", help="also write the table here (.csv or .json)")
+    co.add_argument("--plan", default=None, metavar="SWEEP_FILE",
+                    help="also price the sweep file as `sweep --plan` does and show plan beside spending per stage")
+    co.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="with --plan: the --set overrides the sweep ran with")
+    co.add_argument("--gpus", type=int, default=None, help="with --plan: the GPUs it ran on (default: this host's)")
+    co.add_argument("--gpu-model", default=None, help="with --plan: the GPU model it ran on (default: this host's)")
     co.set_defaults(fn=cmd_costs)
 
     me = sub.add_parser("methods", help="list every method with its settings; --count: their parameters on a backbone")

@@ -32,7 +32,7 @@ COST_KEYS = ("study", "stage", "method")
 
 
 @dataclass(frozen=True)
-class TrialCost:
+class TrialSpend:
     """One trial's cost, as its record gives it (see the module doc)."""
 
     sweep: str
@@ -84,11 +84,11 @@ def _last_report(path: Path) -> dict[str, Any]:
     return last
 
 
-def _trial_cost(sweep: str, study: str, stage: str, wave: int, folder: Path) -> TrialCost:
+def _trial_cost(sweep: str, study: str, stage: str, wave: int, folder: Path) -> TrialSpend:
     report = _last_report(folder / "result.json") if (folder / "result.json").is_file() else {}
     if "record" not in report:  # running, or cut: its spec (Tune's params.json) names it
         spec = _json(json.loads((folder / "params.json").read_text()).get("spec"))
-        return TrialCost(sweep, study, stage, wave, str(spec.get("method", "")), str(spec.get("task", "")),
+        return TrialSpend(sweep, study, stage, wave, str(spec.get("method", "")), str(spec.get("task", "")),
                          "unfinished", int(report.get("update", 0) or 0), 0.0, 0.0, 0.0, 0.0, False, "")
     rec = json.loads(report["record"])
     extra = _json(rec.get("extra"))
@@ -96,7 +96,7 @@ def _trial_cost(sweep: str, study: str, stage: str, wave: int, folder: Path) -> 
     status = str(rec.get("status", ""))
     if status == "ok" and "stopped_at_update" in extra:
         status = "stopped"
-    return TrialCost(
+    return TrialSpend(
         sweep=sweep, study=study, stage=stage, wave=wave, method=str(rec.get("method", "")),
         task=str(rec.get("task", "")), status=status, updates=record_updates(rec),
         wall_s=float(extra.get("total_wall_s", rec.get("wall_time_s", 0.0)) or 0.0),
@@ -105,13 +105,13 @@ def _trial_cost(sweep: str, study: str, stage: str, wave: int, folder: Path) -> 
         resumed=bool(extra.get("resumed_from_update")), device=str(rec.get("device_name", "")))
 
 
-def trial_costs(results: str | Path) -> list[TrialCost]:
+def trial_costs(results: str | Path) -> list[TrialSpend]:
     """Every trial under a sweep's ``--results`` folder (or one sweep's folder inside it)."""
     root = Path(results)
     if not root.is_dir():
         raise ConfigError(f"costs: {str(results)!r} is not a folder; give a sweep's --results folder "
                           "(default: results)")
-    costs: list[TrialCost] = []
+    costs: list[TrialSpend] = []
     for stage_dir in sorted(p for p in root.rglob("*") if p.is_dir() and STAGE_DIR.match(p.name)):
         m = STAGE_DIR.match(stage_dir.name)
         trials = sorted(p for p in stage_dir.iterdir() if p.is_dir() and (p / "params.json").is_file())
@@ -122,7 +122,7 @@ def trial_costs(results: str | Path) -> list[TrialCost]:
     return costs
 
 
-def cost_table(costs: list[TrialCost], by: tuple[str, ...] = COST_KEYS) -> "pd.DataFrame":
+def cost_table(costs: list[TrialSpend], by: tuple[str, ...] = COST_KEYS) -> "pd.DataFrame":
     """Costs summed per ``by`` group, plus a ``total`` row: trials by outcome, updates, GPU-minutes (wall x
     GPU share), trial-minutes (wall), median ms/update of the trials that trained, largest peak memory."""
     import pandas as pd  # heavy: pandas is only needed once costs are tabled
@@ -147,6 +147,36 @@ def cost_table(costs: list[TrialCost], by: tuple[str, ...] = COST_KEYS) -> "pd.D
     return pd.DataFrame(rows)
 
 
+def against_plan(spent: list[TrialSpend], waves: list[Any]) -> "pd.DataFrame":
+    """Per (study, stage): what the plan priced (``harness.plan.plan_sweep``'s waves: trials, updates,
+    GPU-hours) beside what the trials' records say was spent; ``*_ratio`` is spent / planned."""
+    import pandas as pd  # heavy: pandas is only needed once costs are tabled
+
+    planned: dict[tuple[str, str], dict[str, float]] = {}
+    for w in waves:
+        entry = planned.setdefault((w.study, w.stage.split(" ")[0]), {"trials": 0, "updates": 0.0, "gpu_h": 0.0})
+        entry["trials"] += w.trials
+        entry["updates"] += w.updates or 0
+        entry["gpu_h"] += w.gpu_hours or 0.0
+    done = cost_table(spent, ("study", "stage"))
+    done = done[done["study"] != "total"]
+    rows = []
+    for key in sorted(set(planned) | {(r.study, r.stage) for r in done.itertuples()}):
+        plan = planned.get(key, {})
+        mine = done[(done["study"] == key[0]) & (done["stage"] == key[1])]
+        got = mine.iloc[0].to_dict() if len(mine) else {}
+        row = {"study": key[0], "stage": key[1], "planned_trials": int(plan.get("trials", 0)),
+               "trials": int(got.get("trials", 0)), "unfinished": int(got.get("unfinished", 0)),
+               "planned_updates": int(plan.get("updates", 0)), "updates": int(got.get("updates", 0)),
+               "planned_gpu_minutes": round(60 * plan.get("gpu_h", 0.0), 2),
+               "gpu_minutes": float(got.get("gpu_minutes", 0.0))}
+        for what in ("updates", "gpu_minutes"):
+            row[f"{what}_ratio"] = (round(row[what] / row[f"planned_{what}"], 3) if row[f"planned_{what}"]
+                                    else float("nan"))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def format_costs(table: "pd.DataFrame") -> str:
     """The table as aligned text, with what the columns mean."""
     return (table.to_string(index=False) + "\n\ngpu_minutes: each trial's wall time (process start to record) x "
@@ -154,4 +184,4 @@ def format_costs(table: "pd.DataFrame") -> str:
             "last attempt (resumed: how many)")
 
 
-__all__ = ["COST_KEYS", "TrialCost", "cost_table", "format_costs", "record_updates", "trial_costs"]
+__all__ = ["COST_KEYS", "TrialSpend", "against_plan", "cost_table", "format_costs", "record_updates", "trial_costs"]

@@ -89,3 +89,23 @@ def test_bad_costs_input_is_named(argv, says, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 2
     assert says in capsys.readouterr().err
+
+
+def test_plan_beside_spending(selection_bench, monkeypatch, capsys):
+    """--plan prices the sweep file the run came from and sets it beside the records, per stage: the final
+    stage trains every trial to its budget, so its planned updates are exactly the ones spent; the
+    selection stage under ASHA spends what the scheduler let it."""
+    monkeypatch.chdir(selection_bench.folder)
+    assert main(["costs", "work/scheduler", "--by", "study,stage", "--plan", "sel.yaml", "--gpus", "1",
+                 "--gpu-model", "NVIDIA H200"]) == 0
+    out = capsys.readouterr().out
+    table = out.split("against the records:", 1)[1].strip().splitlines()
+    header, rows = table[0].split(), [dict(zip(table[0].split(), line.split())) for line in table[1:]]
+    assert {"planned_updates", "updates", "planned_gpu_minutes", "gpu_minutes", "updates_ratio"} <= set(header)
+    final = next(r for r in rows if r["stage"] == "final")
+    finals = selection_bench.final_records("scheduler")
+    assert int(final["planned_trials"]) == int(final["trials"]) == len(finals)
+    assert int(final["planned_updates"]) == int(final["updates"]) == sum(record_updates(r) for r in finals)
+    select = next(r for r in rows if r["stage"] == "select")
+    assert int(select["updates"]) == sum(record_updates(r) for r in selection_bench.select_records("scheduler"))
+    assert 0 < int(select["planned_updates"]) < len(selection_bench.lrs) * selection_bench.steps  # ASHA's share
