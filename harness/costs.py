@@ -6,9 +6,11 @@ its Tune folder (``RESULTS/<sweep>/<study>-<stage>[-waveN]/<trial>/result.json``
 record once it finished or a scheduler stopped it, so nothing waits for the stage's records file.
 
 Per trial the cost is its record's: updates trained (where a scheduler stopped it, the updates done by
-then), its wall time from process start to record (``extra.total_wall_s``: start-up, model build,
-compilation, training, evaluations) and the GPU share Ray gave it (``extra.placement.ray.gpus``), so
-``gpu_minutes`` is wall x share: the GPU time the trial held, whether or not its kernels kept the GPU busy.
+then), its wall time from the trial's start in its worker to its record (``extra.total_wall_s``: data,
+model build, compilation, training, evaluations, search; not the worker's own start-up before it, which
+the record keeps apart as ``extra.timing.process_to_trial_s``) and the GPU share Ray gave it
+(``extra.placement.ray.gpus``), so ``gpu_minutes`` is wall x share: the GPU time the trial held, whether
+or not its kernels kept the GPU busy.
 A trial retried after its process died, or resumed from a checkpoint, counts its last attempt only (the
 record's times are the last attempt's); ``resumed`` counts those trials, whose earlier work is not seen.
 Trials without a record yet (running, or cut by an interruption) are counted as ``unfinished``.
@@ -179,7 +181,7 @@ def against_plan(spent: list[TrialSpend], waves: list[Any]) -> "pd.DataFrame":
 
 def format_costs(table: "pd.DataFrame") -> str:
     """The table as aligned text, with what the columns mean."""
-    return (table.to_string(index=False) + "\n\ngpu_minutes: each trial's wall time (process start to record) x "
+    return (table.to_string(index=False) + "\n\ngpu_minutes: each trial's wall time (trial start to record) x "
             "the GPU share Ray gave it; trial_minutes: wall time alone; a retried or resumed trial counts its "
             "last attempt (resumed: how many)")
 
