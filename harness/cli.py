@@ -255,8 +255,8 @@ def cmd_costs(args) -> int:
         raise ConfigError(f"--by {args.by!r}: group by a comma-joined list of {', '.join(allowed)} "
                           "(default study,stage,method)")
     out = Path(args.out) if args.out else None
-    if out is not None and out.suffix not in (".csv", ".json"):
-        raise ConfigError(f"--out {args.out!r}: the file's name must end in .csv or .json")
+    if out is not None and out.suffix not in (".csv", ".json", ".md"):
+        raise ConfigError(f"--out {args.out!r}: the file's name must end in .csv, .json or .md")
     spent = trial_costs(args.results)
     table = cost_table(spent, by)
     print(format_costs(table))
@@ -273,7 +273,8 @@ def cmd_costs(args) -> int:
         print(against_plan(spent, waves).to_string(index=False))
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        text = table.to_csv(index=False) if out.suffix == ".csv" else table.to_json(orient="records", indent=1)
+        text = {".csv": lambda: table.to_csv(index=False), ".json": lambda: table.to_json(orient="records", indent=1),
+                ".md": lambda: table.to_markdown(index=False) + "\n"}[out.suffix]()
         atomic_write_text(out, text)
         print(f"[costs] written to {out}", file=sys.stderr)
     return 0
@@ -415,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("results", nargs="?", default="results", help="the sweep's --results folder (default: results)")
     co.add_argument("--by", default="study,stage,method", metavar="KEYS",
                     help="group by these comma-joined keys (also sweep, task, wave, status, device)")
-    co.add_argument("--out", default=None, metavar="FILE", help="also write the table here (.csv or .json)")
+    co.add_argument("--out", default=None, metavar="FILE", help="also write the table here (.csv, .json or .md)")
     co.add_argument("--plan", default=None, metavar="SWEEP_FILE",
                     help="also price the sweep file as `sweep --plan` does and show plan beside spending per stage")
     co.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

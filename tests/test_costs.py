@@ -49,6 +49,9 @@ def test_costs_of_a_scheduled_sweep_add_up_its_records(selection_bench, monkeypa
     assert int(total["trials"]) == len(select) + len(final)
     assert float(total["gpu_minutes"]) == 0.0  # CPU trials hold no GPU
     assert "gpu_minutes" in printed and "total" in printed
+    assert main(["costs", "work/scheduler", "--by", "method", "--out", "costs/by-method.md"]) == 0
+    md = Path("costs/by-method.md").read_text().splitlines()
+    assert md[0].startswith("| method") and any(line.startswith("| total") for line in md)
 
 
 def test_a_running_trial_and_a_gpu_share(selection_bench, tmp_path):
@@ -83,7 +86,7 @@ def test_a_running_trial_and_a_gpu_share(selection_bench, tmp_path):
     (["costs", "no-such-folder"], "is not a folder"),
     (["costs", "."], "no trial folders"),
     (["costs", ".", "--by", "method,colour"], "--by 'method,colour'"),
-    (["costs", ".", "--out", "costs.txt"], ".csv or .json"),
+    (["costs", ".", "--out", "costs.txt"], ".csv, .json or .md"),
 ])
 def test_bad_costs_input_is_named(argv, says, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
