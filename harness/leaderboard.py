@@ -43,18 +43,26 @@ _ENTRY_PARTS = ("backbone", "targets", "selection", "budget")
 _BUDGET_BOOKKEEPING = ("report_every", "stage")
 
 
+def _budget(budget: Any) -> dict[str, Any] | str:
+    """A row's or record's budget as a mapping (from a JSON object or a mapping); anything else as its text
+    ("" for none)."""
+    if isinstance(budget, str):
+        try:
+            budget = json.loads(budget) if budget.strip() else ""
+        except json.JSONDecodeError:
+            return budget
+    if isinstance(budget, dict):
+        return budget
+    return "" if budget in (None, "") else str(budget)
+
+
 def budget_key(budget: Any) -> str:
     """A budget as a row key: its JSON with sorted keys, bookkeeping keys left out; text that is not a JSON
     object is kept as it is."""
-    if isinstance(budget, str):
-        try:
-            parsed = json.loads(budget) if budget.strip() else ""
-        except json.JSONDecodeError:
-            return budget
-        budget = parsed
-    if not isinstance(budget, dict):
-        return "" if budget in (None, "") else str(budget)
-    return json.dumps({k: v for k, v in budget.items() if k not in _BUDGET_BOOKKEEPING}, sort_keys=True)
+    b = _budget(budget)
+    if isinstance(b, str):
+        return b
+    return json.dumps({k: v for k, v in b.items() if k not in _BUDGET_BOOKKEEPING}, sort_keys=True)
 
 
 def keyed(df: pd.DataFrame, key: list[str] = ROW_KEY) -> pd.DataFrame:
@@ -72,24 +80,19 @@ def keyed(df: pd.DataFrame, key: list[str] = ROW_KEY) -> pd.DataFrame:
 def budget_label(budget: Any) -> str:
     """A row's training budget in words (``3,000 updates, batch 128, 10 eval episodes``; vision: ``100
     epochs``), from the budget its records carry (a JSON object or a mapping); "" when none was recorded."""
-    if isinstance(budget, str):
-        try:
-            budget = json.loads(budget) if budget.strip() else {}
-        except json.JSONDecodeError:
-            return budget
-    if not isinstance(budget, dict) or not budget:
-        return ""
+    b = _budget(budget)
+    if isinstance(b, str) or not b:
+        return b or ""
     parts = []
-    if budget.get("epochs"):
-        parts.append(f"{int(budget['epochs']):,} epochs"
-                     + (f" (at most {int(budget['steps']):,} updates)" if budget.get("steps") else ""))
-    elif budget.get("steps") is not None:
-        parts.append(f"{int(budget['steps']):,} updates")
-    if budget.get("batch_size"):
-        parts.append(f"batch {int(budget['batch_size'])}")
-    if budget.get("eval_episodes"):
-        parts.append(f"{int(budget['eval_episodes'])} eval episodes")
-    return ", ".join(parts) or json.dumps(budget, sort_keys=True)
+    if b.get("epochs"):
+        parts.append(f"{int(b['epochs']):,} epochs" + (f" (at most {int(b['steps']):,} updates)" if b.get("steps") else ""))
+    elif b.get("steps") is not None:
+        parts.append(f"{int(b['steps']):,} updates")
+    if b.get("batch_size"):
+        parts.append(f"batch {int(b['batch_size'])}")
+    if b.get("eval_episodes"):
+        parts.append(f"{int(b['eval_episodes'])} eval episodes")
+    return ", ".join(parts) or json.dumps(b, sort_keys=True)
 
 
 def entry_labels(table: pd.DataFrame, parts: tuple[str, ...] = ("targets", "selection", "budget")) -> list[str]:
