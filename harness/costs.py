@@ -86,7 +86,7 @@ def _last_report(path: Path) -> dict[str, Any]:
     return last
 
 
-def _trial_cost(sweep: str, study: str, stage: str, wave: int, folder: Path) -> TrialSpend:
+def _trial_spend(sweep: str, study: str, stage: str, wave: int, folder: Path) -> TrialSpend:
     report = _last_report(folder / "result.json") if (folder / "result.json").is_file() else {}
     if "record" not in report:  # running, or cut: its spec (Tune's params.json) names it
         spec = _json(json.loads((folder / "params.json").read_text()).get("spec"))
@@ -117,7 +117,7 @@ def trial_costs(results: str | Path) -> list[TrialSpend]:
     for stage_dir in sorted(p for p in root.rglob("*") if p.is_dir() and STAGE_DIR.match(p.name)):
         m = STAGE_DIR.match(stage_dir.name)
         trials = sorted(p for p in stage_dir.iterdir() if p.is_dir() and (p / "params.json").is_file())
-        costs += [_trial_cost(stage_dir.parent.name, m["study"], m["stage"], int(m["wave"] or 0), t) for t in trials]
+        costs += [_trial_spend(stage_dir.parent.name, m["study"], m["stage"], int(m["wave"] or 0), t) for t in trials]
     if not costs:
         raise ConfigError(f"costs: no trial folders under {str(results)!r} (expected "
                           "<results>/<sweep>/<study>-<select|final>/<trial>/result.json, as `harness sweep` writes)")
