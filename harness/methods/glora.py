@@ -97,6 +97,11 @@ class GLoRALinear(AdaptedLinear):
         self.register_buffer("_code", torch.zeros(len(TENSORS), dtype=torch.long, device=kw["device"]),
                              persistent=False)  # the fixed form's indices (the largest form when unfixed)
         self.register_buffer("_last", torch.zeros_like(self._code), persistent=False)  # the last forward's
+        # The eager forward's gates, per tensor and choice three (r, 1) columns [rank mask | vector gate on
+        # rank 0 | scalar gate on rank 0]: one lookup and one unbind give every gate as an operand of the
+        # fused products below (D and E read theirs from the first row); never saved.
+        self.register_buffer("_gates", self._gate_table(r, **kw), persistent=False)
+        self.register_buffer("_rows", torch.arange(len(TENSORS), device=kw["device"]), persistent=False)
         self.form = None
 
     @staticmethod
@@ -110,6 +115,17 @@ class GLoRALinear(AdaptedLinear):
             elif form == "scalar":
                 table[i, r + 1] = 1
         return table
+
+    def _gate_table(self, r: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        gates = torch.zeros(len(TENSORS), max(len(self.choices[t]) for t in TENSORS), 3, r, 1, dtype=dtype,
+                            device=device)
+        for i, t in enumerate(TENSORS):
+            row = self._table(self.choices[t], r, dtype, device)
+            n = row.shape[0]
+            gates[i, :n, 0, :, 0] = row[:, :r]
+            gates[i, :n, 1, 0, 0] = row[:, r]
+            gates[i, :n, 2, 0, 0] = row[:, r + 1]
+        return gates
 
     @property
     def form(self) -> LayerForm | None:
@@ -191,6 +207,8 @@ class GLoRALinear(AdaptedLinear):
 
     def effective_coded(self, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(W', b' + p) of the form whose choice indices are ``code`` (5,), as fixed-shape arithmetic."""
+        if not torch.compiler.is_compiling():
+            return self._effective_eager(code)
         r = self.A_d.shape[1]
         # index_select with 1-element index tensors: a 0-d index would be read back as a Python int
         ta, tb, tc, td, te = (getattr(self, f"_table_{t}").index_select(0, code[i:i + 1])[0]
@@ -226,6 +244,31 @@ class GLoRALinear(AdaptedLinear):
         if b0 is not None:
             bias = bias + b0 + b0 * vector(td, self.D)
         return weight, bias
+
+    def _effective_eager(self, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``effective_coded`` in about a third of the dispatches (an eager step is bound by them): each
+        tensor's mask and vector gate fold into its up factor (X_d @ (m * X_u + v e0) is the masked LoRA
+        product plus the vector form's column), and its scalar form (X_d[0, 0] times the gate) is the
+        bias of the same addmm; W0 + W0 * A is one addcmul, the prompt plus E one addmm."""
+        (ma, xa, ya, mb, xb, yb, mc, xc, _, _, xd, yd, _, xe, ye) = (
+            self._gates[self._rows, code].flatten(0, 1).unbind(0))
+        w0, b0 = self.base.weight, self.base.bias
+
+        def matrix(down, up, mask, vector, scalar):  # (d_out, d_in): masked LoRA + vector column + scalar
+            return torch.addmm(down[:1] @ scalar, down, torch.addcmul(vector, mask, up))
+
+        def column(v, vector, scalar):  # (d_out, 1): the vector form v, or its first element broadcast
+            v = v[:, None]
+            return torch.addmm(v[:1] @ scalar[:1], v, vector[:1])
+
+        # summed in the order of ``effective`` ((W0 + W0 * A) + B), so the two round alike
+        weight = torch.addcmul(w0, w0, matrix(self.A_d, self.A_u, ma, xa, ya)) + matrix(self.B_d, self.B_u, mb, xb, yb)
+        c = self.C_d @ torch.addcmul(xc, mc, self.C_u)
+        bias = torch.addmm(column(self.E, xe, ye), w0, c)
+        if b0 is not None:
+            b0 = b0[:, None]
+            bias = torch.addcmul(bias + b0, b0, column(self.D, xd, yd))
+        return weight, bias.squeeze(1)
 
     def _inference_key(self) -> tuple:
         """What the effective weight of an inference forward depends on: every tensor it reads (storage
