@@ -94,14 +94,17 @@ class GLoRALinear(AdaptedLinear):
             self.register_buffer(f"_table_{t}", self._table(self.choices[t], r, **kw), persistent=False)
         counts = [float(len(self.choices[t])) for t in TENSORS]
         self.register_buffer("_counts", torch.tensor(counts, device=kw["device"]), persistent=False)
+        self.register_buffer("_top", self._counts.long() - 1, persistent=False)  # each tensor's last index
         self.register_buffer("_code", torch.zeros(len(TENSORS), dtype=torch.long, device=kw["device"]),
                              persistent=False)  # the fixed form's indices (the largest form when unfixed)
         self.register_buffer("_last", torch.zeros_like(self._code), persistent=False)  # the last forward's
-        # The eager forward's gates, per tensor and choice three (r, 1) columns [rank mask | vector gate on
-        # rank 0 | scalar gate on rank 0]: one lookup and one unbind give every gate as an operand of the
-        # fused products below (D and E read theirs from the first row); never saved.
-        self.register_buffer("_gates", self._gate_table(r, **kw), persistent=False)
-        self.register_buffer("_rows", torch.arange(len(TENSORS), device=kw["device"]), persistent=False)
+        # The eager forward's gates, never saved: for A, B, C per choice three (r, 1) columns [rank mask |
+        # vector gate on rank 0 | scalar gate on rank 0], for D, E per choice [vector gate, scalar gate] as
+        # (1,) tensors; one lookup and one unbind each give every gate as an operand of a fused product.
+        matrices, vectors = self._gate_tables(r, **kw)
+        self.register_buffer("_gates", matrices, persistent=False)
+        self.register_buffer("_vector_gates", vectors, persistent=False)
+        self.register_buffer("_rows", torch.arange(3, device=kw["device"]), persistent=False)
         self.form = None
 
     @staticmethod
@@ -116,16 +119,20 @@ class GLoRALinear(AdaptedLinear):
                 table[i, r + 1] = 1
         return table
 
-    def _gate_table(self, r: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        gates = torch.zeros(len(TENSORS), max(len(self.choices[t]) for t in TENSORS), 3, r, 1, dtype=dtype,
-                            device=device)
+    def _gate_tables(self, r: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        most = max(len(self.choices[t]) for t in TENSORS)
+        matrices = torch.zeros(3, most, 3, r, 1, dtype=dtype, device=device)  # A, B, C
+        vectors = torch.zeros(2, most, 2, 1, dtype=dtype, device=device)  # D, E
         for i, t in enumerate(TENSORS):
             row = self._table(self.choices[t], r, dtype, device)
             n = row.shape[0]
-            gates[i, :n, 0, :, 0] = row[:, :r]
-            gates[i, :n, 1, 0, 0] = row[:, r]
-            gates[i, :n, 2, 0, 0] = row[:, r + 1]
-        return gates
+            if i < 3:
+                matrices[i, :n, 0, :, 0] = row[:, :r]
+                matrices[i, :n, 1, 0, 0] = row[:, r]
+                matrices[i, :n, 2, 0, 0] = row[:, r + 1]
+            else:
+                vectors[i - 3, :n, :, 0] = row[:, r:]
+        return matrices, vectors
 
     @property
     def form(self) -> LayerForm | None:
@@ -200,7 +207,7 @@ class GLoRALinear(AdaptedLinear):
     def _codes(self) -> torch.Tensor:
         if self._sampling and self.training:
             code = (torch.rand(self._counts.shape, device=self._counts.device) * self._counts).long()
-            code = torch.minimum(code, self._counts.long() - 1)  # rand < 1, but never trust a float edge
+            code = torch.minimum(code, self._top)  # rand < 1, but never trust a float edge
             self._last.copy_(code)
             return code
         return self._code
@@ -249,26 +256,25 @@ class GLoRALinear(AdaptedLinear):
         """``effective_coded`` in about a third of the dispatches (an eager step is bound by them): each
         tensor's mask and vector gate fold into its up factor (X_d @ (m * X_u + v e0) is the masked LoRA
         product plus the vector form's column), and its scalar form (X_d[0, 0] times the gate) is the
-        bias of the same addmm; W0 + W0 * A is one addcmul, the prompt plus E one addmm."""
-        (ma, xa, ya, mb, xb, yb, mc, xc, _, _, xd, yd, _, xe, ye) = (
-            self._gates[self._rows, code].flatten(0, 1).unbind(0))
+        bias of the same addmm; W0 + W0 * A is one addcmul, D's and E's gates one addcmul each."""
+        ma, xa, ya, mb, xb, yb, mc, xc, _ = self._gates[self._rows, code[:3]].flatten(0, 1).unbind(0)
+        vd, sd, ve, se = self._vector_gates[self._rows[:2], code[3:]].flatten(0, 1).unbind(0)
         w0, b0 = self.base.weight, self.base.bias
 
         def matrix(down, up, mask, vector, scalar):  # (d_out, d_in): masked LoRA + vector column + scalar
             return torch.addmm(down[:1] @ scalar, down, torch.addcmul(vector, mask, up))
 
-        def column(v, vector, scalar):  # (d_out, 1): the vector form v, or its first element broadcast
-            v = v[:, None]
-            return torch.addmm(v[:1] @ scalar[:1], v, vector[:1])
+        def vector(v, vector, scalar):  # the vector form v, or its first element broadcast
+            return torch.addcmul(v[:1] * scalar, v, vector)
 
         # summed in the order of ``effective`` ((W0 + W0 * A) + B), so the two round alike
         weight = torch.addcmul(w0, w0, matrix(self.A_d, self.A_u, ma, xa, ya)) + matrix(self.B_d, self.B_u, mb, xb, yb)
         c = self.C_d @ torch.addcmul(xc, mc, self.C_u)
-        bias = torch.addmm(column(self.E, xe, ye), w0, c)
+        # a product (not addmv, which autocast does not cast) so that the prompt rounds as ``effective``'s
+        bias = vector(self.E, ve, se) + (w0 @ c).squeeze(1)
         if b0 is not None:
-            b0 = b0[:, None]
-            bias = torch.addcmul(bias + b0, b0, column(self.D, xd, yd))
-        return weight, bias.squeeze(1)
+            bias = torch.addcmul(bias + b0, b0, vector(self.D, vd, sd))
+        return weight, bias
 
     def _inference_key(self) -> tuple:
         """What the effective weight of an inference forward depends on: every tensor it reads (storage
