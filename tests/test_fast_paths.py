@@ -558,3 +558,59 @@ def test_glora_compiles_once_for_every_sampled_form():
             loss_fn(x, y)
     assert counter.frame_count <= 2, counter.frame_count
     torch._dynamo.reset()
+
+
+def _top_level_aten_ops(fn) -> int:
+    """Top-level aten calls (not made by another aten call) that ``fn()`` dispatches on the CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::")
+               and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")))
+
+
+def test_glora_eager_sampled_forms_match_the_per_form_formula():
+    """Eager training draws a form per forward: for every draw the output and gradients equal those of
+    ``effective`` on the form the layer reports it drew (every choice of every tensor comes up)."""
+    from harness.methods.glora import GLoRALinear, TENSORS
+
+    x = torch.randn(8, 16)
+    layer = [m for m in _glora(bias=True).modules() if isinstance(m, GLoRALinear)][0]
+    layer.train()
+    seen = {t: set() for t in TENSORS}
+    params = [getattr(layer, t) for t in layer.adapter_tensors]
+    for _ in range(60):
+        out = layer(x)
+        grads = torch.autograd.grad(out.square().sum(), params, allow_unused=True)
+        form = layer.active_form()
+        ref = nn.functional.linear(x, *layer.effective(form))
+        expected = torch.autograd.grad(ref.square().sum(), params, allow_unused=True)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        for name, g, e in zip(layer.adapter_tensors, grads, expected):
+            e = torch.zeros_like(getattr(layer, name)) if e is None else e
+            g = torch.zeros_like(e) if g is None else g
+            torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-5, msg=f"{form}: {name}")
+            assert torch.equal(g[e == 0], e[e == 0]), f"{form}: {name} has gradient where the form uses none"
+        for t in TENSORS:
+            seen[t].add(getattr(form, t))
+    assert all(seen[t] == set(layer.choices[t]) for t in TENSORS), seen
+
+
+def test_glora_eager_forward_dispatches_few_ops():
+    """Issue 21: an eager GLoRA step is bound by dispatches on a GPU. One adapted layer's training forward
+    (drawing its form) takes at most 42 top-level aten calls (38 now; 77 at d115359) and its backward 64
+    (63; 69 before)."""
+    from harness.methods.glora import GLoRALinear
+
+    layer = [m for m in _glora(bias=True).modules() if isinstance(m, GLoRALinear)][0]
+    layer.train()
+    x = torch.randn(8, 16)
+    layer(x).sum().backward()  # warm
+    layer.zero_grad(set_to_none=True)
+    holder = {}
+    forward = _top_level_aten_ops(lambda: holder.setdefault("y", layer(x)))
+    loss = holder["y"].sum()
+    backward = _top_level_aten_ops(loss.backward)
+    assert forward <= 42, forward
+    assert backward <= 64, backward
