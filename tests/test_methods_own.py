@@ -510,3 +510,22 @@ def test_declared_tensors_are_what_is_saved(name, tmp_path, bank_dir):
 def test_zero_counts_are_rejected_naming_the_key(name, key):
     with pytest.raises(ConfigError, match=rf"method '{name}': setting '{key}'=0: must be >= 1"):
         get_method(name).resolve_settings({key: 0})
+
+
+def test_nola_bases_are_the_seeded_draws_stored_once_in_the_forward_layout():
+    """The bases are the seed's uniform draws (A's then B's from one stream, as the authors' code), held by
+    every same-shape layer in one shared storage laid out for the forward (no copy per layer)."""
+    import math
+
+    method = get_method("nola")
+    model = method.wrap(make_base(), SITE, method.resolve_settings({"k": 8, "l": 6, "r": 2}), MethodContext())
+    layers = [m for n, m in model.named_modules() if n.endswith("fc1")]
+    d_in, d_out = layers[0].in_features, layers[0].out_features
+    gen = torch.Generator().manual_seed(0)
+    bound_a, bound_b = 1 / math.sqrt(d_in * 2), 1 / math.sqrt(2 * d_out)
+    a = torch.rand(8, d_in, 2, generator=gen) * (2 * bound_a) - bound_a
+    b = torch.rand(6, 2, d_out, generator=gen) * (2 * bound_b) - bound_b
+    torch.testing.assert_close(layers[0].bases_a, a)
+    torch.testing.assert_close(layers[0].bases_b, b)
+    assert layers[0].bases_a_t.data_ptr() == layers[1].bases_a_t.data_ptr()
+    assert layers[0].bases_b_t.data_ptr() == layers[1].bases_b_t.data_ptr()

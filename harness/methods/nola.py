@@ -49,34 +49,51 @@ class NoLALinear(AdaptedLinear):
         self.r = r
         self.seed = seed
         self.scale = 1.0 / r
-        # non-persistent: the bases are regenerated from the seed, never saved
-        self.register_buffer("bases_a", bases_a, persistent=False)
-        self.register_buffer("bases_b", bases_b, persistent=False)
+        # Kept as (r d_in, k) and (d_out r, l): one matrix-vector product with the coefficients then yields
+        # A^T and B^T, the layouts F.linear takes, with no reshape or transpose per forward (each one more
+        # dispatch forward and backward). A view of storage in that layout (as the factory passes, to share
+        # it between layers) is kept without a copy. Non-persistent: regenerated from the seed, never saved.
+        self.register_buffer("bases_a_t", bases_a.permute(2, 1, 0).reshape(-1, k), persistent=False)
+        self.register_buffer("bases_b_t", bases_b.permute(2, 1, 0).reshape(-1, l), persistent=False)
+        self._shape = (base.in_features, base.out_features)
+        self.register_buffer("_zero", torch.zeros((), dtype=base.weight.dtype, device=base.weight.device),
+                             persistent=False)
         dtype, device = base.weight.dtype, base.weight.device
         self.nola_alpha = nn.Parameter(torch.full((k,), 1.0 / k, dtype=dtype, device=device))
         beta0 = 0.0 if zero_init else 1.0 / l
         self.nola_beta = nn.Parameter(torch.full((l,), beta0, dtype=dtype, device=device))
 
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A: d_in x r, B: r x d_out): the coefficients are contracted with the bases first, so no
+    @property
+    def bases_a(self) -> torch.Tensor:
+        """The A bases, (k, d_in, r) (a view)."""
+        return self.bases_a_t.view(self.r, self._shape[0], -1).permute(2, 1, 0)
+
+    @property
+    def bases_b(self) -> torch.Tensor:
+        """The B bases, (l, r, d_out) (a view)."""
+        return self.bases_b_t.view(self._shape[1], self.r, -1).permute(2, 1, 0)
+
+    def factors_t(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A^T: r x d_in, (1/r) B^T: d_out x r): the coefficients are contracted with the bases first, so no
         per-token work scales with k or l."""
-        k, d_in, r = self.bases_a.shape
-        l, _, d_out = self.bases_b.shape
+        d_in, d_out = self._shape
         # Matrix-vector products in the coefficients' dtype with autocast off: under bf16 autocast every
         # forward would first copy all k + l bases to bf16, and sum k products in bf16.
-        with torch.autocast(self.bases_a.device.type, enabled=False):
-            a = (self.nola_alpha @ self.bases_a.reshape(k, d_in * r)).reshape(d_in, r)
-            b = (self.nola_beta @ self.bases_b.reshape(l, r * d_out)).reshape(r, d_out)
-        return a, b
+        with torch.autocast(self.bases_a_t.device.type, enabled=False):
+            a_t = torch.mv(self.bases_a_t, self.nola_alpha).view(self.r, d_in)
+            # the 1/r scale in the same product (alpha), where a separate multiply was one more dispatch
+            b_t = torch.addmv(self._zero, self.bases_b_t, self.nola_beta, beta=0, alpha=self.scale)
+            b_t = b_t.view(d_out, self.r)
+        return a_t, b_t
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.factors()
-        return low_rank_linear(x, self.base.weight, self.base.bias, a.T, b.T, self.scale)
+        a_t, b_t = self.factors_t()  # the scale is in b_t
+        return low_rank_linear(x, self.base.weight, self.base.bias, a_t, b_t)
 
     def delta_weight(self) -> torch.Tensor:
         """Delta W (d_out x d_in) = (1/r) (A B)^T."""
-        a, b = self.factors()
-        return self.scale * (a @ b).T
+        a_t, b_t = self.factors_t()
+        return b_t @ a_t
 
     def merged_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.base.weight + self.delta_weight().to(self.base.weight.dtype), self.base.bias
@@ -122,8 +139,9 @@ class NoLA(LinearAdapterMethod):
                 bound_a, bound_b = 1.0 / math.sqrt(d_in * r), 1.0 / math.sqrt(r * d_out)
                 a = torch.rand(k, d_in, r, generator=gen).mul_(2 * bound_a).sub_(bound_a)
                 b = torch.rand(l, r, d_out, generator=gen).mul_(2 * bound_b).sub_(bound_b)
-                cache[key] = (a.to(linear.weight.device, linear.weight.dtype),
-                              b.to(linear.weight.device, linear.weight.dtype))
+                # stored in the layer's layout (see NoLALinear), shared by every layer of this key
+                cache[key] = tuple(t.to(linear.weight.device, linear.weight.dtype).permute(2, 1, 0).contiguous()
+                                   .permute(2, 1, 0) for t in (a, b))
             a, b = cache[key]
             return NoLALinear(linear, a, b, r=r, seed=layer_seed, zero_init=bool(settings["zero_init"]))
 
