@@ -27,7 +27,7 @@ import torch
 from peft.tuners.adalora.layer import SVDLinear
 from peft.tuners.lora import layer as lora_layer
 from peft.tuners.lora.variants import DoraLinearVariant
-from peft.tuners.randlora.layer import Linear as RandLoraLinear
+from peft.tuners.randlora.layer import Linear as RandLoraLinear, UniqueBaseGrad
 from peft.tuners.vera.layer import Linear as VeraLinear
 from torch import nn
 from torch.nn import functional as F
@@ -130,9 +130,28 @@ class FastRandLoraLinear(RandLoraLinear):
         # and gamma's gradients against peft's own bf16 path (tests/test_fast_paths.py). Its cost is one
         # weight-sized GEMM of inner size n r ~ min(d_in, d_out) per layer, forward and backward.
         with torch.autocast(x.device.type, enabled=False):
-            first, second = self.get_scaled_bases(name, device=x.device)
-            weight = base.weight + ((second @ first) * self.scaling[name]).to(base.weight.dtype)
+            first, second = self._scaled_bases(name, x.device)
+            if first.dtype == base.weight.dtype:  # W + s (second @ first) in one addmm
+                weight = torch.addmm(base.weight, second, first, alpha=self.scaling[name])
+            else:
+                weight = base.weight + ((second @ first) * self.scaling[name]).to(base.weight.dtype)
         return F.linear(x, weight, base.bias)
+
+    def _scaled_bases(self, name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """peft's ``get_scaled_bases`` (the same slices, its own ``UniqueBaseGrad``, the same order) without
+        its per-forward ``.to(device)`` of four tensors already there: each was a dispatch of its own. Where
+        peft casts (bf16/fp16 bases on the CPU) or a tensor is elsewhere, peft's own runs."""
+        a, b = self.randlora_A[name], self.randlora_B[name]
+        lam, gamma = self.randlora_lambda[name], self.randlora_gamma[name]
+        if (b.dtype in (torch.float16, torch.bfloat16) and device.type == "cpu") or not (
+                a.device == b.device == lam.device == gamma.device == device):
+            return self.get_scaled_bases(name, device=device)
+        small, large = min(self.out_features, self.in_features), max(self.out_features, self.in_features)
+        update_b = b[:large, : self.num_bases, :].flatten(start_dim=1)
+        update_a = UniqueBaseGrad.apply(a[:, : self.num_bases, :small], lam, gamma).flatten(end_dim=1)
+        if small == self.in_features:
+            return update_a, update_b
+        return update_b.T, update_a.T
 
 
 _FAST: dict[type, type] = {lora_layer.Linear: FastLoraLinear, SVDLinear: FastSVDLinear, VeraLinear: FastVeraLinear,
