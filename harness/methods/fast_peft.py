@@ -70,7 +70,10 @@ class FastLoraLinear(lora_layer.Linear):
 
     @staticmethod
     def _dora(x, base: nn.Linear, a, b, scale: float, magnitude) -> torch.Tensor:
-        weight = base.weight + scale * (b @ a).to(base.weight.dtype)
+        # the scale applied by the add (one dispatch, where a multiply, a cast and an add were three)
+        weight = torch.add(base.weight, b @ a, alpha=scale)
+        if weight.dtype != base.weight.dtype:
+            weight = weight.to(base.weight.dtype)
         # the norm is a constant of the backward (DoRA section 4.3): computed on a detached copy
         norm = torch.linalg.norm(weight.detach(), dim=1)
         return F.linear(x, (magnitude / norm).unsqueeze(1) * weight, base.bias)
@@ -107,12 +110,21 @@ class FastVeraLinear(VeraLinear):
         if name is None:
             return super().forward(x, *args, **kwargs)
         base = self.get_base_layer()
-        a = self.vera_lambda_d[name].unsqueeze(1) * self.vera_A[name][:, : self.in_features]
-        b = self.vera_lambda_b[name].unsqueeze(1) * self.vera_B[name][: self.out_features, :]
+        shared_a, shared_b = self.vera_A[name], self.vera_B[name]
+        # the shared bases sliced only where they are larger than this layer (a slice is a dispatch)
+        if shared_a.shape[1] != self.in_features:
+            shared_a = shared_a[:, : self.in_features]
+        if shared_b.shape[0] != self.out_features:
+            shared_b = shared_b[: self.out_features, :]
+        a = self.vera_lambda_d[name].unsqueeze(1) * shared_a
+        b = self.vera_lambda_b[name].unsqueeze(1) * shared_b
         if merge_pays(a.shape[0], self.in_features, self.out_features):
             # the product in the adapter's dtype, autocast off, as RandLoRA's merged path (accuracy)
             with torch.autocast(x.device.type, enabled=False):
-                weight = base.weight + (b @ a).to(base.weight.dtype)
+                if b.dtype == base.weight.dtype:
+                    weight = torch.addmm(base.weight, b, a)
+                else:
+                    weight = base.weight + (b @ a).to(base.weight.dtype)
             return F.linear(x, weight, base.bias)
         return low_rank_linear(x, base.weight, base.bias, a, b)
 
