@@ -12,7 +12,7 @@ from torch import nn
 
 from harness.methods import MethodContext, fast_peft, get_method
 from harness.methods.base import method_state
-from harness.methods.low_rank import low_rank_linear, padded_rank
+from harness.methods.low_rank import low_rank_linear, low_rank_linear_t, padded_rank
 from tiny_models import SITE, Tiny
 
 FAST_METHODS = ["lora", "dora", "pissa", "olora", "adalora", "eva", "eva-dora", "vera", "randlora"]
@@ -624,3 +624,24 @@ def test_nola_eager_forward_dispatches_few_ops():
     layer = next(m for m in _own("nola", {"r": 2, "k": 8, "l": 6}).modules() if isinstance(m, NoLALinear))
     x = torch.randn(8, layer.in_features)
     assert _top_level_aten_ops(lambda: layer(x)) <= 8
+
+
+def test_low_rank_linear_with_a_transposed_up_factor_matches_the_plain_one():
+    """``low_rank_linear_t(x, W, bias, a, b^T)`` is ``low_rank_linear(x, W, bias, a, b)`` in outputs and
+    in every input's gradient, on token-shaped (3-D) activations as a ViT gives them."""
+    g = torch.Generator().manual_seed(5)
+    x, w, bias = torch.randn(2, 7, 12, generator=g), torch.randn(10, 12, generator=g), torch.randn(10, generator=g)
+    a, b = torch.randn(3, 12, generator=g), torch.randn(10, 3, generator=g)
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in (x, w, bias, a, b)]
+        up = leaves[4].T if fn is low_rank_linear_t else leaves[4]
+        out = fn(*leaves[:4], up)
+        out.square().sum().backward()
+        return out.detach(), [t.grad for t in leaves]
+
+    out_t, grads_t = run(low_rank_linear_t)
+    out, grads = run(low_rank_linear)
+    torch.testing.assert_close(out_t, out)
+    for gt, gp in zip(grads_t, grads):
+        torch.testing.assert_close(gt, gp)

@@ -53,7 +53,7 @@ from torch import nn
 from harness.adapter_store import bank_manifest
 from harness.errors import ConfigError
 from harness.methods.base import AdapterSite, MethodContext, Setting, check_rank, method_state
-from harness.methods.low_rank import low_rank_linear
+from harness.methods.low_rank import low_rank_linear_t
 from harness.methods.adapted_layers import AdaptedLinear, LayerBuilder, LinearAdapterMethod, target_layers
 
 _INFO_FILE = "eigenlora.json"
@@ -193,7 +193,12 @@ class EigenLoRALinear(AdaptedLinear):
         self.alpha_b = nn.Parameter(alpha_b.to(**kw), requires_grad=trainable)  # K x r
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A': r x d_in, B': d_out x r), each one ``addmm`` (the mean added in the product's epilogue).
+        """(A': r x d_in, B': d_out x r)."""
+        a, b_t = self.factors_t()
+        return a, b_t.T
+
+    def factors_t(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A': r x d_in, B'^T: r x d_out), each one ``addmm`` (the mean added in the product's epilogue).
 
         In the components' dtype with autocast off, as NoLA's factors: under bf16 autocast each product
         would first copy its coefficients and components to bf16 and the mean's add would promote the
@@ -201,12 +206,12 @@ class EigenLoRALinear(AdaptedLinear):
         small (r x d), so fp32 costs nothing and rounds less than bf16 did."""
         with torch.autocast(self.e_a.device.type, enabled=False):
             a = torch.addmm(self.mean_a, self.alpha_a.T, self.e_a)
-            b = torch.addmm(self.mean_b, self.alpha_b.T, self.e_b).T
-        return a, b
+            b_t = torch.addmm(self.mean_b, self.alpha_b.T, self.e_b)
+        return a, b_t
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.factors()
-        return low_rank_linear(x, self.base.weight, self.base.bias, a, b)
+        a, b_t = self.factors_t()
+        return low_rank_linear_t(x, self.base.weight, self.base.bias, a, b_t)
 
     def delta_weight(self) -> torch.Tensor:
         a, b = self.factors()

@@ -57,3 +57,15 @@ def low_rank_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         a = F.pad(a, (0, 0, 0, target - rank))
         b = F.pad(b, (0, target - rank))
     return F.linear(x, weight, bias) + F.linear(F.linear(x, a), b)
+
+
+def low_rank_linear_t(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+                      b_t: torch.Tensor) -> torch.Tensor:
+    """:func:`low_rank_linear` (scale 1) for an up factor given transposed, ``b_t`` (r x out), as a method
+    that builds it in that layout has it (EigenLoRA's ``alpha_b^T E_B + mean_B``): ``(x a^T) b_t`` as one
+    matmul, where ``F.linear`` would take ``b_t.T`` (a transpose forward and a permute backward, both
+    dispatches). Where the rank is padded (:data:`RANK_ALIGN`), :func:`low_rank_linear` runs instead."""
+    rank = a.shape[0]
+    if padded_rank(rank, RANK_ALIGN if x.is_cuda else 0) != rank:
+        return low_rank_linear(x, weight, bias, a, b_t.T)
+    return F.linear(x, weight, bias) + F.linear(x, a) @ b_t
