@@ -216,6 +216,7 @@ class GLoRALinear(AdaptedLinear):
         """(W', b' + p) of the form whose choice indices are ``code`` (5,), as fixed-shape arithmetic."""
         if not torch.compiler.is_compiling():
             return self._effective_eager(code)
+        # Compiled (inductor fuses the element-wise work, so the dispatch count does not matter here):
         r = self.A_d.shape[1]
         # index_select with 1-element index tensors: a 0-d index would be read back as a Python int
         ta, tb, tc, td, te = (getattr(self, f"_table_{t}").index_select(0, code[i:i + 1])[0]
@@ -228,25 +229,19 @@ class GLoRALinear(AdaptedLinear):
             return t[r] * v + t[r + 1] * v[0]
 
         w0, b0 = self.base.weight, self.base.bias
-        if torch.compiler.is_compiling():
-            # A's and B's LoRA products (masked to rank r1) as one batched product: compiled, one launch
-            # forward and two backward where two and four separate products took their own
-            lora = torch.bmm(torch.stack([self.A_d * ta[:r], self.B_d * tb[:r]]), torch.stack([self.A_u, self.B_u]))
-            lora_a, lora_b = lora[0], lora[1]
-        else:
-            lora_a, lora_b = (self.A_d * ta[:r]) @ self.A_u, (self.B_d * tb[:r]) @ self.B_u
+        # A's and B's LoRA products (masked to rank r1) as one batched product: compiled, one launch
+        # forward and two backward where two and four separate products took their own
+        lora = torch.bmm(torch.stack([self.A_d * ta[:r], self.B_d * tb[:r]]), torch.stack([self.A_u, self.B_u]))
+        lora_a, lora_b = lora[0], lora[1]
         weight = w0 + w0 * (lora_a + column(ta, self.A_d)) + (lora_b + column(tb, self.B_d))
-        if torch.compiler.is_compiling():
-            # The prompt p = W0 C as sums over W0's rows and C's rank rather than two matrix products:
-            # compiled, the row sums read W0 in the same kernel that writes W' (one pass over the weight
-            # instead of a separate product), and C's rank-r sum fuses with its gate, which removes two
-            # of the layer's matrix-product launches from the forward and two from the backward. Eager,
-            # the products stay: there the sums would materialise a weight-sized temporary.
-            c = (self.C_d * (tc[:r] * self.C_u[:, 0])).sum(1) + tc[r] * self.C_d[:, 0]
-            prompt = (w0 * c).sum(1)
-        else:
-            c = (self.C_d * tc[:r]) @ self.C_u + tc[r] * self.C_d[:, :1]
-            prompt = (w0 @ c).squeeze(-1)
+        # The prompt p = W0 C as sums over W0's rows and C's rank rather than two matrix products:
+        # compiled, the row sums read W0 in the same kernel that writes W' (one pass over the weight
+        # instead of a separate product), and C's rank-r sum fuses with its gate, which removes two
+        # of the layer's matrix-product launches from the forward and two from the backward. Eager
+        # (``_effective_eager``), the products stay: there the sums would materialise a weight-sized
+        # temporary.
+        c = (self.C_d * (tc[:r] * self.C_u[:, 0])).sum(1) + tc[r] * self.C_d[:, 0]
+        prompt = (w0 * c).sum(1)
         bias = vector(te, self.E) + prompt
         if b0 is not None:
             bias = bias + b0 + b0 * vector(td, self.D)
