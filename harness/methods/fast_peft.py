@@ -17,8 +17,9 @@ no adapter dropout in training, an ``nn.Linear`` base); anything else falls back
 
 - RandLoRA: its update is a product of scaled shared bases of rank ``n r`` >= min(d_in, d_out) (full
   rank by design), so the low-rank form would cost more than the base matmul; it is merged instead
-  (``F.linear(x, W + s B A, b)``, the scaled bases computed once per forward by peft's own
-  ``get_scaled_bases``), which costs what full fine-tuning's forward and weight gradient cost.
+  (``F.linear(x, W + s B A, b)`` with ``W + s B A`` one addmm; the scaled bases computed once per forward
+  as peft's ``get_scaled_bases`` computes them, with its ``UniqueBaseGrad``, minus its per-forward device
+  moves), which costs what full fine-tuning's forward and weight gradient cost.
 """
 
 from __future__ import annotations
