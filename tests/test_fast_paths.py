@@ -645,3 +645,17 @@ def test_low_rank_linear_with_a_transposed_up_factor_matches_the_plain_one():
     torch.testing.assert_close(out_t, out)
     for gt, gp in zip(grads_t, grads):
         torch.testing.assert_close(gt, gp)
+
+
+# Issue 21: the most top-level aten calls one adapted layer's eager forward may take, base matmul included,
+# on the tests' Tiny model (VeRA's and RandLoRA's ranks make them merge there); d115359 took 10, 10 and 17.
+FORWARD_OPS = {"dora": 8, "vera": 7, "randlora": 10}
+
+
+@pytest.mark.parametrize("name", sorted(FORWARD_OPS))
+def test_fast_forward_dispatches_few_ops(name):
+    model = _wrapped(name, {"r": 4} if name == "randlora" else None)
+    layer = model.blocks[0].fc1
+    x = torch.randn(8, 16)
+    layer(x)
+    assert _top_level_aten_ops(lambda: layer(x)) <= FORWARD_OPS[name]
