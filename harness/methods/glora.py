@@ -106,6 +106,8 @@ class GLoRALinear(AdaptedLinear):
         self.register_buffer("_vector_gates", vectors, persistent=False)
         self.register_buffer("_rows", torch.arange(3, device=kw["device"]), persistent=False)
         self.form = None
+        # inference's (key, W', b'): built once per form and weights in eval mode without grad (forward)
+        self._inference: tuple | None = None
 
     @staticmethod
     def _table(choices: Sequence[str], r: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -287,7 +289,7 @@ class GLoRALinear(AdaptedLinear):
             # Inference (rollouts, the subnet search's scoring): the form and weights stay fixed across
             # forwards, so W' and b' are built once, not again for every step of every episode
             key = self._inference_key()
-            cached = getattr(self, "_inference", None)
+            cached = self._inference
             if cached is None or cached[0] != key:
                 cached = self._inference = (key, *self.effective_coded(self._codes()))
             weight, bias = cached[1], cached[2]
