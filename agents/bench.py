@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from harness.errors import ConfigError
 from harness.randomness import seeded
-from harness.training import LoopConfig, Trainer, autocast, pick_device, synchronize
+from harness.training import LoopConfig, Trainer, autocast, compiled_loss, pick_device, synchronize
 from agents.data import Episodes, WindowSampler
 from agents.dt import DTConfig, DecisionTransformer, batch_loss, flops_per_step
 from agents.rollout import evaluate_dt, evaluate_scripted
@@ -49,23 +49,6 @@ def compile_mode(ts) -> str:
     if mode not in COMPILE_MODES:
         raise ConfigError(f"bench rl setting 'bench_compile_mode'={mode!r}: expected one of {list(COMPILE_MODES)}")
     return mode
-
-
-def compiled_loss(loss: Callable[[Any], torch.Tensor], mode: str) -> Callable[[Any], torch.Tensor]:
-    """``loss`` compiled with torch.compile ``mode``. Under CUDA graphs (reduce-overhead) each call starts
-    a new graph step and its loss is copied out of the graph's memory, which the next replay overwrites
-    (the training loop keeps losses for its batched finite checks)."""
-    if mode == "default":
-        return torch.compile(loss)
-    fn = torch.compile(loss, mode=mode)
-    if mode != "reduce-overhead":
-        return fn
-
-    def run(batch: Any) -> torch.Tensor:
-        torch.compiler.cudagraph_mark_step_begin()
-        return fn(batch).clone()
-
-    return run
 
 
 def finetune_trainer(cfg: DTConfig, ts, batch: int, steps: int, compiled: bool, device: torch.device,

@@ -30,7 +30,7 @@ from harness.methods import AdapterSite, MethodContext, get_method, method_names
 from harness.methods import low_rank
 from harness.trial import resolve_point
 from harness.randomness import seeded
-from harness.training import LoopConfig, Trainer, synchronize
+from harness.training import LoopConfig, Trainer, compiled_loss, synchronize
 from harness.validation import Bool, Int, validate
 
 VIT_SITE = AdapterSite(targets=("qkv", "attn.proj", "fc1", "fc2"), head=("head",), feedforward=("mlp.fc2",))
@@ -199,7 +199,7 @@ def _time_method(name: str, cfg: dict[str, Any], work: _Workload, bank) -> dict[
     hooks = MethodHooks(method, ctx)
     trainer = Trainer(model, work.loss, lambda: batch, loop, device, hooks)
     if cfg["compile"] and cfg.get("compile_mode") and device.type == "cuda":
-        trainer.compute_loss = _compiled_loss(trainer, cfg["compile_mode"])
+        trainer.compute_loss = compiled_loss(trainer._loss, cfg["compile_mode"])
     synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -221,20 +221,6 @@ def _time_method(name: str, cfg: dict[str, Any], work: _Workload, bank) -> dict[
     if phases is not None:
         row["phases"] = phases
     return row
-
-
-def _compiled_loss(trainer: Trainer, mode: str) -> Callable[[Any], torch.Tensor]:
-    """The trainer's forward and loss compiled in ``mode``. Under CUDA graphs a replay overwrites the
-    previous replay's outputs, so the loss the trainer keeps for its finiteness check is cloned out."""
-    compiled = torch.compile(trainer._loss, mode=mode)
-    if mode != "reduce-overhead":
-        return compiled
-
-    def run(batch: Any) -> torch.Tensor:
-        torch.compiler.cudagraph_mark_step_begin()
-        return compiled(batch).clone()
-
-    return run
 
 
 PHASES = ("forward", "extra_loss", "backward", "optimizer", "on_step")

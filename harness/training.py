@@ -146,6 +146,23 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+def compiled_loss(loss: Callable[[Any], torch.Tensor], mode: str) -> Callable[[Any], torch.Tensor]:
+    """``loss`` compiled with torch.compile ``mode``. Under CUDA graphs (reduce-overhead) each call starts
+    a new graph step and its loss is copied out of the graph's memory, which the next replay overwrites
+    (the training loop keeps losses for its batched finite checks)."""
+    if mode == "default":
+        return torch.compile(loss)
+    fn = torch.compile(loss, mode=mode)
+    if mode != "reduce-overhead":
+        return fn
+
+    def run(batch: Any) -> torch.Tensor:
+        torch.compiler.cudagraph_mark_step_begin()
+        return fn(batch).clone()
+
+    return run
+
+
 def pick_device(requested: str = "auto") -> torch.device:
     """The device for this process's work: the trial's own GPU under Ray (``harness/placement.py``)."""
     return trial_device(requested)
