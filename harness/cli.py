@@ -257,20 +257,22 @@ def cmd_costs(args) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and out.suffix not in (".csv", ".json", ".md"):
         raise ConfigError(f"--out {args.out!r}: the file's name must end in .csv, .json or .md")
+    plan = None
+    if args.plan:  # a bad sweep file or GPU count is named before any record is read
+        from harness.plan import plan_sweep, priced_gpus  # heavy: the sweep schema, not for --help
+        from harness.sweep_file import load_sweep  # heavy: the sweep schema, not for --help
+
+        gpus, name = priced_gpus(args.gpus, None, args.gpu_model)
+        waves, said = plan_sweep(load_sweep(args.plan, args.set, None, confirmed=True), gpus, name)  # priced, never run
+        plan = (waves, f"{args.plan} on {gpus} x {name}; {said}")
     spent = trial_costs(args.results)
     table = cost_table(spent, by)
     print(format_costs(table))
-    if args.plan:
+    if plan is not None:
         from harness.costs import against_plan  # heavy: tables need pandas
-        from harness.plan import local_gpus, plan_sweep  # heavy: the sweep schema, not for --help
-        from harness.sweep_file import load_sweep  # heavy: the sweep schema, not for --help
 
-        sweep = load_sweep(args.plan, args.set, None, confirmed=True)  # priced, never run
-        gpus, name = local_gpus()
-        gpus = args.gpus if args.gpus is not None else gpus
-        waves, said = plan_sweep(sweep, gpus, args.gpu_model or name)
-        print(f"\nPlan ({args.plan} on {gpus} x {args.gpu_model or name}; {said}) against the records:")
-        print(against_plan(spent, waves).to_string(index=False))
+        print(f"\nPlan ({plan[1]}) against the records:")
+        print(against_plan(spent, plan[0]).to_string(index=False))
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         text = {".csv": lambda: table.to_csv(index=False), ".json": lambda: table.to_json(orient="records", indent=1),

@@ -85,7 +85,8 @@ def budget_label(budget: Any) -> str:
         return b or ""
     parts = []
     if b.get("epochs"):
-        parts.append(f"{int(b['epochs']):,} epochs" + (f" (at most {int(b['steps']):,} updates)" if b.get("steps") else ""))
+        capped = f" (at most {int(b['steps']):,} updates)" if b.get("steps") else ""
+        parts.append(f"{int(b['epochs']):,} epochs{capped}")
     elif b.get("steps") is not None:
         parts.append(f"{int(b['steps']):,} updates")
     if b.get("batch_size"):

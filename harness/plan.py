@@ -271,8 +271,9 @@ def cluster_gpus(address: str) -> tuple[int, str]:
         ray.shutdown()
 
 
-def run_plan(sweep: SweepFile, gpus: int | None, address: str | None, gpu_model: str | None) -> str:
-    """What ``sweep --plan`` prints."""
+def priced_gpus(gpus: int | None, address: str | None, gpu_model: str | None) -> tuple[int, str]:
+    """The GPUs a plan prices: a cluster's own (``address``), else this host's or ``gpus`` of them; the
+    model ``gpu_model`` where given, else theirs."""
     if gpus is not None and gpus < 0:
         raise ConfigError(f"--gpus {gpus}: a count of GPUs is 0 or more")
     if address:
@@ -283,10 +284,15 @@ def run_plan(sweep: SweepFile, gpus: int | None, address: str | None, gpu_model:
         n, name = local_gpus()
         if gpus is not None:
             n = gpus
-    name = gpu_model or name
+    return n, gpu_model or name
+
+
+def run_plan(sweep: SweepFile, gpus: int | None, address: str | None, gpu_model: str | None) -> str:
+    """What ``sweep --plan`` prints."""
+    n, name = priced_gpus(gpus, address, gpu_model)
     waves, said = plan_sweep(sweep, n, name)
     return format_plan(waves, said, n, name)
 
 
-__all__ = ["TrialCost", "WavePlan", "format_plan", "load_costs", "packing_speedup", "plan_sweep", "plan_wave",
+__all__ = ["TrialCost", "WavePlan", "format_plan", "load_costs", "packing_speedup", "plan_sweep", "plan_wave", "priced_gpus",
            "run_plan", "trial_cost"]
