@@ -23,9 +23,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from harness.errors import ConfigError
 from harness.validation import Int, validate
+from harness.training import pick_device
 from agents.data import DataSettings
 from agents.pretrain import BaseFile, read_base
-from agents.return_targets import DEFAULT_RULE, canonical_rule
+from agents.return_targets import canonical_rule
 from agents.tasks import EPISODE_LENGTH, EXPERTS, MT50, check_task
 from agents.track import RLSettings, RLTrack, data_settings, pretrained_evals, task_target
 
@@ -40,7 +41,7 @@ class BaseEval(BaseModel):
     tasks: list[str] | None = Field(None, min_length=1)  # None: the file's pretraining tasks
     eval_episodes: Int = Field(10, ge=1)
     eval_seed: Int = Field(0, ge=0)
-    return_target: str = DEFAULT_RULE
+    return_target: str | None = None  # None: the RL track's default (the recipe's rule)
     eval_workers: Int = Field(0, ge=0)
     data_workers: Int = Field(0, ge=0)
     device: str = "auto"
@@ -59,8 +60,8 @@ class BaseEval(BaseModel):
 
     @field_validator("return_target")
     @classmethod
-    def _rule(cls, v: str) -> str:
-        return canonical_rule(v)
+    def _rule(cls, v: str | None) -> str | None:
+        return None if v is None else canonical_rule(v)
 
 
 def _expert_of(policy: str, where: str) -> str:
@@ -100,7 +101,7 @@ def eval_settings(path: str | Path, config: dict[str, Any] | None = None) -> tup
            "context": base.model.context, "dropout": base.model.dropout, "data_episodes": episodes,
            "noise_levels": noise, "data_seed": seed, "expert": _expert_of(policy, where), "pretrain_tasks": tasks,
            "pretrain_seed": meta.get("seed", 0), "pretrained": str(path), "pretrain_eval_episodes": ev.eval_episodes,
-           **{k: getattr(ev, k) for k in RUNTIME_KEYS}}
+           **{k: getattr(ev, k) for k in RUNTIME_KEYS if getattr(ev, k) is not None}}
     ts = RLTrack().settings(raw, "eval rl")
     if data_settings(ts).key("*") != data:  # the file's data key must be the one this harness builds
         raise ConfigError(f"{where}: its data settings {data} do not map onto this harness's "
@@ -122,7 +123,8 @@ def evaluate_base(path: str | Path, config: dict[str, Any] | None = None) -> dic
     mean = {m: float(np.mean([r[m] for r in per_task.values()])) for m in ("success", "success_any", "return")}
     return {"file": str(base.path), "label": base.label, "base_key": base.base_key, "return_target": ts.return_target,
             "eval_episodes": ev.eval_episodes, "eval_seed": ev.eval_seed, "data": base.metadata.get("data"),
-            "file_eval": base.metadata.get("eval", {}), "mean": mean, "tasks": per_task}
+            "file_eval": base.metadata.get("eval", {}), "device": str(pick_device(ts.device)), "mean": mean,
+            "tasks": per_task}
 
 
 def format_eval(result: dict[str, Any]) -> str:

@@ -33,7 +33,7 @@ from harness.randomness import derive_seed, seeded
 from harness.training import LoopConfig, Trainer, pick_device, synchronize
 from agents.data import DataSettings, Episodes, WindowSampler, build_datasets, say
 from agents.dt import DTConfig, DecisionTransformer, batch_loss
-from agents.return_targets import DEFAULT_RULE, return_target
+from agents.return_targets import PAPERS_RULE, return_target
 from agents.rollout import TaskPools, evaluate_dt_tasks
 from agents.tasks import MT40, check_task
 
@@ -115,7 +115,7 @@ class CurveEval:
     workers: int = 1
     seed: int = 0
     path: Path | None = None
-    target_rule: str = DEFAULT_RULE
+    target_rule: str = PAPERS_RULE
     points: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -175,7 +175,7 @@ def pretrain(plan: PretrainPlan, device: torch.device | None = None, data_worker
                 log(f"[rl-pretrain] this pretraining is cached ({found.path}); its curve has no point at "
                     f"{missing} (only a new run can add them: change a setting, or remove the entry)")
             # points from before the rule existed were scored with max
-            other = sorted({p.get("return_target", DEFAULT_RULE) for p in curve.points} - {curve.target_rule})
+            other = sorted({p.get("return_target", PAPERS_RULE) for p in curve.points} - {curve.target_rule})
             if other:
                 log(f"[rl-pretrain] the cached curve's points were scored with return target {', '.join(other)}, "
                     f"not {curve.target_rule}; each point says which (score the final model with `eval rl`)")
@@ -190,7 +190,7 @@ def pretrain(plan: PretrainPlan, device: torch.device | None = None, data_worker
     sampler = WindowSampler(episodes, plan.model.context, seed=plan.seed, device=device)
     # what the data cost the run that began it (a resumed call finds the data cached)
     data_s = float(resumed.get("data_s", time.perf_counter() - data_started))
-    rule = curve.target_rule if curve is not None else DEFAULT_RULE
+    rule = curve.target_rule if curve is not None else PAPERS_RULE
     targets = {t: return_target(e, rule).value for t, e in zip(plan.tasks, episodes)}
     del episodes
     with seeded(derive_seed(plan.seed, "init")):
@@ -285,7 +285,7 @@ def pretrain(plan: PretrainPlan, device: torch.device | None = None, data_worker
 
 
 def _curve_point(model: torch.nn.Module, pools, targets: dict[str, float], device: torch.device, updates: int,
-                 clock: float, data_s: float, calls: int, rule: str = DEFAULT_RULE) -> dict[str, Any]:
+                 clock: float, data_s: float, calls: int, rule: str = PAPERS_RULE) -> dict[str, Any]:
     started = time.perf_counter()
     results = evaluate_dt_tasks(model, pools, targets, device)
     model.train()

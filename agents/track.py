@@ -39,7 +39,7 @@ from agents.data import (DataSettings, Episodes, WindowSampler, build_datasets, 
 from agents.dt import SITE, DTConfig, DecisionTransformer, batch_loss, forward_batch, layer_tokens
 from agents.pretrain import (EVAL_KIND, BaseFile, CurveEval, OptimPlan, PretrainPlan, Pretrained, cached_eval,
                              export_base, load_model, pretrain as build_pretrained, read_base)
-from agents.return_targets import DEFAULT_RULE, ReturnTarget, canonical_rule, return_target
+from agents.return_targets import PAPERS_RULE, RECIPE_RULE, ReturnTarget, canonical_rule, return_target
 from agents.rollout import TaskPools, evaluate_dt, evaluate_dt_tasks, evaluate_scripted
 from agents.tasks import CW10, EPISODE_LENGTH, MT40, MT50, check_task
 
@@ -54,7 +54,8 @@ DATA_NOTE = "Meta-World v3 scripted policies + Gaussian action noise (simulator 
 PRESETS: dict[str, dict[str, Any]] = {
     "recipe": {},
     "paper": {"dropout": 0.2, "data_episodes": 200, "noise_levels": [0.0, 0.1, 0.3, 0.6, 1.0],
-              "pretrain_steps": 1_000_000, "pretrain_lr": 1e-4, "pretrain_warmup": None},
+              "pretrain_steps": 1_000_000, "pretrain_lr": 1e-4, "pretrain_warmup": None,
+              "return_target": PAPERS_RULE},
 }
 
 
@@ -105,8 +106,9 @@ class RLSettings(TrackSettings):
     eval_pretrained: Bool = True  # also score the pretrained DT on each trial's evaluation episodes
     # the return-to-go a DT is conditioned on in every evaluation (base, trials, pretraining curve), a rule over
     # the task's data episodes (agents/return_targets.py): max (the papers'), mean, quantile:Q, or success_max,
-    # success_mean, success_quantile:Q over the episodes whose last step is a success (max when there are none)
-    return_target: str = DEFAULT_RULE
+    # success_mean, success_quantile:Q over the episodes whose last step is a success (max when there are none);
+    # the recipe's success_mean, the papers' max (preset paper)
+    return_target: str = RECIPE_RULE
     compile: Bool = True
     # `python -m harness bench rl`
     bench_steps: Int = Field(50, ge=1)
@@ -218,12 +220,12 @@ def base_model(ts: RLSettings, device: torch.device | None = None) -> Pretrained
 def backbone_name(ts: RLSettings, pre: Pretrained) -> str:
     """The leaderboard's backbone column: the DT's shape, then in brackets (the weights, as on the vision
     track) the base file's name and short hash, or the base's key when the trials pretrained it themselves,
-    so rows of two bases (e.g. two presets) never share a row; a return-target rule other than the default
-    is named there too, so rows scored under different targets never share one either."""
+    so rows of two bases (e.g. two presets) never share a row; a return-target rule other than the papers'
+    ``max`` is named there too (the recipe's ``success_mean`` included), so rows scored under different targets
+    never share one either, and rows written before the rule existed (scored with ``max``) keep their name."""
     described = model_config(ts).describe()
-    # rows scored under another return target are other rows (the default's rows keep their name)
     weights = pre.info["label"] if "label" in pre.info else f"base {pre.base_key}"
-    rule = "" if ts.return_target == DEFAULT_RULE else f"; return target {ts.return_target}"
+    rule = "" if ts.return_target == PAPERS_RULE else f"; return target {ts.return_target}"
     return f"{described} [{weights}{rule}]"
 
 
@@ -448,7 +450,7 @@ def _reuse_final_point(ts: RLSettings, pre: Pretrained, points: CurveEval) -> No
     final = next((p for p in points.points if p["updates"] == ts.pretrain_steps), None)
     # points written before the rule existed were scored with max, today's default
     if (final is None or points.seed != 0 or points.episodes != ts.pretrain_eval_episodes
-            or final.get("return_target", DEFAULT_RULE) != ts.return_target):
+            or final.get("return_target", PAPERS_RULE) != ts.return_target):
         return
     plan = pretrain_plan(ts)
     for task, scores in final["tasks"].items():

@@ -178,8 +178,13 @@ def cmd_eval(args) -> int:
     result = evaluate_base(args.pretrained, config)
     print(format_eval(result), flush=True)
     if args.out:
+        from harness import provenance  # heavy: harness.provenance imports torch
+
+        command = " ".join(["python -m harness eval rl --pretrained", str(args.pretrained),
+                            *sum((["--set", s] for s in args.set), [])])
+        doc = {**provenance.stamp(command, result["device"]), **result}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(args.out), json.dumps(result, indent=1, default=str) + "\n")
+        atomic_write_text(Path(args.out), json.dumps(doc, indent=1, default=str) + "\n")
         print(f"[eval] written to {args.out}", file=sys.stderr)
     return 0
 
@@ -216,9 +221,8 @@ def cmd_bench(args) -> int:
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    doc = {"bench": args.track, "command": " ".join(["python -m harness bench", args.track, *sum(
-        (["--set", s] for s in args.set), [])]), "device_name": provenance.device_name(device),
-        "git_commit": provenance.git_commit(), "software": provenance.software(), "config": config, "result": result}
+    command = " ".join(["python -m harness bench", args.track, *sum((["--set", s] for s in args.set), [])])
+    doc = {"bench": args.track, **provenance.stamp(command, device), "config": config, "result": result}
     text = json.dumps(doc, indent=1, default=str)
     if args.out:
         out = Path(args.out)

@@ -55,6 +55,13 @@ def git_commit() -> str:
     return f"{commit}+dirty" if dirty else commit or "unknown"
 
 
+def stamp(command: str, device: str) -> dict[str, object]:
+    """The facts a measurement's JSON opens with: the command that made it, the device's model, the commit
+    and the package versions."""
+    return {"command": command, "device_name": device_name(device), "git_commit": git_commit(),
+            "software": software()}
+
+
 @functools.lru_cache(maxsize=8)
 def device_name(device: str) -> str:
     """The GPU model for a CUDA device, else the CPU model."""

@@ -244,7 +244,7 @@ def test_trial_from_a_base_file_carries_its_name_and_the_expert_ceiling(base_fil
                      track_settings=settings)
     record = run_trial(spec, lambda m: None)
     assert record.status == "ok", record.error
-    assert record.backbone.endswith(f"[{out['export']['label']}]")
+    assert record.backbone.endswith(f"[{out['export']['label']}; return target success_mean]")
     assert record.extra["base_key"] == out["base_key"] and record.extra["pretrained_file"] == out["export"]["label"]
     m = record.metrics
     assert 0 <= m["expert_success"] <= m["expert_success_any"] <= 1 and m["expert_success_any"] == 1.0
@@ -254,10 +254,9 @@ def test_trial_from_a_base_file_carries_its_name_and_the_expert_ceiling(base_fil
 
 @pytest.mark.filterwarnings("ignore")
 def test_batched_mt40_eval_scores_the_same_episodes_as_one_task_at_a_time(cache):
-    from agents.data import load_dataset
     from agents.pretrain import load_model
     from agents.rollout import evaluate_dt
-    from agents.track import base_model, model_config, pretraining_eval
+    from agents.track import base_model, model_config, pretraining_eval, task_target
 
     settings = track.settings({**TINY, "pretrain_tasks": ["reach", "window-close"], "pretrain_steps": 5,
                                "pretrain_eval_episodes": 1})
@@ -265,15 +264,9 @@ def test_batched_mt40_eval_scores_the_same_episodes_as_one_task_at_a_time(cache)
     pre = base_model(settings)
     model = load_model(pre.path, model_config(settings))
     for task in ("reach", "window-close"):
-        target = float(load_dataset(task, track_data(settings)).returns.max())
+        target = task_target(settings, task).value
         alone = evaluate_dt(model, task, 1, target, 1, 0)
         assert both[task]["pretrained"]["return"] == pytest.approx(alone.return_mean, rel=1e-5)
-
-
-def track_data(settings):
-    from agents.track import data_settings
-
-    return data_settings(settings)
 
 
 def test_presets_fill_only_the_keys_a_sweep_leaves_out():
@@ -291,5 +284,10 @@ def test_presets_fill_only_the_keys_a_sweep_leaves_out():
         track.settings({"preset": "papers"})
     # two bases never share a leaderboard row: the backbone column names the base
     shape = "DecisionTransformer(layers=4, heads=8, width=512, context=50)"
-    assert backbone_name(recipe, Pretrained(Path("m.pt"), "aaaa", {})) == f"{shape} [base aaaa]"
+    # the recipe's return target is named (rows scored under the papers' max, older ones included, name none)
+    assert recipe.return_target == "success_mean" and paper.return_target == "max"
+    assert (backbone_name(recipe, Pretrained(Path("m.pt"), "aaaa", {}))
+            == f"{shape} [base aaaa; return target success_mean]")
     assert backbone_name(paper, Pretrained(Path("m.pt"), "bbbb", {})) == f"{shape} [base bbbb]"
+    assert (backbone_name(RLSettings(return_target="max"), Pretrained(Path("m.pt"), "aaaa", {}))
+            == f"{shape} [base aaaa]")

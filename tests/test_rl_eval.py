@@ -77,14 +77,20 @@ def test_rules_are_spelled_canonically_and_bad_ones_refused():
             track.settings({"return_target": bad})
 
 
-def test_the_default_is_the_papers_rule(cache):
+def test_the_recipe_conditions_on_successful_episodes_and_the_paper_preset_on_the_best_return(cache):
     from agents.data import load_dataset
     from agents.track import data_settings, task_target
 
     ts = track.settings(TINY)
-    assert ts.return_target == "max"
+    assert ts.return_target == "success_mean"
     data = load_dataset("reach", data_settings(ts))
     got = task_target(ts, "reach")
+    last = data.successes[:, -1]
+    assert got.rule == "success_mean" and got.fallback == (not last.any())
+    returns = data.returns.astype(np.float64)  # the rule averages in float64
+    assert got.value == float(returns[last].mean() if last.any() else returns.max())
+    paper = track.settings({**TINY, "preset": "paper"})  # the keys TINY sets win over the preset's
+    got = task_target(paper, "reach")
     assert got.value == float(data.returns.max()) and got.rule == "max" and not got.fallback  # bit for bit
     assert got.facts()["target_return"] == float(data.returns.max())
 
@@ -160,6 +166,9 @@ def test_eval_scores_an_exported_base_without_pretraining(base_file, tmp_path, m
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())
     assert result["base_key"] == exported["base_key"] and result["return_target"] == "mean"
+    # the JSON says what made it, as a bench's does
+    assert result["command"].startswith(f"python -m harness eval rl --pretrained {path} --set eval_episodes=2")
+    assert result["device"] == "cpu" and result["git_commit"] and result["software"]["torch"]
     assert list(result["tasks"]) == ["reach", "window-close"] and result["eval_episodes"] == 2
     ts = track.settings(TINY)
     model = load_model(path, model_config(ts))
