@@ -222,7 +222,9 @@ def backbone_name(ts: RLSettings, pre: Pretrained) -> str:
     track) the base file's name and short hash, or the base's key when the trials pretrained it themselves,
     so rows of two bases (e.g. two presets) never share a row; a return-target rule other than the papers'
     ``max`` is named there too (the recipe's ``success_mean`` included), so rows scored under different targets
-    never share one either, and rows written before the rule existed (scored with ``max``) keep their name."""
+    never share one either, and rows written before the rule existed (scored with ``max``) keep their name.
+    The rule follows the weights after "; ", which ``harness.paper_refs`` reads as a departure from the
+    papers' protocol (their numbers are not shown beside such rows)."""
     described = model_config(ts).describe()
     weights = pre.info["label"] if "label" in pre.info else f"base {pre.base_key}"
     rule = "" if ts.return_target == PAPERS_RULE else f"; return target {ts.return_target}"

@@ -80,6 +80,13 @@ def test_papers_numbers_only_where_the_protocol_matches():
     assert "synthetic" in paper_refs.protocol_mismatch(ref, {**row, "data_source": "synthetic"})
     assert "weights" in paper_refs.protocol_mismatch(ref, {**row, "backbone": f"{GLORA_BACKBONE} [random]"})
     assert "backbone" in paper_refs.protocol_mismatch(ref, {**row, "backbone": "vit_small_patch16_224 [x]"})
+    # a DT scored under a return target the papers do not use (agents.track.backbone_name) is not EVA's protocol
+    dt = "DecisionTransformer(layers=4, heads=8, width=512, context=50)"
+    (eva,) = [r for r in refs if r.source.startswith("EVA") and r.method == "lora" and r.task == "hammer"]
+    dt_row = {"method": "lora", "task": "hammer", "data_source": "real", "budget": json.dumps({"steps": 100000})}
+    assert paper_refs.protocol_mismatch(eva, {**dt_row, "backbone": f"{dt} [base.safetensors@1234abcd]"}) == ""
+    assert "return target success_mean" in paper_refs.protocol_mismatch(
+        eva, {**dt_row, "backbone": f"{dt} [base.safetensors@1234abcd; return target success_mean]"})
 
 
 def test_matching_rows_show_the_paper_and_the_difference(tmp_path):

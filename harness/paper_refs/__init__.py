@@ -96,7 +96,8 @@ def protocol_mismatch(ref: Reference, row: dict[str, Any]) -> str:
     """Why ``ref`` does not match a leaderboard ``row`` ("" when it does).
 
     The row must be on real data; its backbone's model name (the part before ``[weights]``) must equal
-    the reference's, with pretrained weights (not ``random`` nor the harness's own ``builtin`` ones);
+    the reference's, with pretrained weights (not ``random`` nor the harness's own ``builtin`` ones) and no
+    qualifier after them (``[weights; how it was scored]``, e.g. a DT's return target other than the papers');
     where the reference states targets, the row's must be the same set; where it states a budget, each
     key must equal the row's budget or chosen settings.
     """
@@ -104,11 +105,13 @@ def protocol_mismatch(ref: Reference, row: dict[str, Any]) -> str:
         return "our row is on synthetic data"
     backbone = str(row.get("backbone", ""))
     name, _, weights = backbone.partition(" [")
-    weights = weights.rstrip("]")
+    weights, _, qualifiers = weights.rstrip("]").partition("; ")
     if name.strip() != ref.backbone:
         return f"backbone: ours {name.strip()!r}, the paper's {ref.backbone!r}"
     if weights == "random" or weights.startswith("builtin"):
         return f"backbone weights: ours {weights!r}, the paper's are pretrained"
+    if qualifiers:
+        return f"backbone: ours with {qualifiers}, the paper's as published"
     if ref.targets:
         ours = _target_set(row.get("targets", ""))
         if ours != _target_set(ref.targets):
