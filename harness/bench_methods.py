@@ -9,14 +9,25 @@ full fine-tuning (and to LoRA), so the figures compare within the run. Two model
   windows sampled on the device from random episodes of the real shape (left-padded where a window runs
   past an episode's end, as in trials), every Linear of the blocks adapted; ``tiny=true`` (the default on
   a CPU) a 2-layer width-32 DT, so a test can run it.
+
+Timing (issue 21): every method's workload is built, compiled and warmed up first, all of them kept alive;
+then ``rounds`` rounds run, in each of which every method takes its share of the ``steps`` timed steps in
+turn (the order rotated by one method per round). A method's ``ms_per_step`` is its median over rounds, with
+the spread (``ms_per_step_min``/``_max``); ``time_vs_full`` is the median over rounds of the ratio to full
+fine-tuning's time in the same round, so clock and thermal drift between minutes cancel, where timing each
+method in one block let two methods that run the same kernels read 1.18 and 1.38 of full in one run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
+import statistics
 import sys
 import tempfile
 import time
+import types
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -47,6 +58,9 @@ class BenchSettings(BaseModel):
     batch_size: Int | None = Field(None, ge=1)
     steps: Int | None = Field(None, ge=1)
     warmup: Int | None = Field(None, ge=0)
+    # the timed steps are split into this many rounds, every method taking its share in turn in each round
+    # (at most `steps`; the GPU default 5, the CPU's 1)
+    rounds: Int | None = Field(None, ge=1)
     methods: list[str] | None = None
     compile: Bool = False  # torch.compile forward and loss, as trials with `compile: true` do (CUDA only)
     fast: Bool = True  # the harness's fast adapter forwards (fast_peft); false: peft's own, for comparison
@@ -65,17 +79,17 @@ class BenchSettings(BaseModel):
 
 
 def _defaults(cuda: bool, model: str) -> dict[str, Any]:
-    common = {"steps": 20, "warmup": 5} if cuda else {"steps": 5, "warmup": 2}
+    common = {"steps": 20, "warmup": 5, "rounds": 5} if cuda else {"steps": 5, "warmup": 2, "rounds": 1}
     if model == "dt":
         # a paper-DT step is ~10 ms on an H200: 20 timed steps left differences of 50% between methods
         # that run the same kernels (LoRA against EVA), so the GPU default times ten times as many
-        timed = {"steps": 200, "warmup": 20} if cuda else common
+        timed = {**common, "steps": 200, "warmup": 20} if cuda else common
         return {**timed, "batch_size": 128 if cuda else 8, "tiny": not cuda, "methods": method_names()}
     if cuda:
         # 20 timed steps of ViT-B (about 0.5 s) read LoRA at 1.05 to 1.34 of full fine-tuning across runs
         # of the same code (BENCHMARKS.md, issue 21): five times as many
-        return {"steps": 100, "warmup": 10, "backbone": "vit_base_patch16_224", "img_size": 224, "batch_size": 64,
-                "methods": method_names()}
+        return {**common, "steps": 100, "warmup": 10, "backbone": "vit_base_patch16_224", "img_size": 224,
+                "batch_size": 64, "methods": method_names()}
     return {**common, "backbone": "vit_tiny_patch16_224", "img_size": 64, "batch_size": 16, "methods": method_names()}
 
 
@@ -136,7 +150,13 @@ def _bank(work: _Workload, folder: Path) -> list[str]:
 
 
 def bench_methods(overrides: dict[str, Any]) -> dict[str, Any]:
-    """Time each method's training step; return per-method ms/step, peak memory and ratios."""
+    """Time each method's training step; return per-method ms/step, peak memory and ratios.
+
+    Every method's model, trainer and (with ``compile=true``) compiled step are built and warmed up first
+    and kept alive; then ``rounds`` rounds in which each method runs its share of ``steps`` in turn
+    (:func:`_time_rounds`). A method that fails, or whose compiled step graph-breaks or recompiles, gets
+    an ``error`` row and no figure; the others' figures stand.
+    """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     given = validate(BenchSettings, overrides, "bench methods", "bench setting").model_dump(exclude_none=True)
     if given["model"] == "dt" and ("backbone" in given or "img_size" in given):
@@ -145,6 +165,10 @@ def bench_methods(overrides: dict[str, Any]) -> dict[str, Any]:
     cfg = {**_defaults(device.type == "cuda", given["model"]), **given}
     if given.get("compile_mode") and not cfg["compile"]:
         raise ConfigError(f"bench methods: 'compile_mode'={given['compile_mode']!r} needs compile=true")
+    if cfg["rounds"] > cfg["steps"]:
+        raise ConfigError(f"bench methods: 'rounds'={cfg['rounds']} is more than 'steps'={cfg['steps']}: every "
+                          f"round times at least one step of each method; use 1 to {cfg['steps']} rounds or "
+                          "more steps")
     for name in cfg["methods"]:
         get_method(name)  # an unknown name fails here, listing the valid ones
     work = _Workload(cfg, device)
@@ -152,75 +176,215 @@ def bench_methods(overrides: dict[str, Any]) -> dict[str, Any]:
     align = low_rank.RANK_ALIGN
     if cfg.get("rank_align") is not None:
         low_rank.RANK_ALIGN = cfg["rank_align"]
+    compiled = cfg["compile"] and device.type == "cuda"
     try:
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, _strict_dynamo(compiled):
             bank = _bank(work, Path(tmp)) if "eigenlora" in cfg["methods"] else []
+            synchronize(device)
+            # what every method's process held before its own model: the batch (and, while it lives, the
+            # bank's files are on disk, not on the device)
+            shared = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+            runs: dict[str, _Run] = {}
             for name in cfg["methods"]:
                 try:
-                    rows[name] = _time_method(name, cfg, work, bank)
+                    runs[name] = _prepare(name, cfg, work, bank, compiled)
                 except Exception as e:  # one method's failure must not hide the others' figures
                     rows[name] = {"error": f"{type(e).__name__}: {e}"}
-                print(f"[bench] {name}: {rows[name]}", file=sys.stderr, flush=True)
+                    print(f"[bench] {name}: {rows[name]}", file=sys.stderr, flush=True)
+            _time_rounds(runs, cfg, device, compiled, rows)
+            for name in cfg["methods"]:
+                if name in runs and name not in rows:
+                    rows[name] = runs[name].row(cfg, work, shared)
+                    print(f"[bench] {name}: {rows[name]}", file=sys.stderr, flush=True)
     finally:
         low_rank.RANK_ALIGN = align
+    rows = {name: rows[name] for name in cfg["methods"]}
     cfg["rank_align"] = low_rank.RANK_ALIGN if cfg.get("rank_align") is None else cfg["rank_align"]
     for ref in ("full", "lora"):
-        base = rows.get(ref, {}).get("ms_per_step")
-        if base:
-            for r in rows.values():
-                if "ms_per_step" in r:
-                    r[f"time_vs_{ref}"] = round(r["ms_per_step"] / base, 3)
-                    if r.get("peak_mb") and rows[ref].get("peak_mb"):
-                        r[f"memory_vs_{ref}"] = round(r["peak_mb"] / rows[ref]["peak_mb"], 3)
+        base = rows.get(ref, {}).get("ms_per_round")
+        if not base:
+            continue
+        for r in rows.values():
+            if "ms_per_round" not in r:
+                continue
+            # the ratio within each round, then its median: both figures of a round are taken in the same
+            # minute, so drift of the clock or the chip's temperature across the run cancels
+            ratios = [mine / theirs for mine, theirs in zip(r["ms_per_round"], base)]
+            r[f"time_vs_{ref}"] = round(statistics.median(ratios), 3)
+            r[f"time_vs_{ref}_min"], r[f"time_vs_{ref}_max"] = round(min(ratios), 3), round(max(ratios), 3)
+            if r.get("peak_mb") and rows[ref].get("peak_mb"):
+                r[f"memory_vs_{ref}"] = round(r["peak_mb"] / rows[ref]["peak_mb"], 3)
     return {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "config": cfg,
             "methods": rows}
 
 
-def _time_method(name: str, cfg: dict[str, Any], work: _Workload, bank) -> dict[str, Any]:
-    """Step time through the harness's training loop (the same one trials use), after ``warmup`` untimed steps."""
+@contextlib.contextmanager
+def _strict_dynamo(compiled: bool):
+    """While the bench runs compiled steps: a fresh dynamo, and hitting the recompile limit raises instead
+    of running the frame eager from then on (which would time eager code under a compiled label)."""
+    if not compiled:
+        yield
+        return
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        yield
+    torch._dynamo.reset()
+
+
+def _own_frame(fn: Callable[[Any], torch.Tensor], name: str) -> Callable[[Any], torch.Tensor]:
+    """``fn`` called from a function whose code object is this method's own.
+
+    Dynamo keeps compiled graphs and counts recompiles per code object: every method's trainer compiles
+    the same ``Trainer._loss``, so with all methods alive at once each would add a cache entry to that
+    one frame (past the recompile limit the rest would run eager, and every call would check the other
+    methods' guards first). A copy of the caller's code per method gives each method one frame and one
+    graph, named after it in dynamo's logs."""
+    def call(batch: Any) -> torch.Tensor:
+        return fn(batch)
+
+    code = call.__code__.replace(co_name=f"bench_step_{name.replace('-', '_')}")
+    return types.FunctionType(code, call.__globals__, code.co_name, call.__defaults__, call.__closure__)
+
+
+def _dynamo_counts() -> dict[str, int]:
+    from torch._dynamo.utils import counters
+
+    return {"graph_breaks": sum(counters["graph_break"].values()),
+            "graphs": counters["stats"]["unique_graphs"]}
+
+
+def check_compiled(name: str, before: dict[str, int], after: dict[str, int]) -> None:
+    """Raise if a method's compiled step did not run as one graph: a graph break (the code around it runs
+    eager, and its frames are shared with the other methods') or no graph at all (the step ran eager)."""
+    from torch._dynamo.utils import counters
+
+    breaks = after["graph_breaks"] - before["graph_breaks"]
+    if breaks:
+        reasons = "; ".join(sorted(counters["graph_break"]))[:1000]
+        raise RuntimeError(f"{name}: the compiled step graph-broke {breaks} time(s), so part of it ran eager "
+                           f"and its time is not a compiled step's ({reasons})")
+    if after["graphs"] <= before["graphs"]:
+        raise RuntimeError(f"{name}: the compiled step produced no graph: it ran eager")
+
+
+@dataclass
+class _Run:
+    """One method's live workload: its trainer, and what its warm-up and rounds measured."""
+
+    name: str
+    method: Any
+    model: nn.Module
+    trainer: Trainer
+    resident: int  # bytes its own model, optimiser state and caches hold between steps
+    peak: int  # bytes above what was allocated before it, at its highest so far
+    phases: dict[str, Any] | None = None
+    ms_per_round: list[float] = field(default_factory=list)
+
+    def row(self, cfg: dict[str, Any], work: _Workload, shared: int) -> dict[str, Any]:
+        ms = statistics.median(self.ms_per_round)
+        own, head = self.method.count(self.model, work.site)
+        peak = (shared + self.peak) / 2**20 if work.device.type == "cuda" else None
+        row = {"ms_per_step": round(ms, 2), work.unit: round(cfg["batch_size"] * 1000 / ms, 1),
+               "ms_per_step_min": round(min(self.ms_per_round), 2),
+               "ms_per_step_max": round(max(self.ms_per_round), 2),
+               "ms_per_round": [round(m, 3) for m in self.ms_per_round],
+               "peak_mb": round(peak, 1) if peak else None, "trainable_params": own, "head_params": head}
+        if self.phases is not None:
+            row["phases"] = self.phases
+        return row
+
+
+def _prepare(name: str, cfg: dict[str, Any], work: _Workload, bank, compiled: bool) -> _Run:
+    """Build one method's model and trainer (through the training loop trials use), compile its step where
+    asked, and run its ``warmup`` untimed steps (and the profiled ones)."""
     device = work.device
     method = get_method(name)
-    if cfg["compile"]:
-        # every method compiles the same loss function anew: past dynamo's recompile limit a process
-        # would silently run the later methods eager
-        torch._dynamo.reset()
     settings = method.default_settings()
     batch = work.batch
     extra = cfg["profile_steps"] if cfg["profile"] else 0
     ctx = MethodContext(total_steps=cfg["steps"] + cfg["warmup"] + extra, device=device, adapter_bank=bank,
                         init_batches=lambda: [batch] * 4, forward_fn=work.forward_fn,
                         layer_inputs_fn=work.layer_inputs_fn, validate=lambda m: 0.0)
+    synchronize(device)
+    cuda = device.type == "cuda"
+    before = torch.cuda.memory_allocated() if cuda else 0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     model = method.wrap(work.model(), work.site, settings, ctx).to(device)
     if not cfg["fast"]:
         from harness.methods import fast_peft  # heavy: harness.methods.fast_peft imports peft
 
         fast_peft.disable(model)
-    loop = LoopConfig(steps=cfg["warmup"] + extra + cfg["steps"], lr=1e-4, report_every=0, compile=cfg["compile"])
+    loop = LoopConfig(steps=cfg["warmup"] + extra + cfg["steps"], lr=1e-4, report_every=0, compile=False)
     hooks = MethodHooks(method, ctx)
     trainer = Trainer(model, work.loss, lambda: batch, loop, device, hooks)
-    if cfg["compile"] and cfg.get("compile_mode") and device.type == "cuda":
-        trainer.compute_loss = compiled_loss(trainer._loss, cfg["compile_mode"])
-    synchronize(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    if compiled:
+        trainer.compute_loss = compiled_loss(_own_frame(trainer._loss, name), cfg.get("compile_mode") or "default")
+    counts = _dynamo_counts()
     for _ in range(cfg["warmup"]):
         trainer.step()
     # the profiled steps come before the timed ones, so that a method's schedule (AdaLoRA's budget phase)
     # is profiled where most of a trial's steps are, not in its final phase
     phases = profile_phases(trainer, hooks, batch, extra) if extra else None
     synchronize(device)
-    start = time.perf_counter()
-    while trainer.step():
-        pass
-    synchronize(device)
-    ms = (time.perf_counter() - start) * 1000 / cfg["steps"]
-    own, head = method.count(model, work.site)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-    row = {"ms_per_step": round(ms, 2), work.unit: round(cfg["batch_size"] * 1000 / ms, 1),
-           "peak_mb": round(peak, 1) if peak else None, "trainable_params": own, "head_params": head}
-    if phases is not None:
-        row["phases"] = phases
-    return row
+    if compiled:
+        check_compiled(name, counts, _dynamo_counts())
+    resident = (torch.cuda.memory_allocated() - before) if cuda else 0
+    peak = (torch.cuda.max_memory_allocated() - before) if cuda else 0
+    return _Run(name, method, model, trainer, resident, peak, phases)
+
+
+def _time_rounds(runs: dict[str, _Run], cfg: dict[str, Any], device: torch.device, compiled: bool,
+                 errors: dict[str, Any]) -> None:
+    """``cfg['rounds']`` rounds of every method's share of ``cfg['steps']`` timed steps (the shares differ by
+    at most one step between rounds, never between methods in one round), the method order rotated each
+    round so that none always runs after the same one. Per method and round: ms per step into
+    ``ms_per_round``, and the peak memory as if it ran alone (its resident bytes plus what its steps
+    allocated above what was allocated when they began, the other methods' models included there).
+    A method that fails gets its row in ``errors`` and leaves the rounds.
+
+    Compiled, the rounds run under dynamo's ``fail_on_recompile`` stance: a compilation inside a timed
+    round (a guard that failed on a later step) would bill compile time to the method, so it raises."""
+    rounds, steps = cfg["rounds"], cfg["steps"]
+    shares = [steps // rounds + (1 if r < steps % rounds else 0) for r in range(rounds)]
+    stance = torch.compiler.set_stance("fail_on_recompile") if compiled else contextlib.nullcontext()
+    # the compiled graphs and every method's live model are many objects: a full collection that the
+    # garbage collector starts inside a timed round would bill its pause to whichever method runs then
+    gc.collect()
+    gc.freeze()
+    try:
+        with stance:
+            _rounds(runs, shares, device, errors)
+    finally:
+        gc.unfreeze()
+
+
+def _rounds(runs: dict[str, _Run], shares: list[int], device: torch.device, errors: dict[str, Any]) -> None:
+    """The rounds of :func:`_time_rounds`, ``shares[r]`` steps of each method in round ``r``."""
+    cuda = device.type == "cuda"
+    for r, share in enumerate(shares):
+        order = list(runs)
+        if order:
+            order = order[r % len(order):] + order[:r % len(order)]
+        for name in order:
+            run = runs[name]
+            try:
+                synchronize(device)
+                if cuda:
+                    allocated = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+                start = time.perf_counter()
+                for _ in range(share):
+                    if not run.trainer.step():
+                        raise RuntimeError(f"{name}: the trainer ran out of steps in round {r}")
+                synchronize(device)
+                run.ms_per_round.append((time.perf_counter() - start) * 1000 / share)
+                if cuda:
+                    run.peak = max(run.peak, run.resident + torch.cuda.max_memory_allocated() - allocated)
+            except Exception as e:  # one method's failure must not hide the others' figures
+                errors[name] = {"error": f"{type(e).__name__}: {e}"}
+                print(f"[bench] {name}: {errors[name]}", file=sys.stderr, flush=True)
+                del runs[name]
 
 
 PHASES = ("forward", "extra_loss", "backward", "optimizer", "on_step")

@@ -33,3 +33,71 @@ def test_compile_mode_needs_compile():
         bench_methods({**TINY_DT, "methods": ["full"], "compile_mode": "reduce-overhead"})
     with pytest.raises(ConfigError, match="compile_mode"):
         bench_methods({**TINY_DT, "methods": ["full"], "compile": True, "compile_mode": "fast"})
+
+
+def test_rounds_time_every_method_in_each_round_and_report_median_and_spread():
+    """Five timed steps in three rounds (2, 2, 1 steps): every method is timed once per round, its median
+    lies within its spread, and full fine-tuning's own ratio is 1 in every round."""
+    out = bench_methods({**TINY_DT, "methods": ["full", "lora", "vera"], "steps": 5, "rounds": 3})
+    assert out["config"]["rounds"] == 3
+    for name, row in out["methods"].items():
+        assert len(row["ms_per_round"]) == 3, name
+        assert row["ms_per_step_min"] <= row["ms_per_step"] <= row["ms_per_step_max"], row
+        assert row["ms_per_step_min"] == pytest.approx(min(row["ms_per_round"]), abs=0.01)
+        assert row["ms_per_step_max"] == pytest.approx(max(row["ms_per_round"]), abs=0.01)
+        assert row["time_vs_full_min"] <= row["time_vs_full"] <= row["time_vs_full_max"], row
+        assert row["time_vs_lora_min"] <= row["time_vs_lora"] <= row["time_vs_lora_max"], row
+        assert row["trainable_params"] >= 0 and row["samples_per_s"] > 0
+    full = out["methods"]["full"]
+    assert full["time_vs_full"] == full["time_vs_full_min"] == full["time_vs_full_max"] == 1.0
+    ratios = [m / f for m, f in zip(out["methods"]["vera"]["ms_per_round"], full["ms_per_round"])]
+    assert out["methods"]["vera"]["time_vs_full"] == pytest.approx(sorted(ratios)[1], abs=2e-3)
+
+
+@pytest.mark.parametrize("rounds, match", [(0, "rounds"), (-2, "rounds"), ("many", "rounds"), (3, "more than 'steps'=2")])
+def test_bad_rounds_rejected_before_any_compute(rounds, match):
+    # an unknown method beside the bad value: the rounds are checked first, before any model is built
+    with pytest.raises(ConfigError, match=match):
+        bench_methods({**TINY_DT, "methods": ["full", "no-such-method"], "rounds": rounds})
+
+
+def test_each_methods_compiled_step_is_its_own_frame_and_a_graph_break_fails_loudly():
+    """Two methods' steps compiled from one function: through _own_frame each compiles once, so a second
+    call of both needs no recompile (dynamo's fail_on_recompile stance would raise); through the shared
+    function the second method's call is a recompile. A step that graph-breaks is refused."""
+    import torch
+
+    from harness.bench_methods import _dynamo_counts, _own_frame, check_compiled
+
+    class Step:
+        def __init__(self, k: float):
+            self.k = k
+
+        def loss(self, x):  # one code object for every instance, as Trainer._loss
+            return (x * self.k).sum()
+
+    x = torch.ones(3)
+    torch._dynamo.reset()
+    own = [torch.compile(_own_frame(Step(k).loss, f"m{i}")) for i, k in enumerate((2.0, 3.0))]
+    before = _dynamo_counts()
+    assert [float(f(x)) for f in own] == [6.0, 9.0]
+    check_compiled("m", before, _dynamo_counts())
+    with torch.compiler.set_stance("fail_on_recompile"):
+        assert [float(f(x)) for f in own] == [6.0, 9.0]
+    torch._dynamo.reset()
+    shared = [torch.compile(Step(k).loss) for k in (2.0, 3.0)]
+    shared[0](x)
+    with torch.compiler.set_stance("fail_on_recompile"), pytest.raises(RuntimeError, match="recompile"):
+        shared[1](x)
+
+    def breaks(x):
+        y = x * 2
+        torch._dynamo.graph_break()
+        return y.sum()
+
+    torch._dynamo.reset()
+    before = _dynamo_counts()
+    torch.compile(_own_frame(breaks, "broken"))(x)
+    with pytest.raises(RuntimeError, match="graph-broke"):
+        check_compiled("broken", before, _dynamo_counts())
+    torch._dynamo.reset()
