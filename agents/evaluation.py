@@ -28,7 +28,7 @@ from agents.data import DataSettings
 from agents.pretrain import BaseFile, read_base
 from agents.return_targets import canonical_rule
 from agents.tasks import EPISODE_LENGTH, EXPERTS, MT50, check_task
-from agents.track import RLSettings, RLTrack, data_settings, pretrained_evals, task_target
+from agents.track import RLSettings, RLTrack, data_settings, pretrained_evals, task_targets
 
 # RLSettings keys an evaluation may set: how it runs and what it conditions on, never what the base is
 RUNTIME_KEYS = ("return_target", "eval_workers", "data_workers", "device")
@@ -114,7 +114,7 @@ def evaluate_base(path: str | Path, config: dict[str, Any] | None = None) -> dic
     any-step success and return, with the target each task was conditioned on (see the module's doc)."""
     ts, ev, base = eval_settings(path, config)
     tasks = ev.tasks or list(ts.pretrain_tasks)
-    targets = {t: task_target(ts, t) for t in tasks}  # builds (or reads) the file's data for each task
+    targets = task_targets(ts, tasks)  # builds (or reads) the file's data for every task
     scores = pretrained_evals(ts, tasks, ev.eval_episodes, ev.eval_seed)
     per_task = {t: {"success": scores[t]["success"], "success_any": scores[t]["success_any"],
                     "return": scores[t]["return"], "target": targets[t].value,

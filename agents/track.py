@@ -19,6 +19,7 @@ synthetic); the papers used SAC replay buffers instead.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -183,6 +184,13 @@ def task_target(ts: RLSettings, task: str, data: Episodes | None = None) -> Retu
     task's data (``data`` when the caller holds it, else read or built from the cache)."""
     return return_target(data if data is not None else load_dataset(task, data_settings(ts), _data_workers(ts)),
                          ts.return_target)
+
+
+def task_targets(ts: RLSettings, tasks: Sequence[str]) -> dict[str, ReturnTarget]:
+    """:func:`task_target` of every task in ``tasks``, their missing datasets built first in one process pool
+    (one task at a time, a fresh cache's 40 MT40 datasets took about five minutes on an H200 host)."""
+    build_datasets(list(tasks), data_settings(ts), _data_workers(ts))
+    return {t: task_target(ts, t) for t in tasks}
 
 
 def model_config(ts: RLSettings) -> DTConfig:
@@ -426,7 +434,7 @@ def _batched_task_evals(ts: RLSettings, tasks: list[str], episodes: int, seed: i
     device = pick_device(ts.device)
     pre = base_model(ts, device)
     cache = ArtifactCache()
-    targets = {t: task_target(ts, t).value for t in tasks}
+    targets = {t: target.value for t, target in task_targets(ts, tasks).items()}
     for untrained in (False, True) if with_untrained else (False,):
         name = "untrained" if untrained else "pretrained"
         keys = {t: _task_eval_key(pre, t, episodes, seed, untrained, targets[t]) for t in tasks}
