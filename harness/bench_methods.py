@@ -71,6 +71,9 @@ class BenchSettings(BaseModel):
     # pad adapter ranks to a multiple of this on CUDA (harness.methods.low_rank.RANK_ALIGN, 0 by default:
     # never); 8 measures the padding against the default
     rank_align: Int | None = Field(None, ge=0)
+    # VeRA's update merged into the weight (true), applied to the activations (false), or where its rank
+    # makes the merge cheaper by FLOPs (None: harness.methods.fast_peft.VERA_MERGE's default rule)
+    vera_merge: Bool | None = None
     # after the timed steps, `profile_steps` more with the device synchronised between the phases of a
     # step (forward+loss, the method's extra loss, backward, optimiser, the method's on_step), reporting
     # ms per phase and the kernels (CUDA) or top-level aten ops (CPU) each phase launches per step
@@ -176,6 +179,11 @@ def bench_methods(overrides: dict[str, Any]) -> dict[str, Any]:
     align = low_rank.RANK_ALIGN
     if cfg.get("rank_align") is not None:
         low_rank.RANK_ALIGN = cfg["rank_align"]
+    from harness.methods import fast_peft  # heavy: harness.methods.fast_peft imports peft
+
+    vera_merge = fast_peft.VERA_MERGE
+    if cfg.get("vera_merge") is not None:
+        fast_peft.VERA_MERGE = cfg["vera_merge"]
     compiled = cfg["compile"] and device.type == "cuda"
     try:
         with tempfile.TemporaryDirectory() as tmp, _strict_dynamo(compiled):
@@ -198,6 +206,7 @@ def bench_methods(overrides: dict[str, Any]) -> dict[str, Any]:
                     print(f"[bench] {name}: {rows[name]}", file=sys.stderr, flush=True)
     finally:
         low_rank.RANK_ALIGN = align
+        fast_peft.VERA_MERGE = vera_merge
     rows = {name: rows[name] for name in cfg["methods"]}
     cfg["rank_align"] = low_rank.RANK_ALIGN if cfg.get("rank_align") is None else cfg["rank_align"]
     for ref in ("full", "lora"):

@@ -101,3 +101,17 @@ def test_each_methods_compiled_step_is_its_own_frame_and_a_graph_break_fails_lou
     with pytest.raises(RuntimeError, match="graph-broke"):
         check_compiled("broken", before, _dynamo_counts())
     torch._dynamo.reset()
+
+
+def test_vera_merge_switches_veras_forward_for_the_run_only():
+    """The tiny DT's 32-wide layers at VeRA's r=256 merge by default; vera_merge=false takes the low-rank
+    path, which dispatches other forward ops; the module's rule is back after the run."""
+    from harness.methods import fast_peft
+
+    calls = {}
+    for merge in (True, False):
+        out = bench_methods({**TINY_DT, "methods": ["vera"], "profile": True, "profile_steps": 1,
+                             "vera_merge": merge})
+        assert out["config"]["vera_merge"] is merge and fast_peft.VERA_MERGE is None
+        calls[merge] = out["methods"]["vera"]["phases"]["aten_calls"]["forward"]
+    assert calls[True] != calls[False]

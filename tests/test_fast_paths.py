@@ -6,6 +6,8 @@ non-zero) adapter; one keeps the fast forward the wrap installs, the other gets 
 
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 from torch import nn
@@ -99,6 +101,13 @@ def test_vera_merges_only_where_it_pays_and_matches_peft_either_way(r):
     both give peft's outputs and gradients."""
     assert not fast_peft.merge_pays(2, 16, 16) and fast_peft.merge_pays(256, 16, 16)
     assert fast_peft.merge_pays(256, 512, 512) and not fast_peft.merge_pays(16, 512, 512)  # the DT's width
+    # priced with its token count and the fp32 product at its GPU rate: the paper DT's step (128 x 200
+    # tokens) merges, ViT-B's (64 x 197 tokens) merges the 768-wide projection but not qkv or the MLP
+    cost = fast_peft.FP32_PRODUCT_COST
+    assert fast_peft.merge_pays(256, 512, 2048, 128 * 200, cost) and fast_peft.merge_pays(256, 768, 768, 64 * 197, cost)
+    assert not fast_peft.merge_pays(256, 768, 2304, 64 * 197, cost) and not fast_peft.merge_pays(256, 3072, 768, 64 * 197, cost)
+    assert fast_peft.merge_pays(256, 768, 2304, 64 * 197, 1.0)  # at the FLOP rate it would merge
+    assert not fast_peft.merge_pays(256, 16, 16, 2, 1.0)  # two tokens: the product outweighs them
     x, y = _data()
     fast = _wrapped("vera", {"r": r})
     reference = _wrapped("vera", {"r": r})
@@ -255,21 +264,41 @@ def _tiny_forward(model: nn.Module, layer_out) -> callable:
     return forward
 
 
-def test_nola_fast_forward_matches_its_formula():
-    """NoLA: y = W0 x + b0 + (1/r) x (sum_i alpha_i A_i)(sum_j beta_j B_j), every basis product written out."""
+@pytest.mark.parametrize("compiled", [False, True])
+def test_nola_fast_forward_matches_its_formula(compiled):
+    """NoLA: y = W0 x + b0 + (1/r) x (sum_i alpha_i A_i)(sum_j beta_j B_j), every basis product written out;
+    compiled (one graph; its factors as matrix products, not the mv/addmv inductor would turn into
+    reductions) as well as eager."""
     x, y = _data()
     model = _own("nola", {"r": 2, "k": 8, "l": 6})
+    graphs = []
+
+    def capture(gm, inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, inputs)
+
+    torch._dynamo.reset()
+    forward = torch.compile(model, backend=capture, fullgraph=True) if compiled else model
 
     def layer_out(m, h):
         a = sum(m.nola_alpha[i] * m.bases_a[i] for i in range(m.bases_a.shape[0]))
         b = sum(m.nola_beta[j] * m.bases_b[j] for j in range(m.bases_b.shape[0]))
         return h @ m.base.weight.T + m.base.bias + (h @ a @ b) / m.r
 
-    out_fast, g_fast = _step(model, x, y, autocast=False)
+    model.zero_grad()
+    out = forward(x)
+    nn.functional.mse_loss(out, y).backward()
+    out_fast, g_fast = out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     out_ref, g_ref = _plain_grads(model, _tiny_forward(model, layer_out), x, y)
     torch.testing.assert_close(out_fast, out_ref, atol=1e-5, rtol=1e-5)
     for k in g_ref:
         assert _error(g_fast[k], g_ref[k]) < 1e-5, k
+    if compiled:
+        assert len(graphs) == 1
+        targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+        assert not {torch.mv, torch.addmv} & set(targets), targets
+        assert sum(t in (operator.matmul, torch.matmul, torch.mm) for t in targets) >= 4  # 2 layers x 2 factors
+        torch._dynamo.reset()
 
 
 def test_eigenlora_fast_forward_matches_its_formula(tmp_path):
@@ -656,6 +685,6 @@ FORWARD_OPS = {"dora": 8, "vera": 7, "randlora": 10}
 def test_fast_forward_dispatches_few_ops(name):
     model = _wrapped(name, {"r": 4} if name == "randlora" else None)
     layer = model.blocks[0].fc1
-    x = torch.randn(8, 16)
+    x = torch.randn(64, 16)  # enough tokens for VeRA's merge to pay (merge_pays), as a training batch has
     layer(x)
     assert _top_level_aten_ops(lambda: layer(x)) <= FORWARD_OPS[name]

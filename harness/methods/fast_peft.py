@@ -9,8 +9,9 @@ no adapter dropout in training, an ``nn.Linear`` base); anything else falls back
 - LoRA family, AdaLoRA, VeRA: ``low_rank.low_rank_linear`` with the method's scalings folded into
   its factors (LoRA: ``B`` times ``scaling``; AdaLoRA: ``A * E`` and ``B`` times ``scaling / ranknum``;
   VeRA: the shared bases scaled by ``lambda_d`` and ``lambda_b``), so nothing scales the activations.
-  VeRA's update is merged into the weight instead where its rank is high enough for that to be cheaper
-  (``merge_pays``; the papers' r=256 on 512- to 768-wide layers).
+  VeRA's update is merged into the weight instead where its rank and the step's token count make that
+  cheaper (``merge_pays``, which prices the merge's fp32 product at its GPU rate: the papers' r=256 merges
+  on the DT's 512-wide layers, not on most of ViT-B's).
 - DoRA: the column-normalised weight ``m / ||W + s B A||_c (W + s B A)`` (norm detached, DoRA section 4.3,
   as peft does) in one ``F.linear``; peft instead keeps the base output and the LoRA output and mixes
   them element-wise, which holds several activation-sized tensors per layer for the backward.
@@ -93,12 +94,31 @@ class FastSVDLinear(SVDLinear):
         return low_rank_linear(x, base.weight, base.bias, a, b)
 
 
-def merge_pays(rank: int, d_in: int, d_out: int) -> bool:
-    """Whether merging a rank-``rank`` update into the weight costs fewer FLOPs per token than applying it
-    to the activations. The activation path adds ``rank (d_in + d_out)`` multiply-adds per token in the
-    forward and twice that in the backward; the merged weight adds its weight gradient, ``d_in d_out``
-    (the merge itself, ``rank d_in d_out`` once per step, is small against thousands of tokens)."""
-    return 3 * rank * (d_in + d_out) > d_in * d_out
+# Whether VeRA's fast forward merges its update into the weight: None where :func:`merge_pays` says so,
+# True/False always/never. ``bench methods --set vera_merge=...`` sets it for a GPU A/B.
+VERA_MERGE: bool | None = None
+
+# What one multiply-add of the merged forms' fp32 product costs in bf16 multiply-adds, on a GPU under bf16
+# autocast without TF32 (an H200: about 990 dense bf16 TFLOP/s against 67 fp32). The product is kept in
+# fp32 for accuracy (RandLoRA's comment below), so on a GPU it runs at a fifteenth of the rate FLOP
+# counts assume.
+FP32_PRODUCT_COST = 15.0
+
+
+def merge_pays(rank: int, d_in: int, d_out: int, tokens: int | None = None, product_cost: float = 1.0) -> bool:
+    """Whether merging a rank-``rank`` update into the weight costs less per step than applying it to the
+    activations of ``tokens`` tokens. The activation path adds ``rank (d_in + d_out)`` multiply-adds per
+    token in the forward and twice that in the backward; the merged weight adds its weight gradient,
+    ``d_in d_out`` per token, and the merge itself, ``rank d_in d_out`` in the forward and twice that in
+    the backward, each weighted by ``product_cost`` (:data:`FP32_PRODUCT_COST` where that product runs in
+    fp32 beside bf16 matmuls). ``tokens`` None: the merge's own product is left out (many tokens).
+
+    ViT-B/16 at batch 64 (12,608 tokens, r=256): merged on the 768x768 projection only, low-rank on qkv
+    and the MLP; the paper DT at batch 128 (25,600 tokens, width 512): merged everywhere."""
+    per_token = 3 * rank * (d_in + d_out) > d_in * d_out
+    if tokens is None or not per_token:
+        return per_token
+    return 3 * rank * (d_in + d_out) * tokens > d_in * d_out * tokens + product_cost * 3 * rank * d_in * d_out
 
 
 class FastVeraLinear(VeraLinear):
@@ -119,7 +139,13 @@ class FastVeraLinear(VeraLinear):
             shared_b = shared_b[: self.out_features, :]
         a = self.vera_lambda_d[name].unsqueeze(1) * shared_a
         b = self.vera_lambda_b[name].unsqueeze(1) * shared_b
-        if merge_pays(a.shape[0], self.in_features, self.out_features):
+        if VERA_MERGE is None:
+            fp32_beside_bf16 = a.dtype == torch.float32 and x.is_cuda and torch.is_autocast_enabled("cuda")
+            merge = merge_pays(a.shape[0], self.in_features, self.out_features, x.numel() // x.shape[-1],
+                               FP32_PRODUCT_COST if fp32_beside_bf16 else 1.0)
+        else:
+            merge = VERA_MERGE
+        if merge:
             # the product in the adapter's dtype, autocast off, as RandLoRA's merged path (accuracy)
             with torch.autocast(x.device.type, enabled=False):
                 if b.dtype == base.weight.dtype:

@@ -80,6 +80,16 @@ class NoLALinear(AdaptedLinear):
         # Matrix-vector products in the coefficients' dtype with autocast off: under bf16 autocast every
         # forward would first copy all k + l bases to bf16, and sum k products in bf16.
         with torch.autocast(self.bases_a_t.device.type, enabled=False):
+            if torch.compiler.is_compiling():
+                # Compiled, the same products as (1 x k) @ (k x r d_in) matrix products: inductor lowers
+                # those to BLAS calls, whereas it rewrites mv/addmv as an element-wise product and a sum,
+                # generated reduction kernels in the forward and the backward (compiled ViT-Tiny step, CPU:
+                # 1052 kernels against 764; benchmarks/scripts/compiled_graph_count.py). The bases'
+                # transposes are views that BLAS reads as they are. The 1/r scale goes on the l
+                # coefficients, the smallest operand.
+                a_t = (self.nola_alpha.unsqueeze(0) @ self.bases_a_t.T).view(self.r, d_in)
+                b_t = ((self.nola_beta * self.scale).unsqueeze(0) @ self.bases_b_t.T).view(d_out, self.r)
+                return a_t, b_t
             a_t = torch.mv(self.bases_a_t, self.nola_alpha).view(self.r, d_in)
             # the 1/r scale in the same product (alpha), where a separate multiply was one more dispatch
             b_t = torch.addmv(self._zero, self.bases_b_t, self.nola_beta, beta=0, alpha=self.scale)
