@@ -74,6 +74,10 @@ class BenchSettings(BaseModel):
     # VeRA's update merged into the weight (true), applied to the activations (false), or where its rank
     # makes the merge cheaper by FLOPs (None: harness.methods.fast_peft.VERA_MERGE's default rule)
     vera_merge: Bool | None = None
+    # torch.set_float32_matmul_precision for the run: "high" lets fp32 matmuls use TF32 tensor cores. Under
+    # bf16 autocast the only fp32 matmuls are the merged forms' weight-sized products (RandLoRA, VeRA where
+    # it merges), which an H200 runs about 15x slower than bf16 without TF32; measures what TF32 would win
+    matmul_precision: Literal["highest", "high"] | None = None
     # after the timed steps, `profile_steps` more with the device synchronised between the phases of a
     # step (forward+loss, the method's extra loss, backward, optimiser, the method's on_step), reporting
     # ms per phase and the kernels (CUDA) or top-level aten ops (CPU) each phase launches per step
@@ -184,6 +188,9 @@ def bench_methods(overrides: dict[str, Any]) -> dict[str, Any]:
     vera_merge = fast_peft.VERA_MERGE
     if cfg.get("vera_merge") is not None:
         fast_peft.VERA_MERGE = cfg["vera_merge"]
+    precision = torch.get_float32_matmul_precision()
+    if cfg.get("matmul_precision") is not None:
+        torch.set_float32_matmul_precision(cfg["matmul_precision"])
     compiled = cfg["compile"] and device.type == "cuda"
     try:
         with tempfile.TemporaryDirectory() as tmp, _strict_dynamo(compiled):
@@ -207,6 +214,7 @@ def bench_methods(overrides: dict[str, Any]) -> dict[str, Any]:
     finally:
         low_rank.RANK_ALIGN = align
         fast_peft.VERA_MERGE = vera_merge
+        torch.set_float32_matmul_precision(precision)
     rows = {name: rows[name] for name in cfg["methods"]}
     cfg["rank_align"] = low_rank.RANK_ALIGN if cfg.get("rank_align") is None else cfg["rank_align"]
     for ref in ("full", "lora"):

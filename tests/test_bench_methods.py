@@ -115,3 +115,13 @@ def test_vera_merge_switches_veras_forward_for_the_run_only():
         assert out["config"]["vera_merge"] is merge and fast_peft.VERA_MERGE is None
         calls[merge] = out["methods"]["vera"]["phases"]["aten_calls"]["forward"]
     assert calls[True] != calls[False]
+
+
+def test_matmul_precision_applies_to_the_run_only():
+    import torch
+
+    out = bench_methods({**TINY_DT, "methods": ["randlora"], "matmul_precision": "high"})
+    assert out["config"]["matmul_precision"] == "high" and "ms_per_step" in out["methods"]["randlora"]
+    assert torch.get_float32_matmul_precision() == "highest"
+    with pytest.raises(ConfigError, match="matmul_precision"):
+        bench_methods({**TINY_DT, "methods": ["full"], "matmul_precision": "medium"})
