@@ -16,6 +16,11 @@ turn (the order rotated by one method per round). A method's ``ms_per_step`` is 
 the spread (``ms_per_step_min``/``_max``); ``time_vs_full`` is the median over rounds of the ratio to full
 fine-tuning's time in the same round, so clock and thermal drift between minutes cancel, where timing each
 method in one block let two methods that run the same kernels read 1.18 and 1.38 of full in one run.
+Peak memory (CUDA) is each method's as if it ran alone: what was allocated before any method (the batch),
+plus the bytes its model, optimiser state and caches hold, plus the most its steps allocated above what
+was allocated when they began (warm-up and every round), the other methods' live models left out.
+With ``compile=true`` each method's step is its own dynamo frame, compiled once; a graph break, an eager
+fallback or a recompilation inside the rounds gives that method an error row instead of a figure.
 """
 
 from __future__ import annotations
@@ -201,11 +206,16 @@ def bench_methods(overrides: dict[str, Any]) -> dict[str, Any]:
             shared = torch.cuda.memory_allocated() if device.type == "cuda" else 0
             runs: dict[str, _Run] = {}
             for name in cfg["methods"]:
+                started = time.perf_counter()
                 try:
                     runs[name] = _prepare(name, cfg, work, bank, compiled)
                 except Exception as e:  # one method's failure must not hide the others' figures
                     rows[name] = {"error": f"{type(e).__name__}: {e}"}
                     print(f"[bench] {name}: {rows[name]}", file=sys.stderr, flush=True)
+                    continue
+                # no figure exists before the rounds: a run cut short shows how far the building got
+                print(f"[bench] {name}: built, {'compiled, ' if compiled else ''}warmed up in "
+                      f"{time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
             _time_rounds(runs, cfg, device, compiled, rows)
             for name in cfg["methods"]:
                 if name in runs and name not in rows:
@@ -243,9 +253,11 @@ def _strict_dynamo(compiled: bool):
         yield
         return
     torch._dynamo.reset()
-    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-        yield
-    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            yield
+    finally:
+        torch._dynamo.reset()
 
 
 def _own_frame(fn: Callable[[Any], torch.Tensor], name: str) -> Callable[[Any], torch.Tensor]:
