@@ -253,8 +253,11 @@ def _strict_dynamo(compiled: bool):
         yield
         return
     torch._dynamo.reset()
+    # older torch builds lack the flag: the rounds' fail_on_recompile stance still refuses recompiles there
+    strict = ({"fail_on_recompile_limit_hit": True} if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit")
+              else {})
     try:
-        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        with torch._dynamo.config.patch(**strict):
             yield
     finally:
         torch._dynamo.reset()
