@@ -127,7 +127,7 @@ def test_a_trial_conditions_on_the_rules_target_and_records_it(cache):
     assert record.extra["return_target"] == "quantile:0" and record.extra["target_fallback"] is False
     assert record.extra["target_return"] == pytest.approx(float(data.returns.min()))
     assert record.extra["target_return"] == return_target(data, "quantile:0").value
-    assert record.backbone.endswith("; return target quantile:0]")  # never one row with the default's
+    assert record.backbone.endswith("; return target quantile:0]")  # never one row with the recipe's or the papers'
 
 
 # --- python -m harness eval rl -------------------------------------------------------------------------------
