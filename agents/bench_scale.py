@@ -39,6 +39,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from harness.cache import atomic_write_text
+from harness.costs import busy_seconds, time_breakdown
 from harness.errors import ConfigError
 from harness.gpu_monitor import GpuMonitor
 from harness.placement import host_cpus, visible_gpus
@@ -186,15 +187,6 @@ def board_differences(first: Path, other: Path) -> list[str]:
     return compare_boards(first, other)["result_differences"]
 
 
-def _busy(spans: list[tuple[float, float]]) -> float:
-    total, reach = 0.0, float("-inf")
-    for a, b in sorted(spans):
-        if b > reach:
-            total += b - max(a, reach)
-            reach = b
-    return total
-
-
 def _most_concurrent(spans: list[tuple[float, float]]) -> int:
     events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
     most = now = 0
@@ -206,44 +198,6 @@ def _most_concurrent(spans: list[tuple[float, float]]) -> int:
 
 def _extra(r: dict[str, Any]) -> dict[str, Any]:
     return json.loads(r["extra"]) if isinstance(r.get("extra"), str) else (r.get("extra") or {})
-
-
-def _device(extra: dict[str, Any]) -> str:
-    """The device a trial trained on: its GPU(s) as Ray gave them, else "cpu"."""
-    gpus = ((extra.get("placement") or {}).get("ray") or {}).get("gpu_ids") or []
-    return ",".join(str(g) for g in gpus) or "cpu"
-
-
-def time_breakdown(records: list[dict[str, Any]], span: float) -> dict[str, Any] | None:
-    """Where the trials' time went: each phase of ``extra.timing`` (harness.finetune.PHASES) summed over the
-    trials and as a share of their summed wall time; the time before each process's first trial in it (a
-    Ray worker's start-up; a trial in a reused process has none: ``trials_in_reused_processes``); and, per device, the share of ``span`` in which none of its trials was training
-    (its first update to its last): the GPU idle time that start-up, compilation, rollouts and saving
-    imply. None when no record has a timing (records older than it)."""
-    from harness.finetune import PHASES  # heavy: harness.finetune imports torch
-
-    extras = [e for e in map(_extra, records) if isinstance(e.get("timing"), dict)]
-    timed = [(e["timing"], _device(e)) for e in extras]
-    if not timed:
-        return None
-    # a trial in a process that ran trials before (actor reuse) had no start-up of its own: the time from
-    # the process's start to it was its predecessors'
-    first = [e["timing"] for e in extras if not e.get("process_trials_before")]
-    phases = {f"{p}_s": round(sum(float(t.get(f"{p}_s", 0.0)) for t, _ in timed), 2) for p in PHASES}
-    total = sum(float(t["total_s"]) for t, _ in timed)
-    training: dict[str, list[tuple[float, float]]] = {}
-    for t, device in timed:
-        if t.get("training_span"):
-            a, b = t["training_span"]
-            training.setdefault(device, []).append((float(a), float(b)))
-    idle = {d: round(1.0 - min(1.0, _busy(spans) / span), 4) for d, spans in sorted(training.items())} \
-        if span > 0 else {}
-    return {"trials": len(timed), "trial_s": round(total, 2), "phases_s": phases,
-            "phase_share": {k: round(v / total, 4) if total > 0 else None for k, v in phases.items()},
-            "process_to_trial_s": round(sum(float(t.get("process_to_trial_s", 0.0)) for t in first), 2),
-            "processes_started": len(first), "trials_in_reused_processes": len(timed) - len(first),
-            "idle_share_by_device": idle,
-            "idle_share": round(sum(idle.values()) / len(idle), 4) if idle else None}
 
 
 def summarise(count: int, records: list[dict[str, Any]], s: ScaleSettings, monitor: GpuMonitor | None,
@@ -267,7 +221,7 @@ def summarise(count: int, records: list[dict[str, Any]], s: ScaleSettings, monit
     start, end = (min(a for a, _ in spans), max(b for _, b in spans)) if spans else (0.0, 0.0)
     # time in which at least one finished trial ran: a count finished over several calls (a time limit
     # between them) leaves out the pause, and equals end - start otherwise
-    span = _busy(spans)
+    span = busy_seconds(spans)
     updates = len(ok) * s.steps
     out: dict[str, Any] = {
         "count": count, "axis": s.axis, "trials": len(records), "ok": len(ok), "updates": updates,
@@ -286,7 +240,7 @@ def summarise(count: int, records: list[dict[str, Any]], s: ScaleSettings, monit
             "e.g. with fewer tasks or steps, for a comparable figure); resumed_call holds the resumed call's own")
         here = [(r, a, b) for r, (a, b) in zip(ok, spans) if a >= resumed_since]
         done = sum(s.steps - int(_extra(r).get("resumed_from_update", 0)) for r, _, _ in here)
-        call_span = _busy([(a, b) for _, a, b in here])
+        call_span = busy_seconds([(a, b) for _, a, b in here])
         out["resumed_call"] = {
             "since": round(resumed_since, 3), "trials": len(here), "updates": done, "span_s": round(call_span, 2),
             "updates_per_s": round(done / call_span, 2) if call_span > 0 else None,

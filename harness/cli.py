@@ -272,6 +272,14 @@ def cmd_costs(args) -> int:
     spent = trial_costs(args.results)
     table = cost_table(spent, by)
     print(format_costs(table))
+    if args.phases:
+        from harness.costs import phase_table  # heavy: tables need pandas
+
+        phases = phase_table(spent, tuple(k for k in by if k != "method") or ("study", "stage"))
+        print("\nWhere the finished trials' time went (% of their wall time; process_start_s: worker start-ups "
+              "before the trials that began a process; idle_pct: the span's share with no trial training on a "
+              "device):")
+        print(phases.to_string(index=False) if len(phases) else "(no record carries a timing block)")
     if plan is not None:
         from harness.costs import against_plan  # heavy: tables need pandas
 
@@ -423,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--by", default="study,stage,method", metavar="KEYS",
                     help="group by these comma-joined keys (also sweep, task, wave, status, device)")
     co.add_argument("--out", default=None, metavar="FILE", help="also write the table here (.csv, .json or .md)")
+    co.add_argument("--phases", action="store_true",
+                    help="also where the trials' time went: setup, compilation, training, evaluations, start-ups")
     co.add_argument("--plan", default=None, metavar="SWEEP_FILE",
                     help="also price the sweep file as `sweep --plan` does and show plan beside spending per stage")
     co.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,10 +51,16 @@ class TrialSpend:
     train_peak_memory_mb: float
     resumed: bool
     device: str
+    # the record's extra facts (its ``timing`` block among them: :func:`phase_table`); empty when unfinished
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def gpu_s(self) -> float:
         return self.wall_s * self.gpu_share
+
+    def columns(self) -> dict[str, Any]:
+        """The spend as a table row (the record's extra facts left out)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"} | {"gpu_s": self.gpu_s}
 
 
 def _json(value: Any) -> dict[str, Any]:
@@ -104,7 +110,7 @@ def _trial_spend(sweep: str, study: str, stage: str, wave: int, folder: Path) ->
         wall_s=float(extra.get("total_wall_s", rec.get("wall_time_s", 0.0)) or 0.0),
         gpu_share=float(ray.get("gpus", 0.0) or 0.0), ms_per_update=float(rec.get("ms_per_update", 0.0) or 0.0),
         train_peak_memory_mb=float(rec.get("train_peak_memory_mb", 0.0) or 0.0),
-        resumed=bool(extra.get("resumed_from_update")), device=str(rec.get("device_name", "")))
+        resumed=bool(extra.get("resumed_from_update")), device=str(rec.get("device_name", "")), extra=extra)
 
 
 def trial_costs(results: str | Path) -> list[TrialSpend]:
@@ -129,7 +135,7 @@ def cost_table(costs: list[TrialSpend], by: tuple[str, ...] = COST_KEYS) -> "pd.
     GPU share), trial-minutes (wall), median ms/update of the trials that trained, largest peak memory."""
     import pandas as pd  # heavy: pandas is only needed once costs are tabled
 
-    df = pd.DataFrame([{**asdict(c), "gpu_s": c.gpu_s} for c in costs])
+    df = pd.DataFrame([c.columns() for c in costs])
 
     def summary(part: "pd.DataFrame") -> dict[str, Any]:
         trained = part[part["ms_per_update"] > 0]
@@ -179,6 +185,83 @@ def against_plan(spent: list[TrialSpend], waves: list[Any]) -> "pd.DataFrame":
     return pd.DataFrame(rows)
 
 
+def busy_seconds(spans: list[tuple[float, float]]) -> float:
+    """The length of the union of the ``(start, end)`` spans: time in which at least one of them ran."""
+    total, reach = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b > reach:
+            total += b - max(a, reach)
+            reach = b
+    return total
+
+
+def _trial_gpus(extra: dict[str, Any]) -> str:
+    """The device a trial trained on: its GPU(s) as Ray gave them, else "cpu"."""
+    gpus = ((extra.get("placement") or {}).get("ray") or {}).get("gpu_ids") or []
+    return ",".join(str(g) for g in gpus) or "cpu"
+
+
+def time_breakdown(records: list[dict[str, Any]], span: float) -> dict[str, Any] | None:
+    """Where the trials' time went: each phase of ``extra.timing`` (``harness.finetune.PHASES``) summed over the
+    trials and as a share of their summed wall time; the time before each process's first trial in it (a
+    Ray worker's start-up; a trial in a reused process has none: ``trials_in_reused_processes``); and, per
+    device, the share of ``span`` in which none of its trials was training (its first update to its last):
+    the GPU idle time that start-up, compilation, rollouts and saving imply. None when no record has a
+    timing (records older than it)."""
+    from harness.finetune import PHASES  # heavy: harness.finetune imports torch
+
+    extras = [e for e in (_json(r.get("extra")) for r in records) if isinstance(e.get("timing"), dict)]
+    timed = [(e["timing"], _trial_gpus(e)) for e in extras]
+    if not timed:
+        return None
+    # a trial in a process that ran trials before (actor reuse) had no start-up of its own: the time from
+    # the process's start to it was its predecessors'
+    first = [e["timing"] for e in extras if not e.get("process_trials_before")]
+    phases = {f"{p}_s": round(sum(float(t.get(f"{p}_s", 0.0)) for t, _ in timed), 2) for p in PHASES}
+    total = sum(float(t["total_s"]) for t, _ in timed)
+    training: dict[str, list[tuple[float, float]]] = {}
+    for t, device in timed:
+        if t.get("training_span"):
+            a, b = t["training_span"]
+            training.setdefault(device, []).append((float(a), float(b)))
+    idle = {d: round(1.0 - min(1.0, busy_seconds(spans) / span), 4) for d, spans in sorted(training.items())} \
+        if span > 0 else {}
+    return {"trials": len(timed), "trial_s": round(total, 2), "phases_s": phases,
+            "phase_share": {k: round(v / total, 4) if total > 0 else None for k, v in phases.items()},
+            "process_to_trial_s": round(sum(float(t.get("process_to_trial_s", 0.0)) for t in first), 2),
+            "processes_started": len(first), "trials_in_reused_processes": len(timed) - len(first),
+            "idle_share_by_device": idle,
+            "idle_share": round(sum(idle.values()) / len(idle), 4) if idle else None}
+
+
+def phase_table(costs: list[TrialSpend], by: tuple[str, ...] = ("study", "stage")) -> "pd.DataFrame":
+    """Per ``by`` group of finished trials: :func:`time_breakdown` as a row. Each phase's share of the
+    trials' summed wall time (``*_pct``; the phases partition it), the worker start-ups before the trials
+    that began a process (``process_start_s``, beside the trials' own time, not in it), and the mean share
+    of the group's span (its first trial's start to its last's end, pauses left out) in which a device had
+    no trial training (``idle_pct``)."""
+    import pandas as pd  # heavy: pandas is only needed once costs are tabled
+
+    rows = []
+    groups: dict[tuple[Any, ...], list[TrialSpend]] = {}
+    for c in costs:
+        if isinstance(c.extra.get("timing"), dict):
+            groups.setdefault(tuple(getattr(c, k) for k in by), []).append(c)
+    for key, part in sorted(groups.items()):
+        spans = [(float(c.extra["started_at"]), float(c.extra["started_at"]) + c.wall_s) for c in part
+                 if "started_at" in c.extra]
+        b = time_breakdown([{"extra": c.extra} for c in part], busy_seconds(spans))
+        if b is None:
+            continue
+        row: dict[str, Any] = {**dict(zip(by, key)), "trials": b["trials"], "trial_minutes": round(b["trial_s"] / 60, 2)}
+        row |= {f"{k.removesuffix('_s')}_pct": round(100 * v, 1) for k, v in b["phase_share"].items() if v is not None}
+        row |= {"process_start_s": b["process_to_trial_s"], "processes_started": b["processes_started"],
+                "reused_process": b["trials_in_reused_processes"],
+                "idle_pct": round(100 * b["idle_share"], 1) if b["idle_share"] is not None else None}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def format_costs(table: "pd.DataFrame") -> str:
     """The table as aligned text, with what the columns mean."""
     return (table.to_string(index=False) + "\n\ngpu_minutes: each trial's wall time (trial start to record) x "
@@ -186,4 +269,5 @@ def format_costs(table: "pd.DataFrame") -> str:
             "last attempt (resumed: how many)")
 
 
-__all__ = ["COST_KEYS", "TrialSpend", "against_plan", "cost_table", "format_costs", "record_updates", "trial_costs"]
+__all__ = ["COST_KEYS", "TrialSpend", "against_plan", "busy_seconds", "cost_table", "format_costs", "phase_table",
+           "record_updates", "time_breakdown", "trial_costs"]

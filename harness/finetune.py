@@ -263,10 +263,15 @@ class FineTuneRun:
                 self._fail(e)
         record.peak_memory_mb = round(_memory_mb("peak"), 1)  # the whole trial's, evaluation and search included
         self.clock.mark("save")
-        record.extra["timing"] = {**self.clock.as_dict(), **_process_start(self.started)}
+        record.extra["timing"] = self.timing()
         record.wall_time_s = round(time.time() - self.started, 2)
         record.extra["started_at"] = round(self.started, 3)  # unix time: when trials ran side by side
         return record
+
+    def timing(self) -> dict[str, Any]:
+        """``extra.timing`` as of now: the :class:`PhaseClock`'s phases and the worker's start-up before the
+        trial."""
+        return {**self.clock.as_dict(), **_process_start(self.started)}
 
     def _finish(self, record: TrialRecord) -> None:
         spec, method, setup = self.spec, self.method, self.setup

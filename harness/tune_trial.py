@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from harness import placement
 from harness.cache import cache_root
 from harness.early_stopping import TIME_ATTR, eval_points, grouped_scheduler, parse_scheduler
 from harness.errors import ConfigError
@@ -160,13 +161,21 @@ def fill_missing_checkpoints(exp_dir: Path) -> list[str]:
     return made
 
 
-def provisional_record(run: FineTuneRun, metric: str, score: float, update: int, label: str) -> TrialRecord:
+def provisional_record(run: FineTuneRun, metric: str, score: float, update: int, label: str,
+                       trials_before: int = 0) -> TrialRecord:
     """The record a trial stopped now would leave: its score so far, where it stopped, and its cost so far
-    (updates, ms per steady update, wall time), so a stopped trial's GPU time is counted too."""
-    wall = round(time.time() - run.started, 2)
-    rec: TrialRecord = replace(run.record, metrics={metric: score},
-                               extra={"stopped_at_update": update, "updates": update, "total_wall_s": wall,
-                                      "selection_scheduler": label})
+    (updates, ms per steady update, wall time, and where that time went: ``timing`` with its training span
+    closed now, the placement, ``process_trials_before``), so a stopped trial's GPU time is counted too."""
+    now = time.time()
+    wall = round(now - run.started, 2)
+    timing = run.timing()
+    if "training_span" not in timing and run.clock.training_span:  # training goes on until the scheduler stops it
+        timing["training_span"] = [round(run.clock.training_span[0], 3), round(now, 3)]
+    extra = {"stopped_at_update": update, "updates": update, "total_wall_s": wall, "selection_scheduler": label,
+             "timing": timing, "started_at": round(run.started, 3), "process_trials_before": trials_before}
+    if run.setup is not None:
+        extra["placement"] = placement.describe(str(run.setup.device))
+    rec: TrialRecord = replace(run.record, metrics={metric: score}, extra=extra)
     rec.wall_time_s = wall
     if run.trainer is not None:
         rec.ms_per_update = round(run.trainer.steady_ms_per_update(), 3)
@@ -239,7 +248,7 @@ def run_tune_trial(spec: ResolvedTrial, report: Reporter, plan: TuneTrialPlan) -
             except Exception as e:  # noqa: BLE001 - a failed evaluation fails the trial, not the sweep
                 run._fail(e)
                 break
-            provisional = provisional_record(run, plan.metric, score, done, plan.scheduler)
+            provisional = provisional_record(run, plan.metric, score, done, plan.scheduler, trials_before)
             last = {plan.metric: score, TIME_ATTR: done, "record": provisional.to_json()}
             metrics = {"update": done, **last}
         due = (plan.checkpoint_every and done - saved_at >= plan.checkpoint_every) or (

@@ -112,3 +112,34 @@ def test_plan_beside_spending(selection_bench, monkeypatch, capsys):
     select = next(r for r in rows if r["stage"] == "select")
     assert int(select["updates"]) == sum(record_updates(r) for r in selection_bench.select_records("scheduler"))
     assert 0 < int(select["planned_updates"]) < len(selection_bench.lrs) * selection_bench.steps  # ASHA's share
+
+
+def test_where_the_trials_time_went(selection_bench, monkeypatch, capsys):
+    """`costs --phases`: per study and stage, the phases of the finished trials' timing blocks as shares of
+    their wall time (the phases partition it, so the shares add up to 100), their count, and the worker
+    start-ups beside them; the same arithmetic `bench scale` reports (harness.costs.time_breakdown)."""
+    from harness.costs import phase_table, trial_costs
+
+    monkeypatch.chdir(selection_bench.folder)
+    assert main(["costs", "work/scheduler", "--phases"]) == 0
+    printed = capsys.readouterr().out
+    assert "Where the finished trials' time went" in printed and "steady_pct" in printed
+    table = phase_table(trial_costs("work/scheduler"))
+    select, final = selection_bench.select_records("scheduler"), selection_bench.final_records("scheduler")
+    rows = {r["stage"]: r for r in table.to_dict("records")}
+    assert set(rows) == {"select", "final"}
+    # a trial the scheduler stopped counts too: its record carries its timing up to the stop
+    stopped = [json.loads(r["extra"]) for r in select if "stopped_at_update" in json.loads(r["extra"])]
+    assert stopped and all(e["timing"]["steady_s"] > 0 and len(e["timing"]["training_span"]) == 2 for e in stopped)
+    assert rows["select"]["trials"] == len(select) and rows["final"]["trials"] == len(final)
+    from harness.finetune import PHASES
+
+    for r in rows.values():
+        shares = [v for k, v in r.items() if k.endswith("_pct") and k != "idle_pct"]
+        # records round each phase to 1 ms, and these trials last a fraction of a second: the sum may miss 100
+        # by that rounding over every phase of every trial, plus the shares' own rounding to 0.1
+        rounding = 100 * 0.0005 * len(PHASES) * r["trials"] / (60 * r["trial_minutes"]) + 0.05 * len(PHASES)
+        assert sum(shares) == pytest.approx(100.0, abs=rounding) and r["steady_pct"] > 0
+        assert r["processes_started"] + r["reused_process"] == r["trials"]
+    walls = sum(json.loads(x["extra"])["timing"]["total_s"] for x in final)
+    assert rows["final"]["trial_minutes"] == pytest.approx(walls / 60, abs=0.01)
