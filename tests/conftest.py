@@ -38,6 +38,22 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
+@pytest.fixture(scope="module")
+def _module_cache_dir(tmp_path_factory, request) -> Path:
+    return tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1]) / "cache"
+
+
+@pytest.fixture()
+def cache(_module_cache_dir, monkeypatch):
+    """One ``HARNESS_CACHE`` per test module: a module's tests share settings, so its data and pretrained DT
+    are built once (the cache keys on the settings; tests/test_cache.py is about the cache itself). A module
+    that needs a cache per test defines its own ``cache``."""
+    from harness.cache import ArtifactCache
+
+    monkeypatch.setenv("HARNESS_CACHE", str(_module_cache_dir))
+    return ArtifactCache(_module_cache_dir)
+
 # The tests start throwaway local Ray clusters, in this process and in subprocesses. Ray reads its auth mode
 # once per process, and a GCS it starts later reads the environment: with the mode unset, a machine that
 # holds a token file (~/.ray/auth_token) gave the cluster test's in-process driver "disabled" and a later

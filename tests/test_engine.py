@@ -28,16 +28,8 @@ EXTRA_TIMING = {"train_wall_s", "train_steps_per_s", "total_wall_s", "eval_wall_
                 "timing"}
 
 
-@pytest.fixture(scope="module")
-def _module_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("engine-cache")
-
-
-@pytest.fixture(autouse=True)
-def _cache(_module_cache, monkeypatch):
-    # one cache for the module: its trials share settings, so the data and the pretrained DT are built once
-    # (the cache keys on the settings; tests/test_cache.py is about the cache itself)
-    monkeypatch.setenv("HARNESS_CACHE", str(_module_cache))
+# one cache for the module (tests/conftest.py): its trials share settings, so data and base are built once
+pytestmark = pytest.mark.usefixtures("cache")
 
 
 def comparable(record) -> dict:

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from harness.cache import ArtifactCache
 from harness.errors import ConfigError
 from harness.tracks import get_track
 
@@ -19,19 +18,6 @@ track = get_track("rl")
 TINY = {"n_layer": 1, "n_head": 2, "n_embd": 32, "context": 4, "dropout": 0.1, "data_episodes": 2,
         "noise_levels": [0.0, 0.5], "pretrain_tasks": ["reach"], "pretrain_steps": 30, "pretrain_batch_size": 16,
         "pretrain_eval_episodes": 0, "eval_workers": 1, "data_workers": 1, "device": "cpu", "compile": False}
-
-
-@pytest.fixture(scope="module")
-def _module_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("rl-base") / "cache"
-
-
-@pytest.fixture()
-def cache(_module_cache, monkeypatch):
-    # one cache for the module's tests that build on TINY: the data and the pretrained DT are built once (the
-    # cache keys on the settings); the curve test keeps caches of its own, since it times the data's making
-    monkeypatch.setenv("HARNESS_CACHE", str(_module_cache))
-    return ArtifactCache(_module_cache)
 
 
 # --- experts ---------------------------------------------------------------------------------------------

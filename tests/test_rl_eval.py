@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.cache import ArtifactCache
 from harness.errors import ConfigError
 from harness.tracks import get_track
 
@@ -96,17 +95,6 @@ def test_the_recipe_conditions_on_successful_episodes_and_the_paper_preset_on_th
 
 
 # --- a trial records its rule, and scores its base under the same target ------------------------------------
-
-@pytest.fixture(scope="module")
-def _module_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("rl-eval") / "cache"
-
-
-@pytest.fixture()
-def cache(_module_cache, monkeypatch):
-    monkeypatch.setenv("HARNESS_CACHE", str(_module_cache))
-    return ArtifactCache(_module_cache)
-
 
 @pytest.mark.filterwarnings("ignore")
 def test_a_trial_conditions_on_the_rules_target_and_records_it(cache):

@@ -16,19 +16,6 @@ TINY = {"n_layer": 1, "n_head": 2, "n_embd": 32, "context": 4, "dropout": 0.0, "
         "pretrain_eval_episodes": 0, "eval_workers": 2, "data_workers": 1, "device": "cpu", "compile": False}
 
 
-@pytest.fixture(scope="module")
-def _module_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("rl-trial") / "cache"
-
-
-@pytest.fixture()
-def cache(_module_cache, monkeypatch):
-    # one cache for the module: its trials share TINY, so the data and the pretrained DT are built once (the
-    # cache keys on the settings; tests/test_cache.py is about the cache itself)
-    monkeypatch.setenv("HARNESS_CACHE", str(_module_cache))
-    return _module_cache
-
-
 def test_rollout_two_envs_tiny_dt():
     from agents.dt import DTConfig, DecisionTransformer
     from agents.rollout import evaluate_dt, evaluate_scripted
@@ -91,7 +78,7 @@ def test_trial_end_to_end(cache, method):
     total = DecisionTransformer(DTConfig(n_layer=1, n_head=2, n_embd=32, context=4)).num_params()
     assert result.head_params == 32 * 4 + 4
     assert result.trainable_params == (total - result.head_params if method == "full" else 0)
-    assert (cache / "adapters").is_dir() and result.adapter_path
+    assert (cache.root / "adapters").is_dir() and result.adapter_path
 
 
 def test_trial_lora_if_available(cache):
