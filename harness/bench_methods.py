@@ -83,6 +83,10 @@ class BenchSettings(BaseModel):
     # bf16 autocast the only fp32 matmuls are the merged forms' weight-sized products (RandLoRA, VeRA where
     # it merges), which an H200 runs about 15x slower than bf16 without TF32; measures what TF32 would win
     matmul_precision: Literal["highest", "high"] | None = None
+    # how EVA's initialisation finds target layers that share their input: the harness's key of the values'
+    # bytes ("fast", the default) or peft's hash of every value as a Python float ("peft"); the rows'
+    # wrap_s tells them apart (harness.methods.eva_init)
+    eva_input_key: Literal["fast", "peft"] | None = None
     # after the timed steps, `profile_steps` more with the device synchronised between the phases of a
     # step (forward+loss, the method's extra loss, backward, optimiser, the method's on_step), reporting
     # ms per phase and the kernels (CUDA) or top-level aten ops (CPU) each phase launches per step
@@ -193,6 +197,11 @@ def bench_methods(overrides: dict[str, Any]) -> dict[str, Any]:
     vera_merge = fast_peft.VERA_MERGE
     if cfg.get("vera_merge") is not None:
         fast_peft.VERA_MERGE = cfg["vera_merge"]
+    from harness.methods import eva_init
+
+    eva_key = eva_init.FAST_INPUT_KEY
+    if cfg.get("eva_input_key") is not None:
+        eva_init.FAST_INPUT_KEY = cfg["eva_input_key"] == "fast"
     precision = torch.get_float32_matmul_precision()
     if cfg.get("matmul_precision") is not None:
         torch.set_float32_matmul_precision(cfg["matmul_precision"])
@@ -224,6 +233,7 @@ def bench_methods(overrides: dict[str, Any]) -> dict[str, Any]:
     finally:
         low_rank.RANK_ALIGN = align
         fast_peft.VERA_MERGE = vera_merge
+        eva_init.FAST_INPUT_KEY = eva_key
         torch.set_float32_matmul_precision(precision)
     rows = {name: rows[name] for name in cfg["methods"]}
     cfg["rank_align"] = low_rank.RANK_ALIGN if cfg.get("rank_align") is None else cfg["rank_align"]
@@ -310,6 +320,7 @@ class _Run:
     resident: int  # bytes its own model, optimiser state and caches hold between steps
     peak: int  # bytes above what was allocated before it, at its highest so far
     phases: dict[str, Any] | None = None
+    wrap_s: float = 0.0  # the method's wrap of the built model, its initialisation included (EVA, PiSSA)
     ms_per_round: list[float] = field(default_factory=list)
 
     def row(self, cfg: dict[str, Any], work: _Workload, shared: int) -> dict[str, Any]:
@@ -320,7 +331,8 @@ class _Run:
                "ms_per_step_min": round(min(self.ms_per_round), 2),
                "ms_per_step_max": round(max(self.ms_per_round), 2),
                "ms_per_round": [round(m, 3) for m in self.ms_per_round],
-               "peak_mb": round(peak, 1) if peak else None, "trainable_params": own, "head_params": head}
+               "peak_mb": round(peak, 1) if peak else None, "trainable_params": own, "head_params": head,
+               "wrap_s": round(self.wrap_s, 3)}
         if self.phases is not None:
             row["phases"] = self.phases
         return row
@@ -342,7 +354,12 @@ def _prepare(name: str, cfg: dict[str, Any], work: _Workload, bank, compiled: bo
     before = torch.cuda.memory_allocated() if cuda else 0
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    model = method.wrap(work.model(), work.site, settings, ctx).to(device)
+    built = work.model()
+    synchronize(device)
+    started = time.perf_counter()
+    model = method.wrap(built, work.site, settings, ctx).to(device)
+    synchronize(device)
+    wrap_s = time.perf_counter() - started
     if not cfg["fast"]:
         from harness.methods import fast_peft  # heavy: harness.methods.fast_peft imports peft
 
@@ -363,7 +380,7 @@ def _prepare(name: str, cfg: dict[str, Any], work: _Workload, bank, compiled: bo
         check_compiled(name, counts, _dynamo_counts())
     resident = (torch.cuda.memory_allocated() - before) if cuda else 0
     peak = (torch.cuda.max_memory_allocated() - before) if cuda else 0
-    return _Run(name, method, model, trainer, resident, peak, phases)
+    return _Run(name, method, model, trainer, resident, peak, phases, wrap_s)
 
 
 def _time_rounds(runs: dict[str, _Run], cfg: dict[str, Any], device: torch.device, compiled: bool,

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from harness.errors import ConfigError
+from harness.methods.eva_init import fast_input_keys
 from harness.methods.base import (AdapterSite, Method, MethodContext, Setting, check_rank, head_state,
                                   load_head_state, method_state, unfreeze_head, write_settings)
 from harness.scaling import ALPHA_RULES, DEFAULT_ALPHA_RULE
@@ -516,9 +517,10 @@ class EVA(LoRA):
 
         was_training = model.training
         model.eval()  # dropout off while the activations are collected
-        initialize_lora_eva_weights(model, dataloader=batches, forward_fn=ctx.forward_fn,
-                                    prepare_model_inputs_fn=None, prepare_layer_inputs_fn=layer_inputs,
-                                    show_progress_bar=False)
+        with fast_input_keys():
+            initialize_lora_eva_weights(model, dataloader=batches, forward_fn=ctx.forward_fn,
+                                        prepare_model_inputs_fn=None, prepare_layer_inputs_fn=layer_inputs,
+                                        show_progress_bar=False)
         model.train(was_training)
 
     def describe(self, model):
