@@ -201,13 +201,50 @@ def _trial_gpus(extra: dict[str, Any]) -> str:
     return ",".join(str(g) for g in gpus) or "cpu"
 
 
-def time_breakdown(records: list[dict[str, Any]], span: float) -> dict[str, Any] | None:
+def _merged(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The union of the ``(start, end)`` spans as disjoint spans, in order."""
+    out: list[tuple[float, float]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def device_spans(extras: list[dict[str, Any]]) -> dict[str, float]:
+    """Per device, the seconds in which the sweep was running trials and that device had some: the union of
+    all trials' lives (a process's start-up included) splits into stretches, a session of a sweep resumed
+    later being one of them, and a device's span is the stretches in which any of its trials lived. So the
+    hours between two sessions count for no device, nor does a session on a host with fewer GPUs count
+    against the GPUs it lacked; the tail of a wave, with one device's trials done and another's running,
+    counts for both."""
+    lives: list[tuple[str, float, float]] = []
+    for e in extras:
+        t = e.get("timing") or {}
+        if "started_at" not in e or "total_s" not in t:
+            continue
+        start = float(e["started_at"])
+        end = start + float(t["total_s"])
+        if not e.get("process_trials_before"):
+            start -= float(t.get("process_to_trial_s", 0.0))
+        lives.append((_trial_gpus(e), start, end))
+    stretches = _merged([(a, b) for _, a, b in lives])
+    spans: dict[str, float] = {}
+    for device in sorted({d for d, _, _ in lives}):
+        mine = [(a, b) for d, a, b in lives if d == device]
+        spans[device] = sum(b - a for a, b in stretches if any(x < b and y > a for x, y in mine))
+    return spans
+
+
+def time_breakdown(records: list[dict[str, Any]], span: float | None = None) -> dict[str, Any] | None:
     """Where the trials' time went: each phase of ``extra.timing`` (``harness.finetune.PHASES``) summed over the
     trials and as a share of their summed wall time; the time before each process's first trial in it (a
     Ray worker's start-up; a trial in a reused process has none: ``trials_in_reused_processes``); and, per
-    device, the share of ``span`` in which none of its trials was training (its first update to its last):
-    the GPU idle time that start-up, compilation, rollouts and saving imply. None when no record has a
-    timing (records older than it)."""
+    device, the share of its span in which none of its trials was training (its first update to its last):
+    the GPU idle time that start-up, compilation, rollouts and saving imply. The span is ``span`` seconds
+    for every device (one uninterrupted run, as ``bench scale`` times it), else each device's own
+    (:func:`device_spans`). None when no record has a timing (records older than it)."""
     from harness.finetune import PHASES  # heavy: harness.finetune imports torch
 
     extras = [e for e in (_json(r.get("extra")) for r in records) if isinstance(e.get("timing"), dict)]
@@ -224,8 +261,9 @@ def time_breakdown(records: list[dict[str, Any]], span: float) -> dict[str, Any]
         if t.get("training_span"):
             a, b = t["training_span"]
             training.setdefault(device, []).append((float(a), float(b)))
-    idle = {d: round(1.0 - min(1.0, busy_seconds(spans) / span), 4) for d, spans in sorted(training.items())} \
-        if span > 0 else {}
+    spans_by_device = device_spans(extras) if span is None else {d: span for d in training}
+    idle = {d: round(1.0 - min(1.0, busy_seconds(spans) / spans_by_device[d]), 4)
+            for d, spans in sorted(training.items()) if spans_by_device.get(d, 0.0) > 0}
     return {"trials": len(timed), "trial_s": round(total, 2), "phases_s": phases,
             "phase_share": {k: round(v / total, 4) if total > 0 else None for k, v in phases.items()},
             "process_to_trial_s": round(sum(float(t.get("process_to_trial_s", 0.0)) for t in first), 2),
@@ -238,8 +276,8 @@ def phase_table(costs: list[TrialSpend], by: tuple[str, ...] = ("study", "stage"
     """Per ``by`` group of finished trials: :func:`time_breakdown` as a row. Each phase's share of the
     trials' summed wall time (``*_pct``; the phases partition it), the worker start-ups before the trials
     that began a process (``process_start_s``, beside the trials' own time, not in it), and the mean share
-    of the group's span (its first trial's start to its last's end, pauses left out) in which a device had
-    no trial training (``idle_pct``)."""
+    of each device's span (:func:`device_spans`: the stretches in which the sweep ran trials and the device
+    had some) in which the device had no trial training (``idle_pct``)."""
     import pandas as pd  # heavy: pandas is only needed once costs are tabled
 
     rows = []
@@ -248,9 +286,7 @@ def phase_table(costs: list[TrialSpend], by: tuple[str, ...] = ("study", "stage"
         if isinstance(c.extra.get("timing"), dict):
             groups.setdefault(tuple(getattr(c, k) for k in by), []).append(c)
     for key, part in sorted(groups.items()):
-        spans = [(float(c.extra["started_at"]), float(c.extra["started_at"]) + c.wall_s) for c in part
-                 if "started_at" in c.extra]
-        b = time_breakdown([{"extra": c.extra} for c in part], busy_seconds(spans))
+        b = time_breakdown([{"extra": c.extra} for c in part])
         if b is None:
             continue
         row: dict[str, Any] = {**dict(zip(by, key)), "trials": b["trials"], "trial_minutes": round(b["trial_s"] / 60, 2)}
@@ -269,5 +305,5 @@ def format_costs(table: "pd.DataFrame") -> str:
             "last attempt (resumed: how many)")
 
 
-__all__ = ["COST_KEYS", "TrialSpend", "against_plan", "busy_seconds", "cost_table", "format_costs", "phase_table",
-           "record_updates", "time_breakdown", "trial_costs"]
+__all__ = ["COST_KEYS", "TrialSpend", "against_plan", "busy_seconds", "cost_table", "device_spans", "format_costs",
+           "phase_table", "record_updates", "time_breakdown", "trial_costs"]

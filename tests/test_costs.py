@@ -143,3 +143,27 @@ def test_where_the_trials_time_went(selection_bench, monkeypatch, capsys):
         assert r["processes_started"] + r["reused_process"] == r["trials"]
     walls = sum(json.loads(x["extra"])["timing"]["total_s"] for x in final)
     assert rows["final"]["trial_minutes"] == pytest.approx(walls / 60, abs=0.01)
+
+
+def _timed(gpu: str, started: float, total: float, training: tuple[float, float], start_up: float = 2.0,
+           before: int = 0) -> dict:
+    """A record's ``extra`` with a timing block: trial lives ``total`` s from ``started``, trains in ``training``."""
+    timing = {"total_s": total, "steady_s": training[1] - training[0], "process_to_trial_s": start_up,
+              "training_span": [started + training[0], started + training[1]]}
+    return {"extra": json.dumps({"timing": timing, "started_at": started, "process_trials_before": before,
+                                 "placement": {"ray": {"gpu_ids": [gpu]}}})}
+
+
+def test_idle_share_counts_each_device_only_while_the_sweep_ran_trials_on_it():
+    """A sweep resumed hours later on a host with one GPU: the hours between the sessions count for no
+    device, and the session without GPU 1 does not count against it; a wave's tail does."""
+    from harness.costs import time_breakdown
+
+    first = [_timed("0", 0.0, 100.0, (10.0, 90.0)), _timed("1", 0.0, 60.0, (10.0, 50.0))]  # GPU 1's tail: 40 s
+    resumed = [_timed("0", 10_000.0, 100.0, (10.0, 90.0))]  # later, a one-GPU host
+    b = time_breakdown(first + resumed)
+    # GPU 0: 160 s of training in 2 x 102 s (start-ups included); GPU 1: 40 s in the first session's 102 s
+    assert b["idle_share_by_device"] == {"0": pytest.approx(1 - 160 / 204, abs=1e-4),
+                                         "1": pytest.approx(1 - 40 / 102, abs=1e-4)}
+    # one uninterrupted run timed from outside (bench scale) still divides by the span it is given
+    assert time_breakdown(first, 100.0)["idle_share_by_device"] == {"0": 0.2, "1": 0.6}
