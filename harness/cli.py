@@ -261,6 +261,8 @@ def cmd_costs(args) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and out.suffix not in (".csv", ".json", ".md"):
         raise ConfigError(f"--out {args.out!r}: the file's name must end in .csv, .json or .md")
+    if args.overheads and Path(args.overheads).suffix != ".json":
+        raise ConfigError(f"--overheads {args.overheads!r}: the file's name must end in .json")
     plan = None
     if args.plan:  # a bad sweep file or GPU count is named before any record is read
         from harness.plan import plan_sweep, priced_gpus  # heavy: the sweep schema, not for --help
@@ -285,6 +287,15 @@ def cmd_costs(args) -> int:
 
         print(f"\nPlan ({plan[1]}) against the records:")
         print(against_plan(spent, plan[0]).to_string(index=False))
+    if args.overheads:
+        from harness.costs import trial_overheads  # heavy: the costs module's tables need pandas
+
+        measured = {"source": f"the records under {args.results}", "command": f"python -m harness costs {args.results} --overheads {args.overheads}",
+                    **trial_overheads(spent)}
+        target = Path(args.overheads)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(target, json.dumps(measured, indent=1) + "\n")
+        print(f"[costs] overheads written to {target}", file=sys.stderr)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         text = {".csv": lambda: table.to_csv(index=False), ".json": lambda: table.to_json(orient="records", indent=1),
@@ -433,6 +444,10 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--out", default=None, metavar="FILE", help="also write the table here (.csv, .json or .md)")
     co.add_argument("--phases", action="store_true",
                     help="also where the trials' time went: setup, compilation, training, evaluations, start-ups")
+    co.add_argument("--overheads", default=None, metavar="FILE",
+                    help="also write the trials' measured overheads per stage and method (start-up, wrap, "
+                         "compilation, search, save) as JSON: the trial_overhead entry of benchmarks/update-costs.json "
+                         "that --plan prices them from")
     co.add_argument("--plan", default=None, metavar="SWEEP_FILE",
                     help="also price the sweep file as `sweep --plan` does and show plan beside spending per stage")
     co.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -298,6 +298,43 @@ def phase_table(costs: list[TrialSpend], by: tuple[str, ...] = ("study", "stage"
     return pd.DataFrame(rows)
 
 
+# the phases of a trial outside its training updates and its evaluations (which the plan prices from the
+# measured update and rollout rates): set-up, the adapters' wrap (EVA's initialisation, PiSSA's SVD), the
+# first updates (compilation), the end-of-training step (GLoRA's subnet search) and the save
+OVERHEAD_PHASES = ("setup", "wrap", "first_updates", "finalize", "save")
+
+
+def trial_overheads(costs: list[TrialSpend]) -> dict[str, Any]:
+    """What the finished trials (run to the end or stopped by a scheduler) spent besides training and
+    evaluating, as ``harness.plan`` prices it: per stage, each method's median seconds in
+    :data:`OVERHEAD_PHASES` (``default``: the median over all the stage's trials), and the median worker
+    start-up before a trial that began its process (``start_s``). A ConfigError when no record has a
+    timing block."""
+    import statistics
+
+    seconds: dict[str, dict[str, list[float]]] = {}
+    starts: list[float] = []
+    for c in costs:
+        timing = c.extra.get("timing")
+        if c.status not in ("ok", "stopped") or not isinstance(timing, dict):
+            continue
+        spent = sum(float(timing.get(f"{p}_s", 0.0)) for p in OVERHEAD_PHASES)
+        per_method = seconds.setdefault(c.stage, {})
+        per_method.setdefault(c.method, []).append(spent)
+        per_method.setdefault("default", []).append(spent)
+        if not c.extra.get("process_trials_before") and "process_to_trial_s" in timing:
+            starts.append(float(timing["process_to_trial_s"]))
+    if not seconds:
+        raise ConfigError("no finished trial's record has a timing block (records older than the timing, or no "
+                          "trial finished yet): nothing to measure the overheads from")
+    return {"start_s": round(statistics.median(starts), 2) if starts else 0.0,
+            "seconds": {stage: {m: round(statistics.median(v), 2) for m, v in sorted(per.items())}
+                        for stage, per in sorted(seconds.items())},
+            "trials": {stage: len(per["default"]) for stage, per in sorted(seconds.items())},
+            "devices": sorted({c.device for c in costs if c.extra.get("timing")} - {""}),
+            "phases": list(OVERHEAD_PHASES)}
+
+
 def format_costs(table: "pd.DataFrame") -> str:
     """The table as aligned text, with what the columns mean."""
     return (table.to_string(index=False) + "\n\ngpu_minutes: each trial's wall time (trial start to record) x "
@@ -306,4 +343,4 @@ def format_costs(table: "pd.DataFrame") -> str:
 
 
 __all__ = ["COST_KEYS", "TrialSpend", "against_plan", "busy_seconds", "cost_table", "device_spans", "format_costs",
-           "phase_table", "record_updates", "time_breakdown", "trial_costs"]
+           "OVERHEAD_PHASES", "phase_table", "record_updates", "time_breakdown", "trial_costs", "trial_overheads"]

@@ -11,7 +11,8 @@ GPUs); ``p`` trials on one GPU train ``speedup(p)`` times as fast in all as one 
 paper DT, interpolated between measured counts); the GPUs a wave occupies are the ones its concurrent
 trials need; evaluation (RL rollouts, priced from the measured DT rollout rate; a selection trial under a scheduler
 evaluates also at each rung it reaches) holds a trial's share
-of its GPU. Selection under ASHA is priced at :func:`harness.early_stopping.expected_update_fraction`
+of its GPU, and so do a trial's start-up, wrap, compilation and search where the device entry has them
+measured (``trial_overhead``, from finished trials' records: ``costs RESULTS --overheads``). Selection under ASHA is priced at :func:`harness.early_stopping.expected_update_fraction`
 of the full grid's updates, for each (method, task) group at its own size (a small group saves little).
 """
 
@@ -63,6 +64,9 @@ class TrialCost:
     images: int | None = None  # vision: training images per epoch
     epochs: int | None = None
     source: str = ""  # which measurement priced it, or why none did
+    # start-up, wrap, compilation, search and save: measured on finished trials (the device entry's
+    # ``trial_overhead``, written by ``costs RESULTS --overheads``); 0 where none was measured
+    overhead_s: float = 0.0
 
 
 @dataclass
@@ -141,17 +145,35 @@ def trial_cost(spec: ResolvedTrial, study: Study, device: dict[str, Any] | None)
     return TrialCost(None, None, 0.0, source=f"track {spec.track!r} has no cost model")
 
 
+def trial_overhead(spec: ResolvedTrial, stage: str, device: dict[str, Any] | None) -> tuple[float, str]:
+    """Seconds a trial of ``stage`` ("select" or "final") spends besides training and evaluating, from the
+    device entry of its track (``trial_overhead``: a worker's start-up plus the median of the trial's
+    method in that stage, else of all its trials); (0, "") without a measurement. The second item names it."""
+    m = ((device or {}).get(spec.track) or {}).get("trial_overhead")
+    if not m:
+        return 0.0, ""
+    table = m["seconds"].get(stage) or m["seconds"].get("final") or {}
+    own = table.get(spec.method, table.get(base_name(spec.method)))
+    seconds = float(m.get("start_s", 0.0)) + float(own if own is not None else table.get("default", 0.0))
+    return seconds, f"per-trial overheads from {m['source']}"
+
+
 def plan_wave(study: Study, stage: str, wave: int, specs: list[ResolvedTrial], gpus: int,
               device: dict[str, Any] | None, update_share: float = 1.0, rung_reports: float = 0.0) -> WavePlan:
     """Price one wave of trials on ``gpus`` GPUs. ``update_share``: the share of each trial's updates a
     selection scheduler is expected to spend; ``rung_reports``: the intermediate scores (one evaluation
     each, as long as the final one) it is expected to ask of each trial."""
     costs = [trial_cost(s, study, device) for s in specs]
+    overhead_notes = set()
+    for spec, c in zip(specs, costs):
+        if c.train_s is not None:  # measured for this model: its overheads too, where they were measured
+            c.overhead_s, said = trial_overhead(spec, stage.split(" ")[0], device)
+            overhead_notes.add(said)
     n = len(specs)
     r = study.resources
     share = auto_gpu_share(n, gpus) if r.gpus_per_trial == "auto" else float(r.gpus_per_trial)
     per_gpu = max(1, round(1 / share)) if share > 0 else 0
-    notes = sorted({c.source for c in costs})
+    notes = sorted({c.source for c in costs} | overhead_notes - {""})
     updates = None if any(c.updates is None for c in costs) else round(sum(c.updates for c in costs) * update_share)
     shown = ""
     if costs and costs[0].images:
@@ -165,10 +187,11 @@ def plan_wave(study: Study, stage: str, wave: int, specs: list[ResolvedTrial], g
     speed = packing_speedup(per_gpu, (device or {}).get("packing"))
     concurrent = min(n, gpus * per_gpu, r.max_concurrent or n)
     out.gpus_used = min(gpus, math.ceil(concurrent / per_gpu))
-    # a GPU's time: its trials' training at the packed rate, and their evaluations sharing it p ways
+    # a GPU's time: its trials' training at the packed rate, and their evaluations and overheads each
+    # holding one of its p shares
     evals = 1 + rung_reports
-    gpu_s = sum(c.train_s * update_share / speed + evals * c.eval_s / per_gpu for c in costs)
-    longest = max(c.train_s * update_share * per_gpu / speed + evals * c.eval_s for c in costs)
+    gpu_s = sum(c.train_s * update_share / speed + (evals * c.eval_s + c.overhead_s) / per_gpu for c in costs)
+    longest = max(c.train_s * update_share * per_gpu / speed + evals * c.eval_s + c.overhead_s for c in costs)
     if rung_reports:
         out.notes.append(f"{rung_reports:.2g} rung evaluations per trial")
     out.gpu_hours = gpu_s / 3600
@@ -241,8 +264,11 @@ def format_plan(waves: list[WavePlan], said: str, gpus: int, device_name: str) -
     lines.append(f"total: {sum(w.trials for w in waves)} trials, {upd:,} updates, "
                  + (f"{gpu_h:.1f} GPU-hours, {wall_h:.1f} h wall (waves one after another)" if priced
                     else "not fully priced (see notes)"))
+    overheads = any("per-trial overheads" in n for w in waves for n in w.notes)
     lines.append("The final stage is priced at each method's first grid point's cost; wall time assumes the "
-                 "GPUs do nothing else and leaves out start-up, data preparation and pretraining.")
+                 "GPUs do nothing else and leaves out " + ("data preparation and pretraining (each trial's "
+                 "start-up, wrap, compilation and search are priced as measured: see the notes)." if overheads
+                 else "start-up, data preparation and pretraining."))
     return "\n".join(lines)
 
 
@@ -295,4 +321,4 @@ def run_plan(sweep: SweepFile, gpus: int | None, address: str | None, gpu_model:
 
 
 __all__ = ["TrialCost", "WavePlan", "format_plan", "load_costs", "packing_speedup", "plan_sweep", "plan_wave", "priced_gpus",
-           "run_plan", "trial_cost"]
+           "run_plan", "trial_cost", "trial_overhead"]

@@ -167,3 +167,31 @@ def test_idle_share_counts_each_device_only_while_the_sweep_ran_trials_on_it():
                                          "1": pytest.approx(1 - 40 / 102, abs=1e-4)}
     # one uninterrupted run timed from outside (bench scale) still divides by the span it is given
     assert time_breakdown(first, 100.0)["idle_share_by_device"] == {"0": 0.2, "1": 0.6}
+
+
+def test_overheads_measured_from_the_records(selection_bench, monkeypatch, capsys):
+    """`costs --overheads FILE`: per stage and method, the median seconds of the finished trials' phases
+    outside training and evaluation, and the median worker start-up, as the plan's cost table takes them."""
+    import statistics
+
+    from harness.costs import OVERHEAD_PHASES
+
+    monkeypatch.chdir(selection_bench.folder)
+    assert main(["costs", "work/scheduler", "--overheads", "measured/overheads.json"]) == 0
+    got = json.loads(Path("measured/overheads.json").read_text())
+    want: dict[str, dict[str, list[float]]] = {}
+    starts = []
+    for stage, records in (("select", selection_bench.select_records("scheduler")),
+                           ("final", selection_bench.final_records("scheduler"))):
+        for r in records:
+            e = json.loads(r["extra"])
+            spent = sum(e["timing"][f"{p}_s"] for p in OVERHEAD_PHASES)
+            want.setdefault(stage, {}).setdefault(r["method"], []).append(spent)
+            want[stage].setdefault("default", []).append(spent)
+            if not e.get("process_trials_before"):
+                starts.append(e["timing"]["process_to_trial_s"])
+    assert got["seconds"] == {s: {m: round(statistics.median(v), 2) for m, v in per.items()} for s, per in want.items()}
+    assert got["start_s"] == round(statistics.median(starts), 2) and got["start_s"] > 0
+    assert got["trials"] == {s: len(per["default"]) for s, per in want.items()}
+    assert main(["costs", "work/scheduler", "--overheads", "overheads.txt"]) == 2
+    assert "must end in .json" in capsys.readouterr().err

@@ -59,16 +59,20 @@ STUDY = {"name": "paper", "track": "rl", "benchmark": "cw10", "tasks": ["window-
          "resources": {"cpus_per_trial": 2, "gpus_per_trial": "auto"}}
 
 
-def expected(trials: int, steps: int, episodes: int, gpus: int, share: float = 1.0) -> tuple[int, float, float]:
-    """(updates, GPU-hours, wall hours) by the plan's model, from the cost table and the study's budget."""
+def expected(trials: int, steps: int, episodes: int, gpus: int, share: float = 1.0, stage: str = "select"
+             ) -> tuple[int, float, float]:
+    """(updates, GPU-hours, wall hours) by the plan's model, from the cost table and the study's budget (LoRA
+    trials: their measured overheads in ``stage`` beside training and evaluation)."""
     m, packing = COSTS["NVIDIA H200"]["rl"], COSTS["NVIDIA H200"]["packing"]["speedup"]
+    measured = m["trial_overhead"]
+    overhead = measured["start_s"] + measured["seconds"][stage]["lora"]
     per_gpu = min(4, math.ceil(trials / gpus))
     speed = 1.0 + (packing["4"] - 1.0) * (per_gpu - 1) / 3  # measured at 1 and 4, linear between
     train_s = steps * m["ms_per_update"]["compiled"] / 1000 * share
     eval_s = episodes * EPISODE_LENGTH / (m["rollout_env_steps_per_s"] / m["rollout_envs"] * min(episodes, 10))
-    gpu_s = trials * (train_s / speed + eval_s / per_gpu)
+    gpu_s = trials * (train_s / speed + (eval_s + overhead) / per_gpu)
     used = min(gpus, math.ceil(trials / per_gpu))
-    wall = max(gpu_s / used, train_s * per_gpu / speed + eval_s)
+    wall = max(gpu_s / used, train_s * per_gpu / speed + eval_s + overhead)
     return round(trials * steps * share), gpu_s / 3600, wall / 3600
 
 
@@ -77,9 +81,10 @@ def test_plan_prices_each_stage_from_the_measured_costs_and_writes_nothing(tmp_p
     assert done.returncode == 0, done.stdout + done.stderr
     table = rows(done.stdout)
     assert "h200-bench-rl.json" in done.stdout  # it says which measurement priced it
+    assert "per-trial overheads from benchmarks/h200-cw10-short-overheads.json" in done.stdout
     # selection: 2 tasks x 4 grid points x 1 seed; final: 2 tasks x 1 chosen point x 3 seeds
     for stage, trials in (("select", 8), ("final", 6)):
-        updates, gpu_h, wall_h = expected(trials, 120_000, 5, gpus=2)
+        updates, gpu_h, wall_h = expected(trials, 120_000, 5, gpus=2, stage=stage)
         row = table[stage]
         assert int(row[3]) == trials
         assert int(row[4].replace(",", "")) == updates
@@ -158,3 +163,25 @@ def test_the_plan_prices_the_work_each_track_says_a_trial_does(tmp_path, monkeyp
     monkeypatch.setattr(sys.modules[__name__], "EPISODE_LENGTH", 10 * EPISODE_LENGTH)
     _, gpu_h, wall_h = expected(8, 60_000, 5, gpus=2)
     assert abs(float(row[5]) - gpu_h) <= 0.005 and abs(float(row[6]) - wall_h) <= 0.005
+
+
+def test_measured_overheads_hold_a_share_of_the_gpu_per_trial():
+    """A trial's start-up, wrap, compilation and search (``trial_overhead``) cost its GPU share for as long
+    as they were measured to last; a method without its own figure takes the stage's median of all."""
+    from harness.plan import plan_wave
+    from harness.sweep_file import SweepFile, study_trials
+
+    study = SweepFile.model_validate({"name": "t", "studies": [STUDY]}).studies[0]
+    specs = study_trials(study, "select")
+    device = json.loads(json.dumps(COSTS["NVIDIA H200"]))
+    device["rl"]["trial_overhead"] = {"source": "a test", "start_s": 10.0,
+                                      "seconds": {"select": {"default": 100.0, "lora": 40.0}}}
+    priced = plan_wave(study, "select", 0, specs, 2, device)
+    del device["rl"]["trial_overhead"]
+    bare = plan_wave(study, "select", 0, specs, 2, device)
+    per_gpu = priced.per_gpu
+    assert priced.gpu_hours - bare.gpu_hours == pytest.approx(len(specs) * 50.0 / per_gpu / 3600)
+    assert "per-trial overheads from a test" in priced.notes and not any("overheads" in n for n in bare.notes)
+    device["rl"]["trial_overhead"] = {"source": "a test", "start_s": 10.0, "seconds": {"select": {"default": 100.0}}}
+    other = plan_wave(study, "select", 0, specs, 2, device)
+    assert other.gpu_hours - bare.gpu_hours == pytest.approx(len(specs) * 110.0 / per_gpu / 3600)
