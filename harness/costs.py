@@ -7,10 +7,10 @@ record once it finished or a scheduler stopped it, so nothing waits for the stag
 
 Per trial the cost is its record's: updates trained (where a scheduler stopped it, the updates done by
 then), its wall time from the trial's start in its worker to its record (``extra.total_wall_s``: data,
-model build, compilation, training, evaluations, search; not the worker's own start-up before it, which
-the record keeps apart as ``extra.timing.process_to_trial_s``) and the GPU share Ray gave it
-(``extra.placement.ray.gpus``), so ``gpu_minutes`` is wall x share: the GPU time the trial held, whether
-or not its kernels kept the GPU busy.
+model build, compilation, training, evaluations, search), the worker's start-up before it when the trial
+began its process (``extra.timing.process_to_trial_s``; Ray holds the trial's resources from the worker's
+start) and the GPU share Ray gave it (``extra.placement.ray.gpus``), so ``gpu_minutes`` is (start-up +
+wall) x share: the GPU time the trial held, whether or not its kernels kept the GPU busy.
 A trial retried after its process died, or resumed from a checkpoint, counts its last attempt only (the
 record's times are the last attempt's); ``resumed`` counts those trials, whose earlier work is not seen.
 Trials without a record yet (running, or cut by an interruption) are counted as ``unfinished``.
@@ -51,12 +51,14 @@ class TrialSpend:
     train_peak_memory_mb: float
     resumed: bool
     device: str
+    # the worker's start-up before the trial, when the trial began its process (0 in a reused one)
+    start_s: float = 0.0
     # the record's extra facts (its ``timing`` block among them: :func:`phase_table`); empty when unfinished
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def gpu_s(self) -> float:
-        return self.wall_s * self.gpu_share
+        return (self.start_s + self.wall_s) * self.gpu_share
 
     def columns(self) -> dict[str, Any]:
         """The spend as a table row (the record's extra facts left out)."""
@@ -110,7 +112,9 @@ def _trial_spend(sweep: str, study: str, stage: str, wave: int, folder: Path) ->
         wall_s=float(extra.get("total_wall_s", rec.get("wall_time_s", 0.0)) or 0.0),
         gpu_share=float(ray.get("gpus", 0.0) or 0.0), ms_per_update=float(rec.get("ms_per_update", 0.0) or 0.0),
         train_peak_memory_mb=float(rec.get("train_peak_memory_mb", 0.0) or 0.0),
-        resumed=bool(extra.get("resumed_from_update")), device=str(rec.get("device_name", "")), extra=extra)
+        resumed=bool(extra.get("resumed_from_update")), device=str(rec.get("device_name", "")),
+        start_s=0.0 if extra.get("process_trials_before") else
+        float((extra.get("timing") or {}).get("process_to_trial_s", 0.0) or 0.0), extra=extra)
 
 
 def trial_costs(results: str | Path) -> list[TrialSpend]:
@@ -337,8 +341,9 @@ def trial_overheads(costs: list[TrialSpend]) -> dict[str, Any]:
 
 def format_costs(table: "pd.DataFrame") -> str:
     """The table as aligned text, with what the columns mean."""
-    return (table.to_string(index=False) + "\n\ngpu_minutes: each trial's wall time (trial start to record) x "
-            "the GPU share Ray gave it; trial_minutes: wall time alone; a retried or resumed trial counts its "
+    return (table.to_string(index=False) + "\n\ngpu_minutes: each trial's wall time (its worker's start-up, "
+            "when it began the process, to its record) x "
+            "the GPU share Ray gave it; trial_minutes: trial start to record, no start-up, no share; a retried or resumed trial counts its "
             "last attempt (resumed: how many)")
 
 

@@ -66,7 +66,9 @@ def test_a_running_trial_and_a_gpu_share(selection_bench, tmp_path):
     last = json.loads(lines[-1])
     record = json.loads(last["record"])
     extra = json.loads(record["extra"]) if isinstance(record["extra"], str) else record["extra"]
-    extra.update(total_wall_s=120.0, placement={**extra.get("placement", {}), "ray": {"gpus": 0.25}})
+    # a trial that began its process: Ray held its share from the worker's start (8 s before the trial)
+    extra.update(total_wall_s=120.0, placement={**extra.get("placement", {}), "ray": {"gpus": 0.25}},
+                 process_trials_before=0, timing={**extra.get("timing", {}), "process_to_trial_s": 8.0})
     record["extra"] = json.dumps(extra)
     last["record"] = json.dumps(record)
     gpu.write_text("\n".join([*lines[:-1], json.dumps(last)]) + "\n")
@@ -76,9 +78,9 @@ def test_a_running_trial_and_a_gpu_share(selection_bench, tmp_path):
     unfinished = [c for c in costs if c.status == "unfinished"]
     assert len(unfinished) == 1 and unfinished[0].method and unfinished[0].task
     assert unfinished[0].updates == json.loads(running.read_text())["update"] > 0
-    assert any(c.gpu_s == pytest.approx(30.0) for c in mine.values())
+    assert any(c.gpu_s == pytest.approx(32.0) and c.start_s == 8.0 for c in mine.values())
     table = cost_table(costs, ("stage",))
-    assert float(table[table["stage"] == "total"]["gpu_minutes"].iloc[0]) == pytest.approx(0.5)
+    assert float(table[table["stage"] == "total"]["gpu_minutes"].iloc[0]) == pytest.approx(32.0 / 60, abs=0.005)
     assert int(table[table["stage"] == "total"]["unfinished"].iloc[0]) == 1
 
 
