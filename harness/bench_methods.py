@@ -43,7 +43,7 @@ from torch import nn
 from harness.errors import ConfigError
 from harness.finetune import MethodHooks
 from harness.methods import AdapterSite, MethodContext, get_method, method_names
-from harness.methods import low_rank
+from harness.methods import eva_init, low_rank
 from harness.trial import resolve_point
 from harness.randomness import seeded
 from harness.training import LoopConfig, Trainer, compiled_loss, synchronize
@@ -197,8 +197,6 @@ def bench_methods(overrides: dict[str, Any]) -> dict[str, Any]:
     vera_merge = fast_peft.VERA_MERGE
     if cfg.get("vera_merge") is not None:
         fast_peft.VERA_MERGE = cfg["vera_merge"]
-    from harness.methods import eva_init
-
     eva_key = eva_init.FAST_INPUT_KEY
     if cfg.get("eva_input_key") is not None:
         eva_init.FAST_INPUT_KEY = cfg["eva_input_key"] == "fast"
