@@ -53,6 +53,7 @@ class TrialSpend:
     device: str
     # the worker's start-up before the trial, when the trial began its process (0 in a reused one)
     start_s: float = 0.0
+    track: str = ""
     # the record's extra facts (its ``timing`` block among them: :func:`phase_table`); empty when unfinished
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -99,7 +100,8 @@ def _trial_spend(sweep: str, study: str, stage: str, wave: int, folder: Path) ->
     if "record" not in report:  # running, or cut: its spec (Tune's params.json) names it
         spec = _json(json.loads((folder / "params.json").read_text()).get("spec"))
         return TrialSpend(sweep, study, stage, wave, str(spec.get("method", "")), str(spec.get("task", "")),
-                         "unfinished", int(report.get("update", 0) or 0), 0.0, 0.0, 0.0, 0.0, False, "")
+                         "unfinished", int(report.get("update", 0) or 0), 0.0, 0.0, 0.0, 0.0, False, "",
+                         track=str(spec.get("track", "")))
     rec = json.loads(report["record"])
     extra = _json(rec.get("extra"))
     ray = (extra.get("placement") or {}).get("ray") or {}
@@ -114,7 +116,8 @@ def _trial_spend(sweep: str, study: str, stage: str, wave: int, folder: Path) ->
         train_peak_memory_mb=float(rec.get("train_peak_memory_mb", 0.0) or 0.0),
         resumed=bool(extra.get("resumed_from_update")), device=str(rec.get("device_name", "")),
         start_s=0.0 if extra.get("process_trials_before") else
-        float((extra.get("timing") or {}).get("process_to_trial_s", 0.0) or 0.0), extra=extra)
+        float((extra.get("timing") or {}).get("process_to_trial_s", 0.0) or 0.0), track=str(rec.get("track", "")),
+        extra=extra)
 
 
 def trial_costs(results: str | Path) -> list[TrialSpend]:
@@ -310,32 +313,34 @@ OVERHEAD_PHASES = ("setup", "wrap", "first_updates", "finalize", "save")
 
 def trial_overheads(costs: list[TrialSpend]) -> dict[str, Any]:
     """What the finished trials (run to the end or stopped by a scheduler) spent besides training and
-    evaluating, as ``harness.plan`` prices it: per stage, each method's median seconds in
-    :data:`OVERHEAD_PHASES` (``default``: the median over all the stage's trials), and the median worker
-    start-up before a trial that began its process (``start_s``). A ConfigError when no record has a
-    timing block."""
+    evaluating, as ``harness.plan`` prices it, per track (``tracks``; one track's entry is the
+    ``trial_overhead`` of that track in ``benchmarks/update-costs.json``): per stage, each method's median
+    seconds in :data:`OVERHEAD_PHASES` (``default``: the median over all the stage's trials), and the median
+    worker start-up before a trial that began its process (``start_s``). A ConfigError when no record has
+    a timing block."""
     import statistics
 
-    seconds: dict[str, dict[str, list[float]]] = {}
-    starts: list[float] = []
+    seconds: dict[str, dict[str, dict[str, list[float]]]] = {}
+    starts: dict[str, list[float]] = {}
     for c in costs:
         timing = c.extra.get("timing")
         if c.status not in ("ok", "stopped") or not isinstance(timing, dict):
             continue
         spent = sum(float(timing.get(f"{p}_s", 0.0)) for p in OVERHEAD_PHASES)
-        per_method = seconds.setdefault(c.stage, {})
+        per_method = seconds.setdefault(c.track, {}).setdefault(c.stage, {})
         per_method.setdefault(c.method, []).append(spent)
         per_method.setdefault("default", []).append(spent)
         if not c.extra.get("process_trials_before") and "process_to_trial_s" in timing:
-            starts.append(float(timing["process_to_trial_s"]))
+            starts.setdefault(c.track, []).append(float(timing["process_to_trial_s"]))
     if not seconds:
         raise ConfigError("no finished trial's record has a timing block (records older than the timing, or no "
                           "trial finished yet): nothing to measure the overheads from")
-    return {"start_s": round(statistics.median(starts), 2) if starts else 0.0,
-            "seconds": {stage: {m: round(statistics.median(v), 2) for m, v in sorted(per.items())}
-                        for stage, per in sorted(seconds.items())},
-            "trials": {stage: len(per["default"]) for stage, per in sorted(seconds.items())},
-            "devices": sorted({c.device for c in costs if c.extra.get("timing")} - {""}),
+    tracks = {track: {"start_s": round(statistics.median(starts[track]), 2) if starts.get(track) else 0.0,
+                      "seconds": {stage: {m: round(statistics.median(v), 2) for m, v in sorted(per.items())}
+                                  for stage, per in sorted(stages.items())},
+                      "trials": {stage: len(per["default"]) for stage, per in sorted(stages.items())}}
+              for track, stages in sorted(seconds.items())}
+    return {"tracks": tracks, "devices": sorted({c.device for c in costs if c.extra.get("timing")} - {""}),
             "phases": list(OVERHEAD_PHASES)}
 
 

@@ -180,7 +180,10 @@ def test_overheads_measured_from_the_records(selection_bench, monkeypatch, capsy
 
     monkeypatch.chdir(selection_bench.folder)
     assert main(["costs", "work/scheduler", "--overheads", "measured/overheads.json"]) == 0
-    got = json.loads(Path("measured/overheads.json").read_text())
+    written = json.loads(Path("measured/overheads.json").read_text())
+    tracks = {r["track"] for r in selection_bench.select_records("scheduler")}
+    assert set(written["tracks"]) == tracks and len(tracks) == 1  # per track: the bench's sweep has one
+    got = written["tracks"][tracks.pop()]
     want: dict[str, dict[str, list[float]]] = {}
     starts = []
     for stage, records in (("select", selection_bench.select_records("scheduler")),
