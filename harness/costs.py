@@ -314,10 +314,11 @@ OVERHEAD_PHASES = ("setup", "wrap", "first_updates", "finalize", "save")
 def trial_overheads(costs: list[TrialSpend]) -> dict[str, Any]:
     """What the finished trials (run to the end or stopped by a scheduler) spent besides training and
     evaluating, as ``harness.plan`` prices it, per track (``tracks``; one track's entry is the
-    ``trial_overhead`` of that track in ``benchmarks/update-costs.json``): per stage, each method's median
-    seconds in :data:`OVERHEAD_PHASES` (``default``: the median over all the stage's trials), and the median
-    worker start-up before a trial that began its process (``start_s``). A ConfigError when no record has
-    a timing block."""
+    ``trial_overhead`` of that track in ``benchmarks/update-costs.json``): per stage, each method's mean
+    seconds in :data:`OVERHEAD_PHASES` (``default``: the mean over all the stage's trials), and the mean
+    worker start-up before a trial that began its process (``start_s``). Means, not medians: the plan adds
+    the figures up over trials, and a share of them does less (a GLoRA trial that a scheduler stops never
+    runs its search). A ConfigError when no record has a timing block."""
     import statistics
 
     seconds: dict[str, dict[str, dict[str, list[float]]]] = {}
@@ -335,8 +336,8 @@ def trial_overheads(costs: list[TrialSpend]) -> dict[str, Any]:
     if not seconds:
         raise ConfigError("no finished trial's record has a timing block (records older than the timing, or no "
                           "trial finished yet): nothing to measure the overheads from")
-    tracks = {track: {"start_s": round(statistics.median(starts[track]), 2) if starts.get(track) else 0.0,
-                      "seconds": {stage: {m: round(statistics.median(v), 2) for m, v in sorted(per.items())}
+    tracks = {track: {"start_s": round(statistics.fmean(starts[track]), 2) if starts.get(track) else 0.0,
+                      "seconds": {stage: {m: round(statistics.fmean(v), 2) for m, v in sorted(per.items())}
                                   for stage, per in sorted(stages.items())},
                       "trials": {stage: len(per["default"]) for stage, per in sorted(stages.items())}}
               for track, stages in sorted(seconds.items())}

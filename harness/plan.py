@@ -147,7 +147,7 @@ def trial_cost(spec: ResolvedTrial, study: Study, device: dict[str, Any] | None)
 
 def trial_overhead(spec: ResolvedTrial, stage: str, device: dict[str, Any] | None) -> tuple[float, str]:
     """Seconds a trial of ``stage`` ("select" or "final") spends besides training and evaluating, from the
-    device entry of its track (``trial_overhead``: a worker's start-up plus the median of the trial's
+    device entry of its track (``trial_overhead``: a worker's start-up plus the mean of the trial's
     method in that stage, else of all its trials); (0, "") without a measurement. The second item names it."""
     m = ((device or {}).get(spec.track) or {}).get("trial_overhead")
     if not m:
