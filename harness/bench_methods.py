@@ -31,7 +31,6 @@ import statistics
 import sys
 import tempfile
 import time
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -46,7 +45,7 @@ from harness.methods import AdapterSite, MethodContext, get_method, method_names
 from harness.methods import eva_init, low_rank
 from harness.trial import resolve_point
 from harness.randomness import seeded
-from harness.training import LoopConfig, Trainer, compiled_loss, synchronize
+from harness.training import LoopConfig, Trainer, compiled_loss, own_frame, synchronize
 from harness.validation import Bool, Int, validate
 
 VIT_SITE = AdapterSite(targets=("qkv", "attn.proj", "fc1", "fc2"), head=("head",), feedforward=("mlp.fc2",))
@@ -271,21 +270,6 @@ def _strict_dynamo(compiled: bool):
         torch._dynamo.reset()
 
 
-def _own_frame(fn: Callable[[Any], torch.Tensor], name: str) -> Callable[[Any], torch.Tensor]:
-    """``fn`` called from a function whose code object is this method's own.
-
-    Dynamo keeps compiled graphs and counts recompiles per code object: every method's trainer compiles
-    the same ``Trainer._loss``, so with all methods alive at once each would add a cache entry to that
-    one frame (past the recompile limit the rest would run eager, and every call would check the other
-    methods' guards first). A copy of the caller's code per method gives each method one frame and one
-    graph, named after it in dynamo's logs."""
-    def call(batch: Any) -> torch.Tensor:
-        return fn(batch)
-
-    code = call.__code__.replace(co_name=f"bench_step_{name.replace('-', '_')}")
-    return types.FunctionType(code, call.__globals__, code.co_name, call.__defaults__, call.__closure__)
-
-
 def _dynamo_counts() -> dict[str, int]:
     from torch._dynamo.utils import counters
 
@@ -366,7 +350,8 @@ def _prepare(name: str, cfg: dict[str, Any], work: _Workload, bank, compiled: bo
     hooks = MethodHooks(method, ctx)
     trainer = Trainer(model, work.loss, lambda: batch, loop, device, hooks)
     if compiled:
-        trainer.compute_loss = compiled_loss(_own_frame(trainer._loss, name), cfg.get("compile_mode") or "default")
+        trainer.compute_loss = compiled_loss(own_frame(trainer._loss, f"bench_step_{name}"),
+                                             cfg.get("compile_mode") or "default")
     counts = _dynamo_counts()
     for _ in range(cfg["warmup"]):
         trainer.step()

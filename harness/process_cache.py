@@ -18,12 +18,17 @@ What a later trial in the same process reuses, and why its record stays what a f
   host, or a node that mounts the same cache finds the kernels compiled already. The cache's key holds
   torch's version, the device, the graph and the deterministic-kernel setting, so a hit is the same code.
 
-What each trial gets afresh (:func:`begin_trial`): dynamo's in-memory compiled frames are dropped before
-the second and later trials of a process. Kept, they would let a trial start from the previous trial's
-shape decisions (a frame that saw two batch sizes is recompiled with dynamic shapes) and, past
-``torch._dynamo.config.recompile_limit`` frames, run eagerly: different kernels than a fresh process's,
-so different last bits. Re-tracing is cheap next to inductor's compile, which the on-disk cache keeps.
-torch's global random state is each trial's own already (``harness.randomness.TrialRandom.scope``).
+What each trial gets afresh: its own dynamo frame. Each trainer compiles its loss in a code object of its
+own (``harness.training.own_frame``), so a trial never starts from the previous trial's shape decisions
+(a frame that saw two batch sizes is recompiled with dynamic shapes) nor runs eagerly past
+``torch._dynamo.config.recompile_limit`` frames: the kernels a fresh process would run, the same last
+bits. Re-tracing is cheap next to inductor's compile, which the on-disk cache keeps. The old frame and
+its graphs go with the old trainer. :func:`begin_trial` collects the previous trial's objects and hands
+the allocator's cached blocks back. It does not call ``torch._dynamo.reset()``, which it once did: that
+frees dynamo's cache entries while compiled code may still hold pointers to them (pytorch/pytorch#155057,
+whose fix was merged in June 2025, and #196394, open in September 2026). That is a likely cause of the segmentation faults of reused GPU
+processes (BENCHMARKS.md), not yet checked on a GPU. torch's global random state is each trial's own
+already (``harness.randomness.TrialRandom.scope``).
 """
 
 from __future__ import annotations
@@ -51,8 +56,9 @@ def reuse_actors(environ: dict[str, str] | None = None, on_gpu: bool = False) ->
     Unset, trials on the CPU reuse actors and trials on a GPU (``on_gpu``) do not: there a trial compiles
     its update with torch.compile, and on the H200 a reused process died of a segmentation fault in the
     garbage collection between two compiled trials (6 of the first 125 trials of sweeps/cw10-short.yaml,
-    each retried by Ray and finished in a new process; BENCHMARKS.md). ``HARNESS_REUSE_ACTORS=1`` still
-    turns it on there."""
+    each retried by Ray and finished in a new process; BENCHMARKS.md). Those processes reset dynamo between
+    trials, which :func:`begin_trial` no longer does (the module's doc); until a GPU run shows reuse sound
+    without it, ``HARNESS_REUSE_ACTORS=1`` turns it on there."""
     raw = (os.environ if environ is None else environ).get(REUSE_ENV)
     if raw is None or raw.strip() == "":
         return not on_gpu
@@ -70,7 +76,7 @@ def begin_trial() -> int:
 
     From the second trial on, what the previous one left behind is cleared first: its objects (collected,
     and on a GPU the allocator's cached blocks handed back, so the memory columns start where a fresh
-    process's would) and dynamo's compiled frames (see the module's doc)."""
+    process's would; its compiled frame was its trainer's own, see the module's doc)."""
     global _trials_begun
     before = _trials_begun
     _trials_begun += 1
@@ -79,8 +85,6 @@ def begin_trial() -> int:
         if "torch" in sys.modules:
             import torch
 
-            if "torch._dynamo" in sys.modules:
-                torch._dynamo.reset()
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 torch.cuda.empty_cache()
     return before

@@ -12,9 +12,11 @@ several trials in one process; :func:`train` runs one to the end.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import time
+import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,6 +148,25 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+_trainer_frames = itertools.count()
+
+
+def own_frame(fn: Callable[[Any], torch.Tensor], name: str) -> Callable[[Any], torch.Tensor]:
+    """``fn`` called from a function whose code object is new, named ``name`` in dynamo's logs.
+
+    Dynamo keeps compiled graphs, guards and recompile counts per code object. Every trainer compiles the
+    same ``Trainer._loss``, so trainers alive at once (the methods bench), or one after another in one
+    process (the trials of a reused Ray actor), would each add a cache entry to that one frame: past
+    ``recompile_limit`` the rest would run eager, a later trainer would inherit the earlier ones' shape
+    decisions, and every call would check the others' guards first. A copy of the caller's code per
+    trainer gives each its own frame and graph, freed with it."""
+    def call(batch: Any) -> torch.Tensor:
+        return fn(batch)
+
+    code = call.__code__.replace(co_name=name.replace("-", "_"))
+    return types.FunctionType(code, call.__globals__, code.co_name, call.__defaults__, call.__closure__)
+
+
 def compiled_loss(loss: Callable[[Any], torch.Tensor], mode: str) -> Callable[[Any], torch.Tensor]:
     """``loss`` compiled with torch.compile ``mode``. Under CUDA graphs (reduce-overhead) each call starts
     a new graph step and its loss is copied out of the graph's memory, which the next replay overwrites
@@ -225,8 +246,10 @@ class Trainer:
         self.step_index = 0
         if cfg.checkpoint is not None and Path(cfg.checkpoint).is_file():
             self.step_index = resume_checkpoint(Path(cfg.checkpoint), model, self.optimizer)
-        # One compiled graph for forward and loss (the method's extra loss and hooks stay eager).
-        self.compute_loss = torch.compile(self._loss) if cfg.compile and device.type == "cuda" else self._loss
+        # One compiled graph for forward and loss (the method's extra loss and hooks stay eager), in a
+        # dynamo frame of this trainer's own (``own_frame``)
+        self.compute_loss = (torch.compile(own_frame(self._loss, f"trainer_loss_{next(_trainer_frames)}"))
+                             if cfg.compile and device.type == "cuda" else self._loss)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.stats = TrainStats(steps=cfg.steps, resumed_from=self.step_index)
         self.check_every = cfg.check_every or (min(50, cfg.report_every or 50) if device.type == "cuda" else 1)

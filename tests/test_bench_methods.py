@@ -62,12 +62,13 @@ def test_bad_rounds_rejected_before_any_compute(rounds, match):
 
 
 def test_each_methods_compiled_step_is_its_own_frame_and_a_graph_break_fails_loudly():
-    """Two methods' steps compiled from one function: through _own_frame each compiles once, so a second
+    """Two methods' steps compiled from one function: through own_frame each compiles once, so a second
     call of both needs no recompile (dynamo's fail_on_recompile stance would raise); through the shared
     function the second method's call is a recompile. A step that graph-breaks is refused."""
     import torch
 
-    from harness.bench_methods import _dynamo_counts, _own_frame, check_compiled
+    from harness.bench_methods import _dynamo_counts, check_compiled
+    from harness.training import own_frame
 
     class Step:
         def __init__(self, k: float):
@@ -78,7 +79,7 @@ def test_each_methods_compiled_step_is_its_own_frame_and_a_graph_break_fails_lou
 
     x = torch.ones(3)
     torch._dynamo.reset()
-    own = [torch.compile(_own_frame(Step(k).loss, f"m{i}")) for i, k in enumerate((2.0, 3.0))]
+    own = [torch.compile(own_frame(Step(k).loss, f"m{i}")) for i, k in enumerate((2.0, 3.0))]
     before = _dynamo_counts()
     assert [float(f(x)) for f in own] == [6.0, 9.0]
     check_compiled("m", before, _dynamo_counts())
@@ -97,7 +98,7 @@ def test_each_methods_compiled_step_is_its_own_frame_and_a_graph_break_fails_lou
 
     torch._dynamo.reset()
     before = _dynamo_counts()
-    torch.compile(_own_frame(breaks, "broken"))(x)
+    torch.compile(own_frame(breaks, "broken"))(x)
     with pytest.raises(RuntimeError, match="graph-broke"):
         check_compiled("broken", before, _dynamo_counts())
     torch._dynamo.reset()

@@ -1,7 +1,7 @@
 """Trials that share a process (issue 20, item 4): Tune's actor reuse runs a wave's trials one after another
 in one process, and each record is the one a trial in a process of its own gives (measurements apart);
-what the process keeps (the base's weights) is never changed by a trial, and what it must not keep
-(dynamo's compiled frames) is dropped between trials. That a wave's trials sharing a process give the records
+what the process keeps (the base's weights) is never changed by a trial, and what it must not share
+(a compiled dynamo frame) is each trainer's own. That a wave's trials sharing a process give the records
 of trials run alone is checked end to end in tests/test_trial_checkpoint.py, on the sweep it runs anyway."""
 
 from __future__ import annotations
@@ -42,20 +42,31 @@ def test_the_base_is_read_once_and_no_trial_changes_it(tmp_path, monkeypatch):
     assert len(process_cache._states) == 1  # the old version is not kept beside it
 
 
-def test_a_later_trial_of_a_process_compiles_afresh(monkeypatch):
+def test_each_trainer_compiles_a_frame_of_its_own_without_resetting_dynamo(monkeypatch):
+    """Trials that follow each other in one process (a reused actor) each trace their own graph, as a fresh
+    process would, with no recompile of anyone's frame and none running eager past the recompile limit, and
+    dynamo's global state is never reset between them (``harness.training.own_frame``, ``begin_trial``)."""
     from torch._dynamo.utils import counters
 
+    from harness.training import own_frame
+
     monkeypatch.setattr(process_cache, "_trials_begun", 0)
-    assert process_cache.begin_trial() == 0
-    fn = torch.compile(lambda x: torch.sin(x) * 2, backend="eager")  # dynamo alone: no C++ compiler needed
-    x = torch.ones(4)
+    resets = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
+    limit = torch._dynamo.config.recompile_limit
     counters.clear()
-    fn(x)
-    fn(x)
-    assert counters["stats"]["unique_graphs"] == 1  # the second call used the compiled frame
-    assert process_cache.begin_trial() == 1  # the next trial of this process ...
-    fn(x)
-    assert counters["stats"]["unique_graphs"] == 2  # ... traces again, as a fresh process would
+    x = torch.ones(4)
+    for trial in range(limit + 4):  # more trials than one frame may hold graphs
+        assert process_cache.begin_trial() == trial
+
+        def loss(batch, k=trial + 1):  # a trainer's bound loss: the same code for every trial
+            return (torch.sin(batch) * k).sum()
+
+        step = torch.compile(own_frame(loss, f"trainer_loss_{trial}"), backend="eager")  # dynamo alone
+        assert float(step(x)) == pytest.approx(float(loss(x)))
+        step(x)  # the second call of a trial runs its frame's graph
+    assert counters["stats"]["unique_graphs"] == limit + 4  # one graph per trial, none shared or dropped
+    assert not counters["recompiles"] and not resets
 
 
 def test_the_compile_cache_goes_under_the_harness_cache_unless_set(tmp_path, monkeypatch):
