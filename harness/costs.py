@@ -194,12 +194,7 @@ def against_plan(spent: list[TrialSpend], waves: list[Any]) -> "pd.DataFrame":
 
 def busy_seconds(spans: list[tuple[float, float]]) -> float:
     """The length of the union of the ``(start, end)`` spans: time in which at least one of them ran."""
-    total, reach = 0.0, float("-inf")
-    for a, b in sorted(spans):
-        if b > reach:
-            total += b - max(a, reach)
-            reach = b
-    return total
+    return sum(b - a for a, b in _merged(spans))
 
 
 def _trial_gpus(extra: dict[str, Any]) -> str:
@@ -348,9 +343,9 @@ def trial_overheads(costs: list[TrialSpend]) -> dict[str, Any]:
 def format_costs(table: "pd.DataFrame") -> str:
     """The table as aligned text, with what the columns mean."""
     return (table.to_string(index=False) + "\n\ngpu_minutes: each trial's wall time (its worker's start-up, "
-            "when it began the process, to its record) x "
-            "the GPU share Ray gave it; trial_minutes: trial start to record, no start-up, no share; a retried or resumed trial counts its "
-            "last attempt (resumed: how many)")
+            "when it began the process, to its record) x the GPU share Ray gave it; trial_minutes: trial start "
+            "to record, no start-up, no share; a retried or resumed trial counts its last attempt (resumed: how "
+            "many)")
 
 
 __all__ = ["COST_KEYS", "TrialSpend", "against_plan", "busy_seconds", "cost_table", "device_spans", "format_costs",

@@ -3,10 +3,9 @@
 Before its incremental PCA, ``peft.tuners.lora.eva`` runs one forward with a ``HashHook`` on every target
 layer and groups the layers whose inputs are equal (one SVD serves a group, and its members share a
 component budget). The hook keys an input by ``hash(tuple(x.view(-1).tolist()))``: a Python float per
-element. For the paper DT (batch 128 x 150 tokens x 512 features per layer) that is about 0.5 s of one
-CPU core per layer, on a GPU host too (the hook moves the input to the CPU first), and it ran in every EVA
-and EVA+DoRA trial: on the first GPU board those trials spent 31 s in their wrap against LoRA's 7
-(BENCHMARKS.md). :func:`input_key` gives the same grouping from a digest of the values' bytes.
+element, for every element of every target layer's input, on the CPU even on a GPU host (the hook moves
+the input there first); it made EVA's wrap an outlier of the first GPU board's costs (BENCHMARKS.md).
+:func:`input_key` gives the same grouping from a digest of the values' bytes.
 
 Equal keys mean equal values, as in peft: values are compared as float64 (which holds every float16,
 bfloat16, float32 and float64 value, and integers up to 2**53, exactly), ``-0.0`` counts as ``0.0``
