@@ -188,7 +188,7 @@ def task_target(ts: RLSettings, task: str, data: Episodes | None = None) -> Retu
 
 def task_targets(ts: RLSettings, tasks: Sequence[str]) -> dict[str, ReturnTarget]:
     """:func:`task_target` of every task in ``tasks``, their missing datasets built first in one process pool
-    (one task at a time, a fresh cache's 40 MT40 datasets took about five minutes on an H200 host)."""
+    rather than one task at a time (BENCHMARKS.md has what that cost on a fresh H200 host)."""
     build_datasets(list(tasks), data_settings(ts), _data_workers(ts))
     return {t: task_target(ts, t) for t in tasks}
 
@@ -458,7 +458,7 @@ def _reuse_final_point(ts: RLSettings, pre: Pretrained, points: CurveEval) -> No
     """The curve's last point scored the finished model on the episodes :func:`pretraining_eval` uses:
     its per-task scores go into that evaluation's cache instead of being rolled out again."""
     final = next((p for p in points.points if p["updates"] == ts.pretrain_steps), None)
-    # points written before the rule existed were scored with max, today's default
+    # points written before the rule existed were scored with max, the papers' rule
     if (final is None or points.seed != 0 or points.episodes != ts.pretrain_eval_episodes
             or final.get("return_target", PAPERS_RULE) != ts.return_target):
         return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +166,11 @@ def cmd_data(args) -> int:
     return 0
 
 
+def _command(*words: str, sets: Sequence[str] = ()) -> str:
+    """The command line a measurement's JSON names: ``python -m harness`` with ``words`` and each ``--set``."""
+    return " ".join(["python -m harness", *words, *(w for s in sets for w in ("--set", s))])
+
+
 def cmd_eval(args) -> int:
     if args.track != "rl":
         raise ConfigError(f"eval {args.track!r}: eval scores an exported base of the rl track "
@@ -180,9 +186,8 @@ def cmd_eval(args) -> int:
     if args.out:
         from harness import provenance  # heavy: harness.provenance imports torch
 
-        command = " ".join(["python -m harness eval rl --pretrained", str(args.pretrained),
-                            *sum((["--set", s] for s in args.set), [])])
-        doc = {**provenance.stamp(command, result["device"]), **result}
+        doc = {**provenance.stamp(_command("eval rl --pretrained", str(args.pretrained), sets=args.set),
+                                  result["device"]), **result}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(args.out), json.dumps(doc, indent=1, default=str) + "\n")
         print(f"[eval] written to {args.out}", file=sys.stderr)
@@ -221,8 +226,8 @@ def cmd_bench(args) -> int:
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    command = " ".join(["python -m harness bench", args.track, *sum((["--set", s] for s in args.set), [])])
-    doc = {"bench": args.track, **provenance.stamp(command, device), "config": config, "result": result}
+    doc = {"bench": args.track, **provenance.stamp(_command("bench", args.track, sets=args.set), device),
+           "config": config, "result": result}
     text = json.dumps(doc, indent=1, default=str)
     if args.out:
         out = Path(args.out)
@@ -290,7 +295,8 @@ def cmd_costs(args) -> int:
     if args.overheads:
         from harness.costs import trial_overheads  # heavy: the costs module's tables need pandas
 
-        measured = {"source": f"the records under {args.results}", "command": f"python -m harness costs {args.results} --overheads {args.overheads}",
+        measured = {"source": f"the records under {args.results}",
+                    "command": _command("costs", str(args.results), "--overheads", args.overheads),
                     **trial_overheads(spent)}
         target = Path(args.overheads)
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -12,8 +12,8 @@ paper DT, interpolated between measured counts); the GPUs a wave occupies are th
 trials need; evaluation (RL rollouts, priced from the measured DT rollout rate; a selection trial under a scheduler
 evaluates also at each rung it reaches) holds a trial's share
 of its GPU, and so do a trial's start-up, wrap, compilation and search where the device entry has them
-measured (``trial_overhead``, from finished trials' records: ``costs RESULTS --overheads``). Selection under ASHA is priced at :func:`harness.early_stopping.expected_update_fraction`
-of the full grid's updates, for each (method, task) group at its own size (a small group saves little).
+measured (``trial_overhead``, from finished trials' records: ``costs RESULTS --overheads``). Selection
+under ASHA is priced at :func:`harness.early_stopping.expected_update_fraction` of the full grid's updates, for each (method, task) group at its own size (a small group saves little).
 """
 
 from __future__ import annotations

@@ -26,8 +26,8 @@ bits. Re-tracing is cheap next to inductor's compile, which the on-disk cache ke
 its graphs go with the old trainer. :func:`begin_trial` collects the previous trial's objects and hands
 the allocator's cached blocks back. It does not call ``torch._dynamo.reset()``, which it once did: that
 frees dynamo's cache entries while compiled code may still hold pointers to them (pytorch/pytorch#155057,
-whose fix was merged in June 2025, and #196394, open in September 2026). That is a likely cause of the segmentation faults of reused GPU
-processes (BENCHMARKS.md), not yet checked on a GPU. torch's global random state is each trial's own
+whose fix was merged in June 2025, and #196394, open in September 2026). That is a likely cause of the
+segmentation faults of reused GPU processes (BENCHMARKS.md), not yet checked on a GPU. torch's global random state is each trial's own
 already (``harness.randomness.TrialRandom.scope``).
 """
 
