@@ -4,7 +4,9 @@ where the protocol matches."""
 
 from __future__ import annotations
 
+import html as htmllib
 import json
+import random
 import re
 from pathlib import Path
 
@@ -14,10 +16,14 @@ import pytest
 from harness import paper_refs
 from harness.leaderboard import ppt_score, update
 from harness.site import render
-from harness.site.pareto import Point, pareto_front
+from harness.site.pages import compact_text
+from harness.site.pareto import Point, pareto_front, pareto_svg
 from harness.sweep_file import Study
 
 GLORA_BACKBONE = "vit_base_patch16_224.augreg_in21k"
+# A GLoRA-like per-layer subnet: well over a thousand characters of settings, with markup-like text to escape.
+LONG_SETTINGS = {"lr": 0.001, "ranks": [8, 4], "subnet": {f"blocks.{i}.<attn>&qkv": "A=vector,B=lora4,C=none,D=scalar"
+                                                          for i in range(24)}}
 
 
 def rec(method, task, seed, score, params, backbone="vit_tiny [builtin:abc]", source="synthetic", **extra):
@@ -35,8 +41,8 @@ def rec(method, task, seed, score, params, backbone="vit_tiny [builtin:abc]", so
 def board_dir(tmp_path) -> Path:
     study = Study(name="s", track="vision", benchmark="builtin", methods={"full": {}}, leaderboard="board")
     scores = {"full": (70.0, 500_000), "lora": (66.0, 40_000), "linear": (40.0, 0), "vera": (55.0, 60_000)}
-    records = [rec(m, t, s, v + i + 0.5 * s, p) for m, (v, p) in scores.items()
-               for i, t in enumerate(("textures", "cells", "count")) for s in (0, 1)]
+    records = [rec(m, t, s, v + i + 0.5 * s, p, settings=LONG_SETTINGS if m == "vera" else {"r": 8})
+               for m, (v, p) in scores.items() for i, t in enumerate(("textures", "cells", "count")) for s in (0, 1)]
     update(records, study, tmp_path)
     render(tmp_path)
     return tmp_path
@@ -151,3 +157,126 @@ def test_site_in_headless_chromium(board_dir):
     shots = screenshots(board_dir, "board")
     assert [p.name for p in shots] == ["board-summary.png", "board-table.png", "board-pareto.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 2000 for p in shots)
+
+
+def _cell_text(fragment: str) -> str:
+    return htmllib.unescape(re.sub(r"<[^>]+>", "", fragment))
+
+
+def test_compact_text_keeps_short_text_and_collapses_long_text():
+    assert compact_text('{"r": 8, "x": "<b>"}') == '{&quot;r&quot;: 8, &quot;x&quot;: &quot;&lt;b&gt;&quot;}'
+    long = json.dumps(LONG_SETTINGS)
+    out = compact_text(long)
+    summary = re.search(r"<summary[^>]*>(.*?)</summary>", out).group(1)
+    assert len(_cell_text(summary)) < 110 and long.startswith(_cell_text(summary).rstrip(" \u2026"))
+    assert _cell_text(re.search(r'<div class="full">(.*?)</div>', out).group(1)) == long
+    assert "<attn>" not in out and "&lt;attn&gt;" in out
+
+
+def test_long_settings_collapse_behind_details_and_stay_complete(board_dir):
+    page = (board_dir / "board.html").read_text()
+    table = pd.read_csv(board_dir / "board.csv")
+    long = table.loc[table["method"] == "vera", "settings"].iloc[0]
+    assert len(long) > 1000
+    rows = re.findall(r'<tr class="synthetic" data-method="vera".*?</tr>', page)
+    assert len(rows) == (table["method"] == "vera").sum()
+    for row in rows:
+        (details,) = re.findall(r'<details class="long">.*?</details>', row)
+        summary = _cell_text(re.search(r"<summary[^>]*>(.*?)</summary>", details).group(1))
+        assert 20 < len(summary) < 120
+        assert _cell_text(re.search(r'<div class="full">(.*?)</div>', details).group(1)) == long
+    assert "<attn>" not in page  # escaped everywhere, the sort key included
+    short = re.search(r'<tr class="synthetic" data-method="lora".*?</tr>', page).group(0)
+    assert "<details" not in short and "{&quot;r&quot;: 8}</td>" in short
+
+
+def test_search_finds_and_opens_text_kept_in_a_closed_details(board_dir):
+    from harness.site.browser import open_browser
+
+    table = pd.read_csv(board_dir / "board.csv")
+    with open_browser() as context:
+        page = context.new_page()
+        errors = _open(page, board_dir / "board.html")
+        long_row = page.locator('#rows tbody tr[data-method="vera"]').first
+        short_row = page.locator('#rows tbody tr[data-method="lora"]').first
+        assert not long_row.locator("details.long .full").is_visible()
+        # the collapsed row is about as tall as a row of short settings, not the column of text it held
+        assert long_row.bounding_box()["height"] < 3 * short_row.bounding_box()["height"]
+        search = page.locator('.filters[data-for="rows"] input[type="search"]')
+        search.fill("blocks.23.<attn>")  # only in the hidden part of vera's settings
+        assert page.locator("#rows tbody tr:not([hidden])").count() == (table["method"] == "vera").sum()
+        assert page.locator('#rows tbody tr:not([hidden])[data-method="vera"] details.long[open]').count() == \
+            (table["method"] == "vera").sum()
+        assert long_row.locator("details.long .full").is_visible()
+        search.fill("")
+        assert page.locator("#rows tbody tr:not([hidden])").count() == len(table)
+        assert page.locator("#rows details.long[open]").count() == 0  # opened by the search, closed by it
+        long_row.locator("details.long summary").click()  # the reader opens one: a search leaves it open
+        search.fill("lora")
+        search.fill("")
+        assert long_row.locator("details.long[open]").count() == 1
+        assert errors == []
+
+
+_ASSUMED_LINE = 12.0  # px: an 11px font's line, whatever the module assumes
+_ASSUMED_CHAR = 5.5  # px: a narrow guess at an 11px font's mean character width
+
+
+def _svg_layout(svg: str) -> tuple[dict, list[tuple[float, float]], list[dict], int]:
+    """The frame (x, y, w, h and the figure's width W), each point's circle and label box, and the leader count."""
+    frame = dict(zip("xywh", map(float, re.search(
+        r'<rect x="([\d.]+)" y="([\d.]+)" width="([\d.]+)" height="([\d.]+)" class="frame"', svg).groups())))
+    frame["W"] = float(re.search(r'viewBox="0 0 ([\d.]+) ', svg).group(1))
+    circles, labels = [], []
+    for group in re.findall(r'<g class="point[^"]*">.*?</g>', svg):
+        circles.append(tuple(map(float, re.search(r'<circle cx="([\d.]+)" cy="([\d.]+)"', group).groups())))
+        x, y, anchor, text = re.search(r'<text x="([\d.]+)" y="([\d.]+)" class="label"( text-anchor="end")?>'
+                                       r"([^<]*)</text>", group).groups()
+        width = _ASSUMED_CHAR * len(htmllib.unescape(text))
+        x0 = float(x) - width if anchor else float(x)
+        labels.append({"text": htmllib.unescape(text), "x0": x0, "x1": x0 + width,
+                       "top": float(y) - 0.75 * _ASSUMED_LINE, "bottom": float(y) + 0.25 * _ASSUMED_LINE})
+    return frame, circles, labels, svg.count('class="leader"')
+
+
+def _assert_labels_apart_and_inside(frame: dict, labels: list[dict]) -> None:
+    for a in labels:
+        assert frame["y"] <= a["top"] and a["bottom"] <= frame["y"] + frame["h"], a
+        assert 0 <= a["x0"] and a["x1"] <= frame["W"], a
+    for i, a in enumerate(labels):
+        for b in labels[i + 1:]:
+            apart = a["x1"] <= b["x0"] or b["x1"] <= a["x0"] or a["bottom"] <= b["top"] or b["bottom"] <= a["top"]
+            assert apart, (a, b)
+
+
+def test_pareto_labels_of_coinciding_points_do_not_overlap():
+    names = ["pissa", "eva", "dora", "glora", "lora", "olora", "adalora", "eva-dora", "randlora", "vera"]
+    # ten entries on one spot at the top of the plot (their labels must stay inside it), one far below
+    points = [Point(n, 2.6e5, 0.6) for n in names] + [Point("linear", 1, 0.1)]
+    svg = pareto_svg(points, "params", "score")
+    frame, circles, labels, leaders = _svg_layout(svg)
+    assert len(labels) == len(points) and svg.count("<title>") == len(points)
+    assert len(set(circles[:len(names)])) == 1  # the points themselves stay where their numbers put them
+    _assert_labels_apart_and_inside(frame, labels)
+    assert leaders >= len(names) - 2  # one label each side may sit level with the spot; the rest point to it
+    for x1, y1 in re.findall(r'<line x1="([\d.]+)" y1="([\d.]+)" [^>]*class="leader"', svg):
+        assert abs(float(x1) - circles[0][0]) <= 6 and float(y1) == circles[0][1]  # from the point's edge
+    # the same points in another order get the same spots: placement depends on the points alone
+    shuffled = points[:]
+    random.Random(0).shuffle(shuffled)
+    again = _svg_layout(pareto_svg(shuffled, "params", "score"))[2]
+    assert sorted(map(str, labels)) == sorted(map(str, again))
+
+
+def test_pareto_labels_of_nearby_points_do_not_overlap_and_lone_labels_stay_put():
+    near = [Point("pissa", 2.6e5, 0.600), Point("eva", 2.62e5, 0.595), Point("dora", 2.8e5, 0.59),
+            Point("glora", 2.9e5, 0.59), Point("lora", 2.6e5, 0.64), Point("randlora", 1.5e5, 0.63),
+            Point("full", 1.2e7, 0.75), Point("linear", 1, 0.17)]
+    frame, circles, labels, _ = _svg_layout(pareto_svg(near, "params", "score"))
+    _assert_labels_apart_and_inside(frame, labels)
+    apart = [Point("a", 10, 0.1), Point("b", 1e4, 0.5), Point("c", 1e6, 0.9)]
+    svg = pareto_svg(apart, "params", "score")
+    frame, circles, labels, leaders = _svg_layout(svg)
+    assert leaders == 0
+    for (cx, cy), label in zip(circles, labels):  # right of its point, level with it
+        assert cx < label["x0"] < cx + 15 and label["top"] < cy < label["bottom"]

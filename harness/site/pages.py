@@ -131,6 +131,31 @@ def _text(v: Any) -> str:
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
 
 
+# A cell's text longer than COLLAPSE_OVER characters shows its first PREVIEW_CHARS or so and keeps the rest
+# behind a disclosure: GLoRA's per-layer subnet runs to well over a thousand characters a row, and in a table
+# as wide as the per-task one every row of a few hundred is five lines tall. The margin between the two keeps
+# a disclosure from hiding a mere word or two.
+COLLAPSE_OVER = 120
+PREVIEW_CHARS = 80
+
+
+def compact_text(text: str, limit: int = COLLAPSE_OVER, preview: int = PREVIEW_CHARS) -> str:
+    """``text`` as escaped HTML for a table cell: as it is when at most ``limit`` characters, otherwise a
+    ``<details>`` whose summary shows the first ``preview`` characters or so and whose body holds the whole
+    text, so the row stays two lines tall and nothing is lost (the search box matches the hidden text too:
+    it reads the rows' ``textContent``, and opens a cell whose hidden part holds the match)."""
+    if len(text) <= limit:
+        return escape(text)
+    cut = text[:preview]
+    # end the preview at a separator where one is near, not in the middle of a key or a number
+    stop = max(cut.rfind(", "), cut.rfind("; "))
+    if stop >= preview // 2:
+        cut = cut[:stop + 1]
+    return (f'<details class="long"><summary title="{len(text):,} characters: click for all of them">'
+            f'<span class="preview">{escape(cut)} &hellip;</span></summary>'
+            f'<div class="full">{escape(text)}</div></details>')
+
+
 def _mean_se(row: dict[str, Any], mean_key: str, se_key: str) -> str:
     m, se = _num(row.get(mean_key)), _num(row.get(se_key))
     if not math.isfinite(m):
@@ -207,10 +232,10 @@ def task_columns(board: Board) -> list[Column]:
              Column("ms_per_update", "ms / update", True),
              Column("adapter_bytes", "checkpoint", True, show=lambda r: fmt_bytes(r.get("adapter_bytes"))),
              Column("wall_time_s", "trial wall s", True),
-             Column("settings", "settings", wide=True),
+             Column("settings", "settings", show=lambda r: compact_text(_text(r.get("settings"))), wide=True),
              Column("device_name", "ran on",
-                    show=lambda r: escape(f"{_text(r.get('device_name'))}; {_software_short(r.get('software'))}; "
-                                          f"commit {_text(r.get('git_commit'))[:10]}"), wide=True)]
+                    show=lambda r: compact_text(f"{_text(r.get('device_name'))}; {_software_short(r.get('software'))}; "
+                                                f"commit {_text(r.get('git_commit'))[:10]}"), wide=True)]
     return [c for c in cols if c.key in t or c.key in ("data_source",)]
 
 

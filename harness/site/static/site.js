@@ -47,6 +47,24 @@
       if (keep) { shown += 1; }
     });
     if (counter) { counter.textContent = shown + " of " + table.tBodies[0].rows.length + " rows shown"; }
+    revealMatches(table, controls);
+  }
+
+  // A long cell keeps most of its text in a closed <details>: the search matches it there (textContent), so
+  // open the ones whose hidden text holds the search, to show why the row is kept; close again only those
+  // opened here, never one the reader opened.
+  function revealMatches(table, controls) {
+    var want = controls.filter(function (c) { return c.tagName !== "SELECT"; })
+      .map(function (c) { return c.value.trim().toLowerCase(); }).filter(Boolean);
+    Array.prototype.forEach.call(table.querySelectorAll("details.long"), function (d) {
+      var full = d.querySelector(".full"), preview = d.querySelector(".preview");
+      var hidden = full ? full.textContent.toLowerCase() : "", shown = preview ? preview.textContent.toLowerCase() : "";
+      var reveal = !d.closest("tr").hidden && want.some(function (w) {
+        return hidden.indexOf(w) !== -1 && shown.indexOf(w) === -1;
+      });
+      if (reveal && !d.open) { d.open = true; d.setAttribute("data-revealed", ""); }
+      if (!reveal && d.hasAttribute("data-revealed")) { d.open = false; d.removeAttribute("data-revealed"); }
+    });
   }
 
   document.addEventListener("DOMContentLoaded", function () {
