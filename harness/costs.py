@@ -291,7 +291,8 @@ def phase_table(costs: list[TrialSpend], by: tuple[str, ...] = ("study", "stage"
         b = time_breakdown([{"extra": c.extra} for c in part])
         if b is None:
             continue
-        row: dict[str, Any] = {**dict(zip(by, key)), "trials": b["trials"], "trial_minutes": round(b["trial_s"] / 60, 2)}
+        row: dict[str, Any] = {**dict(zip(by, key)), "trials": b["trials"],
+                               "trial_minutes": round(b["trial_s"] / 60, 2)}
         row |= {f"{k.removesuffix('_s')}_pct": round(100 * v, 1) for k, v in b["phase_share"].items() if v is not None}
         row |= {"process_start_s": b["process_to_trial_s"], "processes_started": b["processes_started"],
                 "reused_process": b["trials_in_reused_processes"],
@@ -301,43 +302,71 @@ def phase_table(costs: list[TrialSpend], by: tuple[str, ...] = ("study", "stage"
 
 
 # the phases of a trial outside its training updates and its evaluations (which the plan prices from the
-# measured update and rollout rates): set-up, the adapters' wrap (EVA's initialisation, PiSSA's SVD), the
-# first updates (compilation), the end-of-training step (GLoRA's subnet search) and the save
-OVERHEAD_PHASES = ("setup", "wrap", "first_updates", "finalize", "save")
+# measured update and rollout rates). Every trial that runs pays the set-up, the adapters' wrap (EVA's
+# initialisation, PiSSA's SVD), the first updates (compilation) and the save; only a trial that reaches the end
+# of its budget runs the end-of-training step (GLoRA's subnet search), which a scheduler's stop skips, so the
+# plan prices the two apart
+ALWAYS_PHASES = ("setup", "wrap", "first_updates", "save")
+END_PHASES = ("finalize",)
+OVERHEAD_PHASES = ALWAYS_PHASES + END_PHASES
+
+
+def _phase_seconds(timing: dict[str, Any], phases: tuple[str, ...]) -> float:
+    return sum(float(timing.get(f"{p}_s", 0.0)) for p in phases)
+
+
+def _mean_table(samples: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
+    """Per stage, each method's mean (and ``default``'s, over all the stage's samples), to 0.01 s."""
+    import statistics
+
+    return {stage: {m: round(statistics.fmean(v), 2) for m, v in sorted(per.items())}
+            for stage, per in sorted(samples.items())}
 
 
 def trial_overheads(costs: list[TrialSpend]) -> dict[str, Any]:
-    """What the finished trials (run to the end or stopped by a scheduler) spent besides training and
-    evaluating, as ``harness.plan`` prices it, per track (``tracks``; one track's entry is the
-    ``trial_overhead`` of that track in ``benchmarks/update-costs.json``): per stage, each method's mean
-    seconds in :data:`OVERHEAD_PHASES` (``default``: the mean over all the stage's trials), and the mean
-    worker start-up before a trial that began its process (``start_s``). Means, not medians: the plan adds
-    the figures up over trials, and a share of them does less (a GLoRA trial that a scheduler stops never
-    runs its search). A ConfigError when no record has a timing block."""
+    """What the finished trials spent besides training and evaluating, as ``harness.plan`` prices it, per
+    track (``tracks``; one track's entry is the ``trial_overhead`` of that track in
+    ``benchmarks/update-costs.json``), with per stage each method's mean and ``default`` (the mean over all
+    the stage's trials):
+
+    - ``seconds``: the phases every trial pays (:data:`ALWAYS_PHASES`), over every finished trial whose record
+      has a timing block, run to the end or stopped by a scheduler (a stopped trial's record carries its timing
+      up to the stop; records older than that have none and are left out); ``trials`` counts them per stage;
+    - ``end_seconds``: the phases only a trial that reaches the end of its budget runs (:data:`END_PHASES`:
+      GLoRA's subnet search), over those trials; ``end_trials`` counts them per stage;
+    - ``start_s``: the mean worker start-up before a trial that began its process.
+
+    Means, not medians: the plan adds the figures up over trials. Files written before ``end_seconds`` hold
+    both kinds of phases in ``seconds``, averaged over the trials that ran to their end; the plan still reads
+    them and prices that figure for every trial (``harness.plan.trial_overhead``). A ConfigError when no
+    record has a timing block."""
     import statistics
 
     seconds: dict[str, dict[str, dict[str, list[float]]]] = {}
+    ends: dict[str, dict[str, dict[str, list[float]]]] = {}
     starts: dict[str, list[float]] = {}
     for c in costs:
         timing = c.extra.get("timing")
         if c.status not in ("ok", "stopped") or not isinstance(timing, dict):
             continue
-        spent = sum(float(timing.get(f"{p}_s", 0.0)) for p in OVERHEAD_PHASES)
-        per_method = seconds.setdefault(c.track, {}).setdefault(c.stage, {})
-        per_method.setdefault(c.method, []).append(spent)
-        per_method.setdefault("default", []).append(spent)
+        parts = [(seconds, ALWAYS_PHASES)] + ([(ends, END_PHASES)] if c.status == "ok" else [])
+        for table, phases in parts:
+            per_method = table.setdefault(c.track, {}).setdefault(c.stage, {})
+            spent = _phase_seconds(timing, phases)
+            per_method.setdefault(c.method, []).append(spent)
+            per_method.setdefault("default", []).append(spent)
         if not c.extra.get("process_trials_before") and "process_to_trial_s" in timing:
             starts.setdefault(c.track, []).append(float(timing["process_to_trial_s"]))
     if not seconds:
         raise ConfigError("no finished trial's record has a timing block (records older than the timing, or no "
                           "trial finished yet): nothing to measure the overheads from")
     tracks = {track: {"start_s": round(statistics.fmean(starts[track]), 2) if starts.get(track) else 0.0,
-                      "seconds": {stage: {m: round(statistics.fmean(v), 2) for m, v in sorted(per.items())}
-                                  for stage, per in sorted(stages.items())},
-                      "trials": {stage: len(per["default"]) for stage, per in sorted(stages.items())}}
+                      "seconds": _mean_table(stages), "end_seconds": _mean_table(ends.get(track, {})),
+                      "trials": {stage: len(per["default"]) for stage, per in sorted(stages.items())},
+                      "end_trials": {stage: len(per["default"]) for stage, per in sorted(ends.get(track, {}).items())}}
               for track, stages in sorted(seconds.items())}
     return {"tracks": tracks, "devices": sorted({c.device for c in costs if c.extra.get("timing")} - {""}),
-            "phases": list(OVERHEAD_PHASES)}
+            "phases": list(ALWAYS_PHASES), "end_phases": list(END_PHASES)}
 
 
 def format_costs(table: "pd.DataFrame") -> str:
@@ -348,5 +377,6 @@ def format_costs(table: "pd.DataFrame") -> str:
             "many)")
 
 
-__all__ = ["COST_KEYS", "TrialSpend", "against_plan", "busy_seconds", "cost_table", "device_spans", "format_costs",
-           "OVERHEAD_PHASES", "phase_table", "record_updates", "time_breakdown", "trial_costs", "trial_overheads"]
+__all__ = ["ALWAYS_PHASES", "COST_KEYS", "END_PHASES", "OVERHEAD_PHASES", "TrialSpend", "against_plan",
+           "busy_seconds", "cost_table", "device_spans", "format_costs", "phase_table", "record_updates",
+           "time_breakdown", "trial_costs", "trial_overheads"]

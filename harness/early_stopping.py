@@ -116,9 +116,11 @@ def _asha_brackets(plan: SchedulerPlan, max_t: int) -> tuple[float, list[tuple[i
 
 
 def expected_selection_work(plan: SchedulerPlan | None, max_t: int,
-                            group_size: int | None = None) -> tuple[float, float]:
-    """(share of the full grid's selection updates, intermediate scores per trial) a scheduler is expected
-    to cost; each intermediate score is one evaluation, at each of :func:`eval_points` a trial reaches.
+                            group_size: int | None = None) -> tuple[float, float, float]:
+    """(share of the full grid's selection updates, intermediate scores per trial, share of the trials that
+    reach ``max_t``) a scheduler is expected to cost; each intermediate score is one evaluation, at each of
+    :func:`eval_points` a trial reaches, and only a trial that reaches ``max_t`` runs what a method does at
+    the end of its training (GLoRA's subnet search).
 
     ASHA with no ``group_size``: every trial reaches the first rung and 1/eta of them each next one, the
     ideal of the synchronous algorithm. With ``group_size`` (the trials of one (method, task) group, which
@@ -127,11 +129,12 @@ def expected_selection_work(plan: SchedulerPlan | None, max_t: int,
     before it, so the first to arrive always goes on and small groups save much less (a group of two
     under eta 2 spends about 0.75 of its grid, as cw10-short's selection did on the H200). Several
     brackets: their mean (Tune spreads a group's trials over them about evenly). Median stopping has no
-    closed form: priced at the full grid, every point evaluated. No scheduler: the full grid, none."""
+    closed form: priced at the full grid, every point evaluated, every trial to the end. No scheduler: the
+    full grid, none, every trial."""
     if plan is None or max_t <= 0:
-        return 1.0, 0.0
+        return 1.0, 0.0, 1.0
     if plan.name != "asha":
-        return 1.0, float(len(eval_points(plan, max_t)))
+        return 1.0, float(len(eval_points(plan, max_t))), 1.0
     eta = float(plan.params.get("reduction_factor", 4))
     g = plan.grace(max_t)
     brackets = [tuple(math.ceil(g * eta ** (k + s)) for k in range(64) if g * eta ** (k + s) < max_t) + (max_t,)
@@ -140,10 +143,11 @@ def expected_selection_work(plan: SchedulerPlan | None, max_t: int,
     for levels in brackets:
         if group_size is None:
             spent = levels[0] + sum(eta ** -(i + 1) * (levels[i + 1] - levels[i]) for i in range(len(levels) - 1))
-            work.append((spent / max_t, sum(eta ** -k for k in range(len(levels) - 1))))
+            work.append((spent / max_t, sum(eta ** -k for k in range(len(levels) - 1)), eta ** -(len(levels) - 1)))
         else:
             work.append(_async_asha(levels, eta, max(1, math.ceil(group_size / len(brackets)))))
-    return sum(w[0] for w in work) / len(work), sum(w[1] for w in work) / len(work)
+    updates, reports, finished = (sum(w[i] for w in work) / len(work) for i in range(3))
+    return updates, reports, finished
 
 
 def expected_update_fraction(plan: SchedulerPlan | None, max_t: int, group_size: int | None = None) -> float:
@@ -158,15 +162,15 @@ def expected_rung_reports(plan: SchedulerPlan | None, max_t: int, group_size: in
 
 
 @functools.lru_cache(maxsize=256)
-def _async_asha(levels: tuple[int, ...], eta: float, n: int) -> tuple[float, float]:
-    """(expected share of ``n`` trials' full-budget updates, expected rung reports per trial) under Tune's
-    asynchronous ASHA, when the trials run side by side and reach each rung in a random order, and each
-    keeps one quality throughout (the case most favourable to stopping). ``levels``: the rungs, then
-    max_t. A fixed seed: a plan prints the same figures every time."""
+def _async_asha(levels: tuple[int, ...], eta: float, n: int) -> tuple[float, float, float]:
+    """(expected share of ``n`` trials' full-budget updates, expected rung reports per trial, expected share
+    of the trials that reach max_t) under Tune's asynchronous ASHA, when the trials run side by side and
+    reach each rung in a random order, and each keeps one quality throughout (the case most favourable to
+    stopping). ``levels``: the rungs, then max_t. A fixed seed: a plan prints the same figures every time."""
     rng = random.Random(0)
     q = 1 - 1 / eta
     draws = max(50, 20_000 // n)  # about the same work for any group size
-    total, reports = 0.0, 0
+    total, reports, finished = 0.0, 0, 0
     for _ in range(draws):
         score = [rng.random() for _ in range(n)]
         alive = list(range(n))
@@ -191,7 +195,8 @@ def _async_asha(levels: tuple[int, ...], eta: float, n: int) -> tuple[float, flo
                 bisect.insort(recorded, score[t])
             alive = survivors
         total += sum(spent) / (n * levels[-1])
-    return total / draws, reports / (draws * n)
+        finished += len(alive)
+    return total / draws, reports / (draws * n), finished / (draws * n)
 
 
 def make_scheduler(plan: SchedulerPlan, metric: str, mode: str, max_t: int):
@@ -253,5 +258,6 @@ def grouped_scheduler(plan: SchedulerPlan, metric: str, mode: str, max_t: int):
     return GroupedScheduler()
 
 
-__all__ = ["SCHEDULERS", "TIME_ATTR", "SchedulerPlan", "eval_points", "expected_rung_reports", "expected_selection_work",
-           "expected_update_fraction", "grouped_scheduler", "make_scheduler", "parse_scheduler"]
+__all__ = ["SCHEDULERS", "TIME_ATTR", "SchedulerPlan", "eval_points", "expected_rung_reports",
+           "expected_selection_work", "expected_update_fraction", "grouped_scheduler", "make_scheduler",
+           "parse_scheduler"]

@@ -11,9 +11,12 @@ GPUs); ``p`` trials on one GPU train ``speedup(p)`` times as fast in all as one 
 paper DT, interpolated between measured counts); the GPUs a wave occupies are the ones its concurrent
 trials need; evaluation (RL rollouts, priced from the measured DT rollout rate; a selection trial under a scheduler
 evaluates also at each rung it reaches) holds a trial's share
-of its GPU, and so do a trial's start-up, wrap, compilation and search where the device entry has them
-measured (``trial_overhead``, from finished trials' records: ``costs RESULTS --overheads``). Selection
-under ASHA is priced at :func:`harness.early_stopping.expected_update_fraction` of the full grid's updates, for each (method, task) group at its own size (a small group saves little).
+of its GPU, and so do a trial's start-up, wrap, compilation and save where the device entry has them
+measured (``trial_overhead``, from finished trials' records: ``costs RESULTS --overheads``), and its
+end-of-training step (GLoRA's subnet search) for the trials expected to reach the end of their budget.
+Selection under ASHA is priced at :func:`harness.early_stopping.expected_selection_work`: a share of the
+full grid's updates, the rung evaluations and the share of trials that reach the end, for each (method,
+task) group at its own size (a small group saves little).
 """
 
 from __future__ import annotations
@@ -64,9 +67,12 @@ class TrialCost:
     images: int | None = None  # vision: training images per epoch
     epochs: int | None = None
     source: str = ""  # which measurement priced it, or why none did
-    # start-up, wrap, compilation, search and save: measured on finished trials (the device entry's
-    # ``trial_overhead``, written by ``costs RESULTS --overheads``); 0 where none was measured
+    # start-up, wrap, compilation and save, paid by every trial that runs: measured on finished trials (the
+    # device entry's ``trial_overhead``, written by ``costs RESULTS --overheads``); 0 where none was measured
     overhead_s: float = 0.0
+    # the end-of-training step (GLoRA's subnet search), measured likewise: paid only by a trial that reaches
+    # the end of its budget, so a scheduler that stops a trial at a rung saves it
+    end_overhead_s: float = 0.0
 
 
 @dataclass
@@ -145,29 +151,44 @@ def trial_cost(spec: ResolvedTrial, study: Study, device: dict[str, Any] | None)
     return TrialCost(None, None, 0.0, source=f"track {spec.track!r} has no cost model")
 
 
-def trial_overhead(spec: ResolvedTrial, stage: str, device: dict[str, Any] | None) -> tuple[float, str]:
+def trial_overhead(spec: ResolvedTrial, stage: str, device: dict[str, Any] | None) -> tuple[float, float, str]:
     """Seconds a trial of ``stage`` ("select" or "final") spends besides training and evaluating, from the
-    device entry of its track (``trial_overhead``: a worker's start-up plus the mean of the trial's
-    method in that stage, else of all its trials); (0, "") without a measurement. The second item names it."""
+    device entry of its track (``trial_overhead``, as ``costs RESULTS --overheads`` writes it), each the mean
+    of the trial's method in that stage, else of all its trials: (what every trial that runs pays: a worker's
+    start-up plus ``seconds``; what only a trial that reaches the end of its budget pays: ``end_seconds``,
+    GLoRA's search; the measurement's name). An entry written before ``end_seconds`` is still read: its
+    ``seconds`` hold both parts, averaged over trials that ran to their end, and are priced as paid by every
+    trial (too high for the trials a scheduler stops). (0, 0, "") without a measurement."""
     m = ((device or {}).get(spec.track) or {}).get("trial_overhead")
     if not m:
-        return 0.0, ""
-    table = m["seconds"].get(stage) or m["seconds"].get("final") or {}
-    own = table.get(spec.method, table.get(base_name(spec.method)))
-    seconds = float(m.get("start_s", 0.0)) + float(own if own is not None else table.get("default", 0.0))
-    return seconds, f"per-trial overheads from {m['source']}"
+        return 0.0, 0.0, ""
+
+    def mean(key: str) -> float:
+        by_stage = m.get(key) or {}
+        table = by_stage.get(stage) or by_stage.get("final") or {}
+        own = table.get(spec.method, table.get(base_name(spec.method)))
+        return float(own if own is not None else table.get("default", 0.0))
+
+    said = f"per-trial overheads from {m['source']}"
+    return float(m.get("start_s", 0.0)) + mean("seconds"), mean("end_seconds"), said
 
 
 def plan_wave(study: Study, stage: str, wave: int, specs: list[ResolvedTrial], gpus: int,
-              device: dict[str, Any] | None, update_share: float = 1.0, rung_reports: float = 0.0) -> WavePlan:
+              device: dict[str, Any] | None, update_share: float = 1.0, rung_reports: float = 0.0,
+              end_shares: dict[tuple[str, str], float] | None = None) -> WavePlan:
     """Price one wave of trials on ``gpus`` GPUs. ``update_share``: the share of each trial's updates a
     selection scheduler is expected to spend; ``rung_reports``: the intermediate scores (one evaluation
-    each, as long as the final one) it is expected to ask of each trial."""
+    each, as long as the final one) it is expected to ask of each trial; ``end_shares``: per (method, task)
+    group, the share of its trials the scheduler is expected to let reach the end of their budget, the only
+    ones that pay :attr:`TrialCost.end_overhead_s` (a group not in it: all of them)."""
     costs = [trial_cost(s, study, device) for s in specs]
+    # per group, not one share for the stage: the end-only overhead is one method's (GLoRA's search), and its
+    # groups' size, not the stage's mix of sizes, sets how many of its trials reach the end
+    reach = [(end_shares or {}).get((s.method, s.task), 1.0) for s in specs]
     overhead_notes = set()
     for spec, c in zip(specs, costs):
         if c.train_s is not None:  # measured for this model: its overheads too, where they were measured
-            c.overhead_s, said = trial_overhead(spec, stage.split(" ")[0], device)
+            c.overhead_s, c.end_overhead_s, said = trial_overhead(spec, stage.split(" ")[0], device)
             overhead_notes.add(said)
     n = len(specs)
     r = study.resources
@@ -190,10 +211,16 @@ def plan_wave(study: Study, stage: str, wave: int, specs: list[ResolvedTrial], g
     # a GPU's time: its trials' training at the packed rate, and their evaluations and overheads each
     # holding one of its p shares
     evals = 1 + rung_reports
-    gpu_s = sum(c.train_s * update_share / speed + (evals * c.eval_s + c.overhead_s) / per_gpu for c in costs)
-    longest = max(c.train_s * update_share * per_gpu / speed + evals * c.eval_s + c.overhead_s for c in costs)
+    gpu_s = sum(c.train_s * update_share / speed + (evals * c.eval_s + c.overhead_s + r * c.end_overhead_s) / per_gpu
+                for c, r in zip(costs, reach))
+    # the longest trial pays its end-only overhead in full: under ASHA the first trial of a group to reach a rung
+    # always goes on, so every group has one that reaches the end
+    longest = max(c.train_s * update_share * per_gpu / speed + evals * c.eval_s + c.overhead_s + c.end_overhead_s
+                  for c in costs)
     if rung_reports:
         out.notes.append(f"{rung_reports:.2g} rung evaluations per trial")
+    if any(c.end_overhead_s for c in costs) and min(reach) < 1.0:
+        out.notes.append(f"end-of-training overheads for the {sum(reach) / n:.2g} of trials expected to reach the end")
     out.gpu_hours = gpu_s / 3600
     out.wall_hours = max(gpu_s / out.gpus_used, longest) / 3600
     if per_gpu > 1:
@@ -216,7 +243,8 @@ def plan_sweep(sweep: SweepFile, gpus: int, device_name: str, costs: dict[str, A
     out: list[WavePlan] = []
     for study in sweep.studies:
         waves = method_waves(list(study.methods))
-        stages: list[tuple[str, list[ResolvedTrial], float]] = []
+        # (stage, trials, update share, rung evaluations per trial, share reaching the end per group)
+        stages: list[tuple[str, list[ResolvedTrial], float, float, dict[tuple[str, str], float]]] = []
         if study.protocol == "select-then-final":
             selecting = selection_methods(study)
             sched = parse_scheduler(study.selection.scheduler_settings())
@@ -224,20 +252,21 @@ def plan_sweep(sweep: SweepFile, gpus: int, device_name: str, costs: dict[str, A
             max_t = (trial_cost(specs[0], study, None).updates or 0) if specs else 0
             groups = Counter((s.method, s.task) for s in specs)  # a scheduler per (method, task) group
             share, rungs = 1.0, 0.0
+            work = {key: expected_selection_work(sched, max_t, n) for key, n in groups.items()}
             if specs:
-                work = [(n, expected_selection_work(sched, max_t, n)) for n in groups.values()]
-                share = sum(n * w[0] for n, w in work) / len(specs)
-                rungs = sum(n * w[1] for n, w in work) / len(specs)
-            stages.append(("select" + (f" [{sched.label()}]" if sched else ""), specs, share, rungs))
+                share = sum(n * work[key][0] for key, n in groups.items()) / len(specs)
+                rungs = sum(n * work[key][1] for key, n in groups.items()) / len(specs)
+            stages.append(("select" + (f" [{sched.label()}]" if sched else ""), specs, share, rungs,
+                           {key: w[2] for key, w in work.items()}))
             first = {(m, t): expand_grid(space, m)[0] for m, space in study.methods.items() for t in study_tasks(study)}
-            stages.append(("final", study_trials(study, "final", first), 1.0, 0.0))
+            stages.append(("final", study_trials(study, "final", first), 1.0, 0.0, {}))
         else:
-            stages.append(("final", study_trials(study, "final"), 1.0, 0.0))
-        for stage, specs, share, rungs in stages:
+            stages.append(("final", study_trials(study, "final"), 1.0, 0.0, {}))
+        for stage, specs, share, rungs, reach in stages:
             for i, names in enumerate(waves):
                 wave = [s for s in specs if s.method in names]
                 if wave:
-                    out.append(plan_wave(study, stage, i, wave, gpus, device, share, rungs))
+                    out.append(plan_wave(study, stage, i, wave, gpus, device, share, rungs, reach))
     return out, said
 
 
@@ -267,7 +296,8 @@ def format_plan(waves: list[WavePlan], said: str, gpus: int, device_name: str) -
     overheads = any("per-trial overheads" in n for w in waves for n in w.notes)
     lines.append("The final stage is priced at each method's first grid point's cost; wall time assumes the "
                  "GPUs do nothing else and leaves out " + ("data preparation and pretraining (each trial's "
-                 "start-up, wrap, compilation and search are priced as measured: see the notes)." if overheads
+                 "start-up, wrap, compilation and save are priced as measured in finished trials' records, and "
+                 "the end-of-training search for the trials expected to reach it: see the notes)." if overheads
                  else "start-up, data preparation and pretraining."))
     return "\n".join(lines)
 
@@ -320,5 +350,5 @@ def run_plan(sweep: SweepFile, gpus: int | None, address: str | None, gpu_model:
     return format_plan(waves, said, n, name)
 
 
-__all__ = ["TrialCost", "WavePlan", "format_plan", "load_costs", "packing_speedup", "plan_sweep", "plan_wave", "priced_gpus",
-           "run_plan", "trial_cost", "trial_overhead"]
+__all__ = ["TrialCost", "WavePlan", "format_plan", "load_costs", "packing_speedup", "plan_sweep", "plan_wave",
+           "priced_gpus", "run_plan", "trial_cost", "trial_overhead"]

@@ -173,10 +173,12 @@ def test_idle_share_counts_each_device_only_while_the_sweep_ran_trials_on_it():
 
 def test_overheads_measured_from_the_records(selection_bench, monkeypatch, capsys):
     """`costs --overheads FILE`: per stage and method, the mean seconds of the finished trials' phases
-    outside training and evaluation, and the mean worker start-up, as the plan's cost table takes them."""
+    outside training and evaluation (those every trial pays over all of them, the stopped ones too; the
+    end-of-training step over those that reached the end), and the mean worker start-up, as the plan's cost
+    table takes them."""
     import statistics
 
-    from harness.costs import OVERHEAD_PHASES
+    from harness.costs import ALWAYS_PHASES, END_PHASES
 
     monkeypatch.chdir(selection_bench.folder)
     assert main(["costs", "work/scheduler", "--overheads", "measured/overheads.json"]) == 0
@@ -184,19 +186,76 @@ def test_overheads_measured_from_the_records(selection_bench, monkeypatch, capsy
     tracks = {r["track"] for r in selection_bench.select_records("scheduler")}
     assert set(written["tracks"]) == tracks and len(tracks) == 1  # per track: the bench's sweep has one
     got = written["tracks"][tracks.pop()]
-    want: dict[str, dict[str, list[float]]] = {}
+    want: dict[str, dict[str, dict[str, list[float]]]] = {"seconds": {}, "end_seconds": {}}
     starts = []
     for stage, records in (("select", selection_bench.select_records("scheduler")),
                            ("final", selection_bench.final_records("scheduler"))):
         for r in records:
             e = json.loads(r["extra"])
-            spent = sum(e["timing"][f"{p}_s"] for p in OVERHEAD_PHASES)
-            want.setdefault(stage, {}).setdefault(r["method"], []).append(spent)
-            want[stage].setdefault("default", []).append(spent)
+            parts = [("seconds", ALWAYS_PHASES)] + ([] if "stopped_at_update" in e else [("end_seconds", END_PHASES)])
+            for key, phases in parts:
+                spent = sum(e["timing"].get(f"{p}_s", 0.0) for p in phases)
+                want[key].setdefault(stage, {}).setdefault(r["method"], []).append(spent)
+                want[key][stage].setdefault("default", []).append(spent)
             if not e.get("process_trials_before"):
                 starts.append(e["timing"]["process_to_trial_s"])
-    assert got["seconds"] == {s: {m: round(statistics.fmean(v), 2) for m, v in per.items()} for s, per in want.items()}
+    for key in ("seconds", "end_seconds"):
+        assert got[key] == {s: {m: round(statistics.fmean(v), 2) for m, v in per.items()}
+                            for s, per in want[key].items()}
     assert got["start_s"] == round(statistics.fmean(starts), 2) and got["start_s"] > 0
-    assert got["trials"] == {s: len(per["default"]) for s, per in want.items()}
+    assert got["trials"] == {s: len(per["default"]) for s, per in want["seconds"].items()}
+    assert got["end_trials"] == {s: len(per["default"]) for s, per in want["end_seconds"].items()}
+    assert got["trials"]["select"] > got["end_trials"]["select"]  # the fixture's stopped trials count in seconds
     assert main(["costs", "work/scheduler", "--overheads", "overheads.txt"]) == 2
     assert "must end in .json" in capsys.readouterr().err
+
+
+def _trial_folder(root: Path, stage: str, name: str, method: str, extra: dict | None, status: str = "ok") -> None:
+    """A trial's folder as `harness sweep` leaves it: Tune's params.json and a last report that carries the
+    trial's record (``extra`` None: a trial still running, with no record yet)."""
+    folder = root / "sweep" / f"study-{stage}" / name
+    folder.mkdir(parents=True)
+    (folder / "params.json").write_text(json.dumps({"spec": {"method": method, "task": "t", "track": "rl"}}))
+    report: dict = {"update": 10}
+    if extra is not None:
+        report["record"] = json.dumps({"track": "rl", "method": method, "task": "t", "status": status,
+                                       "device_name": "GPU X", "extra": json.dumps(extra)})
+    (folder / "result.json").write_text(json.dumps(report) + "\n")
+
+
+def _phases(setup: float, wrap: float, first: float, finalize: float, save: float, start: float) -> dict:
+    """A record's ``extra`` of a trial that began its process ``start`` s after it started, with these phases."""
+    return {"process_trials_before": 0, "timing": {
+        "setup_s": setup, "wrap_s": wrap, "first_updates_s": first, "steady_s": 50.0, "finalize_s": finalize,
+        "eval_s": 5.0, "save_s": save, "process_to_trial_s": start}}
+
+
+def test_overheads_keep_the_end_of_training_step_apart(tmp_path, capsys):
+    """Issue 20: a GLoRA trial that ASHA stops never runs its subnet search (``finalize``), so `costs
+    --overheads` writes it apart (``end_seconds``, over the trials that reached the end of their budget) from
+    what every trial pays (``seconds``, over the stopped trials too). A record without a timing block (older
+    code's stopped trials), a failed trial and one still running count in neither."""
+    stopped = {"stopped_at_update": 5, "updates": 5}
+    for stage, name, method, extra, status in [
+        ("select", "g1", "glora", _phases(1, 2, 10, 300, 1, start=4), "ok"),  # paid 14 always, 300 at the end
+        ("select", "g2", "glora", _phases(2, 2, 12, 200, 0, start=6), "ok"),  # 16, 200
+        ("select", "g3", "glora", {**_phases(1, 2, 9, 0, 0, start=8), **stopped}, "ok"),  # stopped: 12, no search
+        ("select", "g4", "glora", dict(stopped), "ok"),  # stopped, its record without a timing block
+        ("select", "g5", "glora", _phases(1, 1, 1, 999, 1, start=99), "failed"),
+        ("select", "g6", "glora", None, ""),  # running
+        ("select", "l1", "lora", _phases(1, 3, 8, 0, 1, start=2), "ok"),  # 13, 0
+        ("final", "G", "glora", _phases(1, 2, 10, 30, 1, start=10), "ok"),  # 14, 30
+    ]:
+        _trial_folder(tmp_path / "results", stage, name, method, extra, status)
+    target = tmp_path / "overheads.json"
+    assert main(["costs", str(tmp_path / "results"), "--overheads", str(target)]) == 0
+    capsys.readouterr()
+    got = json.loads(target.read_text())["tracks"]["rl"]
+    assert got["seconds"] == {"select": {"glora": 14.0, "lora": 13.0, "default": 13.75},
+                              "final": {"glora": 14.0, "default": 14.0}}
+    assert got["end_seconds"] == {"select": {"glora": 250.0, "lora": 0.0, "default": round(500 / 3, 2)},
+                                  "final": {"glora": 30.0, "default": 30.0}}
+    assert got["trials"] == {"select": 4, "final": 1} and got["end_trials"] == {"select": 3, "final": 1}
+    assert got["start_s"] == pytest.approx((4 + 6 + 8 + 2 + 10) / 5, abs=0.005)
+    written = json.loads(target.read_text())
+    assert written["phases"] == ["setup", "wrap", "first_updates", "save"] and written["end_phases"] == ["finalize"]

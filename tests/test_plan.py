@@ -62,10 +62,11 @@ STUDY = {"name": "paper", "track": "rl", "benchmark": "cw10", "tasks": ["window-
 def expected(trials: int, steps: int, episodes: int, gpus: int, share: float = 1.0, stage: str = "select"
              ) -> tuple[int, float, float]:
     """(updates, GPU-hours, wall hours) by the plan's model, from the cost table and the study's budget (LoRA
-    trials: their measured overheads in ``stage`` beside training and evaluation)."""
+    trials, no scheduler: their measured overheads in ``stage`` beside training and evaluation, the
+    end-of-training ones too, as every trial reaches the end)."""
     m, packing = COSTS["NVIDIA H200"]["rl"], COSTS["NVIDIA H200"]["packing"]["speedup"]
     measured = m["trial_overhead"]
-    overhead = measured["start_s"] + measured["seconds"][stage]["lora"]
+    overhead = measured["start_s"] + measured["seconds"][stage]["lora"] + measured["end_seconds"][stage]["lora"]
     per_gpu = min(4, math.ceil(trials / gpus))
     speed = 1.0 + (packing["4"] - 1.0) * (per_gpu - 1) / 3  # measured at 1 and 4, linear between
     train_s = steps * m["ms_per_update"]["compiled"] / 1000 * share
@@ -166,8 +167,9 @@ def test_the_plan_prices_the_work_each_track_says_a_trial_does(tmp_path, monkeyp
 
 
 def test_measured_overheads_hold_a_share_of_the_gpu_per_trial():
-    """A trial's start-up, wrap, compilation and search (``trial_overhead``) cost its GPU share for as long
-    as they were measured to last; a method without its own figure takes the stage's median of all."""
+    """A trial's start-up, wrap, compilation and save (``trial_overhead``) cost its GPU share for as long
+    as they were measured to last; a method without its own figure takes the stage's mean of all. An entry
+    written before ``end_seconds`` (as here) is still read, its ``seconds`` paid by every trial."""
     from harness.plan import plan_wave
     from harness.sweep_file import SweepFile, study_trials
 
@@ -185,3 +187,41 @@ def test_measured_overheads_hold_a_share_of_the_gpu_per_trial():
     device["rl"]["trial_overhead"] = {"source": "a test", "start_s": 10.0, "seconds": {"select": {"default": 100.0}}}
     other = plan_wave(study, "select", 0, specs, 2, device)
     assert other.gpu_hours - bare.gpu_hours == pytest.approx(len(specs) * 110.0 / per_gpu / 3600)
+
+
+def test_under_asha_only_the_trials_expected_to_reach_the_end_pay_the_end_of_training_step():
+    """Issue 20: GLoRA's subnet search (``end_seconds``) runs only in a trial that reaches the end of its
+    budget. A selection under ASHA prices it for the simulated share of each (method, task) group's trials
+    that get there (:func:`expected_selection_work`, the simulation that prices its updates), so below the
+    full search per trial; the final stage, which runs every trial to its end, prices it in full."""
+    from harness.early_stopping import expected_selection_work
+    from harness.plan import plan_sweep
+    from harness.sweep_file import SweepFile
+
+    doc = dict(STUDY, selection={"seeds": [0], "scheduler": "asha", "grace_period": 100, "reduction_factor": 3})
+    sweep = SweepFile.model_validate({"name": "t", "studies": [doc]})
+
+    def priced(search_s: float) -> dict[str, object]:
+        costs = json.loads(json.dumps(COSTS))
+        costs["NVIDIA H200"]["rl"]["trial_overhead"] = {  # LoRA as GLoRA: 20 s always, the search at the end
+            "source": "a test", "start_s": 10.0, "seconds": {"select": {"lora": 20.0}, "final": {"lora": 20.0}},
+            "end_seconds": {"select": {"lora": search_s}, "final": {"lora": search_s}}}
+        waves, _ = plan_sweep(sweep, 2, "NVIDIA H200", costs)
+        return {w.stage.split(" ")[0]: w for w in waves}
+
+    searched, bare = priced(300.0), priced(0.0)
+    sched = parse_scheduler({k: v for k, v in doc["selection"].items() if k != "seeds"})
+    reach = expected_selection_work(sched, 120_000, 4)[2]  # each task's four grid points form one group
+    assert 0 < reach < 1
+    per_gpu = searched["select"].per_gpu
+    added = (searched["select"].gpu_hours - bare["select"].gpu_hours) * 3600 * per_gpu
+    assert added == pytest.approx(8 * reach * 300.0) and added < 8 * 300.0
+    said = f"end-of-training overheads for the {reach:.2g} of trials expected to reach the end"
+    assert said in searched["select"].notes
+    assert "per-trial overheads from a test" in searched["select"].notes
+    # the longest trial is one that reaches the end: its search in full
+    assert searched["select"].wall_hours > bare["select"].wall_hours
+    final_per_gpu = searched["final"].per_gpu
+    added = (searched["final"].gpu_hours - bare["final"].gpu_hours) * 3600 * final_per_gpu
+    assert added == pytest.approx(6 * 300.0)
+    assert not any("end-of-training" in n for n in searched["final"].notes)
