@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.early_stopping import eval_points, expected_rung_reports, expected_update_fraction, parse_scheduler
+from harness.early_stopping import (eval_points, expected_rung_reports, expected_selection_work,
+                                    expected_update_fraction, parse_scheduler)
 from harness.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +31,7 @@ def test_the_priced_share_of_a_small_group_follows_tunes_own_asha_rule():
     plan = parse_scheduler({"scheduler": "asha", "grace_period": 750, "reduction_factor": 2})
     rungs, max_t = [750, 1500], 3000
     for n in (2, 4):
-        rng, spent, reports = random.Random(1), 0.0, 0
+        rng, spent, reports, finished = random.Random(1), 0.0, 0, 0
         for _ in range(3000):
             bracket = _Bracket(750, max_t, 2, 0)
             score = [rng.random() for _ in range(n)]
@@ -47,10 +48,14 @@ def test_the_priced_share_of_a_small_group_follows_tunes_own_asha_rule():
                         survivors.append(t)
                 alive = survivors
             spent += sum(used) / (n * max_t)
+            finished += sum(u == max_t for u in used)
         assert expected_update_fraction(plan, max_t, n) == pytest.approx(spent / 3000, abs=0.015)
+        # the share that reaches the end: only those run GLoRA's search, which the plan prices for them alone
+        assert expected_selection_work(plan, max_t, n)[2] == pytest.approx(finished / (3000 * n), abs=0.015)
         assert expected_rung_reports(plan, max_t, n) == pytest.approx(reports / (3000 * n), abs=0.03)
     assert expected_rung_reports(plan, max_t, 1) == 2.0  # a lone trial reports at both rungs
     assert expected_update_fraction(plan, max_t, 1) == 1.0  # a lone trial is never stopped
+    assert expected_selection_work(plan, max_t, 1)[2] == 1.0
     shares = [expected_update_fraction(plan, max_t, n) for n in (2, 4, 16, 256)]
     assert shares == sorted(shares, reverse=True) and shares[0] > 0.7
     assert shares[-1] == pytest.approx(expected_update_fraction(plan, max_t), abs=0.02)  # large: the ideal
