@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -317,8 +318,6 @@ def _phase_seconds(timing: dict[str, Any], phases: tuple[str, ...]) -> float:
 
 def _mean_table(samples: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
     """Per stage, each method's mean (and ``default``'s, over all the stage's samples), to 0.01 s."""
-    import statistics
-
     return {stage: {m: round(statistics.fmean(v), 2) for m, v in sorted(per.items())}
             for stage, per in sorted(samples.items())}
 
@@ -340,8 +339,6 @@ def trial_overheads(costs: list[TrialSpend]) -> dict[str, Any]:
     both kinds of phases in ``seconds``, averaged over the trials that ran to their end; the plan still reads
     them and prices that figure for every trial (``harness.plan.trial_overhead``). A ConfigError when no
     record has a timing block."""
-    import statistics
-
     seconds: dict[str, dict[str, dict[str, list[float]]]] = {}
     ends: dict[str, dict[str, dict[str, list[float]]]] = {}
     starts: dict[str, list[float]] = {}
