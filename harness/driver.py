@@ -11,6 +11,7 @@ skips finished ones. The driver knows nothing of tracks beyond their declaration
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from contextlib import contextmanager
@@ -244,7 +245,8 @@ def run_wave(specs: list[ResolvedTrial], study: Study, exp_dir: Path, resume: bo
         from harness.tune_trial import fill_missing_checkpoints  # heavy: harness.tune_trial imports torch
 
         fill_missing_checkpoints(exp_dir)  # a checkpoint gone from storage: its trial starts again, not fails
-        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=False)
+        with _unreported_trials_said():
+            tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=False)
     else:
         param_space = {"spec": tune.grid_search([s.to_config() for s in specs]), "cache_root": str(cache_root()),
                        "cpus": study.resources.cpus_per_trial, "tune_trial": trial_plan.to_config(),
@@ -280,6 +282,37 @@ def run_wave(specs: list[ResolvedTrial], study: Study, exp_dir: Path, resume: bo
             spec = ResolvedTrial.from_config(result.config["spec"])
             records.append(_unrun_record(spec, f"trial did not finish: {result.error!r}"))
     return records
+
+
+class UnreportedTrialsNote(logging.Filter):
+    """Ray's warning when a sweep is restored, "Failed to fetch metrics for N trial(s): ... FileNotFoundError",
+    names every trial that had reported nothing when the sweep stopped (not started yet, or cut before its
+    first report). Those are not failures, and they run now; a user reading "FileNotFoundError" takes them
+    for lost work. This filter, on the logger that warns, replaces such a warning with one line that says
+    what it means, and lets a warning that names any other error through as it is."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith("Failed to fetch metrics for "):
+            return True
+        trials = [line for line in message.splitlines()[1:] if line.startswith("- ")]
+        if not trials or not all("FileNotFoundError(" in line for line in trials):
+            return True
+        print(f"[sweep] {len(trials)} trial(s) had reported no result when the sweep stopped (not started, or "
+              "cut before their first report): they run now", flush=True)
+        return False
+
+
+@contextmanager
+def _unreported_trials_said():
+    """:class:`UnreportedTrialsNote` on Ray's experiment-analysis logger, while a sweep is restored."""
+    logger = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    note = UnreportedTrialsNote()
+    logger.addFilter(note)
+    try:
+        yield
+    finally:
+        logger.removeFilter(note)
 
 
 @contextmanager
