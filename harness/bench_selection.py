@@ -6,7 +6,10 @@ with the full selection grid (no scheduler) and once under the scheduler (the st
 ``selection.scheduler`` and Tune parameters, or ``scheduler`` given here). Per (method, task) it reports
 the selection updates each run spent (a trial the scheduler stopped counts the updates it had done), the
 settings each run chose for the final stage, whether they agree, and both final scores; in total the
-ratio of selection updates (grid / scheduler) and the share of (method, task) pairs that agree.
+ratio of selection updates (grid / scheduler) and the share of (method, task) pairs that agree. Held-out
+scores on a few episodes tie often (several settings at 0.9 of 10 episodes), so a pair also says whether
+the scheduler's choice is *as good* as the grid's by the grid's own evidence: its full-budget selection score
+in the grid run equals the best one there (``equally_good``).
 
 A run cut short (a job's time limit) is not lost: the same command again resumes it (``--resume``), and
 finished runs are kept. Methods with a single grid point skip selection in both runs and are left out.
@@ -88,15 +91,26 @@ def _settings(r: dict[str, Any]) -> dict[str, Any]:
     return json.loads(s) if isinstance(s, str) else s
 
 
-def compare(grid: Path, scheduled: Path, metric: str) -> dict[str, Any]:
+def _matches(chosen: dict[str, Any], settings: dict[str, Any]) -> bool:
+    """Whether a selection trial's grid point is the chosen one (the chosen settings may add what the trial
+    chose inside itself, GLoRA's subnet)."""
+    return all(chosen.get(k) == v for k, v in settings.items())
+
+
+def compare(grid: Path, scheduled: Path, metric: str, higher_is_better: bool = True) -> dict[str, Any]:
     """Per (method, task) and in total: selection updates of both runs, the settings each chose (the final
-    records' settings, which the selection stage picked), agreement, and the final ``metric`` of each."""
+    records' settings, which the selection stage picked), agreement, whether the scheduler's choice scored
+    the best in the grid's own selection (ties count), and the final ``metric`` of each."""
     pairs: dict[tuple[str, str], dict[str, Any]] = {}
+    grid_scores: dict[tuple[str, str], list[tuple[dict[str, Any], float]]] = {}
     for name, results in (("grid", grid), ("scheduler", scheduled)):
         for r in _records(results, select=True):
             entry = pairs.setdefault((r["method"], r["task"]), {})
             entry[f"{name}_updates"] = entry.get(f"{name}_updates", 0) + record_updates(r)
             entry[f"{name}_trials"] = entry.get(f"{name}_trials", 0) + 1
+            score = r["metrics"].get(metric) if "metrics" in r else r.get(metric)
+            if name == "grid" and r.get("status") == "ok" and score is not None:
+                grid_scores.setdefault((r["method"], r["task"]), []).append((_settings(r), float(score)))
         finals: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for r in _records(results, select=False):
             finals.setdefault((r["method"], r["task"]), []).append(r)
@@ -111,13 +125,26 @@ def compare(grid: Path, scheduled: Path, metric: str) -> dict[str, Any]:
     rows = []
     for (method, task), e in sorted(pairs.items()):
         agree = "grid_chosen" in e and e.get("grid_chosen") == e.get("scheduler_chosen")
-        rows.append({"method": method, "task": task, **e, "same_choice": agree})
+        row = {"method": method, "task": task, **e, "same_choice": agree}
+        if "scheduler_chosen" in e and grid_scores.get((method, task)):
+            # the grid run's selection score (mean over selection seeds) of each point, the scheduler's among them
+            points: dict[str, list[float]] = {}
+            for settings, score in grid_scores[(method, task)]:
+                points.setdefault(json.dumps(settings, sort_keys=True), []).append(score)
+            means = {k: sum(v) / len(v) for k, v in points.items()}
+            theirs = [m for k, m in means.items() if _matches(e["scheduler_chosen"], json.loads(k))]
+            best = max(means.values()) if higher_is_better else min(means.values())
+            row["grid_best_score"] = round(best, 4)
+            row["grid_score_of_scheduler_choice"] = round(theirs[0], 4) if theirs else None
+            row["equally_good"] = bool(theirs) and abs(theirs[0] - best) < 1e-9
+        rows.append(row)
     grid_total = sum(r.get("grid_updates", 0) for r in rows)
     sched_total = sum(r.get("scheduler_updates", 0) for r in rows)
     complete = [r for r in rows if "grid_chosen" in r and "scheduler_chosen" in r]
     return {"pairs": rows, "grid_updates": grid_total, "scheduler_updates": sched_total,
             "update_ratio": round(grid_total / sched_total, 3) if sched_total else None,
-            "same_choice": sum(r["same_choice"] for r in complete), "compared": len(complete)}
+            "same_choice": sum(r["same_choice"] for r in complete),
+            "equally_good": sum(bool(r.get("equally_good")) for r in complete), "compared": len(complete)}
 
 
 def bench_selection(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -125,7 +152,8 @@ def bench_selection(overrides: dict[str, Any]) -> dict[str, Any]:
     s = validate(SelectionBenchSettings, overrides, "bench selection")
     runs = _selection_sets(s)
     study = _study(s, runs["grid"])
-    metric = get_track(study.track).benchmarks[study.benchmark].primary_metric
+    benchmark = get_track(study.track).benchmarks[study.benchmark]
+    metric = benchmark.primary_metric
     work = Path(s.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     for name, sets in runs.items():
@@ -145,5 +173,5 @@ def bench_selection(overrides: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"bench selection: the {name} run exited {rc}; its log is {work / f'{name}.log'}; "
                               "the same command again resumes it")
         done.write_text("ok\n")
-    result = compare(work / "grid", work / "scheduler", metric)
+    result = compare(work / "grid", work / "scheduler", metric, benchmark.higher_is_better)
     return {"study": study.name, "metric": metric, "runs": runs, **result}

@@ -21,6 +21,7 @@ from typing import Any
 
 from harness import experiment_logging
 from harness.cache import atomic_write_text, cache_root
+from harness.costs import record_updates
 from harness.early_stopping import TIME_ATTR, parse_scheduler
 from harness.errors import ConfigError, HarnessError
 from harness.methods import base_name, get_method
@@ -340,9 +341,10 @@ def _interrupt_watch():
 
 def choose_settings(records: list[dict[str, Any]], metric: str, higher_is_better: bool = True
                     ) -> dict[tuple[str, str], dict[str, Any]]:
-    """Per (method, task), the settings with the best mean ``metric`` over seeds (failed trials skipped),
-    plus what the selection trial chose inside itself (``Method.final_settings``: GLoRA's searched subnet),
-    taken from the seed that scored best under those settings."""
+    """Per (method, task), the settings with the best mean ``metric`` over seeds among those that trained
+    furthest (failed trials skipped; see :func:`_best_groups`), plus what the selection trial chose inside
+    itself (``Method.final_settings``: GLoRA's searched subnet), taken from the seed that scored best under
+    those settings."""
     chosen = {}
     for (method, task), (settings, top) in _best_groups(records, metric, higher_is_better).items():
         extra = top.get("extra")
@@ -354,16 +356,24 @@ def choose_settings(records: list[dict[str, Any]], metric: str, higher_is_better
 
 def _best_groups(records: list[dict[str, Any]], metric: str, higher_is_better: bool
                  ) -> dict[tuple[str, str], tuple[str, dict[str, Any]]]:
-    """Per (method, task): (the settings JSON with the best mean ``metric`` over seeds, the record of its
-    best seed, the lowest seed among equals)."""
+    """Per (method, task): (the chosen settings JSON, the record of its best seed, the lowest seed among
+    equals). Settings are ranked by how far their trials trained (the fewest updates over their seeds),
+    then by mean ``metric`` over seeds, then by the settings JSON, so that a choice never depends on the
+    order trials finished in. Training distance comes first because a trial that an early-stopping
+    scheduler stopped reports its score at a rung, after fewer updates: that score does not compete with the
+    full-budget scores of the trials the scheduler kept (which it judged better at that rung). Without a
+    scheduler every trial trains the whole budget and the metric alone decides."""
     import pandas as pd
 
     ok = [r for r in records if r.get("status") == "ok" and r.get(metric) is not None]
     if not ok:
         return {}
     df = pd.DataFrame(ok)
-    means = df.groupby(["method", "task", "settings"])[metric].mean().reset_index()
-    best = means.sort_values(metric, ascending=not higher_is_better, kind="stable").drop_duplicates(["method", "task"])
+    df["_updates"] = [record_updates(r) for r in ok]
+    per = df.groupby(["method", "task", "settings"]).agg(score=(metric, "mean"), reach=("_updates", "min"))
+    per = per.reset_index().sort_values(["method", "task", "reach", "score", "settings"],
+                                        ascending=[True, True, False, not higher_is_better, True], kind="stable")
+    best = per.drop_duplicates(["method", "task"])
     out = {}
     for r in best.itertuples():
         group = [x for x in ok if (x["method"], x["task"], x["settings"]) == (r.method, r.task, r.settings)]

@@ -61,3 +61,32 @@ def test_compare_counts_stopped_trials_where_they_stopped(tmp_path):
     assert (out["grid_updates"], out["scheduler_updates"], out["update_ratio"]) == (200, 125, 1.6)
     assert out["pairs"][0]["same_choice"] is False and out["same_choice"] == 0 and out["compared"] == 1
     assert out["pairs"][0]["grid_final_success"] == 0.5 and out["pairs"][0]["scheduler_final_success"] == 0.25
+
+
+def test_compare_says_when_the_schedulers_choice_ties_the_grids_best(tmp_path):
+    """Held-out scores on 10 episodes tie often: a different choice that scored the grid's best in the grid's
+    own selection is 'equally good'; one that scored lower there is not."""
+    def write(folder: Path, select: list[dict], final: list[dict]) -> None:
+        folder.mkdir(parents=True)
+        (folder / "s-select-records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in select))
+        (folder / "s-records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in final))
+
+    def rec(task: str, lr: float, success: float, stopped: int | None = None) -> dict:
+        extra = {"updates": 100} if stopped is None else {"stopped_at_update": stopped}
+        return {"method": "lora", "task": task, "settings": json.dumps({"lr": lr}), "extra": json.dumps(extra),
+                "seed": 0, "status": "ok", "success": success}
+
+    grid = [rec(t, lr, s) for t, lr, s in (("a", 0.1, 0.9), ("a", 0.2, 0.9), ("a", 0.4, 0.5),
+                                           ("b", 0.1, 0.3), ("b", 0.2, 0.1), ("b", 0.4, 0.0))]
+    write(tmp_path / "g", grid, [rec("a", 0.1, 0.8), rec("b", 0.1, 0.2)])
+    write(tmp_path / "s", [rec("a", 0.2, 0.9), rec("a", 0.4, 0.4, stopped=25), rec("b", 0.2, 0.2),
+                           rec("b", 0.1, 0.0, stopped=25)], [rec("a", 0.2, 0.7), rec("b", 0.2, 0.1)])
+    out = compare(tmp_path / "g", tmp_path / "s", "success")
+    a, b = out["pairs"]
+    assert (a["same_choice"], a["equally_good"], a["grid_score_of_scheduler_choice"]) == (False, True, 0.9)
+    assert (b["same_choice"], b["equally_good"], b["grid_best_score"], b["grid_score_of_scheduler_choice"]) == (
+        False, False, 0.3, 0.1)
+    assert (out["same_choice"], out["equally_good"], out["compared"]) == (0, 1, 2)
+    # lower is better: the grid's best is its lowest score
+    low = compare(tmp_path / "g", tmp_path / "s", "success", higher_is_better=False)
+    assert low["pairs"][1]["grid_best_score"] == 0.0 and low["pairs"][0]["equally_good"] is False

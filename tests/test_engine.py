@@ -129,6 +129,33 @@ def test_selection_follows_the_metric_direction():
     assert choose_settings(recs, "loss", higher_is_better=False)[("m", "t")] == {"lr": 0.01}
 
 
+def test_selection_prefers_trials_the_scheduler_kept_and_never_depends_on_finish_order():
+    """Under ASHA a stopped trial's record carries its score at a rung (fewer updates): it loses to the
+    trials that trained the whole budget even when its rung score is equal or higher, as in 5 of the 70
+    groups of the cw10-short board, where a stopped trial tied the kept one and won on its settings' sort
+    order. Ties among equals go to the same settings whatever order the records come in."""
+    from harness.driver import choose_settings
+
+    def rec(lr, success, stopped=None, seed=0):
+        extra = {"updates": 3000} if stopped is None else {"stopped_at_update": stopped, "updates": stopped}
+        return {"status": "ok", "method": "m", "task": "t", "settings": json.dumps({"lr": lr}), "seed": seed,
+                "success": success, "extra": json.dumps(extra)}
+
+    tie = [rec(1e-4, 0.7, stopped=750), rec(4e-4, 0.7)]
+    higher_at_rung = [rec(1e-4, 0.9, stopped=750), rec(4e-4, 0.6)]
+    for recs in (tie, higher_at_rung):
+        for order in (recs, recs[::-1]):
+            assert choose_settings(order, "success")[("m", "t")] == {"lr": 4e-4}
+    # a setting with one seed stopped has not trained the whole budget on its seeds
+    mixed = [rec(1e-4, 1.0), rec(1e-4, 1.0, stopped=750, seed=1), rec(4e-4, 0.5), rec(4e-4, 0.5, seed=1)]
+    assert choose_settings(mixed, "success")[("m", "t")] == {"lr": 4e-4}
+    # the full grid (no scheduler): the best mean wins; equal means always give the same settings
+    grid = [rec(1e-4, 0.9), rec(2e-4, 0.9), rec(4e-4, 0.8)]
+    choices = {json.dumps(choose_settings(order, "success")[("m", "t")])
+               for order in (grid, grid[::-1], grid[1:] + grid[:1])}
+    assert len(choices) == 1 and json.loads(choices.pop())["lr"] in (1e-4, 2e-4)
+
+
 def test_trial_names_are_safe_folder_names():
     from dataclasses import asdict
 
