@@ -227,10 +227,30 @@ def bench(ts, cfg: DTConfig, batch: int, workers: int) -> dict[str, Any]:
         model = DecisionTransformer(cfg).to(device)
     dt = evaluate_dt(model, task, envs, 1000.0, workers, 0, device)
     scripted = evaluate_scripted(task, envs, workers, 0)
+    env_steps = envs * EPISODE_LENGTH
+
+    def per_step_ms(seconds: float) -> float:
+        return round(1000 * seconds / EPISODE_LENGTH, 3)
+
+    def steady(r) -> float:  # env-steps/s once the workers run: start-up (spawn, simulators, captures) left out
+        return env_steps / (r.wall_s - r.start_s) if r.wall_s > r.start_s else 0.0
+
     out["rollout"] = {"envs": envs, "workers": workers, "dt_env_steps_per_s": round(dt.env_steps_per_s, 1),
                       "dt_policy_share": round(dt.policy_s / dt.wall_s, 3),
                       "scripted_env_steps_per_s": round(scripted.env_steps_per_s, 1),
-                      "dt_over_scripted": round(dt.env_steps_per_s / scripted.env_steps_per_s, 3)}
+                      "dt_over_scripted": round(dt.env_steps_per_s / scripted.env_steps_per_s, 3),
+                      # where the DT rollout's time goes, per episode step (both groups of workers), and the
+                      # start-up both rollouts pay once per evaluation
+                      "dt_start_s": round(dt.start_s, 3), "dt_capture_s": round(dt.capture_s, 3),
+                      "scripted_start_s": round(scripted.start_s, 3),
+                      "dt_policy_ms_per_step": per_step_ms(dt.policy_s), "dt_wait_ms_per_step": per_step_ms(dt.wait_s),
+                      "dt_other_ms_per_step": per_step_ms(dt.wall_s - dt.start_s - dt.policy_s - dt.wait_s),
+                      "scripted_ms_per_step": per_step_ms(scripted.wall_s - scripted.start_s),
+                      "dt_over_scripted_steady": round(steady(dt) / steady(scripted), 3) if steady(scripted) else None}
+    r = out["rollout"]
     print(f"[bench rl] rollout {dt.env_steps_per_s:.0f} env-steps/s with the DT vs {scripted.env_steps_per_s:.0f} "
-          f"scripted, ratio {out['rollout']['dt_over_scripted']}", flush=True)
+          f"scripted, ratio {r['dt_over_scripted']} ({r['dt_over_scripted_steady']} after start-up); start-up "
+          f"{dt.start_s:.2f} s (captures {dt.capture_s:.2f} s) vs {scripted.start_s:.2f} s; per step: policy "
+          f"{r['dt_policy_ms_per_step']} ms, waiting for simulators {r['dt_wait_ms_per_step']} ms, scripted "
+          f"{r['scripted_ms_per_step']} ms", flush=True)
     return out

@@ -80,6 +80,9 @@ class RolloutResult:
     env_steps_per_s: float = 0.0
     target_return: float = 0.0
     policy_s: float = 0.0  # time the main process spent choosing actions (the rest: simulators and pipes)
+    start_s: float = 0.0  # from the call to the first step: workers spawned, simulators built and reset
+    capture_s: float = 0.0  # CUDA-graph captures of the policy (with their warm-up forwards), inside start_s
+    wait_s: float = 0.0  # time the main process waited for simulator steps that the policy did not hide
 
     def metrics(self, prefix: str = "") -> dict[str, float]:
         return {f"{prefix}success": self.success, f"{prefix}success_any": self.success_any,
@@ -211,6 +214,16 @@ class _Policy:
         self.graphs: dict[bool, Any] = {}
         self.outputs: dict[bool, Any] = {}
         self.use_graphs = device.type == "cuda"
+        self.capture_s = 0.0
+
+    def prepare(self, first_mask) -> None:
+        """Capture both forward shapes now, with the first step's padding mask in place (the values a lazy
+        capture at step 0 would see), so a rollout can do it while its simulators are still starting."""
+        if self.use_graphs:
+            self.mask.copy_(first_mask)
+            for masked in (True, False):
+                if self.use_graphs and masked not in self.graphs:
+                    self._capture(masked)
 
     def _forward(self, masked: bool):
         import torch
@@ -223,6 +236,7 @@ class _Policy:
     def _capture(self, masked: bool) -> None:
         import torch
 
+        started = time.perf_counter()
         try:
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -239,6 +253,8 @@ class _Policy:
 
             warnings.warn(f"rollouts run without CUDA graphs ({type(e).__name__}: {e})", stacklevel=3)
             self.use_graphs = False
+        finally:
+            self.capture_s += time.perf_counter() - started
 
     def __call__(self, window: dict[str, Any], mask) -> Any:
         for k, v in window.items():
@@ -273,6 +289,10 @@ class _Episodes:
         self.policy = _Policy(model, n, context, device)
         # one target for every env, or (with several tasks in one batch) a (n, 1) tensor of targets
         self.target, self.device = target_return / SCALE, device
+
+    def prepare(self) -> None:
+        """Capture the policy's CUDA graphs (see :meth:`_Policy.prepare`) before the first step."""
+        self.policy.prepare(self.present[:, :self.K])
 
     def start(self, obs: np.ndarray) -> None:
         import torch
@@ -326,14 +346,19 @@ def evaluate_dt(model, task: str, episodes: int, target_return: float, workers: 
             groups = pool.groups(2)
             envs = [pool.envs_of(g) for g in groups]
             eps = [_Episodes(model, len(e), K, T, target_return, device) for e in envs]
+            for e in eps:  # while the spawned workers import their simulators
+                e.prepare()
             obs = pool.reset()
             for e, idx in zip(eps, envs):
                 e.start(obs[idx])
-            policy_s = 0.0
+            start_s = time.time() - t0
+            policy_s = wait_s = 0.0
             for t in range(T):
                 for g, (e, idx) in enumerate(zip(eps, envs)):
                     if t > 0:  # the group's previous step ran while the other group's policy did
+                        waited = time.perf_counter()
                         o, r, s = pool.recv_step(groups[g])
+                        wait_s += time.perf_counter() - waited
                         rewards[idx, t - 1], successes[idx, t - 1] = r, s
                         e.observe(t - 1, o, r)
                     started = time.perf_counter()
@@ -342,12 +367,15 @@ def evaluate_dt(model, task: str, episodes: int, target_return: float, workers: 
                     pool.send_step(groups[g], actions)
                 bar.update(1)
             for g, (e, idx) in enumerate(zip(eps, envs)):
+                waited = time.perf_counter()
                 o, r, s = pool.recv_step(groups[g])
+                wait_s += time.perf_counter() - waited
                 rewards[idx, T - 1], successes[idx, T - 1] = r, s
     finally:
         model.train(was_training)
     result = _score(task, rewards, successes, time.time() - t0, target_return)
-    result.policy_s = policy_s
+    result.policy_s, result.start_s, result.wait_s = policy_s, start_s, wait_s
+    result.capture_s = sum(e.policy.capture_s for e in eps)
     return result
 
 
@@ -368,9 +396,12 @@ def evaluate_scripted(task: str, episodes: int, workers: int = 1, seed: int = 0,
     t0 = time.time()
     with RolloutPool(task, episodes, workers, seed, length, hold) as pool:
         pool.reset()
+        start_s = time.time() - t0
         for t in range(length):
             _, rewards[:, t], successes[:, t] = pool.step_scripted(noise)
-    return _score(task, rewards, successes, time.time() - t0, 0.0)
+    result = _score(task, rewards, successes, time.time() - t0, 0.0)
+    result.start_s = start_s
+    return result
 
 
 class TaskPools:

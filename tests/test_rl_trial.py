@@ -127,6 +127,11 @@ def test_bench_reports_speeds():
     roll = out["rollout"]
     assert roll["dt_env_steps_per_s"] > 0 and roll["scripted_env_steps_per_s"] > 0
     assert roll["workers"] == 2 and roll["dt_over_scripted"] > 0
+    # where the rollout's time goes: start-up (spawn, simulators) apart from the steps, which split into the
+    # policy, waiting for simulators and the rest; no CUDA graphs on the CPU, so no capture
+    assert roll["dt_start_s"] > 0 and roll["scripted_start_s"] > 0 and roll["dt_capture_s"] == 0
+    assert roll["dt_policy_ms_per_step"] > 0 and roll["dt_wait_ms_per_step"] >= 0 and roll["dt_other_ms_per_step"] >= 0
+    assert roll["scripted_ms_per_step"] > 0 and roll["dt_over_scripted_steady"] > 0
 
 
 def test_rollout_windows_are_the_episode_so_far():
