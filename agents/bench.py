@@ -25,7 +25,7 @@ from harness.randomness import seeded
 from harness.training import LoopConfig, Trainer, autocast, compiled_loss, pick_device, synchronize
 from agents.data import Episodes, WindowSampler
 from agents.dt import DTConfig, DecisionTransformer, batch_loss, flops_per_step
-from agents.rollout import evaluate_dt, evaluate_scripted
+from agents.rollout import TrialRollouts, evaluate_dt, evaluate_scripted
 from agents.tasks import EPISODE_LENGTH
 
 
@@ -227,6 +227,10 @@ def bench(ts, cfg: DTConfig, batch: int, workers: int) -> dict[str, Any]:
         model = DecisionTransformer(cfg).to(device)
     dt = evaluate_dt(model, task, envs, 1000.0, workers, 0, device)
     scripted = evaluate_scripted(task, envs, workers, 0)
+    # a trial's second evaluation on the pool it keeps (TrialRollouts: a scheduler's rung, then the final one)
+    with TrialRollouts(task, envs, workers, 0) as kept_pool:
+        kept_pool.evaluate(model, 1000.0, device)
+        kept = kept_pool.evaluate(model, 1000.0, device)
     env_steps = envs * EPISODE_LENGTH
 
     def per_step_ms(seconds: float) -> float:
@@ -246,11 +250,14 @@ def bench(ts, cfg: DTConfig, batch: int, workers: int) -> dict[str, Any]:
                       "dt_policy_ms_per_step": per_step_ms(dt.policy_s), "dt_wait_ms_per_step": per_step_ms(dt.wait_s),
                       "dt_other_ms_per_step": per_step_ms(dt.wall_s - dt.start_s - dt.policy_s - dt.wait_s),
                       "scripted_ms_per_step": per_step_ms(scripted.wall_s - scripted.start_s),
-                      "dt_over_scripted_steady": round(steady(dt) / steady(scripted), 3) if steady(scripted) else None}
+                      "dt_over_scripted_steady": round(steady(dt) / steady(scripted), 3) if steady(scripted) else None,
+                      "dt_kept_pool_start_s": round(kept.start_s, 3),
+                      "dt_kept_pool_env_steps_per_s": round(kept.env_steps_per_s, 1)}
     r = out["rollout"]
     print(f"[bench rl] rollout {dt.env_steps_per_s:.0f} env-steps/s with the DT vs {scripted.env_steps_per_s:.0f} "
           f"scripted, ratio {r['dt_over_scripted']} ({r['dt_over_scripted_steady']} after start-up); start-up "
           f"{dt.start_s:.2f} s (captures {dt.capture_s:.2f} s) vs {scripted.start_s:.2f} s; per step: policy "
           f"{r['dt_policy_ms_per_step']} ms, waiting for simulators {r['dt_wait_ms_per_step']} ms, scripted "
-          f"{r['scripted_ms_per_step']} ms", flush=True)
+          f"{r['scripted_ms_per_step']} ms; a trial's next evaluation on its kept workers: start-up "
+          f"{kept.start_s:.2f} s, {kept.env_steps_per_s:.0f} env-steps/s", flush=True)
     return out

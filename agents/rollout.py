@@ -9,6 +9,8 @@ on exit and terminated on error (``RolloutPool`` is a context manager).
 from __future__ import annotations
 
 import time
+import weakref
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from typing import Any, Sequence
@@ -100,7 +102,7 @@ class RolloutPool:
         check_task(task)
         if n_envs < 1:
             raise ValueError(f"n_envs must be >= 1, got {n_envs}")
-        self.task, self.n_envs, self.length = task, n_envs, length
+        self.task, self.n_envs, self.length, self.seed = task, n_envs, length, seed
         workers = max(1, min(workers, n_envs))
         # Disjoint env seeds per evaluation seed: eval episodes never reuse one another's start states.
         seeds = [10_007 * seed + 1_000_003 + i for i in range(n_envs)]
@@ -321,8 +323,11 @@ class _Episodes:
 
 
 def evaluate_dt(model, task: str, episodes: int, target_return: float, workers: int = 1, seed: int = 0,
-                device=None, length: int = EPISODE_LENGTH) -> RolloutResult:
+                device=None, length: int = EPISODE_LENGTH, pool: RolloutPool | None = None) -> RolloutResult:
     """Roll out the DT on ``episodes`` parallel environments of ``task``.
+
+    ``pool``: workers already running for these episodes (:class:`TrialRollouts`), re-seeded here so that
+    the episodes are those of a fresh pool; None: a pool is spawned for this call and closed after it.
 
     ``target_return`` is unscaled (the dataset's best return); the return-to-go token starts at it and
     drops by each observed reward; the current step's reward token is 0 until observed. With two or more
@@ -340,14 +345,18 @@ def evaluate_dt(model, task: str, episodes: int, target_return: float, workers: 
     model.eval()
     t0 = time.time()
 
+    if pool is not None and (pool.task, pool.n_envs, pool.length, pool.seed) != (task, N, T, seed):
+        raise ValueError(f"the rollout pool runs {pool.n_envs} episodes of {pool.task!r} (length {pool.length}, "
+                         f"seed {pool.seed}); this evaluation asks for {N} of {task!r} (length {T}, seed {seed})")
     try:
-        with RolloutPool(task, N, workers, seed, length) as pool, \
+        with (RolloutPool(task, N, workers, seed, length) if pool is None else nullcontext(pool)) as pool, \
                 progress(T, f"rollout {task}", unit="step") as bar:
             groups = pool.groups(2)
             envs = [pool.envs_of(g) for g in groups]
             eps = [_Episodes(model, len(e), K, T, target_return, device) for e in envs]
             for e in eps:  # while the spawned workers import their simulators
                 e.prepare()
+            pool.reseed()  # a pool kept from an earlier evaluation starts its episodes where they first started
             obs = pool.reset()
             for e, idx in zip(eps, envs):
                 e.start(obs[idx])
@@ -377,6 +386,55 @@ def evaluate_dt(model, task: str, episodes: int, target_return: float, workers: 
     result.policy_s, result.start_s, result.wait_s = policy_s, start_s, wait_s
     result.capture_s = sum(e.policy.capture_s for e in eps)
     return result
+
+
+class TrialRollouts:
+    """The evaluation rollouts of one trial on one pool of workers: spawned once, at :meth:`start` (a
+    track calls it when it sets the trial up, so the simulators start while the trial builds, compiles
+    and trains), and re-seeded before every evaluation, so each scores the episodes a fresh
+    :func:`evaluate_dt` with ``seed`` scores. A scheduler's rung evaluations and the final one then pay no
+    process start-up each. A failed evaluation closes the pool (its pipes may hold answers nobody read);
+    the next one spawns a new one. Closed by :meth:`close` (the engine calls it when the trial ends) or
+    when the object is collected."""
+
+    def __init__(self, task: str, episodes: int, workers: int, seed: int = 0, length: int = EPISODE_LENGTH):
+        check_task(task)
+        self.task, self.episodes, self.workers, self.seed, self.length = task, episodes, workers, seed, length
+        self._pool: RolloutPool | None = None
+        self._finalizer: weakref.finalize | None = None
+
+    def start(self) -> None:
+        """Spawn the workers (they import and build their simulators in the background) unless running."""
+        if self._pool is None:
+            self._pool = RolloutPool(self.task, self.episodes, self.workers, self.seed, self.length)
+            self._finalizer = weakref.finalize(self, self._pool.close, True)
+
+    def evaluate(self, model, target_return: float, device=None) -> RolloutResult:
+        """:func:`evaluate_dt` on this trial's pool."""
+        self.start()
+        try:
+            return evaluate_dt(model, self.task, self.episodes, target_return, self.workers, self.seed, device,
+                               self.length, pool=self._pool)
+        except BaseException:
+            self.close(force=True)
+            raise
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """The running workers' process ids (none before :meth:`start` or after :meth:`close`)."""
+        return [p.pid for p in self._pool.procs] if self._pool is not None else []
+
+    def close(self, force: bool = False) -> None:
+        if self._pool is not None:
+            self._pool.close(force)
+            self._pool = None
+            self._finalizer.detach()
+
+    def __enter__(self) -> "TrialRollouts":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(force=exc_type is not None)
 
 
 def _find_cfg(model):

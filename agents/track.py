@@ -41,7 +41,7 @@ from agents.dt import SITE, DTConfig, DecisionTransformer, batch_loss, forward_b
 from agents.pretrain import (EVAL_KIND, BaseFile, CurveEval, OptimPlan, PretrainPlan, Pretrained, cached_eval,
                              export_base, load_model, pretrain as build_pretrained, read_base)
 from agents.return_targets import PAPERS_RULE, RECIPE_RULE, ReturnTarget, canonical_rule, return_target
-from agents.rollout import TaskPools, evaluate_dt, evaluate_dt_tasks, evaluate_scripted
+from agents.rollout import TaskPools, TrialRollouts, evaluate_dt, evaluate_dt_tasks, evaluate_scripted
 from agents.tasks import CW10, EPISODE_LENGTH, MT40, MT50, check_task
 
 DATA_NOTE = "Meta-World v3 scripted policies + Gaussian action noise (simulator rollouts)"
@@ -368,8 +368,13 @@ class RLTrack(Track):
             m.train(was_training)
             return score
 
+        # one pool of simulators for the trial's evaluations (a scheduler's rungs and the final one), spawned
+        # now so that they start while the trial builds, compiles and trains
+        rollouts = TrialRollouts(spec.task, episodes, rollout_workers(ts, episodes), eval_seed)
+        rollouts.start()
+
         def evaluate(m: torch.nn.Module) -> tuple[dict[str, float], dict[str, Any]]:
-            result = evaluate_dt(m, spec.task, episodes, target, rollout_workers(ts, episodes), eval_seed, device)
+            result = rollouts.evaluate(m, target, device)
             metrics = dict(result.metrics())
             if ts.eval_pretrained:
                 base = task_eval(ts, spec.task, episodes, eval_seed)
@@ -388,7 +393,7 @@ class RLTrack(Track):
             model=model, site=SITE.with_targets(tuple(ts.adapter_targets)), device=device, schedule=schedule,
             next_batch=lambda: sampler.sample(bs), loss=batch_loss, evaluate=evaluate,
             base_key=pre.base_key, backbone=backbone_name(ts, pre), data_source=self.data_source(spec.benchmark),
-            validate=validate, forward=forward_batch, layer_inputs=layer_tokens, compile=ts.compile,
+            validate=validate, forward=forward_batch, layer_inputs=layer_tokens, compile=ts.compile, close=rollouts.close,
             init_batches=lambda: [init_sampler.sample(bs) for _ in range(8)],
             facts={"data": DATA_NOTE, "data_episodes": ts.data_episodes, "noise_levels": list(ts.noise_levels),
                    "pretrain_tasks": len(plan.tasks), "pretrain_steps": plan.train.steps, "base_key": pre.base_key,

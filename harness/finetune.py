@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable
@@ -119,6 +120,7 @@ class FineTuneRun:
         self.setup: FineTuneSetup | None = None
         self.trainer: Trainer | None = None
         self._reserved_sum, self._reserved_n = 0.0, 0
+        self._close_setup: Callable[[], None] | None = None
 
     def _fail(self, e: BaseException) -> None:
         """End the trial with a failed record (the traceback kept unless the error explains itself)."""
@@ -152,6 +154,7 @@ class FineTuneRun:
             if ts.deterministic:  # before the first GPU kernel: cuBLAS reads its workspace setting once
                 deterministic_kernels()
             setup = track.setup(spec, ts, spec.budget, self.rng, self.report)
+            self._close_setup = setup.close  # also where wrapping the model fails below
             self.clock.mark("setup")  # imports, resolution, the track's data and base model
             # The study's targets (fused qkv split where a slice is named) and the LoRA family's alpha rule.
             setup.site, self.wrap_settings = apply_study_rules(method, self.settings, ts, setup.model, setup.site)
@@ -261,12 +264,23 @@ class FineTuneRun:
                 record.extra["placement"] = placement.describe(str(self.setup.device))  # which GPU and cores
             except Exception as e:
                 self._fail(e)
+        self.close()
         record.peak_memory_mb = round(_memory_mb("peak"), 1)  # the whole trial's, evaluation and search included
         self.clock.mark("save")
         record.extra["timing"] = self.timing()
         record.wall_time_s = round(time.time() - self.started, 2)
         record.extra["started_at"] = round(self.started, 3)  # unix time: when trials ran side by side
         return record
+
+    def close(self) -> None:
+        """Free what the track's setup holds (its ``close``: RL's rollout workers); safe to call again, and
+        called by :meth:`finish` and by whoever ends a trial without it (a scheduler's stop)."""
+        close, self._close_setup = self._close_setup, None
+        if close is not None:
+            try:
+                close()
+            except Exception as e:  # noqa: BLE001 - a worker that will not stop must not cost the record
+                warnings.warn(f"closing the trial's setup failed: {type(e).__name__}: {e}", stacklevel=2)
 
     def timing(self) -> dict[str, Any]:
         """``extra.timing`` as of now: the :class:`PhaseClock`'s phases and the worker's start-up before the

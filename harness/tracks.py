@@ -80,6 +80,7 @@ class FineTuneSetup:
     time_data: bool = False
     save_adapter: bool = True
     facts: dict[str, Any] = field(default_factory=dict)  # track facts for the record
+    close: Callable[[], None] | None = None  # frees what the setup holds (RL: its rollout workers) at the trial's end
 
 
 @dataclass(frozen=True)

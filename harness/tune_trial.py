@@ -224,12 +224,19 @@ def _named_by_test(variable: str) -> bool:
 
 def run_tune_trial(spec: ResolvedTrial, report: Reporter, plan: TuneTrialPlan) -> TrialRecord:
     """Run one trial under Tune (inside its function trainable) to its record; see the module doc."""
-    from ray import tune
-
     # under actor reuse the process may have run trials before this one: what they left is cleared
     trials_before = begin_trial()
     use_shared_compile_cache(cache_root())
     run = FineTuneRun(spec, report)
+    try:
+        return _run_tune_trial(run, spec, plan, trials_before)
+    finally:  # a trial the scheduler stops never reaches finish(): its rollout workers go here
+        run.close()
+
+
+def _run_tune_trial(run: FineTuneRun, spec: ResolvedTrial, plan: TuneTrialPlan, trials_before: int) -> TrialRecord:
+    from ray import tune
+
     run.start()
     state, missing = _restore(run)
     resumed_from = run.updates_done if state is not None else 0

@@ -46,6 +46,7 @@ def test_paper_scale_size():
 def test_causal_action_independent_of_future():
     from agents.dt import DecisionTransformer, forward_batch
 
+    torch.manual_seed(0)  # the weights: a fixed draw
     m = DecisionTransformer(tiny_cfg()).eval()
     b = batch()
     out = forward_batch(m, b)
@@ -60,7 +61,8 @@ def test_causal_action_independent_of_future():
     assert not torch.allclose(out[:, t + 1:], out2[:, t + 1:], atol=1e-3)
     b3 = {k: v.clone() for k, v in b.items()}
     b3["states"][:, t] += 5.0  # s_t is seen by R_t
-    assert not torch.allclose(forward_batch(m, b3)[:, t], out[:, t], atol=1e-4)
+    # at initialisation the action moves by only ~1e-4 (small weights); unseen tokens move it by exactly 0
+    assert not torch.allclose(forward_batch(m, b3)[:, t], out[:, t], atol=1e-6)
 
 
 def test_padding_is_ignored():

@@ -132,6 +132,8 @@ def test_bench_reports_speeds():
     assert roll["dt_start_s"] > 0 and roll["scripted_start_s"] > 0 and roll["dt_capture_s"] == 0
     assert roll["dt_policy_ms_per_step"] > 0 and roll["dt_wait_ms_per_step"] >= 0 and roll["dt_other_ms_per_step"] >= 0
     assert roll["scripted_ms_per_step"] > 0 and roll["dt_over_scripted_steady"] > 0
+    # a kept pool's evaluation starts without spawning: its start-up is a re-seed and a reset
+    assert 0 < roll["dt_kept_pool_start_s"] < roll["dt_start_s"] and roll["dt_kept_pool_env_steps_per_s"] > 0
 
 
 def test_rollout_windows_are_the_episode_so_far():
@@ -182,3 +184,63 @@ def test_rollout_in_two_overlapping_groups_gives_the_same_episodes():
     two = evaluate_dt(model, "reach", episodes=4, target_return=1500.0, workers=4, seed=3, length=30)
     assert np.allclose(one.returns, two.returns, rtol=1e-4) and one.success_any == two.success_any
     assert len(set(np.round(one.returns, 3))) > 1  # distinct episodes: the comparison can fail
+
+
+def test_a_trials_rollouts_keep_their_workers_and_score_the_same_episodes():
+    """One pool for a trial's evaluations (a scheduler's rungs and the final one): the same worker processes
+    every time, the episodes a fresh evaluation with the same seed scores, a new pool after a failed
+    evaluation (its pipes may hold unread answers), no worker left after close."""
+    from agents.dt import DTConfig, DecisionTransformer
+    from agents.rollout import TrialRollouts, evaluate_dt
+
+    torch.manual_seed(0)
+    model = DecisionTransformer(DTConfig(n_layer=1, n_head=2, n_embd=32, context=4, dropout=0.0))
+    fresh = evaluate_dt(model, "reach", episodes=3, target_return=1500.0, workers=2, seed=5, length=30)
+    with TrialRollouts("reach", 3, 2, seed=5, length=30) as rollouts:
+        assert rollouts.worker_pids == []
+        rollouts.start()
+        pids = rollouts.worker_pids
+        first, second = (rollouts.evaluate(model, 1500.0) for _ in range(2))
+        assert rollouts.worker_pids == pids and len(pids) == 2
+        assert first.returns == second.returns and np.allclose(first.returns, fresh.returns, rtol=1e-5)
+        assert len(set(np.round(fresh.returns, 3))) > 1  # distinct episodes: the comparison can fail
+        procs = list(rollouts._pool.procs)
+
+        def broken(*a, **k):
+            raise RuntimeError("forward failed")
+
+        model.forward = broken
+        with pytest.raises(RuntimeError, match="forward failed"):
+            rollouts.evaluate(model, 1500.0)
+        assert rollouts.worker_pids == [] and not any(p.is_alive() for p in procs)
+        del model.forward
+        again = rollouts.evaluate(model, 1500.0)
+        assert np.allclose(again.returns, fresh.returns, rtol=1e-5) and set(rollouts.worker_pids).isdisjoint(pids)
+        procs = list(rollouts._pool.procs)
+    assert rollouts.worker_pids == [] and not any(p.is_alive() for p in procs)
+    with pytest.raises(ValueError, match="seed 5.*seed 6"):
+        with TrialRollouts("reach", 3, 2, seed=5, length=30) as other:
+            other.start()
+            evaluate_dt(model, "reach", 3, 1500.0, 2, 6, length=30, pool=other._pool)
+
+
+def test_an_rl_trial_leaves_no_rollout_worker_behind(cache):
+    """The trial's evaluation workers start with its setup and are gone once its record is made, while the
+    run (and the setup it holds) is still alive: closed by the engine, not by garbage collection."""
+    import multiprocessing
+
+    from harness.finetune import FineTuneRun
+    from harness.trial import TrialSpec
+
+    before = {p.pid for p in multiprocessing.active_children()}
+    spec = TrialSpec(track="rl", benchmark="cw10", task="window-close", method="lora", seed=0,
+                     method_settings={"r": 2}, budget={"steps": 4, "eval_episodes": 2, "batch_size": 8},
+                     track_settings={**TINY, "warmup": 0})
+    run = FineTuneRun(spec, lambda r: None)
+    run.start()
+    assert len({p.pid for p in multiprocessing.active_children()} - before) == 2  # spawned with the setup
+    while run.step():
+        pass
+    record = run.finish()
+    assert record.status == "ok", record.error
+    assert run.setup is not None and {p.pid for p in multiprocessing.active_children()} - before == set()
