@@ -63,7 +63,7 @@ class TrialCost:
 
     updates: int | None
     train_s: float | None
-    eval_s: float
+    eval_s: float  # the trial's first evaluation
     images: int | None = None  # vision: training images per epoch
     epochs: int | None = None
     source: str = ""  # which measurement priced it, or why none did
@@ -73,6 +73,14 @@ class TrialCost:
     # the end-of-training step (GLoRA's subnet search), measured likewise: paid only by a trial that reaches
     # the end of its budget, so a scheduler that stops a trial at a rung saves it
     end_overhead_s: float = 0.0
+    # each evaluation after the first (a scheduler's rungs come before the final one), where it is cheaper:
+    # RL trials keep their simulator workers (agents.rollout.TrialRollouts); None: as the first
+    later_eval_s: float | None = None
+
+    def evals_s(self, evaluations: float) -> float:
+        """Seconds of ``evaluations`` evaluations (1 + the rung evaluations a trial is expected to make)."""
+        later = self.eval_s if self.later_eval_s is None else self.later_eval_s
+        return self.eval_s + max(0.0, evaluations - 1) * later
 
 
 @dataclass
@@ -106,8 +114,12 @@ def _rl_cost(spec: ResolvedTrial, study: Study, device: dict[str, Any] | None) -
     per_env = float(m["rollout_env_steps_per_s"]) / envs
     episodes = int(budget.eval_episodes)
     eval_s = episodes * work.episode_steps / (per_env * min(episodes, envs))
-    return TrialCost(updates, updates * ms / 1000, eval_s,
-                     source=f"{'compiled' if ts.compile else 'eager'} {ms} ms/update, rollouts {eval_s:.0f} s/trial")
+    source = f"{'compiled' if ts.compile else 'eager'} {ms} ms/update, rollouts {eval_s:.0f} s/trial"
+    later = None
+    if m.get("rollout_kept_env_steps_per_s"):  # bench rl's second evaluation on a kept pool of workers
+        later = episodes * work.episode_steps / (float(m["rollout_kept_env_steps_per_s"]) / envs * min(episodes, envs))
+        source += f" ({later:.0f} s for each later one, on the trial's kept workers)"
+    return TrialCost(updates, updates * ms / 1000, eval_s, source=source, later_eval_s=later)
 
 
 def _vision_cost(spec: ResolvedTrial, study: Study, device: dict[str, Any] | None) -> TrialCost:
@@ -211,11 +223,11 @@ def plan_wave(study: Study, stage: str, wave: int, specs: list[ResolvedTrial], g
     # a GPU's time: its trials' training at the packed rate, and their evaluations and overheads each
     # holding one of its p shares
     evals = 1 + rung_reports
-    gpu_s = sum(c.train_s * update_share / speed + (evals * c.eval_s + c.overhead_s + r * c.end_overhead_s) / per_gpu
+    gpu_s = sum(c.train_s * update_share / speed + (c.evals_s(evals) + c.overhead_s + r * c.end_overhead_s) / per_gpu
                 for c, r in zip(costs, reach))
     # the longest trial pays its end-only overhead in full: under ASHA the first trial of a group to reach a rung
     # always goes on, so every group has one that reaches the end
-    longest = max(c.train_s * update_share * per_gpu / speed + evals * c.eval_s + c.overhead_s + c.end_overhead_s
+    longest = max(c.train_s * update_share * per_gpu / speed + c.evals_s(evals) + c.overhead_s + c.end_overhead_s
                   for c in costs)
     if rung_reports:
         out.notes.append(f"{rung_reports:.2g} rung evaluations per trial")

@@ -225,3 +225,33 @@ def test_under_asha_only_the_trials_expected_to_reach_the_end_pay_the_end_of_tra
     added = (searched["final"].gpu_hours - bare["final"].gpu_hours) * 3600 * final_per_gpu
     assert added == pytest.approx(6 * 300.0)
     assert not any("end-of-training" in n for n in searched["final"].notes)
+
+
+def test_later_evaluations_on_kept_workers_are_priced_at_their_own_rate_where_measured():
+    """An RL trial keeps its simulator workers for all its evaluations (agents.rollout.TrialRollouts), so
+    where the device entry has bench rl's kept-pool rate, each evaluation after the first (ASHA's rungs come
+    before the final one) is priced at it; without it, as before. The final stage, one evaluation per trial,
+    does not change."""
+    from harness.plan import plan_sweep
+    from harness.sweep_file import SweepFile
+
+    doc = dict(STUDY, selection={"seeds": [0], "scheduler": "asha", "grace_period": 100, "reduction_factor": 3})
+    sweep = SweepFile.model_validate({"name": "t", "studies": [doc]})
+    costs = json.loads(json.dumps(COSTS))
+    rl = costs["NVIDIA H200"]["rl"]
+    rl.pop("rollout_kept_env_steps_per_s", None)
+    before = {w.stage.split(" ")[0]: w for w in plan_sweep(sweep, 2, "NVIDIA H200", costs)[0]}
+    rl["rollout_kept_env_steps_per_s"] = 4 * rl["rollout_env_steps_per_s"]  # a later evaluation: a quarter
+    after = {w.stage.split(" ")[0]: w for w in plan_sweep(sweep, 2, "NVIDIA H200", costs)[0]}
+    first = 5 * EPISODE_LENGTH / (rl["rollout_env_steps_per_s"] / rl["rollout_envs"] * 5)
+    sched = parse_scheduler({k: v for k, v in doc["selection"].items() if k != "seeds"})
+    from harness.early_stopping import expected_selection_work
+
+    rungs = expected_selection_work(sched, 120_000, 4)[1]  # each task's four grid points form one group
+    assert rungs > 0
+    per_gpu = after["select"].per_gpu
+    saved = (before["select"].gpu_hours - after["select"].gpu_hours) * 3600 * per_gpu
+    assert saved == pytest.approx(8 * rungs * 0.75 * first)
+    assert after["final"].gpu_hours == pytest.approx(before["final"].gpu_hours)
+    assert any("for each later one, on the trial's kept workers" in n for n in after["select"].notes)
+    assert not any("kept workers" in n for n in before["select"].notes)
