@@ -22,7 +22,7 @@ from typing import Any
 from harness import experiment_logging
 from harness.cache import atomic_write_text, cache_root
 from harness.costs import record_updates
-from harness.early_stopping import TIME_ATTR, parse_scheduler
+from harness.early_stopping import TIME_ATTR, interleave_groups, parse_scheduler
 from harness.errors import ConfigError, HarnessError
 from harness.methods import base_name, get_method
 from harness.placement import auto_gpu_share, check_reachable, host_cpus, visible_gpus
@@ -235,6 +235,7 @@ def run_wave(specs: list[ResolvedTrial], study: Study, exp_dir: Path, resume: bo
     trial_plan, scheduler = tune_trial_plan(study, specs)  # a scheduler in the selection stage only
     if scheduler is not None:  # progress reports carry no score; the scheduler skips them
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+        specs = interleave_groups(specs)  # a group's trials reach its rungs one after another
     gpus = _gpus_per_trial(study, len(specs))
     trainable = tune.with_resources(_trainable, {"cpu": study.resources.cpus_per_trial, "gpu": gpus})
     exists = (exp_dir / "tuner.pkl").exists()

@@ -105,3 +105,27 @@ def test_asha_stops_selection_trials_and_the_chosen_setting_runs_in_full(selecti
     assert final[0]["selection"].startswith("held-out/asha(") and final[0]["grid_size"] == len(LRS)
     # trials the scheduler stopped (at a rung, or at max_t before their own clean-up) keep no checkpoint
     assert not list(base.rglob("checkpoint_*"))
+
+
+def test_selection_trials_are_interleaved_across_groups_for_the_scheduler():
+    """Under a scheduler the selection grid runs round-robin over (method, task) groups, each group's own
+    order kept, so that a group's trials reach ASHA's rungs one after another (issue 20: in grid order the
+    H200 ran one group's four trials side by side and each went on at its first rung)."""
+    from harness.early_stopping import interleave_groups
+    from harness.sweep_file import load_sweep, study_trials
+
+    sets = ["tasks=[hammer,push-back,stick-pull]", "methods={lora: {r: [4, 8], lr: [1.0e-4, 1.0e-3]}, "
+            "full: {lr: [1.0e-4, 3.0e-4]}}"]
+    study = load_sweep(ROOT / "sweeps" / "cw10-short.yaml", sets, only="cw10-short", confirmed=True).studies[0]
+    specs = study_trials(study, "select")
+    groups = [(s.method, s.task) for s in specs]
+    assert groups[:4] == [groups[0]] * 4  # grid order: one group's trials first, side by side
+    ordered = interleave_groups(specs)
+    assert sorted(map(id, ordered)) == sorted(map(id, specs))  # the same trials, each once
+    n_groups = len(set(groups))
+    assert n_groups == 6
+    first_round = [(s.method, s.task) for s in ordered[:n_groups]]
+    assert sorted(first_round) == sorted(set(groups))  # every group's first trial before any group's second
+    for g in set(groups):  # each group keeps its own order
+        assert [s for s in ordered if (s.method, s.task) == g] == [s for s in specs if (s.method, s.task) == g]
+    assert interleave_groups([]) == []
