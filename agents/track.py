@@ -252,8 +252,8 @@ class RLTrack(Track):
     Settings = RLSettings
     Budget = RLBudget
     benchmarks = {
-        "cw10": Benchmark(name="cw10", tasks=tuple(CW10), primary_metric="success"),
-        "mt40": Benchmark(name="mt40", tasks=tuple(MT40), primary_metric="success"),
+        "cw10": Benchmark(name="cw10", tasks=tuple(CW10), primary_metric="success", tiebreak_metric="return"),
+        "mt40": Benchmark(name="mt40", tasks=tuple(MT40), primary_metric="success", tiebreak_metric="return"),
     }
 
     # --- stages ------------------------------------------------------------------------------------

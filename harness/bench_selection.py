@@ -13,18 +13,24 @@ in the grid run equals the best one there (``equally_good``).
 
 A run cut short (a job's time limit) is not lost: the same command again resumes it (``--resume``), and
 finished runs are kept. Methods with a single grid point skip selection in both runs and are left out.
+``final: false`` runs the selection stages only (``sweep --selection-only``): the choices are then the
+ones the sweep's rule makes from the selection records, and there are no final scores. ``parallel: true``
+runs the two sweeps at once, each with its own local Ray instance (for a GPU that one run leaves
+half idle); the update counts and choices do not depend on it, wall times do.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from harness.costs import record_updates
+from harness.driver import choose_settings
 from harness.errors import ConfigError
 from harness.subprocesses import run_logged
 from harness.sweep_file import Study, load_sweep, selection_methods
@@ -44,6 +50,8 @@ class SelectionBenchSettings(BaseModel):
     # empty: the study's own
     scheduler: dict[str, Any] = Field(default_factory=dict)
     workdir: str = "bench-selection"  # results and boards of both runs; the same value resumes them
+    final: bool = True  # false: selection stages only, no final stage (nor final scores)
+    parallel: bool = False  # both runs at once, each its own local Ray instance
 
 
 def _study(s: SelectionBenchSettings, sets: list[str]) -> Study:
@@ -122,6 +130,10 @@ def compare(grid: Path, scheduled: Path, metric: str, higher_is_better: bool = T
             scores = [r["metrics"][metric] if "metrics" in r else r.get(metric) for r in rows]
             scores = [float(x) for x in scores if x is not None]
             pairs[key][f"{name}_final_{metric}"] = round(sum(scores) / len(scores), 4) if scores else None
+        # without a final stage (``final: false``), what the sweep's rule chooses from the selection records
+        for key, settings in choose_settings(_records(results, select=True), metric, higher_is_better).items():
+            if key in pairs:
+                pairs[key].setdefault(f"{name}_chosen", settings)
     rows = []
     for (method, task), e in sorted(pairs.items()):
         agree = "grid_chosen" in e and e.get("grid_chosen") == e.get("scheduler_chosen")
@@ -156,9 +168,11 @@ def bench_selection(overrides: dict[str, Any]) -> dict[str, Any]:
     metric = benchmark.primary_metric
     work = Path(s.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    # a selection-only run is finished for this bench, not for a later one that wants the final stage
+    marker = "" if s.final else "-selection"
+    todo = {}
     for name, sets in runs.items():
-        done = work / f"{name}.done"
-        if done.exists():
+        if (work / f"{name}{marker}.done").exists() or (work / f"{name}.done").exists():
             print(f"[bench selection] {name}: finished earlier, kept", file=sys.stderr)
             continue
         results = work / name
@@ -166,12 +180,18 @@ def bench_selection(overrides: dict[str, Any]) -> dict[str, Any]:
                "--leaderboard", str(work / f"{name}-board"), "--no-dashboard", "--yes"]
         cmd += ["--only", s.only] if s.only else []
         cmd += [x for item in sets for x in ("--set", item)]
+        cmd += [] if s.final else ["--selection-only"]
         if results.exists() and any(results.rglob("tuner.pkl")):
             cmd.append("--resume")
-        rc = run_logged(cmd, work / f"{name}.log")
-        if rc != 0:
-            raise ConfigError(f"bench selection: the {name} run exited {rc}; its log is {work / f'{name}.log'}; "
-                              "the same command again resumes it")
-        done.write_text("ok\n")
+        todo[name] = cmd
+    with ThreadPoolExecutor(max_workers=len(todo) if s.parallel and todo else 1) as pool:
+        codes = dict(zip(todo, pool.map(lambda n: run_logged(todo[n], work / f"{n}.log",
+                                                             prefix=f"[{n}] " if s.parallel else ""), todo)))
+    for name, rc in codes.items():
+        if rc == 0:
+            (work / f"{name}{marker}.done").write_text("ok\n")
+    failed = [f"the {name} run exited {rc} (log {work / f'{name}.log'})" for name, rc in codes.items() if rc]
+    if failed:
+        raise ConfigError(f"bench selection: {'; '.join(failed)}; the same command again resumes it")
     result = compare(work / "grid", work / "scheduler", metric, benchmark.higher_is_better)
     return {"study": study.name, "metric": metric, "runs": runs, **result}

@@ -89,13 +89,21 @@ def cmd_sweep(args) -> int:
     _writable_folders(args.results, args.leaderboard)
     local = LocalResources(cpus=args.cpus, gpus=args.gpus)
     out = run_sweep(sweep, Path(args.results), Path(args.leaderboard), resume=args.resume, address=args.address,
-                    dashboard=not args.no_dashboard, local=local)
+                    dashboard=not args.no_dashboard, local=local, selection_only=args.selection_only)
+    if args.selection_only:
+        print(f"[sweep] selection done; the same command with --resume instead of --selection-only trains the "
+              f"final stage (results in {args.results}/)", flush=True)
+        return _exit_status([r for recs in out.values() for r in recs])
     from harness.site import render  # heavy: harness.site imports pandas
 
     # only this sweep's boards (and the index, where it changes): other boards' files stay as they are
     render(Path(args.leaderboard), {s.board_name for s in sweep.studies})
     print(f"[sweep] done; leaderboard in {args.leaderboard}/", flush=True)
-    records = [r for recs in out.values() for r in recs]
+    return _exit_status([r for recs in out.values() for r in recs])
+
+
+def _exit_status(records: list[dict[str, Any]]) -> int:
+    """EXIT_OK, or what share of ``records`` failed, said on stderr."""
     failed = sum(r.get("status") != "ok" for r in records)
     if records and failed == len(records):
         print(f"[sweep] every trial failed ({failed}); exit status {EXIT_ALL_FAILED}", file=sys.stderr)
@@ -372,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plan", action="store_true",
                    help="print trials, updates, GPU-hours and wall time per study, stage and wave, from measured "
                         "per-update costs (--gpus N, or the cluster's with --address); runs nothing")
+    s.add_argument("--selection-only", action="store_true",
+                   help="run only the selection stage of select-then-final studies, print the settings chosen and "
+                        "stop (no board changes); --resume later trains the final stage")
     s.add_argument("--gpu-model", default=None, metavar="NAME",
                    help="with --plan: price on this GPU model (e.g. 'NVIDIA H200') instead of this machine's")
     s.set_defaults(fn=cmd_sweep)

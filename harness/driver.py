@@ -22,7 +22,7 @@ from typing import Any
 from harness import experiment_logging
 from harness.cache import atomic_write_text, cache_root
 from harness.costs import record_updates
-from harness.early_stopping import TIME_ATTR, interleave_groups, parse_scheduler
+from harness.early_stopping import RUNG_KEY, TIME_ATTR, interleave_groups, parse_scheduler, rung_value
 from harness.errors import ConfigError, HarnessError
 from harness.methods import base_name, get_method
 from harness.placement import auto_gpu_share, check_reachable, host_cpus, visible_gpus
@@ -87,6 +87,8 @@ def _trainable(config: dict[str, Any]) -> None:
     final = _final_report(record)
     if plan.scheduler:  # the scheduler's last word on the trial: its full-budget score
         final[TIME_ATTR] = int(record.extra.get("updates") or 0)
+        if isinstance(final.get(plan.metric), (int, float)):
+            final[RUNG_KEY] = rung_value(final[plan.metric], final.get(plan.tiebreak) if plan.tiebreak else None)
     tune.report(final)
     remove_checkpoints()  # a finished trial keeps its adapter, not its training state
     if record.status != "ok":
@@ -399,8 +401,12 @@ def lora_bank(records: list[dict[str, Any]], task: str, methods: tuple[str, ...]
     return [bank[t] for t in sorted(bank)]
 
 
-def run_study(sweep: SweepFile, study: Study, results_dir: Path, resume: bool) -> list[dict[str, Any]]:
-    """Prepare the track's artifacts once, then run the study's waves; return all final-stage records."""
+def run_study(sweep: SweepFile, study: Study, results_dir: Path, resume: bool, selection_only: bool = False
+              ) -> list[dict[str, Any]]:
+    """Prepare the track's artifacts once, then run the study's waves; return all final-stage records.
+    With ``selection_only`` a select-then-final study stops after its selection stage and returns that
+    stage's records (written as ``*-select-records.jsonl``); the same sweep with ``resume`` later keeps those
+    trials and trains the final stage."""
     track = get_track(study.track)
     benchmark = track.benchmark(study.benchmark)
     print(f"[sweep] {sweep.name}/{study.name}: preparing {study.track} artifacts (cached after the first run)",
@@ -425,7 +431,10 @@ def run_study(sweep: SweepFile, study: Study, results_dir: Path, resume: bool) -
 
     if study.protocol == "select-then-final":
         selection = run_stage("select", methods=selecting) if selecting else []
-        _write_records(base / f"{study.name}-select-records.jsonl", label_records(selection, study, selecting))
+        selection = label_records(selection, study, selecting)
+        _write_records(base / f"{study.name}-select-records.jsonl", selection)
+        if selection_only:
+            return selection
         chosen = choose_settings(selection, metric, higher)
         skip: list[tuple[str, str]] = []
         for m in study.methods:
@@ -603,12 +612,20 @@ def record_studies(sweep: SweepFile, results_dir: Path) -> None:
 
 def run_sweep(sweep: SweepFile, results_dir: Path, leaderboard_dir: Path, resume: bool = False,
               address: str | None = None, dashboard: bool = True,
-              local: LocalResources = LocalResources()) -> dict[str, list[dict[str, Any]]]:
-    """Run every study of a sweep through Ray Tune and update the leaderboard after each study."""
+              local: LocalResources = LocalResources(), selection_only: bool = False
+              ) -> dict[str, list[dict[str, Any]]]:
+    """Run every study of a sweep through Ray Tune and update the leaderboard after each study. With
+    ``selection_only``, only the selection stages of its select-then-final studies run (their records are
+    returned; no board changes); the other studies are refused before any compute."""
     from harness import leaderboard  # heavy: harness.leaderboard imports pandas
 
     # Ray Tune resolves a relative path against its own storage root, not the working folder
     results_dir = Path(results_dir).resolve()
+    if selection_only:
+        others = [st.name for st in sweep.studies if st.protocol != "select-then-final"]
+        if others:
+            raise ConfigError(f"--selection-only: studies {', '.join(others)} have no selection stage (protocol "
+                              "is not select-then-final); leave them out with --only STUDY, or drop the flag")
     check_results(sweep, results_dir, resume)
     check_banks(sweep)
     check_inputs(sweep)
@@ -622,8 +639,16 @@ def run_sweep(sweep: SweepFile, results_dir: Path, leaderboard_dir: Path, resume
     record_studies(sweep, results_dir)
     out: dict[str, list[dict[str, Any]]] = {}
     for study in sweep.studies:
-        records = run_study(sweep, study, results_dir, resume)
+        records = run_study(sweep, study, results_dir, resume, selection_only)
         out[study.name] = records
+        if selection_only:  # a board holds final-stage rows only
+            benchmark = get_track(study.track).benchmark(study.benchmark)
+            chosen = choose_settings(records, benchmark.primary_metric, benchmark.higher_is_better)
+            print(f"[sweep] {study.name}: selection finished ({len(records)} trials); chosen per (method, task):",
+                  flush=True)
+            for (method, task), settings in sorted(chosen.items()):
+                print(f"[sweep]   {method} {task}: {json.dumps(settings, sort_keys=True)}", flush=True)
+            continue
         paths = leaderboard.update(records, study, Path(leaderboard_dir))
         failed = [r for r in records if r.get("status") != "ok"]
         print(f"[sweep] {study.name}: {len(records) - len(failed)} trials ok, {len(failed)} failed; "

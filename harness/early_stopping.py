@@ -28,6 +28,10 @@ from harness.errors import ConfigError
 # Reported only with intermediate and final scores: progress reports (loss) carry no time_attr, so a
 # scheduler never reads a stale score from them.
 TIME_ATTR = "selection_update"
+# What the scheduler ranks trials by at a rung: the primary metric, its ties broken by the benchmark's
+# ``tiebreak_metric`` (:func:`rung_value`); without one, the primary metric itself.
+RUNG_KEY = "rung_score"
+_TIEBREAK_WEIGHT = 1e-6  # below any step of a primary metric averaged over up to 10,000 episodes or images
 SCHEDULERS = ("asha", "median")
 _HARNESS_SET = ("metric", "mode", "time_attr", "max_t")
 _ALLOWED = {
@@ -199,6 +203,18 @@ def _async_asha(levels: tuple[int, ...], eta: float, n: int) -> tuple[float, flo
     return total / draws, reports / (draws * n), finished / (draws * n)
 
 
+def rung_value(score: float, tiebreak: float | None = None) -> float:
+    """The value a scheduler compares at a rung: ``score`` (the primary metric), plus ``tiebreak`` (a finer
+    metric, better in the same direction) squashed below a millionth, so that it orders equal scores
+    and never reverses unequal ones. Tune's ASHA stops a trial only when it scores strictly below the
+    rung's cutoff, so with success on 10 episodes (steps of 0.1) every tie at the cutoff went on: on the
+    H200, 8 of hammer's 12 LoRA points read 0.2-0.3 after 125 updates (BENCHMARKS.md, issue 20)."""
+    if tiebreak is None or not math.isfinite(tiebreak):
+        return float(score)
+    x = tiebreak / 1000.0
+    return float(score) + _TIEBREAK_WEIGHT * x / (1.0 + abs(x))
+
+
 def make_scheduler(plan: SchedulerPlan, metric: str, mode: str, max_t: int):
     """One Tune scheduler for one (method, task) group."""
     from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
@@ -277,7 +293,7 @@ def grouped_scheduler(plan: SchedulerPlan, metric: str, mode: str, max_t: int):
     return GroupedScheduler()
 
 
-__all__ = ["SCHEDULERS", "TIME_ATTR", "SchedulerPlan", "eval_points", "expected_rung_reports",
+__all__ = ["RUNG_KEY", "SCHEDULERS", "TIME_ATTR", "SchedulerPlan", "eval_points", "expected_rung_reports",
            "expected_selection_work", "expected_update_fraction", "grouped_scheduler", "interleave_groups",
            "make_scheduler",
-           "parse_scheduler"]
+           "parse_scheduler", "rung_value"]

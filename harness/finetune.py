@@ -240,18 +240,18 @@ class FineTuneRun:
         _load_rng_state(self.rng, state["rng"])
         self._reserved_sum, self._reserved_n = state["reserved"]
 
-    def interim_score(self, metric: str) -> float:
-        """The model as it is now, scored by the track's final evaluation of this stage (RL: success on
-        the selection episodes; vision: val200 top-1 in the select stage), without finalizing the method
-        and without drawing from the trial's random streams."""
-        assert self.setup is not None, "interim_score() before start()"
+    def interim_metrics(self) -> dict[str, float]:
+        """The model as it is now, scored by the track's final evaluation of this stage (RL: success and
+        return on the selection episodes; vision: val200 top-1 in the select stage), without finalizing the
+        method and without drawing from the trial's random streams."""
+        assert self.setup is not None, "interim_metrics() before start()"
         self.mark_training()
         devices = [self.setup.device] if self.setup.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             metrics, _ = self.setup.evaluate(self.model)
         self.model.train()
         self.clock.mark("interim_eval")
-        return float(metrics[metric])
+        return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
     def finish(self) -> TrialRecord:
         """Finalize, count, evaluate, describe and save, into the trial's record; the record, failed where

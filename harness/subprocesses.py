@@ -10,13 +10,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_logged(cmd: list[str], log: Path, env_extra: dict[str, str] | None = None) -> int:
-    """Run ``cmd`` from the project root; its output goes to our stderr (a bench's stdout is its JSON) and
-    to ``log``. Returns the exit status."""
+def run_logged(cmd: list[str], log: Path, env_extra: dict[str, str] | None = None, prefix: str = "") -> int:
+    """Run ``cmd`` from the project root; its output goes to our stderr (a bench's stdout is its JSON), each
+    line after ``prefix`` (to tell runs apart that share it), and to ``log``. Returns the exit status."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:  # type: ignore[union-attr]
             f.write(line)
-            sys.stderr.write(line)
+            sys.stderr.write(prefix + line)
         return proc.wait()

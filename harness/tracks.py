@@ -47,6 +47,11 @@ class Benchmark(BaseModel):
     data_source: Literal["real", "synthetic"] = "real"
     primary_metric: str
     higher_is_better: bool = True
+    # A finer metric of the same evaluation, better in the same direction, that breaks ties of the primary
+    # one where a selection scheduler ranks trials at its rungs (RL: the return, where success on a few
+    # episodes moves in steps of 1/episodes and ties often). Choosing the final settings reads only the
+    # primary metric.
+    tiebreak_metric: str | None = None
     # A benchmark whose tasks are not a fixed list (the vision track's ``custom``: folders under data_root)
     # takes any task name matching this pattern; its track checks that the task exists
     # (:meth:`Track.check_inputs`), and a study names its tasks (``tasks: all`` has nothing to expand to).

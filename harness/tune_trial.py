@@ -31,7 +31,8 @@ from typing import Any
 
 from harness import placement
 from harness.cache import cache_root
-from harness.early_stopping import TIME_ATTR, eval_points, grouped_scheduler, parse_scheduler
+from harness.early_stopping import (RUNG_KEY, TIME_ATTR, eval_points, grouped_scheduler, parse_scheduler,
+                                    rung_value)
 from harness.errors import ConfigError
 from harness.finetune import FineTuneRun
 from harness.plan import trial_cost
@@ -64,7 +65,8 @@ class TuneTrialPlan:
     checkpoint_every: int | None = None  # updates; None: by wall time
     checkpoint_minutes: float = 5.0  # 0 with checkpoint_every None: no checkpoints
     eval_points: tuple[int, ...] = ()  # updates after which to report an intermediate score
-    metric: str = ""  # the benchmark's primary metric (what the scheduler reads)
+    metric: str = ""  # the benchmark's primary metric, kept in the provisional record
+    tiebreak: str = ""  # the benchmark's tiebreak metric, folded into what the scheduler reads (RUNG_KEY)
     scheduler: str = ""  # the scheduler's label, kept in the record
 
     @classmethod
@@ -72,11 +74,12 @@ class TuneTrialPlan:
         raw = config.get("tune_trial") or {}
         return cls(checkpoint_every=raw.get("checkpoint_every"), checkpoint_minutes=raw.get("checkpoint_minutes", 5.0),
                    eval_points=tuple(raw.get("eval_points", ())), metric=raw.get("metric", ""),
-                   scheduler=raw.get("scheduler", ""))
+                   tiebreak=raw.get("tiebreak", ""), scheduler=raw.get("scheduler", ""))
 
     def to_config(self) -> dict[str, Any]:
         return {"checkpoint_every": self.checkpoint_every, "checkpoint_minutes": self.checkpoint_minutes,
-                "eval_points": list(self.eval_points), "metric": self.metric, "scheduler": self.scheduler}
+                "eval_points": list(self.eval_points), "metric": self.metric, "tiebreak": self.tiebreak,
+                "scheduler": self.scheduler}
 
 
 def _save(run: FineTuneRun, extra: dict[str, Any], report_metrics: dict[str, Any]) -> None:
@@ -251,12 +254,14 @@ def _run_tune_trial(run: FineTuneRun, spec: ResolvedTrial, plan: TuneTrialPlan, 
         metrics: dict[str, Any] = {}
         if done in points:
             try:
-                score = run.interim_score(plan.metric)
+                interim = run.interim_metrics()
+                score = interim[plan.metric]
             except Exception as e:  # noqa: BLE001 - a failed evaluation fails the trial, not the sweep
                 run._fail(e)
                 break
             provisional = provisional_record(run, plan.metric, score, done, plan.scheduler, trials_before)
-            last = {plan.metric: score, TIME_ATTR: done, "record": provisional.to_json()}
+            rank = rung_value(score, interim.get(plan.tiebreak) if plan.tiebreak else None)
+            last = {plan.metric: score, RUNG_KEY: rank, TIME_ATTR: done, "record": provisional.to_json()}
             metrics = {"update": done, **last}
         due = (plan.checkpoint_every and done - saved_at >= plan.checkpoint_every) or (
             not plan.checkpoint_every and plan.checkpoint_minutes > 0
@@ -304,8 +309,8 @@ def tune_trial_plan(study, specs: list[ResolvedTrial]) -> tuple[TuneTrialPlan, A
     benchmark = get_track(study.track).benchmark(study.benchmark)
     mode = "max" if benchmark.higher_is_better else "min"
     plan = replace(base, eval_points=tuple(eval_points(sched, max_t)), metric=benchmark.primary_metric,
-                   scheduler=sched.label())
-    return plan, grouped_scheduler(sched, benchmark.primary_metric, mode, max_t)
+                   tiebreak=benchmark.tiebreak_metric or "", scheduler=sched.label())
+    return plan, grouped_scheduler(sched, RUNG_KEY, mode, max_t)
 
 
 __all__ = ["KILL_AFTER_CHECKPOINT", "MISSING_MARKER", "PAUSED_MARKER", "PAUSE_TRIAL", "TuneTrialPlan", "fill_missing_checkpoints", "provisional_record",

@@ -6,11 +6,17 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from harness.bench_selection import compare
+
+ROOT = Path(__file__).resolve().parents[1]
 
 def test_bench_selection_compares_the_full_grid_with_asha(selection_bench):
     """tests/conftest.py runs the command (a working folder, relative paths): the full grid of ``full``'s four
@@ -90,3 +96,67 @@ def test_compare_says_when_the_schedulers_choice_ties_the_grids_best(tmp_path):
     # lower is better: the grid's best is its lowest score
     low = compare(tmp_path / "g", tmp_path / "s", "success", higher_is_better=False)
     assert low["pairs"][1]["grid_best_score"] == 0.0 and low["pairs"][0]["equally_good"] is False
+
+
+def test_compare_without_a_final_stage_takes_the_sweeps_choice_from_selection(tmp_path):
+    """``final: false``: no final records; each run's choice is what the sweep's rule picks from its selection
+    records (the furthest-trained settings first, then the score)."""
+    def rec(lr: float, success: float, stopped: int | None = None) -> dict:
+        extra = {"updates": 100} if stopped is None else {"stopped_at_update": stopped}
+        return {"method": "lora", "task": "a", "settings": json.dumps({"lr": lr}), "extra": json.dumps(extra),
+                "seed": 0, "status": "ok", "success": success}
+
+    for name, recs in (("g", [rec(0.1, 0.5), rec(0.2, 0.7), rec(0.4, 0.6)]),
+                       ("s", [rec(0.1, 0.5), rec(0.2, 0.9, stopped=25), rec(0.4, 0.6)])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "s-select-records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    pair = compare(tmp_path / "g", tmp_path / "s", "success")["pairs"][0]
+    # the scheduler run's 0.9 came at a rung, before the others' full-budget scores: it does not compete
+    assert (pair["grid_chosen"], pair["scheduler_chosen"]) == ({"lr": 0.2}, {"lr": 0.4})
+    assert pair["same_choice"] is False and pair["equally_good"] is False and "grid_final_success" not in pair
+
+
+def test_sweep_selection_only_then_resume_trains_the_final_stage(tmp_path):
+    """``sweep --selection-only`` from a working folder (relative paths): the selection stage runs, its choice
+    is printed, the board folder is not touched; the same command with ``--resume`` keeps those trials and
+    trains the final stage on the chosen setting."""
+    from tests.test_selection_scheduler import TINY
+
+    doc = {"name": "so", "track": "vision", "benchmark": "builtin", "tasks": ["shapes"],
+           "protocol": "select-then-final", "seeds": [0], "selection": {"seeds": [0]},
+           "methods": {"full": {"lr": [1.0e-9, 1.0e-1]}}, "budget": {"steps": 4, "batch_size": 8},
+           "settings": TINY, "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0, "max_concurrent": 2}}
+    (tmp_path / "so.yaml").write_text(yaml.safe_dump(doc))
+    env = dict(os.environ, HARNESS_CACHE=str(tmp_path / "cache"),
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env.pop("RAY_ADDRESS", None)
+    base = [sys.executable, "-m", "harness", "sweep", "so.yaml", "--results", "res", "--leaderboard", "board",
+            "--no-dashboard"]
+    first = subprocess.run([*base, "--selection-only"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    select = tmp_path / "res" / "so" / "so-select-records.jsonl"
+    before = [json.loads(x) for x in select.read_text().splitlines()]
+    assert len(before) == 2 and not (tmp_path / "res" / "so" / "so-records.jsonl").exists()
+    assert not (tmp_path / "board").exists() or not any((tmp_path / "board").iterdir())
+    best = max(before, key=lambda r: r["top1"])
+    assert f"full shapes: {json.dumps(json.loads(best['settings']), sort_keys=True)}" in first.stdout
+    again = subprocess.run([*base, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    after = [json.loads(x) for x in select.read_text().splitlines()]
+    stamp = lambda rs: sorted((r["settings"], r["date"], r["wall_time_s"]) for r in rs)  # noqa: E731
+    assert stamp(after) == stamp(before)  # kept, not trained again
+    final = [json.loads(x) for x in (tmp_path / "res" / "so" / "so-records.jsonl").read_text().splitlines()]
+    assert [json.loads(r["settings"])["lr"] for r in final] == [json.loads(best["settings"])["lr"]]
+    assert any((tmp_path / "board").rglob("*.csv"))
+
+
+def test_selection_only_refuses_a_study_without_a_selection_stage(tmp_path, monkeypatch, capsys):
+    from harness.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["sweep", str(ROOT / "sweeps" / "quickstart.yaml"), "--selection-only", "--results", "r",
+                 "--leaderboard", "b", "--no-dashboard"])
+    err = capsys.readouterr().err
+    assert code != 0 and "--selection-only: studies rl, vision" in err and "--only STUDY" in err, err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "b").exists()

@@ -129,3 +129,50 @@ def test_selection_trials_are_interleaved_across_groups_for_the_scheduler():
     for g in set(groups):  # each group keeps its own order
         assert [s for s in ordered if (s.method, s.task) == g] == [s for s in specs if (s.method, s.task) == g]
     assert interleave_groups([]) == []
+
+
+def test_rung_value_breaks_ties_by_the_finer_metric_and_never_reverses_scores():
+    """What ASHA ranks at a rung: success, then return. On 10 episodes success moves in steps of 0.1 and
+    Tune's ASHA stops only a trial strictly below the cutoff, so a tie at the cutoff always went on."""
+    from ray.tune.schedulers.async_hyperband import _Bracket
+    from ray.tune.schedulers.trial_scheduler import TrialScheduler
+
+    from harness.early_stopping import rung_value
+
+    returns = [-5000.0, -1.0, 0.0, 1.0, 300.0, 999.0, 1500.0, 1e6]
+    values = [(k / 10, r) for k in range(11) for r in returns]
+    ranked = sorted(values, key=lambda v: rung_value(*v))
+    assert ranked == sorted(values)  # by success first, then by return, whatever the return's size
+    assert rung_value(0.3) == 0.3 and rung_value(0.3, float("nan")) == 0.3
+
+    def decide(key):  # a third trial ties the cutoff of two earlier ones on success, with a lower return
+        bracket = _Bracket(1, 10, 4, 0)
+        actions = []
+        for i, (score, ret) in enumerate([(0.3, 700.0), (0.3, 650.0), (0.3, 400.0)]):
+            trial = type("T", (), {"trial_id": str(i)})()
+            actions.append(bracket.on_result(trial, 1, key(score, ret)))
+        return actions[-1]
+
+    assert decide(lambda s, r: s) == TrialScheduler.CONTINUE  # success alone: the tie goes on
+    assert decide(rung_value) == TrialScheduler.STOP  # with the return: the weakest of the tie stops
+
+
+def test_the_scheduler_reads_the_rung_score_with_the_benchmarks_tiebreak():
+    """RL selection under ASHA ranks rungs by success then return; vision's val200 top-1 has no tiebreak."""
+    from harness.early_stopping import RUNG_KEY
+    from harness.sweep_file import load_sweep, study_trials
+    from harness.tune_trial import TuneTrialPlan, tune_trial_plan
+
+    rl = load_sweep(ROOT / "sweeps" / "cw10-short.yaml", ["tasks=[hammer]"], only="cw10-short",
+                    confirmed=True).studies[0]
+    plan, scheduler = tune_trial_plan(rl, study_trials(rl, "select"))
+    assert (plan.metric, plan.tiebreak) == ("success", "return")
+    assert scheduler._of(type("T", (), {"config": {"spec": {"method": "lora", "task": "hammer"}},
+                                        "trial_id": "x"})())._metric == RUNG_KEY
+    assert TuneTrialPlan.from_config({"tune_trial": plan.to_config()}) == plan  # what the trainable receives
+    final_plan, none = tune_trial_plan(rl, study_trials(rl, "final"))
+    assert none is None and final_plan.tiebreak == ""
+    vision = load_sweep(ROOT / "sweeps" / "vtab1k.yaml", ["selection={seeds: [0], scheduler: asha}"],
+                        confirmed=True).studies[0]
+    vplan, vscheduler = tune_trial_plan(vision, study_trials(vision, "select"))
+    assert vscheduler is not None and (vplan.metric, vplan.tiebreak) == ("top1", "")
