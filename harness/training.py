@@ -259,6 +259,7 @@ class Trainer:
         # updates before this one are warm-up and stay out of steady_ms_per_update
         self._steady_from = self.step_index + min(20, max(0, (cfg.steps - self.step_index) // 5))
         self._steady_start: float | None = None
+        self._modes_set = False  # the whole model put in train mode at this trainer's first update
 
     def _loss(self, batch: Any) -> torch.Tensor:
         with autocast(self.device):
@@ -288,8 +289,12 @@ class Trainer:
             synchronize(self.device)  # the warm-up's queued work is not billed to the steady updates
             self._steady_start = time.perf_counter()
         started = time.perf_counter()
-        if not model.training:  # a validation between updates may have left it in eval mode
+        if not self._modes_set or not model.training:
+            # Every module trains, the frozen base too: a track that built its model in eval mode and a
+            # method that wrapped it (peft keeps the wrapped model's modes) would otherwise train without
+            # the base's dropout, unlike full fine-tuning. Later, a validation may have left it in eval mode.
             model.train()
+            self._modes_set = True
         if cfg.time_data:
             synchronize(self.device)  # the previous step's kernels are not billed to the data
             t0 = time.perf_counter()

@@ -244,3 +244,56 @@ def test_an_rl_trial_leaves_no_rollout_worker_behind(cache):
     record = run.finish()
     assert record.status == "ok", record.error
     assert run.setup is not None and {p.pid for p in multiprocessing.active_children()} - before == set()
+
+
+def test_a_rung_evaluation_leaves_training_as_it_was(cache):
+    """Under ASHA a selection trial is scored at its rungs (``FineTuneRun.interim_metrics``) and trains on:
+    that scoring must not change what it trains (train/eval modes, dropout's and the batches' random
+    streams), or a scheduled selection ranks other models than the grid would. Deterministic kernels,
+    dropout on, LoRA: the record after a rung evaluation equals the one without."""
+    from harness.finetune import FineTuneRun
+    from harness.trial import TrialSpec
+
+    settings = {**TINY, "dropout": 0.1, "deterministic": True}
+    track.prepare(track.settings(settings), "cw10", ["window-close"], None)
+    spec = TrialSpec(track="rl", benchmark="cw10", task="window-close", method="lora", method_settings={"r": 2},
+                     budget={"steps": 20, "eval_episodes": 2, "batch_size": 16}, track_settings=settings)
+
+    def trained(rung: int | None) -> tuple[dict, dict]:
+        run = FineTuneRun(spec, lambda r: None)
+        run.start()
+        interim = {}
+        while run.step():
+            if run.updates_done == rung:
+                interim = run.interim_metrics()
+        record = run.finish()
+        assert record.status == "ok", record.error
+        return record.metrics, interim
+
+    plain, _ = trained(None)
+    scored, interim = trained(10)
+    assert {"success", "return"} <= set(interim)
+    assert scored["final_loss"] == plain["final_loss"]
+    assert (scored["success"], scored["return"]) == (plain["success"], plain["return"])
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "vera", "nola"])
+def test_every_method_trains_with_the_bases_dropout_on(cache, method):
+    """The RL track builds its DT in eval mode and peft wraps it as it is: the training loop must still
+    put every module in train mode, so that the recipe's dropout acts for a peft method (lora, vera) as for
+    full fine-tuning and the harness's own methods (nola). Before, peft-wrapped methods trained without it."""
+    from harness.finetune import FineTuneRun
+    from harness.trial import TrialSpec
+
+    settings = {**TINY, "dropout": 0.1}
+    track.prepare(track.settings(settings), "cw10", ["window-close"], None)
+    spec = TrialSpec(track="rl", benchmark="cw10", task="window-close", method=method,
+                     budget={"steps": 3, "eval_episodes": 1, "batch_size": 8}, track_settings=settings)
+    run = FineTuneRun(spec, lambda r: None)
+    run.start()
+    try:
+        assert run.step()
+        dropouts = [m for m in run.model.modules() if isinstance(m, torch.nn.Dropout)]
+        assert dropouts and all(m.training for m in dropouts)
+    finally:
+        run.close()
