@@ -105,7 +105,8 @@ def _matches(chosen: dict[str, Any], settings: dict[str, Any]) -> bool:
     return all(chosen.get(k) == v for k, v in settings.items())
 
 
-def compare(grid: Path, scheduled: Path, metric: str, higher_is_better: bool = True) -> dict[str, Any]:
+def compare(grid: Path, scheduled: Path, metric: str, higher_is_better: bool = True,
+            tiebreak: str | None = None) -> dict[str, Any]:
     """Per (method, task) and in total: selection updates of both runs, the settings each chose (the final
     records' settings, which the selection stage picked), agreement, whether the scheduler's choice scored
     the best in the grid's own selection (ties count), and the final ``metric`` of each."""
@@ -131,7 +132,8 @@ def compare(grid: Path, scheduled: Path, metric: str, higher_is_better: bool = T
             scores = [float(x) for x in scores if x is not None]
             pairs[key][f"{name}_final_{metric}"] = round(sum(scores) / len(scores), 4) if scores else None
         # without a final stage (``final: false``), what the sweep's rule chooses from the selection records
-        for key, settings in choose_settings(_records(results, select=True), metric, higher_is_better).items():
+        for key, settings in choose_settings(_records(results, select=True), metric, higher_is_better,
+                                              tiebreak).items():
             if key in pairs:
                 pairs[key].setdefault(f"{name}_chosen", settings)
     rows = []
@@ -193,5 +195,6 @@ def bench_selection(overrides: dict[str, Any]) -> dict[str, Any]:
     failed = [f"the {name} run exited {rc} (log {work / f'{name}.log'})" for name, rc in codes.items() if rc]
     if failed:
         raise ConfigError(f"bench selection: {'; '.join(failed)}; the same command again resumes it")
-    result = compare(work / "grid", work / "scheduler", metric, benchmark.higher_is_better)
+    result = compare(work / "grid", work / "scheduler", metric, benchmark.higher_is_better,
+                     benchmark.tiebreak_metric)
     return {"study": study.name, "metric": metric, "runs": runs, **result}

@@ -342,14 +342,14 @@ def _interrupt_watch():
         signal.signal(signal.SIGINT, previous)
 
 
-def choose_settings(records: list[dict[str, Any]], metric: str, higher_is_better: bool = True
-                    ) -> dict[tuple[str, str], dict[str, Any]]:
+def choose_settings(records: list[dict[str, Any]], metric: str, higher_is_better: bool = True,
+                    tiebreak: str | None = None) -> dict[tuple[str, str], dict[str, Any]]:
     """Per (method, task), the settings with the best mean ``metric`` over seeds among those that trained
-    furthest (failed trials skipped; see :func:`_best_groups`), plus what the selection trial chose inside
-    itself (``Method.final_settings``: GLoRA's searched subnet), taken from the seed that scored best under
-    those settings."""
+    furthest (failed trials skipped; equal means decided by the mean ``tiebreak``; see :func:`_best_groups`),
+    plus what the selection trial chose inside itself (``Method.final_settings``: GLoRA's searched subnet),
+    taken from the seed that scored best under those settings."""
     chosen = {}
-    for (method, task), (settings, top) in _best_groups(records, metric, higher_is_better).items():
+    for (method, task), (settings, top) in _best_groups(records, metric, higher_is_better, tiebreak).items():
         extra = top.get("extra")
         described = (json.loads(extra) if isinstance(extra, str) and extra else extra or {}).get("method", {})
         chosen[(method, task)] = (get_method(method).final_settings(json.loads(settings), described)
@@ -357,12 +357,13 @@ def choose_settings(records: list[dict[str, Any]], metric: str, higher_is_better
     return chosen
 
 
-def _best_groups(records: list[dict[str, Any]], metric: str, higher_is_better: bool
+def _best_groups(records: list[dict[str, Any]], metric: str, higher_is_better: bool, tiebreak: str | None = None
                  ) -> dict[tuple[str, str], tuple[str, dict[str, Any]]]:
     """Per (method, task): (the chosen settings JSON, the record of its best seed, the lowest seed among
     equals). Settings are ranked by how far their trials trained (the fewest updates over their seeds),
-    then by mean ``metric`` over seeds, then by the settings JSON, so that a choice never depends on the
-    order trials finished in. Training distance comes first because a trial that an early-stopping
+    then by mean ``metric`` over seeds, then by the mean ``tiebreak`` (the benchmark's finer metric, better
+    in the same direction; RL: success on 10 episodes ties often, the return rarely; a record without it
+    ranks last), then by the settings JSON, so that a choice never depends on the order trials finished in. Training distance comes first because a trial that an early-stopping
     scheduler stopped reports its score at a rung, after fewer updates: that score does not compete with the
     full-budget scores of the trials the scheduler kept (which it judged better at that rung). Without a
     scheduler every trial trains the whole budget and the metric alone decides."""
@@ -373,9 +374,13 @@ def _best_groups(records: list[dict[str, Any]], metric: str, higher_is_better: b
         return {}
     df = pd.DataFrame(ok)
     df["_updates"] = [record_updates(r) for r in ok]
-    per = df.groupby(["method", "task", "settings"]).agg(score=(metric, "mean"), reach=("_updates", "min"))
-    per = per.reset_index().sort_values(["method", "task", "reach", "score", "settings"],
-                                        ascending=[True, True, False, not higher_is_better, True], kind="stable")
+    worst = float("-inf") if higher_is_better else float("inf")
+    df["_tiebreak"] = [float(r[tiebreak]) if tiebreak and r.get(tiebreak) is not None else worst for r in ok]
+    per = df.groupby(["method", "task", "settings"]).agg(score=(metric, "mean"), reach=("_updates", "min"),
+                                                         tie=("_tiebreak", "mean"))
+    per = per.reset_index().sort_values(["method", "task", "reach", "score", "tie", "settings"],
+                                        ascending=[True, True, False, not higher_is_better, not higher_is_better,
+                                                   True], kind="stable")
     best = per.drop_duplicates(["method", "task"])
     out = {}
     for r in best.itertuples():
@@ -435,7 +440,7 @@ def run_study(sweep: SweepFile, study: Study, results_dir: Path, resume: bool, s
         _write_records(base / f"{study.name}-select-records.jsonl", selection)
         if selection_only:
             return selection
-        chosen = choose_settings(selection, metric, higher)
+        chosen = choose_settings(selection, metric, higher, benchmark.tiebreak_metric)
         skip: list[tuple[str, str]] = []
         for m in study.methods:
             for t in study_tasks(study):
@@ -643,7 +648,8 @@ def run_sweep(sweep: SweepFile, results_dir: Path, leaderboard_dir: Path, resume
         out[study.name] = records
         if selection_only:  # a board holds final-stage rows only
             benchmark = get_track(study.track).benchmark(study.benchmark)
-            chosen = choose_settings(records, benchmark.primary_metric, benchmark.higher_is_better)
+            chosen = choose_settings(records, benchmark.primary_metric, benchmark.higher_is_better,
+                                     benchmark.tiebreak_metric)
             print(f"[sweep] {study.name}: selection finished ({len(records)} trials); chosen per (method, task):",
                   flush=True)
             for (method, task), settings in sorted(chosen.items()):

@@ -156,6 +156,33 @@ def test_selection_prefers_trials_the_scheduler_kept_and_never_depends_on_finish
     assert len(choices) == 1 and json.loads(choices.pop())["lr"] in (1e-4, 2e-4)
 
 
+def test_equal_scores_are_decided_by_the_benchmarks_tiebreak_metric():
+    """Success on 10 episodes ties often (on the H200, the four stick-pull LoRA points ASHA trained to the end
+    all read 0.0): the benchmark's finer metric (RL: return, better in the same direction) decides between
+    equal means before the settings' sort order does; a record without it ranks last."""
+    from harness.driver import choose_settings
+
+    def rec(lr, success, ret=None, seed=0):
+        r = {"status": "ok", "method": "m", "task": "t", "settings": json.dumps({"lr": lr}), "seed": seed,
+             "success": success}
+        return r if ret is None else {**r, "return": ret}
+
+    tied = [rec(1e-4, 0.0, 42.0), rec(4e-4, 0.0, 397.0), rec(1e-3, 0.0, 553.0)]
+    for order in (tied, tied[::-1]):
+        assert choose_settings(order, "success", tiebreak="return")[("m", "t")] == {"lr": 1e-3}
+        assert choose_settings(order, "success")[("m", "t")] == {"lr": 1e-4}  # no tiebreak: the settings' order
+    # the mean over seeds decides, as for the score; the primary metric still comes first
+    seeds = [rec(1e-4, 0.5, 900.0), rec(1e-4, 0.5, 100.0, seed=1), rec(4e-4, 0.5, 600.0), rec(4e-4, 0.5, 600.0, 1),
+             rec(1e-3, 0.6, 10.0)]
+    assert choose_settings(seeds, "success", tiebreak="return")[("m", "t")] == {"lr": 1e-3}
+    assert choose_settings(seeds[:4], "success", tiebreak="return")[("m", "t")] == {"lr": 4e-4}
+    missing = [rec(1e-4, 0.5), rec(4e-4, 0.5, 1.0)]
+    assert choose_settings(missing, "success", tiebreak="return")[("m", "t")] == {"lr": 4e-4}
+    # lower is better: the lower tiebreak wins among equal scores
+    low = [rec(1e-4, 0.3, 5.0), rec(4e-4, 0.3, 2.0)]
+    assert choose_settings(low, "success", higher_is_better=False, tiebreak="return")[("m", "t")] == {"lr": 4e-4}
+
+
 def test_trial_names_are_safe_folder_names():
     from dataclasses import asdict
 
