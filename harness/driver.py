@@ -363,10 +363,11 @@ def _best_groups(records: list[dict[str, Any]], metric: str, higher_is_better: b
     equals). Settings are ranked by how far their trials trained (the fewest updates over their seeds),
     then by mean ``metric`` over seeds, then by the mean ``tiebreak`` (the benchmark's finer metric, better
     in the same direction; RL: success on 10 episodes ties often, the return rarely; a record without it
-    ranks last), then by the settings JSON, so that a choice never depends on the order trials finished in. Training distance comes first because a trial that an early-stopping
-    scheduler stopped reports its score at a rung, after fewer updates: that score does not compete with the
-    full-budget scores of the trials the scheduler kept (which it judged better at that rung). Without a
-    scheduler every trial trains the whole budget and the metric alone decides."""
+    ranks last), then by the settings JSON, so that a choice never depends on the order trials finished in.
+    Training distance comes first because a trial that an early-stopping scheduler stopped reports its score
+    at a rung, after fewer updates: that score does not compete with the full-budget scores of the trials
+    the scheduler kept (which it judged better at that rung). Without a scheduler every trial trains the
+    whole budget and the metric alone decides."""
     import pandas as pd
 
     ok = [r for r in records if r.get("status") == "ok" and r.get(metric) is not None]

@@ -1,8 +1,16 @@
-"""Early stopping in the selection stage through Ray Tune's schedulers (ASHA, median stopping).
+"""Early stopping in the selection stage through Ray Tune's schedulers (ASHA, median stopping, synchronous
+successive halving).
 
 A study's ``selection: {scheduler: asha, grace_period: 2000, reduction_factor: 3}`` runs its selection
 grid under Tune's ``ASHAScheduler`` (or ``MedianStoppingRule`` with ``scheduler: median``); the keys
-besides ``scheduler`` are Tune's own constructor arguments. The harness sets ``metric``/``mode`` (the
+besides ``scheduler`` are Tune's own constructor arguments. ``scheduler: sha`` (same two keys as ASHA's
+rungs) is synchronous successive halving, a Tune ``TrialScheduler`` of ours (:class:`SyncHalving`): a
+trial that reaches a rung is paused (its checkpoint reported with the score) until every live trial of
+its group has reached that rung; then the best ``ceil(n / reduction_factor)`` resume from their
+checkpoints and the rest stop. Every point is then compared with every other at each rung, as the full
+grid would compare them, and the updates spent are the textbook share whatever order trials arrive in;
+asynchronous ASHA lets the first arrivals at a rung go on, which on groups of 12 let 6-9 of 12 trials
+past the first rung on the H200 (BENCHMARKS.md, issue 20). The harness sets ``metric``/``mode`` (the
 benchmark's primary metric, on the selection split or episodes), ``time_attr`` (:data:`TIME_ATTR`,
 updates) and ``max_t`` (the selection budget's updates), so those keys are refused.
 
@@ -32,10 +40,11 @@ TIME_ATTR = "selection_update"
 # ``tiebreak_metric`` (:func:`rung_value`); without one, the primary metric itself.
 RUNG_KEY = "rung_score"
 _TIEBREAK_WEIGHT = 1e-6  # below any step of a primary metric averaged over up to 10,000 episodes or images
-SCHEDULERS = ("asha", "median")
+SCHEDULERS = ("asha", "sha", "median")
 _HARNESS_SET = ("metric", "mode", "time_attr", "max_t")
 _ALLOWED = {
     "asha": ("grace_period", "reduction_factor", "brackets", "stop_last_trials"),
+    "sha": ("grace_period", "reduction_factor"),
     "median": ("grace_period", "min_samples_required", "min_time_slice", "hard_stop"),
 }
 
@@ -49,7 +58,7 @@ class SchedulerPlan:
 
     def grace(self, max_t: int) -> int:
         """Updates before the first intermediate score (at least 1, at most ``max_t``)."""
-        default = max(1, max_t // 16) if self.name == "asha" else max(1, max_t // 8)
+        default = max(1, max_t // 16) if self.name in ("asha", "sha") else max(1, max_t // 8)
         return max(1, min(max_t, int(self.params.get("grace_period", default))))
 
     def label(self) -> str:
@@ -68,9 +77,9 @@ def parse_scheduler(raw: dict[str, Any] | None, where: str = "selection") -> Sch
         return None
     name = raw["scheduler"]
     if name == "hyperband":
-        raise ConfigError(f"{where}.scheduler: 'hyperband' (Tune's synchronous HyperBandScheduler pauses and "
-                          "resumes trials, which a grid of one-process trials cannot): use 'asha' with "
-                          "brackets: N, Tune's asynchronous HyperBand")
+        raise ConfigError(f"{where}.scheduler: 'hyperband' (Tune's HyperBandScheduler lays out its brackets "
+                          "from max_t alone, not from a grace period): use 'sha' for synchronous successive "
+                          "halving, or 'asha' with brackets: N, Tune's asynchronous HyperBand")
     if name not in SCHEDULERS:
         raise ConfigError(f"{where}.scheduler: {name!r} is not a scheduler; valid: {', '.join(SCHEDULERS)}")
     params = {k: v for k, v in raw.items() if k != "scheduler"}
@@ -137,6 +146,9 @@ def expected_selection_work(plan: SchedulerPlan | None, max_t: int,
     full grid, none, every trial."""
     if plan is None or max_t <= 0:
         return 1.0, 0.0, 1.0
+    if plan.name == "sha":
+        return _sync_halving(tuple(eval_points(plan, max_t)) + (max_t,),
+                             float(plan.params.get("reduction_factor", 4)), group_size)
     if plan.name != "asha":
         return 1.0, float(len(eval_points(plan, max_t))), 1.0
     eta = float(plan.params.get("reduction_factor", 4))
@@ -203,6 +215,25 @@ def _async_asha(levels: tuple[int, ...], eta: float, n: int) -> tuple[float, flo
     return total / draws, reports / (draws * n), finished / (draws * n)
 
 
+def _sync_halving(levels: tuple[int, ...], eta: float, n: int | None) -> tuple[float, float, float]:
+    """:func:`expected_selection_work` of synchronous successive halving: ``n`` trials reach the first rung,
+    ``ceil(n / eta)`` of them the next, and so on (no ``n``: the fractions ``eta ** -k``)."""
+    if n is None:
+        alive = [eta ** -k for k in range(len(levels))]
+        size = 1.0
+    else:
+        alive, size = [float(n)], float(max(1, n))
+        for _ in levels[1:]:
+            alive.append(float(keep_count(int(alive[-1]), eta)))
+    spent = levels[0] * alive[0] + sum(alive[i + 1] * (levels[i + 1] - levels[i]) for i in range(len(levels) - 1))
+    return spent / (size * levels[-1]), sum(alive[:-1]) / size, alive[-1] / size
+
+
+def keep_count(n: int, eta: float) -> int:
+    """How many of ``n`` trials at a rung go on under synchronous successive halving: ``ceil(n / eta)``."""
+    return max(1, math.ceil(n / eta)) if n else 0
+
+
 def rung_value(score: float, tiebreak: float | None = None) -> float:
     """The value a scheduler compares at a rung: ``score`` (the primary metric), plus ``tiebreak`` (a finer
     metric, better in the same direction) squashed below a millionth, so that it orders equal scores
@@ -221,9 +252,100 @@ def make_scheduler(plan: SchedulerPlan, metric: str, mode: str, max_t: int):
 
     params = dict(plan.params)
     params.setdefault("grace_period", plan.grace(max_t))
+    if plan.name == "sha":
+        return SyncHalving(eval_points(plan, max_t), float(params.get("reduction_factor", 4)), metric, mode)
     if plan.name == "asha":
         return ASHAScheduler(time_attr=TIME_ATTR, metric=metric, mode=mode, max_t=max_t, **params)
     return MedianStoppingRule(time_attr=TIME_ATTR, metric=metric, mode=mode, **params)
+
+
+class SyncHalving:
+    """Synchronous successive halving over one (method, task) group, with Tune's ``TrialScheduler`` hooks.
+
+    A trial reporting at a rung (``TIME_ATTR`` in ``rungs``) is recorded there and paused (Tune saves it:
+    for a function trainable, the checkpoint reported with that result) while any live trial of the group
+    that may reach the rung has not; when the last arrives, the ``keep_count`` best (``metric`` by ``mode``;
+    equal values: the earlier added trial) go on and the others stop, paused ones through the controller.
+    A trial that stops, fails or finishes early leaves the group, which may complete a rung. The grouped
+    scheduler's ``choose_trial_to_run`` starts a paused trial again only once it is promoted
+    (:meth:`runnable`), after the pending ones.
+
+    After a sweep is resumed its paused trials are unknown here (Tune keeps no scheduler state across a
+    restore): they are runnable and go on from their checkpoints, so a resumed selection stops fewer.
+    """
+
+    def __init__(self, rungs: list[int], eta: float, metric: str, mode: str):
+        self.rungs, self.eta, self.metric = list(rungs), eta, metric
+        self.sign = 1.0 if mode == "max" else -1.0
+        self.order: dict[str, int] = {}  # trial id -> when it was added (ties)
+        self.live: dict[str, Any] = {}  # trial id -> trial, until it stops, fails or finishes
+        self.reach: dict[str, int] = {}  # trial id -> the last rung it may reach (index; promoted to it)
+        self.recorded: list[dict[str, float]] = [{} for _ in self.rungs]
+        self.decided: set[int] = set()  # rungs whose decision is made
+        self.waiting: set[str] = set()  # paused at a rung, decision pending
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        self.order.setdefault(trial.trial_id, len(self.order))
+        self.live[trial.trial_id] = trial
+        self.reach.setdefault(trial.trial_id, 0)
+
+    def on_trial_result(self, tune_controller, trial, result: dict[str, Any]) -> str:
+        from ray.tune.schedulers import TrialScheduler
+
+        t = result.get(TIME_ATTR)
+        if t is None or self.metric not in result or t not in self.rungs:
+            return TrialScheduler.CONTINUE
+        k = self.rungs.index(t)
+        tid = trial.trial_id
+        if tid in self.recorded[k] or k in self.decided:  # again, after a restart from an earlier checkpoint
+            return TrialScheduler.CONTINUE if self.reach.get(tid, 0) > k else TrialScheduler.PAUSE
+        self.recorded[k][tid] = self.sign * float(result[self.metric])
+        self.waiting.add(tid)
+        return self._decide(tune_controller, k, current=tid)
+
+    def _decide(self, tune_controller, k: int, current: str | None) -> str:
+        """The rung ``k``'s decision once every live trial that may reach it has; the current trial's action."""
+        from ray.tune.schedulers import TrialScheduler
+
+        due = [tid for tid in self.live if self.reach.get(tid, 0) >= k]
+        if k in self.decided or any(tid not in self.recorded[k] for tid in due):
+            return TrialScheduler.PAUSE if current is not None else TrialScheduler.CONTINUE
+        self.decided.add(k)
+        ranked = sorted(due, key=lambda tid: (-self.recorded[k][tid], self.order[tid]))
+        keep = set(ranked[:keep_count(len(ranked), self.eta)])
+        action = TrialScheduler.CONTINUE
+        for tid in ranked:
+            self.waiting.discard(tid)
+            if tid in keep:
+                self.reach[tid] = k + 1
+                continue
+            trial = self.live.pop(tid)
+            if tid == current:
+                action = TrialScheduler.STOP
+            else:
+                tune_controller.stop_trial(trial)
+        return action
+
+    def _left(self, tune_controller, trial) -> None:
+        if self.live.pop(trial.trial_id, None) is None:
+            return
+        self.waiting.discard(trial.trial_id)
+        for k in range(len(self.rungs)):
+            if k not in self.decided and any(tid in self.waiting for tid in self.recorded[k]):
+                self._decide(tune_controller, k, current=None)
+
+    def on_trial_complete(self, tune_controller, trial, result) -> None:
+        self._left(tune_controller, trial)
+
+    def on_trial_error(self, tune_controller, trial) -> None:
+        self._left(tune_controller, trial)
+
+    def on_trial_remove(self, tune_controller, trial) -> None:
+        self._left(tune_controller, trial)
+
+    def runnable(self, trial) -> bool:
+        """Whether a PAUSED trial may start again: promoted, or not paused by this scheduler."""
+        return trial.trial_id not in self.waiting
 
 
 def interleave_groups(specs: list[Any]) -> list[Any]:
@@ -287,13 +409,24 @@ def grouped_scheduler(plan: SchedulerPlan, metric: str, mode: str, max_t: int):
         def on_trial_remove(self, tune_controller, trial):
             self._of(trial).on_trial_remove(tune_controller, trial)
 
+        def choose_trial_to_run(self, tune_controller):
+            from ray.tune.experiment import Trial
+
+            trials = tune_controller.get_trials()
+            for trial in trials:
+                if trial.status == Trial.PENDING:
+                    return trial
+            for trial in trials:  # paused by synchronous halving: only once promoted
+                if trial.status == Trial.PAUSED and getattr(self._of(trial), "runnable", lambda t: True)(trial):
+                    return trial
+            return None
+
         def debug_string(self) -> str:
             return f"Selection under {plan.label()} per (method, task): {len(self._groups)} group(s)"
 
     return GroupedScheduler()
 
 
-__all__ = ["RUNG_KEY", "SCHEDULERS", "TIME_ATTR", "SchedulerPlan", "eval_points", "expected_rung_reports",
-           "expected_selection_work", "expected_update_fraction", "grouped_scheduler", "interleave_groups",
-           "make_scheduler",
-           "parse_scheduler", "rung_value"]
+__all__ = ["RUNG_KEY", "SCHEDULERS", "TIME_ATTR", "SchedulerPlan", "SyncHalving", "eval_points",
+           "expected_rung_reports", "expected_selection_work", "expected_update_fraction", "grouped_scheduler",
+           "interleave_groups", "keep_count", "make_scheduler", "parse_scheduler", "rung_value"]

@@ -14,9 +14,10 @@ evaluates also at each rung it reaches) holds a trial's share
 of its GPU, and so do a trial's start-up, wrap, compilation and save where the device entry has them
 measured (``trial_overhead``, from finished trials' records: ``costs RESULTS --overheads``), and its
 end-of-training step (GLoRA's subnet search) for the trials expected to reach the end of their budget.
-Selection under ASHA is priced at :func:`harness.early_stopping.expected_selection_work`: a share of the
-full grid's updates, the rung evaluations and the share of trials that reach the end, for each (method,
-task) group at its own size (a small group saves little).
+Selection under ASHA or synchronous halving (``sha``) is priced at
+:func:`harness.early_stopping.expected_selection_work`: a share of the full grid's updates, the rung
+evaluations and the share of trials that reach the end, for each (method, task) group at its own size
+(under ASHA a small group saves little; under ``sha`` the share follows from the group's size alone).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.early_stopping import expected_selection_work, parse_scheduler
+from harness.early_stopping import eval_points, expected_selection_work, parse_scheduler
 from harness.errors import ConfigError
 from harness.methods import base_name
 from harness.placement import auto_gpu_share, check_reachable, visible_gpus
@@ -187,12 +188,15 @@ def trial_overhead(spec: ResolvedTrial, stage: str, device: dict[str, Any] | Non
 
 def plan_wave(study: Study, stage: str, wave: int, specs: list[ResolvedTrial], gpus: int,
               device: dict[str, Any] | None, update_share: float = 1.0, rung_reports: float = 0.0,
-              end_shares: dict[tuple[str, str], float] | None = None) -> WavePlan:
+              end_shares: dict[tuple[str, str], float] | None = None,
+              restarts: tuple[float, int] = (0.0, 0)) -> WavePlan:
     """Price one wave of trials on ``gpus`` GPUs. ``update_share``: the share of each trial's updates a
     selection scheduler is expected to spend; ``rung_reports``: the intermediate scores (one evaluation
     each, as long as the final one) it is expected to ask of each trial; ``end_shares``: per (method, task)
     group, the share of its trials the scheduler is expected to let reach the end of their budget, the only
-    ones that pay :attr:`TrialCost.end_overhead_s` (a group not in it: all of them)."""
+    ones that pay :attr:`TrialCost.end_overhead_s` (a group not in it: all of them); ``restarts``: how often a
+    trial starts again from a checkpoint, on average and at most (synchronous halving resumes the trials it
+    promotes at each rung), each paying the trial's start-up overheads again."""
     costs = [trial_cost(s, study, device) for s in specs]
     # per group, not one share for the stage: the end-only overhead is one method's (GLoRA's search), and its
     # groups' size, not the stage's mix of sizes, sets how many of its trials reach the end
@@ -223,14 +227,19 @@ def plan_wave(study: Study, stage: str, wave: int, specs: list[ResolvedTrial], g
     # a GPU's time: its trials' training at the packed rate, and their evaluations and overheads each
     # holding one of its p shares
     evals = 1 + rung_reports
-    gpu_s = sum(c.train_s * update_share / speed + (c.evals_s(evals) + c.overhead_s + r * c.end_overhead_s) / per_gpu
+    starts, most_starts = 1 + restarts[0], 1 + restarts[1]
+    gpu_s = sum(c.train_s * update_share / speed
+                + (c.evals_s(evals) + starts * c.overhead_s + r * c.end_overhead_s) / per_gpu
                 for c, r in zip(costs, reach))
     # the longest trial pays its end-only overhead in full: under ASHA the first trial of a group to reach a rung
     # always goes on, so every group has one that reaches the end
-    longest = max(c.train_s * update_share * per_gpu / speed + c.evals_s(evals) + c.overhead_s + c.end_overhead_s
-                  for c in costs)
+    longest = max(c.train_s * update_share * per_gpu / speed + c.evals_s(evals) + most_starts * c.overhead_s
+                  + c.end_overhead_s for c in costs)
     if rung_reports:
         out.notes.append(f"{rung_reports:.2g} rung evaluations per trial")
+    if restarts[0]:
+        out.notes.append(f"{restarts[0]:.2g} restarts from a rung checkpoint per trial, each with the start-up "
+                         "overheads")
     if any(c.end_overhead_s for c in costs) and min(reach) < 1.0:
         out.notes.append(f"end-of-training overheads for the {sum(reach) / n:.2g} of trials expected to reach the end")
     out.gpu_hours = gpu_s / 3600
@@ -255,30 +264,35 @@ def plan_sweep(sweep: SweepFile, gpus: int, device_name: str, costs: dict[str, A
     out: list[WavePlan] = []
     for study in sweep.studies:
         waves = method_waves(list(study.methods))
-        # (stage, trials, update share, rung evaluations per trial, share reaching the end per group)
-        stages: list[tuple[str, list[ResolvedTrial], float, float, dict[tuple[str, str], float]]] = []
+        # (stage, trials, update share, rung evaluations per trial, share reaching the end per group,
+        # restarts from a rung checkpoint per trial on average and at most)
+        stages: list[tuple[str, list[ResolvedTrial], float, float, dict[tuple[str, str], float],
+                           tuple[float, int]]] = []
         if study.protocol == "select-then-final":
             selecting = selection_methods(study)
             sched = parse_scheduler(study.selection.scheduler_settings())
             specs = [s for s in study_trials(study, "select") if s.method in selecting]
             max_t = (trial_cost(specs[0], study, None).updates or 0) if specs else 0
             groups = Counter((s.method, s.task) for s in specs)  # a scheduler per (method, task) group
-            share, rungs = 1.0, 0.0
+            share, rungs, restarts = 1.0, 0.0, (0.0, 0)
             work = {key: expected_selection_work(sched, max_t, n) for key, n in groups.items()}
             if specs:
                 share = sum(n * work[key][0] for key, n in groups.items()) / len(specs)
                 rungs = sum(n * work[key][1] for key, n in groups.items()) / len(specs)
+                if sched is not None and sched.name == "sha":  # each promoted trial resumes from its rung
+                    resumed = sum(n * (work[key][1] - 1 + work[key][2]) for key, n in groups.items())
+                    restarts = (resumed / len(specs), len(eval_points(sched, max_t)))
             stages.append(("select" + (f" [{sched.label()}]" if sched else ""), specs, share, rungs,
-                           {key: w[2] for key, w in work.items()}))
+                           {key: w[2] for key, w in work.items()}, restarts))
             first = {(m, t): expand_grid(space, m)[0] for m, space in study.methods.items() for t in study_tasks(study)}
-            stages.append(("final", study_trials(study, "final", first), 1.0, 0.0, {}))
+            stages.append(("final", study_trials(study, "final", first), 1.0, 0.0, {}, (0.0, 0)))
         else:
-            stages.append(("final", study_trials(study, "final"), 1.0, 0.0, {}))
-        for stage, specs, share, rungs, reach in stages:
+            stages.append(("final", study_trials(study, "final"), 1.0, 0.0, {}, (0.0, 0)))
+        for stage, specs, share, rungs, reach, restarts in stages:
             for i, names in enumerate(waves):
                 wave = [s for s in specs if s.method in names]
                 if wave:
-                    out.append(plan_wave(study, stage, i, wave, gpus, device, share, rungs, reach))
+                    out.append(plan_wave(study, stage, i, wave, gpus, device, share, rungs, reach, restarts))
     return out, said
 
 

@@ -61,7 +61,7 @@ class Selection(BaseModel):
     model_config = ConfigDict(extra="allow")
     seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
     budget: dict[str, Any] = Field(default_factory=dict)
-    # early stopping of the selection grid through Ray Tune: asha or median (harness/early_stopping.py)
+    # early stopping of the selection grid through Ray Tune: asha, sha or median (harness/early_stopping.py)
     scheduler: str | None = None
 
     @field_validator("seeds")
@@ -135,6 +135,15 @@ class Study(BaseModel):
     @classmethod
     def _distinct_tasks(cls, v: list[str] | str) -> list[str] | str:
         return _distinct(v, "tasks") if isinstance(v, list) else v
+
+    @model_validator(mode="after")
+    def _room_for_paused_trials(self) -> "Study":
+        if self.selection.scheduler == "sha" and self.resources.max_concurrent is not None:
+            raise ValueError(f"resources.max_concurrent={self.resources.max_concurrent} with selection.scheduler "
+                             "'sha': Tune counts a trial paused at a rung against max_concurrent, so the rung "
+                             "would wait for trials that never start. Remove resources.max_concurrent "
+                             "(cpus_per_trial and gpus_per_trial bound how many trials run at once)")
+        return self
 
     @property
     def board_name(self) -> str:

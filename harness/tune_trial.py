@@ -68,18 +68,21 @@ class TuneTrialPlan:
     metric: str = ""  # the benchmark's primary metric, kept in the provisional record
     tiebreak: str = ""  # the benchmark's tiebreak metric, folded into what the scheduler reads (RUNG_KEY)
     scheduler: str = ""  # the scheduler's label, kept in the record
+    # a checkpoint with every rung's score: synchronous halving pauses the trial there and resumes it from it
+    rung_checkpoints: bool = False
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "TuneTrialPlan":
         raw = config.get("tune_trial") or {}
         return cls(checkpoint_every=raw.get("checkpoint_every"), checkpoint_minutes=raw.get("checkpoint_minutes", 5.0),
                    eval_points=tuple(raw.get("eval_points", ())), metric=raw.get("metric", ""),
-                   tiebreak=raw.get("tiebreak", ""), scheduler=raw.get("scheduler", ""))
+                   tiebreak=raw.get("tiebreak", ""), scheduler=raw.get("scheduler", ""),
+                   rung_checkpoints=bool(raw.get("rung_checkpoints", False)))
 
     def to_config(self) -> dict[str, Any]:
         return {"checkpoint_every": self.checkpoint_every, "checkpoint_minutes": self.checkpoint_minutes,
                 "eval_points": list(self.eval_points), "metric": self.metric, "tiebreak": self.tiebreak,
-                "scheduler": self.scheduler}
+                "scheduler": self.scheduler, "rung_checkpoints": self.rung_checkpoints}
 
 
 def _save(run: FineTuneRun, extra: dict[str, Any], report_metrics: dict[str, Any]) -> None:
@@ -265,7 +268,8 @@ def _run_tune_trial(run: FineTuneRun, spec: ResolvedTrial, plan: TuneTrialPlan, 
             metrics = {"update": done, **last}
         due = (plan.checkpoint_every and done - saved_at >= plan.checkpoint_every) or (
             not plan.checkpoint_every and plan.checkpoint_minutes > 0
-            and time.monotonic() - since >= 60 * plan.checkpoint_minutes)
+            and time.monotonic() - since >= 60 * plan.checkpoint_minutes) or (
+            bool(metrics) and plan.rung_checkpoints)
         if due and not run.trainer.done:
             _save(run, {"last": last}, metrics or {"update": done})
             saved_at, since = done, time.monotonic()
@@ -309,7 +313,8 @@ def tune_trial_plan(study, specs: list[ResolvedTrial]) -> tuple[TuneTrialPlan, A
     benchmark = get_track(study.track).benchmark(study.benchmark)
     mode = "max" if benchmark.higher_is_better else "min"
     plan = replace(base, eval_points=tuple(eval_points(sched, max_t)), metric=benchmark.primary_metric,
-                   tiebreak=benchmark.tiebreak_metric or "", scheduler=sched.label())
+                   tiebreak=benchmark.tiebreak_metric or "", scheduler=sched.label(),
+                   rung_checkpoints=sched.name == "sha")
     return plan, grouped_scheduler(sched, RUNG_KEY, mode, max_t)
 
 

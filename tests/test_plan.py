@@ -189,6 +189,23 @@ def test_measured_overheads_hold_a_share_of_the_gpu_per_trial():
     assert other.gpu_hours - bare.gpu_hours == pytest.approx(len(specs) * 110.0 / per_gpu / 3600)
 
 
+def test_under_synchronous_halving_each_resume_from_a_rung_pays_the_start_up_again():
+    """``sha`` pauses a trial at a rung and starts it again from its checkpoint if promoted: each such
+    restart holds the GPU share for the trial's start-up overheads once more, as planned per trial; the
+    longest trial restarts at every rung."""
+    from harness.plan import plan_wave
+    from harness.sweep_file import SweepFile, study_trials
+
+    study = SweepFile.model_validate({"name": "t", "studies": [STUDY]}).studies[0]
+    specs = study_trials(study, "select")
+    device = json.loads(json.dumps(COSTS["NVIDIA H200"]))
+    device["rl"]["trial_overhead"] = {"source": "a test", "start_s": 10.0, "seconds": {"select": {"default": 100.0}}}
+    once = plan_wave(study, "select", 0, specs, 2, device)
+    resumed = plan_wave(study, "select", 0, specs, 2, device, restarts=(0.5, 2))
+    assert resumed.gpu_hours - once.gpu_hours == pytest.approx(len(specs) * 0.5 * 110.0 / once.per_gpu / 3600)
+    assert resumed.wall_hours >= once.wall_hours and any("restarts from a rung checkpoint" in n for n in resumed.notes)
+
+
 def test_under_asha_only_the_trials_expected_to_reach_the_end_pay_the_end_of_training_step():
     """Issue 20: GLoRA's subnet search (``end_seconds``) runs only in a trial that reaches the end of its
     budget. A selection under ASHA prices it for the simulated share of each (method, task) group's trials

@@ -70,7 +70,7 @@ def test_scheduler_settings_are_checked_with_tunes_names():
         parse_scheduler({"scheduler": "asha", "grace_perod": 4})
     with pytest.raises(ConfigError, match="max_t: set by the harness"):
         parse_scheduler({"scheduler": "asha", "max_t": 4})
-    with pytest.raises(ConfigError, match="use 'asha' with brackets"):
+    with pytest.raises(ConfigError, match="use 'sha' for synchronous successive halving"):
         parse_scheduler({"scheduler": "hyperband"})
     with pytest.raises(ConfigError, match="reduction_factor"):
         parse_scheduler({"scheduler": "asha", "reduction_factor": 1})
@@ -176,3 +176,140 @@ def test_the_scheduler_reads_the_rung_score_with_the_benchmarks_tiebreak():
                         confirmed=True).studies[0]
     vplan, vscheduler = tune_trial_plan(vision, study_trials(vision, "select"))
     assert vscheduler is not None and (vplan.metric, vplan.tiebreak) == ("top1", "")
+
+
+class _Controller:
+    """What SyncHalving asks of Tune's controller: to stop a trial it had paused."""
+
+    def __init__(self):
+        self.stopped: list[str] = []
+
+    def stop_trial(self, trial):
+        self.stopped.append(trial.trial_id)
+
+
+def _group(rungs: list[int], mode: str):
+    """A SyncHalving over trials a-d (factor 2), a stand-in controller, the trials, and report(t, at, score)."""
+    from harness.early_stopping import RUNG_KEY, TIME_ATTR, SyncHalving
+
+    sched, ctl = SyncHalving(rungs, 2.0, RUNG_KEY, mode), _Controller()
+    trials = {t: type("T", (), {"trial_id": t})() for t in "abcd"}
+    for t in trials.values():
+        sched.on_trial_add(ctl, t)
+
+    def report(t: str, at: int, score: float) -> str:
+        return sched.on_trial_result(ctl, trials[t], {TIME_ATTR: at, RUNG_KEY: score})
+
+    return sched, ctl, trials, report
+
+
+def test_synchronous_halving_waits_for_the_whole_group_at_each_rung():
+    """Four trials, rungs 4 and 8 of 16, factor 2: every trial waits (PAUSE) at a rung until all live ones
+    of its group have reached it; then the best ceil(n/2) go on and the others stop, the current trial by
+    its action and paused ones through the controller. A trial that fails while others wait completes the
+    rung; ties go to the earlier trial."""
+    from ray.tune.schedulers.trial_scheduler import TrialScheduler as TS
+
+    sched, ctl, trials, report = _group([4, 8], "max")
+
+    assert sched.on_trial_result(ctl, trials["a"], {"update": 2}) == TS.CONTINUE  # a progress report
+    assert [report("a", 4, 0.5), report("b", 4, 0.9), report("c", 4, 0.1)] == [TS.PAUSE] * 3
+    assert not any(sched.runnable(trials[t]) for t in "abc")  # paused and waiting: not to be started again
+    assert report("d", 4, 0.3) == TS.STOP  # the last arrival decides: b and a go on, c and d stop
+    assert ctl.stopped == ["c"] and sched.runnable(trials["a"]) and sched.runnable(trials["b"])
+    assert report("b", 8, 0.2) == TS.PAUSE  # b waits for a at the second rung
+    assert report("a", 8, 0.2) == TS.CONTINUE  # a tie: the trial added first (a) goes on, b stops
+    assert ctl.stopped == ["c", "b"] and not sched.live.keys() - {"a"}
+    assert report("a", 16, 0.7) == TS.CONTINUE  # max_t: no rung, the trial finishes
+
+
+def test_synchronous_halving_decisions_with_ties_and_failures():
+    from ray.tune.schedulers.trial_scheduler import TrialScheduler as TS
+
+    sched, ctl, trials, report = _group([4, 8], "max")
+
+    assert report("a", 4, 0.5) == TS.PAUSE and report("b", 4, 0.9) == TS.PAUSE
+    sched.on_trial_error(ctl, trials["c"])  # c fails before its rung: the rung waits for d alone
+    assert report("d", 4, 0.5) == TS.STOP  # three at the rung, keep 2: b, then a (tied with d, added first)
+    assert ctl.stopped == [] and sched.runnable(trials["a"])
+    assert report("b", 8, 0.4) == TS.PAUSE
+    sched.on_trial_complete(ctl, trials["a"], {})  # a ends on its own before the rung: b decides alone
+    assert sched.runnable(trials["b"]) and ctl.stopped == []
+    # lower is better: the lowest scores go on
+    _, ctl2, _, low = _group([4], "min")
+    acts = [low(t, 4, v) for t, v in zip("abcd", (0.4, 0.1, 0.3, 0.2))]
+    assert acts == [TS.PAUSE] * 3 + [TS.CONTINUE] and sorted(ctl2.stopped) == ["a", "c"]
+
+
+def test_synchronous_halving_is_priced_at_the_textbook_share():
+    """12 grid points, grace 125 of 1,000 updates, factor 4 (issue 20's H200 comparison): 12 x 125 + 3 x 375
+    + 1 x 500 = 3,125 of 12,000 updates, whatever order the trials arrive in."""
+    plan = parse_scheduler({"scheduler": "sha", "grace_period": 125, "reduction_factor": 4})
+    assert eval_points(plan, 1000) == [125, 500]
+    share, reports, finished = expected_selection_work(plan, 1000, 12)
+    assert share == pytest.approx(3125 / 12000) and reports == pytest.approx((12 + 3) / 12)
+    assert finished == pytest.approx(1 / 12)
+    assert expected_update_fraction(plan, 1000, 12) < expected_update_fraction(
+        parse_scheduler({"scheduler": "asha", "grace_period": 125, "reduction_factor": 4}), 1000, 12)
+    with pytest.raises(ConfigError, match="brackets.*valid: grace_period, reduction_factor"):
+        parse_scheduler({"scheduler": "sha", "brackets": 2})
+
+
+def test_a_sweep_under_synchronous_halving_pauses_at_rungs_and_resumes_from_checkpoints(selection_bench,
+                                                                                       tmp_path):
+    """The bench's tiny vision study (``full`` over LRS, STEPS updates, rungs at GRACE and 2 GRACE, factor 2)
+    under ``scheduler: sha``, run as a user runs a sweep (working folder, relative paths), two trials at a
+    time: no trial passes a rung before all live ones reached it; 4 -> 2 -> 1 trials; the promoted trials
+    continue from their rung checkpoints, and the one that trains to the end gives the record the full
+    grid's trial of the same setting gave (tests/conftest.py's grid run), update for update."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    doc = yaml.safe_load((selection_bench.folder / "sel.yaml").read_text())
+    doc["selection"] = {"seeds": [0], "scheduler": "sha", "grace_period": GRACE, "reduction_factor": 2}
+    doc["methods"] = {"full": {"lr": LRS}}
+    doc["resources"].pop("max_concurrent")
+    (tmp_path / "sha.yaml").write_text(yaml.safe_dump(doc))
+    env = {**selection_bench.env, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "harness", "sweep", "sha.yaml", "--results", "res", "--leaderboard",
+                           "board", "--no-dashboard", "--cpus", "2", "--selection-only"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-3000:]
+    path = next((tmp_path / "res").rglob("*-select-records.jsonl"))
+    select = [json.loads(x) for x in path.read_text().splitlines()]
+    reached = sorted(json.loads(r["extra"]).get("stopped_at_update", STEPS) for r in select)
+    assert reached == [GRACE, GRACE, 2 * GRACE, STEPS]
+    assert all(r["selection"].startswith("held-out/sha(") for r in select)
+    # synchronous: every rung report of the first rung came before any of the second
+    reports = [json.loads(line) for path in (tmp_path / "res").rglob("result.json")
+               for line in path.read_text().splitlines() if '"selection_update"' in line]
+    first = [r["timestamp"] for r in reports if r["selection_update"] == GRACE]
+    second = [r["timestamp"] for r in reports if r["selection_update"] == 2 * GRACE]
+    assert len(first) == 4 and len(second) == 2 and max(first) <= min(second)
+    # the trials kept at a rung scored at least as well there as the ones stopped
+    at_first = {json.loads(r["record"])["settings"]["lr"]: r["rung_score"] for r in reports
+                if r["selection_update"] == GRACE}
+    kept = [json.loads(r["settings"])["lr"] for r in select
+            if json.loads(r["extra"]).get("stopped_at_update", STEPS) > GRACE]
+    assert min(at_first[k] for k in kept) >= max(v for k, v in at_first.items() if k not in kept)
+    # the one that trained to the end went through both pauses, from its checkpoints
+    winner = next(r for r in select if "stopped_at_update" not in json.loads(r["extra"]))
+    assert json.loads(winner["extra"]).get("resumed_from_update") == 2 * GRACE
+    grid = {r["settings"]: r for r in selection_bench.select_records("grid")}[winner["settings"]]
+    assert (winner["top1"], winner["train_loss"]) == (grid["top1"], grid["train_loss"])
+
+
+def test_synchronous_halving_refuses_a_concurrency_cap_before_any_compute():
+    """Tune counts a trial paused at a rung against max_concurrent_trials: with a cap, the rung would wait
+    for trials that never start. The sweep file is refused, naming both keys."""
+    from harness.sweep_file import load_sweep
+
+    sets = ["tasks=[hammer]", "selection={seeds: [0], scheduler: sha, grace_period: 750}"]
+    study = load_sweep(ROOT / "sweeps" / "cw10-short.yaml", sets, only="cw10-short", confirmed=True).studies[0]
+    assert study.selection.scheduler == "sha"
+    with pytest.raises(ConfigError, match="resources.max_concurrent=2 with selection.scheduler 'sha'"):
+        load_sweep(ROOT / "sweeps" / "cw10-short.yaml", [*sets, "resources.max_concurrent=2"], only="cw10-short",
+                   confirmed=True)
