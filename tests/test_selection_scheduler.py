@@ -300,6 +300,7 @@ def test_a_sweep_under_synchronous_halving_pauses_at_rungs_and_resumes_from_chec
     assert json.loads(winner["extra"]).get("resumed_from_update") == 2 * GRACE
     grid = {r["settings"]: r for r in selection_bench.select_records("grid")}[winner["settings"]]
     assert (winner["top1"], winner["train_loss"]) == (grid["top1"], grid["train_loss"])
+    assert not list((tmp_path / "res").rglob("checkpoint_*"))  # the rung checkpoints go with the study's end
 
 
 def test_synchronous_halving_refuses_a_concurrency_cap_before_any_compute():
