@@ -8,11 +8,11 @@ rungs) is synchronous successive halving, a Tune ``TrialScheduler`` of ours (:cl
 trial that reaches a rung is paused (its checkpoint reported with the score) until every live trial of
 its group has reached that rung; then the best ``ceil(n / reduction_factor)`` resume from their
 checkpoints and the rest stop. Every point is then compared with every other at each rung, as the full
-grid would compare them, and the updates spent are the textbook share whatever order trials arrive in;
-asynchronous ASHA lets the first arrivals at a rung go on, which on groups of 12 let 6-9 of 12 trials
-past the first rung on the H200 (BENCHMARKS.md, issue 20). The harness sets ``metric``/``mode`` (the
-benchmark's primary metric, on the selection split or episodes), ``time_attr`` (:data:`TIME_ATTR`,
-updates) and ``max_t`` (the selection budget's updates), so those keys are refused.
+grid would compare them, and the updates spent are the textbook share whatever order trials arrive in,
+where asynchronous ASHA lets the first arrivals at a rung go on (measured: BENCHMARKS.md, issue 20). The
+harness sets ``metric``/``mode`` (the benchmark's primary metric, on the selection split or episodes),
+``time_attr`` (:data:`TIME_ATTR`, updates) and ``max_t`` (the selection budget's updates), so those keys
+are refused.
 
 Settings are chosen per (method, task): a score on one task says nothing about a trial on another, so
 each (method, task) group of trials gets a scheduler of its own (:class:`GroupedScheduler`); within a
@@ -238,8 +238,7 @@ def rung_value(score: float, tiebreak: float | None = None) -> float:
     """The value a scheduler compares at a rung: ``score`` (the primary metric), plus ``tiebreak`` (a finer
     metric, better in the same direction) squashed below a millionth, so that it orders equal scores
     and never reverses unequal ones. Tune's ASHA stops a trial only when it scores strictly below the
-    rung's cutoff, so with success on 10 episodes (steps of 0.1) every tie at the cutoff went on: on the
-    H200, 8 of hammer's 12 LoRA points read 0.2-0.3 after 125 updates (BENCHMARKS.md, issue 20)."""
+    rung's cutoff, so with success on 10 episodes (steps of 0.1) every tie at the cutoff went on."""
     if tiebreak is None or not math.isfinite(tiebreak):
         return float(score)
     x = tiebreak / 1000.0
