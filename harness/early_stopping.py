@@ -296,8 +296,12 @@ class SyncHalving:
             return TrialScheduler.CONTINUE
         k = self.rungs.index(t)
         tid = trial.trial_id
-        if tid in self.recorded[k] or k in self.decided:  # again, after a restart from an earlier checkpoint
-            return TrialScheduler.CONTINUE if self.reach.get(tid, 0) > k else TrialScheduler.PAUSE
+        # reported again, after a restart from a checkpoint before this rung (a retried trial)
+        if k in self.decided:
+            return TrialScheduler.CONTINUE if self.reach.get(tid, 0) > k else TrialScheduler.STOP
+        if tid in self.recorded[k]:
+            self.waiting.add(tid)
+            return TrialScheduler.PAUSE
         self.recorded[k][tid] = self.sign * float(result[self.metric])
         self.waiting.add(tid)
         return self._decide(tune_controller, k, current=tid)

@@ -221,6 +221,8 @@ def test_synchronous_halving_waits_for_the_whole_group_at_each_rung():
     assert report("a", 8, 0.2) == TS.CONTINUE  # a tie: the trial added first (a) goes on, b stops
     assert ctl.stopped == ["c", "b"] and not sched.live.keys() - {"a"}
     assert report("a", 16, 0.7) == TS.CONTINUE  # max_t: no rung, the trial finishes
+    # a retried trial that reports a decided rung again: on if it was promoted there, else stopped
+    assert report("a", 4, 0.0) == TS.CONTINUE and report("c", 4, 0.9) == TS.STOP
 
 
 def test_synchronous_halving_decisions_with_ties_and_failures():
