@@ -488,4 +488,49 @@ def profile_phases(trainer: Trainer, hooks: MethodHooks, batch: Any, steps: int)
                     launches[name] += 1
                     break
     return {"ms": {k: round(v * 1000 / steps, 3) for k, v in seconds.items()},
-            "kernels" if cuda else "aten_calls": launches}
+            "kernels" if cuda else "aten_calls": launches, **time_by_kind(prof, cuda)}
+
+
+# Substrings that name a kernel's (CUDA) or an aten call's (CPU) kind, tried in this order.
+KERNEL_KINDS = (
+    ("attention", ("flash", "fmha", "attention", "scaled_dot_product", "_efficient_")),
+    ("matmul", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "aten::mm", "aten::addmm", "aten::bmm",
+                "aten::baddbmm", "aten::linear", "aten::matmul")),
+    ("fused", ("triton",)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """``attention``, ``matmul``, ``fused`` (inductor's generated kernels) or ``other``, from a kernel's or
+    an aten call's name."""
+    low = name.lower()
+    for kind, marks in KERNEL_KINDS:
+        if any(m in low for m in marks):
+            return kind
+    return "other"
+
+
+def time_by_kind(prof: Any, cuda: bool, top: int = 12) -> dict[str, Any]:
+    """Where the profiled step's time went: per kind (:func:`kernel_kind`) the device time of its kernels
+    (CUDA) or the self CPU time of its aten calls (CPU), in ms, and the ``top`` kernels or calls by time
+    with their counts. Tells a step bound by its matrix products from one bound by everything else."""
+    totals: dict[str, float] = {}
+    rows = []
+    for e in prof.key_averages():
+        if cuda:
+            if e.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            us = e.self_device_time_total
+        else:
+            if not e.key.startswith("aten::"):
+                continue
+            us = e.self_cpu_time_total
+        if us <= 0:
+            continue
+        kind = kernel_kind(e.key)
+        totals[kind] = totals.get(kind, 0.0) + us
+        rows.append((us, e.key, e.count, kind))
+    rows.sort(reverse=True)
+    return {"time_by_kind_ms": {k: round(v / 1000, 3) for k, v in sorted(totals.items())},
+            "top_kernels": [{"name": n[:120], "ms": round(us / 1000, 3), "count": c, "kind": k}
+                            for us, n, c, k in rows[:top]]}

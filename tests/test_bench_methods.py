@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from harness.bench_methods import PHASES, bench_methods
+from harness.bench_methods import KERNEL_KINDS, PHASES, bench_methods, kernel_kind
 from harness.errors import ConfigError
 from harness.methods import low_rank
+
+KINDS = [k for k, _ in KERNEL_KINDS] + ["other"]
 
 TINY_DT = {"model": "dt", "tiny": True, "steps": 2, "warmup": 1, "batch_size": 4}
 
@@ -26,6 +28,23 @@ def test_profile_splits_a_step_into_phases_and_finds_each_methods_own_work():
     assert ada["aten_calls"]["extra_loss"] > 0 and ada["aten_calls"]["on_step"] > 0
     assert ada["aten_calls"]["forward"] > full["aten_calls"]["forward"]
     assert out["config"]["rank_align"] == 8 and low_rank.RANK_ALIGN == default  # the module's value is restored
+    # where the time went, by kind: a DT step's matrix products and attention are found among its calls
+    for phases in (full, ada):
+        kinds = phases["time_by_kind_ms"]
+        assert kinds.get("matmul", 0) > 0 and kinds.get("attention", 0) > 0 and set(kinds) <= set(KINDS)
+        top = phases["top_kernels"]
+        assert top and [t["ms"] for t in top] == sorted((t["ms"] for t in top), reverse=True)
+        assert all(t["kind"] == kernel_kind(t["name"]) for t in top)
+
+
+def test_kernel_kinds_from_cuda_kernel_and_aten_names():
+    assert kernel_kind("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "matmul"
+    assert kernel_kind("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN") == "matmul"
+    assert kernel_kind("aten::addmm") == "matmul"
+    assert kernel_kind("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>") == "attention"
+    assert kernel_kind("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
+    assert kernel_kind("triton_per_fused_native_layer_norm_0") == "fused"
+    assert kernel_kind("aten::native_layer_norm") == "other"
 
 
 def test_compile_mode_needs_compile():
