@@ -75,6 +75,9 @@ class PhaseClock:
         self.unix0 = time.time() - (time.perf_counter() - self.t0) if unix0 is None else unix0
         self.seconds: dict[str, float] = dict.fromkeys(PHASES, 0.0)
         self.training_span: list[float] = []  # unix [first update's start, last update's end]
+        # seconds of named parts inside a phase (the wrap's: the method's wrap, the move to the device, the
+        # trainer), reported beside the phases, not in their sum
+        self.detail: dict[str, float] = {}
 
     def mark(self, phase: str, at: float | None = None) -> None:
         """Give ``phase`` the time from the previous mark to ``at`` (a ``perf_counter`` value; default: now)."""
@@ -88,6 +91,8 @@ class PhaseClock:
         out["total_s"] = round(self._last - self.t0, 3)
         if len(self.training_span) == 2:  # a trial that failed in training has no end to it
             out["training_span"] = [round(x, 3) for x in self.training_span]
+        if self.detail:
+            out["detail"] = {k: round(v, 3) for k, v in self.detail.items()}
         return out
 
 
@@ -166,7 +171,15 @@ class FineTuneRun:
                 adapter_bank=[str(p) for p in adapter_store.find_bank(self.adapter_key, spec.task, method.builds_on)]
                 if method.builds_on and not spec.adapter_bank else list(spec.adapter_bank),
                 device=setup.device)
-            model = method.wrap(setup.model, setup.site, self.wrap_settings, self.ctx).to(setup.device)
+            t_wrap = time.perf_counter()
+            model = method.wrap(setup.model, setup.site, self.wrap_settings, self.ctx)
+            t_moved = time.perf_counter()
+            model = model.to(setup.device)
+            if setup.device.type == "cuda":
+                torch.cuda.synchronize(setup.device)  # the copy's time is the move's, not the next phase's
+            t_trainer = time.perf_counter()
+            self.clock.detail["wrap_method_s"] = t_moved - t_wrap
+            self.clock.detail["wrap_to_device_s"] = t_trainer - t_moved
             self.lr, self.weight_decay = optimiser_settings(method, self.settings, setup.schedule)
             s = setup.schedule
             cfg = LoopConfig(**{f.name: getattr(s, f.name) for f in fields(Schedule)}, compile=setup.compile,
@@ -179,6 +192,7 @@ class FineTuneRun:
                 groups = method.optimizer_groups(model, self.wrap_settings, self.weight_decay)  # LoRA+-like
                 self.trainer = Trainer(model, setup.loss, setup.next_batch, cfg, setup.device,
                                        MethodHooks(method, self.ctx), self.report, groups)
+            self.clock.detail["wrap_trainer_s"] = time.perf_counter() - t_trainer
         self.clock.mark("wrap")
 
     def mark_training(self) -> None:

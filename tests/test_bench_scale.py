@@ -254,6 +254,10 @@ def test_a_tiny_rl_trial_records_where_its_time_went(tmp_path, monkeypatch):
     # the phases partition the trial: together they are its wall time (rounding apart)
     assert sum(timing[f"{p}_s"] for p in PHASES) == pytest.approx(timing["total_s"], abs=0.01)
     assert timing["total_s"] == pytest.approx(record.wall_time_s, abs=0.05)
+    # the wrap's parts, beside the phases: the method's wrap, the move to the device, the trainer
+    detail = timing["detail"]
+    assert set(detail) == {"wrap_method_s", "wrap_to_device_s", "wrap_trainer_s"}
+    assert all(v >= 0 for v in detail.values()) and sum(detail.values()) <= timing["wrap_s"] + 0.01
     # the real work shows where it happened: data and base model, updates, the rollout
     assert timing["setup_s"] > 0 and timing["steady_s"] > 0 and timing["first_updates_s"] > 0
     assert timing["eval_s"] >= record.extra["eval_wall_s"] - 0.01
