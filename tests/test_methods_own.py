@@ -113,8 +113,10 @@ def lifecycle(name: str, make, site: AdapterSite, x, y, loss_fn, layers, tmp: Pa
     assert method.count(reloaded, site) == (own, head)
     merged = method.merge(reloaded).eval()
     assert all(type(m) in (nn.Linear,) for n, m in merged.named_modules() if site.is_target(n))
+    # W' rounds differently in the two paths (op order), which the net amplifies with its random weights;
+    # the tolerance follows the outputs' scale (a wrong merge is off by O(1) of it), not the machine's kernels
     with torch.no_grad():
-        torch.testing.assert_close(merged(x), out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(merged(x), out, atol=2e-5 * float(out.abs().max()), rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["nola", "glora", "eigenlora"])
@@ -236,8 +238,10 @@ def test_glora_merge_matches_formula(form, bias):
     merged = method.merge(model)
     torch.testing.assert_close(merged.blocks[0].fc1.weight, w_expected)
     torch.testing.assert_close(merged.blocks[0].fc1.bias, b_expected)
+    # W' rounds differently in the two paths (op order), which the net amplifies with its random weights;
+    # the tolerance follows the outputs' scale (a wrong merge is off by O(1) of it), not the machine's kernels
     with torch.no_grad():
-        torch.testing.assert_close(merged(x), out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(merged(x), out, atol=2e-5 * float(out.abs().max()), rtol=1e-5)
 
 
 def test_glora_count_is_the_subnet_formula():
