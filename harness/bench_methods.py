@@ -512,13 +512,17 @@ def kernel_kind(name: str) -> str:
 
 def time_by_kind(prof: Any, cuda: bool, top: int = 12) -> dict[str, Any]:
     """Where the profiled step's time went: per kind (:func:`kernel_kind`) the device time of its kernels
-    (CUDA) or the self CPU time of its aten calls (CPU), in ms, and the ``top`` kernels or calls by time
-    with their counts. Tells a step bound by its matrix products from one bound by everything else."""
+    (CUDA) or the self CPU time of its aten calls (CPU), in ms, their sum (``kernel_ms``), and the ``top``
+    kernels or calls by time with their counts. Tells a step bound by its matrix products from one bound by
+    everything else, and (``kernel_ms`` against the step's time) one that leaves the device idle."""
     totals: dict[str, float] = {}
     rows = []
     for e in prof.key_averages():
         if cuda:
-            if e.device_type != torch.autograd.DeviceType.CUDA:
+            # the phases' own ranges (record_function, and the optimizer's) show on the device's timeline
+            # too, spanning kernels counted below: they are no kernels
+            if (e.device_type != torch.autograd.DeviceType.CUDA or getattr(e, "is_user_annotation", False)
+                    or e.key in PHASES or e.key.startswith(("Optimizer.", "ProfilerStep"))):
                 continue
             us = e.self_device_time_total
         else:
@@ -532,5 +536,6 @@ def time_by_kind(prof: Any, cuda: bool, top: int = 12) -> dict[str, Any]:
         rows.append((us, e.key, e.count, kind))
     rows.sort(reverse=True)
     return {"time_by_kind_ms": {k: round(v / 1000, 3) for k, v in sorted(totals.items())},
+            "kernel_ms": round(sum(totals.values()) / 1000, 3),
             "top_kernels": [{"name": n[:120], "ms": round(us / 1000, 3), "count": c, "kind": k}
                             for us, n, c, k in rows[:top]]}

@@ -32,6 +32,7 @@ def test_profile_splits_a_step_into_phases_and_finds_each_methods_own_work():
     for phases in (full, ada):
         kinds = phases["time_by_kind_ms"]
         assert kinds.get("matmul", 0) > 0 and kinds.get("attention", 0) > 0 and set(kinds) <= set(KINDS)
+        assert phases["kernel_ms"] == pytest.approx(sum(kinds.values()), abs=0.01)
         top = phases["top_kernels"]
         assert top and [t["ms"] for t in top] == sorted((t["ms"] for t in top), reverse=True)
         assert all(t["kind"] == kernel_kind(t["name"]) for t in top)
