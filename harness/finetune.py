@@ -32,7 +32,7 @@ from harness.randomness import TrialRandom, deterministic_kernels
 from harness.targets import join_targets
 from harness.tracks import FineTuneSetup, Report, get_track
 from harness.errors import HarnessError
-from harness.training import LoopConfig, Schedule, Trainer, TrainStats
+from harness.training import LoopConfig, Schedule, Trainer, TrainStats, synchronize
 from harness.trial import ResolvedTrial, TrialRecord, TrialSpec, print_reporter, resolve_trial
 
 
@@ -173,13 +173,12 @@ class FineTuneRun:
                 device=setup.device)
             t_wrap = time.perf_counter()
             model = method.wrap(setup.model, setup.site, self.wrap_settings, self.ctx)
-            t_moved = time.perf_counter()
+            t_wrapped = time.perf_counter()
             model = model.to(setup.device)
-            if setup.device.type == "cuda":
-                torch.cuda.synchronize(setup.device)  # the copy's time is the move's, not the next phase's
+            synchronize(setup.device)  # the copy's time is the move's, not the next phase's
             t_trainer = time.perf_counter()
-            self.clock.detail["wrap_method_s"] = t_moved - t_wrap
-            self.clock.detail["wrap_to_device_s"] = t_trainer - t_moved
+            self.clock.detail["wrap_method_s"] = t_wrapped - t_wrap
+            self.clock.detail["wrap_to_device_s"] = t_trainer - t_wrapped
             self.lr, self.weight_decay = optimiser_settings(method, self.settings, setup.schedule)
             s = setup.schedule
             cfg = LoopConfig(**{f.name: getattr(s, f.name) for f in fields(Schedule)}, compile=setup.compile,
