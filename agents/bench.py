@@ -6,9 +6,9 @@ windows drawn by the track's sampler from episodes of the trial's shape. The pla
 researcher would write by hand: one fixed batch already on the device, fused AdamW, bf16 autocast,
 clipping, nothing else. Both run eager and compiled (``compile``); the ratios are the harness's overhead.
 
-The compiled runs use torch.compile's mode ``bench_compile_mode`` of the track settings where it exists
-(``default``, ``reduce-overhead``: the compiled forward and backward replayed as CUDA graphs, or
-``max-autotune-no-cudagraphs``), so the modes can be compared on the same DT update.
+The compiled runs use the track setting ``compile_mode``, as trials do (``default``, ``reduce-overhead``:
+the compiled forward and backward replayed as CUDA graphs, or ``max-autotune-no-cudagraphs``), so the
+modes can be compared on the same DT update.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from harness.errors import ConfigError
 from harness.randomness import seeded
 from harness.training import LoopConfig, Trainer, autocast, compiled_loss, pick_device, synchronize
 from agents.data import Episodes, WindowSampler
@@ -39,18 +38,6 @@ def random_episodes(n: int, cfg: DTConfig, seed: int = 0) -> Episodes:
                     np.zeros(n, np.float32))
 
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
-
-
-def compile_mode(ts) -> str:
-    """The torch.compile mode of the compiled bench runs: ``ts.bench_compile_mode`` where the settings
-    have it, else torch's default."""
-    mode = getattr(ts, "bench_compile_mode", "default") or "default"
-    if mode not in COMPILE_MODES:
-        raise ConfigError(f"bench rl setting 'bench_compile_mode'={mode!r}: expected one of {list(COMPILE_MODES)}")
-    return mode
-
-
 def finetune_trainer(cfg: DTConfig, ts, batch: int, steps: int, compiled: bool, device: torch.device,
                      fixed_batch: bool = False, mode: str = "default") -> Trainer:
     """A fine-tuning trial's update loop on the DT of ``cfg``: the engine's Trainer on windows sampled on
@@ -60,18 +47,17 @@ def finetune_trainer(cfg: DTConfig, ts, batch: int, steps: int, compiled: bool, 
         model = DecisionTransformer(cfg).to(device)
     sampler = WindowSampler(random_episodes(200, cfg), cfg.context, seed=0, device=device)
     loop = LoopConfig(steps=steps, lr=ts.lr, weight_decay=ts.weight_decay, warmup=steps // 4,
-                      min_lr_ratio=ts.min_lr_ratio, grad_clip=ts.grad_clip, compile=compiled, report_every=0)
+                      min_lr_ratio=ts.min_lr_ratio, grad_clip=ts.grad_clip, compile=compiled, compile_mode=mode,
+                      report_every=0)
     fixed = sampler.sample(batch)
     trainer = Trainer(model, batch_loss, (lambda: fixed) if fixed_batch else (lambda: sampler.sample(batch)), loop,
                       device)
-    if compiled and device.type == "cuda" and mode != "default":
-        trainer.compute_loss = compiled_loss(trainer._loss, mode)  # the Trainer compiles in torch's default mode
     return trainer
 
 
 def _harness_rate(cfg: DTConfig, ts, batch: int, steps: int, compiled: bool, device: torch.device,
                   fixed_batch: bool = False) -> float:
-    trainer = finetune_trainer(cfg, ts, batch, 2 * steps, compiled, device, fixed_batch, compile_mode(ts))
+    trainer = finetune_trainer(cfg, ts, batch, 2 * steps, compiled, device, fixed_batch, ts.compile_mode)
     with seeded(0):
         for _ in range(steps):  # compile and allocator warm-up, not timed
             trainer.step()
@@ -94,7 +80,7 @@ def _plain_rate(cfg: DTConfig, ts, batch: int, steps: int, compiled: bool, devic
         with autocast(device):
             return batch_loss(model, batch)
 
-    loss_fn = compiled_loss(loss_of, compile_mode(ts)) if compiled else loss_of
+    loss_fn = compiled_loss(loss_of, ts.compile_mode) if compiled else loss_of
 
     def step() -> None:
         loss_fn(b).backward()
@@ -145,7 +131,7 @@ def profile_update(cfg: DTConfig, ts, batch: int, steps: int, compiled: bool, de
     from torch.profiler import ProfilerActivity, profile
 
     on_gpu = device.type == "cuda"
-    trainer = finetune_trainer(cfg, ts, batch, 2 * steps, compiled, device, mode=compile_mode(ts))
+    trainer = finetune_trainer(cfg, ts, batch, 2 * steps, compiled, device, mode=ts.compile_mode)
     with seeded(0):
         for _ in range(steps):
             trainer.step()
@@ -196,7 +182,7 @@ def bench(ts, cfg: DTConfig, batch: int, workers: int) -> dict[str, Any]:
     steps = ts.bench_steps
     modes = [False, True] if ts.compile and device.type == "cuda" else [False]
     out: dict[str, Any] = {"device": str(device), "model": cfg.describe(), "batch_size": batch, "steps": steps,
-                           "params": DecisionTransformer(cfg).num_params(), "compile_mode": compile_mode(ts),
+                           "params": DecisionTransformer(cfg).num_params(), "compile_mode": ts.compile_mode,
                            "train": {}}
     flops = flops_per_step(cfg, batch)
     for compiled in modes:

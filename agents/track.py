@@ -114,8 +114,6 @@ class RLSettings(TrackSettings):
     # `python -m harness bench rl`
     bench_steps: Int = Field(50, ge=1)
     bench_envs: Int = Field(10, ge=1)
-    # torch.compile's mode for `bench rl`'s compiled runs (reduce-overhead: CUDA graphs for the step)
-    bench_compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
     # also profile the update (torch.profiler): where a step's time goes, by kernel class (issue 21)
     bench_profile: Bool = False
 
@@ -394,6 +392,7 @@ class RLTrack(Track):
             next_batch=lambda: sampler.sample(bs), loss=batch_loss, evaluate=evaluate,
             base_key=pre.base_key, backbone=backbone_name(ts, pre), data_source=self.data_source(spec.benchmark),
             validate=validate, forward=forward_batch, layer_inputs=layer_tokens, compile=ts.compile,
+            compile_mode=ts.compile_mode,
             close=rollouts.close,
             init_batches=lambda: [init_sampler.sample(bs) for _ in range(8)],
             facts={"data": DATA_NOTE, "data_episodes": ts.data_episodes, "noise_levels": list(ts.noise_levels),

@@ -46,7 +46,7 @@ from harness.methods import eva_init, low_rank
 from harness.trial import resolve_point
 from harness.randomness import seeded
 from harness.training import LoopConfig, Trainer, compiled_loss, own_frame, synchronize
-from harness.validation import Bool, Int, validate
+from harness.validation import Bool, CompileMode, Int, validate
 
 VIT_SITE = AdapterSite(targets=("qkv", "attn.proj", "fc1", "fc2"), head=("head",), feedforward=("mlp.fc2",))
 
@@ -71,7 +71,7 @@ class BenchSettings(BaseModel):
     # torch.compile mode of the compiled forward and loss (needs compile=true): None the trainer's own
     # (inductor's default); "reduce-overhead" replays it as CUDA graphs, which tells whether a method's
     # extra cost is kernel launches rather than device work
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] | None = None
+    compile_mode: CompileMode | None = None
     # pad adapter ranks to a multiple of this on CUDA (harness.methods.low_rank.RANK_ALIGN, 0 by default:
     # never); 8 measures the padding against the default
     rank_align: Int | None = Field(None, ge=0)

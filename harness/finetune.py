@@ -182,7 +182,7 @@ class FineTuneRun:
             self.lr, self.weight_decay = optimiser_settings(method, self.settings, setup.schedule)
             s = setup.schedule
             cfg = LoopConfig(**{f.name: getattr(s, f.name) for f in fields(Schedule)}, compile=setup.compile,
-                             time_data=setup.time_data)
+                             compile_mode=setup.compile_mode, time_data=setup.time_data)
             cfg.lr, cfg.weight_decay = self.lr, self.weight_decay  # the trial's rate; the floor follows it
             self.model, self.setup, self.loop = model, setup, cfg
             if setup.device.type == "cuda":  # the training peak: from here to the end of training

@@ -3,8 +3,8 @@
 Under Ray Tune a process is a trial's actor. With actor reuse (``TuneConfig(reuse_actors=True)``, which
 Ray 2.60 supports for function trainables through ``FunctionTrainable.reset_config``) the next trial of a
 wave with the same resources runs in the actor the last one finished in: no new worker process, no second
-import of torch, Ray, MuJoCo and the harness. The sweep driver turns it on for trials on the CPU and off
-for trials on a GPU unless :data:`REUSE_ENV` says otherwise (:func:`reuse_actors` says why).
+import of torch, Ray, MuJoCo and the harness. The sweep driver turns it on, for trials on the CPU and on a GPU,
+unless :data:`REUSE_ENV` says otherwise (:func:`reuse_actors` says why).
 
 What a later trial in the same process reuses, and why its record stays what a fresh process would give:
 
@@ -26,8 +26,9 @@ bits. Re-tracing is cheap next to inductor's compile, which the on-disk cache ke
 its graphs go with the old trainer. :func:`begin_trial` collects the previous trial's objects and hands
 the allocator's cached blocks back. It does not call ``torch._dynamo.reset()``, which it once did: that
 frees dynamo's cache entries while compiled code may still hold pointers to them (pytorch/pytorch#155057,
-whose fix was merged in June 2025, and #196394, open in September 2026). That is a likely cause of the
-segmentation faults of reused GPU processes (BENCHMARKS.md), not yet checked on a GPU. torch's global random state is each trial's own
+whose fix was merged in June 2025, and #196394, open in September 2026), the likely cause of the
+segmentation faults of reused GPU processes that reset dynamo. Without the reset, reused GPU processes
+have run compiled trials without a fault (BENCHMARKS.md), so GPU trials reuse actors too. torch's global random state is each trial's own
 already (``harness.randomness.TrialRandom.scope``).
 """
 
@@ -53,22 +54,21 @@ def reuse_actors(environ: dict[str, str] | None = None, on_gpu: bool = False) ->
     """Whether a sweep's trials reuse Ray actors. :data:`REUSE_ENV` decides when set (1/true/yes/on: yes;
     0/false/no/off: every trial in a new process); anything else is a ConfigError naming the variable.
 
-    Unset, trials on the CPU reuse actors and trials on a GPU (``on_gpu``) do not: there a trial compiles
-    its update with torch.compile, and on the H200 a reused process died of a segmentation fault in the
-    garbage collection between two compiled trials (6 of the first 125 trials of sweeps/cw10-short.yaml,
-    each retried by Ray and finished in a new process; BENCHMARKS.md). Those processes reset dynamo between
-    trials, which :func:`begin_trial` no longer does (the module's doc); until a GPU run shows reuse sound
-    without it, ``HARNESS_REUSE_ACTORS=1`` turns it on there."""
+    Unset, they do, on the CPU and on a GPU alike (``on_gpu`` is kept for the message and for callers that
+    say where the trials run). On a GPU a fresh process costs a trial its start and peft's import, a third
+    of a short CW10 trial (BENCHMARKS.md). Reuse was off on GPUs while
+    reused processes that reset dynamo crashed there; :func:`begin_trial` no longer resets it (the module's
+    doc), and ``HARNESS_REUSE_ACTORS=0`` still gives every trial a process of its own."""
     raw = (os.environ if environ is None else environ).get(REUSE_ENV)
     if raw is None or raw.strip() == "":
-        return not on_gpu
+        return True
     value = raw.strip().lower()
     if value in _TRUE:
         return True
     if value in _FALSE:
         return False
     raise ConfigError(f"environment variable {REUSE_ENV}={raw!r}: expected one of {', '.join(_TRUE + _FALSE)} "
-                      "(unset: actors are reused by trials on the CPU, not by trials on a GPU)")
+                      f"(unset: actors are reused{', GPU trials included' if on_gpu else ''})")
 
 
 def begin_trial() -> int:

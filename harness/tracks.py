@@ -13,11 +13,11 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from harness import plugins
 from harness.errors import ConfigError, choices_message
-from harness.validation import Bool, Float, validate
+from harness.validation import Bool, CompileMode, Float, validate
 
 if TYPE_CHECKING:
     import torch
@@ -82,6 +82,7 @@ class FineTuneSetup:
     layer_inputs: Callable[[torch.Tensor, Any], torch.Tensor] | None = None
     loss_metric: str = "final_loss"  # the name of the last training loss among the metrics
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile's mode where ``compile``
     time_data: bool = False
     save_adapter: bool = True
     facts: dict[str, Any] = field(default_factory=dict)  # track facts for the record
@@ -106,6 +107,9 @@ class TrackSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     compile: Bool = False  # torch.compile the training forward (CUDA only)
+    # its torch.compile mode; reduce-overhead replays the compiled step as CUDA graphs, which removes most of
+    # the host's launch time (the host-bound methods gain most: BENCHMARKS.md)
+    compile_mode: CompileMode = "default"
     # torch's deterministic kernels: a GPU trial's numbers then repeat bit for bit, whatever else shares
     # the GPU; some kernels get slower (harness/randomness.py)
     deterministic: Bool = False
@@ -124,6 +128,14 @@ class TrackSettings(BaseModel):
     def _device(cls, v: str) -> str:
         if v not in ("auto", "cpu", "cuda") and not (v.startswith("cuda:") and v[5:].isdigit()):
             raise ValueError(f"expected auto, cpu, cuda or cuda:N, got {v!r}")
+        return v
+
+    @field_validator("compile_mode")
+    @classmethod
+    def _mode_needs_compile(cls, v: str, info: ValidationInfo) -> str:
+        if v != "default" and info.data.get("compile") is False:
+            raise ValueError(f"{v} applies to compiled steps only: set compile: true as well, or leave "
+                             "compile_mode out")
         return v
 
 

@@ -20,13 +20,14 @@ import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, get_args
 
 import torch
 from torch import nn
 
 from harness.errors import ConfigError, NonFiniteLossError
 from harness.placement import trial_device
+from harness.validation import CompileMode
 
 
 # --- optimiser and schedule -------------------------------------------------------------------------
@@ -171,6 +172,8 @@ def compiled_loss(loss: Callable[[Any], torch.Tensor], mode: str) -> Callable[[A
     """``loss`` compiled with torch.compile ``mode``. Under CUDA graphs (reduce-overhead) each call starts
     a new graph step and its loss is copied out of the graph's memory, which the next replay overwrites
     (the training loop keeps losses for its batched finite checks)."""
+    if mode not in get_args(CompileMode):
+        raise ConfigError(f"torch.compile mode {mode!r}: expected one of {list(get_args(CompileMode))}")
     if mode == "default":
         return torch.compile(loss)
     fn = torch.compile(loss, mode=mode)
@@ -209,6 +212,7 @@ class LoopConfig(Schedule):
     """One run of the loop: its :class:`Schedule` and how the loop runs it."""
 
     compile: bool = False  # torch.compile the training forward (CUDA only)
+    compile_mode: str = "default"  # torch.compile's mode where ``compile`` (harness.validation.CompileMode)
     checkpoint: Path | None = None  # resume from it when present; write it every checkpoint_every and at the end
     checkpoint_every: int = 0
     time_data: bool = False  # measure the share of step time spent producing batches (synchronises CUDA)
@@ -248,7 +252,8 @@ class Trainer:
             self.step_index = resume_checkpoint(Path(cfg.checkpoint), model, self.optimizer)
         # One compiled graph for forward and loss (the method's extra loss and hooks stay eager), in a
         # dynamo frame of this trainer's own (``own_frame``)
-        self.compute_loss = (torch.compile(own_frame(self._loss, f"trainer_loss_{next(_trainer_frames)}"))
+        self.compute_loss = (compiled_loss(own_frame(self._loss, f"trainer_loss_{next(_trainer_frames)}"),
+                                           cfg.compile_mode)
                              if cfg.compile and device.type == "cuda" else self._loss)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.stats = TrainStats(steps=cfg.steps, resumed_from=self.step_index)

@@ -10,7 +10,7 @@ strings (``--set lr=1e-4`` arrives from YAML as a string).
 from __future__ import annotations
 
 import difflib
-from typing import Annotated, Any, TypeVar, get_args
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 from pydantic import AllowInfNan, BaseModel, BeforeValidator, Strict, ValidationError
 
@@ -28,6 +28,9 @@ def _number(value: Any) -> Any:
 Int = Annotated[int, Strict()]
 Bool = Annotated[bool, Strict()]
 Float = Annotated[float, BeforeValidator(_number), AllowInfNan(False)]  # .inf / .nan are no learning rate
+# torch.compile's modes that a compiled training step may use (harness.training.compiled_loss): default,
+# reduce-overhead (the step replayed as CUDA graphs), max-autotune-no-cudagraphs
+CompileMode = Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"]
 
 _EXPECTED = {
     "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",

@@ -271,3 +271,28 @@ def test_a_record_crosses_the_ray_boundary_as_one_json_document():
     assert TrialRecord.from_row(row) == back
     # a row is also what an older worker reported under ``record``: read the same way (a resumed experiment)
     assert TrialRecord.from_json(json.dumps(row)).flat() == row
+
+
+@pytest.mark.parametrize("track", ["vision", "rl"])
+def test_the_compile_mode_reaches_the_trials_loop_and_is_checked(track):
+    """Issue 21: ``compile_mode`` (reduce-overhead: the step as CUDA graphs) is a track setting that the
+    trial's loop receives; the Trainer compiles on CUDA only, so here the step stays eager. A mode without
+    ``compile`` and a mode torch does not have are refused."""
+    from harness.errors import ConfigError
+    from harness.training import compiled_loss
+
+    spec = specs(track)[0]
+    ts = {**spec.track_settings, "compile": True, "compile_mode": "reduce-overhead"}
+    run = FineTuneRun(TrialSpec(spec.track, spec.benchmark, spec.task, "lora", {"r": 2}, 0, spec.budget, ts),
+                      lambda m: None)
+    run.start()
+    assert not run.failed, run.record.error
+    assert run.loop.compile and run.loop.compile_mode == "reduce-overhead"
+    assert run.trainer.compute_loss == run.trainer._loss  # a CPU trial: not compiled whatever the mode
+    bad = FineTuneRun(TrialSpec(spec.track, spec.benchmark, spec.task, "lora", {"r": 2}, 0, spec.budget,
+                                {**spec.track_settings, "compile": False, "compile_mode": "reduce-overhead"}),
+                      lambda m: None)
+    bad.start()
+    assert bad.failed and "compile_mode" in bad.record.error and "compile: true" in bad.record.error
+    with pytest.raises(ConfigError, match="'fast'.*expected one of.*reduce-overhead"):
+        compiled_loss(lambda batch: batch, "fast")

@@ -16,9 +16,9 @@ from harness.errors import ConfigError
 from harness.process_cache import INDUCTOR_ENV, REUSE_ENV
 
 def test_the_reuse_switch_reads_its_environment_variable():
-    assert process_cache.reuse_actors({}) is True  # on for CPU trials unless said otherwise
-    assert process_cache.reuse_actors({}, on_gpu=True) is False  # off for compiled GPU trials (the H200 crash)
-    assert process_cache.reuse_actors({REUSE_ENV: "1"}, on_gpu=True) is True  # the variable wins
+    assert process_cache.reuse_actors({}) is True  # on unless said otherwise
+    assert process_cache.reuse_actors({}, on_gpu=True) is True  # GPU trials too, since begin_trial resets no dynamo
+    assert process_cache.reuse_actors({REUSE_ENV: "0"}, on_gpu=True) is False  # the variable wins
     assert process_cache.reuse_actors({REUSE_ENV: "0"}) is False
     assert process_cache.reuse_actors({REUSE_ENV: "Yes"}) is True
     with pytest.raises(ConfigError, match=f"{REUSE_ENV}='sometimes'.*expected one of 1, true"):
