@@ -271,4 +271,4 @@ class VisionTrack(Track):
             next_batch=lambda: tr.batch(next(order)), loss=classification_loss, evaluate=evaluate,
             base_key=bb.base_key, backbone=bb.describe(), data_source=self.data_source(spec.benchmark),
             validate=lambda m: top1(m, val, eval_bs), init_batches=init_batches, forward=lambda m, b: m(b[0]),
-            loss_metric="train_loss", compile=ts.compile, time_data=True, save_adapter=ts.save_adapter, facts=facts)
+            loss_metric="train_loss", compile=ts.compile, compile_mode=ts.compile_mode, time_data=True, save_adapter=ts.save_adapter, facts=facts)
