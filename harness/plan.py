@@ -99,6 +99,30 @@ class WavePlan:
     epochs_x_images: str = ""
 
 
+def _step_kind(ts: Any) -> str:
+    """The cost table's key for a trial's kind of step: ``eager``, ``compiled`` (torch.compile's default
+    mode) or ``compiled:MODE`` (another ``compile_mode``, e.g. ``compiled:reduce-overhead``)."""
+    if not ts.compile:
+        return "eager"
+    mode = getattr(ts, "compile_mode", "default")
+    return "compiled" if mode == "default" else f"compiled:{mode}"
+
+
+def _measured_ms(table: dict[str, dict[str, float]], kind: str, method: str) -> tuple[str, float] | None:
+    """``method``'s ms per update for a step of ``kind``, or the nearest slower kind measured: another compile
+    mode falls back to the default mode's figure (the graphs' modes were never measured slower), compiled
+    to eager (an upper bound). None where no kind has it."""
+    order = [kind] + (["compiled"] if kind.startswith("compiled:") else []) + ["eager"]
+    for k in order:
+        if method in table.get(k, {}):
+            return k, table[k][method]
+    return None
+
+
+def _fallback_note(kind: str, used: str, what: str) -> str:
+    return "" if used == kind else f" for {what} ({kind} not measured)"
+
+
 def _rl_cost(spec: ResolvedTrial, study: Study, device: dict[str, Any] | None) -> TrialCost:
     ts, budget = spec.track_settings, spec.budget
     work = get_track(spec.track).planned_work(spec)
@@ -110,12 +134,13 @@ def _rl_cost(spec: ResolvedTrial, study: Study, device: dict[str, Any] | None) -
     if m["model"] != shape or int(m["batch_size"]) != int(budget.batch_size):
         return TrialCost(updates, None, 0.0, source=f"no measurement of this DT ({shape}, batch {budget.batch_size}); "
                                                    f"measured: {m['model']}, batch {m['batch_size']}")
-    ms = m["ms_per_update"]["compiled" if ts.compile else "eager"]
+    kind = _step_kind(ts)
+    used, ms = _measured_ms({k: {"full": v} for k, v in m["ms_per_update"].items()}, kind, "full")
     envs = int(m["rollout_envs"])
     per_env = float(m["rollout_env_steps_per_s"]) / envs
     episodes = int(budget.eval_episodes)
     eval_s = episodes * work.episode_steps / (per_env * min(episodes, envs))
-    source = f"{'compiled' if ts.compile else 'eager'} {ms} ms/update, rollouts {eval_s:.0f} s/trial"
+    source = f"{used} {ms} ms/update{_fallback_note(kind, used, 'the DT')}, rollouts {eval_s:.0f} s/trial"
     later = None
     if m.get("rollout_kept_env_steps_per_s"):  # bench rl's second evaluation on a kept pool of workers
         later = episodes * work.episode_steps / (float(m["rollout_kept_env_steps_per_s"]) / envs * min(episodes, envs))
@@ -140,18 +165,15 @@ def _vision_cost(spec: ResolvedTrial, study: Study, device: dict[str, Any] | Non
         cost.source = (f"no measurement of {ts.backbone} at {size} px, batch {budget.batch_size}; measured: "
                        f"{m['backbone']} at {m['img_size']} px, batch {m['batch_size']}")
         return cost
-    kind = "compiled" if ts.compile else "eager"
-    table = m["ms_per_update"][kind]
-
+    kind = _step_kind(ts)
     method = base_name(spec.method)  # glora@0.29M is priced as glora
-    if method not in table:  # a method measured only eager is priced at that (an upper bound)
-        kind, table = "eager", m["ms_per_update"]["eager"]
-    if method not in table:
+    found = _measured_ms(m["ms_per_update"], kind, method)
+    if found is None:
         cost.source = f"no measurement of method {method!r}"
         return cost
-    cost.train_s = updates * table[method] / 1000
-    cost.source = f"{kind} figures" + ("" if kind == ("compiled" if ts.compile else "eager") else
-                                       f" for {method} (not measured compiled)")
+    used, ms = found
+    cost.train_s = updates * ms / 1000
+    cost.source = f"{used} figures{_fallback_note(kind, used, method)}"
     return cost
 
 

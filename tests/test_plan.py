@@ -272,3 +272,24 @@ def test_later_evaluations_on_kept_workers_are_priced_at_their_own_rate_where_me
     assert after["final"].gpu_hours == pytest.approx(before["final"].gpu_hours)
     assert any("for each later one, on the trial's kept workers" in n for n in after["select"].notes)
     assert not any("kept workers" in n for n in before["select"].notes)
+
+
+def test_a_compile_mode_is_priced_at_its_own_measurement_where_there_is_one(tmp_path):
+    """Issue 21: trials with ``compile_mode: reduce-overhead`` (CUDA graphs) are priced at the figures measured
+    in that mode; a method not measured in it at torch's default mode's figure, and the row says so."""
+    study = {"name": "paper", "track": "vision", "benchmark": "builtin", "tasks": ["shapes"], "protocol": "grid",
+             "seeds": [0], "budget": {"steps": 1_000_000, "batch_size": 64},
+             "settings": {"backbone": "vit_base_patch16_224", "img_size": 224, "weights": "random", "compile": True},
+             "methods": {"full": {"lr": [1.0e-3]}}}
+    m = COSTS["NVIDIA H200"]["vision"]["ms_per_update"]
+    graphs = {**study, "settings": {**study["settings"], "compile_mode": "reduce-overhead"}}
+    for doc, kind in ((study, "compiled"), (graphs, "compiled:reduce-overhead")):
+        done = plan(tmp_path, doc, "--gpus", "1", "--gpu-model", "NVIDIA H200")
+        assert done.returncode == 0, done.stdout + done.stderr
+        row = rows(done.stdout)["final"]
+        assert f"{kind} figures" in " ".join(row) and "not measured" not in " ".join(row), row
+        assert abs(float(row[5]) - 1_000_000 * m[kind]["full"] / 1000 / 3600) <= 0.005  # GPU-hours, 2 decimals
+    lora = {**graphs, "methods": {"lora": {"r": [8], "lr": [1.0e-3]}}}
+    assert "lora" not in m["compiled:reduce-overhead"]  # the fallback below is what this test is about
+    row = " ".join(rows(plan(tmp_path, lora, "--gpus", "1", "--gpu-model", "NVIDIA H200").stdout)["final"])
+    assert "compiled figures for lora (compiled:reduce-overhead not measured)" in row, row
