@@ -257,7 +257,9 @@ def time_breakdown(records: list[dict[str, Any]], span: float | None = None) -> 
     # a trial in a process that ran trials before (actor reuse) had no start-up of its own: the time from
     # the process's start to it was its predecessors'
     first = [e["timing"] for e in extras if not e.get("process_trials_before")]
-    phases = {f"{p}_s": round(sum(float(t.get(f"{p}_s", 0.0)) for t, _ in timed), 2) for p in PHASES}
+    # shares from the unrounded sums: short trials' phases rounded to 10 ms first would not add up to 100
+    phase_sums = {f"{p}_s": sum(float(t.get(f"{p}_s", 0.0)) for t, _ in timed) for p in PHASES}
+    phases = {k: round(v, 2) for k, v in phase_sums.items()}
     total = sum(float(t["total_s"]) for t, _ in timed)
     training: dict[str, list[tuple[float, float]]] = {}
     for t, device in timed:
@@ -268,7 +270,7 @@ def time_breakdown(records: list[dict[str, Any]], span: float | None = None) -> 
     idle = {d: round(1.0 - min(1.0, busy_seconds(spans) / spans_by_device[d]), 4)
             for d, spans in sorted(training.items()) if spans_by_device.get(d, 0.0) > 0}
     return {"trials": len(timed), "trial_s": round(total, 2), "phases_s": phases,
-            "phase_share": {k: round(v / total, 4) if total > 0 else None for k, v in phases.items()},
+            "phase_share": {k: round(v / total, 4) if total > 0 else None for k, v in phase_sums.items()},
             "process_to_trial_s": round(sum(float(t.get("process_to_trial_s", 0.0)) for t in first), 2),
             "processes_started": len(first), "trials_in_reused_processes": len(timed) - len(first),
             "idle_share_by_device": idle,

@@ -337,6 +337,8 @@ class FineTuneRun:
         }
         if stats is not None and setup.time_data:
             extra["data_share"] = round(stats.data_share, 4)
+        if stats is not None and stats.compiled_step:
+            extra["compiled_step"] = stats.compiled_step
         if adapter_error:
             extra["adapter_error"] = adapter_error
         bad = {k: v for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)}

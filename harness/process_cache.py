@@ -29,7 +29,8 @@ frees dynamo's cache entries while compiled code may still hold pointers to them
 whose fix was merged in June 2025, and #196394, open in September 2026), the likely cause of the
 segmentation faults of reused GPU processes that reset dynamo. Without the reset, reused GPU processes
 have run compiled trials without a fault (BENCHMARKS.md), so GPU trials reuse actors too. torch's global random state is each trial's own
-already (``harness.randomness.TrialRandom.scope``).
+already (``harness.randomness.TrialRandom.scope``). With :data:`SHARE_ENV` on, trainers of one structure
+share one compiled loss instead (``harness.training.SharedLoss``, which keeps what an own frame ensures).
 """
 
 from __future__ import annotations
@@ -43,11 +44,13 @@ from typing import Any
 from harness.errors import ConfigError
 
 REUSE_ENV = "HARNESS_REUSE_ACTORS"
+SHARE_ENV = "HARNESS_SHARE_COMPILED"
 INDUCTOR_ENV = "TORCHINDUCTOR_CACHE_DIR"
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 _trials_begun = 0
 _states: dict[tuple[str, int, int], dict[str, Any]] = {}
+_steps: dict[tuple, Any] = {}
 
 
 def reuse_actors(environ: dict[str, str] | None = None, on_gpu: bool = False) -> bool:
@@ -60,15 +63,35 @@ def reuse_actors(environ: dict[str, str] | None = None, on_gpu: bool = False) ->
     reused processes that reset dynamo crashed there; :func:`begin_trial` no longer resets it (the module's
     doc), and ``HARNESS_REUSE_ACTORS=0`` still gives every trial a process of its own."""
     raw = (os.environ if environ is None else environ).get(REUSE_ENV)
+    return _switch(REUSE_ENV, raw, True, f"actors are reused{', GPU trials included' if on_gpu else ''}")
+
+
+def _switch(name: str, raw: str | None, default: bool, unset: str) -> bool:
     if raw is None or raw.strip() == "":
-        return True
+        return default
     value = raw.strip().lower()
     if value in _TRUE:
         return True
     if value in _FALSE:
         return False
-    raise ConfigError(f"environment variable {REUSE_ENV}={raw!r}: expected one of {', '.join(_TRUE + _FALSE)} "
-                      f"(unset: actors are reused{', GPU trials included' if on_gpu else ''})")
+    raise ConfigError(f"environment variable {name}={raw!r}: expected one of {', '.join(_TRUE + _FALSE)} "
+                      f"(unset: {unset})")
+
+
+def share_compiled(environ: dict[str, str] | None = None) -> bool:
+    """Whether the compiled trainers of one process share a compiled loss where their models have the same
+    structure (:func:`shared_step`; ``harness.training.Trainer``). Off unless :data:`SHARE_ENV` says 1/true/
+    yes/on: it skips most of a reused trial's compilation, and has not yet run on a GPU (BENCHMARKS.md)."""
+    raw = (os.environ if environ is None else environ).get(SHARE_ENV)
+    return _switch(SHARE_ENV, raw, False, "each trainer compiles in a frame of its own")
+
+
+def shared_step(key: tuple, build: Any) -> Any:
+    """The object this process keeps for ``key`` (a compiled step's structure), made by ``build()`` the
+    first time. Kept until the process ends: one per structure the process's trials had."""
+    if key not in _steps:
+        _steps[key] = build()
+    return _steps[key]
 
 
 def begin_trial() -> int:

@@ -25,6 +25,7 @@ from typing import Any, Callable, Protocol, get_args
 import torch
 from torch import nn
 
+from harness import process_cache
 from harness.errors import ConfigError, NonFiniteLossError
 from harness.placement import trial_device
 from harness.validation import CompileMode
@@ -168,12 +169,20 @@ def own_frame(fn: Callable[[Any], torch.Tensor], name: str) -> Callable[[Any], t
     return types.FunctionType(code, call.__globals__, code.co_name, call.__defaults__, call.__closure__)
 
 
+# Where a Trainer with ``compile`` compiles, and with what: CUDA and inductor. The tests add the CPU with a
+# cheaper backend, to run the compiled paths (a frame shared by trainers) without a GPU.
+COMPILED_DEVICES: tuple[str, ...] = ("cuda",)
+COMPILE_BACKEND: Any = "inductor"
+
+
 def compiled_loss(loss: Callable[[Any], torch.Tensor], mode: str) -> Callable[[Any], torch.Tensor]:
     """``loss`` compiled with torch.compile ``mode``. Under CUDA graphs (reduce-overhead) each call starts
     a new graph step and its loss is copied out of the graph's memory, which the next replay overwrites
     (the training loop keeps losses for its batched finite checks)."""
     if mode not in get_args(CompileMode):
         raise ConfigError(f"torch.compile mode {mode!r}: expected one of {list(get_args(CompileMode))}")
+    if COMPILE_BACKEND != "inductor":  # the tests' CPU backend: modes are inductor's
+        return torch.compile(loss, backend=COMPILE_BACKEND)
     if mode == "default":
         return torch.compile(loss)
     fn = torch.compile(loss, mode=mode)
@@ -185,6 +194,55 @@ def compiled_loss(loss: Callable[[Any], torch.Tensor], mode: str) -> Callable[[A
         return fn(batch).clone()
 
     return run
+
+
+def structure_key(model: nn.Module) -> tuple:
+    """What a compiled loss's graph takes from ``model`` besides its tensors' values: each module's path and
+    class, each parameter's and buffer's path, shape, dtype, device and whether it trains. Models with the
+    same key trace to the same graph unless a Python attribute differs, which dynamo's guards then catch."""
+    modules = tuple((name, type(m).__module__, type(m).__qualname__) for name, m in model.named_modules())
+    tensors = tuple((name, tuple(t.shape), str(t.dtype), str(t.device), t.requires_grad)
+                    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()))
+    return modules, tensors
+
+
+class SharedLoss:
+    """``loss_fn(model, batch)`` under autocast, compiled once for the trainers of one process whose models
+    have one structure (:func:`structure_key`): a reused Ray actor's next trial of the same method and shapes
+    runs the graph the last one compiled instead of tracing and loading it again.
+
+    A trial must still get the kernels a process of its own would compile, so once the graph exists every
+    call runs under dynamo's ``fail_on_recompile``: a call that would compile another graph into the shared
+    frame (a guard failed: the model or batch differ in something the key does not hold) raises instead,
+    before anything runs, and that trainer compiles in a frame of its own from then on, as it would have
+    without sharing. The shared frame thus holds one graph and never makes another trial's shape decisions."""
+
+    def __init__(self, loss_fn: LossFn, device: torch.device):
+        def step(model_and_batch: tuple[nn.Module, Any]) -> torch.Tensor:  # the model is an input, not a constant
+            model, batch = model_and_batch
+            with autocast(device):
+                return loss_fn(model, batch)
+
+        self.fn = compiled_loss(own_frame(step, f"shared_loss_{next(_trainer_frames)}"), "default")
+        self.traced = False
+
+    def __call__(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """The loss; raises :class:`RecompileRefused` where the shared graph does not fit this call."""
+        if not self.traced:
+            loss = self.fn((model, batch))
+            self.traced = True
+            return loss
+        try:
+            with torch.compiler.set_stance("fail_on_recompile"):
+                return self.fn((model, batch))
+        except RuntimeError as e:
+            if "fail_on_recompile" not in str(e):
+                raise
+            raise RecompileRefused(str(e)) from e
+
+
+class RecompileRefused(RuntimeError):
+    """A call of a :class:`SharedLoss` that its graph's guards refused (it would have compiled another)."""
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -233,6 +291,7 @@ class TrainStats:
     data_share: float = 0.0
     # after the first updates (compilation, allocator and cuDNN warm-up): what an update of the method costs
     steady_ms_per_update: float = 0.0
+    compiled_step: str = ""  # Trainer.compiled_step: own | shared | own after shared; "" when not compiled
 
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -251,10 +310,22 @@ class Trainer:
         if cfg.checkpoint is not None and Path(cfg.checkpoint).is_file():
             self.step_index = resume_checkpoint(Path(cfg.checkpoint), model, self.optimizer)
         # One compiled graph for forward and loss (the method's extra loss and hooks stay eager), in a
-        # dynamo frame of this trainer's own (``own_frame``)
-        self.compute_loss = (compiled_loss(own_frame(self._loss, f"trainer_loss_{next(_trainer_frames)}"),
-                                           cfg.compile_mode)
-                             if cfg.compile and device.type == "cuda" else self._loss)
+        # dynamo frame of this trainer's own (``own_frame``), or one that the process's trainers of the same
+        # structure share (``SharedLoss``; HARNESS_SHARE_COMPILED=1, torch's default mode only: a CUDA graph
+        # records the first model's tensors' addresses; and a loss that is a plain function, since the
+        # process keeps it: a closure could hold a trial's data)
+        self.compute_loss: Callable[[Any], torch.Tensor] = self._loss
+        self._shared: SharedLoss | None = None
+        self.compiled_step = ""  # own | shared | own after shared (a guard refused the shared graph)
+        if cfg.compile and device.type in COMPILED_DEVICES:
+            plain = isinstance(loss_fn, types.FunctionType) and loss_fn.__closure__ is None
+            if cfg.compile_mode == "default" and plain and process_cache.share_compiled():
+                key = ("loss", loss_fn, str(device), structure_key(model))
+                self._shared = process_cache.shared_step(key, lambda: SharedLoss(loss_fn, device))
+                self.compute_loss, self.compiled_step = self._shared_loss, "shared"
+            else:
+                self.compute_loss = self._own_compiled_loss()
+                self.compiled_step = "own"
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.stats = TrainStats(steps=cfg.steps, resumed_from=self.step_index)
         self.check_every = cfg.check_every or (min(50, cfg.report_every or 50) if device.type == "cuda" else 1)
@@ -269,6 +340,18 @@ class Trainer:
     def _loss(self, batch: Any) -> torch.Tensor:
         with autocast(self.device):
             return self.loss_fn(self.model, batch)
+
+    def _own_compiled_loss(self) -> Callable[[Any], torch.Tensor]:
+        return compiled_loss(own_frame(self._loss, f"trainer_loss_{next(_trainer_frames)}"), self.cfg.compile_mode)
+
+    def _shared_loss(self, batch: Any) -> torch.Tensor:
+        assert self._shared is not None
+        try:
+            return self._shared(self.model, batch)
+        except RecompileRefused:
+            self.compute_loss, self.compiled_step = self._own_compiled_loss(), "own after shared"
+            self._shared = None
+            return self.compute_loss(batch)
 
     def _check_pending(self) -> float:
         """Raise NonFiniteLossError at the first non-finite pending loss; return the last loss."""
@@ -377,6 +460,7 @@ class Trainer:
         synchronize(self.device)  # the queued GPU work belongs to the training time
         self._wall += time.perf_counter() - started
         stats.steady_ms_per_update = self.steady_ms_per_update()
+        stats.compiled_step = self.compiled_step
         self.model.eval()
         stats.wall_s = self._wall
         ran = self.step_index - stats.resumed_from

@@ -141,7 +141,7 @@ def test_where_the_trials_time_went(selection_bench, monkeypatch, capsys):
         # records round each phase to 1 ms, and these trials last a fraction of a second: the sum may miss 100
         # by that rounding over every phase of every trial, plus the shares' own rounding to 0.1
         rounding = 100 * 0.0005 * len(PHASES) * r["trials"] / (60 * r["trial_minutes"]) + 0.05 * len(PHASES)
-        assert sum(shares) == pytest.approx(100.0, abs=rounding) and r["steady_pct"] > 0
+        assert sum(shares) == pytest.approx(100.0, abs=rounding) and r["steady_pct"] > 0, r
         assert r["processes_started"] + r["reused_process"] == r["trials"]
     walls = sum(json.loads(x["extra"])["timing"]["total_s"] for x in final)
     assert rows["final"]["trial_minutes"] == pytest.approx(walls / 60, abs=0.01)
@@ -259,3 +259,15 @@ def test_overheads_keep_the_end_of_training_step_apart(tmp_path, capsys):
     assert got["start_s"] == pytest.approx((4 + 6 + 8 + 2 + 10) / 5, abs=0.005)
     written = json.loads(target.read_text())
     assert written["phases"] == ["setup", "wrap", "first_updates", "save"] and written["end_phases"] == ["finalize"]
+
+
+def test_phase_shares_of_short_trials_add_up_to_the_whole():
+    """The shares come from the phases' exact sums: rounded to 10 ms first, the phases of trials that last a few
+    hundredths of a second would add up to far more (or less) than their wall time."""
+    from harness.costs import time_breakdown
+    from harness.finetune import PHASES
+
+    timing = {**{f"{p}_s": 0.004 for p in PHASES}, "total_s": 0.004 * len(PHASES)}
+    b = time_breakdown([{"extra": {"timing": dict(timing)}} for _ in range(2)])
+    assert sum(b["phase_share"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert b["phases_s"]["steady_s"] == 0.01  # the seconds shown are still rounded to 10 ms

@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from torch import nn
 
 from harness import process_cache
 from harness.errors import ConfigError
@@ -67,6 +68,64 @@ def test_each_trainer_compiles_a_frame_of_its_own_without_resetting_dynamo(monke
         step(x)  # the second call of a trial runs its frame's graph
     assert counters["stats"]["unique_graphs"] == limit + 4  # one graph per trial, none shared or dropped
     assert not counters["recompiles"] and not resets
+
+
+def test_trainers_of_one_structure_share_a_compiled_loss_and_train_as_with_their_own(monkeypatch):
+    """HARNESS_SHARE_COMPILED=1 (issue 20, item 4): a reused actor's next trainer of the same structure runs the
+    compiled loss the last one traced, with no new frame, and trains to the same bits as with a frame of its own;
+    a trainer whose call the shared graph's guards refuse (another batch size) compiles its own instead, as
+    without sharing; the shared frame keeps no trainer's model alive. On the CPU, with AOT autograd and eager
+    kernels standing in for inductor (the graph, not the kernels, is what sharing decides)."""
+    import gc
+    import weakref
+
+    from peft import LoraConfig, get_peft_model
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from agents.bench import random_episodes
+    from agents.data import WindowSampler
+    from agents.dt import DTConfig, DecisionTransformer, batch_loss
+    from harness import training
+    from harness.process_cache import SHARE_ENV
+
+    monkeypatch.setattr(training, "COMPILED_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(process_cache, "_steps", {})
+    cfg = DTConfig(n_layer=1, n_head=2, n_embd=32, context=4, dropout=0.1)
+    sampler = WindowSampler(random_episodes(8, cfg), cfg.context, seed=0, device=torch.device("cpu"))
+    batches = {n: [sampler.sample(n) for _ in range(3)] for n in (4, 6)}
+
+    def train(seed: int, batch_size: int) -> tuple[training.Trainer, list[float], nn.Module]:
+        torch.manual_seed(seed)
+        model = get_peft_model(DecisionTransformer(cfg), LoraConfig(r=2, target_modules=["qkv", "fc1"]))
+        feed = iter(batches[batch_size])
+        loop = training.LoopConfig(steps=3, lr=1e-2, compile=True, report_every=1)
+        trainer = training.Trainer(model, batch_loss, lambda: next(feed), loop, torch.device("cpu"))
+        while trainer.step():
+            pass
+        return trainer, [loss for _, loss in trainer.finish().losses], model
+
+    runs = {}
+    for share in ("0", "1"):
+        monkeypatch.setenv(SHARE_ENV, share)
+        counter = CompileCounterWithBackend("aot_eager")
+        monkeypatch.setattr(training, "COMPILE_BACKEND", counter)
+        frames, steps, results, models = [], [], [], []
+        for seed, batch_size in ((0, 4), (1, 4), (2, 6)):  # two of one structure and batch, then another batch
+            trainer, losses, model = train(seed, batch_size)
+            frames.append(counter.frame_count)
+            steps.append(trainer.compiled_step)
+            results.append((losses, {k: v.detach().clone() for k, v in model.state_dict().items()}))
+            models.append(weakref.ref(model))
+        runs[share] = frames, steps, results
+        del trainer, model
+        gc.collect()
+        assert all(ref() is None for ref in models)  # no frame, shared or not, holds a trainer's model
+    assert runs["0"][0] == [1, 2, 3] and runs["0"][1] == ["own"] * 3
+    assert runs["1"][0] == [1, 1, 2]  # the second trainer compiled nothing; the third its own frame
+    assert runs["1"][1] == ["shared", "shared", "own after shared"]
+    for (losses, state), (losses_own, state_own) in zip(runs["1"][2], runs["0"][2]):
+        assert losses == losses_own and all(torch.equal(state[k], state_own[k]) for k in state)
+    assert runs["1"][2][0][0] != runs["1"][2][1][0]  # the trainers did differ (the comparison can fail)
 
 
 def test_the_compile_cache_goes_under_the_harness_cache_unless_set(tmp_path, monkeypatch):
