@@ -7,6 +7,7 @@ of trials run alone is checked end to end in tests/test_trial_checkpoint.py, on 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +25,22 @@ def test_the_reuse_switch_reads_its_environment_variable():
     assert process_cache.reuse_actors({REUSE_ENV: "Yes"}) is True
     with pytest.raises(ConfigError, match=f"{REUSE_ENV}='sometimes'.*expected one of 1, true"):
         process_cache.reuse_actors({REUSE_ENV: "sometimes"})
+
+
+def test_the_share_switch_is_off_unless_set_and_a_bad_value_stops_a_sweep_before_ray(tmp_path, monkeypatch, capsys):
+    from harness.cli import main
+    from harness.process_cache import SHARE_ENV
+
+    assert process_cache.share_compiled({}) is False and process_cache.share_compiled({SHARE_ENV: "on"}) is True
+    monkeypatch.setenv(SHARE_ENV, "maybe")
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    started = []
+    monkeypatch.setattr("harness.driver.init_ray", lambda *a, **k: started.append(1))
+    root = Path(__file__).resolve().parents[1]
+    code = main(["sweep", str(root / "sweeps" / "quickstart.yaml"), "--results", str(tmp_path / "results"),
+                 "--leaderboard", str(tmp_path / "board")])
+    assert code != 0 and not started
+    assert f"{SHARE_ENV}='maybe'" in capsys.readouterr().err
 
 
 def test_the_base_is_read_once_and_no_trial_changes_it(tmp_path, monkeypatch):
