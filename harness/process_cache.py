@@ -4,7 +4,8 @@ Under Ray Tune a process is a trial's actor. With actor reuse (``TuneConfig(reus
 Ray 2.60 supports for function trainables through ``FunctionTrainable.reset_config``) the next trial of a
 wave with the same resources runs in the actor the last one finished in: no new worker process, no second
 import of torch, Ray, MuJoCo and the harness. The sweep driver turns it on, for trials on the CPU and on a GPU,
-unless :data:`REUSE_ENV` says otherwise (:func:`reuse_actors` says why).
+unless :data:`REUSE_ENV` says otherwise or the trials replay CUDA graphs on a GPU (:func:`reuse_actors` says
+why).
 
 What a later trial in the same process reuses, and why its record stays what a fresh process would give:
 
@@ -53,17 +54,35 @@ _states: dict[tuple[str, int, int], dict[str, Any]] = {}
 _steps: dict[tuple, Any] = {}
 
 
-def reuse_actors(environ: dict[str, str] | None = None, on_gpu: bool = False) -> bool:
+def reuse_actors(environ: dict[str, str] | None = None, on_gpu: bool = False, cuda_graphs: bool = False) -> bool:
     """Whether a sweep's trials reuse Ray actors. :data:`REUSE_ENV` decides when set (1/true/yes/on: yes;
     0/false/no/off: every trial in a new process); anything else is a ConfigError naming the variable.
-
     Unset, they do, on the CPU and on a GPU alike (``on_gpu`` is kept for the message and for callers that
     say where the trials run). On a GPU a fresh process costs a trial its start and peft's import, a third
     of a short CW10 trial (BENCHMARKS.md). Reuse was off on GPUs while
     reused processes that reset dynamo crashed there; :func:`begin_trial` no longer resets it (the module's
-    doc), and ``HARNESS_REUSE_ACTORS=0`` still gives every trial a process of its own."""
+    doc), and ``HARNESS_REUSE_ACTORS=0`` still gives every trial a process of its own.
+
+    ``cuda_graphs``: the trials replay their compiled steps as CUDA graphs (``compile_mode: reduce-overhead``)
+    on a GPU. Their processes are not reused: on an H200 a reused process segfaulted collecting the previous
+    trial's graphs and another failed an assertion (BENCHMARKS.md, "CUDA graphs in whole trials"; Ray runs
+    each trial in a thread of its own, and torch keeps a thread's graphs in that thread's state). Unset, the
+    answer is then no; set to yes, a ConfigError says why, before Ray starts."""
     raw = (os.environ if environ is None else environ).get(REUSE_ENV)
+    if on_gpu and cuda_graphs:
+        if _switch(REUSE_ENV, raw, False, "each trial in a process of its own"):
+            raise ConfigError(f"environment variable {REUSE_ENV}={raw!r} asks to reuse processes for GPU trials "
+                              "under compile_mode reduce-overhead (CUDA graphs), whose reused processes crashed on "
+                              f"a GPU; unset {REUSE_ENV} (or set it to 0) to give each such trial a process of its "
+                              "own, or use compile_mode default to keep reuse")
+        return False
     return _switch(REUSE_ENV, raw, True, f"actors are reused{', GPU trials included' if on_gpu else ''}")
+
+
+def replays_cuda_graphs(settings: Any) -> bool:
+    """Whether a trial with these track settings replays its compiled steps as CUDA graphs (where it runs on
+    a GPU): ``compile: true`` with ``compile_mode: reduce-overhead``."""
+    return bool(getattr(settings, "compile", False)) and getattr(settings, "compile_mode", "default") == "reduce-overhead"
 
 
 def _switch(name: str, raw: str | None, default: bool, unset: str) -> bool:
@@ -157,4 +176,5 @@ def _torch_default_cache_dir() -> str:
     return default_cache_dir()
 
 
-__all__ = ["INDUCTOR_ENV", "REUSE_ENV", "base_state", "begin_trial", "reuse_actors", "use_shared_compile_cache"]
+__all__ = ["INDUCTOR_ENV", "REUSE_ENV", "base_state", "begin_trial", "replays_cuda_graphs", "reuse_actors",
+           "use_shared_compile_cache"]

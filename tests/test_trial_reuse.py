@@ -27,6 +27,38 @@ def test_the_reuse_switch_reads_its_environment_variable():
         process_cache.reuse_actors({REUSE_ENV: "sometimes"})
 
 
+def test_trials_replaying_cuda_graphs_on_a_gpu_get_processes_of_their_own():
+    """Reused processes of reduce-overhead GPU trials crashed on an H200 (BENCHMARKS.md, "CUDA graphs in whole
+    trials"): unset, no reuse for them; asked for, refused with the reason; CPU trials and the default mode
+    keep reuse."""
+    assert process_cache.reuse_actors({}, on_gpu=True, cuda_graphs=True) is False
+    assert process_cache.reuse_actors({REUSE_ENV: "0"}, on_gpu=True, cuda_graphs=True) is False
+    assert process_cache.reuse_actors({}, on_gpu=False, cuda_graphs=True) is True  # no CUDA graphs on the CPU
+    assert process_cache.reuse_actors({}, on_gpu=True, cuda_graphs=False) is True
+    with pytest.raises(ConfigError, match=f"{REUSE_ENV}='1'.*reduce-overhead.*crashed.*set it to 0"):
+        process_cache.reuse_actors({REUSE_ENV: "1"}, on_gpu=True, cuda_graphs=True)
+    from agents.track import RLSettings
+
+    assert process_cache.replays_cuda_graphs(RLSettings(compile=True, compile_mode="reduce-overhead"))
+    assert not process_cache.replays_cuda_graphs(RLSettings(compile=True))
+    assert not process_cache.replays_cuda_graphs(RLSettings(compile=False))
+
+
+def test_reuse_asked_for_cuda_graph_trials_stops_the_sweep_before_ray(tmp_path, monkeypatch, capsys):
+    from harness.cli import main
+
+    monkeypatch.setenv(REUSE_ENV, "yes")
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    started = []
+    monkeypatch.setattr("harness.driver.init_ray", lambda *a, **k: started.append(1))
+    root = Path(__file__).resolve().parents[1]
+    code = main(["sweep", str(root / "sweeps" / "quickstart.yaml"), "--only", "rl", "--results",
+                 str(tmp_path / "results"), "--leaderboard", str(tmp_path / "board"), "--set", "settings.compile=true",
+                 "--set", "settings.compile_mode=reduce-overhead", "--set", "resources.gpus_per_trial=auto"])
+    assert code != 0 and not started
+    assert f"{REUSE_ENV}='yes'" in capsys.readouterr().err
+
+
 def test_the_share_switch_is_off_unless_set_and_a_bad_value_stops_a_sweep_before_ray(tmp_path, monkeypatch, capsys):
     from harness.cli import main
     from harness.process_cache import SHARE_ENV
