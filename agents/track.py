@@ -32,7 +32,7 @@ from harness.placement import usable_cpus
 from harness.process_cache import base_state
 from harness.randomness import TrialRandom, derive_seed, seeded
 from harness.tracks import Benchmark, FineTuneSetup, PlannedWork, Report, Track, TrackBudget, TrackSettings
-from harness.training import Schedule, pick_device
+from harness.training import Schedule, autocast, pick_device
 from harness.validation import Bool, Float, Int
 from agents.bench import bench as run_bench
 from agents.data import (DataSettings, Episodes, WindowSampler, build_datasets, data_report as build_report,
@@ -245,6 +245,20 @@ def _data_workers(ts: RLSettings) -> int | None:
     return ts.data_workers or None
 
 
+@torch.no_grad()
+def window_score(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]], device: torch.device) -> float:
+    """Minus the mean action MSE of ``model`` (in eval mode) on fixed windows of a task's data: how GLoRA's
+    subnet search scores its candidates (rollouts for every candidate would cost thousands of episodes);
+    higher is better. Under the trial's autocast, as its training and rollouts run: on a GPU an fp32 forward
+    (no TF32) made each of a search's ~1,000 candidates cost several training steps (BENCHMARKS.md)."""
+    was_training = model.training
+    model.eval()
+    with autocast(device):
+        losses = torch.stack([batch_loss(model, b).float() for b in batches])
+    model.train(was_training)
+    return -float(np.mean(losses.tolist()))  # one device sync for the batches, the mean as before
+
+
 class RLTrack(Track):
     name = "rl"
     Settings = RLSettings
@@ -354,17 +368,10 @@ class RLTrack(Track):
         val_sampler = sampler.fork(derive_seed(spec.seed, "validation"))
         val_batches: list[dict[str, torch.Tensor]] = []
 
-        @torch.no_grad()
         def validate(m: torch.nn.Module) -> float:
-            # GLoRA's subnet search scores candidates by action MSE on fixed windows of the task's data
-            # (rollouts for every candidate would cost thousands of episodes); higher is better.
             if not val_batches:
                 val_batches.extend(val_sampler.sample(bs) for _ in range(4))
-            was_training = m.training
-            m.eval()
-            score = -float(np.mean([float(batch_loss(m, b)) for b in val_batches]))
-            m.train(was_training)
-            return score
+            return window_score(m, val_batches, device)
 
         # one pool of simulators for the trial's evaluations (a scheduler's rungs and the final one), spawned
         # now so that they start while the trial builds, compiles and trains

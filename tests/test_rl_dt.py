@@ -216,3 +216,31 @@ def test_padded_update_compiles_once():
         loss_fn(model, batch(pad=pad)).backward()
     assert counter.frame_count == 1, counter.frame_count
     torch._dynamo.reset()
+
+
+def test_glora_search_scores_windows_under_the_trials_autocast(monkeypatch):
+    """The search's validation forward runs under the autocast the trial trains and rolls out under (bf16 on a
+    GPU: an fp32 forward there cost each candidate several training steps), in eval mode, and scores minus the
+    mean action MSE over the windows."""
+    import contextlib
+
+    import agents.track as rl_track
+    from agents.dt import DecisionTransformer, batch_loss
+
+    entered = []
+
+    @contextlib.contextmanager
+    def recording(device):
+        entered.append(torch.device(device))
+        yield
+
+    monkeypatch.setattr(rl_track, "autocast", recording)
+    torch.manual_seed(0)
+    m = DecisionTransformer(tiny_cfg(dropout=0.3)).train()
+    windows = [batch(seed=1), batch(seed=2, pad=3)]
+    score = rl_track.window_score(m, windows, torch.device("cpu"))
+    assert entered == [torch.device("cpu")]
+    assert m.training  # the mode is restored
+    with torch.no_grad():
+        expected = -sum(float(batch_loss(m.eval(), b)) for b in windows) / len(windows)
+    assert score == pytest.approx(expected, rel=1e-12)  # eval mode: dropout off, so the same numbers
