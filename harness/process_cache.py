@@ -40,9 +40,12 @@ import gc
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harness.errors import ConfigError
+
+if TYPE_CHECKING:
+    from harness.tracks import TrackSettings
 
 REUSE_ENV = "HARNESS_REUSE_ACTORS"
 SHARE_ENV = "HARNESS_SHARE_COMPILED"
@@ -57,6 +60,7 @@ _steps: dict[tuple, Any] = {}
 def reuse_actors(environ: dict[str, str] | None = None, on_gpu: bool = False, cuda_graphs: bool = False) -> bool:
     """Whether a sweep's trials reuse Ray actors. :data:`REUSE_ENV` decides when set (1/true/yes/on: yes;
     0/false/no/off: every trial in a new process); anything else is a ConfigError naming the variable.
+
     Unset, they do, on the CPU and on a GPU alike (``on_gpu`` is kept for the message and for callers that
     say where the trials run). On a GPU a fresh process costs a trial its start and peft's import, a third
     of a short CW10 trial (BENCHMARKS.md). Reuse was off on GPUs while
@@ -79,10 +83,10 @@ def reuse_actors(environ: dict[str, str] | None = None, on_gpu: bool = False, cu
     return _switch(REUSE_ENV, raw, True, f"actors are reused{', GPU trials included' if on_gpu else ''}")
 
 
-def replays_cuda_graphs(settings: Any) -> bool:
+def replays_cuda_graphs(settings: "TrackSettings") -> bool:
     """Whether a trial with these track settings replays its compiled steps as CUDA graphs (where it runs on
     a GPU): ``compile: true`` with ``compile_mode: reduce-overhead``."""
-    return bool(getattr(settings, "compile", False)) and getattr(settings, "compile_mode", "default") == "reduce-overhead"
+    return bool(settings.compile) and settings.compile_mode == "reduce-overhead"
 
 
 def _switch(name: str, raw: str | None, default: bool, unset: str) -> bool:
