@@ -91,6 +91,8 @@ class BenchSettings(BaseModel):
     # ms per phase and the kernels (CUDA) or top-level aten ops (CPU) each phase launches per step
     profile: Bool = False
     profile_steps: Int = Field(5, ge=1)
+    # how many kernels (or aten calls) the profile lists by time; the kinds' sums count them all
+    profile_top: Int = Field(12, ge=1)
 
 
 def _defaults(cuda: bool, model: str) -> dict[str, Any]:
@@ -357,7 +359,7 @@ def _prepare(name: str, cfg: dict[str, Any], work: _Workload, bank, compiled: bo
         trainer.step()
     # the profiled steps come before the timed ones, so that a method's schedule (AdaLoRA's budget phase)
     # is profiled where most of a trial's steps are, not in its final phase
-    phases = profile_phases(trainer, hooks, batch, extra) if extra else None
+    phases = profile_phases(trainer, hooks, batch, extra, cfg["profile_top"]) if extra else None
     synchronize(device)
     if compiled:
         check_compiled(name, counts, _dynamo_counts())
@@ -422,7 +424,8 @@ def _rounds(runs: dict[str, _Run], shares: list[int], device: torch.device, erro
 PHASES = ("forward", "extra_loss", "backward", "optimizer", "on_step")
 
 
-def profile_phases(trainer: Trainer, hooks: MethodHooks, batch: Any, steps: int) -> dict[str, Any]:
+def profile_phases(trainer: Trainer, hooks: MethodHooks, batch: Any, steps: int,
+                   top: int = 12) -> dict[str, Any]:
     """Where one training step goes, per phase (:data:`PHASES`): ms per step, with the device synchronised
     at every phase boundary (so a phase's figure is its own host and device time, and the phases sum to
     more than an unsynchronised step), and the kernels (CUDA) or top-level aten calls (CPU) that a step
@@ -488,7 +491,7 @@ def profile_phases(trainer: Trainer, hooks: MethodHooks, batch: Any, steps: int)
                     launches[name] += 1
                     break
     return {"ms": {k: round(v * 1000 / steps, 3) for k, v in seconds.items()},
-            "kernels" if cuda else "aten_calls": launches, **time_by_kind(prof, cuda)}
+            "kernels" if cuda else "aten_calls": launches, **time_by_kind(prof, cuda, top)}
 
 
 # Substrings that name a kernel's (CUDA) or an aten call's (CPU) kind, tried in this order.

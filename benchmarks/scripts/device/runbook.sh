@@ -5,14 +5,16 @@
 # a call returns). It waits for /tmp/site-sim/.done (the simulator wheels' install, the second call). Each step's
 # console goes to OUTDIR/<step>.log and its exit status and seconds to OUTDIR/steps.txt; a failed step does not
 # stop the next. Set PYTHONPATH to the installed wheels before starting it. Steps, most wanted first:
-#   base      a 2K-update RL base on eight tasks (about a minute), for the trial A/Bs
-#   abA, abB  benchmarks/h200-session-2026-12-03/ab.yaml in torch's default mode, then under CUDA graphs
 #   draws     benchmarks/scripts/graph_draws.py: GLoRA's draws and dropout's masks differ from replay to replay
-#   vit1/2    bench methods under CUDA graphs for the methods not yet measured so (ViT-B/16)
-#   visA/B    the quickstart's vision study with compile on a GPU, default mode then CUDA graphs
-#   dt1/2     bench methods under CUDA graphs, the paper DT
+#   base      a 2K-update RL base on eight tasks (about a minute), for the trial A/Bs
+#   abB       benchmarks/h200-session-2026-12-03/ab.yaml under CUDA graphs (its default-mode run and the graphs
+#             run before the GLoRA search fix are in that folder)
+#   vit       bench methods under CUDA graphs for the methods not yet measured so (ViT-B/16)
+#   dtprof    every kernel of the paper DT's compiled update, default mode (with inductor's code) and graphs
 #   rl        bench rl under CUDA graphs
-#   share     the A/B file's default mode with HARNESS_SHARE_COMPILED=1 (records against abA's)
+#   dt1/2     bench methods under CUDA graphs, the paper DT
+#   share     the A/B file's default mode with HARNESS_SHARE_COMPILED=1
+#   visA/B    the quickstart's vision study with compile on a GPU, default mode then CUDA graphs
 set -u
 out=$(realpath -m "${1:?usage: runbook.sh OUTDIR}")
 mkdir -p "$out"
@@ -25,17 +27,33 @@ step() { local name=$1; shift; echo "$(date +%T) start $name" >> "$out/steps.txt
 records() { (cd /tmp && tar czf "$out/$1-records.tgz" $(find "${@:2}" -name '*records.jsonl' 2>/dev/null)) 2>/dev/null; }
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 10 > "$out/gpu-util.csv" 2>/dev/null &
 AB=benchmarks/h200-session-2026-12-03/ab.yaml
+# the draw check needs no quiet GPU: beside the base, whose time nobody reads
+step draws python benchmarks/scripts/graph_draws.py "$out/draws.json" &
+draws=$!
 step base python -m harness pretrain rl --set pretrain_steps=2000 --set data_episodes=50 --set data_workers=14 \
   --set 'pretrain_tasks=[hammer,push-back,reach,window-open,drawer-close,door-close,button-press-topdown,plate-slide]' \
   --set compile=true --set pretrain_eval_episodes=0 --export /tmp/base.safetensors
-step abA python -m harness sweep $AB --results /tmp/resA --leaderboard /tmp/lbA --no-dashboard
+wait $draws
 step abB python -m harness sweep $AB --results /tmp/resB --leaderboard /tmp/lbB --no-dashboard \
   --set settings.compile_mode=reduce-overhead
-records ab resA resB
-step draws python benchmarks/scripts/graph_draws.py "$out/draws.json"
+records ab resB
 RO="--set compile=true --set compile_mode=reduce-overhead"
-step vit1 python -m harness bench methods $RO --set 'methods=[full,lora,dora,pissa,olora]' --out "$out/vit-ro-1.json"
-step vit2 python -m harness bench methods $RO --set 'methods=[full,eva,eva-dora,vera,linear]' --out "$out/vit-ro-2.json"
+step vit python -m harness bench methods $RO --set 'methods=[full,lora,dora,pissa,olora,eva,eva-dora,vera,linear]' \
+  --out "$out/vit-ro.json"
+# every kernel of the paper DT's update with its time, and inductor's code for them (the fused kernels' source)
+step dtprof env TORCH_LOGS=output_code python -m harness bench methods --set model=dt --set compile=true \
+  --set 'methods=[full]' --set profile=true --set profile_top=200 --out "$out/dt-profile.json"
+gzip -f "$out/dtprof.log"
+step dtprofRO python -m harness bench methods --set model=dt $RO --set 'methods=[full]' --set profile=true \
+  --set profile_top=200 --out "$out/dt-profile-ro.json"
+step rl python -m harness bench rl --set compile_mode=reduce-overhead --set bench_steps=200 --set bench_envs=10 \
+  --out "$out/rl-ro.json"
+step dt1 python -m harness bench methods --set model=dt $RO --set 'methods=[full,lora,dora,pissa,olora,vera,linear]' \
+  --out "$out/dt-ro-1.json"
+step dt2 python -m harness bench methods --set model=dt $RO --set 'methods=[full,eva,eva-dora,randlora,nola,eigenlora]' \
+  --out "$out/dt-ro-2.json"
+step share env HARNESS_SHARE_COMPILED=1 python -m harness sweep $AB --results /tmp/resC --leaderboard /tmp/lbC --no-dashboard
+records share resC
 V=(--only vision --no-dashboard --set settings.compile=true --set settings.deterministic=true
    --set resources.gpus_per_trial=auto --set resources.cpus_per_trial=4
    --set 'methods={full: {lr: 1.0e-3}, lora: {r: 8, lr: 3.0e-3}, glora: {lr: 1.0e-3}, adalora: {r: 8, lr: 1.0e-2}}')
@@ -43,12 +61,4 @@ step visA python -m harness sweep sweeps/quickstart.yaml --results /tmp/resVA --
 step visB python -m harness sweep sweeps/quickstart.yaml --results /tmp/resVB --leaderboard /tmp/lbVB "${V[@]}" \
   --set settings.compile_mode=reduce-overhead
 records vision resVA resVB
-step dt1 python -m harness bench methods --set model=dt $RO --set 'methods=[full,lora,dora,pissa,olora,vera,linear]' \
-  --out "$out/dt-ro-1.json"
-step dt2 python -m harness bench methods --set model=dt $RO --set 'methods=[full,eva,eva-dora,randlora,nola,eigenlora]' \
-  --out "$out/dt-ro-2.json"
-step rl python -m harness bench rl --set compile_mode=reduce-overhead --set bench_steps=200 --set bench_envs=10 \
-  --out "$out/rl-ro.json"
-step share env HARNESS_SHARE_COMPILED=1 python -m harness sweep $AB --results /tmp/resC --leaderboard /tmp/lbC --no-dashboard
-records share resC
 echo ALL-DONE >> "$out/steps.txt"
