@@ -11,6 +11,7 @@
 #             run before the GLoRA search fix are in that folder)
 #   vit       bench methods under CUDA graphs for the methods not yet measured so (ViT-B/16)
 #   dtprof    every kernel of the paper DT's compiled update, default mode (with inductor's code) and graphs
+#   dttune    the DT's update under graphs with inductor's coordinate-descent tuning and autotuned GEMMs
 #   rl        bench rl under CUDA graphs
 #   dt1/2     bench methods under CUDA graphs, the paper DT
 #   share     the A/B file's default mode with HARNESS_SHARE_COMPILED=1
@@ -46,6 +47,9 @@ step dtprof env TORCH_LOGS=output_code python -m harness bench methods --set mod
 gzip -f "$out/dtprof.log"
 step dtprofRO python -m harness bench methods --set model=dt $RO --set 'methods=[full]' --set profile=true \
   --set profile_top=200 --out "$out/dt-profile-ro.json"
+# inductor's own tuning: triton configs by coordinate descent (the fused norm/dropout kernels), GEMMs autotuned
+step dttune env TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1 python -m harness bench \
+  methods --set model=dt $RO --set 'methods=[full,lora]' --out "$out/dt-ro-tuned.json"
 step rl python -m harness bench rl --set compile_mode=reduce-overhead --set bench_steps=200 --set bench_envs=10 \
   --out "$out/rl-ro.json"
 step dt1 python -m harness bench methods --set model=dt $RO --set 'methods=[full,lora,dora,pissa,olora,vera,linear]' \
