@@ -2,17 +2,18 @@
 # The next device session's measurements for issues 20 and 21, one step after another, detached: start it in the
 # call that installs the wheels (`setsid nohup bash benchmarks/scripts/device/runbook.sh OUTDIR &`) and poll with
 # `bash benchmarks/scripts/device/collect.sh OUTDIR` in calls back to back (a lent machine is given back ~30 s after
-# a call returns). It waits for /tmp/site-sim/.done (the simulator wheels' install, the second call). Each step's
+# a call returns). Its steps that need the simulator wait for /tmp/site-sim/.done (the simulator wheels' install, the second call). Each step's
 # console goes to OUTDIR/<step>.log and its exit status and seconds to OUTDIR/steps.txt; a failed step does not
 # stop the next. Set PYTHONPATH to the installed wheels before starting it. Steps, most wanted first:
-#   draws     benchmarks/scripts/graph_draws.py: GLoRA's draws and dropout's masks differ from replay to replay
-#   base      a 2K-update RL base on eight tasks (about a minute), for the trial A/Bs
-#   abB       benchmarks/h200-session-2026-12-03/ab.yaml under CUDA graphs (its default-mode run and the graphs
-#             run before the GLoRA search fix are in that folder)
 #   vit       bench methods under CUDA graphs for the methods not yet measured so (ViT-B/16)
 #   dtprof    every kernel of the paper DT's compiled update, default mode (with inductor's code) and graphs
 #   dttune    the DT's update under graphs with inductor's coordinate-descent tuning and autotuned GEMMs
+#   (the steps above need no simulator and start at once; those below wait for its wheels)
+#   draws     benchmarks/scripts/graph_draws.py: GLoRA's draws and dropout's masks differ from replay to replay
+#   base      a 2K-update RL base on eight tasks (about a minute), for the trial A/Bs
 #   rl        bench rl under CUDA graphs
+#   abB       benchmarks/h200-session-2026-12-03/ab.yaml under CUDA graphs (its default-mode run and the graphs
+#             run before the GLoRA search fix are in that folder)
 #   dt1/2     bench methods under CUDA graphs, the paper DT
 #   share     the A/B file's default mode with HARNESS_SHARE_COMPILED=1
 #   visA/B    the quickstart's vision study with compile on a GPU, default mode then CUDA graphs
@@ -21,23 +22,11 @@ out=$(realpath -m "${1:?usage: runbook.sh OUTDIR}")
 mkdir -p "$out"
 cd "$(dirname "$0")/../../.."
 export PYTHONUNBUFFERED=1 HARNESS_CACHE=${HARNESS_CACHE:-/tmp/hcache} RAY_DEDUP_LOGS=0 PYTHONPATH=.:${PYTHONPATH:-}
-while [ ! -f /tmp/site-sim/.done ]; do sleep 2; done
 step() { local name=$1; shift; echo "$(date +%T) start $name" >> "$out/steps.txt"; local t0=$(date +%s)
   "$@" > "$out/$name.log" 2>&1; local rc=$?
   echo "$(date +%T) end $name rc=$rc $(( $(date +%s) - t0 ))s" >> "$out/steps.txt"; }
 records() { (cd /tmp && tar czf "$out/$1-records.tgz" $(find "${@:2}" -name '*records.jsonl' 2>/dev/null)) 2>/dev/null; }
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 10 > "$out/gpu-util.csv" 2>/dev/null &
-AB=benchmarks/h200-session-2026-12-03/ab.yaml
-# the draw check needs no quiet GPU: beside the base, whose time nobody reads
-step draws python benchmarks/scripts/graph_draws.py "$out/draws.json" &
-draws=$!
-step base python -m harness pretrain rl --set pretrain_steps=2000 --set data_episodes=50 --set data_workers=14 \
-  --set 'pretrain_tasks=[hammer,push-back,reach,window-open,drawer-close,door-close,button-press-topdown,plate-slide]' \
-  --set compile=true --set pretrain_eval_episodes=0 --export /tmp/base.safetensors
-wait $draws
-step abB python -m harness sweep $AB --results /tmp/resB --leaderboard /tmp/lbB --no-dashboard \
-  --set settings.compile_mode=reduce-overhead
-records ab resB
 RO="--set compile=true --set compile_mode=reduce-overhead"
 step vit python -m harness bench methods $RO --set 'methods=[full,lora,dora,pissa,olora,eva,eva-dora,vera,linear]' \
   --out "$out/vit-ro.json"
@@ -50,8 +39,21 @@ step dtprofRO python -m harness bench methods --set model=dt $RO --set 'methods=
 # inductor's own tuning: triton configs by coordinate descent (the fused norm/dropout kernels), GEMMs autotuned
 step dttune env TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1 python -m harness bench \
   methods --set model=dt $RO --set 'methods=[full,lora]' --out "$out/dt-ro-tuned.json"
+# the simulator wheels (the second call) for everything below
+while [ ! -f /tmp/site-sim/.done ]; do sleep 2; done
+AB=benchmarks/h200-session-2026-12-03/ab.yaml
+# the draw check needs no quiet GPU: beside the base, whose time nobody reads
+step draws python benchmarks/scripts/graph_draws.py "$out/draws.json" &
+draws=$!
+step base python -m harness pretrain rl --set pretrain_steps=2000 --set data_episodes=50 --set data_workers=14 \
+  --set 'pretrain_tasks=[hammer,push-back,reach,window-open,drawer-close,door-close,button-press-topdown,plate-slide]' \
+  --set compile=true --set pretrain_eval_episodes=0 --export /tmp/base.safetensors
+wait $draws
 step rl python -m harness bench rl --set compile_mode=reduce-overhead --set bench_steps=200 --set bench_envs=10 \
   --out "$out/rl-ro.json"
+step abB python -m harness sweep $AB --results /tmp/resB --leaderboard /tmp/lbB --no-dashboard \
+  --set settings.compile_mode=reduce-overhead
+records ab resB
 step dt1 python -m harness bench methods --set model=dt $RO --set 'methods=[full,lora,dora,pissa,olora,vera,linear]' \
   --out "$out/dt-ro-1.json"
 step dt2 python -m harness bench methods --set model=dt $RO --set 'methods=[full,eva,eva-dora,randlora,nola,eigenlora]' \
