@@ -8,6 +8,7 @@
 #   vit       bench methods under CUDA graphs for the methods not yet measured so (ViT-B/16)
 #   dtprof    every kernel of the paper DT's compiled update, default mode (with inductor's code) and graphs
 #   dttune    the DT's update under graphs with inductor's coordinate-descent tuning and autotuned GEMMs
+#   visA/B    the quickstart's vision study with compile on a GPU, default mode then CUDA graphs
 #   (the steps above need no simulator and start at once; those below wait for its wheels)
 #   draws     benchmarks/scripts/graph_draws.py: GLoRA's draws and dropout's masks differ from replay to replay
 #   base      a 2K-update RL base on eight tasks (about a minute), for the trial A/Bs
@@ -16,7 +17,6 @@
 #             run before the GLoRA search fix are in that folder)
 #   dt1/2     bench methods under CUDA graphs, the paper DT
 #   share     the A/B file's default mode with HARNESS_SHARE_COMPILED=1
-#   visA/B    the quickstart's vision study with compile on a GPU, default mode then CUDA graphs
 set -u
 out=$(realpath -m "${1:?usage: runbook.sh OUTDIR}")
 mkdir -p "$out"
@@ -39,6 +39,14 @@ step dtprofRO python -m harness bench methods --set model=dt $RO --set 'methods=
 # inductor's own tuning: triton configs by coordinate descent (the fused norm/dropout kernels), GEMMs autotuned
 step dttune env TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1 python -m harness bench \
   methods --set model=dt $RO --set 'methods=[full,lora]' --out "$out/dt-ro-tuned.json"
+# whole vision trials (no simulator needed) in both modes: same records, no crash, times
+V=(--only vision --no-dashboard --set settings.compile=true --set settings.deterministic=true
+   --set resources.gpus_per_trial=auto --set resources.cpus_per_trial=4
+   --set 'methods={full: {lr: 1.0e-3}, lora: {r: 8, lr: 3.0e-3}, glora: {lr: 1.0e-3}, adalora: {r: 8, lr: 1.0e-2}}')
+step visA python -m harness sweep sweeps/quickstart.yaml --results /tmp/resVA --leaderboard /tmp/lbVA "${V[@]}"
+step visB python -m harness sweep sweeps/quickstart.yaml --results /tmp/resVB --leaderboard /tmp/lbVB "${V[@]}" \
+  --set settings.compile_mode=reduce-overhead
+records vision resVA resVB
 # the simulator wheels (the second call) for everything below
 while [ ! -f /tmp/site-sim/.done ]; do sleep 2; done
 AB=benchmarks/h200-session-2026-12-03/ab.yaml
@@ -60,11 +68,4 @@ step dt2 python -m harness bench methods --set model=dt $RO --set 'methods=[full
   --out "$out/dt-ro-2.json"
 step share env HARNESS_SHARE_COMPILED=1 python -m harness sweep $AB --results /tmp/resC --leaderboard /tmp/lbC --no-dashboard
 records share resC
-V=(--only vision --no-dashboard --set settings.compile=true --set settings.deterministic=true
-   --set resources.gpus_per_trial=auto --set resources.cpus_per_trial=4
-   --set 'methods={full: {lr: 1.0e-3}, lora: {r: 8, lr: 3.0e-3}, glora: {lr: 1.0e-3}, adalora: {r: 8, lr: 1.0e-2}}')
-step visA python -m harness sweep sweeps/quickstart.yaml --results /tmp/resVA --leaderboard /tmp/lbVA "${V[@]}"
-step visB python -m harness sweep sweeps/quickstart.yaml --results /tmp/resVB --leaderboard /tmp/lbVB "${V[@]}" \
-  --set settings.compile_mode=reduce-overhead
-records vision resVA resVB
 echo ALL-DONE >> "$out/steps.txt"
