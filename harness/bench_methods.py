@@ -93,6 +93,52 @@ class BenchSettings(BaseModel):
     profile_steps: Int = Field(5, ge=1)
     # how many kernels (or aten calls) the profile lists by time; the kinds' sums count them all
     profile_top: Int = Field(12, ge=1)
+    # inductor settings for the run, by their dotted names in torch._inductor.config (e.g.
+    # {"triton.mix_order_reduction": false}): measures a code-generation choice before trials adopt it
+    inductor: dict[str, Any] | None = None
+    # scaled_dot_product_attention's backends, most preferred first (flash, cudnn, efficient, math): which
+    # kernel a model's attention gets when several could serve it
+    sdpa_backends: list[Literal["flash", "cudnn", "efficient", "math"]] | None = Field(None, min_length=1)
+
+
+_SDPA = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
+
+
+def check_kernel_choices(inductor: dict[str, Any] | None) -> None:
+    """Refuse an ``inductor`` setting this torch does not have, or a value of another type than the
+    setting's (``torch._inductor.config``'s dotted names), before anything runs."""
+    if not inductor:
+        return
+    import torch._inductor.config as inductor_config
+
+    known = inductor_config.get_config_copy()
+    for key, value in inductor.items():
+        if key not in known:
+            near = sorted(k for k in known if key.split(".")[-1] in k)[:5]
+            raise ConfigError(f"bench methods: 'inductor' setting {key!r} is not in this torch's "
+                              f"torch._inductor.config" + (f"; similar: {near}" if near else ""))
+        want = type(known[key])
+        if known[key] is not None and not (type(value) is want or (want is float and type(value) is int)):
+            raise ConfigError(f"bench methods: 'inductor' setting {key!r} takes a "
+                              f"{want.__name__} (now {known[key]!r}), got {value!r}")
+
+
+@contextlib.contextmanager
+def kernel_choices(inductor: dict[str, Any] | None, sdpa_backends: list[str] | None):
+    """A context in which torch.compile generates code under ``inductor``'s settings and attention picks
+    among ``sdpa_backends`` (:data:`_SDPA`'s names) in that order."""
+    check_kernel_choices(inductor)
+    with contextlib.ExitStack() as stack:
+        if inductor:
+            import torch._inductor.config as inductor_config
+
+            stack.enter_context(inductor_config.patch(inductor))
+        if sdpa_backends:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            stack.enter_context(sdpa_kernel([getattr(SDPBackend, _SDPA[b]) for b in sdpa_backends],
+                                            set_priority=True))
+        yield
 
 
 def _defaults(cuda: bool, model: str) -> dict[str, Any]:
@@ -188,6 +234,9 @@ def bench_methods(overrides: dict[str, Any]) -> dict[str, Any]:
                           "more steps")
     for name in cfg["methods"]:
         get_method(name)  # an unknown name fails here, listing the valid ones
+    if cfg.get("inductor") and not cfg["compile"]:
+        raise ConfigError("bench methods: 'inductor' settings change compiled code only; add compile=true")
+    check_kernel_choices(cfg.get("inductor"))
     work = _Workload(cfg, device)
     rows: dict[str, Any] = {}
     align = low_rank.RANK_ALIGN
@@ -205,8 +254,9 @@ def bench_methods(overrides: dict[str, Any]) -> dict[str, Any]:
     if cfg.get("matmul_precision") is not None:
         torch.set_float32_matmul_precision(cfg["matmul_precision"])
     compiled = cfg["compile"] and device.type == "cuda"
+    kernels = kernel_choices(cfg.get("inductor"), cfg.get("sdpa_backends"))
     try:
-        with tempfile.TemporaryDirectory() as tmp, _strict_dynamo(compiled):
+        with tempfile.TemporaryDirectory() as tmp, _strict_dynamo(compiled), kernels:
             bank = _bank(work, Path(tmp)) if "eigenlora" in cfg["methods"] else []
             synchronize(device)
             # what every method's process held before its own model: the batch (and, while it lives, the

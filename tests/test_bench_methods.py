@@ -146,3 +146,40 @@ def test_matmul_precision_applies_to_the_run_only():
     assert torch.get_float32_matmul_precision() == "highest"
     with pytest.raises(ConfigError, match="matmul_precision"):
         bench_methods({**TINY_DT, "methods": ["full"], "matmul_precision": "medium"})
+
+
+def test_sdpa_backends_pick_the_attention_kernel_for_the_run_only():
+    """On the CPU the DT's attention (with dropout) runs SDPA's math path; limited to the memory-efficient
+    kernel, which the CPU lacks, its step fails with torch's "no viable backend" (the choice reaches the
+    model's attention), and the next run, without the setting, trains again."""
+
+    def run(**extra):
+        out = bench_methods({**TINY_DT, "methods": ["full"], "profile": True, "profile_steps": 1,
+                             "profile_top": 500, **extra})
+        return out["methods"]["full"]
+
+    default = run()
+    assert "aten::_scaled_dot_product_attention_math" in {t["name"] for t in default["phases"]["top_kernels"]}
+    assert "no viable backend" in run(sdpa_backends=["efficient"])["error"].lower()
+    assert "ms_per_step" in run(sdpa_backends=["math"]) and "ms_per_step" in run()
+    with pytest.raises(ConfigError, match="sdpa_backends"):
+        bench_methods({**TINY_DT, "methods": ["full"], "sdpa_backends": ["triton"]})
+
+
+def test_inductor_settings_are_checked_before_compute_and_apply_to_the_run_only():
+    import torch._inductor.config as inductor_config
+
+    from harness.bench_methods import kernel_choices
+
+    with pytest.raises(ConfigError, match="mix_order_reductio'.*similar"):
+        bench_methods({**TINY_DT, "methods": ["full"], "compile": True,
+                       "inductor": {"triton.mix_order_reductio": False}})
+    with pytest.raises(ConfigError, match="takes a bool"):
+        bench_methods({**TINY_DT, "methods": ["full"], "compile": True,
+                       "inductor": {"triton.mix_order_reduction": "no"}})
+    with pytest.raises(ConfigError, match="compile=true"):
+        bench_methods({**TINY_DT, "methods": ["full"], "inductor": {"triton.mix_order_reduction": False}})
+    before = inductor_config.triton.mix_order_reduction
+    with kernel_choices({"triton.mix_order_reduction": not before}, None):
+        assert inductor_config.triton.mix_order_reduction is (not before)
+    assert inductor_config.triton.mix_order_reduction is before
