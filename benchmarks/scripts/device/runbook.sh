@@ -5,10 +5,9 @@
 # a call returns). Its steps that need the simulator wait for /tmp/site-sim/.done (the simulator wheels' install, the second call). Each step's
 # console goes to OUTDIR/<step>.log and its exit status and seconds to OUTDIR/steps.txt; a failed step does not
 # stop the next. Set PYTHONPATH to the installed wheels before starting it. Steps, most wanted first:
-#   vit       bench methods under CUDA graphs for the methods not yet measured so (ViT-B/16)
-#   dtprof    every kernel of the paper DT's compiled update, default mode (with inductor's code) and graphs
-#   dttune    the DT's update under graphs with inductor's coordinate-descent tuning and autotuned GEMMs
-#   visA/B    the quickstart's vision study with compile on a GPU, default mode then CUDA graphs
+#   dt*       the paper DT's update under graphs: as is, without inductor's mixed-order LayerNorm backward, with
+#             SDPA's flash and memory-efficient kernels
+#   visB      GLoRA's and AdaLoRA's quickstart vision trials under graphs (against the default mode's records)
 #   (the steps above need no simulator and start at once; those below wait for its wheels)
 #   draws     benchmarks/scripts/graph_draws.py: GLoRA's draws and dropout's masks differ from replay to replay
 #   base      a 2K-update RL base on eight tasks (about a minute), for the trial A/Bs
@@ -28,25 +27,22 @@ step() { local name=$1; shift; echo "$(date +%T) start $name" >> "$out/steps.txt
 records() { (cd /tmp && tar czf "$out/$1-records.tgz" $(find "${@:2}" -name '*records.jsonl' 2>/dev/null)) 2>/dev/null; }
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 10 > "$out/gpu-util.csv" 2>/dev/null &
 RO="--set compile=true --set compile_mode=reduce-overhead"
-step vit python -m harness bench methods $RO --set 'methods=[full,lora,dora,pissa,olora,eva,eva-dora,vera,linear]' \
-  --out "$out/vit-ro.json"
-# every kernel of the paper DT's update with its time, and inductor's code for them (the fused kernels' source)
-step dtprof env TORCH_LOGS=output_code python -m harness bench methods --set model=dt --set compile=true \
-  --set 'methods=[full]' --set profile=true --set profile_top=200 --out "$out/dt-profile.json"
-gzip -f "$out/dtprof.log"
-step dtprofRO python -m harness bench methods --set model=dt $RO --set 'methods=[full]' --set profile=true \
-  --set profile_top=200 --out "$out/dt-profile-ro.json"
-# inductor's own tuning: triton configs by coordinate descent (the fused norm/dropout kernels), GEMMs autotuned
-step dttune env TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1 python -m harness bench \
-  methods --set model=dt $RO --set 'methods=[full,lora]' --out "$out/dt-ro-tuned.json"
-# whole vision trials (no simulator needed) in both modes: same records, no crash, times
+DT="--set model=dt $RO --set methods=[full,lora] --set profile=true --set profile_top=200"
+# the DT update under graphs: as is, with inductor's LayerNorm backward split into row and column reductions
+# (its mixed-order kernel ran at 1.4 TB/s), and with SDPA's other attention kernels (BENCHMARKS.md, 2026-12-03)
+step dtbase python -m harness bench methods $DT --out "$out/dt-ro.json"
+step dtln python -m harness bench methods $DT --set 'inductor={"triton.mix_order_reduction": false}' \
+  --out "$out/dt-ro-no-mix-order.json"
+step dtflash python -m harness bench methods $DT --set 'sdpa_backends=[flash]' --out "$out/dt-ro-flash.json"
+step dteff python -m harness bench methods $DT --set 'sdpa_backends=[efficient]' --out "$out/dt-ro-efficient.json"
+# GLoRA's and AdaLoRA's vision trials under graphs (their default-mode records: BENCHMARKS.md, visA.log.gz of
+# benchmarks/h200-session-2026-12-03b; full and LoRA already matched)
 V=(--only vision --no-dashboard --set settings.compile=true --set settings.deterministic=true
    --set resources.gpus_per_trial=auto --set resources.cpus_per_trial=4
-   --set 'methods={full: {lr: 1.0e-3}, lora: {r: 8, lr: 3.0e-3}, glora: {lr: 1.0e-3}, adalora: {r: 8, lr: 1.0e-2}}')
-step visA python -m harness sweep sweeps/quickstart.yaml --results /tmp/resVA --leaderboard /tmp/lbVA "${V[@]}"
+   --set 'methods={glora: {lr: 1.0e-3}, adalora: {r: 8, lr: 1.0e-2}}')
 step visB python -m harness sweep sweeps/quickstart.yaml --results /tmp/resVB --leaderboard /tmp/lbVB "${V[@]}" \
   --set settings.compile_mode=reduce-overhead
-records vision resVA resVB
+records vision resVB
 # the simulator wheels (the second call) for everything below
 while [ ! -f /tmp/site-sim/.done ]; do sleep 2; done
 AB=benchmarks/h200-session-2026-12-03/ab.yaml
