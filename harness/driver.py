@@ -27,7 +27,7 @@ from harness.errors import ConfigError, HarnessError
 from harness.methods import base_name, get_method
 from harness.placement import auto_gpu_share, check_reachable, host_cpus, visible_gpus
 from harness.plugins import load_plugins
-from harness.process_cache import replays_cuda_graphs, reuse_actors, share_compiled
+from harness.process_cache import on_trial_thread, replays_cuda_graphs, reuse_actors, share_compiled
 from harness.shared_storage import check_shared_cache
 from harness.sweep_file import (Study, SweepFile, grid_size, method_waves, resolved_grid, selection_methods,
                                 study_tasks, study_trials, track_settings)
@@ -56,7 +56,13 @@ def _final_report(record: TrialRecord) -> dict[str, Any]:
 
 
 def _trainable(config: dict[str, Any]) -> None:
-    """The Tune function trainable: one harness trial, progress and the final record reported to Tune.
+    """The Tune function trainable: one harness trial (:func:`_run_trial`) on the process's trial thread
+    (``harness.process_cache.on_trial_thread``: every trial a reused process runs shares one thread)."""
+    on_trial_thread(_run_trial, config)
+
+
+def _run_trial(config: dict[str, Any]) -> None:
+    """One harness trial, progress and the final record reported to Tune.
 
     Ray retries a trial whose process or node died (``FailureConfig(max_failures=MAX_RETRIES)``). A trial
     that failed on its own (an error, a non-finite loss) is ERROR in Ray too, but its record is kept in
@@ -644,8 +650,6 @@ def run_sweep(sweep: SweepFile, results_dir: Path, leaderboard_dir: Path, resume
     experiment_logging.check_installed(sweep.tracking)
 
     reuse_actors()  # a bad HARNESS_REUSE_ACTORS is refused before Ray starts
-    for study in sweep.studies:  # as is one that asks to reuse processes of CUDA-graph trials
-        reuse_actors(on_gpu=study.resources.gpus_per_trial != 0, cuda_graphs=_cuda_graphs(study))
     share_compiled()  # and a bad HARNESS_SHARE_COMPILED (read where the trials run: a local Ray's workers inherit it)
     init_ray(address, dashboard, local)
     check_resources(sweep.studies, _node_resources())

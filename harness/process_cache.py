@@ -39,8 +39,10 @@ from __future__ import annotations
 import gc
 import os
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from harness.errors import ConfigError
 
@@ -53,6 +55,9 @@ INDUCTOR_ENV = "TORCHINDUCTOR_CACHE_DIR"
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 _trials_begun = 0
+_trial_thread: ThreadPoolExecutor | None = None
+_trial_thread_lock = threading.Lock()
+_T = TypeVar("_T")
 _states: dict[tuple[str, int, int], dict[str, Any]] = {}
 _steps: dict[tuple, Any] = {}
 
@@ -68,17 +73,20 @@ def reuse_actors(environ: dict[str, str] | None = None, on_gpu: bool = False, cu
     doc), and ``HARNESS_REUSE_ACTORS=0`` still gives every trial a process of its own.
 
     ``cuda_graphs``: the trials replay their compiled steps as CUDA graphs (``compile_mode: reduce-overhead``)
-    on a GPU. Their processes are not reused: on an H200 a reused process segfaulted collecting the previous
-    trial's graphs and another failed an assertion (BENCHMARKS.md, "CUDA graphs in whole trials"; Ray runs
-    each trial in a thread of its own, and torch keeps a thread's graphs in that thread's state). Unset, the
-    answer is then no; set to yes, a ConfigError says why, before Ray starts."""
+    on a GPU. Unset, their processes are not reused: on an H200 a reused process segfaulted collecting the
+    previous trial's graphs and another failed an assertion (BENCHMARKS.md, "CUDA graphs in whole trials").
+    Ray ran each trial in a thread of its own then, and torch keeps a thread's graphs in that thread's state;
+    trials now run on one thread per process (:func:`on_trial_thread`), which :func:`begin_trial` clears of
+    the previous trial's graphs. Whether that makes reuse safe under graphs has not run on a GPU yet, so
+    reuse there is the user's explicit choice (:data:`REUSE_ENV` yes), with a warning."""
     raw = (os.environ if environ is None else environ).get(REUSE_ENV)
     if on_gpu and cuda_graphs:
         if _switch(REUSE_ENV, raw, False, "each trial in a process of its own"):
-            raise ConfigError(f"environment variable {REUSE_ENV}={raw!r} asks to reuse processes for GPU trials "
-                              "under compile_mode reduce-overhead (CUDA graphs), whose reused processes crashed on "
-                              f"a GPU; unset {REUSE_ENV} (or set it to 0) to give each such trial a process of its "
-                              "own, or use compile_mode default to keep reuse")
+            print(f"[sweep] warning: {REUSE_ENV}={raw} reuses processes for GPU trials under compile_mode "
+                  "reduce-overhead (CUDA graphs). Reused processes crashed so on an H200 when each trial had a "
+                  "thread of its own; trials now share one thread per process, which has not run on a GPU yet. "
+                  f"Unset {REUSE_ENV} to give each such trial a process of its own.", file=sys.stderr, flush=True)
+            return True
         return False
     return _switch(REUSE_ENV, raw, True, f"actors are reused{', GPU trials included' if on_gpu else ''}")
 
@@ -117,16 +125,39 @@ def shared_step(key: tuple, build: Any) -> Any:
     return _steps[key]
 
 
+def on_trial_thread(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    """``fn(*args, **kwargs)`` run on this process's trial thread, one thread for every trial the process
+    runs; its result returned, its exception (``SystemExit`` included: Ray's way of stopping a trial that
+    reports) raised here. The caller waits.
+
+    Ray Tune starts each trial of a function trainable in a new thread, and torch keeps per-thread state
+    that outlives a trial: the CUDA graph trees of ``compile_mode: reduce-overhead`` (``torch._inductor.
+    cudagraph_trees`` holds them in thread-local storage), which a later trial in another thread can
+    neither see nor free, and which the collector then frees from that other thread. On one thread every
+    trial finds the previous one's graphs where :func:`begin_trial` clears them. Ray's session (``tune.
+    report``, checkpoints, the trial's context) is the process's, so it works from this thread."""
+    global _trial_thread
+    with _trial_thread_lock:
+        if _trial_thread is None:
+            _trial_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="harness-trial")
+    return _trial_thread.submit(fn, *args, **kwargs).result()
+
+
 def begin_trial() -> int:
     """Mark the start of a trial in this process; return how many trials the process ran before it.
 
-    From the second trial on, what the previous one left behind is cleared first: its objects (collected,
-    and on a GPU the allocator's cached blocks handed back, so the memory columns start where a fresh
-    process's would; its compiled frame was its trainer's own, see the module's doc)."""
+    From the second trial on, what the previous one left behind is cleared first: the CUDA graphs its
+    compiled steps recorded (this thread's graph trees, :func:`on_trial_thread`; none outside
+    ``reduce-overhead``), then its objects (collected, and on a GPU the allocator's cached blocks handed
+    back, so the memory columns start where a fresh process's would; its compiled frame was its trainer's
+    own, see the module's doc)."""
     global _trials_begun
     before = _trials_begun
     _trials_begun += 1
     if before:
+        trees = sys.modules.get("torch._inductor.cudagraph_trees")
+        if trees is not None:
+            trees.reset_cudagraph_trees()
         gc.collect()
         if "torch" in sys.modules:
             import torch
@@ -180,5 +211,5 @@ def _torch_default_cache_dir() -> str:
     return default_cache_dir()
 
 
-__all__ = ["INDUCTOR_ENV", "REUSE_ENV", "base_state", "begin_trial", "replays_cuda_graphs", "reuse_actors",
-           "use_shared_compile_cache"]
+__all__ = ["INDUCTOR_ENV", "REUSE_ENV", "base_state", "begin_trial", "on_trial_thread", "replays_cuda_graphs",
+           "reuse_actors", "use_shared_compile_cache"]

@@ -11,9 +11,10 @@
 #   (the steps above need no simulator and start at once; those below wait for its wheels)
 #   draws     benchmarks/scripts/graph_draws.py: GLoRA's draws and dropout's masks differ from replay to replay
 #   base      a 2K-update RL base on eight tasks (about a minute), for the trial A/Bs
-#   rl        bench rl under CUDA graphs
 #   abB       benchmarks/h200-session-2026-12-03/ab.yaml under CUDA graphs (its default-mode run and the graphs
 #             run before the GLoRA search fix are in that folder)
+#   abR       the same with HARNESS_REUSE_ACTORS=1: reused processes under graphs, one trial thread per process
+#   rl        bench rl under CUDA graphs
 #   dt1/2     bench methods under CUDA graphs, the paper DT
 #   share     the A/B file's default mode with HARNESS_SHARE_COMPILED=1
 set -u
@@ -53,11 +54,15 @@ step base python -m harness pretrain rl --set pretrain_steps=2000 --set data_epi
   --set 'pretrain_tasks=[hammer,push-back,reach,window-open,drawer-close,door-close,button-press-topdown,plate-slide]' \
   --set compile=true --set pretrain_eval_episodes=0 --export /tmp/base.safetensors
 wait $draws
-step rl python -m harness bench rl --set compile_mode=reduce-overhead --set bench_steps=200 --set bench_envs=10 \
-  --out "$out/rl-ro.json"
 step abB python -m harness sweep $AB --results /tmp/resB --leaderboard /tmp/lbB --no-dashboard \
   --set settings.compile_mode=reduce-overhead
-records ab resB
+# the same with reused processes, now that every trial of a process runs on one thread (its second wave's
+# trials are the ones that crashed so before): records against abB's, process_trials_before in extra
+step abR env HARNESS_REUSE_ACTORS=1 python -m harness sweep $AB --results /tmp/resR --leaderboard /tmp/lbR \
+  --no-dashboard --set settings.compile_mode=reduce-overhead
+records ab resB resR
+step rl python -m harness bench rl --set compile_mode=reduce-overhead --set bench_steps=200 --set bench_envs=10 \
+  --out "$out/rl-ro.json"
 step dt1 python -m harness bench methods --set model=dt $RO --set 'methods=[full,lora,dora,pissa,olora,vera,linear]' \
   --out "$out/dt-ro-1.json"
 step dt2 python -m harness bench methods --set model=dt $RO --set 'methods=[full,eva,eva-dora,randlora,nola,eigenlora]' \
