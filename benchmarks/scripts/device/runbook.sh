@@ -8,6 +8,7 @@
 #   dt*       the paper DT's update under graphs: as is, without inductor's mixed-order LayerNorm backward, with
 #             SDPA's flash and memory-efficient kernels
 #   visB      GLoRA's and AdaLoRA's quickstart vision trials under graphs (against the default mode's records)
+#   eager     the slow methods' eager ViT-B steps profiled (host against kernels)
 #   (the steps above need no simulator and start at once; those below wait for its wheels)
 #   draws     benchmarks/scripts/graph_draws.py: GLoRA's draws and dropout's masks differ from replay to replay
 #   base      a 2K-update RL base on eight tasks (about a minute), for the trial A/Bs
@@ -44,6 +45,9 @@ V=(--only vision --no-dashboard --set settings.compile=true --set settings.deter
 step visB python -m harness sweep sweeps/quickstart.yaml --results /tmp/resVB --leaderboard /tmp/lbVB "${V[@]}" \
   --set settings.compile_mode=reduce-overhead
 records vision resVB
+# where the slow methods' eager steps go on ViT-B (issue 21's 1.5x eager): the host or kernels, and which ones
+step eager python -m harness bench methods --set 'methods=[full,lora,adalora,randlora,nola,glora,eigenlora]' \
+  --set profile=true --set profile_top=40 --out "$out/vit-eager-profile.json"
 # the simulator wheels (the second call) for everything below
 while [ ! -f /tmp/site-sim/.done ]; do sleep 2; done
 AB=benchmarks/h200-session-2026-12-03/ab.yaml
