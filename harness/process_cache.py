@@ -39,8 +39,9 @@ from __future__ import annotations
 import gc
 import os
 import sys
+import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
@@ -55,7 +56,7 @@ INDUCTOR_ENV = "TORCHINDUCTOR_CACHE_DIR"
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 _trials_begun = 0
-_trial_thread: ThreadPoolExecutor | None = None
+_trial_jobs: "queue.SimpleQueue[tuple[Callable[..., Any], tuple, dict, Future]] | None" = None
 _trial_thread_lock = threading.Lock()
 _T = TypeVar("_T")
 _states: dict[tuple[str, int, int], dict[str, Any]] = {}
@@ -136,11 +137,25 @@ def on_trial_thread(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
     neither see nor free, and which the collector then frees from that other thread. On one thread every
     trial finds the previous one's graphs where :func:`begin_trial` clears them. Ray's session (``tune.
     report``, checkpoints, the trial's context) is the process's, so it works from this thread."""
-    global _trial_thread
+    global _trial_jobs
     with _trial_thread_lock:
-        if _trial_thread is None:
-            _trial_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="harness-trial")
-    return _trial_thread.submit(fn, *args, **kwargs).result()
+        if _trial_jobs is None:
+            _trial_jobs = queue.SimpleQueue()
+            # a daemon, as Ray's own trial threads are: a process that exits does not wait for a trial
+            threading.Thread(target=_serve_trials, args=(_trial_jobs,), name="harness-trial", daemon=True).start()
+    done: Future = Future()
+    _trial_jobs.put((fn, args, kwargs, done))
+    return done.result()
+
+
+def _serve_trials(jobs: "queue.SimpleQueue[tuple[Callable[..., Any], tuple, dict, Future]]") -> None:
+    while True:
+        fn, args, kwargs, done = jobs.get()
+        try:
+            done.set_result(fn(*args, **kwargs))
+        except BaseException as e:  # noqa: BLE001 - SystemExit too (Ray stops a trial so): the caller raises it
+            done.set_exception(e)
+        del fn, args, kwargs, done  # nothing of a finished trial stays alive on this thread
 
 
 def begin_trial() -> int:

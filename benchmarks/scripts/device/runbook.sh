@@ -12,12 +12,13 @@
 #   (the steps above need no simulator and start at once; those below wait for its wheels)
 #   draws     benchmarks/scripts/graph_draws.py: GLoRA's draws and dropout's masks differ from replay to replay
 #   base      a 2K-update RL base on eight tasks (about a minute), for the trial A/Bs
-#   abB       benchmarks/h200-session-2026-12-03/ab.yaml under CUDA graphs (its default-mode run and the graphs
-#             run before the GLoRA search fix are in that folder)
-#   abR       the same with HARNESS_REUSE_ACTORS=1: reused processes under graphs, one trial thread per process
+#   sh0/sh1   benchmarks/device-files/share.yaml as is and with HARNESS_SHARE_COMPILED=1 (records equal; a reused
+#             trial's compile time)
+#   abA       benchmarks/h200-session-2026-12-03/ab.yaml in torch's default mode (reused processes)
+#   abR       the same under graphs with HARNESS_REUSE_ACTORS=1: reused processes, one trial thread per process
 #   rl        bench rl under CUDA graphs
-#   dt1/2     bench methods under CUDA graphs, the paper DT
-#   share     the A/B file's default mode with HARNESS_SHARE_COMPILED=1
+#   abB       the same under graphs, a process per trial (the GLoRA search fix's finalize_s against last time's)
+#   dt1/2     bench methods under CUDA graphs, the paper DT's other methods
 set -u
 out=$(realpath -m "${1:?usage: runbook.sh OUTDIR}")
 mkdir -p "$out"
@@ -58,19 +59,27 @@ step base python -m harness pretrain rl --set pretrain_steps=2000 --set data_epi
   --set 'pretrain_tasks=[hammer,push-back,reach,window-open,drawer-close,door-close,button-press-topdown,plate-slide]' \
   --set compile=true --set pretrain_eval_episodes=0 --export /tmp/base.safetensors
 wait $draws
-step abB python -m harness sweep $AB --results /tmp/resB --leaderboard /tmp/lbB --no-dashboard \
-  --set settings.compile_mode=reduce-overhead
-# the same with reused processes, now that every trial of a process runs on one thread (its second wave's
-# trials are the ones that crashed so before): records against abB's, process_trials_before in extra
+# HARNESS_SHARE_COMPILED's A/B: eight LoRA trials of one structure, as is and sharing one compiled loss
+# (benchmarks/device-files/share.yaml says what to compare)
+SH=benchmarks/device-files/share.yaml
+step sh0 python -m harness sweep $SH --results /tmp/resS0 --leaderboard /tmp/lbS0 --no-dashboard
+step sh1 env HARNESS_SHARE_COMPILED=1 python -m harness sweep $SH --results /tmp/resS1 --leaderboard /tmp/lbS1 \
+  --no-dashboard
+records share resS0 resS1
+# the RL A/B file in torch's default mode (reused processes, the sweep files' way), then under CUDA graphs with
+# reused processes (every trial of a process on one thread now; its second wave's trials are the ones that
+# crashed so before): the records must be equal
+step abA python -m harness sweep $AB --results /tmp/resA --leaderboard /tmp/lbA --no-dashboard
 step abR env HARNESS_REUSE_ACTORS=1 python -m harness sweep $AB --results /tmp/resR --leaderboard /tmp/lbR \
   --no-dashboard --set settings.compile_mode=reduce-overhead
-records ab resB resR
+records ab resA resR
 step rl python -m harness bench rl --set compile_mode=reduce-overhead --set bench_steps=200 --set bench_envs=10 \
   --out "$out/rl-ro.json"
+step abB python -m harness sweep $AB --results /tmp/resB --leaderboard /tmp/lbB --no-dashboard \
+  --set settings.compile_mode=reduce-overhead
+records ab2 resB
 step dt1 python -m harness bench methods --set model=dt $RO --set 'methods=[full,lora,dora,pissa,olora,vera,linear]' \
   --out "$out/dt-ro-1.json"
 step dt2 python -m harness bench methods --set model=dt $RO --set 'methods=[full,eva,eva-dora,randlora,nola,eigenlora]' \
   --out "$out/dt-ro-2.json"
-step share env HARNESS_SHARE_COMPILED=1 python -m harness sweep $AB --results /tmp/resC --leaderboard /tmp/lbC --no-dashboard
-records share resC
 echo ALL-DONE >> "$out/steps.txt"
