@@ -274,7 +274,7 @@ def test_later_evaluations_on_kept_workers_are_priced_at_their_own_rate_where_me
     assert not any("kept workers" in n for n in before["select"].notes)
 
 
-def test_a_compile_mode_is_priced_at_its_own_measurement_where_there_is_one(tmp_path):
+def test_a_compile_mode_is_priced_at_its_own_measurement_where_there_is_one(tmp_path, monkeypatch):
     """Issue 21: trials with ``compile_mode: reduce-overhead`` (CUDA graphs) are priced at the figures measured
     in that mode; a method not measured in it at torch's default mode's figure, and the row says so."""
     study = {"name": "paper", "track": "vision", "benchmark": "builtin", "tasks": ["shapes"], "protocol": "grid",
@@ -289,7 +289,12 @@ def test_a_compile_mode_is_priced_at_its_own_measurement_where_there_is_one(tmp_
         row = rows(done.stdout)["final"]
         assert f"{kind} figures" in " ".join(row) and "not measured" not in " ".join(row), row
         assert abs(float(row[5]) - 1_000_000 * m[kind]["full"] / 1000 / 3600) <= 0.005  # GPU-hours, 2 decimals
+    # every method has a figure in that mode now: the fallback is tested on costs without LoRA's
+    import harness.plan
+
     lora = {**graphs, "methods": {"lora": {"r": [8], "lr": [1.0e-3]}}}
-    assert "lora" not in m["compiled:reduce-overhead"]  # the fallback below is what this test is about
+    measured = harness.plan.load_costs()
+    del measured["NVIDIA H200"]["vision"]["ms_per_update"]["compiled:reduce-overhead"]["lora"]
+    monkeypatch.setattr(harness.plan, "load_costs", lambda *a, **k: measured)
     row = " ".join(rows(plan(tmp_path, lora, "--gpus", "1", "--gpu-model", "NVIDIA H200").stdout)["final"])
     assert "compiled figures for lora (compiled:reduce-overhead not measured)" in row, row
