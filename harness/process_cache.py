@@ -19,6 +19,10 @@ What a later trial in the same process reuses, and why its record stays what a f
   host, or a node that mounts the same cache finds the kernels compiled already. The cache's key holds
   torch's version, the device, the graph and the deterministic-kernel setting, so a hit is the same code.
 
+Every trial of a process runs on the same thread (:func:`on_trial_thread`), not the new thread Ray gives
+each trial: torch keeps CUDA graphs per thread, and one thread lets :func:`begin_trial` free the previous
+trial's graphs before the next one records its own.
+
 What each trial gets afresh: its own dynamo frame. Each trainer compiles its loss in a code object of its
 own (``harness.training.own_frame``), so a trial never starts from the previous trial's shape decisions
 (a frame that saw two batch sizes is recompiled with dynamic shapes) nor runs eagerly past
