@@ -42,8 +42,8 @@ from __future__ import annotations
 
 import gc
 import os
-import sys
 import queue
+import sys
 import threading
 from concurrent.futures import Future
 from pathlib import Path
