@@ -60,6 +60,7 @@ INDUCTOR_ENV = "TORCHINDUCTOR_CACHE_DIR"
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 _trials_begun = 0
+_warned_graph_reuse = False  # reuse_actors' warning for CUDA-graph trials, printed once per process
 _trial_jobs: "queue.SimpleQueue[tuple[Callable[..., Any], tuple, dict, Future]] | None" = None
 _trial_thread_lock = threading.Lock()
 _T = TypeVar("_T")
@@ -84,13 +85,17 @@ def reuse_actors(environ: dict[str, str] | None = None, on_gpu: bool = False, cu
     trials now run on one thread per process (:func:`on_trial_thread`), which :func:`begin_trial` clears of
     the previous trial's graphs. Whether that makes reuse safe under graphs has not run on a GPU yet, so
     reuse there is the user's explicit choice (:data:`REUSE_ENV` yes), with a warning."""
+    global _warned_graph_reuse
     raw = (os.environ if environ is None else environ).get(REUSE_ENV)
     if on_gpu and cuda_graphs:
         if _switch(REUSE_ENV, raw, False, "each trial in a process of its own"):
-            print(f"[sweep] warning: {REUSE_ENV}={raw} reuses processes for GPU trials under compile_mode "
-                  "reduce-overhead (CUDA graphs). Reused processes crashed so on an H200 when each trial had a "
-                  "thread of its own; trials now share one thread per process, which has not run on a GPU yet. "
-                  f"Unset {REUSE_ENV} to give each such trial a process of its own.", file=sys.stderr, flush=True)
+            if not _warned_graph_reuse:  # once, not at every wave's Tuner
+                _warned_graph_reuse = True
+                print(f"[sweep] warning: {REUSE_ENV}={raw} reuses processes for GPU trials under compile_mode "
+                      "reduce-overhead (CUDA graphs). Reused processes crashed so on an H200 when each trial had "
+                      "a thread of its own; trials now share one thread per process, which has not run on a GPU "
+                      f"yet. Unset {REUSE_ENV} to give each such trial a process of its own.", file=sys.stderr,
+                      flush=True)
             return True
         return False
     return _switch(REUSE_ENV, raw, True, f"actors are reused{', GPU trials included' if on_gpu else ''}")

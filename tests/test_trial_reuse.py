@@ -30,7 +30,7 @@ def test_the_reuse_switch_reads_its_environment_variable():
         process_cache.reuse_actors({REUSE_ENV: "sometimes"})
 
 
-def test_trials_replaying_cuda_graphs_on_a_gpu_get_processes_of_their_own_unless_asked(capsys):
+def test_trials_replaying_cuda_graphs_on_a_gpu_get_processes_of_their_own_unless_asked(capsys, monkeypatch):
     """Reused processes of reduce-overhead GPU trials crashed on an H200 (BENCHMARKS.md, "CUDA graphs in whole
     trials"): unset, no reuse for them; asked for, reuse with a warning that says so; CPU trials and the
     default mode keep reuse."""
@@ -39,8 +39,11 @@ def test_trials_replaying_cuda_graphs_on_a_gpu_get_processes_of_their_own_unless
     assert process_cache.reuse_actors({}, on_gpu=False, cuda_graphs=True) is True  # no CUDA graphs on the CPU
     assert process_cache.reuse_actors({}, on_gpu=True, cuda_graphs=False) is True
     assert "warning" not in capsys.readouterr().err
+    monkeypatch.setattr(process_cache, "_warned_graph_reuse", False)
     assert process_cache.reuse_actors({REUSE_ENV: "1"}, on_gpu=True, cuda_graphs=True) is True
     assert re.search(f"warning: {REUSE_ENV}=1 .*reduce-overhead.*crashed.*not run on a GPU", capsys.readouterr().err)
+    assert process_cache.reuse_actors({REUSE_ENV: "1"}, on_gpu=True, cuda_graphs=True) is True  # a later wave's
+    assert "warning" not in capsys.readouterr().err  # said once
     with pytest.raises(ConfigError, match=f"{REUSE_ENV}='later'"):
         process_cache.reuse_actors({REUSE_ENV: "later"}, on_gpu=True, cuda_graphs=True)
     from agents.track import RLSettings
