@@ -45,7 +45,8 @@ from harness.methods import AdapterSite, MethodContext, get_method, method_names
 from harness.methods import eva_init, low_rank
 from harness.trial import resolve_point
 from harness.randomness import seeded
-from harness.training import LoopConfig, Trainer, compiled_loss, own_frame, synchronize
+from harness.training import (LoopConfig, Trainer, check_inductor_options, compiled_loss, own_frame,
+                              synchronize)
 from harness.validation import Bool, CompileMode, Int, validate
 
 VIT_SITE = AdapterSite(targets=("qkv", "attn.proj", "fc1", "fc2"), head=("head",), feedforward=("mlp.fc2",))
@@ -104,30 +105,11 @@ class BenchSettings(BaseModel):
 _SDPA = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
 
 
-def check_kernel_choices(inductor: dict[str, Any] | None) -> None:
-    """Refuse an ``inductor`` setting this torch does not have, or a value of another type than the
-    setting's (``torch._inductor.config``'s dotted names), before anything runs."""
-    if not inductor:
-        return
-    import torch._inductor.config as inductor_config
-
-    known = inductor_config.get_config_copy()
-    for key, value in inductor.items():
-        if key not in known:
-            near = sorted(k for k in known if key.split(".")[-1] in k)[:5]
-            raise ConfigError(f"bench methods: 'inductor' setting {key!r} is not in this torch's "
-                              f"torch._inductor.config" + (f"; similar: {near}" if near else ""))
-        want = type(known[key])
-        if known[key] is not None and not (type(value) is want or (want is float and type(value) is int)):
-            raise ConfigError(f"bench methods: 'inductor' setting {key!r} takes a "
-                              f"{want.__name__} (now {known[key]!r}), got {value!r}")
-
-
 @contextlib.contextmanager
 def kernel_choices(inductor: dict[str, Any] | None, sdpa_backends: list[str] | None):
     """A context in which torch.compile generates code under ``inductor``'s settings and attention picks
     among ``sdpa_backends`` (:data:`_SDPA`'s names) in that order."""
-    check_kernel_choices(inductor)
+    check_inductor_options(inductor, "bench methods")
     with contextlib.ExitStack() as stack:
         if inductor:
             import torch._inductor.config as inductor_config
@@ -236,7 +218,7 @@ def bench_methods(overrides: dict[str, Any]) -> dict[str, Any]:
         get_method(name)  # an unknown name fails here, listing the valid ones
     if cfg.get("inductor") and not cfg["compile"]:
         raise ConfigError("bench methods: 'inductor' settings change compiled code only; add compile=true")
-    check_kernel_choices(cfg.get("inductor"))
+    check_inductor_options(cfg.get("inductor"), "bench methods")
     work = _Workload(cfg, device)
     rows: dict[str, Any] = {}
     align = low_rank.RANK_ALIGN
@@ -403,7 +385,7 @@ def _prepare(name: str, cfg: dict[str, Any], work: _Workload, bank, compiled: bo
     trainer = Trainer(model, work.loss, lambda: batch, loop, device, hooks)
     if compiled:
         trainer.compute_loss = compiled_loss(own_frame(trainer._loss, f"bench_step_{name}"),
-                                             cfg.get("compile_mode") or "default")
+                                             cfg.get("compile_mode") or "default", cfg.get("inductor"))
     counts = _dynamo_counts()
     for _ in range(cfg["warmup"]):
         trainer.step()

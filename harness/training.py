@@ -175,17 +175,55 @@ COMPILED_DEVICES: tuple[str, ...] = ("cuda",)
 COMPILE_BACKEND: Any = "inductor"
 
 
-def compiled_loss(loss: Callable[[Any], torch.Tensor], mode: str) -> Callable[[Any], torch.Tensor]:
-    """``loss`` compiled with torch.compile ``mode``. Under CUDA graphs (reduce-overhead) each call starts
-    a new graph step and its loss is copied out of the graph's memory, which the next replay overwrites
-    (the training loop keeps losses for its batched finite checks)."""
+# Inductor settings every compiled step gets on top of its mode's, where this torch has them. Inductor's
+# "mixed-order" LayerNorm backward (one kernel for the input's row reduction and the weight's column
+# reduction) ran at 1.4 TB/s on the H200 and took 1.1 of the paper DT's 8.3 ms update under CUDA graphs;
+# split into separate reductions the update took 7.6 ms (BENCHMARKS.md, 2026-12-03, third session).
+INDUCTOR_DEFAULTS: dict[str, Any] = {"triton.mix_order_reduction": False}
+
+
+def check_inductor_options(inductor: dict[str, Any] | None, who: str = "inductor") -> None:
+    """Refuse an inductor setting this torch does not have, or a value of another type than the setting's
+    (``torch._inductor.config``'s dotted names), before anything runs."""
+    if not inductor:
+        return
+    import torch._inductor.config as inductor_config
+
+    known = inductor_config.get_config_copy()
+    for key, value in inductor.items():
+        if key not in known:
+            near = sorted(k for k in known if key.split(".")[-1] in k)[:5]
+            raise ConfigError(f"{who}: 'inductor' setting {key!r} is not in this torch's "
+                              f"torch._inductor.config" + (f"; similar: {near}" if near else ""))
+        want = type(known[key])
+        if known[key] is not None and not (type(value) is want or (want is float and type(value) is int)):
+            raise ConfigError(f"{who}: 'inductor' setting {key!r} takes a "
+                              f"{want.__name__} (now {known[key]!r}), got {value!r}")
+
+
+def inductor_options(mode: str, inductor: dict[str, Any] | None = None) -> dict[str, Any]:
+    """torch.compile's ``options`` for ``mode``: the mode's own settings, then :data:`INDUCTOR_DEFAULTS`
+    that this torch has, then ``inductor`` (which wins)."""
+    import torch._inductor as inductor_pkg
+    import torch._inductor.config as inductor_config
+
     if mode not in get_args(CompileMode):
         raise ConfigError(f"torch.compile mode {mode!r}: expected one of {list(get_args(CompileMode))}")
-    if COMPILE_BACKEND != "inductor":  # the tests' CPU backend: modes are inductor's
+    check_inductor_options(inductor)
+    known = inductor_config.get_config_copy()
+    return {**inductor_pkg.list_mode_options(mode), **{k: v for k, v in INDUCTOR_DEFAULTS.items() if k in known},
+            **(inductor or {})}
+
+
+def compiled_loss(loss: Callable[[Any], torch.Tensor], mode: str,
+                  inductor: dict[str, Any] | None = None) -> Callable[[Any], torch.Tensor]:
+    """``loss`` compiled with torch.compile ``mode`` (and :func:`inductor_options`). Under CUDA graphs
+    (reduce-overhead) each call starts a new graph step and its loss is copied out of the graph's memory,
+    which the next replay overwrites (the training loop keeps losses for its batched finite checks)."""
+    options = inductor_options(mode, inductor)
+    if COMPILE_BACKEND != "inductor":  # the tests' CPU backend: modes and options are inductor's
         return torch.compile(loss, backend=COMPILE_BACKEND)
-    if mode == "default":
-        return torch.compile(loss)
-    fn = torch.compile(loss, mode=mode)
+    fn = torch.compile(loss, options=options)
     if mode != "reduce-overhead":
         return fn
 
