@@ -296,3 +296,26 @@ def test_the_compile_mode_reaches_the_trials_loop_and_is_checked(track):
     assert bad.failed and "compile_mode" in bad.record.error and "compile: true" in bad.record.error
     with pytest.raises(ConfigError, match="'fast'.*expected one of.*reduce-overhead"):
         compiled_loss(lambda batch: batch, "fast")
+
+
+def test_compiled_steps_get_the_harness_inductor_defaults_under_every_mode_and_an_explicit_setting_wins(monkeypatch):
+    """Compiled steps split inductor's mixed-order LayerNorm backward (``INDUCTOR_DEFAULTS``: faster on the
+    H200, BENCHMARKS.md) on top of their mode's own options; a caller's ``inductor`` settings win; a
+    default this torch lacks is left out; a setting torch does not have is refused, naming it."""
+    import torch
+    import torch._inductor.config as inductor_config
+
+    from harness import training
+    from harness.errors import ConfigError
+
+    graphs = training.inductor_options("reduce-overhead")
+    assert graphs["triton.cudagraphs"] is True and graphs["triton.mix_order_reduction"] is False
+    assert training.inductor_options("default") == {"triton.mix_order_reduction": False}
+    tuned = training.inductor_options("max-autotune-no-cudagraphs", {"triton.mix_order_reduction": True})
+    assert tuned["max_autotune"] is True and tuned["triton.mix_order_reduction"] is True
+    torch.compile(lambda x: x, options=graphs)  # torch checks the options' names here, before any call
+    monkeypatch.setitem(training.INDUCTOR_DEFAULTS, "triton.no_such_setting", 1)
+    assert "triton.no_such_setting" not in training.inductor_options("default")
+    assert "triton.no_such_setting" not in inductor_config.get_config_copy()
+    with pytest.raises(ConfigError, match="'triton.mix_order_reductio' is not in this torch"):
+        training.inductor_options("default", {"triton.mix_order_reductio": False})
