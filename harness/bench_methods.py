@@ -108,8 +108,8 @@ _SDPA = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "E
 @contextlib.contextmanager
 def kernel_choices(inductor: dict[str, Any] | None, sdpa_backends: list[str] | None):
     """A context in which torch.compile generates code under ``inductor``'s settings and attention picks
-    among ``sdpa_backends`` (:data:`_SDPA`'s names) in that order."""
-    check_inductor_options(inductor, "bench methods")
+    among ``sdpa_backends`` (:data:`_SDPA`'s names) in that order; ``inductor`` as checked by
+    :func:`check_inductor_options`."""
     with contextlib.ExitStack() as stack:
         if inductor:
             import torch._inductor.config as inductor_config

@@ -177,8 +177,8 @@ COMPILE_BACKEND: Any = "inductor"
 
 # Inductor settings every compiled step gets on top of its mode's, where this torch has them. Inductor's
 # "mixed-order" LayerNorm backward (one kernel for the input's row reduction and the weight's column
-# reduction) ran at 1.4 TB/s on the H200 and took 1.1 of the paper DT's 8.3 ms update under CUDA graphs;
-# split into separate reductions the update took 7.6 ms (BENCHMARKS.md, 2026-12-03, third session).
+# reduction) ran far below the memory bandwidth, and split the DT's and ViT-B's full fine-tuning steps
+# got faster, the others unchanged (BENCHMARKS.md, "The DT's LayerNorm backward split").
 INDUCTOR_DEFAULTS: dict[str, Any] = {"triton.mix_order_reduction": False}
 
 
