@@ -27,7 +27,7 @@ from harness.errors import ConfigError, HarnessError
 from harness.methods import base_name, get_method
 from harness.placement import auto_gpu_share, check_reachable, host_cpus, visible_gpus
 from harness.plugins import load_plugins
-from harness.process_cache import on_trial_thread, replays_cuda_graphs, reuse_actors, share_compiled
+from harness.process_cache import on_trial_thread, reuse_actors, share_compiled
 from harness.shared_storage import check_shared_cache
 from harness.sweep_file import (Study, SweepFile, grid_size, method_waves, resolved_grid, selection_methods,
                                 study_tasks, study_trials, track_settings)
@@ -221,11 +221,6 @@ def _node_resources() -> list[dict[str, float]]:
     return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
 
 
-def _cuda_graphs(study: Study) -> bool:
-    """Whether the study's trials replay their compiled steps as CUDA graphs where they run on a GPU."""
-    return replays_cuda_graphs(track_settings(study))
-
-
 def _gpus_per_trial(study: Study, n_trials: int) -> float:
     import ray
 
@@ -273,7 +268,7 @@ def run_wave(specs: list[ResolvedTrial], study: Study, exp_dir: Path, resume: bo
             tune_config=tune.TuneConfig(max_concurrent_trials=study.resources.max_concurrent,
                                         trial_name_creator=_trial_name, trial_dirname_creator=_trial_dir,
                                         scheduler=scheduler,
-                                        reuse_actors=reuse_actors(on_gpu=gpus > 0, cuda_graphs=_cuda_graphs(study))),
+                                        reuse_actors=reuse_actors(on_gpu=gpus > 0)),
             run_config=tune.RunConfig(name=exp_dir.name, storage_path=str(exp_dir.parent),
                                       failure_config=tune.FailureConfig(max_failures=MAX_RETRIES), verbose=1,
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1),

@@ -4,8 +4,7 @@ Under Ray Tune a process is a trial's actor. With actor reuse (``TuneConfig(reus
 Ray 2.60 supports for function trainables through ``FunctionTrainable.reset_config``) the next trial of a
 wave with the same resources runs in the actor the last one finished in: no new worker process, no second
 import of torch, Ray, MuJoCo and the harness. The sweep driver turns it on, for trials on the CPU and on a GPU,
-unless :data:`REUSE_ENV` says otherwise or the trials replay CUDA graphs on a GPU (:func:`reuse_actors` says
-why).
+CUDA-graph trials included, unless :data:`REUSE_ENV` says otherwise (:func:`reuse_actors`).
 
 What a later trial in the same process reuses, and why its record stays what a fresh process would give:
 
@@ -33,9 +32,10 @@ the allocator's cached blocks back. It does not call ``torch._dynamo.reset()``, 
 frees dynamo's cache entries while compiled code may still hold pointers to them (pytorch/pytorch#155057,
 whose fix was merged in June 2025, and #196394, open in September 2026), the likely cause of the
 segmentation faults of reused GPU processes that reset dynamo. Without the reset, reused GPU processes
-have run compiled trials without a fault (BENCHMARKS.md), so GPU trials reuse actors too. torch's global random state is each trial's own
-already (``harness.randomness.TrialRandom.scope``). With :data:`SHARE_ENV` on, trainers of one structure
-share one compiled loss instead (``harness.training.SharedLoss``, which keeps what an own frame ensures).
+have run compiled trials without a fault (BENCHMARKS.md), so GPU trials reuse actors too. torch's global
+random state is each trial's own already (``harness.randomness.TrialRandom.scope``). In torch's default
+compile mode, trainers of one structure share one compiled loss instead of a frame each, unless
+:data:`SHARE_ENV` turns that off (``harness.training.SharedLoss``, which keeps what an own frame ensures).
 """
 
 from __future__ import annotations
@@ -60,7 +60,6 @@ INDUCTOR_ENV = "TORCHINDUCTOR_CACHE_DIR"
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 _trials_begun = 0
-_warned_graph_reuse = False  # reuse_actors' warning for CUDA-graph trials, printed once per process
 _trial_jobs: "queue.SimpleQueue[tuple[Callable[..., Any], tuple, dict, Future]] | None" = None
 _trial_thread_lock = threading.Lock()
 _T = TypeVar("_T")
@@ -68,43 +67,20 @@ _states: dict[tuple[str, int, int], dict[str, Any]] = {}
 _steps: dict[tuple, Any] = {}
 
 
-def reuse_actors(environ: dict[str, str] | None = None, on_gpu: bool = False, cuda_graphs: bool = False) -> bool:
+def reuse_actors(environ: dict[str, str] | None = None, on_gpu: bool = False) -> bool:
     """Whether a sweep's trials reuse Ray actors. :data:`REUSE_ENV` decides when set (1/true/yes/on: yes;
     0/false/no/off: every trial in a new process); anything else is a ConfigError naming the variable.
 
-    Unset, they do, on the CPU and on a GPU alike (``on_gpu`` is kept for the message and for callers that
-    say where the trials run). On a GPU a fresh process costs a trial its start and peft's import, a third
-    of a short CW10 trial (BENCHMARKS.md). Reuse was off on GPUs while
-    reused processes that reset dynamo crashed there; :func:`begin_trial` no longer resets it (the module's
-    doc), and ``HARNESS_REUSE_ACTORS=0`` still gives every trial a process of its own.
-
-    ``cuda_graphs``: the trials replay their compiled steps as CUDA graphs (``compile_mode: reduce-overhead``)
-    on a GPU. Unset, their processes are not reused: on an H200 a reused process segfaulted collecting the
-    previous trial's graphs and another failed an assertion (BENCHMARKS.md, "CUDA graphs in whole trials").
-    Ray ran each trial in a thread of its own then, and torch keeps a thread's graphs in that thread's state;
-    trials now run on one thread per process (:func:`on_trial_thread`), which :func:`begin_trial` clears of
-    the previous trial's graphs. Whether that makes reuse safe under graphs has not run on a GPU yet, so
-    reuse there is the user's explicit choice (:data:`REUSE_ENV` yes), with a warning."""
-    global _warned_graph_reuse
+    Unset, they do, on the CPU and on a GPU alike, under CUDA graphs too (``on_gpu`` is kept for the message
+    and for callers that say where the trials run). On a GPU a fresh process costs a trial its start and
+    peft's import, a third of a short CW10 trial (BENCHMARKS.md). Reuse was off on GPUs while reused processes
+    that reset dynamo crashed there; :func:`begin_trial` no longer resets it (the module's doc). It was off
+    under ``compile_mode: reduce-overhead`` while Ray ran each trial on a thread of its own, where torch keeps
+    a thread's CUDA graphs: reused processes crashed so on an H200. Every trial of a process now runs on one
+    thread (:func:`on_trial_thread`), and the same trials then ran clean in reused processes with the records
+    of processes of their own (BENCHMARKS.md, "Reused processes under CUDA graphs")."""
     raw = (os.environ if environ is None else environ).get(REUSE_ENV)
-    if on_gpu and cuda_graphs:
-        if _switch(REUSE_ENV, raw, False, "each trial in a process of its own"):
-            if not _warned_graph_reuse:  # once, not at every wave's Tuner
-                _warned_graph_reuse = True
-                print(f"[sweep] warning: {REUSE_ENV}={raw} reuses processes for GPU trials under compile_mode "
-                      "reduce-overhead (CUDA graphs). Reused processes crashed so on an H200 when each trial had "
-                      "a thread of its own; trials now share one thread per process, which has not run on a GPU "
-                      f"yet. Unset {REUSE_ENV} to give each such trial a process of its own.", file=sys.stderr,
-                      flush=True)
-            return True
-        return False
     return _switch(REUSE_ENV, raw, True, f"actors are reused{', GPU trials included' if on_gpu else ''}")
-
-
-def replays_cuda_graphs(settings: "TrackSettings") -> bool:
-    """Whether a trial with these track settings replays its compiled steps as CUDA graphs (where it runs on
-    a GPU): ``compile: true`` with ``compile_mode: reduce-overhead``."""
-    return bool(settings.compile) and settings.compile_mode == "reduce-overhead"
 
 
 def _switch(name: str, raw: str | None, default: bool, unset: str) -> bool:
@@ -121,10 +97,12 @@ def _switch(name: str, raw: str | None, default: bool, unset: str) -> bool:
 
 def share_compiled(environ: dict[str, str] | None = None) -> bool:
     """Whether the compiled trainers of one process share a compiled loss where their models have the same
-    structure (:func:`shared_step`; ``harness.training.Trainer``). Off unless :data:`SHARE_ENV` says 1/true/
-    yes/on: it skips most of a reused trial's compilation, and has not yet run on a GPU (BENCHMARKS.md)."""
+    structure (:func:`shared_step`; ``harness.training.Trainer``): it skips most of a reused trial's
+    compilation and gives the records of trainers with frames of their own (BENCHMARKS.md, "Reused processes
+    under CUDA graphs"). On unless :data:`SHARE_ENV` says 0/false/no/off, which gives every trainer a frame of
+    its own."""
     raw = (os.environ if environ is None else environ).get(SHARE_ENV)
-    return _switch(SHARE_ENV, raw, False, "each trainer compiles in a frame of its own")
+    return _switch(SHARE_ENV, raw, True, "trainers of one structure share a compiled loss")
 
 
 def shared_step(key: tuple, build: Any) -> Any:
@@ -235,5 +213,5 @@ def _torch_default_cache_dir() -> str:
     return default_cache_dir()
 
 
-__all__ = ["INDUCTOR_ENV", "REUSE_ENV", "base_state", "begin_trial", "on_trial_thread", "replays_cuda_graphs",
-           "reuse_actors", "use_shared_compile_cache"]
+__all__ = ["INDUCTOR_ENV", "REUSE_ENV", "SHARE_ENV", "base_state", "begin_trial", "on_trial_thread", "reuse_actors",
+           "share_compiled", "use_shared_compile_cache"]

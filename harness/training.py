@@ -349,8 +349,8 @@ class Trainer:
             self.step_index = resume_checkpoint(Path(cfg.checkpoint), model, self.optimizer)
         # One compiled graph for forward and loss (the method's extra loss and hooks stay eager), in a
         # dynamo frame of this trainer's own (``own_frame``), or one that the process's trainers of the same
-        # structure share (``SharedLoss``; HARNESS_SHARE_COMPILED=1, torch's default mode only: a CUDA graph
-        # records the first model's tensors' addresses; and a loss that is a plain function, since the
+        # structure share (``SharedLoss``, unless HARNESS_SHARE_COMPILED=0; torch's default mode only: a CUDA
+        # graph records the first model's tensors' addresses; and a loss that is a plain function, since the
         # process keeps it: a closure could hold a trial's data)
         self.compute_loss: Callable[[Any], torch.Tensor] = self._loss
         self._shared: SharedLoss | None = None
