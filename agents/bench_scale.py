@@ -78,7 +78,7 @@ class ScaleSettings(BaseModel):
     compile: Bool = True
     deterministic: Bool = True  # torch's deterministic kernels, so rows can match bit for bit across counts
     # a wave's next trial in a finished trial's process (Tune's reuse_actors; harness/process_cache.py);
-    # None: the sweep's own default (on for CPU trials, off for GPU trials)
+    # None: the sweep's own default (on)
     reuse_actors: Bool | None = None
     settings: dict[str, Any] = Field(default_factory=dict)  # more RL track settings (the tests' tiny DT)
     workdir: str | None = None  # sweep files, results and boards per count (default: a temporary folder)
