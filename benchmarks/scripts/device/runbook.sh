@@ -13,7 +13,9 @@
 #   (the steps below wait for /tmp/site-ray/.done)
 #   scaleR    bench scale's defaults on one GPU under CUDA graphs (as sweeps/cw10.yaml runs now; reused
 #             processes): issue 20 item 4's GPU busy (target 80%) and aggregate updates/s
-#   scale0    the same in torch's default mode (a shared compiled loss per structure)
+#   vtA/vtR   benchmarks/device-files/vtab-mode.yaml (VTAB main-study-shaped ViT-B trials on the built-in
+#             tasks) in torch's default mode, then under graphs: which mode the VTAB main study should run in
+#   scale0    bench scale in torch's default mode (a shared compiled loss per structure)
 set -u
 out=$(realpath -m "${1:?usage: runbook.sh OUTDIR}")
 mkdir -p "$out"
@@ -29,6 +31,11 @@ while [ ! -f /tmp/site-ray/.done ]; do sleep 2; done
 step scaleR python -m harness bench scale --set 'counts=[1]' --set workdir=/tmp/scR \
   --set 'settings={"compile_mode": "reduce-overhead"}' --out "$out/scale-graphs.json"
 records scaleR scR
+VT=benchmarks/device-files/vtab-mode.yaml
+step vtA python -m harness sweep $VT --results /tmp/resVA --leaderboard /tmp/lbVA --no-dashboard
+step vtR python -m harness sweep $VT --results /tmp/resVR --leaderboard /tmp/lbVR --no-dashboard \
+  --set settings.compile_mode=reduce-overhead
+records vt resVA resVR
 step scale0 python -m harness bench scale --set 'counts=[1]' --set workdir=/tmp/sc0 --out "$out/scale-default.json"
 records scale0 sc0
 echo ALL-DONE >> "$out/steps.txt"
