@@ -8,8 +8,8 @@
 # lent machine is given back ~30 s after a call returns). Each step's console goes to OUTDIR/<step>.log and
 # its exit status and seconds to OUTDIR/steps.txt; a failed step does not stop the next. Steps, most wanted
 # first (what ran before is in BENCHMARKS.md and benchmarks/h200-session-2026-12-03{c,d}/):
-#   rl0       bench rl in torch's default mode once more (its harness/plain read 0.89 on 2026-12-03, 0.95-0.99
-#             before: the spread between runs)
+#   dtC       bench methods on the paper DT in torch's default compiled mode, all 14 methods at 200 timed steps
+#             (issue 21 item 3: that table's only run, h200-methods-dt-compiled.json, timed 20 steps)
 #   (the steps below wait for /tmp/site-ray/.done)
 #   scaleR    bench scale's defaults on one GPU under CUDA graphs (as sweeps/cw10.yaml runs now; reused
 #             processes): issue 20 item 4's GPU busy (target 80%) and aggregate updates/s
@@ -26,7 +26,7 @@ step() { local name=$1; shift; echo "$(date +%T) start $name" >> "$out/steps.txt
   echo "$(date +%T) end $name rc=$rc $(( $(date +%s) - t0 ))s" >> "$out/steps.txt"; }
 records() { (cd /tmp && tar czf "$out/$1-records.tgz" $(find "${@:2}" -name '*records.jsonl' 2>/dev/null)) 2>/dev/null; }
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 10 > "$out/gpu-util.csv" 2>/dev/null &
-step rl0 python -m harness bench rl --set bench_steps=200 --set bench_envs=10 --out "$out/rl-default.json"
+step dtC python -m harness bench methods --set model=dt --set compile=true --out "$out/dt-default.json"
 while [ ! -f /tmp/site-ray/.done ]; do sleep 2; done
 step scaleR python -m harness bench scale --set 'counts=[1]' --set workdir=/tmp/scR \
   --set 'settings={"compile_mode": "reduce-overhead"}' --out "$out/scale-graphs.json"
