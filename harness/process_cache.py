@@ -47,12 +47,9 @@ import sys
 import threading
 from concurrent.futures import Future
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 from harness.errors import ConfigError
-
-if TYPE_CHECKING:
-    from harness.tracks import TrackSettings
 
 REUSE_ENV = "HARNESS_REUSE_ACTORS"
 SHARE_ENV = "HARNESS_SHARE_COMPILED"
