@@ -195,11 +195,15 @@ def bench(ts, cfg: DTConfig, batch: int, workers: int) -> dict[str, Any]:
         harness, fixed, plain = (float(np.median(x)) for x in zip(*runs))
         out["train"][name] = {"harness_updates_per_s": round(harness, 2), "plain_updates_per_s": round(plain, 2),
                               "harness_over_plain": round(harness / plain, 3),
+                              # each alternation's own ratio: a host-bound step's rates move with the host
+                              # from one round to the next, and the spread says how far the median can be trusted
+                              "harness_over_plain_rounds": [round(h / p, 3) for h, _, p in runs],
                               # the loop alone, on the plain loop's one fixed batch: sampling's share
                               "harness_fixed_batch_updates_per_s": round(fixed, 2),
                               "harness_tflops_per_s": round(flops * harness / 1e12, 2)}
+        rounds = out["train"][name]["harness_over_plain_rounds"]
         print(f"[bench rl] {name}: harness {harness:.1f} updates/s, plain loop {plain:.1f}, "
-              f"ratio {harness / plain:.3f}", flush=True)
+              f"ratio {harness / plain:.3f} (rounds {min(rounds)}-{max(rounds)})", flush=True)
     if ts.bench_profile:
         compiled = modes[-1]
         out["profile"] = profile_update(cfg, ts, batch, steps, compiled, device)

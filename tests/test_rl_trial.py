@@ -124,6 +124,8 @@ def test_bench_reports_speeds():
     # up to 0.005/h + 0.005/p relatively (large when a busy CPU makes a rate small), plus the ratio's own rounding
     h, p = eager["harness_updates_per_s"], eager["plain_updates_per_s"]
     assert eager["harness_over_plain"] == pytest.approx(h / p, rel=0.005 / h + 0.005 / p, abs=1e-3)
+    rounds = eager["harness_over_plain_rounds"]  # the three alternations' own ratios, the median's spread
+    assert len(rounds) == 3 and all(r > 0 for r in rounds)
     roll = out["rollout"]
     assert roll["dt_env_steps_per_s"] > 0 and roll["scripted_env_steps_per_s"] > 0
     assert roll["workers"] == 2 and roll["dt_over_scripted"] > 0
