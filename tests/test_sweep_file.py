@@ -89,3 +89,17 @@ def test_shipped_sweep_files_validate():
     assert files, "no sweep files shipped"
     for f in files:
         load_sweep(f)
+
+
+def test_the_device_runbooks_sweep_files_exist_and_validate():
+    """A device session is 30 minutes: a sweep file the runbook names must not fail there on a typo."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    runbook = (root / "benchmarks" / "scripts" / "device" / "runbook.sh").read_text()
+    named = sorted(set(re.findall(r"benchmarks/[\w./-]+\.yaml", runbook)))
+    assert named, "the runbook names no sweep file"
+    device_files = {str(p.relative_to(root)) for p in (root / "benchmarks" / "device-files").glob("*.yaml")}
+    for f in sorted(set(named) | device_files):
+        assert (root / f).is_file(), f
+        load_sweep(root / f)
