@@ -7,6 +7,7 @@ import json
 import sys
 
 import numpy as np
+import torch
 
 from agents.bench import _harness_rate, _plain_rate
 from agents.track import RLSettings, model_config
@@ -24,6 +25,8 @@ for i in range(rounds):
     print(f"round {i}: harness {runs[-1][0]:.1f}, fixed batch {runs[-1][1]:.1f}, plain {runs[-1][2]:.1f}, "
           f"ratio {runs[-1][0] / runs[-1][2]:.3f}", flush=True)
     with open(out, "w") as f:  # after every round: a cut call keeps what ran
-        json.dump({"command": " ".join(sys.argv), "mode": mode, "runs": runs,
+        json.dump({"command": " ".join(sys.argv), "mode": mode, "torch": torch.__version__,
+                   "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+                   "runs": runs,
                    "ratios": [h / p for h, _, p in runs],
                    "median_ratio": float(np.median([h / p for h, _, p in runs]))}, f, indent=1)
