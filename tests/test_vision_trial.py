@@ -134,3 +134,61 @@ def test_bench_runs_on_cpu():
     out = bench({**TINY, "bench_steps": 2})
     assert out["full"]["images_per_s"] > 0
     assert "images_per_s" in out["lora"] and 0 <= out["full"]["data_share"] <= 1
+
+
+def test_a_padded_short_batch_gives_the_short_batchs_loss_and_gradients():
+    """An epoch's last, short batch is filled up to the batch size with ignored rows (vision/train.py): the
+    loss and every gradient are the short batch's, so padding changes the step's shape, not its update."""
+    import torch
+
+    from vision.backbones import build_backbone
+    from vision.images import Split
+    from vision.train import IGNORE_LABEL, DeviceSplit, classification_loss
+
+    torch.manual_seed(0)
+    bb = build_backbone("vit_tiny_patch16_224", 5, "random", 32, 0.0, {"patch_size": 8, "depth": 1}, ())
+    model = bb.model.eval()  # no dropout: the two calls must see the same function
+    split = Split(torch.randint(0, 256, (7, 3, 32, 32), dtype=torch.uint8), torch.tensor([0, 1, 2, 3, 4, 0, 1]))
+    data = DeviceSplit.make(split, 32, bb.mean, bb.std, torch.device("cpu"))
+    idx = torch.tensor([5, 2, 6])
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        loss = classification_loss(model, batch)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    short = data.batch(idx)
+    padded = data.batch(idx, pad_to=8)
+    assert padded[0].shape == (8, 3, 32, 32) and padded[1].tolist() == [0, 2, 1] + [IGNORE_LABEL] * 5
+    assert torch.equal(padded[0][:3], short[0]) and data.batch(idx, pad_to=3)[0].shape[0] == 3
+    loss_s, grads_s = loss_and_grads(short)
+    loss_p, grads_p = loss_and_grads(padded)
+    torch.testing.assert_close(loss_p, loss_s)
+    for gp, gs in zip(grads_p, grads_s):
+        torch.testing.assert_close(gp, gs, rtol=1e-5, atol=1e-6)
+    assert loss_s > 0 and any(g.abs().sum() > 0 for g in grads_s)  # the comparison can fail
+
+
+def test_a_compiled_vision_trial_compiles_once_across_an_epochs_short_batch(tmp_path, monkeypatch):
+    """12 training images at batch 8: every epoch ends on a batch of 4. Padded to 8, the compiled loss keeps
+    one shape, so the trial's trainer runs the process's shared compiled loss through the epoch boundary (one
+    graph) instead of refusing it at the short batch and compiling a frame of its own (issue 20 item 4:
+    every VTAB trial read "own after shared" on the H200, 2026-12-03). On the CPU, with AOT autograd and
+    eager kernels standing in for inductor, as in tests/test_trial_reuse.py."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from harness import process_cache, training
+
+    write_vtab(tmp_path / "vtab")
+    ts = {"data_root": str(tmp_path / "vtab"), "compile": True}
+    track.prepare(track.settings({**TINY, **ts}), "vtab1k", ["dtd"], quiet)
+    monkeypatch.setattr(training, "COMPILED_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(process_cache, "_steps", {})
+    counter = CompileCounterWithBackend("aot_eager")
+    monkeypatch.setattr(training, "COMPILE_BACKEND", counter)
+    rec = run_trial(_spec("vtab1k", "dtd", "lora", "final", steps=5, **ts), quiet)
+    assert rec.status == "ok", rec.error
+    assert rec.extra["train_images"] == 12 and rec.extra["batch_size"] == 8
+    assert rec.extra["compiled_step"] == "shared"
+    assert counter.frame_count == 1

@@ -268,7 +268,7 @@ class VisionTrack(Track):
             model=bb.model.to(device), site=bb.site, device=device,
             schedule=Schedule(steps=total, lr=ts.lr, weight_decay=ts.weight_decay, warmup=warmup, min_lr_ratio=0.01,
                               report_every=max(1, total // 20), steps_per_epoch=per_epoch),
-            next_batch=lambda: tr.batch(next(order)), loss=classification_loss, evaluate=evaluate,
+            next_batch=lambda: tr.batch(next(order), pad_to=bs), loss=classification_loss, evaluate=evaluate,
             base_key=bb.base_key, backbone=bb.describe(), data_source=self.data_source(spec.benchmark),
             validate=lambda m: top1(m, val, eval_bs), init_batches=init_batches, forward=lambda m, b: m(b[0]),
             loss_metric="train_loss", compile=ts.compile, compile_mode=ts.compile_mode, time_data=True, save_adapter=ts.save_adapter, facts=facts)

@@ -16,6 +16,9 @@ from harness.training import autocast
 from vision.images import Split
 
 
+IGNORE_LABEL = -100  # a padded row's label: no loss, no gradient (torch's cross-entropy default)
+
+
 @dataclass
 class DeviceSplit:
     """A split moved to the device once, resized to the backbone input; batches are normalised floats."""
@@ -45,9 +48,18 @@ class DeviceSplit:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, idx: torch.Tensor, pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (normalised images, labels) of ``idx``. With ``pad_to``, a shorter batch (an epoch's last) is
+        filled up to that many rows with repeats of its first image labelled :data:`IGNORE_LABEL`, which
+        :func:`classification_loss` leaves out of the loss and its mean: the same update as the short batch,
+        in the shape of every other one, so a compiled step compiles (and records its CUDA graphs) once."""
+        labels = self.labels[idx.to(self.labels.device)]
+        short = 0 if pad_to is None else pad_to - len(idx)
+        if short > 0 and len(idx):
+            idx = torch.cat([idx, idx[:1].expand(short)])
+            labels = torch.cat([labels, labels.new_full((short,), IGNORE_LABEL)])
         x = self.images[idx.to(self.images.device)].to(self.device, non_blocking=True).float()
-        return (x - self.mean) / self.std, self.labels[idx.to(self.labels.device)]
+        return (x - self.mean) / self.std, labels
 
 
 def schedule(n_train: int, budget) -> tuple[int, int, int, int]:
@@ -92,9 +104,10 @@ def predict(model: nn.Module, data: DeviceSplit, bs: int = 256, classes: list[in
 
 
 def classification_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Cross-entropy of the model's logits (in fp32, also under autocast) on an (images, labels) batch."""
+    """Cross-entropy of the model's logits (in fp32, also under autocast) on an (images, labels) batch,
+    averaged over the rows whose label is not :data:`IGNORE_LABEL` (a padded batch's filler)."""
     x, y = batch
-    return F.cross_entropy(model(x).float(), y)
+    return F.cross_entropy(model(x).float(), y, ignore_index=IGNORE_LABEL)
 
 
 def top1(model: nn.Module, data: DeviceSplit, bs: int = 256, classes: list[int] | None = None) -> float:
