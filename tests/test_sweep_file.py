@@ -91,8 +91,8 @@ def test_shipped_sweep_files_validate():
         load_sweep(f)
 
 
-def test_the_device_runbooks_sweep_files_exist_and_validate():
-    """A device session is 30 minutes: a sweep file the runbook names must not fail there on a typo."""
+def test_the_device_runbooks_sweep_files_and_scripts_exist_and_validate():
+    """A device session is 30 minutes: a sweep file or script the runbook names must not fail there on a typo."""
     import re
 
     root = Path(__file__).resolve().parents[1]
@@ -103,3 +103,7 @@ def test_the_device_runbooks_sweep_files_exist_and_validate():
     for f in sorted(set(named) | device_files):
         assert (root / f).is_file(), f
         load_sweep(root / f)
+    scripts = sorted(set(re.findall(r"benchmarks/[\w./-]+\.py", runbook)))
+    assert scripts, "the runbook names no script"
+    for f in scripts:  # and a script it runs must at least exist and parse
+        compile((root / f).read_text(), f, "exec")
