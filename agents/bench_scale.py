@@ -248,6 +248,12 @@ def summarise(count: int, records: list[dict[str, Any]], s: ScaleSettings, monit
     breakdown = time_breakdown(ok, span)
     if breakdown is not None:
         out["time_breakdown"] = breakdown
+    steady = _steady_rate(ok)
+    if steady is not None and out["updates_per_s"]:
+        # issue 20 item 4's yardstick, "four long trials' steady rate", read from this count's own trials:
+        # as many at once as ran, each at its steady (after-warm-up) rate
+        out["steady_updates_per_s_at_once"] = round(steady * out["most_trials_at_once"], 2)
+        out["updates_per_s_over_steady"] = round(out["updates_per_s"] / out["steady_updates_per_s_at_once"], 3)
     if monitor is not None and monitor.samples and span > 0:
         lo = start if resumed_since is None else max(start, resumed_since)  # the samples are this call's
         per_gpu = monitor.per_gpu(lo, end)
@@ -255,6 +261,20 @@ def summarise(count: int, records: list[dict[str, Any]], s: ScaleSettings, monit
         out["gpu"] = {str(i): v for i, v in per_gpu.items()}
         out["gpu_utilisation_pct"] = monitor.mean_between(lo, end, used)
     return out
+
+
+def _steady_rate(records: list[dict[str, Any]]) -> float | None:
+    """One trial's steady updates/s over ``records``: their steady updates (``extra.timing.steady_s`` at
+    each record's ``ms_per_update``, the steady milliseconds per update) over their steady seconds. None
+    where no record has both."""
+    updates = seconds = 0.0
+    for r in records:
+        steady_s = float((_extra(r).get("timing") or {}).get("steady_s", 0.0))
+        ms = float(r.get("ms_per_update") or 0.0)
+        if steady_s > 0 and ms > 0:
+            updates += 1000.0 * steady_s / ms
+            seconds += steady_s
+    return updates / seconds if seconds > 0 else None
 
 
 def _comparable(run: dict[str, Any]) -> bool:
@@ -324,7 +344,8 @@ def bench_scale(overrides: dict[str, Any]) -> dict[str, Any]:
         atomic_write_text(work / "partial.json", json.dumps({"settings": s.model_dump(), "runs": runs}, indent=1))
         idle = (run.get("time_breakdown") or {}).get("idle_share")
         print(f"[bench scale] {n} {s.axis}(s): {run['updates_per_s']} updates/s, {run['trials_per_hour']} trials/h, "
-              f"GPU utilisation {run.get('gpu_utilisation_pct')}%, no trial training {idle}"
+              f"GPU utilisation {run.get('gpu_utilisation_pct')}%, no trial training {idle}, "
+              f"{run.get('updates_per_s_over_steady')} of the trials' steady rate at once"
               + ("" if run["comparable"] else " (resumed after a cut: not comparable)"), file=sys.stderr, flush=True)
 
     base = runs[0]

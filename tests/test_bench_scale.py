@@ -141,6 +141,24 @@ def test_throughput_counts_only_the_time_trials_ran():
     run = summarise(2, [record(0.0, 10.0), record(5.0, 10.0), record(115.0, 5.0)], ScaleSettings(steps=100), None, 0)
     assert run["span_s"] == 20.0 and run["first_start_to_last_end_s"] == 120.0
     assert run["updates_per_s"] == 15.0 and run["most_trials_at_once"] == 2
+    assert "steady_updates_per_s_at_once" not in run  # records without a timing: no steady figure
+
+
+def test_throughput_is_set_against_the_trials_own_steady_rate():
+    """Issue 20 item 4's second target (aggregate within 0.8 of the steady rate of as many long trials) from
+    the count's own records: steady updates (steady seconds at the steady ms/update) over steady seconds,
+    times the most trials that ran at once."""
+    from agents.bench_scale import ScaleSettings, summarise
+
+    def record(start, wall, steady_s, ms):
+        return {"status": "ok", "wall_time_s": wall, "ms_per_update": ms,
+                "extra": json.dumps({"started_at": start, "timing": {"steady_s": steady_s, "total_s": wall}})}
+
+    # two trials at once for 10 s, 100 updates each; steady: 8 s at 80 ms and 4 s at 40 ms (100 updates each)
+    run = summarise(2, [record(0.0, 10.0, 8.0, 80.0), record(0.0, 10.0, 4.0, 40.0)], ScaleSettings(steps=100), None, 0)
+    assert run["updates_per_s"] == 20.0
+    assert run["steady_updates_per_s_at_once"] == round(2 * 200 / 12.0, 2)
+    assert run["updates_per_s_over_steady"] == round(20.0 / round(400 / 12.0, 2), 3)
 
 
 def test_boards_compare_results_and_report_measurements_apart(tmp_path):
