@@ -76,7 +76,8 @@ def schedule(n_train: int, budget) -> tuple[int, int, int, int]:
 
 
 def batches(n: int, bs: int, g: torch.Generator) -> Iterator[torch.Tensor]:
-    """Endless shuffled epochs of index batches (the last short batch of an epoch is kept)."""
+    """Endless shuffled epochs of index batches (an epoch's last, short batch is kept: the training loop
+    pads it to the batch size with ignored rows, :meth:`DeviceSplit.batch`)."""
     while True:
         perm = torch.randperm(n, generator=g)
         for i in range(0, n, bs):
