@@ -41,9 +41,9 @@ def bench(ts) -> dict[str, Any]:
             data = DeviceSplit.make(split, bb.img_size, bb.mean, bb.std, device)
             order = batches(len(data), bs, torch.Generator().manual_seed(0))
             loop = LoopConfig(steps=3, lr=1e-4, compile=ts.compile, report_every=0, time_data=True)
-            train(model, classification_loss, lambda: data.batch(next(order), pad_to=bs), loop, device)  # warm-up, not timed
+            train(model, classification_loss, lambda: data.batch(next(order)), loop, device)  # warm-up, not timed
             loop.steps = steps
-            stats = train(model, classification_loss, lambda: data.batch(next(order), pad_to=bs), loop, device)
+            stats = train(model, classification_loss, lambda: data.batch(next(order)), loop, device)
         out[mname] = {"backbone": ts.backbone, "img_size": bb.img_size,
                       "images_per_s": round(steps * bs / stats.wall_s, 1),
                       "ms_per_step": round(1000 * stats.wall_s / steps, 2), "data_share": round(stats.data_share, 4)}

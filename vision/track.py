@@ -30,6 +30,7 @@ from harness.errors import ConfigError, DataError
 from harness.methods import AdapterSite
 from harness.randomness import TrialRandom
 from harness.tracks import Benchmark, FineTuneSetup, PlannedWork, Report, Track, TrackBudget, TrackSettings
+from harness import training
 from harness.training import Schedule, pick_device
 from harness.validation import Bool, Float, Int
 from vision import builtin, domain_shift, vtab
@@ -242,6 +243,8 @@ class VisionTrack(Track):
         eval_bs = budget.eval_batch_size
         aliases = get_benchmark(spec.benchmark).test_aliases
         order = batches(len(tr), bs, rng.generator("batches"))
+        # a compiled step pads an epoch's short batch (one shape, one graph); an eager one need not pay for it
+        pad_to = bs if ts.compile and device.type in training.COMPILED_DEVICES else None
 
         def init_batches():
             perm = torch.randperm(len(tr), generator=rng.generator("init-batches"))
@@ -268,7 +271,7 @@ class VisionTrack(Track):
             model=bb.model.to(device), site=bb.site, device=device,
             schedule=Schedule(steps=total, lr=ts.lr, weight_decay=ts.weight_decay, warmup=warmup, min_lr_ratio=0.01,
                               report_every=max(1, total // 20), steps_per_epoch=per_epoch),
-            next_batch=lambda: tr.batch(next(order), pad_to=bs), loss=classification_loss, evaluate=evaluate,
+            next_batch=lambda: tr.batch(next(order), pad_to), loss=classification_loss, evaluate=evaluate,
             base_key=bb.base_key, backbone=bb.describe(), data_source=self.data_source(spec.benchmark),
             validate=lambda m: top1(m, val, eval_bs), init_batches=init_batches, forward=lambda m, b: m(b[0]),
             loss_metric="train_loss", compile=ts.compile, compile_mode=ts.compile_mode, time_data=True, save_adapter=ts.save_adapter, facts=facts)
