@@ -339,6 +339,12 @@ class FineTuneRun:
             extra["data_share"] = round(stats.data_share, 4)
         if stats is not None and stats.compiled_step:
             extra["compiled_step"] = stats.compiled_step
+            extra["graphs_compiled"] = stats.graphs_compiled
+            if stats.graphs_compiled > 1:
+                warnings.warn(f"{spec.method} on {spec.task} (seed {spec.seed}): its compiled step compiled "
+                              f"{stats.graphs_compiled} graphs; something the graph depends on (a batch's shape, a "
+                              "Python attribute) changed between updates, and each change cost a compilation "
+                              "(extra.graphs_compiled; TORCH_LOGS=recompiles names the cause)", stacklevel=2)
         if adapter_error:
             extra["adapter_error"] = adapter_error
         bad = {k: v for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)}

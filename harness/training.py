@@ -279,6 +279,13 @@ class SharedLoss:
             raise RecompileRefused(str(e)) from e
 
 
+def _graphs_compiled() -> int:
+    """Graphs dynamo has compiled in this process so far (its ``unique_graphs`` counter)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 class RecompileRefused(RuntimeError):
     """A call of a :class:`SharedLoss` that its graph's guards refused (it would have compiled another)."""
 
@@ -330,6 +337,10 @@ class TrainStats:
     # after the first updates (compilation, allocator and cuDNN warm-up): what an update of the method costs
     steady_ms_per_update: float = 0.0
     compiled_step: str = ""  # Trainer.compiled_step: own | shared | own after shared; "" when not compiled
+    # graphs dynamo compiled while this trainer trained (0 for one that ran a shared graph): more than one
+    # means something the graph depends on (a batch's shape, a Python attribute) changed between updates,
+    # and each change cost a compilation (issue 20: an epoch's short batch did so in every VTAB trial)
+    graphs_compiled: int = 0
 
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -366,6 +377,7 @@ class Trainer:
                 self.compiled_step = "own"
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.stats = TrainStats(steps=cfg.steps, resumed_from=self.step_index)
+        self._graphs_before = _graphs_compiled()
         self.check_every = cfg.check_every or (min(50, cfg.report_every or 50) if device.type == "cuda" else 1)
         self._pending: list[torch.Tensor] = []  # losses not yet checked, the last one at step_index - 1
         self._wall = 0.0
@@ -499,6 +511,8 @@ class Trainer:
         self._wall += time.perf_counter() - started
         stats.steady_ms_per_update = self.steady_ms_per_update()
         stats.compiled_step = self.compiled_step
+        if self.compiled_step:
+            stats.graphs_compiled = _graphs_compiled() - self._graphs_before
         self.model.eval()
         stats.wall_s = self._wall
         ran = self.step_index - stats.resumed_from

@@ -191,4 +191,17 @@ def test_a_compiled_vision_trial_compiles_once_across_an_epochs_short_batch(tmp_
     assert rec.status == "ok", rec.error
     assert rec.extra["train_images"] == 12 and rec.extra["batch_size"] == 8
     assert rec.extra["compiled_step"] == "shared"
+    assert counter.frame_count == 1 and rec.extra["graphs_compiled"] == 1
+    # the next trial of the structure in this process runs that graph and compiles none
+    again = run_trial(_spec("vtab1k", "dtd", "lora", "final", steps=5, **ts), quiet)
+    assert again.extra["compiled_step"] == "shared" and again.extra["graphs_compiled"] == 0
     assert counter.frame_count == 1
+    # unpadded, as every VTAB trial was: the short batch refuses the shared graph, and the trial's own frame
+    # compiles twice (the short shape, then a dynamic batch); the record counts them and the trial says so
+    from vision.train import DeviceSplit
+
+    unpadded = DeviceSplit.batch
+    monkeypatch.setattr(DeviceSplit, "batch", lambda self, idx, pad_to=None: unpadded(self, idx))
+    with pytest.warns(UserWarning, match=r"lora on dtd \(seed 0\): its compiled step compiled 2 graphs"):
+        old = run_trial(_spec("vtab1k", "dtd", "lora", "final", steps=5, **ts), quiet)
+    assert old.extra["compiled_step"] == "own after shared" and old.extra["graphs_compiled"] == 2
