@@ -76,7 +76,7 @@ def schedule(n_train: int, budget) -> tuple[int, int, int, int]:
 
 
 def batches(n: int, bs: int, g: torch.Generator) -> Iterator[torch.Tensor]:
-    """Endless shuffled epochs of index batches (an epoch's last, short batch is kept: the training loop
+    """Endless shuffled epochs of index batches (an epoch's last, short batch is kept; a compiled step
     pads it to the batch size with ignored rows, :meth:`DeviceSplit.batch`)."""
     while True:
         perm = torch.randperm(n, generator=g)
