@@ -377,7 +377,7 @@ class Trainer:
                 self.compiled_step = "own"
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.stats = TrainStats(steps=cfg.steps, resumed_from=self.step_index)
-        self._graphs_before = _graphs_compiled()
+        self._graphs_before = _graphs_compiled() if self.compiled_step else 0
         self.check_every = cfg.check_every or (min(50, cfg.report_every or 50) if device.type == "cuda" else 1)
         self._pending: list[torch.Tensor] = []  # losses not yet checked, the last one at step_index - 1
         self._wall = 0.0
