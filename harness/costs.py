@@ -273,8 +273,26 @@ def time_breakdown(records: list[dict[str, Any]], span: float | None = None) -> 
             "phase_share": {k: round(v / total, 4) if total > 0 else None for k, v in phase_sums.items()},
             "process_to_trial_s": round(sum(float(t.get("process_to_trial_s", 0.0)) for t in first), 2),
             "processes_started": len(first), "trials_in_reused_processes": len(timed) - len(first),
+            "first_updates_mean_s": _first_updates_by_start(extras),
             "idle_share_by_device": idle,
             "idle_share": round(sum(idle.values()) / len(idle), 4) if idle else None}
+
+
+def _first_updates_by_start(extras: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Mean seconds of the first updates (compilation, graph recording, warm-up) by what the trial's
+    process had done before: ``fresh_process`` (its first trial), ``reused_process`` (a later one), and of
+    those, ``reused_compiled_nothing``, the trials whose step compiled no graph (it ran a shared one:
+    ``extra.graphs_compiled`` 0). None where no trial was of that kind."""
+    groups: dict[str, list[float]] = {"fresh_process": [], "reused_process": [], "reused_compiled_nothing": []}
+    for e in extras:
+        seconds = float(e["timing"].get("first_updates_s", 0.0))
+        if not e.get("process_trials_before"):
+            groups["fresh_process"].append(seconds)
+            continue
+        groups["reused_process"].append(seconds)
+        if e.get("graphs_compiled") == 0:
+            groups["reused_compiled_nothing"].append(seconds)
+    return {k: round(sum(v) / len(v), 2) if v else None for k, v in groups.items()}
 
 
 def phase_table(costs: list[TrialSpend], by: tuple[str, ...] = ("study", "stage")) -> "pd.DataFrame":

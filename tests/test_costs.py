@@ -171,6 +171,25 @@ def test_idle_share_counts_each_device_only_while_the_sweep_ran_trials_on_it():
     assert time_breakdown(first, 100.0)["idle_share_by_device"] == {"0": 0.2, "1": 0.6}
 
 
+def test_first_updates_are_split_by_what_the_trials_process_had_done():
+    """Issue 20 item 4's breakdown: a fresh process's first updates, a reused one's, and of those the ones
+    whose step compiled nothing (they ran a shared graph)."""
+    from harness.costs import time_breakdown
+
+    def record(first_updates: float, before: int, graphs: int | None) -> dict:
+        extra = {"timing": {"total_s": 60.0, "first_updates_s": first_updates}, "process_trials_before": before,
+                 **({"graphs_compiled": graphs} if graphs is not None else {})}
+        return {"extra": json.dumps(extra)}
+
+    b = time_breakdown([record(20.0, 0, 1), record(22.0, 0, 1), record(6.0, 1, 1), record(1.0, 1, 0),
+                        record(2.0, 2, 0)])
+    assert b["first_updates_mean_s"] == {"fresh_process": 21.0, "reused_process": 3.0, "reused_compiled_nothing": 1.5}
+    # records from before graphs_compiled: the reused trials' mean, no claim about what they compiled
+    old = time_breakdown([record(20.0, 0, None), record(5.0, 1, None)])
+    assert old["first_updates_mean_s"] == {"fresh_process": 20.0, "reused_process": 5.0,
+                                           "reused_compiled_nothing": None}
+
+
 def test_overheads_measured_from_the_records(selection_bench, monkeypatch, capsys):
     """`costs --overheads FILE`: per stage and method, the mean seconds of the finished trials' phases
     outside training and evaluation (those every trial pays over all of them, the stopped ones too; the
