@@ -360,9 +360,11 @@ class Trainer:
             self.step_index = resume_checkpoint(Path(cfg.checkpoint), model, self.optimizer)
         # One compiled graph for forward and loss (the method's extra loss and hooks stay eager), in a
         # dynamo frame of this trainer's own (``own_frame``), or one that the process's trainers of the same
-        # structure share (``SharedLoss``, unless HARNESS_SHARE_COMPILED=0; torch's default mode only: a CUDA
-        # graph records the first model's tensors' addresses; and a loss that is a plain function, since the
-        # process keeps it: a closure could hold a trial's data)
+        # structure share (``SharedLoss``, unless HARNESS_SHARE_COMPILED=0; torch's default mode only: under
+        # CUDA graphs a compiled function is bound to the graph-tree manager it compiled under, which
+        # ``process_cache.begin_trial`` shuts down between trials, and its graphs hold the first model's
+        # addresses; and a loss that is a plain function, since the process keeps it: a closure could hold a
+        # trial's data)
         self.compute_loss: Callable[[Any], torch.Tensor] = self._loss
         self._shared: SharedLoss | None = None
         self.compiled_step = ""  # own | shared | own after shared (a guard refused the shared graph)
