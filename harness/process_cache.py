@@ -34,8 +34,9 @@ whose fix was merged in June 2025, and #196394, open in September 2026), the lik
 segmentation faults of reused GPU processes that reset dynamo. Without the reset, reused GPU processes
 have run compiled trials without a fault (BENCHMARKS.md), so GPU trials reuse actors too. torch's global
 random state is each trial's own already (``harness.randomness.TrialRandom.scope``). In torch's default
-compile mode, trainers of one structure share one compiled loss instead of a frame each, unless
-:data:`SHARE_ENV` turns that off (``harness.training.SharedLoss``, which keeps what an own frame ensures).
+compile mode and under CUDA graphs, trainers of one structure share one compiled loss instead of a frame
+each, unless :data:`SHARE_ENV` (or, for graphs, :data:`SHARE_GRAPHS_ENV`) turns that off
+(``harness.training.SharedLoss``, which keeps what an own frame ensures; :func:`share_graphs`).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from harness.errors import ConfigError
 
 REUSE_ENV = "HARNESS_REUSE_ACTORS"
 SHARE_ENV = "HARNESS_SHARE_COMPILED"
+SHARE_GRAPHS_ENV = "HARNESS_SHARE_GRAPHS"
 INDUCTOR_ENV = "TORCHINDUCTOR_CACHE_DIR"
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
@@ -62,6 +64,13 @@ _trial_thread_lock = threading.Lock()
 _T = TypeVar("_T")
 _states: dict[tuple[str, int, int], dict[str, Any]] = {}
 _steps: dict[tuple, Any] = {}
+_graph_steps: dict[tuple, Any] = {}  # shared steps bound to this process's CUDA graph trees
+_trials_on_trees = 0  # trials begun since the graph trees were last reset
+# Trials a process runs on one set of CUDA graph trees before begin_trial resets them. Each trial adds a
+# recording to each shared graph, and a call checks the recordings in turn until one fits; the bound keeps
+# that check short, for one recompilation (~2-3 s with the inductor cache warm) every this many trials. The
+# step time with more recordings kept is not measured yet.
+GRAPH_TREE_TRIALS = 16
 
 
 def reuse_actors(environ: dict[str, str] | None = None, on_gpu: bool = False) -> bool:
@@ -102,12 +111,30 @@ def share_compiled(environ: dict[str, str] | None = None) -> bool:
     return _switch(SHARE_ENV, raw, True, "trainers of one structure share a compiled loss")
 
 
-def shared_step(key: tuple, build: Any) -> Any:
+def share_graphs(environ: dict[str, str] | None = None) -> bool:
+    """Whether trainers under CUDA graphs (``compile_mode: reduce-overhead``) share a compiled loss as the
+    default mode's do. On unless :data:`SHARE_GRAPHS_ENV` or :data:`SHARE_ENV` says 0/false/no/off.
+
+    A compiled function under graphs is bound to this thread's graph-tree manager, so :func:`begin_trial`
+    keeps the trees while a shared loss is bound to them, and each trial's first call re-records the graphs
+    for its model's parameters (torch re-records where a parameter's address changed) beside the earlier
+    trials' recordings. After :data:`GRAPH_TREE_TRIALS` trials on one set of trees it resets them and drops
+    the losses bound to them, so the recordings a process keeps stay bounded. On an H200 a reused trial's
+    first update fell from ~2.2 s to ~0.05 s, and the records were those of the default mode's shared loss
+    (BENCHMARKS.md, "Sharing the compiled loss under CUDA graphs")."""
+    raw = (os.environ if environ is None else environ).get(SHARE_GRAPHS_ENV)
+    return share_compiled(environ) and _switch(SHARE_GRAPHS_ENV, raw, True,
+                                               "trainers under CUDA graphs share a compiled loss too")
+
+
+def shared_step(key: tuple, build: Any, graphs: bool = False) -> Any:
     """The object this process keeps for ``key`` (a compiled step's structure), made by ``build()`` the
-    first time. Kept until the process ends: one per structure the process's trials had."""
-    if key not in _steps:
-        _steps[key] = build()
-    return _steps[key]
+    first time. Kept until the process ends (one per structure the process's trials had), or, where it
+    replays CUDA graphs (``graphs``), until :func:`begin_trial` resets the graph trees it is bound to."""
+    steps = _graph_steps if graphs else _steps
+    if key not in steps:
+        steps[key] = build()
+    return steps[key]
 
 
 def on_trial_thread(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
@@ -147,16 +174,21 @@ def begin_trial() -> int:
 
     From the second trial on, what the previous one left behind is cleared first: the CUDA graphs its
     compiled steps recorded (this thread's graph trees, :func:`on_trial_thread`; none outside
-    ``reduce-overhead``), then its objects (collected, and on a GPU the allocator's cached blocks handed
+    ``reduce-overhead``), unless a shared compiled loss is bound to them (:func:`share_graphs`), then its
+    objects (collected, and on a GPU the allocator's cached blocks handed
     back, so the memory columns start where a fresh process's would; its compiled frame was its trainer's
     own, see the module's doc)."""
-    global _trials_begun
+    global _trials_begun, _trials_on_trees
     before = _trials_begun
     _trials_begun += 1
     if before:
         trees = sys.modules.get("torch._inductor.cudagraph_trees")
         if trees is not None:
-            trees.reset_cudagraph_trees()
+            _trials_on_trees += 1
+            if not (_graph_steps and share_graphs() and _trials_on_trees < GRAPH_TREE_TRIALS):
+                _graph_steps.clear()  # compiled losses bound to the trees reset below
+                trees.reset_cudagraph_trees()
+                _trials_on_trees = 0
         gc.collect()
         if "torch" in sys.modules:
             import torch
@@ -210,5 +242,5 @@ def _torch_default_cache_dir() -> str:
     return default_cache_dir()
 
 
-__all__ = ["INDUCTOR_ENV", "REUSE_ENV", "SHARE_ENV", "base_state", "begin_trial", "on_trial_thread", "reuse_actors",
-           "share_compiled", "use_shared_compile_cache"]
+__all__ = ["INDUCTOR_ENV", "REUSE_ENV", "SHARE_ENV", "SHARE_GRAPHS_ENV", "GRAPH_TREE_TRIALS", "base_state", "begin_trial",
+           "on_trial_thread", "reuse_actors", "share_compiled", "share_graphs", "use_shared_compile_cache"]

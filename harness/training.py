@@ -253,15 +253,17 @@ class SharedLoss:
     call runs under dynamo's ``fail_on_recompile``: a call that would compile another graph into the shared
     frame (a guard failed: the model or batch differ in something the key does not hold) raises instead,
     before anything runs, and that trainer compiles in a frame of its own from then on, as it would have
-    without sharing. The shared frame thus holds one graph and never makes another trial's shape decisions."""
+    without sharing. The shared frame thus holds one graph and never makes another trial's shape decisions.
+    ``mode`` is torch.compile's; under ``reduce-overhead`` each trainer's first call records the CUDA graphs
+    anew for its own parameters (``process_cache.share_graphs``)."""
 
-    def __init__(self, loss_fn: LossFn, device: torch.device):
+    def __init__(self, loss_fn: LossFn, device: torch.device, mode: str = "default"):
         def step(model_and_batch: tuple[nn.Module, Any]) -> torch.Tensor:  # the model is an input, not a constant
             model, batch = model_and_batch
             with autocast(device):
                 return loss_fn(model, batch)
 
-        self.fn = compiled_loss(own_frame(step, f"shared_loss_{next(_trainer_frames)}"), "default")
+        self.fn = compiled_loss(own_frame(step, f"shared_loss_{next(_trainer_frames)}"), mode)
         self.traced = False
 
     def __call__(self, model: nn.Module, batch: Any) -> torch.Tensor:
@@ -360,19 +362,21 @@ class Trainer:
             self.step_index = resume_checkpoint(Path(cfg.checkpoint), model, self.optimizer)
         # One compiled graph for forward and loss (the method's extra loss and hooks stay eager), in a
         # dynamo frame of this trainer's own (``own_frame``), or one that the process's trainers of the same
-        # structure share (``SharedLoss``, unless HARNESS_SHARE_COMPILED=0; torch's default mode only: under
-        # CUDA graphs a compiled function is bound to the graph-tree manager it compiled under, which
-        # ``process_cache.begin_trial`` shuts down between trials, and its graphs hold the first model's
-        # addresses; and a loss that is a plain function, since the process keeps it: a closure could hold a
-        # trial's data)
+        # structure share (``SharedLoss``, unless HARNESS_SHARE_COMPILED=0; under CUDA graphs unless
+        # HARNESS_SHARE_GRAPHS=0 too, since the compiled function is bound to the graph trees that
+        # ``process_cache.begin_trial`` then keeps for a while; and a loss that is a plain function, since
+        # the process keeps it: a closure could hold a trial's data)
         self.compute_loss: Callable[[Any], torch.Tensor] = self._loss
         self._shared: SharedLoss | None = None
         self.compiled_step = ""  # own | shared | own after shared (a guard refused the shared graph)
         if cfg.compile and device.type in COMPILED_DEVICES:
             plain = isinstance(loss_fn, types.FunctionType) and loss_fn.__closure__ is None
-            if cfg.compile_mode == "default" and plain and process_cache.share_compiled():
-                key = ("loss", loss_fn, str(device), structure_key(model))
-                self._shared = process_cache.shared_step(key, lambda: SharedLoss(loss_fn, device))
+            mode = cfg.compile_mode
+            if plain and (process_cache.share_compiled() if mode == "default" else
+                          mode == "reduce-overhead" and process_cache.share_graphs()):
+                key = ("loss", loss_fn, mode, str(device), structure_key(model))
+                self._shared = process_cache.shared_step(key, lambda: SharedLoss(loss_fn, device, mode),
+                                                         graphs=mode == "reduce-overhead")
                 self.compute_loss, self.compiled_step = self._shared_loss, "shared"
             else:
                 self.compute_loss = self._own_compiled_loss()

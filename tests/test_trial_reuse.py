@@ -74,6 +74,7 @@ def test_a_later_trial_clears_the_previous_trials_cuda_graph_trees_on_its_thread
     calls = []
     monkeypatch.setattr(trees, "reset_cudagraph_trees", lambda: calls.append(threading.get_ident()))
     monkeypatch.setattr(process_cache, "_trials_begun", 0)
+    monkeypatch.setattr(process_cache, "_graph_steps", {})  # no shared loss is bound to the trees
     first = process_cache.on_trial_thread(process_cache.begin_trial)
     assert first == 0 and calls == []
     assert process_cache.on_trial_thread(process_cache.begin_trial) == 1
@@ -96,6 +97,49 @@ def test_the_share_switch_is_on_unless_turned_off_and_a_bad_value_stops_a_sweep_
                  "--leaderboard", str(tmp_path / "board")])
     assert code != 0 and not started
     assert f"{SHARE_ENV}='maybe'" in capsys.readouterr().err
+
+
+def test_the_graph_share_switch_is_on_unless_either_variable_turns_it_off():
+    from harness.process_cache import SHARE_ENV, SHARE_GRAPHS_ENV
+
+    assert process_cache.share_graphs({}) is True
+    assert process_cache.share_graphs({SHARE_GRAPHS_ENV: "0"}) is False
+    assert process_cache.share_graphs({SHARE_ENV: "off"}) is False  # no sharing at all
+    assert process_cache.share_graphs({SHARE_ENV: "off", SHARE_GRAPHS_ENV: "on"}) is False
+    with pytest.raises(ConfigError, match=f"{SHARE_GRAPHS_ENV}='later'.*expected one of 1, true"):
+        process_cache.share_graphs({SHARE_GRAPHS_ENV: "later"})
+
+
+@pytest.mark.parametrize("share", ["1", "0"])
+def test_graph_trees_a_shared_loss_is_bound_to_are_kept_for_a_bounded_number_of_trials(monkeypatch, share):
+    """Under CUDA graphs a shared compiled loss is bound to the thread's graph trees: begin_trial keeps them
+    (and the loss) while one is bound, for GRAPH_TREE_TRIALS trials, then resets them and drops the losses
+    bound to them, so the next trial compiles afresh; steps of the default mode stay. With the switch off
+    the trees are reset at every trial, as before."""
+    import torch._inductor.cudagraph_trees as trees
+
+    from harness.process_cache import SHARE_GRAPHS_ENV
+
+    resets = []
+    monkeypatch.setenv(SHARE_GRAPHS_ENV, share)
+    monkeypatch.setattr(trees, "reset_cudagraph_trees", lambda: resets.append(1))
+    monkeypatch.setattr(process_cache, "_trials_begun", 0)
+    monkeypatch.setattr(process_cache, "_trials_on_trees", 0)
+    monkeypatch.setattr(process_cache, "_graph_steps", {})
+    monkeypatch.setattr(process_cache, "_steps", {})
+    monkeypatch.setattr(process_cache, "GRAPH_TREE_TRIALS", 3)
+    built, per_trial = [], []
+    for trial in range(7):
+        process_cache.begin_trial()
+        graphs = process_cache.shared_step(("loss", "graphs"), lambda: built.append(trial) or object(), graphs=True)
+        default = process_cache.shared_step(("loss", "default"), object)
+        per_trial.append((len(resets), graphs, default))
+    assert all(default is per_trial[0][2] for _, _, default in per_trial)  # the default mode's is kept
+    if share == "1":
+        assert built == [0, 3, 6] and [n for n, _, _ in per_trial] == [0, 0, 0, 1, 1, 1, 2]
+        assert per_trial[1][1] is per_trial[0][1] and per_trial[3][1] is not per_trial[2][1]
+    else:
+        assert built == list(range(7)) and [n for n, _, _ in per_trial] == list(range(7))
 
 
 def test_the_base_is_read_once_and_no_trial_changes_it(tmp_path, monkeypatch):
@@ -198,6 +242,43 @@ def test_trainers_of_one_structure_share_a_compiled_loss_and_train_as_with_their
     for (losses, state), (losses_own, state_own) in zip(runs["1"][2], runs["0"][2]):
         assert losses == losses_own and all(torch.equal(state[k], state_own[k]) for k in state)
     assert runs["1"][2][0][0] != runs["1"][2][1][0]  # the trainers did differ (the comparison can fail)
+
+
+def test_trainers_under_cuda_graphs_share_a_loss_of_their_mode_only(monkeypatch):
+    """A reduce-overhead trainer shares the loss the last one of its structure and mode compiled (the graph
+    is the same; the CUDA graphs are recorded per trainer on a GPU), never a default-mode trainer's, and
+    compiles its own with HARNESS_SHARE_GRAPHS=0. On the CPU, with dynamo's counting backend standing in."""
+    from torch._dynamo.testing import CompileCounter
+
+    from harness import training
+    from harness.process_cache import SHARE_GRAPHS_ENV
+
+    monkeypatch.setattr(training, "COMPILED_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(process_cache, "_steps", {})
+    monkeypatch.setattr(process_cache, "_graph_steps", {})
+    counter = CompileCounter()
+    monkeypatch.setattr(training, "COMPILE_BACKEND", counter)
+    batch = (torch.randn(6, 4), torch.randn(6, 2))
+
+    def train(mode: str) -> tuple[str, int]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        loop = training.LoopConfig(steps=2, lr=1e-2, compile=True, compile_mode=mode, report_every=1)
+        trainer = training.Trainer(model, _mse, lambda: batch, loop, torch.device("cpu"))
+        while trainer.step():
+            pass
+        trainer.finish()
+        return trainer.compiled_step, counter.frame_count
+
+    assert [train("reduce-overhead"), train("reduce-overhead")] == [("shared", 1), ("shared", 1)]
+    assert train("default") == ("shared", 2)  # the same structure in another mode: a loss of its own kind
+    assert len(process_cache._graph_steps) == 1 and len(process_cache._steps) == 1
+    monkeypatch.setenv(SHARE_GRAPHS_ENV, "0")
+    assert train("reduce-overhead") == ("own", 3)
+
+
+def _mse(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return nn.functional.mse_loss(model(batch[0]), batch[1])
 
 
 def test_the_compile_cache_goes_under_the_harness_cache_unless_set(tmp_path, monkeypatch):
