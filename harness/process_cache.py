@@ -66,6 +66,7 @@ _states: dict[tuple[str, int, int], dict[str, Any]] = {}
 _steps: dict[tuple, Any] = {}
 _graph_steps: dict[tuple, Any] = {}  # shared steps bound to this process's CUDA graph trees
 _trials_on_trees = 0  # trials begun since the graph trees were last reset
+_trees_trusted = True  # False after a trial that failed: its graphs may have been left mid-recording
 # Trials a process runs on one set of CUDA graph trees before begin_trial resets them. Each trial adds a
 # recording to each shared graph, and a call checks the recordings in turn until one fits; the bound keeps
 # that check short, for one recompilation (~2-3 s with the inductor cache warm) every this many trials. The
@@ -178,17 +179,17 @@ def begin_trial() -> int:
     objects (collected, and on a GPU the allocator's cached blocks handed
     back, so the memory columns start where a fresh process's would; its compiled frame was its trainer's
     own, see the module's doc)."""
-    global _trials_begun, _trials_on_trees
+    global _trials_begun, _trials_on_trees, _trees_trusted
     before = _trials_begun
     _trials_begun += 1
     if before:
         trees = sys.modules.get("torch._inductor.cudagraph_trees")
         if trees is not None:
             _trials_on_trees += 1
-            if not (_graph_steps and share_graphs() and _trials_on_trees < GRAPH_TREE_TRIALS):
+            if not (_graph_steps and _trees_trusted and share_graphs() and _trials_on_trees < GRAPH_TREE_TRIALS):
                 _graph_steps.clear()  # compiled losses bound to the trees reset below
                 trees.reset_cudagraph_trees()
-                _trials_on_trees = 0
+                _trials_on_trees, _trees_trusted = 0, True
         gc.collect()
         if "torch" in sys.modules:
             import torch
@@ -196,6 +197,14 @@ def begin_trial() -> int:
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 torch.cuda.empty_cache()
     return before
+
+
+def end_trial(ok: bool) -> None:
+    """Mark the end of a trial in this process: one that failed (an error, not a scheduler's stop) may have
+    left the CUDA graph trees in the middle of a recording or a replay, so the next :func:`begin_trial`
+    resets them and drops the compiled losses bound to them instead of keeping them."""
+    global _trees_trusted
+    _trees_trusted = _trees_trusted and ok
 
 
 def base_state(path: str | Path) -> dict[str, Any]:
@@ -243,4 +252,4 @@ def _torch_default_cache_dir() -> str:
 
 
 __all__ = ["INDUCTOR_ENV", "REUSE_ENV", "SHARE_ENV", "SHARE_GRAPHS_ENV", "GRAPH_TREE_TRIALS", "base_state", "begin_trial",
-           "on_trial_thread", "reuse_actors", "share_compiled", "share_graphs", "use_shared_compile_cache"]
+           "end_trial", "on_trial_thread", "reuse_actors", "share_compiled", "share_graphs", "use_shared_compile_cache"]

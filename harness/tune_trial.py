@@ -36,7 +36,7 @@ from harness.early_stopping import (RUNG_KEY, TIME_ATTR, eval_points, grouped_sc
 from harness.errors import ConfigError
 from harness.finetune import FineTuneRun
 from harness.plan import trial_cost
-from harness.process_cache import begin_trial, use_shared_compile_cache
+from harness.process_cache import begin_trial, end_trial, use_shared_compile_cache
 from harness.tracks import get_track
 from harness.trial import Reporter, ResolvedTrial, TrialRecord
 
@@ -234,9 +234,16 @@ def run_tune_trial(spec: ResolvedTrial, report: Reporter, plan: TuneTrialPlan) -
     trials_before = begin_trial()
     use_shared_compile_cache(cache_root())
     run = FineTuneRun(spec, report)
+    ok = True  # a scheduler's stop (SystemExit from tune.report) leaves the compiled graphs whole
     try:
-        return _run_tune_trial(run, spec, plan, trials_before)
+        record = _run_tune_trial(run, spec, plan, trials_before)
+        ok = record.status != "failed"
+        return record
+    except Exception:
+        ok = False
+        raise
     finally:  # a trial the scheduler stops never reaches finish(): its rollout workers go here
+        end_trial(ok)
         run.close()
 
 

@@ -142,6 +142,24 @@ def test_graph_trees_a_shared_loss_is_bound_to_are_kept_for_a_bounded_number_of_
         assert built == list(range(7)) and [n for n, _, _ in per_trial] == list(range(7))
 
 
+def test_a_failed_trial_has_the_graph_trees_reset_before_the_next(monkeypatch):
+    """A trial that failed may have left the graph trees mid-recording: the next trial starts on fresh trees
+    and compiles afresh, even under the GRAPH_TREE_TRIALS bound; a stopped or finished one keeps them."""
+    import torch._inductor.cudagraph_trees as trees
+
+    resets = []
+    monkeypatch.delenv(process_cache.SHARE_GRAPHS_ENV, raising=False)
+    monkeypatch.setattr(trees, "reset_cudagraph_trees", lambda: resets.append(1))
+    for name, value in (("_trials_begun", 0), ("_trials_on_trees", 0), ("_graph_steps", {}), ("_trees_trusted", True)):
+        monkeypatch.setattr(process_cache, name, value)
+    built = []
+    for ok in (True, True, False, True, True):
+        process_cache.begin_trial()
+        process_cache.shared_step(("loss",), lambda: built.append(len(resets)) or object(), graphs=True)
+        process_cache.end_trial(ok)
+    assert resets == [1] and built == [0, 1]  # reset once, after the failed third trial; rebuilt after it
+
+
 def test_the_base_is_read_once_and_no_trial_changes_it(tmp_path, monkeypatch):
     path = tmp_path / "base.pt"
     torch.save({"weight": torch.ones(3, 2), "bias": torch.zeros(3)}, path)
