@@ -39,7 +39,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from harness.cache import atomic_write_text
-from harness.costs import busy_seconds, time_breakdown
+from harness.costs import busy_seconds, json_field, time_breakdown
 from harness.errors import ConfigError
 from harness.gpu_monitor import GpuMonitor
 from harness.placement import host_cpus, visible_gpus
@@ -197,7 +197,7 @@ def _most_concurrent(spans: list[tuple[float, float]]) -> int:
 
 
 def _extra(r: dict[str, Any]) -> dict[str, Any]:
-    return json.loads(r["extra"]) if isinstance(r.get("extra"), str) else (r.get("extra") or {})
+    return json_field(r.get("extra"))
 
 
 def summarise(count: int, records: list[dict[str, Any]], s: ScaleSettings, monitor: GpuMonitor | None,

@@ -67,7 +67,9 @@ class TrialSpend:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"} | {"gpu_s": self.gpu_s}
 
 
-def _json(value: Any) -> dict[str, Any]:
+def json_field(value: Any) -> dict[str, Any]:
+    """A record's JSON field (``extra``, ``budget``) as a dict, whether the record was read from a JSON line
+    (a string; empty: no field) or is a live one (a dict, or None)."""
     if isinstance(value, str):
         return json.loads(value) if value else {}
     return dict(value or {})
@@ -76,12 +78,12 @@ def _json(value: Any) -> dict[str, Any]:
 def record_updates(record: dict[str, Any]) -> int:
     """A record's updates: where a scheduler stopped the trial, the updates done by then; else all it
     trained (``extra.updates``), or its budget's steps (epochs) for records older than that field."""
-    extra = _json(record.get("extra"))
+    extra = json_field(record.get("extra"))
     if "stopped_at_update" in extra:
         return int(extra["stopped_at_update"])
     if "updates" in extra:
         return int(extra["updates"])
-    budget = _json(record.get("budget"))
+    budget = json_field(record.get("budget"))
     return int(budget.get("steps") or budget.get("epochs") or 0)
 
 
@@ -99,12 +101,12 @@ def _last_report(path: Path) -> dict[str, Any]:
 def _trial_spend(sweep: str, study: str, stage: str, wave: int, folder: Path) -> TrialSpend:
     report = _last_report(folder / "result.json") if (folder / "result.json").is_file() else {}
     if "record" not in report:  # running, or cut: its spec (Tune's params.json) names it
-        spec = _json(json.loads((folder / "params.json").read_text()).get("spec"))
+        spec = json_field(json.loads((folder / "params.json").read_text()).get("spec"))
         return TrialSpend(sweep, study, stage, wave, str(spec.get("method", "")), str(spec.get("task", "")),
                          "unfinished", int(report.get("update", 0) or 0), 0.0, 0.0, 0.0, 0.0, False, "",
                          track=str(spec.get("track", "")))
     rec = json.loads(report["record"])
-    extra = _json(rec.get("extra"))
+    extra = json_field(rec.get("extra"))
     ray = (extra.get("placement") or {}).get("ray") or {}
     status = str(rec.get("status", ""))
     if status == "ok" and "stopped_at_update" in extra:
@@ -250,7 +252,7 @@ def time_breakdown(records: list[dict[str, Any]], span: float | None = None) -> 
     (:func:`device_spans`). None when no record has a timing (records older than it)."""
     from harness.finetune import PHASES  # heavy: harness.finetune imports torch
 
-    extras = [e for e in (_json(r.get("extra")) for r in records) if isinstance(e.get("timing"), dict)]
+    extras = [e for e in (json_field(r.get("extra")) for r in records) if isinstance(e.get("timing"), dict)]
     timed = [(e["timing"], _trial_gpus(e)) for e in extras]
     if not timed:
         return None
@@ -395,5 +397,5 @@ def format_costs(table: "pd.DataFrame") -> str:
 
 
 __all__ = ["ALWAYS_PHASES", "COST_KEYS", "END_PHASES", "OVERHEAD_PHASES", "TrialSpend", "against_plan",
-           "busy_seconds", "cost_table", "device_spans", "format_costs", "phase_table", "record_updates",
-           "time_breakdown", "trial_costs", "trial_overheads"]
+           "busy_seconds", "cost_table", "device_spans", "format_costs", "json_field", "phase_table",
+           "record_updates", "time_breakdown", "trial_costs", "trial_overheads"]

@@ -251,5 +251,6 @@ def _torch_default_cache_dir() -> str:
     return default_cache_dir()
 
 
-__all__ = ["INDUCTOR_ENV", "REUSE_ENV", "SHARE_ENV", "SHARE_GRAPHS_ENV", "GRAPH_TREE_TRIALS", "base_state", "begin_trial",
-           "end_trial", "on_trial_thread", "reuse_actors", "share_compiled", "share_graphs", "use_shared_compile_cache"]
+__all__ = ["GRAPH_TREE_TRIALS", "INDUCTOR_ENV", "REUSE_ENV", "SHARE_ENV", "SHARE_GRAPHS_ENV", "base_state",
+           "begin_trial", "end_trial", "on_trial_thread", "reuse_actors", "share_compiled", "share_graphs",
+           "use_shared_compile_cache"]
