@@ -176,9 +176,9 @@ def begin_trial() -> int:
     From the second trial on, what the previous one left behind is cleared first: the CUDA graphs its
     compiled steps recorded (this thread's graph trees, :func:`on_trial_thread`; none outside
     ``reduce-overhead``), unless a shared compiled loss is bound to them (:func:`share_graphs`), then its
-    objects (collected, and on a GPU the allocator's cached blocks handed
-    back, so the memory columns start where a fresh process's would; its compiled frame was its trainer's
-    own, see the module's doc)."""
+    objects (collected, and on a GPU the allocator's cached blocks handed back, so the memory columns start
+    near where a fresh process's would: the kept graphs, and on an H200 ~100-170 MiB per earlier trial in
+    torch's default mode, still count; BENCHMARKS.md, "The memory column in reused processes")."""
     global _trials_begun, _trials_on_trees, _trees_trusted
     before = _trials_begun
     _trials_begun += 1
