@@ -27,7 +27,7 @@ from harness.errors import ConfigError, HarnessError
 from harness.methods import base_name, get_method
 from harness.placement import auto_gpu_share, check_reachable, host_cpus, visible_gpus
 from harness.plugins import load_plugins
-from harness.process_cache import on_trial_thread, reuse_actors, share_compiled
+from harness.process_cache import on_trial_thread, reuse_actors, share_compiled, share_graphs
 from harness.shared_storage import check_shared_cache
 from harness.sweep_file import (Study, SweepFile, grid_size, method_waves, resolved_grid, selection_methods,
                                 study_tasks, study_trials, track_settings)
@@ -645,7 +645,10 @@ def run_sweep(sweep: SweepFile, results_dir: Path, leaderboard_dir: Path, resume
     experiment_logging.check_installed(sweep.tracking)
 
     reuse_actors()  # a bad HARNESS_REUSE_ACTORS is refused before Ray starts
-    share_compiled()  # and a bad HARNESS_SHARE_COMPILED (read where the trials run: a local Ray's workers inherit it)
+    # and a bad HARNESS_SHARE_COMPILED or HARNESS_SHARE_GRAPHS (read where the trials run: a local Ray's workers
+    # inherit them)
+    share_compiled()
+    share_graphs()
     init_ray(address, dashboard, local)
     check_resources(sweep.studies, _node_resources())
 

@@ -99,7 +99,9 @@ def test_the_share_switch_is_on_unless_turned_off_and_a_bad_value_stops_a_sweep_
     assert f"{SHARE_ENV}='maybe'" in capsys.readouterr().err
 
 
-def test_the_graph_share_switch_is_on_unless_either_variable_turns_it_off():
+def test_the_graph_share_switch_is_on_unless_either_variable_turns_it_off_and_a_bad_value_stops_a_sweep(
+        tmp_path, monkeypatch, capsys):
+    from harness.cli import main
     from harness.process_cache import SHARE_ENV, SHARE_GRAPHS_ENV
 
     assert process_cache.share_graphs({}) is True
@@ -108,6 +110,15 @@ def test_the_graph_share_switch_is_on_unless_either_variable_turns_it_off():
     assert process_cache.share_graphs({SHARE_ENV: "off", SHARE_GRAPHS_ENV: "on"}) is False
     with pytest.raises(ConfigError, match=f"{SHARE_GRAPHS_ENV}='later'.*expected one of 1, true"):
         process_cache.share_graphs({SHARE_GRAPHS_ENV: "later"})
+    monkeypatch.setenv(SHARE_GRAPHS_ENV, "later")  # read in the trials: refused before Ray starts
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    started = []
+    monkeypatch.setattr("harness.driver.init_ray", lambda *a, **k: started.append(1))
+    root = Path(__file__).resolve().parents[1]
+    code = main(["sweep", str(root / "sweeps" / "quickstart.yaml"), "--results", str(tmp_path / "results"),
+                 "--leaderboard", str(tmp_path / "board")])
+    assert code != 0 and not started
+    assert f"{SHARE_GRAPHS_ENV}='later'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("share", ["1", "0"])
