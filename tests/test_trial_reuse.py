@@ -83,12 +83,19 @@ def test_a_later_trial_clears_the_previous_trials_cuda_graph_trees_on_its_thread
 
 def test_the_share_switch_is_on_unless_turned_off_and_a_bad_value_stops_a_sweep_before_ray(tmp_path, monkeypatch,
                                                                                             capsys):
-    from harness.cli import main
     from harness.process_cache import SHARE_ENV
 
     assert process_cache.share_compiled({}) is True and process_cache.share_compiled({SHARE_ENV: "off"}) is False
     assert process_cache.share_compiled({SHARE_ENV: "on"}) is True
-    monkeypatch.setenv(SHARE_ENV, "maybe")
+    _assert_refused_before_ray(SHARE_ENV, "maybe", tmp_path, monkeypatch, capsys)
+
+
+def _assert_refused_before_ray(variable: str, value: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    """The quickstart sweep with ``variable=value`` (read where the trials run) exits non-zero, naming it,
+    before Ray starts."""
+    from harness.cli import main
+
+    monkeypatch.setenv(variable, value)
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
     started = []
     monkeypatch.setattr("harness.driver.init_ray", lambda *a, **k: started.append(1))
@@ -96,12 +103,11 @@ def test_the_share_switch_is_on_unless_turned_off_and_a_bad_value_stops_a_sweep_
     code = main(["sweep", str(root / "sweeps" / "quickstart.yaml"), "--results", str(tmp_path / "results"),
                  "--leaderboard", str(tmp_path / "board")])
     assert code != 0 and not started
-    assert f"{SHARE_ENV}='maybe'" in capsys.readouterr().err
+    assert f"{variable}={value!r}" in capsys.readouterr().err
 
 
 def test_the_graph_share_switch_is_on_unless_either_variable_turns_it_off_and_a_bad_value_stops_a_sweep(
         tmp_path, monkeypatch, capsys):
-    from harness.cli import main
     from harness.process_cache import SHARE_ENV, SHARE_GRAPHS_ENV
 
     assert process_cache.share_graphs({}) is True
@@ -110,15 +116,7 @@ def test_the_graph_share_switch_is_on_unless_either_variable_turns_it_off_and_a_
     assert process_cache.share_graphs({SHARE_ENV: "off", SHARE_GRAPHS_ENV: "on"}) is False
     with pytest.raises(ConfigError, match=f"{SHARE_GRAPHS_ENV}='later'.*expected one of 1, true"):
         process_cache.share_graphs({SHARE_GRAPHS_ENV: "later"})
-    monkeypatch.setenv(SHARE_GRAPHS_ENV, "later")  # read in the trials: refused before Ray starts
-    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
-    started = []
-    monkeypatch.setattr("harness.driver.init_ray", lambda *a, **k: started.append(1))
-    root = Path(__file__).resolve().parents[1]
-    code = main(["sweep", str(root / "sweeps" / "quickstart.yaml"), "--results", str(tmp_path / "results"),
-                 "--leaderboard", str(tmp_path / "board")])
-    assert code != 0 and not started
-    assert f"{SHARE_GRAPHS_ENV}='later'" in capsys.readouterr().err
+    _assert_refused_before_ray(SHARE_GRAPHS_ENV, "later", tmp_path, monkeypatch, capsys)
 
 
 @pytest.mark.parametrize("share", ["1", "0"])
@@ -136,6 +134,7 @@ def test_graph_trees_a_shared_loss_is_bound_to_are_kept_for_a_bounded_number_of_
     monkeypatch.setattr(trees, "reset_cudagraph_trees", lambda: resets.append(1))
     monkeypatch.setattr(process_cache, "_trials_begun", 0)
     monkeypatch.setattr(process_cache, "_trials_on_trees", 0)
+    monkeypatch.setattr(process_cache, "_trees_trusted", True)
     monkeypatch.setattr(process_cache, "_graph_steps", {})
     monkeypatch.setattr(process_cache, "_steps", {})
     monkeypatch.setattr(process_cache, "GRAPH_TREE_TRIALS", 3)
