@@ -125,6 +125,10 @@ class FineTuneRun:
         self.setup: FineTuneSetup | None = None
         self.trainer: Trainer | None = None
         self._reserved_sum, self._reserved_n = 0.0, 0
+        # MiB allocated and reserved when the trial began: what earlier trials of a reused process left (CUDA
+        # graphs a shared compiled loss keeps; BENCHMARKS.md, "The memory column in reused processes"), not
+        # this trial's, so the memory columns leave it out; 0 in a fresh process
+        self._left_mb = (0.0, 0.0)
         self._close_setup: Callable[[], None] | None = None
 
     def _fail(self, e: BaseException) -> None:
@@ -140,6 +144,7 @@ class FineTuneRun:
         try:
             if torch.cuda.is_available():  # the trial's peak: from here to its end
                 torch.cuda.reset_peak_memory_stats()
+            self._left_mb = (_memory_mb("allocated"), _memory_mb("reserved_now"))
             if not isinstance(self.spec, ResolvedTrial):
                 self.spec = resolve_trial(self.spec)
                 made = self.spec.record()
@@ -278,7 +283,8 @@ class FineTuneRun:
             except Exception as e:
                 self._fail(e)
         self.close()
-        record.peak_memory_mb = round(_memory_mb("peak"), 1)  # the whole trial's, evaluation and search included
+        # the whole trial's, evaluation and search included
+        record.peak_memory_mb = round(max(0.0, _memory_mb("peak") - self._left_mb[0]), 1)
         self.clock.mark("save")
         record.extra["timing"] = self.timing()
         record.wall_time_s = round(time.time() - self.started, 2)
@@ -308,8 +314,11 @@ class FineTuneRun:
             self.mark_training()  # the finish's wait for queued GPU work is the last updates' time
             if self.clock.training_span:
                 self.clock.training_span.append(time.time())
-            train_peak, train_reserved = _memory_mb("peak", setup.device), _memory_mb("reserved", setup.device)
-            mean_reserved = self._reserved_sum / self._reserved_n / 2**20 if self._reserved_n else 0.0
+            left, left_reserved = self._left_mb
+            train_peak = max(0.0, _memory_mb("peak", setup.device) - left)
+            train_reserved = max(0.0, _memory_mb("reserved", setup.device) - left_reserved)
+            mean_reserved = (max(0.0, self._reserved_sum / self._reserved_n / 2**20 - left_reserved)
+                             if self._reserved_n else 0.0)
             model = method.finalize(self.model, setup.site, self.wrap_settings, self.ctx)
             model.eval()
             own, head = method.count(model, setup.site)
@@ -347,6 +356,9 @@ class FineTuneRun:
                               "(extra.graphs_compiled; TORCH_LOGS=recompiles names the cause)", stacklevel=2)
         if adapter_error:
             extra["adapter_error"] = adapter_error
+        if any(self._left_mb):
+            extra["memory_left_by_earlier_trials_mb"] = {"allocated": round(self._left_mb[0], 1),
+                                                         "reserved": round(self._left_mb[1], 1)}
         bad = {k: v for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)}
         if bad:  # after the adapter is saved, as any finished trial's
             raise HarnessError(f"non-finite final metrics {bad}")
@@ -361,13 +373,15 @@ class FineTuneRun:
 
 def _memory_mb(kind: str, device: torch.device | None = None) -> float:
     """The one memory reading of a trial, in MiB: the allocator's peak of allocated (``"peak"``) or reserved
-    (``"reserved"``) memory since the last reset, on ``device`` (None: the current CUDA device); 0 off CUDA."""
+    (``"reserved"``) memory since the last reset, or what is allocated (``"allocated"``) or reserved
+    (``"reserved_now"``) now, on ``device`` (None: the current CUDA device); 0 off CUDA."""
     if device is None:
         if not torch.cuda.is_available():
             return 0.0
     elif device.type != "cuda":
         return 0.0
-    read = torch.cuda.max_memory_allocated if kind == "peak" else torch.cuda.max_memory_reserved
+    read = {"peak": torch.cuda.max_memory_allocated, "reserved": torch.cuda.max_memory_reserved,
+            "allocated": torch.cuda.memory_allocated, "reserved_now": torch.cuda.memory_reserved}[kind]
     return read(device) / 2**20
 
 

@@ -68,10 +68,11 @@ _graph_steps: dict[tuple, Any] = {}  # shared steps bound to this process's CUDA
 _trials_on_trees = 0  # trials begun since the graph trees were last reset
 _trees_trusted = True  # False after a trial that failed: its graphs may have been left mid-recording
 # Trials a process runs on one set of CUDA graph trees before begin_trial resets them. Each trial adds a
-# recording to each shared graph, and a call checks the recordings in turn until one fits; the bound keeps
-# that check short, for one recompilation (~2-3 s with the inductor cache warm) every this many trials. The
-# step time with more recordings kept is not measured yet.
-GRAPH_TREE_TRIALS = 16
+# recording to each shared graph, which keeps memory of its own: ~50 MiB per trial for the paper DT's
+# trainer on an H200, whose step did not slow with 40 recordings kept (BENCHMARKS.md). The bound caps that
+# memory (a ViT-B's full fine-tuning keeps more), for one recompilation (~2-3 s with the inductor cache
+# warm) every this many trials.
+GRAPH_TREE_TRIALS = 8
 
 
 def reuse_actors(environ: dict[str, str] | None = None, on_gpu: bool = False) -> bool:

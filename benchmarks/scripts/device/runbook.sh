@@ -7,19 +7,21 @@
 # /tmp/site-ray/.done. Poll with `bash benchmarks/scripts/device/collect.sh OUTDIR` in calls back to back (a
 # lent machine is given back ~30 s after a call returns). Each step's console goes to OUTDIR/<step>.log and
 # its exit status and seconds to OUTDIR/steps.txt; a failed step does not stop the next. Steps, most wanted
-# first (what ran before is in BENCHMARKS.md and benchmarks/h200-session-2026-12-03{c,d,e,f}/):
-#   probeS    first_updates_probe.py: 40 DT trainers in one process under CUDA graphs sharing the compiled
-#             loss, the graph trees never reset (GRAPH_TREE_TRIALS 1000): what each recording kept costs the
-#             step and the memory, to set GRAPH_TREE_TRIALS (16, a guess) from a measurement
-#   probeD    the same, 10 trainers in torch's default mode: the memory still allocated when each begins (in
-#             2026-12-03f's bench scale a default-mode trial's peak grew ~100-170 MiB per trial its process
-#             ran before; under graphs it did not): whether the trainer leaves it or the trial's evaluation
+# first (what ran before is in BENCHMARKS.md and benchmarks/h200-session-2026-12-03{c,d,e,f}/; the first-updates
+# probe's 40-trial and default-mode runs are there too):
+#   probeB    first_updates_probe.py: 20 DT trainers sharing the loss under graphs with the bound as shipped
+#             (GRAPH_TREE_TRIALS 8): trials 8 and 16 should find fresh trees, compile again (~2 s) and start
+#             with the memory of the kept recordings handed back; the reset had not run on a GPU
 #   (the steps below wait for /tmp/site-ray/.done)
 #   vtS       benchmarks/device-files/vtab-mode.yaml under graphs with the shared compiled loss (the VTAB main
 #             study's mode since 2026-12-03f), fresh HARNESS_CACHE: against 2026-12-03f's vtA (default mode,
 #             shared) and vtR (graphs, own)
 #   scaleS    bench scale under graphs (shared) with a fresh HARNESS_CACHE: 2026-12-03f's scaleRS ran on a cache
-#             that earlier steps had filled, so its fresh processes' first updates read low
+#             that earlier steps had filled, so its fresh processes' first updates read low; and its records'
+#             memory columns now leave out what earlier trials left (extra.memory_left_by_earlier_trials_mb):
+#             they should no longer grow with process_trials_before
+#   scaleD    the same in torch's default mode, whose records' peak grew 100-170 MiB per earlier trial
+#             (2026-12-03f scale0; not the trainer: first-updates-default-8.json)
 set -u
 out=$(realpath -m "${1:?usage: runbook.sh OUTDIR}")
 mkdir -p "$out"
@@ -30,9 +32,8 @@ step() { local name=$1; shift; echo "$(date +%T) start $name" >> "$out/steps.txt
   echo "$(date +%T) end $name rc=$rc $(( $(date +%s) - t0 ))s" >> "$out/steps.txt"; }
 records() { (cd /tmp && tar czf "$out/$1-records.tgz" $(find "${@:2}" -name '*records.jsonl' 2>/dev/null)) 2>/dev/null; }
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 10 > "$out/gpu-util.csv" 2>/dev/null &
-P=benchmarks/scripts/device/first_updates_probe.py
-step probeS python $P "$out/first-updates-share-40.json" reduce-overhead 40 share 1000
-step probeD python $P "$out/first-updates-default-10.json" default 10
+step probeB python benchmarks/scripts/device/first_updates_probe.py "$out/first-updates-share-20.json" \
+  reduce-overhead 20 share
 while [ ! -f /tmp/site-ray/.done ]; do sleep 2; done
 VT=benchmarks/device-files/vtab-mode.yaml
 step vtS env HARNESS_CACHE=/tmp/hcVS python -m harness sweep $VT --results /tmp/resVS --leaderboard /tmp/lbVS \
@@ -41,4 +42,7 @@ records vt resVS
 step scaleS env HARNESS_CACHE=/tmp/hcS python -m harness bench scale --set 'counts=[1]' --set workdir=/tmp/scS \
   --set 'settings={"compile_mode": "reduce-overhead"}' --out "$out/scale-graphs-shared.json"
 records scaleS scS
+step scaleD env HARNESS_CACHE=/tmp/hcS python -m harness bench scale --set 'counts=[1]' --set workdir=/tmp/scD \
+  --out "$out/scale-default.json"
+records scaleD scD
 echo ALL-DONE >> "$out/steps.txt"
