@@ -267,6 +267,7 @@ class RLTrack(Track):
         "cw10": Benchmark(name="cw10", tasks=tuple(CW10), primary_metric="success", tiebreak_metric="return"),
         "mt40": Benchmark(name="mt40", tasks=tuple(MT40), primary_metric="success", tiebreak_metric="return"),
     }
+    model_varies_by_task = False  # one DT for every task: the task is in its data, not its shapes
 
     # --- stages ------------------------------------------------------------------------------------
     def make_data(self, settings: RLSettings, tasks: list[str] | None = None) -> dict[str, Any]:

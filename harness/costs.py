@@ -276,6 +276,7 @@ def time_breakdown(records: list[dict[str, Any]], span: float | None = None) -> 
             "process_to_trial_s": round(sum(float(t.get("process_to_trial_s", 0.0)) for t in first), 2),
             "processes_started": len(first), "trials_in_reused_processes": len(timed) - len(first),
             "first_updates_mean_s": _first_updates_by_start(extras),
+            "reused_trials_that_compiled": _reused_compiling(extras),
             "idle_share_by_device": idle,
             "idle_share": round(sum(idle.values()) / len(idle), 4) if idle else None}
 
@@ -295,6 +296,15 @@ def _first_updates_by_start(extras: list[dict[str, Any]]) -> dict[str, float | N
         if e.get("graphs_compiled") == 0:
             groups["reused_compiled_nothing"].append(seconds)
     return {k: round(sum(v) / len(v), 2) if v else None for k, v in groups.items()}
+
+
+def _reused_compiling(extras: list[dict[str, Any]]) -> int | None:
+    """How many trials in reused processes compiled a graph (``extra.graphs_compiled`` above 0): those that
+    met a structure their process had not run (``harness.trial_routing``). None for records without the count."""
+    reused = [e for e in extras if e.get("process_trials_before")]
+    if not reused or any("graphs_compiled" not in e for e in reused):
+        return None
+    return sum(1 for e in reused if e["graphs_compiled"])
 
 
 def phase_table(costs: list[TrialSpend], by: tuple[str, ...] = ("study", "stage")) -> "pd.DataFrame":
@@ -319,6 +329,7 @@ def phase_table(costs: list[TrialSpend], by: tuple[str, ...] = ("study", "stage"
         row |= {f"{k.removesuffix('_s')}_pct": round(100 * v, 1) for k, v in b["phase_share"].items() if v is not None}
         row |= {"process_start_s": b["process_to_trial_s"], "processes_started": b["processes_started"],
                 "reused_process": b["trials_in_reused_processes"],
+                "reused_compiled": b["reused_trials_that_compiled"],
                 "idle_pct": round(100 * b["idle_share"], 1) if b["idle_share"] is not None else None}
         rows.append(row)
     return pd.DataFrame(rows)

@@ -27,7 +27,7 @@ from harness.errors import ConfigError, HarnessError
 from harness.methods import base_name, get_method
 from harness.placement import auto_gpu_share, check_reachable, host_cpus, visible_gpus
 from harness.plugins import load_plugins
-from harness.process_cache import on_trial_thread, reuse_actors, share_compiled, share_graphs
+from harness.process_cache import on_trial_thread, reuse_actors, route_by_structure, share_compiled, share_graphs
 from harness.shared_storage import check_shared_cache
 from harness.sweep_file import (Study, SweepFile, grid_size, method_waves, resolved_grid, selection_methods,
                                 study_tasks, study_trials, track_settings)
@@ -241,9 +241,14 @@ def run_wave(specs: list[ResolvedTrial], study: Study, exp_dir: Path, resume: bo
     from harness.tune_trial import tune_trial_plan  # heavy: harness.tune_trial imports torch
 
     trial_plan, scheduler = tune_trial_plan(study, specs)  # a scheduler in the selection stage only
+    grid_order = specs
     if scheduler is not None:  # progress reports carry no score; the scheduler skips them
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
         specs = interleave_groups(specs)  # a group's trials reach its rungs one after another
+    elif route_by_structure():
+        from harness.trial_routing import StructureAffinity, structure_order  # heavy: imports Ray Tune
+
+        specs, scheduler = structure_order(specs), StructureAffinity()
     gpus = _gpus_per_trial(study, len(specs))
     trainable = tune.with_resources(_trainable, {"cpu": study.resources.cpus_per_trial, "gpu": gpus})
     exists = (exp_dir / "tuner.pkl").exists()
@@ -284,15 +289,21 @@ def run_wave(specs: list[ResolvedTrial], study: Study, exp_dir: Path, resume: bo
     from harness.tune_trial import remove_wave_checkpoints  # heavy: harness.tune_trial imports torch
 
     remove_wave_checkpoints(exp_dir)  # those of trials a scheduler stopped before their own clean-up
-    records = []
+    position = {_spec_key(s.to_config()): i for i, s in enumerate(grid_order)}
+    rows: list[tuple[int, dict[str, Any]]] = []
     for result in grid:
         metrics = result.metrics or {}
         if "record" in metrics:
-            records.append(TrialRecord.from_json(metrics["record"]).flat())  # the worker's record, as a row
+            row = TrialRecord.from_json(metrics["record"]).flat()  # the worker's record, as a row
         else:  # the trial process itself died (not a Python error inside the trial)
             spec = ResolvedTrial.from_config(result.config["spec"])
-            records.append(_unrun_record(spec, f"trial did not finish: {result.error!r}"))
-    return records
+            row = _unrun_record(spec, f"trial did not finish: {result.error!r}")
+        rows.append((position.get(_spec_key(result.config["spec"]), len(position)), row))
+    return [row for _, row in sorted(rows, key=lambda r: r[0])]  # the study's grid order, however Tune ran it
+
+
+def _spec_key(config: dict[str, Any]) -> str:
+    return json.dumps(config, sort_keys=True, default=str)
 
 
 class UnreportedTrialsNote(logging.Filter):
@@ -649,6 +660,7 @@ def run_sweep(sweep: SweepFile, results_dir: Path, leaderboard_dir: Path, resume
     # inherit them)
     share_compiled()
     share_graphs()
+    route_by_structure()  # and a bad HARNESS_TRIAL_AFFINITY
     init_ray(address, dashboard, local)
     check_resources(sweep.studies, _node_resources())
 

@@ -55,6 +55,7 @@ from harness.errors import ConfigError
 REUSE_ENV = "HARNESS_REUSE_ACTORS"
 SHARE_ENV = "HARNESS_SHARE_COMPILED"
 SHARE_GRAPHS_ENV = "HARNESS_SHARE_GRAPHS"
+AFFINITY_ENV = "HARNESS_TRIAL_AFFINITY"
 INDUCTOR_ENV = "TORCHINDUCTOR_CACHE_DIR"
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
@@ -88,10 +89,20 @@ def reuse_actors(environ: dict[str, str] | None = None, on_gpu: bool = False) ->
     thread (:func:`on_trial_thread`), and the same trials then ran clean in reused processes with the records
     of processes of their own (BENCHMARKS.md, "Reused processes under CUDA graphs")."""
     raw = (os.environ if environ is None else environ).get(REUSE_ENV)
-    return _switch(REUSE_ENV, raw, True, f"actors are reused{', GPU trials included' if on_gpu else ''}")
+    return switch(REUSE_ENV, raw, True, f"actors are reused{', GPU trials included' if on_gpu else ''}")
 
 
-def _switch(name: str, raw: str | None, default: bool, unset: str) -> bool:
+def route_by_structure(environ: dict[str, str] | None = None) -> bool:
+    """Whether a sweep hands a reused process a pending trial of the structure it just ran before any other
+    (``harness.trial_routing``), so its compiled loss is reused. On unless :data:`AFFINITY_ENV` says
+    0/false/no/off (then Tune's FIFO order); any other value is a ConfigError naming the variable."""
+    raw = (os.environ if environ is None else environ).get(AFFINITY_ENV)
+    return switch(AFFINITY_ENV, raw, True, "a reused process runs its last trial's structure first")
+
+
+def switch(name: str, raw: str | None, default: bool, unset: str) -> bool:
+    """An on/off environment variable's value ``raw`` (unset or blank: ``default``); anything but
+    1/true/yes/on or 0/false/no/off is a ConfigError naming ``name`` and saying what unset means (``unset``)."""
     if raw is None or raw.strip() == "":
         return default
     value = raw.strip().lower()
@@ -110,7 +121,7 @@ def share_compiled(environ: dict[str, str] | None = None) -> bool:
     under CUDA graphs"). On unless :data:`SHARE_ENV` says 0/false/no/off, which gives every trainer a frame of
     its own."""
     raw = (os.environ if environ is None else environ).get(SHARE_ENV)
-    return _switch(SHARE_ENV, raw, True, "trainers of one structure share a compiled loss")
+    return switch(SHARE_ENV, raw, True, "trainers of one structure share a compiled loss")
 
 
 def share_graphs(environ: dict[str, str] | None = None) -> bool:
@@ -125,7 +136,7 @@ def share_graphs(environ: dict[str, str] | None = None) -> bool:
     first update fell from ~2.2 s to ~0.05 s, and the records were those of the default mode's shared loss
     (BENCHMARKS.md, "Sharing the compiled loss under CUDA graphs")."""
     raw = (os.environ if environ is None else environ).get(SHARE_GRAPHS_ENV)
-    return share_compiled(environ) and _switch(SHARE_GRAPHS_ENV, raw, True,
+    return share_compiled(environ) and switch(SHARE_GRAPHS_ENV, raw, True,
                                                "trainers under CUDA graphs share a compiled loss too")
 
 
@@ -252,6 +263,6 @@ def _torch_default_cache_dir() -> str:
     return default_cache_dir()
 
 
-__all__ = ["GRAPH_TREE_TRIALS", "INDUCTOR_ENV", "REUSE_ENV", "SHARE_ENV", "SHARE_GRAPHS_ENV", "base_state",
-           "begin_trial", "end_trial", "on_trial_thread", "reuse_actors", "share_compiled", "share_graphs",
-           "use_shared_compile_cache"]
+__all__ = ["AFFINITY_ENV", "GRAPH_TREE_TRIALS", "INDUCTOR_ENV", "REUSE_ENV", "SHARE_ENV", "SHARE_GRAPHS_ENV",
+           "base_state", "begin_trial", "end_trial", "on_trial_thread", "reuse_actors", "route_by_structure",
+           "share_compiled", "share_graphs", "switch", "use_shared_compile_cache"]

@@ -153,6 +153,9 @@ class Track(ABC):
     Settings: ClassVar[type[TrackSettings]]
     Budget: ClassVar[type[TrackBudget]]
     benchmarks: ClassVar[dict[str, Benchmark]]
+    # Whether a trial's model (its shapes, hence its compiled graph) depends on its task, e.g. a classifier
+    # head per dataset; the sweep driver groups trials by structure (harness/trial_routing.py)
+    model_varies_by_task: ClassVar[bool] = True
 
     # --- validation, once --------------------------------------------------------------------------
     def settings(self, raw: dict[str, Any] | TrackSettings | None, where: str = "") -> TrackSettings:

@@ -143,6 +143,7 @@ def test_where_the_trials_time_went(selection_bench, monkeypatch, capsys):
         rounding = 100 * 0.0005 * len(PHASES) * r["trials"] / (60 * r["trial_minutes"]) + 0.05 * len(PHASES)
         assert sum(shares) == pytest.approx(100.0, abs=rounding) and r["steady_pct"] > 0, r
         assert r["processes_started"] + r["reused_process"] == r["trials"]
+        assert r["reused_compiled"] is None or 0 <= r["reused_compiled"] <= r["reused_process"]
     walls = sum(json.loads(x["extra"])["timing"]["total_s"] for x in final)
     assert rows["final"]["trial_minutes"] == pytest.approx(walls / 60, abs=0.01)
 
@@ -184,10 +185,12 @@ def test_first_updates_are_split_by_what_the_trials_process_had_done():
     b = time_breakdown([record(20.0, 0, 1), record(22.0, 0, 1), record(6.0, 1, 1), record(1.0, 1, 0),
                         record(2.0, 2, 0)])
     assert b["first_updates_mean_s"] == {"fresh_process": 21.0, "reused_process": 3.0, "reused_compiled_nothing": 1.5}
+    assert b["reused_trials_that_compiled"] == 1
     # records from before graphs_compiled: the reused trials' mean, no claim about what they compiled
     old = time_breakdown([record(20.0, 0, None), record(5.0, 1, None)])
     assert old["first_updates_mean_s"] == {"fresh_process": 20.0, "reused_process": 5.0,
                                            "reused_compiled_nothing": None}
+    assert old["reused_trials_that_compiled"] is None
 
 
 def test_overheads_measured_from_the_records(selection_bench, monkeypatch, capsys):

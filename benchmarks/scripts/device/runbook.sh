@@ -13,14 +13,16 @@
 #             (GRAPH_TREE_TRIALS 8): trials 8 and 16 should find fresh trees, compile again (~2 s) and start
 #             with the memory of the kept recordings handed back; the reset had not run on a GPU
 #   (the steps below wait for /tmp/site-ray/.done)
+#   scaleS    bench scale under graphs (shared) with a fresh HARNESS_CACHE and HARNESS_TRIAL_AFFINITY=0 (Tune's
+#             FIFO order, as before harness/trial_routing.py): 2026-12-03f's scaleRS ran on a cache that
+#             earlier steps had filled, so its fresh processes' first updates read low; its memory columns
+#             should no longer grow with process_trials_before (extra.memory_left_by_earlier_trials_mb)
+#   scaleA    the same with the trials routed by structure (the default since 2026-12-03g), on a fresh cache
+#             of its own: time_breakdown.reused_trials_that_compiled against scaleS's (12 in scaleRS)
 #   vtS       benchmarks/device-files/vtab-mode.yaml under graphs with the shared compiled loss (the VTAB main
 #             study's mode since 2026-12-03f), fresh HARNESS_CACHE: against 2026-12-03f's vtA (default mode,
 #             shared) and vtR (graphs, own)
-#   scaleS    bench scale under graphs (shared) with a fresh HARNESS_CACHE: 2026-12-03f's scaleRS ran on a cache
-#             that earlier steps had filled, so its fresh processes' first updates read low; and its records'
-#             memory columns now leave out what earlier trials left (extra.memory_left_by_earlier_trials_mb):
-#             they should no longer grow with process_trials_before
-#   scaleD    the same in torch's default mode, whose records' peak grew 100-170 MiB per earlier trial
+#   scaleD    bench scale in torch's default mode, whose records' peak grew 100-170 MiB per earlier trial
 #             (2026-12-03f scale0; not the trainer: first-updates-default-8.json)
 set -u
 out=$(realpath -m "${1:?usage: runbook.sh OUTDIR}")
@@ -35,14 +37,18 @@ nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 10 
 step probeB python benchmarks/scripts/device/first_updates_probe.py "$out/first-updates-share-20.json" \
   reduce-overhead 20 share
 while [ ! -f /tmp/site-ray/.done ]; do sleep 2; done
+SCALE_GRAPHS='settings={"compile_mode": "reduce-overhead"}'
+step scaleS env HARNESS_CACHE=/tmp/hcS HARNESS_TRIAL_AFFINITY=0 python -m harness bench scale --set 'counts=[1]' \
+  --set workdir=/tmp/scS --set "$SCALE_GRAPHS" --out "$out/scale-graphs-fifo.json"
+records scaleS scS
+step scaleA env HARNESS_CACHE=/tmp/hcA python -m harness bench scale --set 'counts=[1]' --set workdir=/tmp/scA \
+  --set "$SCALE_GRAPHS" --out "$out/scale-graphs-routed.json"
+records scaleA scA
 VT=benchmarks/device-files/vtab-mode.yaml
 step vtS env HARNESS_CACHE=/tmp/hcVS python -m harness sweep $VT --results /tmp/resVS --leaderboard /tmp/lbVS \
   --no-dashboard --set settings.compile_mode=reduce-overhead
 records vt resVS
-step scaleS env HARNESS_CACHE=/tmp/hcS python -m harness bench scale --set 'counts=[1]' --set workdir=/tmp/scS \
-  --set 'settings={"compile_mode": "reduce-overhead"}' --out "$out/scale-graphs-shared.json"
-records scaleS scS
-step scaleD env HARNESS_CACHE=/tmp/hcS python -m harness bench scale --set 'counts=[1]' --set workdir=/tmp/scD \
+step scaleD env HARNESS_CACHE=/tmp/hcD python -m harness bench scale --set 'counts=[1]' --set workdir=/tmp/scD \
   --out "$out/scale-default.json"
 records scaleD scD
 echo ALL-DONE >> "$out/steps.txt"

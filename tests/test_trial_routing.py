@@ -1,0 +1,101 @@
+"""A reused process runs its last trial's structure next (issue 20, item 4; harness/trial_routing.py): the
+structure a trial is grouped by, the round-robin start order, and Tune itself handing a finished trial's
+actor to a pending trial of the same structure."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import pytest
+from ray import tune
+
+from harness import process_cache
+from harness.errors import ConfigError
+from harness.process_cache import AFFINITY_ENV
+from harness.trial_routing import StructureAffinity, structure_of, structure_order
+
+
+def _spec(track: str = "rl", task: str = "hammer", method: str = "lora", seed: int = 0, **settings) -> dict:
+    return {"track": track, "benchmark": "cw10" if track == "rl" else "vtab1k", "task": task, "method": method,
+            "method_settings": {"r": 8, "lr": 1e-3, "weight_decay": None, **settings}, "seed": seed,
+            "budget": {}, "track_settings": {}, "targets": "", "alpha_rule": "", "adapter_bank": []}
+
+
+def test_a_structure_leaves_out_the_seed_the_optimiser_and_a_task_the_model_does_not_depend_on():
+    base = structure_of(_spec())
+    assert structure_of(_spec(seed=3, lr=1e-4, weight_decay=0.1)) == base
+    assert structure_of(_spec(task="push-wall")) == base  # one DT for every CW10 task
+    assert structure_of(_spec(r=16)) != base and structure_of(_spec(method="dora")) != base
+    vision = structure_of(_spec("vision", task="cifar100"))
+    assert structure_of(_spec("vision", task="dtd")) != vision  # a head per dataset
+    assert structure_of(_spec("vision", task="cifar100", seed=1, lr=1e-2)) == vision
+
+
+@dataclass
+class _Spec:
+    name: str
+    kind: str
+
+
+def test_trials_start_round_robin_over_structures_each_in_its_own_order():
+    specs = [_Spec(f"{k}{i}", k) for k in "aab" for i in range(2)] + [_Spec("c0", "c")]
+    ordered = structure_order(specs, lambda s: s.kind)
+    assert [s.name for s in ordered] == ["a0", "b0", "c0", "a1", "b1", "a0", "a1"]
+    assert sorted(map(id, ordered)) == sorted(map(id, specs))
+
+
+def test_the_affinity_switch_is_on_unless_turned_off_and_a_bad_value_is_an_error():
+    assert process_cache.route_by_structure({}) is True
+    assert process_cache.route_by_structure({AFFINITY_ENV: "off"}) is False
+    with pytest.raises(ConfigError, match=f"{AFFINITY_ENV}='sometimes'.*expected one of 1, true"):
+        process_cache.route_by_structure({AFFINITY_ENV: "sometimes"})
+
+
+_SLEEP = dict(zip([(m, t) for m in ("lora", "dora", "vera") for t in ("hammer", "push-wall", "faucet-close",
+                                                                          "push-back")],
+                   random.Random(0).choices([0.2, 0.5, 1.0], k=12)))
+
+
+def _structures_per_process(tmp_path, name: str, scheduler) -> dict[int, list[str]]:
+    """Three structures x four trials of uneven length, two at a time in reused processes, in the order
+    the sweep driver gives them: the structures each process ran, in order."""
+    import ray
+
+    sleeps = dict(_SLEEP)
+
+    def trial(config: dict) -> None:  # defined here: Ray's workers cannot import a test module
+        start = time.time()
+        spec = config["spec"]
+        time.sleep(sleeps[spec["method"], spec["task"]])
+        tune.report({"pid": os.getpid(), "structure": spec["method"], "start": start})
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    specs = structure_order([_spec(method=m, task=t) for m, t in _SLEEP], lambda s: s["method"])
+    tuner = tune.Tuner(tune.with_resources(trial, {"cpu": 1}), param_space={"spec": tune.grid_search(specs)},
+                       tune_config=tune.TuneConfig(scheduler=scheduler, reuse_actors=True),
+                       run_config=tune.RunConfig(name=name, storage_path=str(tmp_path), verbose=0))
+    results = [r.metrics for r in tuner.fit()]
+    assert len(results) == 12 and len({r["pid"] for r in results}) <= 2
+    runs: dict[int, list[str]] = defaultdict(list)
+    for r in sorted(results, key=lambda r: r["start"]):
+        runs[r["pid"]].append(r["structure"])
+    return dict(runs)
+
+
+def _switches(runs: dict[int, list[str]]) -> int:
+    return sum(a != b for seq in runs.values() for a, b in zip(seq, seq[1:]))
+
+
+def test_a_finished_trials_process_runs_the_next_trial_of_its_structure_under_tune(tmp_path):
+    """Real Tune on the CPU: with the scheduler, each of the two processes switches structure only when its
+    structure has no trial left, so the processes meet at most 3 + 2 - 1 (structure, process) pairs; Tune's
+    FIFO order on the same grid makes them meet more."""
+    runs = _structures_per_process(tmp_path, "routed", StructureAffinity())
+    assert sum(len(set(seq)) for seq in runs.values()) <= 4 and _switches(runs) <= 2, runs
+    fifo = _structures_per_process(tmp_path, "fifo", None)
+    assert _switches(fifo) > _switches(runs), fifo
