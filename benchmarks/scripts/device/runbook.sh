@@ -6,48 +6,39 @@
 # /tmp/site-sim and /tmp/site-ray); the second carries .whl-ray, installs it into /tmp/site-ray and touches
 # /tmp/site-ray/.done. Poll with `bash benchmarks/scripts/device/collect.sh OUTDIR` in calls back to back (a
 # lent machine is given back ~30 s after a call returns). Each step's console goes to OUTDIR/<step>.log and
-# its exit status and seconds to OUTDIR/steps.txt; a failed step does not stop the next. Steps, most wanted
-# first (what ran before is in BENCHMARKS.md and benchmarks/h200-session-2026-12-03{c,d,e,f}/; the first-updates
-# probe's 40-trial and default-mode runs are there too):
-#   probeB    first_updates_probe.py: 20 DT trainers sharing the loss under graphs with the bound as shipped
-#             (GRAPH_TREE_TRIALS 8): trials 8 and 16 should find fresh trees, compile again (~2 s) and start
-#             with the memory of the kept recordings handed back; the reset had not run on a GPU
-#   (the steps below wait for /tmp/site-ray/.done)
-#   scaleS    bench scale under graphs (shared) with a fresh HARNESS_CACHE and HARNESS_TRIAL_AFFINITY=0 (Tune's
-#             FIFO order, as before harness/trial_routing.py): 2026-12-03f's scaleRS ran on a cache that
-#             earlier steps had filled, so its fresh processes' first updates read low; its memory columns
-#             should no longer grow with process_trials_before (extra.memory_left_by_earlier_trials_mb)
-#   scaleA    the same with the trials routed by structure (the default since 2026-12-03g), on a fresh cache
-#             of its own: time_breakdown.reused_trials_that_compiled against scaleS's (12 in scaleRS)
-#   vtS       benchmarks/device-files/vtab-mode.yaml under graphs with the shared compiled loss (the VTAB main
-#             study's mode since 2026-12-03f), fresh HARNESS_CACHE: against 2026-12-03f's vtA (default mode,
-#             shared) and vtR (graphs, own)
-#   scaleD    bench scale in torch's default mode, whose records' peak grew 100-170 MiB per earlier trial
-#             (2026-12-03f scale0; not the trainer: first-updates-default-8.json)
+# its exit status and seconds to OUTDIR/steps.txt; a failed step does not stop the next. Steps, in the order they
+# run, after /tmp/site-ray/.done (what ran before is in BENCHMARKS.md and benchmarks/h200-session-2026-12-03{c,d,e,f,g}/):
+#   scaleS    bench scale under graphs, HARNESS_TRIAL_AFFINITY=0 (Tune's FIFO order), fresh cache /tmp/hcS
+#   scaleA2   the same routed by structure (the default since 2026-12-03g) on the cache scaleS filled (the same
+#             pretrained base and compiled kernels): its records must equal scaleS's to the bit. 2026-12-03g's
+#             scaleS and scaleA ran on separate fresh caches and differed in the 4th digit, fresh-process trials
+#             run alike in both included, so that pair says nothing about the order. Also a warm-cache figure
+#             for aggregate / steady
+#   scaleD    bench scale in torch's default mode, routed, fresh cache: the memory columns of a default-mode
+#             sweep (its records' peak grew 100-170 MiB per earlier trial in 2026-12-03f's scale0; the columns
+#             now subtract what was allocated when the trial began); it failed to start in 2026-12-03g
 set -u
 out=$(realpath -m "${1:?usage: runbook.sh OUTDIR}")
 mkdir -p "$out"
-cd "$(dirname "$0")/../../.."
+# run from a copy: each device call copies the working tree afresh into the repository root, and a step that
+# started during that copy once failed to import the harness (2026-12-03g's scaleD)
+src=$(realpath "$(dirname "$0")/../../..")
+rm -rf /tmp/rb-tree && mkdir -p /tmp/rb-tree && (cd "$src" && tar cf - --exclude='./.whl-*' --exclude=./.git .) | (cd /tmp/rb-tree && tar xf -)
+cd /tmp/rb-tree
 export PYTHONUNBUFFERED=1 HARNESS_CACHE=${HARNESS_CACHE:-/tmp/hcache} RAY_DEDUP_LOGS=0 PYTHONPATH=.:${PYTHONPATH:-}
 step() { local name=$1; shift; echo "$(date +%T) start $name" >> "$out/steps.txt"; local t0=$(date +%s)
   "$@" > "$out/$name.log" 2>&1; local rc=$?
   echo "$(date +%T) end $name rc=$rc $(( $(date +%s) - t0 ))s" >> "$out/steps.txt"; }
 records() { (cd /tmp && tar czf "$out/$1-records.tgz" $(find "${@:2}" -name '*records.jsonl' 2>/dev/null)) 2>/dev/null; }
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 10 > "$out/gpu-util.csv" 2>/dev/null &
-step probeB python benchmarks/scripts/device/first_updates_probe.py "$out/first-updates-share-20.json" \
-  reduce-overhead 20 share
 while [ ! -f /tmp/site-ray/.done ]; do sleep 2; done
 SCALE_GRAPHS='settings={"compile_mode": "reduce-overhead"}'
 step scaleS env HARNESS_CACHE=/tmp/hcS HARNESS_TRIAL_AFFINITY=0 python -m harness bench scale --set 'counts=[1]' \
   --set workdir=/tmp/scS --set "$SCALE_GRAPHS" --out "$out/scale-graphs-fifo.json"
 records scaleS scS
-step scaleA env HARNESS_CACHE=/tmp/hcA python -m harness bench scale --set 'counts=[1]' --set workdir=/tmp/scA \
-  --set "$SCALE_GRAPHS" --out "$out/scale-graphs-routed.json"
-records scaleA scA
-VT=benchmarks/device-files/vtab-mode.yaml
-step vtS env HARNESS_CACHE=/tmp/hcVS python -m harness sweep $VT --results /tmp/resVS --leaderboard /tmp/lbVS \
-  --no-dashboard --set settings.compile_mode=reduce-overhead
-records vt resVS
+step scaleA2 env HARNESS_CACHE=/tmp/hcS python -m harness bench scale --set 'counts=[1]' --set workdir=/tmp/scA2 \
+  --set "$SCALE_GRAPHS" --out "$out/scale-graphs-routed-warm.json"
+records scaleA2 scA2
 step scaleD env HARNESS_CACHE=/tmp/hcD python -m harness bench scale --set 'counts=[1]' --set workdir=/tmp/scD \
   --out "$out/scale-default.json"
 records scaleD scD
