@@ -29,9 +29,11 @@ import functools
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Hashable, Iterable, TypeVar
 
 from harness.errors import ConfigError
+
+_T = TypeVar("_T")
 
 # Reported only with intermediate and final scores: progress reports (loss) carry no time_attr, so a
 # scheduler never reads a stale score from them.
@@ -361,10 +363,16 @@ def interleave_groups(specs: list[Any]) -> list[Any]:
     (it has no earlier score to compare with). Interleaved, a group's trials arrive at its rungs one after
     another with more of its earlier scores recorded, which is the arrival order the plan's estimate
     (:func:`expected_selection_work`) assumes."""
-    groups: dict[tuple[str, str], list[Any]] = {}
-    for s in specs:
-        groups.setdefault((s.method, s.task), []).append(s)
-    ordered: list[Any] = []
+    return round_robin(specs, lambda s: (s.method, s.task))
+
+
+def round_robin(items: Iterable[_T], key: Callable[[_T], Hashable]) -> list[_T]:
+    """``items`` round-robin over their groups by ``key``: the first of every group (groups in the order
+    they first appear), then the second of every group, and so on; each group's own order kept."""
+    groups: dict[Hashable, list[_T]] = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    ordered: list[_T] = []
     for i in range(max((len(g) for g in groups.values()), default=0)):
         ordered.extend(g[i] for g in groups.values() if i < len(g))
     return ordered
@@ -432,4 +440,4 @@ def grouped_scheduler(plan: SchedulerPlan, metric: str, mode: str, max_t: int):
 
 __all__ = ["RUNG_KEY", "SCHEDULERS", "TIME_ATTR", "SchedulerPlan", "SyncHalving", "eval_points",
            "expected_rung_reports", "expected_selection_work", "expected_update_fraction", "grouped_scheduler",
-           "interleave_groups", "keep_count", "make_scheduler", "parse_scheduler", "rung_value"]
+           "interleave_groups", "keep_count", "make_scheduler", "parse_scheduler", "round_robin", "rung_value"]

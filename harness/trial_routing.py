@@ -22,13 +22,13 @@ off.
 from __future__ import annotations
 
 import json
-import os
 from collections import deque
-from typing import Any, Iterable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler
 
+from harness.early_stopping import round_robin
 from harness.methods.base import COMMON_SETTINGS
 from harness.tracks import get_track
 
@@ -52,18 +52,11 @@ def structure_of(spec: dict[str, Any]) -> str:
     return json.dumps(part, sort_keys=True, default=str)
 
 
-def structure_order(specs: Iterable[_S], structure: Any = None) -> list[_S]:
+def structure_order(specs: Iterable[_S], structure: Callable[[_S], str] | None = None) -> list[_S]:
     """``specs`` (``ResolvedTrial``) round-robin over their structures (:func:`structure_of`), each
     structure's own order kept and the structures in the order they first appear. ``structure``: the key of
     one spec (default: :func:`structure_of` of its ``to_config()``)."""
-    key = structure or (lambda s: structure_of(s.to_config()))
-    groups: dict[str, list[_S]] = {}
-    for s in specs:
-        groups.setdefault(key(s), []).append(s)
-    ordered: list[_S] = []
-    for i in range(max((len(g) for g in groups.values()), default=0)):
-        ordered.extend(g[i] for g in groups.values() if i < len(g))
-    return ordered
+    return round_robin(specs, structure or (lambda s: structure_of(s.to_config())))
 
 
 class StructureAffinity(FIFOScheduler):
