@@ -12,8 +12,8 @@ compiled, the 12 in reused processes 4-12 s each; BENCHMARKS.md). Here:
 - :class:`StructureAffinity` (a FIFO scheduler) chooses, once a trial has finished and its actor is cached,
   the first pending trial of that trial's structure, which Tune then starts in that actor.
 
-Only the order in which trials start changes, never what a trial computes, so records are those of a FIFO
-run (with ``deterministic: true``, to the bit). It is used only where no early-stopping scheduler runs:
+Only the order in which trials start changes. A trial's record does not depend on the trials its process
+ran before it (``tests/test_trial_checkpoint.py``), so the records are a FIFO run's. It is used only where no early-stopping scheduler runs:
 under ASHA and its kin the order in which trials reach a rung changes which ones stop
 (``harness.early_stopping.interleave_groups`` orders those). ``harness.process_cache.AFFINITY_ENV`` turns it
 off.
@@ -40,9 +40,8 @@ def structure_of(spec: dict[str, Any]) -> str:
     everything but the seed, the optimiser's settings (``COMMON_SETTINGS``: learning rate, weight decay) and,
     where the track's model does not change with the task (``Track.model_varies_by_task``), the task.
 
-    An approximation of ``harness.training.structure_key`` made before any model exists: two trials with
-    one structure here may still differ there (then the second compiles, as it would unrouted), never the
-    other way round in a way that changes a record."""
+    An approximation of ``harness.training.structure_key``, made before any model exists. It only groups
+    trials: a trial grouped with others whose models differ compiles its own loss, as it would unrouted."""
     track = get_track(spec["track"])
     settings = {k: v for k, v in spec["method_settings"].items() if k not in COMMON_SETTINGS}
     part = {k: v for k, v in spec.items() if k not in ("seed", "method_settings", "task")}

@@ -119,6 +119,17 @@ def test_the_graph_share_switch_is_on_unless_either_variable_turns_it_off_and_a_
     _assert_refused_before_ray(SHARE_GRAPHS_ENV, "later", tmp_path, monkeypatch, capsys)
 
 
+def test_the_affinity_switch_is_on_unless_turned_off_and_a_bad_value_stops_a_sweep_before_ray(tmp_path, monkeypatch,
+                                                                                               capsys):
+    from harness.process_cache import AFFINITY_ENV
+
+    assert process_cache.route_by_structure({}) is True
+    assert process_cache.route_by_structure({AFFINITY_ENV: "off"}) is False
+    with pytest.raises(ConfigError, match=f"{AFFINITY_ENV}='sometimes'.*expected one of 1, true"):
+        process_cache.route_by_structure({AFFINITY_ENV: "sometimes"})
+    _assert_refused_before_ray(AFFINITY_ENV, "sometimes", tmp_path, monkeypatch, capsys)
+
+
 @pytest.mark.parametrize("share", ["1", "0"])
 def test_graph_trees_a_shared_loss_is_bound_to_are_kept_for_a_bounded_number_of_trials(monkeypatch, share):
     """Under CUDA graphs a shared compiled loss is bound to the thread's graph trees: begin_trial keeps them

@@ -10,12 +10,8 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 
-import pytest
 from ray import tune
 
-from harness import process_cache
-from harness.errors import ConfigError
-from harness.process_cache import AFFINITY_ENV
 from harness.trial_routing import StructureAffinity, structure_of, structure_order
 
 
@@ -46,13 +42,6 @@ def test_trials_start_round_robin_over_structures_each_in_its_own_order():
     ordered = structure_order(specs, lambda s: s.kind)
     assert [s.name for s in ordered] == ["a0", "b0", "c0", "a1", "b1", "a0", "a1"]
     assert sorted(map(id, ordered)) == sorted(map(id, specs))
-
-
-def test_the_affinity_switch_is_on_unless_turned_off_and_a_bad_value_is_an_error():
-    assert process_cache.route_by_structure({}) is True
-    assert process_cache.route_by_structure({AFFINITY_ENV: "off"}) is False
-    with pytest.raises(ConfigError, match=f"{AFFINITY_ENV}='sometimes'.*expected one of 1, true"):
-        process_cache.route_by_structure({AFFINITY_ENV: "sometimes"})
 
 
 _SLEEP = dict(zip([(m, t) for m in ("lora", "dora", "vera") for t in ("hammer", "push-wall", "faucet-close",
