@@ -71,6 +71,8 @@ class ScaleSettings(BaseModel):
     batch_size: Int = Field(128, ge=1)
     gpus_per_trial: Float | Literal["auto"] = "auto"  # as the sweeps: up to 4 trials per GPU, spread
     cpus_per_trial: Int = Field(4, ge=1)
+    # seconds between the first trials' starts on a GPU, as the sweeps' resources.start_stagger_s (0: together)
+    start_stagger_s: Float | Literal["auto"] = "auto"
     # the pretrained DT every trial starts from: the paper's shape, briefly pretrained (it is built once)
     pretrain_tasks: list[str] = Field(default_factory=lambda: ["reach", "door-open", "drawer-close"], min_length=1)
     pretrain_steps: Int = Field(2000, ge=0)
@@ -102,7 +104,8 @@ def sweep_doc(s: ScaleSettings) -> dict[str, Any]:
             "seeds": list(s.seeds), "leaderboard": SWEEP_NAME,
             "budget": {"steps": s.steps, "eval_episodes": s.eval_episodes, "batch_size": s.batch_size},
             "settings": settings,
-            "resources": {"cpus_per_trial": s.cpus_per_trial, "gpus_per_trial": s.gpus_per_trial if on_gpu else 0},
+            "resources": {"cpus_per_trial": s.cpus_per_trial, "gpus_per_trial": s.gpus_per_trial if on_gpu else 0,
+                          "start_stagger_s": s.start_stagger_s},
             "methods": {m: {k: [v] for k, v in point.items()} for m, point in s.methods.items()}}
 
 

@@ -231,8 +231,8 @@ def device_spans(extras: list[dict[str, Any]]) -> dict[str, float]:
             continue
         start = float(e["started_at"])
         end = start + float(t["total_s"])
-        if not e.get("process_trials_before"):
-            start -= float(t.get("process_to_trial_s", 0.0))
+        if not e.get("process_trials_before"):  # the worker held its share from its start
+            start -= float(t.get("process_to_trial_s", 0.0)) + float(t.get("start_delay_s", 0.0))
         lives.append((_trial_gpus(e), start, end))
     stretches = _merged([(a, b) for _, a, b in lives])
     spans: dict[str, float] = {}
@@ -245,7 +245,8 @@ def device_spans(extras: list[dict[str, Any]]) -> dict[str, float]:
 def time_breakdown(records: list[dict[str, Any]], span: float | None = None) -> dict[str, Any] | None:
     """Where the trials' time went: each phase of ``extra.timing`` (``harness.finetune.PHASES``) summed over the
     trials and as a share of their summed wall time; the time before each process's first trial in it (a
-    Ray worker's start-up; a trial in a reused process has none: ``trials_in_reused_processes``); and, per
+    Ray worker's start-up; a trial in a reused process has none: ``trials_in_reused_processes``) and the
+    waits of a wave's staggered first trials (``start_delay_s``); and, per
     device, the share of its span in which none of its trials was training (its first update to its last):
     the GPU idle time that start-up, compilation, rollouts and saving imply. The span is ``span`` seconds
     for every device (one uninterrupted run, as ``bench scale`` times it), else each device's own
@@ -275,6 +276,8 @@ def time_breakdown(records: list[dict[str, Any]], span: float | None = None) -> 
             "phase_share": {k: round(v / total, 4) if total > 0 else None for k, v in phase_sums.items()},
             "process_to_trial_s": round(sum(float(t.get("process_to_trial_s", 0.0)) for t in first), 2),
             "processes_started": len(first), "trials_in_reused_processes": len(timed) - len(first),
+            # the waits before a wave's first trials that share a GPU (harness.placement.start_delays)
+            "start_delay_s": round(sum(float(t.get("start_delay_s", 0.0)) for t in first), 2),
             "first_updates_mean_s": _first_updates_by_start(extras),
             "reused_trials_that_compiled": _reused_compiling(extras),
             "idle_share_by_device": idle,

@@ -15,7 +15,7 @@ import logging
 import os
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +25,14 @@ from harness.costs import record_updates
 from harness.early_stopping import RUNG_KEY, TIME_ATTR, interleave_groups, parse_scheduler, rung_value
 from harness.errors import ConfigError, HarnessError
 from harness.methods import base_name, get_method
-from harness.placement import auto_gpu_share, check_reachable, host_cpus, visible_gpus
+from harness.placement import auto_gpu_share, check_reachable, host_cpus, start_delays, visible_gpus
 from harness.plugins import load_plugins
 from harness.process_cache import on_trial_thread, reuse_actors, route_by_structure, share_compiled, share_graphs
 from harness.shared_storage import check_shared_cache
 from harness.sweep_file import (Study, SweepFile, grid_size, method_waves, resolved_grid, selection_methods,
                                 study_tasks, study_trials, track_settings)
 from harness.tracks import get_track
-from harness.trial import ResolvedTrial, TrialRecord, print_reporter
+from harness.trial import ResolvedTrial, TrialRecord, print_reporter, spec_key
 
 
 class TrialFailed(HarnessError):
@@ -221,12 +221,16 @@ def _node_resources() -> list[dict[str, float]]:
     return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
 
 
-def _gpus_per_trial(study: Study, n_trials: int) -> float:
+def _cluster_gpus() -> float:
     import ray
 
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
+def _gpus_per_trial(study: Study, n_trials: int) -> float:
     if study.resources.gpus_per_trial != "auto":
         return float(study.resources.gpus_per_trial)
-    return auto_gpu_share(n_trials, ray.cluster_resources().get("GPU", 0))
+    return auto_gpu_share(n_trials, _cluster_gpus())
 
 
 def run_wave(specs: list[ResolvedTrial], study: Study, exp_dir: Path, resume: bool,
@@ -250,6 +254,9 @@ def run_wave(specs: list[ResolvedTrial], study: Study, exp_dir: Path, resume: bo
 
         specs, scheduler = structure_order(specs), StructureAffinity()
     gpus = _gpus_per_trial(study, len(specs))
+    trial_plan = replace(trial_plan, start_delays=start_delays(
+        [spec_key(s.to_config()) for s in specs], gpus, _cluster_gpus(), study.resources.max_concurrent,
+        study.resources.start_stagger_s))
     trainable = tune.with_resources(_trainable, {"cpu": study.resources.cpus_per_trial, "gpu": gpus})
     exists = (exp_dir / "tuner.pkl").exists()
     if exists and not resume:
@@ -289,7 +296,7 @@ def run_wave(specs: list[ResolvedTrial], study: Study, exp_dir: Path, resume: bo
     from harness.tune_trial import remove_wave_checkpoints  # heavy: harness.tune_trial imports torch
 
     remove_wave_checkpoints(exp_dir)  # those of trials a scheduler stopped before their own clean-up
-    position = {_spec_key(s.to_config()): i for i, s in enumerate(grid_order)}
+    position = {spec_key(s.to_config()): i for i, s in enumerate(grid_order)}
     rows: list[tuple[int, dict[str, Any]]] = []
     for result in grid:
         metrics = result.metrics or {}
@@ -298,12 +305,8 @@ def run_wave(specs: list[ResolvedTrial], study: Study, exp_dir: Path, resume: bo
         else:  # the trial process itself died (not a Python error inside the trial)
             spec = ResolvedTrial.from_config(result.config["spec"])
             row = _unrun_record(spec, f"trial did not finish: {result.error!r}")
-        rows.append((position.get(_spec_key(result.config["spec"]), len(position)), row))
+        rows.append((position.get(spec_key(result.config["spec"]), len(position)), row))
     return [row for _, row in sorted(rows, key=lambda r: r[0])]  # the study's grid order, however Tune ran it
-
-
-def _spec_key(config: dict[str, Any]) -> str:
-    return json.dumps(config, sort_keys=True, default=str)
 
 
 class UnreportedTrialsNote(logging.Filter):
@@ -518,8 +521,6 @@ def _with_banks(specs: list[ResolvedTrial], earlier: list[dict[str, Any]], metri
     """The specs of methods that build on others' adapters (EigenLoRA), each with its bank picked from
     ``earlier`` (this stage's records) by :func:`lora_bank`; a spec with ``bank_dir`` keeps its folder.
     A spec whose bank would be empty is not run: its failed record says why."""
-    from dataclasses import replace
-
     out, unrun = [], []
     for s in specs:
         deps = get_method(s.method).builds_on

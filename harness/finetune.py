@@ -108,8 +108,11 @@ class FineTuneRun:
     so a crash in one trial never ends a sweep."""
 
     def __init__(self, spec: "ResolvedTrial | TrialSpec", report: Report = print_reporter,
-                 clock: PhaseClock | None = None):
+                 clock: PhaseClock | None = None, waited_s: float = 0.0):
         self.started = time.time() if clock is None else clock.unix0
+        # seconds the worker waited before the trial on purpose (a staggered start, harness.placement.start_delays):
+        # neither the worker's start-up nor the trial's
+        self.waited_s = waited_s
         # the trial's clock, started before the imports, the resolution and the track's setup
         self.clock = clock if clock is not None else PhaseClock(unix0=self.started)
         self.spec, self.report = spec, report
@@ -302,9 +305,10 @@ class FineTuneRun:
                 warnings.warn(f"closing the trial's setup failed: {type(e).__name__}: {e}", stacklevel=2)
 
     def timing(self) -> dict[str, Any]:
-        """``extra.timing`` as of now: the :class:`PhaseClock`'s phases and the worker's start-up before the
-        trial."""
-        return {**self.clock.as_dict(), **_process_start(self.started)}
+        """``extra.timing`` as of now: the :class:`PhaseClock`'s phases, the worker's start-up before the
+        trial and, where it waited on purpose before it (``start_delay_s``), that wait."""
+        waited = {"start_delay_s": round(self.waited_s, 3)} if self.waited_s else {}
+        return {**self.clock.as_dict(), **_process_start(self.started - self.waited_s), **waited}
 
     def _finish(self, record: TrialRecord) -> None:
         spec, method, setup = self.spec, self.method, self.setup
@@ -386,9 +390,9 @@ def _memory_mb(kind: str, device: torch.device | None = None) -> float:
 
 
 def _process_start(started: float) -> dict[str, float]:
-    """When this trial's process started and how long before the trial: under Ray Tune, a worker's start-up
-    (Python, Ray's own imports, an actor's construction), which no phase of the trial sees. Empty where the
-    process's start time cannot be read."""
+    """When this trial's process started and how long before ``started`` (the trial's start less any wait on
+    purpose): under Ray Tune, a worker's start-up (Python, Ray's own imports, an actor's construction), which
+    no phase of the trial sees. Empty where the process's start time cannot be read."""
     try:
         import psutil  # Ray's own dependency
 

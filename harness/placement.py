@@ -19,7 +19,7 @@ import math
 import os
 import socket
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from harness.errors import ConfigError
 
@@ -158,6 +158,30 @@ def auto_gpu_share(n_trials: int, gpus: float) -> float:
         return 0.0
     per_gpu = min(MOST_TRIALS_PER_GPU, math.ceil(n_trials / gpus))
     return 1.0 / per_gpu
+
+
+# "auto" of resources.start_stagger_s: on the H200's ``bench scale``, a routed trial's evaluation, save and
+# the next trial's set-up left its share of the GPU unused for ~6.7 s (BENCHMARKS.md, 2026-12-03 seventh session)
+AUTO_START_STAGGER_S = 8.0
+
+
+def start_delays(keys: Sequence[str], gpu_share: float, gpus: float, max_concurrent: int | None,
+                 stagger_s: float | str = "auto") -> dict[str, float]:
+    """Seconds the first trials of a wave wait before they begin, by key, ``keys`` in the order Tune starts
+    the trials: on each GPU the first trial starts at once, the next ``stagger_s`` later, and so on (Ray
+    fills one GPU's shares before the next, :func:`auto_gpu_share`). Empty where trials do not share a GPU
+    (``gpu_share`` 0 or 1 and more) or ``stagger_s`` is 0.
+
+    Trials of equal length that start together stay in step (under ``harness.trial_routing`` each process
+    runs one structure, so they do): they all evaluate and save at once and the GPU waits for them. Started
+    apart, one trial's evaluation falls while the others train. A process waits only before its first
+    trial, so the cost is paid once per wave."""
+    stagger = AUTO_START_STAGGER_S if stagger_s == "auto" else float(stagger_s)
+    if not 0 < gpu_share < 1 or gpus <= 0 or stagger <= 0:
+        return {}
+    per_gpu = max(1, round(1 / gpu_share))
+    slots = min(len(keys), int(gpus / gpu_share + 1e-9), max_concurrent or len(keys))
+    return {key: (i % per_gpu) * stagger for i, key in enumerate(keys[:slots]) if i % per_gpu}
 
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:

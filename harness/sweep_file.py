@@ -40,6 +40,10 @@ class Resources(BaseModel):
     # of training (0: never)
     checkpoint_every: int | None = Field(None, ge=1)
     checkpoint_minutes: float = Field(5.0, ge=0)
+    # where trials share a GPU, a wave's first trials on it start this many seconds apart, so that they do not
+    # evaluate and save all at once while the GPU waits (harness.placement.start_delays; 0: together);
+    # auto: harness.placement.AUTO_START_STAGGER_S
+    start_stagger_s: Annotated[float, Field(ge=0)] | Literal["auto"] = "auto"
 
 
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]

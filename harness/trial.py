@@ -254,5 +254,11 @@ def as_resolved(spec: "TrialSpec | ResolvedTrial") -> ResolvedTrial:
     return spec if isinstance(spec, ResolvedTrial) else resolve_trial(spec)
 
 
+def spec_key(config: dict[str, Any]) -> str:
+    """A trial's identity as one string, from its :meth:`ResolvedTrial.to_config` (as Tune's config holds
+    it): the JSON with sorted keys."""
+    return json.dumps(config, sort_keys=True, default=str)
+
+
 __all__ = ["MEASUREMENT_FIELDS", "Reporter", "ResolvedTrial", "TrialRecord", "TrialSpec",
-           "as_resolved", "is_measurement", "print_reporter", "resolve_point", "resolve_trial"]
+           "as_resolved", "is_measurement", "print_reporter", "resolve_point", "resolve_trial", "spec_key"]

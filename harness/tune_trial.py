@@ -25,7 +25,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from harness.finetune import FineTuneRun
 from harness.plan import trial_cost
 from harness.process_cache import begin_trial, end_trial, use_shared_compile_cache
 from harness.tracks import get_track
-from harness.trial import Reporter, ResolvedTrial, TrialRecord
+from harness.trial import Reporter, ResolvedTrial, TrialRecord, spec_key
 
 STATE_FILE = "trial-state.pt"
 # Left by the driver in a checkpoint folder that the experiment's state names but storage no longer has
@@ -70,6 +70,9 @@ class TuneTrialPlan:
     scheduler: str = ""  # the scheduler's label, kept in the record
     # a checkpoint with every rung's score: synchronous halving pauses the trial there and resumes it from it
     rung_checkpoints: bool = False
+    # seconds to wait before the trial, by harness.trial.spec_key, for a wave's first trials that share a GPU
+    # (harness.placement.start_delays); a trial in a process that ran one before does not wait
+    start_delays: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "TuneTrialPlan":
@@ -77,12 +80,14 @@ class TuneTrialPlan:
         return cls(checkpoint_every=raw.get("checkpoint_every"), checkpoint_minutes=raw.get("checkpoint_minutes", 5.0),
                    eval_points=tuple(raw.get("eval_points", ())), metric=raw.get("metric", ""),
                    tiebreak=raw.get("tiebreak", ""), scheduler=raw.get("scheduler", ""),
-                   rung_checkpoints=bool(raw.get("rung_checkpoints", False)))
+                   rung_checkpoints=bool(raw.get("rung_checkpoints", False)),
+                   start_delays={str(k): float(v) for k, v in (raw.get("start_delays") or {}).items()})
 
     def to_config(self) -> dict[str, Any]:
         return {"checkpoint_every": self.checkpoint_every, "checkpoint_minutes": self.checkpoint_minutes,
                 "eval_points": list(self.eval_points), "metric": self.metric, "tiebreak": self.tiebreak,
-                "scheduler": self.scheduler, "rung_checkpoints": self.rung_checkpoints}
+                "scheduler": self.scheduler, "rung_checkpoints": self.rung_checkpoints,
+                "start_delays": dict(self.start_delays)}
 
 
 def _save(run: FineTuneRun, extra: dict[str, Any], report_metrics: dict[str, Any]) -> None:
@@ -232,8 +237,11 @@ def run_tune_trial(spec: ResolvedTrial, report: Reporter, plan: TuneTrialPlan) -
     """Run one trial under Tune (inside its function trainable) to its record; see the module doc."""
     # under actor reuse the process may have run trials before this one: what they left is cleared
     trials_before = begin_trial()
+    delay = 0.0 if trials_before else plan.start_delays.get(spec_key(spec.to_config()), 0.0)
+    if delay:  # out of step with the trials beside it on the GPU; before the trial's clock starts
+        time.sleep(delay)
     use_shared_compile_cache(cache_root())
-    run = FineTuneRun(spec, report)
+    run = FineTuneRun(spec, report, waited_s=delay)
     ok = True  # a scheduler's stop (SystemExit from tune.report) leaves the compiled graphs whole
     try:
         record = _run_tune_trial(run, spec, plan, trials_before)

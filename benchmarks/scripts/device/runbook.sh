@@ -8,15 +8,18 @@
 # lent machine is given back ~30 s after a call returns). Each step's console goes to OUTDIR/<step>.log and
 # its exit status and seconds to OUTDIR/steps.txt; a failed step does not stop the next. Steps, in the order they
 # run, after /tmp/site-ray/.done (what ran before is in BENCHMARKS.md and benchmarks/h200-session-2026-12-03{c,d,e,f,g}/):
-#   scaleS    bench scale under graphs, HARNESS_TRIAL_AFFINITY=0 (Tune's FIFO order), fresh cache /tmp/hcS
-#   scaleA2   the same routed by structure (the default since 2026-12-03g) on the cache scaleS filled (the same
-#             pretrained base and compiled kernels): its records must equal scaleS's to the bit. 2026-12-03g's
-#             scaleS and scaleA ran on separate fresh caches and differed in the 4th digit, fresh-process trials
-#             run alike in both included, so that pair says nothing about the order. Also a warm-cache figure
-#             for aggregate / steady
+#   scaleS    bench scale under graphs, HARNESS_TRIAL_AFFINITY=0 (Tune's FIFO order), trials started together
+#             (start_stagger_s=0, as before 2026-12-04), fresh cache /tmp/hcS
+#   scaleT    routed by structure with the first trials on the GPU started 8 s apart (the defaults since
+#             2026-12-04), on the cache scaleS filled (the same pretrained base and compiled kernels): its records
+#             must equal scaleS's to the bit (2026-12-03g's pair ran on separate fresh caches, differed in the 4th
+#             digit, and so said nothing about the order)
+#   scaleA2   routed, started together (start_stagger_s=0), on the same cache: against scaleT, what the stagger
+#             does to aggregate / steady (2026-12-03g: routed processes ran in lock-step, GPU without a
+#             training trial 9.8% of the span); its records must equal scaleS's too
 #   scaleD    bench scale in torch's default mode, routed, fresh cache: the memory columns of a default-mode
-#             sweep (its records' peak grew 100-170 MiB per earlier trial in 2026-12-03f's scale0; the columns
-#             now subtract what was allocated when the trial began); it failed to start in 2026-12-03g
+#             sweep (2026-12-03f's scale0: peak grew 100-170 MiB per earlier trial; the columns now subtract
+#             what was allocated when the trial began); last, and only if time is left
 set -u
 out=$(realpath -m "${1:?usage: runbook.sh OUTDIR}")
 mkdir -p "$out"
@@ -34,10 +37,13 @@ nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 10 
 while [ ! -f /tmp/site-ray/.done ]; do sleep 2; done
 SCALE_GRAPHS='settings={"compile_mode": "reduce-overhead"}'
 step scaleS env HARNESS_CACHE=/tmp/hcS HARNESS_TRIAL_AFFINITY=0 python -m harness bench scale --set 'counts=[1]' \
-  --set workdir=/tmp/scS --set "$SCALE_GRAPHS" --out "$out/scale-graphs-fifo.json"
+  --set workdir=/tmp/scS --set "$SCALE_GRAPHS" --set start_stagger_s=0 --out "$out/scale-graphs-fifo.json"
 records scaleS scS
+step scaleT env HARNESS_CACHE=/tmp/hcS python -m harness bench scale --set 'counts=[1]' --set workdir=/tmp/scT \
+  --set "$SCALE_GRAPHS" --out "$out/scale-graphs-routed-staggered-warm.json"
+records scaleT scT
 step scaleA2 env HARNESS_CACHE=/tmp/hcS python -m harness bench scale --set 'counts=[1]' --set workdir=/tmp/scA2 \
-  --set "$SCALE_GRAPHS" --out "$out/scale-graphs-routed-warm.json"
+  --set "$SCALE_GRAPHS" --set start_stagger_s=0 --out "$out/scale-graphs-routed-warm.json"
 records scaleA2 scA2
 step scaleD env HARNESS_CACHE=/tmp/hcD python -m harness bench scale --set 'counts=[1]' --set workdir=/tmp/scD \
   --out "$out/scale-default.json"
