@@ -72,7 +72,7 @@ class ScaleSettings(BaseModel):
     gpus_per_trial: Float | Literal["auto"] = "auto"  # as the sweeps: up to 4 trials per GPU, spread
     cpus_per_trial: Int = Field(4, ge=1)
     # seconds between the first trials' starts on a GPU, as the sweeps' resources.start_stagger_s (0: together)
-    start_stagger_s: Float | Literal["auto"] = "auto"
+    start_stagger_s: Float | Literal["auto"] = 0.0
     # the pretrained DT every trial starts from: the paper's shape, briefly pretrained (it is built once)
     pretrain_tasks: list[str] = Field(default_factory=lambda: ["reach", "door-open", "drawer-close"], min_length=1)
     pretrain_steps: Int = Field(2000, ge=0)

@@ -194,35 +194,48 @@ def _score(task: str, rewards: np.ndarray, successes: np.ndarray, wall: float, t
                          env_steps_per_s=n * T / wall if wall > 0 else 0.0, target_return=target)
 
 
+# the policy's inputs, packed side by side in one float32 array per step: name, width (timesteps and the
+# padding mask travel as floats, exact for any episode length, and are converted inside the CUDA graph)
+_FIELDS = (("states", OBS_DIM), ("actions", ACT_DIM), ("returns_to_go", 1), ("rewards", 1), ("timesteps", 1),
+           ("mask", 1))
+_WIDTH = sum(width for _, width in _FIELDS)
+
+
 class _Policy:
     """The DT's action for the newest step of every environment's window, one batched forward per step.
 
-    On CUDA each of the two forward shapes (with a padding mask in the first ``context - 1`` steps,
-    without one after) is captured once as a CUDA graph and replayed: a rollout step then costs a few
-    copies and one graph launch instead of hundreds of kernel launches from Python. Where capture fails
-    (a method whose forward syncs with the host), the forward runs eagerly.
+    The window is assembled on the host and crosses to the device as one packed copy from pinned memory;
+    the actions come back as one copy. On CUDA each of the two forward shapes (with a padding mask in the
+    first ``context - 1`` steps, without one after), unpacking and clamping included, is captured once as a
+    CUDA graph and replayed: a rollout step costs three operations on the device (copy in, one graph launch,
+    copy out). On a GPU that other processes keep busy, each operation waits for the GPU's time slice, so
+    their count, not the forward, sets a step's time (BENCHMARKS.md, 2026-12-04). Where capture fails (a
+    method whose forward syncs with the host), the forward runs eagerly.
     """
 
     def __init__(self, model, n: int, context: int, device):
         import torch
 
         self.model, self.device = model, device
-        self.inputs = {"states": torch.zeros(n, context, OBS_DIM, device=device),
-                       "actions": torch.zeros(n, context, ACT_DIM, device=device),
-                       "returns_to_go": torch.zeros(n, context, 1, device=device),
-                       "rewards": torch.zeros(n, context, 1, device=device),
-                       "timesteps": torch.zeros(n, context, dtype=torch.long, device=device)}
-        self.mask = torch.ones(n, context, dtype=torch.bool, device=device)
+        on_cuda = device.type == "cuda"
+        self.host = torch.zeros(n, context, _WIDTH, pin_memory=on_cuda)
+        self.window = self.host.numpy()  # filled by the caller, field by field (see :data:`_FIELDS`)
+        self.packed = torch.zeros(n, context, _WIDTH, device=device) if on_cuda else self.host
+        self.columns: dict[str, slice] = {}
+        at = 0
+        for name, width in _FIELDS:
+            self.columns[name] = slice(at, at + width)
+            at += width
         self.graphs: dict[bool, Any] = {}
         self.outputs: dict[bool, Any] = {}
-        self.use_graphs = device.type == "cuda"
+        self.use_graphs = on_cuda
         self.capture_s = 0.0
 
-    def prepare(self, first_mask) -> None:
-        """Capture both forward shapes now, with the first step's padding mask in place (the values a lazy
-        capture at step 0 would see), so a rollout can do it while its simulators are still starting."""
+    def prepare(self) -> None:
+        """Capture both forward shapes now, with the first step's window in place (the values a lazy capture
+        at step 0 would see), so a rollout can do it while its simulators are still starting."""
         if self.use_graphs:
-            self.mask.copy_(first_mask)
+            self.packed.copy_(self.host)
             for masked in (True, False):
                 if self.use_graphs and masked not in self.graphs:
                     self._capture(masked)
@@ -232,8 +245,12 @@ class _Policy:
 
         from harness.training import autocast  # heavy: harness.training imports torch
 
+        c, p = self.columns, self.packed
+        inputs = {name: p[..., c[name]].contiguous() for name in ("states", "actions", "returns_to_go", "rewards")}
+        inputs["timesteps"] = p[..., c["timesteps"].start].long()
+        mask = p[..., c["mask"].start] > 0.5 if masked else None
         with torch.no_grad(), autocast(self.device):
-            return self.model(**self.inputs, attention_mask=self.mask if masked else None)[:, -1].float()
+            return self.model(**inputs, attention_mask=mask)[:, -1].float().clamp(-1, 1)
 
     def _capture(self, masked: bool) -> None:
         import torch
@@ -258,67 +275,66 @@ class _Policy:
         finally:
             self.capture_s += time.perf_counter() - started
 
-    def __call__(self, window: dict[str, Any], mask) -> Any:
-        for k, v in window.items():
-            self.inputs[k].copy_(v)
-        masked = mask is not None
-        if masked:
-            self.mask.copy_(mask)
+    def __call__(self, masked: bool) -> np.ndarray:
+        """The actions (clamped to [-1, 1]) for the window the caller put in :attr:`window`."""
+        if self.packed is not self.host:
+            self.packed.copy_(self.host, non_blocking=True)  # pinned: the .cpu() below orders it
         if self.use_graphs and masked not in self.graphs:
             self._capture(masked)
+        out = self.outputs[masked] if self.use_graphs else None
         if self.use_graphs:
             self.graphs[masked].replay()
-            return self.outputs[masked]
-        return self._forward(masked)
+        else:
+            out = self._forward(masked)
+        return out.cpu().numpy()
 
 
 class _Episodes:
-    """The episodes of one group of environments so far, on the device, left-padded by ``context - 1``
-    empty steps so that each step's window is a slice."""
+    """The episodes of one group of environments so far, on the host, left-padded by ``context - 1`` empty
+    steps so that each step's window is a slice."""
 
-    def __init__(self, model, n: int, context: int, length: int, target_return: float, device):
-        import torch
-
+    def __init__(self, model, n: int, context: int, length: int, target_return: float | np.ndarray, device):
         P = context - 1
         self.K, self.P, self.T = context, P, length
-        self.buf = {"states": torch.zeros(n, P + length, OBS_DIM, device=device),
-                    "actions": torch.zeros(n, P + length, ACT_DIM, device=device),
-                    "returns_to_go": torch.zeros(n, P + length, 1, device=device),
-                    "rewards": torch.zeros(n, P + length, 1, device=device)}
-        positions = torch.arange(-P, length, device=device)
-        self.steps = positions.clamp(min=0).expand(n, -1)
-        self.present = (positions >= 0).expand(n, -1)
+        self.buf = {"states": np.zeros((n, P + length, OBS_DIM), np.float32),
+                    "actions": np.zeros((n, P + length, ACT_DIM), np.float32),
+                    "returns_to_go": np.zeros((n, P + length, 1), np.float32),
+                    "rewards": np.zeros((n, P + length, 1), np.float32),
+                    "timesteps": np.broadcast_to(np.arange(-P, length).clip(min=0)[:, None],
+                                                 (n, P + length, 1)).astype(np.float32),
+                    "mask": np.broadcast_to((np.arange(-P, length) >= 0)[:, None], (n, P + length, 1))
+                    .astype(np.float32)}
         self.policy = _Policy(model, n, context, device)
-        # one target for every env, or (with several tasks in one batch) a (n, 1) tensor of targets
-        self.target, self.device = target_return / SCALE, device
+        # one target for every env, or (with several tasks in one batch) an (n, 1) float32 array of targets
+        self.target = target_return / (np.float32(SCALE) if isinstance(target_return, np.ndarray) else SCALE)
+
+    def _fill(self, t: int) -> None:
+        window, columns = self.policy.window, self.policy.columns
+        for name, _ in _FIELDS:
+            window[..., columns[name]] = self.buf[name][:, t:t + self.K]
 
     def prepare(self) -> None:
         """Capture the policy's CUDA graphs (see :meth:`_Policy.prepare`) before the first step."""
-        self.policy.prepare(self.present[:, :self.K])
+        self._fill(0)
+        self.policy.prepare()
 
     def start(self, obs: np.ndarray) -> None:
-        import torch
-
-        self.buf["states"][:, self.P] = torch.from_numpy(obs).to(self.device)
+        self.buf["states"][:, self.P] = obs
         self.buf["returns_to_go"][:, self.P] = self.target
 
     def act(self, t: int) -> np.ndarray:
         """The actions of step ``t`` (the one host sync of a step)."""
-        K, P = self.K, self.P
-        window = {k: v[:, t:t + K] for k, v in self.buf.items()}
-        window["timesteps"] = self.steps[:, t:t + K]
-        act = self.policy(window, self.present[:, t:t + K] if t < P else None).clamp(-1, 1)
-        self.buf["actions"][:, P + t] = act
-        return act.cpu().numpy()
+        self._fill(t)
+        act = self.policy(t < self.P)
+        self.buf["actions"][:, self.P + t] = act
+        return act
 
     def observe(self, t: int, obs: np.ndarray, rewards: np.ndarray) -> None:
-        import torch
-
         P = self.P
-        r = torch.from_numpy(rewards).to(self.device)[:, None] / SCALE
+        r = rewards[:, None] / SCALE
         self.buf["rewards"][:, P + t] = r
         if t + 1 < self.T:
-            self.buf["states"][:, P + t + 1] = torch.from_numpy(obs).to(self.device)
+            self.buf["states"][:, P + t + 1] = obs
             self.buf["returns_to_go"][:, P + t + 1] = self.buf["returns_to_go"][:, P + t] - r
 
 
@@ -511,7 +527,7 @@ def evaluate_dt_tasks(model, pools: TaskPools, targets: dict[str, float], device
     try:
         eps = []
         for half in halves:
-            target = torch.tensor([[targets[tasks[i]]] for i in half for _ in range(E)], device=device)
+            target = np.array([[targets[tasks[i]]] for i in half for _ in range(E)], np.float32)
             eps.append(_Episodes(model, len(half) * E, K, T, target, device))
         for e, half in zip(eps, halves):  # re-seeded: every evaluation scores the same start states
             for i in half:

@@ -161,12 +161,13 @@ def auto_gpu_share(n_trials: int, gpus: float) -> float:
 
 
 # "auto" of resources.start_stagger_s: on the H200's ``bench scale``, a routed trial's evaluation, save and
-# the next trial's set-up left its share of the GPU unused for ~6.7 s (BENCHMARKS.md, 2026-12-03 seventh session)
+# the next trial's set-up left its share of the GPU unused for ~6.7 s (BENCHMARKS.md, 2026-12-03 seventh session);
+# measured against starting together on a warm cache it changed nothing (2026-12-04), so it is not the default
 AUTO_START_STAGGER_S = 8.0
 
 
 def start_delays(keys: Sequence[str], gpu_share: float, gpus: float, max_concurrent: int | None,
-                 stagger_s: float | str = "auto") -> dict[str, float]:
+                 stagger_s: float | str = 0.0) -> dict[str, float]:
     """Seconds the first trials of a wave wait before they begin, by key, ``keys`` in the order Tune starts
     the trials: on each GPU the first trial starts at once, the next ``stagger_s`` later, and so on (Ray
     fills one GPU's shares before the next, :func:`auto_gpu_share`). Empty where trials do not share a GPU

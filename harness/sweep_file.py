@@ -41,9 +41,10 @@ class Resources(BaseModel):
     checkpoint_every: int | None = Field(None, ge=1)
     checkpoint_minutes: float = Field(5.0, ge=0)
     # where trials share a GPU, a wave's first trials on it start this many seconds apart, so that they do not
-    # evaluate and save all at once while the GPU waits (harness.placement.start_delays; 0: together);
-    # auto: harness.placement.AUTO_START_STAGGER_S
-    start_stagger_s: Annotated[float, Field(ge=0)] | Literal["auto"] = "auto"
+    # evaluate and save all at once while the GPU waits (harness.placement.start_delays; 0: together, the
+    # default, since on the H200 staggering gained nothing: BENCHMARKS.md, 2026-12-04); auto:
+    # harness.placement.AUTO_START_STAGGER_S
+    start_stagger_s: Annotated[float, Field(ge=0)] | Literal["auto"] = 0.0
 
 
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]

@@ -37,7 +37,7 @@ def test_a_negative_or_unknown_stagger_is_refused_naming_the_setting():
 
     from harness.sweep_file import Resources
 
-    assert Resources().start_stagger_s == "auto" and Resources(start_stagger_s=0).start_stagger_s == 0
+    assert Resources().start_stagger_s == 0 and Resources(start_stagger_s="auto").start_stagger_s == "auto"
     for bad in (-1, "soon"):
         with pytest.raises(ValidationError, match="start_stagger_s"):
             Resources(start_stagger_s=bad)

@@ -7,19 +7,15 @@
 # /tmp/site-ray/.done. Poll with `bash benchmarks/scripts/device/collect.sh OUTDIR` in calls back to back (a
 # lent machine is given back ~30 s after a call returns). Each step's console goes to OUTDIR/<step>.log and
 # its exit status and seconds to OUTDIR/steps.txt; a failed step does not stop the next. Steps, in the order they
-# run, after /tmp/site-ray/.done (what ran before is in BENCHMARKS.md and benchmarks/h200-session-2026-12-03{c,d,e,f,g}/):
-#   scaleS    bench scale under graphs, HARNESS_TRIAL_AFFINITY=0 (Tune's FIFO order), trials started together
-#             (start_stagger_s=0, as before 2026-12-04), fresh cache /tmp/hcS
-#   scaleT    routed by structure with the first trials on the GPU started 8 s apart (the defaults since
-#             2026-12-04), on the cache scaleS filled (the same pretrained base and compiled kernels): its records
-#             must equal scaleS's to the bit (2026-12-03g's pair ran on separate fresh caches, differed in the 4th
-#             digit, and so said nothing about the order)
-#   scaleA2   routed, started together (start_stagger_s=0), on the same cache: against scaleT, what the stagger
-#             does to aggregate / steady (2026-12-03g: routed processes ran in lock-step, GPU without a
-#             training trial 9.8% of the span); its records must equal scaleS's too
-#   scaleD    bench scale in torch's default mode, routed, fresh cache: the memory columns of a default-mode
-#             sweep (2026-12-03f's scale0: peak grew 100-170 MiB per earlier trial; the columns now subtract
-#             what was allocated when the trial began); last, and only if time is left
+# run, after /tmp/site-ray/.done (what ran before is in BENCHMARKS.md and benchmarks/h200-session-2026-12-0{3c,3d,3e,3f,3g,4}/):
+#   evalC     benchmarks/scripts/device/eval_contention.py: the DT's evaluation beside three training processes,
+#             one group and two, with the rollout's host-side window (since 2026-12-04: three device operations
+#             a step instead of ~15); against benchmarks/h200-session-2026-12-04/eval-contention-before.json
+#             (two groups: 5.6-9.1 s after start-up contended, 0.8-1.4 s idle; one group 4.8 s / 0.9 s)
+#   scaleF    bench scale under graphs, routed, trials started together (the defaults), fresh cache /tmp/hcS:
+#             fills the cache
+#   scaleW    the same on the cache scaleF filled: against 2026-12-04's scaleA2 (107.54 updates/s, eval_s 200 s
+#             summed over 32 trials, aggregate / steady 0.742); its records must equal scaleF's
 set -u
 out=$(realpath -m "${1:?usage: runbook.sh OUTDIR}")
 mkdir -p "$out"
@@ -36,16 +32,11 @@ records() { (cd /tmp && tar czf "$out/$1-records.tgz" $(find "${@:2}" -name '*re
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 10 > "$out/gpu-util.csv" 2>/dev/null &
 while [ ! -f /tmp/site-ray/.done ]; do sleep 2; done
 SCALE_GRAPHS='settings={"compile_mode": "reduce-overhead"}'
-step scaleS env HARNESS_CACHE=/tmp/hcS HARNESS_TRIAL_AFFINITY=0 python -m harness bench scale --set 'counts=[1]' \
-  --set workdir=/tmp/scS --set "$SCALE_GRAPHS" --set start_stagger_s=0 --out "$out/scale-graphs-fifo.json"
-records scaleS scS
-step scaleT env HARNESS_CACHE=/tmp/hcS python -m harness bench scale --set 'counts=[1]' --set workdir=/tmp/scT \
-  --set "$SCALE_GRAPHS" --out "$out/scale-graphs-routed-staggered-warm.json"
-records scaleT scT
-step scaleA2 env HARNESS_CACHE=/tmp/hcS python -m harness bench scale --set 'counts=[1]' --set workdir=/tmp/scA2 \
-  --set "$SCALE_GRAPHS" --set start_stagger_s=0 --out "$out/scale-graphs-routed-warm.json"
-records scaleA2 scA2
-step scaleD env HARNESS_CACHE=/tmp/hcD python -m harness bench scale --set 'counts=[1]' --set workdir=/tmp/scD \
-  --out "$out/scale-default.json"
-records scaleD scD
+step evalC python benchmarks/scripts/device/eval_contention.py "$out/eval-contention-after.json" 3 3
+step scaleF env HARNESS_CACHE=/tmp/hcS python -m harness bench scale --set 'counts=[1]' --set workdir=/tmp/scF \
+  --set "$SCALE_GRAPHS" --out "$out/scale-graphs-routed-fill.json"
+records scaleF scF
+step scaleW env HARNESS_CACHE=/tmp/hcS python -m harness bench scale --set 'counts=[1]' --set workdir=/tmp/scW \
+  --set "$SCALE_GRAPHS" --out "$out/scale-graphs-routed-warm.json"
+records scaleW scW
 echo ALL-DONE >> "$out/steps.txt"
