@@ -257,6 +257,12 @@ def summarise(count: int, records: list[dict[str, Any]], s: ScaleSettings, monit
         # as many at once as ran, each at its steady (after-warm-up) rate
         out["steady_updates_per_s_at_once"] = round(steady * out["most_trials_at_once"], 2)
         out["updates_per_s_over_steady"] = round(out["updates_per_s"] / out["steady_updates_per_s_at_once"], 3)
+        overlap = steady_overlap_share(ok, out["most_trials_at_once"])
+        if overlap is not None:
+            # how far that yardstick is "as many trials training at once": near 1 when they trained side by
+            # side; low when each trained beside others' start-up or evaluation (staggered or drifting
+            # trials), whose steady rate is then higher than four training at once would give
+            out["steady_overlap_share"] = overlap
     if monitor is not None and monitor.samples and span > 0:
         lo = start if resumed_since is None else max(start, resumed_since)  # the samples are this call's
         per_gpu = monitor.per_gpu(lo, end)
@@ -278,6 +284,30 @@ def _steady_rate(records: list[dict[str, Any]]) -> float | None:
             updates += 1000.0 * steady_s / ms
             seconds += steady_s
     return updates / seconds if seconds > 0 else None
+
+
+def steady_overlap_share(records: list[dict[str, Any]], at_once: int) -> float | None:
+    """The share of the trials' steady seconds (after their first updates, to their last update:
+    ``extra.timing.training_span`` and ``first_updates_s``) during which ``at_once`` or more trials were in
+    their steady phase. None where no record has both."""
+    windows = []
+    for r in records:
+        timing = _extra(r).get("timing") or {}
+        span = timing.get("training_span")
+        if span and len(span) == 2:
+            start = float(span[0]) + float(timing.get("first_updates_s", 0.0))
+            if float(span[1]) > start:
+                windows.append((start, float(span[1])))
+    if not windows or at_once < 1:
+        return None
+    events = sorted([(s, 1) for s, _ in windows] + [(e, -1) for _, e in windows])
+    covered = total = 0.0
+    now, last = 0, events[0][0]
+    for t, delta in events:
+        total += now * (t - last)  # each steady trial's seconds since the last event
+        covered += now * (t - last) if now >= at_once else 0.0
+        now, last = now + delta, t
+    return round(covered / total, 3) if total > 0 else None
 
 
 def _comparable(run: dict[str, Any]) -> bool:

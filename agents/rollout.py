@@ -281,12 +281,10 @@ class _Policy:
             self.packed.copy_(self.host, non_blocking=True)  # pinned: the .cpu() below orders it
         if self.use_graphs and masked not in self.graphs:
             self._capture(masked)
-        out = self.outputs[masked] if self.use_graphs else None
         if self.use_graphs:
             self.graphs[masked].replay()
-        else:
-            out = self._forward(masked)
-        return out.cpu().numpy()
+            return self.outputs[masked].cpu().numpy()
+        return self._forward(masked).cpu().numpy()
 
 
 class _Episodes:

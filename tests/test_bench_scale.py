@@ -305,3 +305,21 @@ def test_a_count_cut_by_a_time_limit_and_resumed_is_marked_not_comparable(scale_
     assert resumed["updates_per_s"] == pytest.approx(resumed["updates"] / resumed["span_s"], rel=0.01)
     assert "not comparable" in calls.resumed.stderr
     assert run["results_identical"], run["result_differences"]  # a resumed count's rows are the same rows
+
+
+def test_the_steady_yardstick_says_how_much_the_trials_trained_side_by_side():
+    """Staggered or drifting trials train beside others' start-up and evaluation, so their steady rate
+    overstates "as many trials training at once" (H200, 2026-12-04): the share of steady seconds in which
+    that many trained says how far the yardstick holds."""
+    from agents.bench_scale import steady_overlap_share
+
+    def record(span, first):
+        return {"status": "ok", "extra": json.dumps({"timing": {"training_span": span, "first_updates_s": first}})}
+
+    together = [record([0.0, 10.0], 1.0), record([0.0, 10.0], 1.0)]
+    assert steady_overlap_share(together, 2) == 1.0
+    # steady 1-10 and 6-15: both train 6-10, 4 s of each trial's 9 s
+    apart = [record([0.0, 10.0], 1.0), record([5.0, 15.0], 1.0)]
+    assert steady_overlap_share(apart, 2) == round(8 / 18, 3)
+    assert steady_overlap_share(apart, 1) == 1.0
+    assert steady_overlap_share([{"status": "ok", "extra": "{}"}], 2) is None

@@ -24,3 +24,5 @@ def test_bench_share_refuses_bad_settings_before_starting_ray():
         bench_share({"trials": [0]})
     with pytest.raises(ConfigError, match="stepz"):
         bench_share({"stepz": 5})
+    with pytest.raises(ConfigError, match="compile_mode"):
+        bench_share({"compile_mode": "fast"})

@@ -12,6 +12,10 @@
 #             one group and two, with the rollout's host-side window (since 2026-12-04: three device operations
 #             a step instead of ~15); against benchmarks/h200-session-2026-12-04/eval-contention-before.json
 #             (two groups: 5.6-9.1 s after start-up contended, 0.8-1.4 s idle; one group 4.8 s / 0.9 s)
+#   shareG    bench share, one trial and four at once, under CUDA graphs (compile_mode reduce-overhead) at 2,000
+#             timed updates: the independent yardstick, four long trials' steady rate, for bench scale's
+#             aggregate (its own yardstick is read from trials that trained beside three others 26-47% of the
+#             time in 2026-12-04's routed runs: steady_overlap_share)
 #   scaleF    bench scale under graphs, routed, trials started together (the defaults), fresh cache /tmp/hcS:
 #             fills the cache
 #   scaleW    the same on the cache scaleF filled: against 2026-12-04's scaleA2 (107.54 updates/s, eval_s 200 s
@@ -33,6 +37,8 @@ nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 10 
 while [ ! -f /tmp/site-ray/.done ]; do sleep 2; done
 SCALE_GRAPHS='settings={"compile_mode": "reduce-overhead"}'
 step evalC python benchmarks/scripts/device/eval_contention.py "$out/eval-contention-after.json" 3 3
+step shareG env HARNESS_CACHE=/tmp/hcS python -m harness bench share --set 'trials=[4]' --set steps=2000 \
+  --set compile_mode=reduce-overhead --out "$out/share-graphs.json"
 step scaleF env HARNESS_CACHE=/tmp/hcS python -m harness bench scale --set 'counts=[1]' --set workdir=/tmp/scF \
   --set "$SCALE_GRAPHS" --out "$out/scale-graphs-routed-fill.json"
 records scaleF scF
