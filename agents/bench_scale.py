@@ -378,7 +378,8 @@ def bench_scale(overrides: dict[str, Any]) -> dict[str, Any]:
         idle = (run.get("time_breakdown") or {}).get("idle_share")
         print(f"[bench scale] {n} {s.axis}(s): {run['updates_per_s']} updates/s, {run['trials_per_hour']} trials/h, "
               f"GPU utilisation {run.get('gpu_utilisation_pct')}%, no trial training {idle}, "
-              f"{run.get('updates_per_s_over_steady')} of the trials' steady rate at once"
+              f"{run.get('updates_per_s_over_steady')} of the trials' steady rate at once (they trained that many at "
+              f"once {run.get('steady_overlap_share')} of their steady time)"
               + ("" if run["comparable"] else " (resumed after a cut: not comparable)"), file=sys.stderr, flush=True)
 
     base = runs[0]
