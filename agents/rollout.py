@@ -198,6 +198,8 @@ def _score(task: str, rewards: np.ndarray, successes: np.ndarray, wall: float, t
 # padding mask travel as floats, exact for any episode length, and are converted inside the CUDA graph)
 _FIELDS = (("states", OBS_DIM), ("actions", ACT_DIM), ("returns_to_go", 1), ("rewards", 1), ("timesteps", 1),
            ("mask", 1))
+_COLUMNS = {name: slice(at - width, at) for (name, width), at in
+            zip(_FIELDS, np.cumsum([width for _, width in _FIELDS]).tolist())}
 _WIDTH = sum(width for _, width in _FIELDS)
 
 
@@ -219,13 +221,8 @@ class _Policy:
         self.model, self.device = model, device
         on_cuda = device.type == "cuda"
         self.host = torch.zeros(n, context, _WIDTH, pin_memory=on_cuda)
-        self.window = self.host.numpy()  # filled by the caller, field by field (see :data:`_FIELDS`)
+        self.window = self.host.numpy()  # filled by the caller, field by field (see :data:`_COLUMNS`)
         self.packed = torch.zeros(n, context, _WIDTH, device=device) if on_cuda else self.host
-        self.columns: dict[str, slice] = {}
-        at = 0
-        for name, width in _FIELDS:
-            self.columns[name] = slice(at, at + width)
-            at += width
         self.graphs: dict[bool, Any] = {}
         self.outputs: dict[bool, Any] = {}
         self.use_graphs = on_cuda
@@ -245,7 +242,7 @@ class _Policy:
 
         from harness.training import autocast  # heavy: harness.training imports torch
 
-        c, p = self.columns, self.packed
+        c, p = _COLUMNS, self.packed
         inputs = {name: p[..., c[name]].contiguous() for name in ("states", "actions", "returns_to_go", "rewards")}
         inputs["timesteps"] = p[..., c["timesteps"].start].long()
         mask = p[..., c["mask"].start] > 0.5 if masked else None
@@ -307,9 +304,9 @@ class _Episodes:
         self.target = target_return / (np.float32(SCALE) if isinstance(target_return, np.ndarray) else SCALE)
 
     def _fill(self, t: int) -> None:
-        window, columns = self.policy.window, self.policy.columns
-        for name, _ in _FIELDS:
-            window[..., columns[name]] = self.buf[name][:, t:t + self.K]
+        window = self.policy.window
+        for name, columns in _COLUMNS.items():
+            window[..., columns] = self.buf[name][:, t:t + self.K]
 
     def prepare(self) -> None:
         """Capture the policy's CUDA graphs (see :meth:`_Policy.prepare`) before the first step."""
