@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -190,13 +190,18 @@ def board_differences(first: Path, other: Path) -> list[str]:
     return compare_boards(first, other)["result_differences"]
 
 
-def _most_concurrent(spans: list[tuple[float, float]]) -> int:
+def _concurrency(spans: list[tuple[float, float]]) -> Iterator[tuple[float, int]]:
+    """(seconds, how many of ``spans`` were open) for each piece between consecutive starts and ends; a span
+    that ends where another starts is not open beside it."""
     events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
-    most = now = 0
-    for _, delta in events:
-        now += delta
-        most = max(most, now)
-    return most
+    now, last = 0, events[0][0] if events else 0.0
+    for t, delta in events:
+        yield t - last, now
+        now, last = now + delta, t
+
+
+def _most_concurrent(spans: list[tuple[float, float]]) -> int:
+    return max((open_ for _, open_ in _concurrency(spans)), default=0)
 
 
 def _extra(r: dict[str, Any]) -> dict[str, Any]:
@@ -300,14 +305,9 @@ def steady_overlap_share(records: list[dict[str, Any]], at_once: int) -> float |
                 windows.append((start, float(span[1])))
     if not windows or at_once < 1:
         return None
-    events = sorted([(s, 1) for s, _ in windows] + [(e, -1) for _, e in windows])
-    covered = total = 0.0
-    now, last = 0, events[0][0]
-    for t, delta in events:
-        total += now * (t - last)  # each steady trial's seconds since the last event
-        covered += now * (t - last) if now >= at_once else 0.0
-        now, last = now + delta, t
-    return round(covered / total, 3) if total > 0 else None
+    pieces = [(seconds * open_, open_ >= at_once) for seconds, open_ in _concurrency(windows)]
+    total = sum(trial_s for trial_s, _ in pieces)  # each steady trial's seconds, piece by piece
+    return round(sum(trial_s for trial_s, full in pieces if full) / total, 3) if total > 0 else None
 
 
 def _comparable(run: dict[str, Any]) -> bool:

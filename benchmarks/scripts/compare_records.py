@@ -24,7 +24,7 @@ RUN_ONLY_TOP = {"adapter_path"}
 
 
 def load(path: str) -> dict[str, dict]:
-    """The records of one tgz or jsonl, by trial name, without their measurements."""
+    """The records of one tgz or jsonl, by task, method, settings, seed and budget, without their measurements."""
     if path.endswith(".jsonl"):
         lines = Path(path).read_text().splitlines()
     else:
