@@ -334,16 +334,19 @@ class _Episodes:
 
 
 def evaluate_dt(model, task: str, episodes: int, target_return: float, workers: int = 1, seed: int = 0,
-                device=None, length: int = EPISODE_LENGTH, pool: RolloutPool | None = None) -> RolloutResult:
+                device=None, length: int = EPISODE_LENGTH, pool: RolloutPool | None = None,
+                groups: int = 2) -> RolloutResult:
     """Roll out the DT on ``episodes`` parallel environments of ``task``.
 
     ``pool``: workers already running for these episodes (:class:`TrialRollouts`), re-seeded here so that
     the episodes are those of a fresh pool; None: a pool is spawned for this call and closed after it.
 
     ``target_return`` is unscaled (the dataset's best return); the return-to-go token starts at it and
-    drops by each observed reward; the current step's reward token is 0 until observed. With two or more
-    workers the environments run in two groups, one group's simulator steps overlapping the other's DT
-    forward, so the policy's time hides behind the simulator's; the episodes are the same either way.
+    drops by each observed reward; the current step's reward token is 0 until observed. With ``groups=2``
+    and two or more workers the environments run in two groups, one group's simulator steps overlapping the
+    other's DT forward, so the policy's time hides behind the simulator's; ``groups=1``: one forward for all
+    of them a step (half the device calls, for a GPU that other processes keep busy). The episodes are the
+    same either way.
     """
     import torch
 
@@ -362,8 +365,10 @@ def evaluate_dt(model, task: str, episodes: int, target_return: float, workers: 
     try:
         with (RolloutPool(task, N, workers, seed, length) if pool is None else nullcontext(pool)) as pool, \
                 progress(T, f"rollout {task}", unit="step") as bar:
-            groups = pool.groups(2)
-            envs = [pool.envs_of(g) for g in groups]
+            if groups not in (1, 2):
+                raise ValueError(f"groups must be 1 or 2, not {groups!r}")
+            parts = pool.groups(groups)
+            envs = [pool.envs_of(g) for g in parts]
             eps = [_Episodes(model, len(e), K, T, target_return, device) for e in envs]
             for e in eps:  # while the spawned workers import their simulators
                 e.prepare()
@@ -377,18 +382,18 @@ def evaluate_dt(model, task: str, episodes: int, target_return: float, workers: 
                 for g, (e, idx) in enumerate(zip(eps, envs)):
                     if t > 0:  # the group's previous step ran while the other group's policy did
                         waited = time.perf_counter()
-                        o, r, s = pool.recv_step(groups[g])
+                        o, r, s = pool.recv_step(parts[g])
                         wait_s += time.perf_counter() - waited
                         rewards[idx, t - 1], successes[idx, t - 1] = r, s
                         e.observe(t - 1, o, r)
                     started = time.perf_counter()
                     actions = e.act(t)
                     policy_s += time.perf_counter() - started
-                    pool.send_step(groups[g], actions)
+                    pool.send_step(parts[g], actions)
                 bar.update(1)
             for g, (e, idx) in enumerate(zip(eps, envs)):
                 waited = time.perf_counter()
-                o, r, s = pool.recv_step(groups[g])
+                o, r, s = pool.recv_step(parts[g])
                 wait_s += time.perf_counter() - waited
                 rewards[idx, T - 1], successes[idx, T - 1] = r, s
     finally:
@@ -408,9 +413,11 @@ class TrialRollouts:
     the next one spawns a new one. Closed by :meth:`close` (the engine calls it when the trial ends) or
     when the object is collected."""
 
-    def __init__(self, task: str, episodes: int, workers: int, seed: int = 0, length: int = EPISODE_LENGTH):
+    def __init__(self, task: str, episodes: int, workers: int, seed: int = 0, length: int = EPISODE_LENGTH,
+                 groups: int = 2):
         check_task(task)
         self.task, self.episodes, self.workers, self.seed, self.length = task, episodes, workers, seed, length
+        self.groups = groups
         self._pool: RolloutPool | None = None
         self._finalizer: weakref.finalize | None = None
 
@@ -425,7 +432,7 @@ class TrialRollouts:
         self.start()
         try:
             return evaluate_dt(model, self.task, self.episodes, target_return, self.workers, self.seed, device,
-                               self.length, pool=self._pool)
+                               self.length, pool=self._pool, groups=self.groups)
         except BaseException:
             self.close(force=True)
             raise

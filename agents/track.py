@@ -104,6 +104,10 @@ class RLSettings(TrackSettings):
     grad_clip: Float = Field(0.25, ge=0)
     # evaluation and runtime
     eval_workers: Int = Field(0, ge=0)  # rollout processes; 0: min(episodes, the trial's cores)
+    # a trial's evaluation episodes in 2 pipelined groups (each group's simulators step during the other's policy
+    # forward) or in 1 (one forward for all; fewer device calls, for a GPU other trials keep busy); the episodes
+    # are the same either way
+    rollout_groups: Int = Field(2, ge=1, le=2)
     eval_pretrained: Bool = True  # also score the pretrained DT on each trial's evaluation episodes
     # the return-to-go a DT is conditioned on in every evaluation (base, trials, pretraining curve), a rule over
     # the task's data episodes (agents/return_targets.py): max (the papers'), mean, quantile:Q, or success_max,
@@ -376,7 +380,8 @@ class RLTrack(Track):
 
         # one pool of simulators for the trial's evaluations (a scheduler's rungs and the final one), spawned
         # now so that they start while the trial builds, compiles and trains
-        rollouts = TrialRollouts(spec.task, episodes, rollout_workers(ts, episodes), eval_seed)
+        rollouts = TrialRollouts(spec.task, episodes, rollout_workers(ts, episodes), eval_seed,
+                                 groups=ts.rollout_groups)
         rollouts.start()
 
         def evaluate(m: torch.nn.Module) -> tuple[dict[str, float], dict[str, Any]]:

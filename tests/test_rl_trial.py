@@ -184,8 +184,13 @@ def test_rollout_in_two_overlapping_groups_gives_the_same_episodes():
     model = DecisionTransformer(DTConfig(n_layer=1, n_head=2, n_embd=32, context=4, dropout=0.0))
     one = evaluate_dt(model, "reach", episodes=4, target_return=1500.0, workers=1, seed=3, length=30)
     two = evaluate_dt(model, "reach", episodes=4, target_return=1500.0, workers=4, seed=3, length=30)
+    # four workers, one group (rollout_groups: 1): one forward for all four a step
+    joined = evaluate_dt(model, "reach", episodes=4, target_return=1500.0, workers=4, seed=3, length=30, groups=1)
     assert np.allclose(one.returns, two.returns, rtol=1e-4) and one.success_any == two.success_any
+    assert np.allclose(joined.returns, two.returns, rtol=1e-4) and joined.success_any == two.success_any
     assert len(set(np.round(one.returns, 3))) > 1  # distinct episodes: the comparison can fail
+    with pytest.raises(ValueError, match="groups must be 1 or 2, not 3"):
+        evaluate_dt(model, "reach", episodes=4, target_return=1500.0, workers=2, seed=3, length=5, groups=3)
 
 
 def test_a_trials_rollouts_keep_their_workers_and_score_the_same_episodes():

@@ -12,6 +12,8 @@
 #             one group and two, with the rollout's host-side window (since 2026-12-04: three device operations
 #             a step instead of ~15); against benchmarks/h200-session-2026-12-04/eval-contention-before.json
 #             (two groups: 5.6-9.1 s after start-up contended, 0.8-1.4 s idle; one group 4.8 s / 0.9 s)
+#   rlR       bench rl under graphs (10 environments): the rollouts' DT / scripted ratio with the host-side
+#             window, against 2026-12-03d's rl-ro.json (0.888; per step policy / wait / other 1.07 / 0.28 / 1.27 ms)
 #   shareG    bench share, one trial and four at once, under CUDA graphs (compile_mode reduce-overhead) at 2,000
 #             timed updates: the independent yardstick, four long trials' steady rate, for bench scale's
 #             aggregate (its own yardstick is read from trials that trained beside three others 26-47% of the
@@ -20,6 +22,9 @@
 #             fills the cache
 #   scaleW    the same on the cache scaleF filled: against 2026-12-04's scaleA2 (107.54 updates/s, eval_s 200 s
 #             summed over 32 trials, aggregate / steady 0.742); its records must equal scaleF's
+#   scaleW1   the same with rollout_groups 1 (one policy forward a step for both episodes, half the device calls;
+#             faster beside three training processes in eval-contention-before.json): against scaleW; its
+#             records must equal scaleW's but for the setting
 set -u
 out=$(realpath -m "${1:?usage: runbook.sh OUTDIR}")
 mkdir -p "$out"
@@ -37,6 +42,8 @@ nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 10 
 while [ ! -f /tmp/site-ray/.done ]; do sleep 2; done
 SCALE_GRAPHS='settings={"compile_mode": "reduce-overhead"}'
 step evalC python benchmarks/scripts/device/eval_contention.py "$out/eval-contention-after.json" 3 3
+step rlR python -m harness bench rl --set compile_mode=reduce-overhead --set bench_steps=200 --set bench_envs=10 \
+  --out "$out/rl-ro.json"
 step shareG env HARNESS_CACHE=/tmp/hcS python -m harness bench share --set 'trials=[4]' --set steps=2000 \
   --set compile_mode=reduce-overhead --out "$out/share-graphs.json"
 step scaleF env HARNESS_CACHE=/tmp/hcS python -m harness bench scale --set 'counts=[1]' --set workdir=/tmp/scF \
@@ -45,4 +52,7 @@ records scaleF scF
 step scaleW env HARNESS_CACHE=/tmp/hcS python -m harness bench scale --set 'counts=[1]' --set workdir=/tmp/scW \
   --set "$SCALE_GRAPHS" --out "$out/scale-graphs-routed-warm.json"
 records scaleW scW
+step scaleW1 env HARNESS_CACHE=/tmp/hcS python -m harness bench scale --set 'counts=[1]' --set workdir=/tmp/scW1 \
+  --set 'settings={"compile_mode": "reduce-overhead", "rollout_groups": 1}' --out "$out/scale-graphs-routed-warm-1group.json"
+records scaleW1 scW1
 echo ALL-DONE >> "$out/steps.txt"
