@@ -29,7 +29,7 @@ import torch
 from harness.cache import ArtifactCache, atomic_write_text, file_sha256, settings_hash
 from harness.errors import ConfigError
 from harness.progress import progress
-from harness.randomness import derive_seed, seeded
+from harness.randomness import derive_seed, deterministic_kernels_within, seeded
 from harness.training import LoopConfig, Trainer, pick_device, synchronize
 from agents.data import DataSettings, Episodes, WindowSampler, build_datasets, say
 from agents.dt import DTConfig, DecisionTransformer, batch_loss
@@ -55,6 +55,9 @@ class OptimPlan:
     grad_clip: float = 0.25
     batch_size: int = 128
     compile: bool = False
+    # torch's deterministic kernels (the study's ``deterministic``): a base pretrained afresh on a GPU then has
+    # the same bits every time, so a sweep on an empty cache repeats its records; like ``compile``, not in the key
+    deterministic: bool = False
     report_every: int = 50
 
     def effective_warmup(self) -> int:
@@ -216,7 +219,7 @@ def pretrain(plan: PretrainPlan, device: torch.device | None = None, data_worker
     if curve is not None:
         curve.points[:] = [p for p in resumed.get("curve", []) if p["updates"] in points]
     calls = int(resumed.get("calls", 0)) + 1
-    with seeded(derive_seed(plan.seed, "dropout")), bar:
+    with seeded(derive_seed(plan.seed, "dropout")), deterministic_kernels_within(t.deterministic), bar:
         trainer = Trainer(model, batch_loss, lambda: sampler.sample(t.batch_size), cfg, device, report=report)
         if trainer.step_index and "sampler_rng" in resumed:  # the batches an uninterrupted run would draw
             sampler.generator.set_state(resumed["sampler_rng"].to(sampler.generator.get_state().device))

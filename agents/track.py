@@ -28,7 +28,7 @@ from pydantic import Field, field_validator, model_validator
 
 from harness.cache import ArtifactCache
 from harness.errors import ConfigError
-from harness.placement import usable_cpus
+from harness.placement import RaySlice, ray_slice, usable_cpus
 from harness.process_cache import base_state
 from harness.randomness import TrialRandom, derive_seed, seeded
 from harness.tracks import Benchmark, FineTuneSetup, PlannedWork, Report, Track, TrackBudget, TrackSettings
@@ -105,9 +105,9 @@ class RLSettings(TrackSettings):
     # evaluation and runtime
     eval_workers: Int = Field(0, ge=0)  # rollout processes; 0: min(episodes, the trial's cores)
     # a trial's evaluation episodes in 2 pipelined groups (each group's simulators step during the other's policy
-    # forward) or in 1 (one forward for all; fewer device calls, for a GPU other trials keep busy); the episodes
-    # are the same either way
-    rollout_groups: Int = Field(2, ge=1, le=2)
+    # forward) or in 1 (one forward for all, half the device calls); auto: 1 when the trial shares its GPU with
+    # other trials (where each forward waits behind their kernels), else 2. The episodes are the same either way
+    rollout_groups: Literal["auto", 1, 2] = "auto"
     eval_pretrained: Bool = True  # also score the pretrained DT on each trial's evaluation episodes
     # the return-to-go a DT is conditioned on in every evaluation (base, trials, pretraining curve), a rule over
     # the task's data episodes (agents/return_targets.py): max (the papers'), mean, quantile:Q, or success_max,
@@ -203,7 +203,7 @@ def pretrain_plan(ts: RLSettings) -> PretrainPlan:
     warmup = ts.warmup if ts.pretrain_warmup is None else ts.pretrain_warmup
     optim = OptimPlan(steps=ts.pretrain_steps, lr=ts.pretrain_lr, weight_decay=ts.weight_decay, warmup=warmup,
                       min_lr_ratio=ts.min_lr_ratio, grad_clip=ts.grad_clip, batch_size=ts.pretrain_batch_size,
-                      compile=ts.compile)
+                      compile=ts.compile, deterministic=ts.deterministic)
     return PretrainPlan(tasks=tuple(ts.pretrain_tasks), data=data_settings(ts), model=model_config(ts),
                         train=optim, seed=ts.pretrain_seed)
 
@@ -243,6 +243,15 @@ def backbone_name(ts: RLSettings, pre: Pretrained) -> str:
 
 def rollout_workers(ts: RLSettings, episodes: int) -> int:
     return ts.eval_workers or max(1, min(episodes, usable_cpus()))
+
+
+def rollout_groups(ts: RLSettings, device: torch.device, ray: RaySlice | None) -> int:
+    """How many pipelined groups a trial's evaluation runs its episodes in (``ts.rollout_groups``; ``auto``:
+    one on a GPU that the trial shares with others, ``ray``'s GPU share below one, else two)."""
+    if ts.rollout_groups != "auto":
+        return int(ts.rollout_groups)
+    shared = device.type == "cuda" and ray is not None and 0 < ray.gpus < 1
+    return 1 if shared else 2
 
 
 def _data_workers(ts: RLSettings) -> int | None:
@@ -381,7 +390,7 @@ class RLTrack(Track):
         # one pool of simulators for the trial's evaluations (a scheduler's rungs and the final one), spawned
         # now so that they start while the trial builds, compiles and trains
         rollouts = TrialRollouts(spec.task, episodes, rollout_workers(ts, episodes), eval_seed,
-                                 groups=ts.rollout_groups)
+                                 groups=rollout_groups(ts, device, ray_slice()))
         rollouts.start()
 
         def evaluate(m: torch.nn.Module) -> tuple[dict[str, float], dict[str, Any]]:

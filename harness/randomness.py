@@ -77,3 +77,20 @@ def deterministic_kernels() -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
+
+
+@contextlib.contextmanager
+def deterministic_kernels_within(on: bool = True) -> Iterator[None]:
+    """:func:`deterministic_kernels` for one block (``on``), the process's own choice restored after it: the
+    driver pretrains a study's base under the study's ``deterministic`` and then goes on with other work."""
+    if not on:
+        yield
+        return
+    was = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+           torch.backends.cudnn.benchmark)
+    deterministic_kernels()
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+        torch.backends.cudnn.benchmark = was[2]

@@ -61,12 +61,13 @@ def test_a_tune_trial_sizes_its_pools_to_its_own_cores(tmp_path):
 
     def trial(config):
         from agents.data import default_workers
-        from agents.track import RLSettings, rollout_workers
+        from agents.track import RLSettings, rollout_groups, rollout_workers
         from harness.placement import describe, ray_slice, trial_device, usable_cpus
 
         s = ray_slice()
         tune.report({"cpus": usable_cpus(), "slice_cpus": s.cpus, "slice_gpus": s.gpus,
                      "device": str(trial_device("auto")), "rollouts": rollout_workers(RLSettings(), 10),
+                     "groups": rollout_groups(RLSettings(), trial_device("auto"), s),
                      "data": default_workers(), "described": describe("cpu")["cpus"]})
 
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
@@ -81,7 +82,28 @@ def test_a_tune_trial_sizes_its_pools_to_its_own_cores(tmp_path):
     assert result.error is None, result.error
     m = result.metrics
     assert (m["cpus"], m["slice_cpus"], m["slice_gpus"], m["device"]) == (1, 1.0, 0.0, "cpu")
-    assert (m["rollouts"], m["data"], m["described"]) == (1, 1, 1)
+    assert (m["rollouts"], m["data"], m["described"], m["groups"]) == (1, 1, 1, 2)
+
+
+def test_a_trial_on_a_shared_gpu_evaluates_in_one_rollout_group():
+    """rollout_groups auto: one group (one policy forward a step) where other trials share the GPU, two
+    pipelined groups on a GPU of its own, on the CPU and outside Ray; a number is kept; others are refused."""
+    import torch
+    from pydantic import ValidationError
+
+    from agents.track import RLSettings, rollout_groups
+    from harness.placement import RaySlice
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    quarter, whole = RaySlice(cpus=4, gpus=0.25, gpu_ids=("0",)), RaySlice(cpus=4, gpus=1.0, gpu_ids=("0",))
+    auto = RLSettings()
+    assert rollout_groups(auto, cuda, quarter) == 1
+    assert [rollout_groups(auto, cuda, whole), rollout_groups(auto, cuda, None), rollout_groups(auto, cpu, NO_GPU)] \
+        == [2, 2, 2]
+    assert rollout_groups(RLSettings(rollout_groups=2), cuda, quarter) == 2
+    assert rollout_groups(RLSettings(rollout_groups=1), cpu, None) == 1
+    with pytest.raises(ValidationError, match="rollout_groups"):
+        RLSettings(rollout_groups=3)
 
 
 def test_sweep_resources_are_checked_before_any_compute():

@@ -137,6 +137,24 @@ def test_curve_survives_a_killed_call_and_resumes_exactly(tmp_path, monkeypatch)
     assert [p["success_any"] for p in resumed["points"]] == [p["success_any"] for p in ref["points"]]
 
 
+def test_a_deterministic_study_pretrains_its_base_under_deterministic_kernels(cache):
+    """On a GPU a base pretrained afresh differed between runs (atomic-add backwards) and with it every record
+    of a sweep on an empty cache; ``deterministic`` now covers the pretraining, its key unchanged (a cached
+    base stays valid), and the process's own choice comes back afterwards."""
+    from agents.pretrain import pretrain
+    from agents.track import pretrain_plan
+
+    seen: list[bool] = []
+    ts = track.settings({**TINY, "deterministic": True})
+    plan = pretrain_plan(ts)
+    assert plan.train.deterministic and plan.base_key() == pretrain_plan(track.settings(TINY)).base_key()
+    assert not torch.are_deterministic_algorithms_enabled()
+    pretrain(plan, torch.device("cpu"), 1,
+             log=lambda line: seen.append(torch.are_deterministic_algorithms_enabled()) if " update " in line else None)
+    assert seen and all(seen)  # every progress line the training loop logged
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
 def test_curve_points_are_checked():
     with pytest.raises(ConfigError, match="pretrain_eval_at"):
         track.pretrain(track.settings({**TINY, "pretrain_eval_at": [50]}))
