@@ -46,12 +46,14 @@ def load_costs(path: Path = COSTS) -> dict[str, Any]:
     return json.loads(Path(path).read_text())["devices"]
 
 
-def packing_speedup(per_gpu: int, packing: dict[str, Any] | None) -> float:
-    """Aggregate training throughput of ``per_gpu`` trials on one GPU, relative to one alone: the measured
-    counts, linear in between, the largest measured count's figure beyond it (1.0 without a measurement)."""
+def packing_speedup(per_gpu: int, packing: dict[str, Any] | None, kind: str = "compiled") -> float:
+    """Aggregate training throughput of ``per_gpu`` trials on one GPU, relative to one alone, for trials whose
+    step is of ``kind`` (:func:`_step_kind`; the entry's own figure is the default mode's, a ``compiled:MODE``
+    key another mode's): the measured counts, linear in between, the largest measured count's figure beyond
+    it (1.0 without a measurement)."""
     if per_gpu <= 1 or not packing:
         return 1.0
-    points = sorted((int(k), float(v)) for k, v in packing["speedup"].items())
+    points = sorted((int(k), float(v)) for k, v in packing.get(kind, packing)["speedup"].items())
     for (k0, v0), (k1, v1) in zip(points, points[1:]):
         if k0 <= per_gpu <= k1:
             return v0 + (v1 - v0) * (per_gpu - k0) / (k1 - k0)
@@ -243,7 +245,9 @@ def plan_wave(study: Study, stage: str, wave: int, specs: list[ResolvedTrial], g
         return out
     if any(c.train_s is None for c in costs):
         return out
-    speed = packing_speedup(per_gpu, (device or {}).get("packing"))
+    packing = (device or {}).get("packing")
+    kind = _step_kind(specs[0].track_settings) if specs else "compiled"
+    speed = packing_speedup(per_gpu, packing, kind)
     concurrent = min(n, gpus * per_gpu, r.max_concurrent or n)
     out.gpus_used = min(gpus, math.ceil(concurrent / per_gpu))
     # a GPU's time: its trials' training at the packed rate, and their evaluations and overheads each
@@ -267,7 +271,8 @@ def plan_wave(study: Study, stage: str, wave: int, specs: list[ResolvedTrial], g
     out.gpu_hours = gpu_s / 3600
     out.wall_hours = max(gpu_s / out.gpus_used, longest) / 3600
     if per_gpu > 1:
-        out.notes.append(f"{per_gpu} trials per GPU at {speed:.3g}x one trial's rate in all")
+        graphs = f" ({kind}: {packing[kind]['source'].split(':')[0]})" if kind in (packing or {}) else ""
+        out.notes.append(f"{per_gpu} trials per GPU at {speed:.3g}x one trial's rate in all{graphs}")
     return out
 
 

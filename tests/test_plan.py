@@ -298,3 +298,19 @@ def test_a_compile_mode_is_priced_at_its_own_measurement_where_there_is_one(tmp_
     monkeypatch.setattr(harness.plan, "load_costs", lambda *a, **k: measured)
     row = " ".join(rows(plan(tmp_path, lora, "--gpus", "1", "--gpu-model", "NVIDIA H200").stdout)["final"])
     assert "compiled figures for lora (compiled:reduce-overhead not measured)" in row, row
+
+
+def test_trials_under_cuda_graphs_are_packed_at_the_graphs_measured_rate(tmp_path):
+    """Four trials on one H200 train 1.23x one trial's rate in torch.compile's default mode but 0.94x under
+    CUDA graphs (one replayed step already fills the GPU): a study's compile_mode picks its figure."""
+    measured = COSTS["NVIDIA H200"]["packing"]
+    default, graphs = measured["speedup"]["4"], measured["compiled:reduce-overhead"]["speedup"]["4"]
+    assert graphs < 1.0 < default
+    notes = {}
+    for mode in ("default", "reduce-overhead"):
+        doc = dict(STUDY, settings={"compile_mode": mode})
+        done = plan(tmp_path, doc, "--gpus", "2", "--gpu-model", "NVIDIA H200")
+        assert done.returncode == 0, done.stdout + done.stderr
+        notes[mode] = " ".join(rows(done.stdout)["select"][8:])
+    assert f"4 trials per GPU at {default:.3g}x one trial's rate in all" in notes["default"]
+    assert f"4 trials per GPU at {graphs:.3g}x one trial's rate in all (compiled:reduce-overhead" in notes["reduce-overhead"]

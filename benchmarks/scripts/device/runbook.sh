@@ -1,32 +1,28 @@
 #!/bin/bash
-# The next device session's measurements for issues 20 and 21, one step after another, detached. Two calls
-# install the wheels (one call carries at most 64 MiB): the first carries .whl-pt (peft, timm, pydantic and its
-# friends, copied from .whl-ray) and .whl-sim, installs them into /tmp/site-pt and /tmp/site-sim and starts this
-# script (`setsid nohup bash benchmarks/scripts/device/runbook.sh OUTDIR &`, PYTHONPATH naming /tmp/site-pt,
-# /tmp/site-sim and /tmp/site-ray); the second carries .whl-ray, installs it into /tmp/site-ray and touches
-# /tmp/site-ray/.done. Poll with `bash benchmarks/scripts/device/collect.sh OUTDIR` in calls back to back (a
-# lent machine is given back ~30 s after a call returns). Each step's console goes to OUTDIR/<step>.log and
-# its exit status and seconds to OUTDIR/steps.txt; a failed step does not stop the next. Steps, in the order they
-# run, after /tmp/site-ray/.done (what ran before is in BENCHMARKS.md and benchmarks/h200-session-2026-12-0{3c,3d,3e,3f,3g,4}/):
-#   evalC     benchmarks/scripts/device/eval_contention.py: the DT's evaluation beside three training processes,
-#             one group and two, with the rollout's host-side window (since 2026-12-04: three device operations
-#             a step instead of ~15); against benchmarks/h200-session-2026-12-04/eval-contention-before.json
-#             (two groups: 5.6-9.1 s after start-up contended, 0.8-1.4 s idle; one group 4.8 s / 0.9 s)
-#   rlR       bench rl under graphs (10 environments): the rollouts' DT / scripted ratio with the host-side
-#             window, against 2026-12-03d's rl-ro.json (0.888; per step policy / wait / other 1.07 / 0.28 / 1.27 ms)
-#   shareG    bench share, one trial and four at once, under CUDA graphs (compile_mode reduce-overhead) at 2,000
-#             timed updates: the independent yardstick, four long trials' steady rate, for bench scale's
-#             aggregate (its own yardstick is read from trials that trained beside three others 26-47% of the
-#             time in 2026-12-04's routed runs: steady_overlap_share)
-#   scaleF    bench scale under graphs, routed, trials started together (the defaults), fresh cache /tmp/hcS:
-#             fills the cache
-#   scaleW    the same on the cache scaleF filled: against 2026-12-04's scaleA2 (107.54 updates/s, eval_s 200 s
-#             summed over 32 trials, aggregate / steady 0.742); its records must equal scaleF's
-#   scaleW1   the same with rollout_groups 1 (one policy forward a step for both episodes, half the device calls;
-#             faster beside three training processes in eval-contention-before.json): against scaleW; its
-#             records must equal scaleW's but for the setting
+# The next device session's measurements, one step after another, detached. Two calls install the wheels (one
+# call carries at most 64 MiB): the first carries .whl-pt (peft, timm, pydantic and its friends, copied from
+# .whl-ray) and .whl-sim, installs them into /tmp/site-pt and /tmp/site-sim and starts this script (`setsid nohup
+# bash benchmarks/scripts/device/runbook.sh OUTDIR [PLAN] &`, PYTHONPATH naming /tmp/site-pt, /tmp/site-sim and
+# /tmp/site-ray); the second carries .whl-ray, installs it into /tmp/site-ray and touches /tmp/site-ray/.done.
+# Poll with `bash benchmarks/scripts/device/collect.sh OUTDIR` in calls back to back (a lent machine is given
+# back ~30 s after a call returns). Each step's console goes to OUTDIR/<step>.log and its exit status and
+# seconds to OUTDIR/steps.txt; a failed step does not stop the next. What ran before is in BENCHMARKS.md and
+# benchmarks/h200-session-2026-12-0*/ (the last: 2026-12-04b, evalC, rlR, shareG, scaleF, scaleW, scaleW1).
+#
+# PLAN h200 (the default; one H200), bench scale under graphs with the shipped defaults, rollout_groups auto:
+#   scaleF2   fresh cache /tmp/hcS: fills it
+#   scaleA    on the cache scaleF2 filled: against 2026-12-04b's scaleW1 (rollout_groups 1 given: 109.17
+#             updates/s, evaluation 49.4 s summed, 0.901 of bench share's four long trials, 121.1); auto must
+#             give one group on these 0.25-GPU trials, and its records must equal scaleF2's
+# PLAN x2 (nvidia-h200-x2; issue 20, item 5), each count a sweep of its own from a fresh start on a warm cache:
+#   warm      bench scale counts [1], 100 updates, one seed: fills /tmp/hcS (data, base, every method's kernels)
+#   gpus1     counts [1] (32 trials x 1,000 updates on one GPU)
+#   gpus2     counts [2], the same trials on two; scaling efficiency = gpus2's updates/s / (2 x gpus1's), and
+#             records compared with benchmarks/scripts/compare_records.py (measurements apart)
 set -u
-out=$(realpath -m "${1:?usage: runbook.sh OUTDIR}")
+out=$(realpath -m "${1:?usage: runbook.sh OUTDIR [h200|x2]}")
+plan=${2:-h200}
+case "$plan" in h200|x2) ;; *) echo "runbook.sh: PLAN must be h200 or x2, not $plan" >&2; exit 2;; esac
 mkdir -p "$out"
 # run from a copy: each device call copies the working tree afresh into the repository root, and a step that
 # started during that copy once failed to import the harness (2026-12-03g's scaleD)
@@ -40,19 +36,17 @@ step() { local name=$1; shift; echo "$(date +%T) start $name" >> "$out/steps.txt
 records() { (cd /tmp && tar czf "$out/$1-records.tgz" $(find "${@:2}" -name '*records.jsonl' 2>/dev/null)) 2>/dev/null; }
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 10 > "$out/gpu-util.csv" 2>/dev/null &
 while [ ! -f /tmp/site-ray/.done ]; do sleep 2; done
-SCALE_GRAPHS='settings={"compile_mode": "reduce-overhead"}'
-step evalC python benchmarks/scripts/device/eval_contention.py "$out/eval-contention-after.json" 3 3
-step rlR python -m harness bench rl --set compile_mode=reduce-overhead --set bench_steps=200 --set bench_envs=10 \
-  --out "$out/rl-ro.json"
-step shareG env HARNESS_CACHE=/tmp/hcS python -m harness bench share --set 'trials=[4]' --set steps=2000 \
-  --set compile_mode=reduce-overhead --out "$out/share-graphs.json"
-step scaleF env HARNESS_CACHE=/tmp/hcS python -m harness bench scale --set 'counts=[1]' --set workdir=/tmp/scF \
-  --set "$SCALE_GRAPHS" --out "$out/scale-graphs-routed-fill.json"
-records scaleF scF
-step scaleW env HARNESS_CACHE=/tmp/hcS python -m harness bench scale --set 'counts=[1]' --set workdir=/tmp/scW \
-  --set "$SCALE_GRAPHS" --out "$out/scale-graphs-routed-warm.json"
-records scaleW scW
-step scaleW1 env HARNESS_CACHE=/tmp/hcS python -m harness bench scale --set 'counts=[1]' --set workdir=/tmp/scW1 \
-  --set 'settings={"compile_mode": "reduce-overhead", "rollout_groups": 1}' --out "$out/scale-graphs-routed-warm-1group.json"
-records scaleW1 scW1
+GRAPHS='settings={"compile_mode": "reduce-overhead"}'
+scale() { local name=$1 dir=$2; shift 2
+  step "$name" env HARNESS_CACHE=/tmp/hcS python -m harness bench scale --set workdir="/tmp/$dir" --set "$GRAPHS" \
+    --out "$out/$name.json" "$@"
+  records "$name" "$dir"; }
+if [ "$plan" = h200 ]; then
+  scale scaleF2 scF2 --set 'counts=[1]'
+  scale scaleA scA --set 'counts=[1]'
+else
+  scale warm scWarm --set 'counts=[1]' --set steps=100 --set 'seeds=[0]'
+  scale gpus1 scG1 --set 'counts=[1]'
+  scale gpus2 scG2 --set 'counts=[2]'
+fi
 echo ALL-DONE >> "$out/steps.txt"
