@@ -9,7 +9,12 @@
 # seconds to OUTDIR/steps.txt; a failed step does not stop the next. What ran before is in BENCHMARKS.md and
 # benchmarks/h200-session-2026-12-0*/ (the last: 2026-12-04b, evalC, rlR, shareG, scaleF, scaleW, scaleW1).
 #
-# PLAN h200 (the default; one H200), bench scale under graphs with the shipped defaults, rollout_groups auto:
+# PLAN h200 (the default; one H200):
+#   shareD    bench share, one trial and four at once, torch's default compile mode, 2,000 timed updates: the
+#             default mode's packing figure today (`--plan` prices it at 1.23x, from the issue's older
+#             measurement; under graphs four read 0.936x one, 2026-12-04b's share-graphs.json), which decides
+#             whether cw10.yaml's graphs cost more GPU-hours than the default mode when four trials share a GPU
+# then bench scale under graphs with the shipped defaults, rollout_groups auto:
 #   scaleF2   fresh cache /tmp/hcS: fills it
 #   scaleA    on the cache scaleF2 filled: against 2026-12-04b's scaleW1 (rollout_groups 1 given: 109.17
 #             updates/s, evaluation 49.4 s summed, 0.901 of bench share's four long trials, 121.1); auto must
@@ -42,6 +47,8 @@ scale() { local name=$1 dir=$2; shift 2
     --out "$out/$name.json" "$@"
   records "$name" "$dir"; }
 if [ "$plan" = h200 ]; then
+  step shareD env HARNESS_CACHE=/tmp/hcS python -m harness bench share --set 'trials=[4]' --set steps=2000 \
+    --out "$out/share-default.json"
   scale scaleF2 scF2 --set 'counts=[1]'
   scale scaleA scA --set 'counts=[1]'
 else
