@@ -402,7 +402,8 @@ class RLTrack(Track):
                                pretrained_return=base["return"])
             ceiling = expert_eval(ts, spec.task, episodes, eval_seed)
             metrics.update(expert_success=ceiling["success"], expert_success_any=ceiling["success_any"])
-            return metrics, {"eval_wall_s": round(result.wall_s, 2), "returns": [round(r, 1) for r in result.returns],
+            return metrics, {"eval_wall_s": round(result.wall_s, 2), "eval_groups": rollouts.groups,
+                             "returns": [round(r, 1) for r in result.returns],
                              "stage": budget.stage, "eval_seed": eval_seed}
 
         optim = OptimPlan(steps=budget.steps, warmup=ts.warmup)

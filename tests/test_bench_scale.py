@@ -279,6 +279,7 @@ def test_a_tiny_rl_trial_records_where_its_time_went(tmp_path, monkeypatch):
     # the real work shows where it happened: data and base model, updates, the rollout
     assert timing["setup_s"] > 0 and timing["steady_s"] > 0 and timing["first_updates_s"] > 0
     assert timing["eval_s"] >= record.extra["eval_wall_s"] - 0.01
+    assert record.extra["eval_groups"] == 2  # rollout_groups auto, outside Ray: the GPU is nobody else's
     # the steady updates are the ones ms_per_update times (the first 8 of 40 are warm-up)
     assert timing["steady_s"] == pytest.approx(32 * record.ms_per_update / 1000, rel=0.25, abs=0.05)
     start, end = timing["training_span"]

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from harness.trial import is_measurement  # noqa: E402
 
 # extra's keys that say where, when and how fast a trial ran, not what it found
-RUN_ONLY_EXTRA = {"timing", "placement", "started_at", "eval_wall_s", "process_trials_before",
+RUN_ONLY_EXTRA = {"timing", "placement", "started_at", "eval_wall_s", "eval_groups", "process_trials_before",
                   "graphs_compiled", "compiled_step", "total_wall_s", "train_wall_s", "train_steps_per_s",
                   "memory_left_by_earlier_trials_mb"}
 RUN_ONLY_TOP = {"adapter_path"}
