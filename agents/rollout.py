@@ -353,20 +353,20 @@ def evaluate_dt(model, task: str, episodes: int, target_return: float, workers: 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     K = int(getattr(getattr(model, "cfg", None), "context", 0) or _find_cfg(model).context)
     N, T = episodes, length
+    # refused before the model leaves its mode or a worker starts
+    if groups not in (1, 2):
+        raise ValueError(f"groups must be 1 or 2, not {groups!r}")
+    if pool is not None and (pool.task, pool.n_envs, pool.length, pool.seed) != (task, N, T, seed):
+        raise ValueError(f"the rollout pool runs {pool.n_envs} episodes of {pool.task!r} (length {pool.length}, "
+                         f"seed {pool.seed}); this evaluation asks for {N} of {task!r} (length {T}, seed {seed})")
     rewards = np.zeros((N, T), np.float32)
     successes = np.zeros((N, T), bool)
     was_training = model.training
     model.eval()
     t0 = time.time()
-
-    if pool is not None and (pool.task, pool.n_envs, pool.length, pool.seed) != (task, N, T, seed):
-        raise ValueError(f"the rollout pool runs {pool.n_envs} episodes of {pool.task!r} (length {pool.length}, "
-                         f"seed {pool.seed}); this evaluation asks for {N} of {task!r} (length {T}, seed {seed})")
     try:
         with (RolloutPool(task, N, workers, seed, length) if pool is None else nullcontext(pool)) as pool, \
                 progress(T, f"rollout {task}", unit="step") as bar:
-            if groups not in (1, 2):
-                raise ValueError(f"groups must be 1 or 2, not {groups!r}")
             parts = pool.groups(groups)
             envs = [pool.envs_of(g) for g in parts]
             eps = [_Episodes(model, len(e), K, T, target_return, device) for e in envs]

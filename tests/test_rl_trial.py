@@ -189,8 +189,10 @@ def test_rollout_in_two_overlapping_groups_gives_the_same_episodes():
     assert np.allclose(one.returns, two.returns, rtol=1e-4) and one.success_any == two.success_any
     assert np.allclose(joined.returns, two.returns, rtol=1e-4) and joined.success_any == two.success_any
     assert len(set(np.round(one.returns, 3))) > 1  # distinct episodes: the comparison can fail
+    model.train()
     with pytest.raises(ValueError, match="groups must be 1 or 2, not 3"):
         evaluate_dt(model, "reach", episodes=4, target_return=1500.0, workers=2, seed=3, length=5, groups=3)
+    assert model.training  # refused before the model left its mode
 
 
 def test_a_trials_rollouts_keep_their_workers_and_score_the_same_episodes():
