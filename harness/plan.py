@@ -271,8 +271,12 @@ def plan_wave(study: Study, stage: str, wave: int, specs: list[ResolvedTrial], g
     out.gpu_hours = gpu_s / 3600
     out.wall_hours = max(gpu_s / out.gpus_used, longest) / 3600
     if per_gpu > 1:
-        graphs = f" ({kind}: {packing[kind]['source'].split(':')[0]})" if kind in (packing or {}) else ""
-        out.notes.append(f"{per_gpu} trials per GPU at {speed:.3g}x one trial's rate in all{graphs}")
+        said = ""
+        if kind in (packing or {}):
+            said = f" ({kind}: {packing[kind]['source'].split(':')[0]})"
+        elif packing and kind != "compiled":  # as _measured_ms falls back, and says so
+            said = f" (torch.compile's default mode's figure; {kind} not measured)"
+        out.notes.append(f"{per_gpu} trials per GPU at {speed:.3g}x one trial's rate in all{said}")
     return out
 
 

@@ -307,10 +307,13 @@ def test_trials_under_cuda_graphs_are_packed_at_the_graphs_measured_rate(tmp_pat
     default, graphs = measured["speedup"]["4"], measured["compiled:reduce-overhead"]["speedup"]["4"]
     assert graphs < 1.0 < default
     notes = {}
-    for mode in ("default", "reduce-overhead"):
+    for mode in ("default", "reduce-overhead", "max-autotune-no-cudagraphs"):
         doc = dict(STUDY, settings={"compile_mode": mode})
         done = plan(tmp_path, doc, "--gpus", "2", "--gpu-model", "NVIDIA H200")
         assert done.returncode == 0, done.stdout + done.stderr
         notes[mode] = " ".join(rows(done.stdout)["select"][8:])
     assert f"4 trials per GPU at {default:.3g}x one trial's rate in all" in notes["default"]
     assert f"4 trials per GPU at {graphs:.3g}x one trial's rate in all (compiled:reduce-overhead" in notes["reduce-overhead"]
+    # a mode with no packing measurement gets the default mode's figure, and the plan says so
+    assert (f"4 trials per GPU at {default:.3g}x one trial's rate in all (torch.compile's default mode's figure; "
+            "compiled:max-autotune-no-cudagraphs not measured)") in notes["max-autotune-no-cudagraphs"]
