@@ -148,11 +148,16 @@ def test_a_deterministic_study_pretrains_its_base_under_deterministic_kernels(ca
     ts = track.settings({**TINY, "deterministic": True})
     plan = pretrain_plan(ts)
     assert plan.train.deterministic and plan.base_key() == pretrain_plan(track.settings(TINY)).base_key()
-    assert not torch.are_deterministic_algorithms_enabled()
-    pretrain(plan, torch.device("cpu"), 1,
-             log=lambda line: seen.append(torch.are_deterministic_algorithms_enabled()) if " update " in line else None)
-    assert seen and all(seen)  # every progress line the training loop logged
-    assert not torch.are_deterministic_algorithms_enabled()
+    # an earlier deterministic trial in this test process leaves the process's choice on (it is the process's)
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(False)
+    try:
+        pretrain(plan, torch.device("cpu"), 1,
+                 log=lambda line: seen.append(torch.are_deterministic_algorithms_enabled()) if " update " in line else None)
+        assert seen and all(seen)  # every progress line the training loop logged
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 def test_curve_points_are_checked():
