@@ -27,21 +27,19 @@ def _train_forever(ready) -> None:
 
 def main() -> None:
     from agents.dt import DecisionTransformer
-    from agents.rollout import RolloutPool, evaluate_dt
+    from agents.rollout import evaluate_dt
     from agents.track import RLSettings, model_config
 
     out = sys.argv[1]
     load = int(sys.argv[2]) if len(sys.argv) > 2 else 3
     rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 3
     model = DecisionTransformer(model_config(RLSettings())).cuda().eval()
-    shipped = RolloutPool.groups
     rows = []
 
     def measure(label: str) -> None:
         for r in range(rounds):
             for groups in (2, 1):
-                RolloutPool.groups = shipped if groups == 2 else (lambda self, n: [list(range(len(self.conns)))])
-                res = evaluate_dt(model, "hammer", 2, 1000.0, workers=2, seed=r)  # under the trial's autocast
+                res = evaluate_dt(model, "hammer", 2, 1000.0, workers=2, seed=r, groups=groups)  # under the trial's autocast
                 rows.append({"load": label, "groups": groups, "round": r, "wall_s": res.wall_s,
                              "start_s": res.start_s, "policy_s": res.policy_s, "wait_s": res.wait_s,
                              "capture_s": res.capture_s})
