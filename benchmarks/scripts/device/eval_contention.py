@@ -39,7 +39,8 @@ def main() -> None:
     def measure(label: str) -> None:
         for r in range(rounds):
             for groups in (2, 1):
-                res = evaluate_dt(model, "hammer", 2, 1000.0, workers=2, seed=r, groups=groups)  # under the trial's autocast
+                # under the trial's autocast
+                res = evaluate_dt(model, "hammer", 2, 1000.0, workers=2, seed=r, groups=groups)
                 rows.append({"load": label, "groups": groups, "round": r, "wall_s": res.wall_s,
                              "start_s": res.start_s, "policy_s": res.policy_s, "wait_s": res.wait_s,
                              "capture_s": res.capture_s})
