@@ -42,7 +42,7 @@ from torch import nn
 from harness.errors import ConfigError
 from harness.finetune import MethodHooks
 from harness.methods import AdapterSite, MethodContext, get_method, method_names
-from harness.methods import eva_init, low_rank
+from harness.methods import adapted_layers, eva_init, low_rank
 from harness.trial import resolve_point
 from harness.randomness import seeded
 from harness.training import (LoopConfig, Trainer, check_inductor_options, compiled_loss, own_frame,
@@ -79,6 +79,13 @@ class BenchSettings(BaseModel):
     # VeRA's update merged into the weight (true), applied to the activations (false), or where its rank
     # makes the merge cheaper by FLOPs (None: harness.methods.fast_peft.VERA_MERGE's default rule)
     vera_merge: Bool | None = None
+    # eager forwards of the own methods (NoLA, EigenLoRA, GLoRA) prepare same-shape layers' operands in one
+    # batched product per kind (harness.methods.adapted_layers.GROUPED_EAGER, true by default); false: each
+    # layer its own, for an A/B of the host time it saves
+    grouped: Bool | None = None
+    # RandLoRA's scaled bases in plain autograd ops ("plain", the default) or through peft's UniqueBaseGrad
+    # ("peft"; harness.methods.fast_peft.PLAIN_RANDLORA_SCALES)
+    randlora_scales: Literal["plain", "peft"] | None = None
     # torch.set_float32_matmul_precision for the run: "high" lets fp32 matmuls use TF32 tensor cores. Under
     # bf16 autocast the only fp32 matmuls are the merged forms' weight-sized products (RandLoRA, VeRA where
     # it merges), which an H200 runs about 15x slower than bf16 without TF32; measures what TF32 would win
@@ -226,9 +233,14 @@ def bench_methods(overrides: dict[str, Any]) -> dict[str, Any]:
         low_rank.RANK_ALIGN = cfg["rank_align"]
     from harness.methods import fast_peft  # heavy: harness.methods.fast_peft imports peft
 
-    vera_merge = fast_peft.VERA_MERGE
+    vera_merge, plain_scales = fast_peft.VERA_MERGE, fast_peft.PLAIN_RANDLORA_SCALES
+    if cfg.get("randlora_scales") is not None:
+        fast_peft.PLAIN_RANDLORA_SCALES = cfg["randlora_scales"] == "plain"
     if cfg.get("vera_merge") is not None:
         fast_peft.VERA_MERGE = cfg["vera_merge"]
+    grouped = adapted_layers.GROUPED_EAGER
+    if cfg.get("grouped") is not None:
+        adapted_layers.GROUPED_EAGER = cfg["grouped"]
     eva_key = eva_init.FAST_INPUT_KEY
     if cfg.get("eva_input_key") is not None:
         eva_init.FAST_INPUT_KEY = cfg["eva_input_key"] == "fast"
@@ -263,11 +275,13 @@ def bench_methods(overrides: dict[str, Any]) -> dict[str, Any]:
                     print(f"[bench] {name}: {rows[name]}", file=sys.stderr, flush=True)
     finally:
         low_rank.RANK_ALIGN = align
-        fast_peft.VERA_MERGE = vera_merge
+        fast_peft.VERA_MERGE, fast_peft.PLAIN_RANDLORA_SCALES = vera_merge, plain_scales
+        adapted_layers.GROUPED_EAGER = grouped
         eva_init.FAST_INPUT_KEY = eva_key
         torch.set_float32_matmul_precision(precision)
     rows = {name: rows[name] for name in cfg["methods"]}
     cfg["rank_align"] = low_rank.RANK_ALIGN if cfg.get("rank_align") is None else cfg["rank_align"]
+    cfg["grouped"] = adapted_layers.GROUPED_EAGER if cfg.get("grouped") is None else cfg["grouped"]
     for ref in ("full", "lora"):
         base = rows.get(ref, {}).get("ms_per_round")
         if not base:
@@ -549,10 +563,14 @@ def time_by_kind(prof: Any, cuda: bool, top: int = 12) -> dict[str, Any]:
     """Where the profiled step's time went: per kind (:func:`kernel_kind`) the device time of its kernels
     (CUDA) or the self CPU time of its aten calls (CPU), in ms, their sum (``kernel_ms``), and the ``top``
     kernels or calls by time with their counts. Tells a step bound by its matrix products from one bound by
-    everything else, and (``kernel_ms`` against the step's time) one that leaves the device idle."""
+    everything else, and (``kernel_ms`` against the step's time) one that leaves the device idle; on CUDA
+    ``top_host_calls`` then lists the aten calls by their own host time, where that idle time goes."""
     totals: dict[str, float] = {}
     rows = []
+    host = []  # on CUDA: the aten calls by their own host time, which tells what an idle device waits for
     for e in prof.key_averages():
+        if cuda and e.key.startswith("aten::") and e.self_cpu_time_total > 0:
+            host.append((e.self_cpu_time_total, e.key, e.count))
         if cuda:
             # the phases' own ranges (record_function, and the optimizer's) show on the device's timeline
             # too, spanning kernels counted below: they are no kernels
@@ -573,4 +591,6 @@ def time_by_kind(prof: Any, cuda: bool, top: int = 12) -> dict[str, Any]:
     return {"time_by_kind_ms": {k: round(v / 1000, 3) for k, v in sorted(totals.items())},
             "kernel_ms": round(sum(totals.values()) / 1000, 3),
             "top_kernels": [{"name": n[:120], "ms": round(us / 1000, 3), "count": c, "kind": k}
-                            for us, n, c, k in rows[:top]]}
+                            for us, n, c, k in rows[:top]],
+            **({"top_host_calls": [{"name": n, "host_ms": round(us / 1000, 3), "count": c}
+                                   for us, n, c in sorted(host, reverse=True)[:top]]} if cuda else {})}

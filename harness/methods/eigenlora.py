@@ -45,7 +45,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -209,8 +209,25 @@ class EigenLoRALinear(AdaptedLinear):
             b_t = torch.addmm(self.mean_b, self.alpha_b.T, self.e_b)
         return a, b_t
 
+    def group_key(self) -> tuple | None:
+        return (tuple(self.e_a.shape), tuple(self.e_b.shape), tuple(self.alpha_a.shape), self.e_a.dtype,
+                self.e_a.device)
+
+    @classmethod
+    def group_operands(cls, layers: Sequence["EigenLoRALinear"]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's ``factors_t`` as two batched products (``baddbmm``: the means added in their
+        epilogue) over the layers' stacked components and coefficients, in the same fp32 arithmetic."""
+        def stacked(name: str) -> torch.Tensor:
+            return torch.stack([getattr(layer, name) for layer in layers])
+
+        with torch.autocast(layers[0].e_a.device.type, enabled=False):
+            a = torch.baddbmm(stacked("mean_a").unsqueeze(1), stacked("alpha_a").mT, stacked("e_a"))
+            b_t = torch.baddbmm(stacked("mean_b").unsqueeze(1), stacked("alpha_b").mT, stacked("e_b"))
+        return list(zip(a.unbind(0), b_t.unbind(0)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b_t = self.factors_t()
+        factors = self.take_operands()
+        a, b_t = factors if factors is not None else self.factors_t()
         return low_rank_linear_t(x, self.base.weight, self.base.bias, a, b_t)
 
     def delta_weight(self) -> torch.Tensor:

@@ -19,8 +19,9 @@ no adapter dropout in training, an ``nn.Linear`` base); anything else falls back
 - RandLoRA: its update is a product of scaled shared bases of rank ``n r`` >= min(d_in, d_out) (full
   rank by design), so the low-rank form would cost more than the base matmul; it is merged instead
   (``F.linear(x, W + s B A, b)`` with ``W + s B A`` one addmm; the scaled bases computed once per forward
-  as peft's ``get_scaled_bases`` computes them, with its ``UniqueBaseGrad``, minus its per-forward device
-  moves), which costs what full fine-tuning's forward and weight gradient cost.
+  as peft's ``get_scaled_bases`` computes them, in plain autograd ops where peft's ``UniqueBaseGrad`` runs
+  a Python backward, minus its per-forward device moves), which costs what full fine-tuning's forward and
+  weight gradient cost.
 """
 
 from __future__ import annotations
@@ -156,6 +157,12 @@ class FastVeraLinear(VeraLinear):
         return low_rank_linear(x, base.weight, base.bias, a, b)
 
 
+# Whether RandLoRA's fast forward scales its bases in plain autograd ops (True) or through peft's
+# ``UniqueBaseGrad`` (False: the same arithmetic, a Python backward with two einsums per layer).
+# ``bench methods --set randlora_scales=peft`` sets it for a GPU A/B.
+PLAIN_RANDLORA_SCALES = True
+
+
 class FastRandLoraLinear(RandLoraLinear):
     """peft's RandLoRA layer, fast forward: the update merged into the weight for the one matmul."""
 
@@ -177,8 +184,8 @@ class FastRandLoraLinear(RandLoraLinear):
         return F.linear(x, weight, base.bias)
 
     def _scaled_bases(self, name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """peft's ``get_scaled_bases`` (the same slices, its own ``UniqueBaseGrad``, the same order) without
-        its per-forward ``.to(device)`` of four tensors already there: each was a dispatch of its own. Where
+        """peft's ``get_scaled_bases`` (the same slices, the same products, the same order) without its
+        per-forward ``.to(device)`` of four tensors already there: each was a dispatch of its own. Where
         peft casts (bf16/fp16 bases on the CPU) or a tensor is elsewhere, peft's own runs."""
         a, b = self.randlora_A[name], self.randlora_B[name]
         lam, gamma = self.randlora_lambda[name], self.randlora_gamma[name]
@@ -187,7 +194,13 @@ class FastRandLoraLinear(RandLoraLinear):
             return self.get_scaled_bases(name, device=device)
         small, large = min(self.out_features, self.in_features), max(self.out_features, self.in_features)
         update_b = b[:large, : self.num_bases, :].flatten(start_dim=1)
-        update_a = UniqueBaseGrad.apply(a[:, : self.num_bases, :small], lam, gamma).flatten(end_dim=1)
+        # lambda (r x n) and gamma (n x small) scale the one base row A (r x 1 x small) as peft's
+        # UniqueBaseGrad does, in plain autograd ops: its backward is the same arithmetic (a product and a
+        # sum per scale), without the two three-operand einsums its Python backward runs per layer
+        if PLAIN_RANDLORA_SCALES:
+            update_a = (lam.unsqueeze(-1) * a[:, : self.num_bases, :small] * gamma).flatten(end_dim=1)
+        else:
+            update_a = UniqueBaseGrad.apply(a[:, : self.num_bases, :small], lam, gamma).flatten(end_dim=1)
         if small == self.in_features:
             return update_a, update_b
         return update_b.T, update_a.T

@@ -256,22 +256,86 @@ class GLoRALinear(AdaptedLinear):
         bias of the same addmm; W0 + W0 * A is one addcmul, D's and E's gates one addcmul each."""
         ma, xa, ya, mb, xb, yb, mc, xc, _ = self._gates[self._rows, code[:3]].flatten(0, 1).unbind(0)
         vd, sd, ve, se = self._vector_gates[self._rows[:2], code[3:]].flatten(0, 1).unbind(0)
-        w0, b0 = self.base.weight, self.base.bias
-
-        def matrix(down, up, mask, vector, scalar):  # (d_out, d_in): masked LoRA + vector column + scalar
-            return torch.addmm(down[:1] @ scalar, down, torch.addcmul(vector, mask, up))
 
         def vector(v, vector, scalar):  # the vector form v, or its first element broadcast
             return torch.addcmul(v[:1] * scalar, v, vector)
 
-        # summed in the order of ``effective`` ((W0 + W0 * A) + B), so the two round alike
-        weight = torch.addcmul(w0, w0, matrix(self.A_d, self.A_u, ma, xa, ya)) + matrix(self.B_d, self.B_u, mb, xb, yb)
-        c = self.C_d @ torch.addcmul(xc, mc, self.C_u)
+        return self._assemble(torch.addcmul(xa, ma, self.A_u), self.A_d[:1] @ ya,
+                              torch.addcmul(xb, mb, self.B_u), self.B_d[:1] @ yb,
+                              self.C_d @ torch.addcmul(xc, mc, self.C_u), vector(self.E, ve, se),
+                              vector(self.D, vd, sd) if self.base.bias is not None else None)
+
+    def _assemble(self, up_a: torch.Tensor, scalar_a: torch.Tensor, up_b: torch.Tensor, scalar_b: torch.Tensor,
+                  c: torch.Tensor, e: torch.Tensor, d: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W', b' + p) from the form's small terms: A's and B's gated up factors (r x d_in) and scalar
+        terms (1 x 1), C (d_in x 1), E and D (d_out; D None without a base bias). The weight-sized work is
+        here, per layer: A = A_d @ up_a + scalar_a, B likewise, then ((W0 + W0 * A) + B), the order of
+        ``effective``, so the two round alike."""
+        w0, b0 = self.base.weight, self.base.bias
+        weight = torch.addcmul(w0, w0, torch.addmm(scalar_a, self.A_d, up_a)) + torch.addmm(scalar_b, self.B_d, up_b)
         # a product (not addmv, which autocast does not cast) so that the prompt rounds as ``effective``'s
-        bias = vector(self.E, ve, se) + (w0 @ c).squeeze(1)
+        bias = e + (w0 @ c).squeeze(1)
         if b0 is not None:
-            bias = torch.addcmul(bias + b0, b0, vector(self.D, vd, sd))
+            bias = torch.addcmul(bias + b0, b0, d)
         return weight, bias
+
+    def group_key(self) -> tuple | None:
+        if not (self.training or torch.is_grad_enabled()):
+            return None  # inference reuses its cached W' (forward): nothing to prepare per forward
+        return (self.ranks, self._shape(), self.base.bias is not None, self.A_d.dtype, self.A_d.device,
+                self._sampling and self.training)
+
+    def _shape(self) -> tuple[int, int]:
+        return self.in_features, self.out_features
+
+    @classmethod
+    def before_groups(cls, layers: Sequence["GLoRALinear"]) -> None:
+        """Draw the forms of every sampling layer (training, no fixed form) for this forward into its
+        ``_last``: one ``rand`` of n x 5 in module order where the layers share their choices, which on the
+        CPU gives the numbers n per-layer draws would (``_codes``), on a GPU other but equally uniform ones."""
+        drawing = [layer for layer in layers if layer._sampling and layer.training]
+        if not drawing:
+            return
+        first = drawing[0]
+        if any(layer.ranks != first.ranks or layer._counts.device != first._counts.device for layer in drawing):
+            for layer in drawing:
+                layer._codes()
+            return
+        codes = torch.rand((len(drawing), len(TENSORS)), device=first._counts.device) * first._counts
+        codes = torch.minimum(codes.long(), first._top)
+        torch._foreach_copy_([layer._last for layer in drawing], list(codes.unbind(0)))
+
+    @classmethod
+    def group_operands(cls, layers: Sequence["GLoRALinear"]) -> list[tuple]:
+        """Every layer's terms for ``_assemble`` (A, B, C, E, D of its form), for all ``layers`` (one shape,
+        one kind of form: all drawn or all fixed) as batched products over their stacked storage, in the
+        eager forward's arithmetic (``_effective_eager``); drawn forms are in ``_last`` (``before_groups``)."""
+        first, g = layers[0], len(layers)
+        codes = torch.stack([layer._last if first._sampling and first.training else layer._code for layer in layers])
+        # (G, 3 tensors, 3 gates, r, 1) -> 9 gates of (G, r, 1); (G, 2, 2, 1) -> 4 of (G, 1)
+        ma, xa, ya, mb, xb, yb, mc, xc, _ = (first._gates[first._rows, codes[:, :3]].permute(1, 2, 0, 3, 4)
+                                             .flatten(0, 1).unbind(0))
+        vd, sd, ve, se = first._vector_gates[first._rows[:2], codes[:, 3:]].permute(1, 2, 0, 3).flatten(0, 1).unbind(0)
+
+        def stacked(name: str) -> torch.Tensor:
+            return torch.stack([getattr(layer, name) for layer in layers])
+
+        def vector(v, vector, scalar):  # (G, d_out)
+            v = stacked(v)
+            return torch.addcmul(v[:, :1] * scalar, v, vector)
+
+        # Only the small terms are batched: a weight-sized term built for all G layers would be copied
+        # again in the backward (the stack of its G gradients), which cost more than the dispatches saved
+        # (a CPU profile); the weight-sized products stay in each layer's ``_assemble``.
+        up_a = torch.addcmul(xa, ma, stacked("A_u")).unbind(0)
+        up_b = torch.addcmul(xb, mb, stacked("B_u")).unbind(0)
+        a_d, b_d = stacked("A_d"), stacked("B_d")
+        scalar_a = torch.bmm(a_d[:, :1], ya).unbind(0)
+        scalar_b = torch.bmm(b_d[:, :1], yb).unbind(0)
+        c = torch.bmm(stacked("C_d"), torch.addcmul(xc, mc, stacked("C_u"))).unbind(0)
+        e = vector("E", ve, se).unbind(0)
+        d = vector("D", vd, sd).unbind(0) if first.base.bias is not None else (None,) * g
+        return list(zip(up_a, scalar_a, up_b, scalar_b, c, e, d))
 
     def _inference_key(self) -> tuple:
         """What the effective weight of an inference forward depends on: every tensor it reads (storage
@@ -284,7 +348,8 @@ class GLoRALinear(AdaptedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
             self._inference = None
-            weight, bias = self.effective_coded(self._codes())
+            terms = self.take_operands()
+            weight, bias = self._assemble(*terms) if terms is not None else self.effective_coded(self._codes())
         else:
             # Inference (rollouts, the subnet search's scoring): the form and weights stay fixed across
             # forwards, so W' and b' are built once, not again for every step of every episode

@@ -27,7 +27,7 @@ Choices, following the public code (UCDvision/NOLA, ``vit/NOLA.py``):
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -96,8 +96,29 @@ class NoLALinear(AdaptedLinear):
             b_t = b_t.view(d_out, self.r)
         return a_t, b_t
 
+    def group_key(self) -> tuple | None:
+        # only layers reading the same bases (shared_bases: every layer of one shape) share a product
+        return (self.bases_a_t.data_ptr(), self.bases_b_t.data_ptr(), self.r, self._shape,
+                self.nola_alpha.dtype, self.nola_alpha.device)
+
+    @classmethod
+    def group_operands(cls, layers: Sequence["NoLALinear"]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's ``factors_t`` from two products over the bases: the layers' coefficients stacked
+        (G x k) times the shared bases, in the eager ``factors_t``'s arithmetic (fp32, the scale applied by
+        the product)."""
+        first = layers[0]
+        (d_in, d_out), r, g = first._shape, first.r, len(layers)
+        with torch.autocast(first.bases_a_t.device.type, enabled=False):
+            alphas = torch.stack([layer.nola_alpha for layer in layers])
+            betas = torch.stack([layer.nola_beta for layer in layers])
+            a_t = torch.mm(alphas, first.bases_a_t.T).view(g, r, d_in).unbind(0)
+            b_t = torch.addmm(first._zero, betas, first.bases_b_t.T, beta=0, alpha=first.scale)
+            b_t = b_t.view(g, d_out, r).unbind(0)
+        return list(zip(a_t, b_t))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a_t, b_t = self.factors_t()  # the scale is in b_t
+        factors = self.take_operands()
+        a_t, b_t = factors if factors is not None else self.factors_t()  # the scale is in b_t
         return low_rank_linear(x, self.base.weight, self.base.bias, a_t, b_t)
 
     def delta_weight(self) -> torch.Tensor:

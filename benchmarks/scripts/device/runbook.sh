@@ -24,10 +24,15 @@
 #   gpus1     counts [1] (32 trials x 1,000 updates on one GPU)
 #   gpus2     counts [2], the same trials on two; scaling efficiency = gpus2's updates/s / (2 x gpus1's), and
 #             records compared with benchmarks/scripts/compare_records.py (measurements apart)
+# PLAN eager (one H200; issue 21, item 1, eager): bench methods, eager, with the grouped operands (NoLA, EigenLoRA,
+# GLoRA) and RandLoRA's plain scaled bases, then the same with both off (`grouped=false randlora_scales=peft`,
+# the code before them), each with the host's top calls profiled; on ViT-B/16 (vitE, vitU) and the paper DT
+# (dtE, dtU); then vitRO, the same methods under CUDA graphs (the compiled path is meant to be unchanged,
+# RandLoRA's apart, whose scaled bases are now plain ops there too)
 set -u
-out=$(realpath -m "${1:?usage: runbook.sh OUTDIR [h200|x2]}")
+out=$(realpath -m "${1:?usage: runbook.sh OUTDIR [h200|x2|eager]}")
 plan=${2:-h200}
-case "$plan" in h200|x2) ;; *) echo "runbook.sh: PLAN must be h200 or x2, not $plan" >&2; exit 2;; esac
+case "$plan" in h200|x2|eager) ;; *) echo "runbook.sh: PLAN must be h200, x2 or eager, not $plan" >&2; exit 2;; esac
 mkdir -p "$out"
 # run from a copy: each device call copies the working tree afresh into the repository root, and a step that
 # started during that copy once failed to import the harness (2026-12-03g's scaleD)
@@ -46,7 +51,18 @@ scale() { local name=$1 dir=$2; shift 2
   step "$name" env HARNESS_CACHE=/tmp/hcS python -m harness bench scale --set workdir="/tmp/$dir" --set "$GRAPHS" \
     --out "$out/$name.json" "$@"
   records "$name" "$dir"; }
-if [ "$plan" = h200 ]; then
+SLOW='methods=[full,lora,adalora,randlora,nola,glora,eigenlora]'
+BEFORE=(--set grouped=false --set randlora_scales=peft)
+if [ "$plan" = eager ]; then
+  prof=(--set profile=true --set profile_top=25)
+  step vitE python -m harness bench methods --set "$SLOW" "${prof[@]}" --out "$out/vit-eager.json"
+  step vitU python -m harness bench methods --set "$SLOW" "${prof[@]}" "${BEFORE[@]}" --out "$out/vit-eager-before.json"
+  step dtE python -m harness bench methods --set model=dt --set "$SLOW" "${prof[@]}" --out "$out/dt-eager.json"
+  step dtU python -m harness bench methods --set model=dt --set "$SLOW" "${prof[@]}" "${BEFORE[@]}" \
+    --out "$out/dt-eager-before.json"
+  step vitRO python -m harness bench methods --set compile=true --set compile_mode=reduce-overhead \
+    --set 'methods=[full,randlora,nola,glora,eigenlora]' --out "$out/vit-ro.json"
+elif [ "$plan" = h200 ]; then
   step shareD env HARNESS_CACHE=/tmp/hcS python -m harness bench share --set 'trials=[4]' --set steps=2000 \
     --out "$out/share-default.json"
   scale scaleF2 scF2 --set 'counts=[1]'
