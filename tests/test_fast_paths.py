@@ -534,8 +534,10 @@ def test_glora_coded_forward_matches_the_per_form_formula(text, bias, compiled):
 
 
 def test_glora_compiled_forward_under_autocast_is_as_accurate_as_eager():
-    """bf16 autocast: the compiled forward (the prompt as fp32 sums) is no further from the fp32 result
-    than the eager forward (the prompt as a bf16 product), in outputs and gradients."""
+    """bf16 autocast: the compiled forward (bf16 products, the prompt as fp32 sums) is no further from the
+    fp32 result than the eager forward, or within bf16's noise on these tiny layers (3% of a norm, as for
+    the fast paths above): the eager forward builds W' with autocast off, in fp32 (issue 21), so it may
+    be closer than bf16 products can be."""
     from harness.methods.glora import GLoRALinear, LayerForm, form_choices
 
     x, y = _data()
@@ -558,7 +560,8 @@ def test_glora_compiled_forward_under_autocast_is_as_accurate_as_eager():
     out_comp, g_comp = run(torch.compile(model, backend="aot_eager", fullgraph=True), True)
     assert _error(out_comp, out_32) <= max(1.5 * _error(out_eager, out_32), 1e-2)
     for n in g_32:
-        assert _error(g_comp[n], g_32[n]) <= max(1.5 * _error(g_eager[n], g_32[n]), 2e-2), n
+        assert _error(g_comp[n], g_32[n]) <= max(1.5 * _error(g_eager[n], g_32[n]), 3e-2), n
+
 
 def test_glora_compiles_once_for_every_sampled_form():
     """A compiled training step, then forms drawn in training and fixed forms in evaluation: dynamo

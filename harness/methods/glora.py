@@ -260,23 +260,29 @@ class GLoRALinear(AdaptedLinear):
         def vector(v, vector, scalar):  # the vector form v, or its first element broadcast
             return torch.addcmul(v[:1] * scalar, v, vector)
 
-        return self._assemble(torch.addcmul(xa, ma, self.A_u), self.A_d[:1] @ ya,
-                              torch.addcmul(xb, mb, self.B_u), self.B_d[:1] @ yb,
-                              self.C_d @ torch.addcmul(xc, mc, self.C_u), vector(self.E, ve, se),
-                              vector(self.D, vd, sd) if self.base.bias is not None else None)
+        with torch.autocast(self.A_d.device.type, enabled=False):  # see _assemble
+            return self._assemble(torch.addcmul(xa, ma, self.A_u), self.A_d[:1] @ ya,
+                                  torch.addcmul(xb, mb, self.B_u), self.B_d[:1] @ yb,
+                                  self.C_d @ torch.addcmul(xc, mc, self.C_u), vector(self.E, ve, se),
+                                  vector(self.D, vd, sd) if self.base.bias is not None else None)
 
     def _assemble(self, up_a: torch.Tensor, scalar_a: torch.Tensor, up_b: torch.Tensor, scalar_b: torch.Tensor,
                   c: torch.Tensor, e: torch.Tensor, d: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(W', b' + p) from the form's small terms: A's and B's gated up factors (r x d_in) and scalar
         terms (1 x 1), C (d_in x 1), E and D (d_out; D None without a base bias). The weight-sized work is
         here, per layer: A = A_d @ up_a + scalar_a, B likewise, then ((W0 + W0 * A) + B), the order of
-        ``effective``, so the two round alike."""
+        ``effective``, so the two round alike.
+
+        Eager, all of it runs in the weights' dtype with autocast off: under bf16 autocast every product
+        here copied its operands to bf16 first (the frozen W0 of the prompt's product, weight-sized, at
+        every forward: autocast caches only the casts of trainable leaves), some 20 more dispatches per
+        layer, and W0 + W0 * A came back in fp32 anyway; the layer's own ``F.linear`` then casts W' once."""
         w0, b0 = self.base.weight, self.base.bias
-        weight = torch.addcmul(w0, w0, torch.addmm(scalar_a, self.A_d, up_a)) + torch.addmm(scalar_b, self.B_d, up_b)
-        # a product (not addmv, which autocast does not cast) so that the prompt rounds as ``effective``'s
-        bias = e + (w0 @ c).squeeze(1)
-        if b0 is not None:
-            bias = torch.addcmul(bias + b0, b0, d)
+        with torch.autocast(w0.device.type, enabled=False):
+            weight = torch.addcmul(w0, w0, torch.addmm(scalar_a, self.A_d, up_a)) + torch.addmm(scalar_b, self.B_d, up_b)
+            bias = e + (w0 @ c).squeeze(1)  # a product, as ``effective`` computes the prompt
+            if b0 is not None:
+                bias = torch.addcmul(bias + b0, b0, d)
         return weight, bias
 
     def group_key(self) -> tuple | None:
@@ -324,17 +330,18 @@ class GLoRALinear(AdaptedLinear):
             v = stacked(v)
             return torch.addcmul(v[:, :1] * scalar, v, vector)
 
-        # Only the small terms are batched: a weight-sized term built for all G layers would be copied
+        # Only the small terms are batched (fp32, autocast off, as ``_assemble``): a weight-sized term built for all G layers would be copied
         # again in the backward (the stack of its G gradients), which cost more than the dispatches saved
         # (a CPU profile); the weight-sized products stay in each layer's ``_assemble``.
-        up_a = torch.addcmul(xa, ma, stacked("A_u")).unbind(0)
-        up_b = torch.addcmul(xb, mb, stacked("B_u")).unbind(0)
-        a_d, b_d = stacked("A_d"), stacked("B_d")
-        scalar_a = torch.bmm(a_d[:, :1], ya).unbind(0)
-        scalar_b = torch.bmm(b_d[:, :1], yb).unbind(0)
-        c = torch.bmm(stacked("C_d"), torch.addcmul(xc, mc, stacked("C_u"))).unbind(0)
-        e = vector("E", ve, se).unbind(0)
-        d = vector("D", vd, sd).unbind(0) if first.base.bias is not None else (None,) * g
+        with torch.autocast(first.A_d.device.type, enabled=False):
+            up_a = torch.addcmul(xa, ma, stacked("A_u")).unbind(0)
+            up_b = torch.addcmul(xb, mb, stacked("B_u")).unbind(0)
+            a_d, b_d = stacked("A_d"), stacked("B_d")
+            scalar_a = torch.bmm(a_d[:, :1], ya).unbind(0)
+            scalar_b = torch.bmm(b_d[:, :1], yb).unbind(0)
+            c = torch.bmm(stacked("C_d"), torch.addcmul(xc, mc, stacked("C_u"))).unbind(0)
+            e = vector("E", ve, se).unbind(0)
+            d = vector("D", vd, sd).unbind(0) if first.base.bias is not None else (None,) * g
         return list(zip(up_a, scalar_a, up_b, scalar_b, c, e, d))
 
     def _inference_key(self) -> tuple:
