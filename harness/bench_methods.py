@@ -42,7 +42,7 @@ from torch import nn
 from harness.errors import ConfigError
 from harness.finetune import MethodHooks
 from harness.methods import AdapterSite, MethodContext, get_method, method_names
-from harness.methods import adapted_layers, eva_init, low_rank
+from harness.methods import eva_init, grouped_operands, low_rank
 from harness.trial import resolve_point
 from harness.randomness import seeded
 from harness.training import (LoopConfig, Trainer, check_inductor_options, compiled_loss, own_frame,
@@ -80,7 +80,7 @@ class BenchSettings(BaseModel):
     # makes the merge cheaper by FLOPs (None: harness.methods.fast_peft.VERA_MERGE's default rule)
     vera_merge: Bool | None = None
     # eager forwards of the own methods (NoLA, EigenLoRA, GLoRA) prepare same-shape layers' operands in one
-    # batched product per kind (harness.methods.adapted_layers.GROUPED_EAGER, true by default); false: each
+    # batched product per kind (harness.methods.grouped_operands.GROUPED_EAGER, true by default); false: each
     # layer its own, for an A/B of the host time it saves
     grouped: Bool | None = None
     # RandLoRA's scaled bases in plain autograd ops ("plain", the default) or through peft's UniqueBaseGrad
@@ -238,9 +238,9 @@ def bench_methods(overrides: dict[str, Any]) -> dict[str, Any]:
         fast_peft.PLAIN_RANDLORA_SCALES = cfg["randlora_scales"] == "plain"
     if cfg.get("vera_merge") is not None:
         fast_peft.VERA_MERGE = cfg["vera_merge"]
-    grouped = adapted_layers.GROUPED_EAGER
+    grouped = grouped_operands.GROUPED_EAGER
     if cfg.get("grouped") is not None:
-        adapted_layers.GROUPED_EAGER = cfg["grouped"]
+        grouped_operands.GROUPED_EAGER = cfg["grouped"]
     eva_key = eva_init.FAST_INPUT_KEY
     if cfg.get("eva_input_key") is not None:
         eva_init.FAST_INPUT_KEY = cfg["eva_input_key"] == "fast"
@@ -276,12 +276,12 @@ def bench_methods(overrides: dict[str, Any]) -> dict[str, Any]:
     finally:
         low_rank.RANK_ALIGN = align
         fast_peft.VERA_MERGE, fast_peft.PLAIN_RANDLORA_SCALES = vera_merge, plain_scales
-        adapted_layers.GROUPED_EAGER = grouped
+        grouped_operands.GROUPED_EAGER = grouped
         eva_init.FAST_INPUT_KEY = eva_key
         torch.set_float32_matmul_precision(precision)
     rows = {name: rows[name] for name in cfg["methods"]}
     cfg["rank_align"] = low_rank.RANK_ALIGN if cfg.get("rank_align") is None else cfg["rank_align"]
-    cfg["grouped"] = adapted_layers.GROUPED_EAGER if cfg.get("grouped") is None else cfg["grouped"]
+    cfg["grouped"] = grouped_operands.GROUPED_EAGER if cfg.get("grouped") is None else cfg["grouped"]
     for ref in ("full", "lora"):
         base = rows.get(ref, {}).get("ms_per_round")
         if not base:

@@ -190,7 +190,7 @@ def test_grouped_and_randlora_scales_switch_the_before_paths_for_the_run_only():
     (each layer its own operands; peft's UniqueBaseGrad), which dispatch other calls per step (on the tiny
     DT's pairs of layers about as many: the saving grows with the layers of a shape, tested in
     test_grouped_operands.py); the modules' defaults are back after the run."""
-    from harness.methods import adapted_layers, fast_peft
+    from harness.methods import fast_peft, grouped_operands
 
     calls = {}
     for before in (False, True):
@@ -198,7 +198,7 @@ def test_grouped_and_randlora_scales_switch_the_before_paths_for_the_run_only():
         out = bench_methods({**TINY_DT, "methods": ["nola", "randlora"], "profile": True, "profile_steps": 1,
                              **switches})
         assert out["config"]["grouped"] is not before
-        assert adapted_layers.GROUPED_EAGER and fast_peft.PLAIN_RANDLORA_SCALES
+        assert grouped_operands.GROUPED_EAGER and fast_peft.PLAIN_RANDLORA_SCALES
         calls[before] = {m: sum(r["phases"]["aten_calls"].values()) for m, r in out["methods"].items()}
     assert calls[False]["nola"] != calls[True]["nola"]
     assert calls[False]["randlora"] != calls[True]["randlora"]

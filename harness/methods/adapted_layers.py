@@ -17,65 +17,36 @@ A subclass declares ``layer_class`` and implements ``layer_factory``; the rest i
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Hashable, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from torch import nn
 
 from harness.errors import ConfigError
+from harness.methods.grouped_operands import GroupedOperands, GroupsOperands
 from harness.methods.base import (AdapterSite, Method, MethodContext, freeze, head_state, load_head_state,
                                   unfreeze_head, write_settings)
 
 LayerBuilder = Callable[[str, nn.Linear], "AdaptedLinear"]
 
-# Whether an eager forward prepares the operands of same-shape adapted layers together (GroupedOperands).
-# ``bench methods --set grouped=false`` turns it off for a GPU A/B in one run.
-GROUPED_EAGER = True
 
-
-class AdaptedLinear(nn.Module):
+class AdaptedLinear(GroupsOperands, nn.Module):
     """A frozen ``nn.Linear`` (``self.base``) plus a method's adapter; subclasses define the update.
 
     ``adapter_tensors`` names the attributes (parameters or buffers) a save keeps and a load requires;
-    anything else (NoLA's bases, regenerated from the seed) is rebuilt by the method, never saved.
+    anything else (NoLA's bases, regenerated from the seed) is rebuilt by the method, never saved. A class
+    whose eager forward builds factors or weights from its parameters may group that work across
+    same-shape layers (:class:`~harness.methods.grouped_operands.GroupsOperands`); ``adapt`` then adds the
+    model's pre-hook.
     """
 
     adapter_tensors: ClassVar[tuple[str, ...]] = ()
-    # what the model's forward pre-hook prepared for this layer's next forward (GroupedOperands); None: none
-    _operands: Any = None
 
     def __init__(self, base: nn.Linear):
         super().__init__()
         self.base = base
         for p in self.base.parameters():
             p.requires_grad_(False)
-
-    def group_key(self) -> Hashable | None:
-        """Layers with equal keys (not None) can have their operands prepared together by
-        :meth:`group_operands`; None (the default): this layer prepares its own, in its forward."""
-        return None
-
-    @classmethod
-    def group_operands(cls, layers: Sequence["AdaptedLinear"]) -> Sequence[Any]:
-        """For layers of one :meth:`group_key`, in module order: what each one's forward would compute
-        before its input is touched (factors, an effective weight), computed for all of them at once."""
-        raise NotImplementedError(f"{cls.__name__} does not group its operands")
-
-    @classmethod
-    def before_groups(cls, layers: Sequence["AdaptedLinear"]) -> None:
-        """Called by the pre-hook with every layer of this class in the model, in module order, before
-        any group's :meth:`group_operands`: for work that must follow module order (GLoRA's draws)."""
-
-    def take_operands(self) -> Any:
-        """The operands prepared for this forward by the model's pre-hook, handed out once; None when there
-        are none (the layer computes its own) and always while compiling (a compiled step needs no
-        batching: inductor fuses, and graphs replay without the host)."""
-        if torch.compiler.is_compiling():
-            return None
-        ops = self._operands
-        if ops is not None:
-            self._operands = None
-        return ops
 
     @property
     def in_features(self) -> int:
@@ -101,41 +72,6 @@ class AdaptedLinear(nn.Module):
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """The declared tensors (``adapter_tensors``), by name: what a save keeps of this layer."""
         return {n: getattr(self, n) for n in self.adapter_tensors}
-
-
-class GroupedOperands:
-    """Forward pre-hook of a model adapted by a :class:`LinearAdapterMethod` whose layers group their
-    operands: before an eager forward it prepares, for each set of layers with one ``group_key``, what
-    their forwards would each compute alone (``group_operands``), in one batched product per kind.
-
-    Why: an eager step of these methods is bound by the host, at some 25 us per dispatched operation
-    with its autograd node (BENCHMARKS.md, issue 21), and a method that builds each layer's factors or
-    effective weight from its parameters pays that per layer; 12 same-shape layers of ViT-B then cost
-    one stacked product instead of twelve. Compiled steps are left alone (inductor fuses them). The hook
-    finds the layers at each call, so a merge, a load or a move of the model needs no bookkeeping.
-    """
-
-    def __init__(self, kind: type[AdaptedLinear]):
-        self.kind = kind
-
-    def __call__(self, model: nn.Module, args: Any) -> None:
-        if not GROUPED_EAGER or torch.compiler.is_compiling():
-            return
-        layers = [m for m in model.modules() if isinstance(m, self.kind)]
-        if not layers:
-            return
-        groups: dict[Hashable, list[AdaptedLinear]] = {}
-        for layer in layers:
-            layer._operands = None  # nothing from an earlier forward that a layer did not reach
-            key = layer.group_key()
-            if key is not None:
-                groups.setdefault(key, []).append(layer)
-        if groups:
-            self.kind.before_groups(layers)
-        for layers in groups.values():
-            if len(layers) > 1:
-                for layer, ops in zip(layers, type(layers[0]).group_operands(layers), strict=True):
-                    layer._operands = ops
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -268,7 +204,7 @@ class LinearAdapterMethod(Method):
         freeze(model)
         replace_linears(model, site, build)
         unfreeze_head(model, site)
-        if self.layer_class.group_operands.__func__ is not AdaptedLinear.group_operands.__func__:
+        if self.layer_class.groups_operands():
             model.register_forward_pre_hook(GroupedOperands(self.layer_class))
         return model
 

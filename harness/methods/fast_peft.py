@@ -26,6 +26,8 @@ no adapter dropout in training, an ``nn.Linear`` base); anything else falls back
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from peft.tuners.adalora.layer import SVDLinear
 from peft.tuners.lora import layer as lora_layer
@@ -35,6 +37,7 @@ from peft.tuners.vera.layer import Linear as VeraLinear
 from torch import nn
 from torch.nn import functional as F
 
+from harness.methods.grouped_operands import GroupedOperands, GroupsOperands
 from harness.methods.low_rank import low_rank_linear
 
 
@@ -82,17 +85,43 @@ class FastLoraLinear(lora_layer.Linear):
         return F.linear(x, (magnitude / norm).unsqueeze(1) * weight, base.bias)
 
 
-class FastSVDLinear(SVDLinear):
-    """peft's AdaLoRA layer, fast forward: ``B diag(E) A`` scaled by ``scaling / ranknum``."""
+class FastSVDLinear(SVDLinear, GroupsOperands):
+    """peft's AdaLoRA layer, fast forward: ``B diag(E) A`` scaled by ``scaling / ranknum``; eager, the
+    factors of same-shape layers are built together (:mod:`harness.methods.grouped_operands`)."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        factors = self.take_operands()  # taken first: never left for a later call
         name = _fast_adapter(self, args, kwargs, self.lora_A.keys(), self.lora_dropout)
         if name is None:
             return super().forward(x, *args, **kwargs)
         base = self.get_base_layer()
-        a = self.lora_A[name] * self.lora_E[name]
-        b = self.lora_B[name] * (self.scaling[name] / (self.ranknum[name] + 1e-5))
+        if factors is not None and factors[0] == name:
+            a, b = factors[1:]
+        else:
+            a = self.lora_A[name] * self.lora_E[name]
+            b = self.lora_B[name] * (self.scaling[name] / (self.ranknum[name] + 1e-5))
         return low_rank_linear(x, base.weight, base.bias, a, b)
+
+    def group_key(self) -> tuple | None:
+        name = _fast_adapter(self, (), {}, self.lora_A.keys(), self.lora_dropout)
+        if name is None:
+            return None
+        a = self.lora_A[name]
+        return name, tuple(a.shape), tuple(self.lora_B[name].shape), self.scaling[name], a.dtype, a.device
+
+    @classmethod
+    def group_operands(cls, layers: Sequence["FastSVDLinear"]) -> list[tuple]:
+        """(adapter, A * E, B * scaling / ranknum) of every layer, as the forward's products of the layers'
+        stacked tensors (element-wise: the same values)."""
+        name = next(iter(layers[0].active_adapters))
+
+        def stacked(kind: str) -> torch.Tensor:
+            return torch.stack([getattr(layer, kind)[name] for layer in layers])
+
+        a = (stacked("lora_A") * stacked("lora_E")).unbind(0)
+        scale = (layers[0].scaling[name] / (stacked("ranknum") + 1e-5)).unsqueeze(-1)
+        b = (stacked("lora_B") * scale).unbind(0)
+        return [(name, a_i, b_i) for a_i, b_i in zip(a, b)]
 
 
 # Whether VeRA's fast forward merges its update into the weight: None where :func:`merge_pays` says so,
@@ -212,13 +241,19 @@ _PEFT: dict[type, type] = {fast: slow for slow, fast in _FAST.items()}
 
 
 def enable(model: nn.Module) -> int:
-    """Give every supported peft layer of ``model`` its fast forward; returns how many were switched."""
-    count = 0
+    """Give every supported peft layer of ``model`` its fast forward, and ``model`` the pre-hook of those
+    that group their operands (once); returns how many layers were switched."""
+    count, kinds = 0, set()
     for module in model.modules():
         fast = _FAST.get(type(module))
         if fast is not None:
             module.__class__ = fast
             count += 1
+            kinds.add(fast)
+    hooked = {hook.kind for hook in model._forward_pre_hooks.values() if isinstance(hook, GroupedOperands)}
+    for kind in sorted(kinds - hooked, key=lambda k: k.__name__):
+        if issubclass(kind, GroupsOperands) and kind.groups_operands():
+            model.register_forward_pre_hook(GroupedOperands(kind))
     return count
 
 

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 import random
+import weakref
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -60,6 +61,23 @@ from harness.methods.adapted_layers import AdaptedLinear, LayerBuilder, LinearAd
 
 _SUBNET_FILE = "glora_subnet.json"
 _SEARCH_KEY = "glora_search"  # method_state key of the SearchResult
+# The stacked frozen weights of a group of layers (``GLoRALinear.group_operands`` on CUDA), by its first layer:
+# (the weights' identities and versions, the stack). Outside the model, so that no copy of a model (a save,
+# a pickle) carries it; rebuilt when a weight is replaced or changed in place.
+_FROZEN_STACKS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, torch.Tensor]]" = weakref.WeakKeyDictionary()
+
+
+def _stacked_frozen(layers: Sequence["GLoRALinear"]) -> torch.Tensor:
+    """The layers' frozen W0 stacked (G x d_out x d_in), kept between forwards: one copy of the adapted
+    weights, against a weight-sized stack at every step."""
+    key = tuple((layer.base.weight.data_ptr(), layer.base.weight._version) for layer in layers)
+    cached = _FROZEN_STACKS.get(layers[0])
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = _FROZEN_STACKS[layers[0]] = (key, torch.stack([layer.base.weight for layer in layers]))
+    return cached[1]
+
+
 class GLoRALinear(AdaptedLinear):
     """A frozen Linear with GLoRA's shared storage; ``form`` fixed, or sampled per forward when None.
 
@@ -313,9 +331,11 @@ class GLoRALinear(AdaptedLinear):
 
     @classmethod
     def group_operands(cls, layers: Sequence["GLoRALinear"]) -> list[tuple]:
-        """Every layer's terms for ``_assemble`` (A, B, C, E, D of its form), for all ``layers`` (one shape,
-        one kind of form: all drawn or all fixed) as batched products over their stacked storage, in the
-        eager forward's arithmetic (``_effective_eager``); drawn forms are in ``_last`` (``before_groups``)."""
+        """For all ``layers`` (one shape, one kind of form: all drawn or all fixed) the small terms of their
+        forms (gated up factors, scalar terms, C, E, D) as batched products over their stacked storage, in
+        the eager forward's arithmetic (``_effective_eager``), and where :meth:`batched_weights` says so
+        their W' and b' + p as well (``("weight", W', b')`` per layer; else ``("terms", ...)`` for
+        ``_assemble``). Drawn forms are in ``_last`` (``before_groups``)."""
         first, g = layers[0], len(layers)
         codes = torch.stack([layer._last if first._sampling and first.training else layer._code for layer in layers])
         # (G, 3 tensors, 3 gates, r, 1) -> 9 gates of (G, r, 1); (G, 2, 2, 1) -> 4 of (G, 1)
@@ -330,19 +350,35 @@ class GLoRALinear(AdaptedLinear):
             v = stacked(v)
             return torch.addcmul(v[:, :1] * scalar, v, vector)
 
-        # Only the small terms are batched (fp32, autocast off, as ``_assemble``): a weight-sized term built for all G layers would be copied
-        # again in the backward (the stack of its G gradients), which cost more than the dispatches saved
-        # (a CPU profile); the weight-sized products stay in each layer's ``_assemble``.
-        with torch.autocast(first.A_d.device.type, enabled=False):
-            up_a = torch.addcmul(xa, ma, stacked("A_u")).unbind(0)
-            up_b = torch.addcmul(xb, mb, stacked("B_u")).unbind(0)
+        with torch.autocast(first.A_d.device.type, enabled=False):  # fp32, as ``_assemble``
+            up_a = torch.addcmul(xa, ma, stacked("A_u"))
+            up_b = torch.addcmul(xb, mb, stacked("B_u"))
             a_d, b_d = stacked("A_d"), stacked("B_d")
-            scalar_a = torch.bmm(a_d[:, :1], ya).unbind(0)
-            scalar_b = torch.bmm(b_d[:, :1], yb).unbind(0)
-            c = torch.bmm(stacked("C_d"), torch.addcmul(xc, mc, stacked("C_u"))).unbind(0)
-            e = vector("E", ve, se).unbind(0)
-            d = vector("D", vd, sd).unbind(0) if first.base.bias is not None else (None,) * g
-        return list(zip(up_a, scalar_a, up_b, scalar_b, c, e, d))
+            scalar_a, scalar_b = torch.bmm(a_d[:, :1], ya), torch.bmm(b_d[:, :1], yb)
+            c = torch.bmm(stacked("C_d"), torch.addcmul(xc, mc, stacked("C_u")))
+            e = vector("E", ve, se)
+            d = vector("D", vd, sd) if first.base.bias is not None else None
+            if cls.batched_weights(first):
+                w0 = _stacked_frozen(layers)
+                weight = torch.addcmul(w0, w0, torch.bmm(a_d, up_a) + scalar_a) + (torch.bmm(b_d, up_b) + scalar_b)
+                bias = e + torch.bmm(w0, c).squeeze(-1)
+                if d is not None:
+                    b0 = torch.stack([layer.base.bias for layer in layers])
+                    bias = torch.addcmul(bias + b0, b0, d)
+                return [("weight", w, b) for w, b in zip(weight.unbind(0), bias.unbind(0))]
+        d = d.unbind(0) if d is not None else (None,) * g
+        return [("terms", *terms) for terms in zip(up_a.unbind(0), scalar_a.unbind(0), up_b.unbind(0),
+                                                    scalar_b.unbind(0), c.unbind(0), e.unbind(0), d)]
+
+    # Whether a group builds its layers' W' in batched products too (True/False), or only on CUDA (None).
+    # There the G weight-sized gradients that the backward stacks cost a fraction of a millisecond, and each
+    # layer is left with its F.linear alone; on a CPU that copy cost more than the dispatches it saved (a
+    # profile of ViT-Tiny), so each layer assembles its own W' from the batched terms (``_assemble``).
+    BATCHED_WEIGHTS: bool | None = None
+
+    @classmethod
+    def batched_weights(cls, layer: "GLoRALinear") -> bool:
+        return layer.base.weight.is_cuda if cls.BATCHED_WEIGHTS is None else cls.BATCHED_WEIGHTS
 
     def _inference_key(self) -> tuple:
         """What the effective weight of an inference forward depends on: every tensor it reads (storage
@@ -355,8 +391,13 @@ class GLoRALinear(AdaptedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
             self._inference = None
-            terms = self.take_operands()
-            weight, bias = self._assemble(*terms) if terms is not None else self.effective_coded(self._codes())
+            prepared = self.take_operands()
+            if prepared is None:
+                weight, bias = self.effective_coded(self._codes())
+            elif prepared[0] == "weight":
+                weight, bias = prepared[1:]
+            else:
+                weight, bias = self._assemble(*prepared[1:])
         else:
             # Inference (rollouts, the subnet search's scoring): the form and weights stay fixed across
             # forwards, so W' and b' are built once, not again for every step of every episode
