@@ -137,3 +137,28 @@ def test_grouping_saves_dispatches(tmp_path, monkeypatch):
 
     grouped, alone = calls(True), calls(False)
     assert grouped < 0.8 * alone, (grouped, alone)
+
+
+def test_glora_batched_weights_under_autocast(tmp_path, monkeypatch):
+    """Under bf16 autocast a group's W' is cast once for the group (as each layer's F.linear would cast
+    it): the outputs and gradients are those of the per-layer forward, to bf16's rounding."""
+    from harness.methods.glora import GLoRALinear
+
+    monkeypatch.setattr(GLoRALinear, "BATCHED_WEIGHTS", True)
+
+    def run(grouped: bool):
+        monkeypatch.setattr(grouped_operands, "GROUPED_EAGER", grouped)
+        model = _wrapped("glora", tmp_path).train()
+        x = torch.randn(8, 16, generator=torch.Generator().manual_seed(5))
+        torch.manual_seed(7)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().square().mean().backward()
+        return out.detach().float(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (out_1, grads_1), (out_g, grads_g) = run(False), run(True)
+    assert out_g.dtype == out_1.dtype
+    assert float((out_g - out_1).norm()) <= 1e-2 * float(out_1.norm())
+    floor = max(float(g.norm()) for g in grads_1.values())
+    for k in grads_1:
+        assert float((grads_g[k] - grads_1[k]).norm()) <= 1e-2 * max(float(grads_1[k].norm()), floor), k

@@ -365,6 +365,12 @@ class GLoRALinear(AdaptedLinear):
                 if d is not None:
                     b0 = torch.stack([layer.base.bias for layer in layers])
                     bias = torch.addcmul(bias + b0, b0, d)
+                device = weight.device.type
+                if torch.is_autocast_enabled(device):
+                    # the cast each layer's F.linear would make, once for the group; only the cast W'
+                    # then waits for its layer, in half the memory
+                    dtype = torch.get_autocast_dtype(device)
+                    weight, bias = weight.to(dtype), bias.to(dtype)
                 return [("weight", w, b) for w, b in zip(weight.unbind(0), bias.unbind(0))]
         d = d.unbind(0) if d is not None else (None,) * g
         return [("terms", *terms) for terms in zip(up_a.unbind(0), scalar_a.unbind(0), up_b.unbind(0),
