@@ -7,7 +7,7 @@
 # Poll with `bash benchmarks/scripts/device/collect.sh OUTDIR` in calls back to back (a lent machine is given
 # back ~30 s after a call returns). Each step's console goes to OUTDIR/<step>.log and its exit status and
 # seconds to OUTDIR/steps.txt; a failed step does not stop the next. What ran before is in BENCHMARKS.md and
-# benchmarks/h200-session-2026-12-0*/ (the last: 2026-12-04b, evalC, rlR, shareG, scaleF, scaleW, scaleW1).
+# benchmarks/h200-session-2026-12-0*/ (the last: 2026-12-05, plan eager).
 #
 # PLAN h200 (the default; one H200):
 #   shareD    bench share, one trial and four at once, torch's default compile mode, 2,000 timed updates: the
