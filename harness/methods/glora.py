@@ -306,11 +306,8 @@ class GLoRALinear(AdaptedLinear):
     def group_key(self) -> tuple | None:
         if not (self.training or torch.is_grad_enabled()):
             return None  # inference reuses its cached W' (forward): nothing to prepare per forward
-        return (self.ranks, self._shape(), self.base.bias is not None, self.A_d.dtype, self.A_d.device,
-                self._sampling and self.training)
-
-    def _shape(self) -> tuple[int, int]:
-        return self.in_features, self.out_features
+        return (self.ranks, self.in_features, self.out_features, self.base.bias is not None, self.A_d.dtype,
+                self.A_d.device, self._sampling and self.training)
 
     @classmethod
     def before_groups(cls, layers: Sequence["GLoRALinear"]) -> None:
