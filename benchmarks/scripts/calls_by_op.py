@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1].parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from harness import bench_methods as bm  # noqa: E402
 
 COUNTS: dict[str, dict[str, collections.Counter]] = {}
@@ -65,7 +65,7 @@ def main(argv: list[str]) -> None:
     for phase in bm.PHASES:
         print(f"== {phase}: " + " ".join(f"{n}={sum(COUNTS[n][phase].values())}" for n in names))
         calls = set().union(*(COUNTS[n][phase] for n in names))
-        for call in sorted(calls, key=lambda c: -max(COUNTS[n][phase][c] for n in names)):
+        for call in sorted(calls, key=lambda c: (-max(COUNTS[n][phase][c] for n in names), c)):
             row = [COUNTS[n][phase][call] for n in names]
             if len(set(row)) > 1:
                 print(f"  {call:40s}" + "".join(f"{v:7d}" for v in row))
