@@ -31,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -470,8 +471,8 @@ def _rounds(runs: dict[str, _Run], shares: list[int], device: torch.device, erro
 PHASES = ("forward", "extra_loss", "backward", "optimizer", "on_step")
 
 
-def profile_phases(trainer: Trainer, hooks: MethodHooks, batch: Any, steps: int,
-                   top: int = 12) -> dict[str, Any]:
+def profile_phases(trainer: Trainer, hooks: MethodHooks, batch: Any, steps: int, top: int = 12,
+                   by_name: dict[str, Counter] | None = None) -> dict[str, Any]:
     """Where one training step goes, per phase (:data:`PHASES`): ms per step, with the device synchronised
     at every phase boundary (so a phase's figure is its own host and device time, and the phases sum to
     more than an unsynchronised step), and the kernels (CUDA) or top-level aten calls (CPU) that a step
@@ -479,6 +480,8 @@ def profile_phases(trainer: Trainer, hooks: MethodHooks, batch: Any, steps: int,
 
     The steps are the trainer's next ``steps`` (its compiled loss, optimiser and the method's hooks, in its
     order, with the trainer's step numbers for the method's ``on_step`` schedule), and count as done.
+    ``by_name``, if given, gets the counted kernels or calls per phase by name
+    (``benchmarks/scripts/calls_by_op.py``).
     """
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -535,6 +538,8 @@ def profile_phases(trainer: Trainer, hooks: MethodHooks, batch: Any, steps: int,
             for name, (start, end) in spans.items():
                 if start <= e.time_range.start <= end:
                     launches[name] += 1
+                    if by_name is not None:
+                        by_name.setdefault(name, Counter())[e.name] += 1
                     break
     return {"ms": {k: round(v * 1000 / steps, 3) for k, v in seconds.items()},
             "kernels" if cuda else "aten_calls": launches, **time_by_kind(prof, cuda, top)}
