@@ -162,3 +162,42 @@ def test_glora_batched_weights_under_autocast(tmp_path, monkeypatch):
     floor = max(float(g.norm()) for g in grads_1.values())
     for k in grads_1:
         assert float((grads_g[k] - grads_1[k]).norm()) <= 1e-2 * max(float(grads_1[k].norm()), floor), k
+
+
+@pytest.mark.parametrize("case", ["shared", "one-disabled"])
+def test_adalora_penalty_takes_the_groups_stacks(case, tmp_path, monkeypatch):
+    """A grouped training forward keeps its groups' stacked P and Q for AdaLoRA's orthogonality penalty,
+    which takes them (nothing stays on the layers); loss and gradients are those of the per-layer forward
+    with the penalty's own stacks. one-disabled: a layer with its adapter off (peft's forward) is in no
+    group's stack, so the penalty stacks its own matrices."""
+    from harness.methods import peft_methods
+
+    method = get_method("adalora")
+    used = []
+    real = peft_methods._grouped_penalty
+    monkeypatch.setattr(peft_methods, "_grouped_penalty", lambda groups: used.append("own") or real(groups))
+
+    def run(grouped: bool):
+        monkeypatch.setattr(grouped_operands, "GROUPED_EAGER", grouped)
+        model = _wrapped("adalora", tmp_path).train()
+        if case == "one-disabled":
+            next(m for m in model.modules() if hasattr(m, "lora_E"))._disable_adapters = True
+        model.zero_grad()
+        x = torch.randn(8, 16, generator=torch.Generator().manual_seed(5))
+        loss = model(x).square().mean() + method.extra_loss(model)
+        assert all(getattr(m, "_stacks", None) is None for m in model.modules())
+        loss.backward()
+        with torch.no_grad():  # an evaluation forward keeps nothing either
+            model(x)
+        assert all(getattr(m, "_stacks", None) is None for m in model.modules())
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss_1, grads_1 = run(False)
+    assert used == ["own"]
+    used.clear()
+    loss_g, grads_g = run(True)
+    assert used == ([] if case == "shared" else ["own"])
+    torch.testing.assert_close(loss_g, loss_1, rtol=1e-5, atol=1e-6)
+    assert grads_g.keys() == grads_1.keys() and len(grads_g) > 8
+    for k in grads_1:
+        torch.testing.assert_close(grads_g[k], grads_1[k], rtol=1e-4, atol=1e-6, msg=k)

@@ -89,6 +89,14 @@ class FastSVDLinear(SVDLinear, GroupsOperands):
     """peft's AdaLoRA layer, fast forward: ``B diag(E) A`` scaled by ``scaling / ranknum``; eager, the
     factors of same-shape layers are built together (:mod:`harness.methods.grouped_operands`)."""
 
+    # Set by AdaLoRA's orthogonality penalty on the layers it covers (``PenaltyWithForward``): a grouped
+    # training forward then keeps its group's stacked P (``lora_A``) and Q (``lora_B``) in ``_stacks`` for
+    # the penalty, which takes them. Each P and Q then reaches the loss through one stack, where a second
+    # stack of its own cost the backward one select and one gradient accumulation per matrix.
+    share_stacks: bool = False
+    # (P matrices, Q matrices, stacked P, stacked Q) of this layer's group, on the group's first layer
+    _stacks: tuple | None = None
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         factors = self.take_operands()  # taken first: never left for a later call
         name = _fast_adapter(self, args, kwargs, self.lora_A.keys(), self.lora_dropout)
@@ -118,10 +126,19 @@ class FastSVDLinear(SVDLinear, GroupsOperands):
         def stacked(kind: str) -> torch.Tensor:
             return torch.stack([getattr(layer, kind)[name] for layer in layers])
 
-        a = (stacked("lora_A") * stacked("lora_E")).unbind(0)
+        p, q = stacked("lora_A"), stacked("lora_B")
+        if layers[0].share_stacks and torch.is_grad_enabled():
+            layers[0]._stacks = ([layer.lora_A[name] for layer in layers], [layer.lora_B[name] for layer in layers],
+                                 p, q)
+        a = (p * stacked("lora_E")).unbind(0)
         scale = (layers[0].scaling[name] / (stacked("ranknum") + 1e-5)).unsqueeze(-1)
-        b = (stacked("lora_B") * scale).unbind(0)
+        b = (q * scale).unbind(0)
         return [(name, a_i, b_i) for a_i, b_i in zip(a, b)]
+
+    @classmethod
+    def before_groups(cls, layers: Sequence["FastSVDLinear"]) -> None:
+        for layer in layers:  # nothing kept from an earlier forward whose penalty did not take it
+            layer._stacks = None
 
 
 # Whether VeRA's fast forward merges its update into the weight: None where :func:`merge_pays` says so,

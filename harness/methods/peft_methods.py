@@ -251,12 +251,15 @@ class AdaLoRA(PeftMethod):
                    what="initial rank r + init_r_extra")
 
     def wrap(self, model, site, settings, ctx):
+        from peft.tuners.adalora.layer import SVDLinear
+
         wrapped = super().wrap(model, site, settings, ctx)
         state = method_state(wrapped)
         state[_ORTH_WEIGHT] = float(settings["orth_reg_weight"])
         state[_IMPORTANCE_EVERY] = int(settings["importance_every"])
         if state[_ORTH_WEIGHT] > 0 and _orth_groups(wrapped):
-            hook = state[_PENALTY] = PenaltyWithForward(state[_ORTH_WEIGHT], _orth_groups(wrapped))
+            layers = [m for m in wrapped.modules() if isinstance(m, SVDLinear)]
+            hook = state[_PENALTY] = PenaltyWithForward(state[_ORTH_WEIGHT], _orth_groups(wrapped), layers)
             wrapped.register_forward_hook(hook)
         return wrapped
 
@@ -299,9 +302,14 @@ def orthogonality_penalty(model: nn.Module) -> torch.Tensor | None:
 
 
 def _grouped_penalty(groups: list[tuple[str, list[nn.Parameter]]]) -> torch.Tensor:
+    return _penalty_of_stacks([(kind, torch.stack(ps)) for kind, ps in groups])
+
+
+def _penalty_of_stacks(stacks: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
+    """The penalty of stacked P (kind "A", ``(G, r, in)``) and Q (kind "B", ``(G, out, r)``) matrices: the
+    mean over every matrix, so it does not depend on how the matrices are grouped."""
     norms = []
-    for kind, ps in groups:
-        stacked = torch.stack(ps)
+    for kind, stacked in stacks:
         gram = stacked @ stacked.mT if kind == "A" else stacked.mT @ stacked  # (G, r, r)
         eye = torch.eye(gram.shape[-1], device=gram.device, dtype=gram.dtype)
         norms.append(torch.linalg.matrix_norm(gram - eye, ord="fro"))
@@ -333,17 +341,43 @@ class PenaltyWithForward:
     some hundred small kernel launches per step on ViT-B (the penalty, its backward, and one gradient
     accumulation per P and Q). What the traced hook reads lives on this object, not in the model's
     method state, which the allocator changes during training: a compiled forward would recompile then.
+
+
+    An eager forward whose layers built their factors in groups (``FastSVDLinear.group_operands``) left
+    their stacked P and Q on ``layers``: the penalty is computed from those where they hold exactly its
+    matrices, so each matrix is stacked once per step (``FastSVDLinear.share_stacks``).
     """
 
-    def __init__(self, weight: float, groups: list[tuple[str, list[nn.Parameter]]]):
+    def __init__(self, weight: float, groups: list[tuple[str, list[nn.Parameter]]], layers: list[nn.Module] = ()):
         self.weight, self.groups = weight, groups
         self.value: torch.Tensor | None = None
+        self.layers = list(layers)
+        self._matrices = frozenset(id(p) for _, ps in groups for p in ps)
+        for layer in self.layers:
+            layer.share_stacks = True
 
     def __call__(self, model: nn.Module, args: Any, output: Any) -> None:
+        stacks = None if torch.compiler.is_compiling() else self._take_stacks()
         if not (model.training and torch.is_grad_enabled()):
             return
         with torch.autocast(self.groups[0][1][0].device.type, enabled=False):
-            self.value = self.weight * _grouped_penalty(self.groups)
+            penalty = _penalty_of_stacks(stacks) if stacks else _grouped_penalty(self.groups)
+            self.value = self.weight * penalty
+
+    def _take_stacks(self) -> list[tuple[str, torch.Tensor]] | None:
+        """The stacks the forward's layer groups kept (taken: the layers keep none), or None unless they
+        hold each of this penalty's matrices exactly once."""
+        stacks, seen, count = [], set(), 0
+        for layer in self.layers:
+            kept = getattr(layer, "_stacks", None)
+            if kept is None:
+                continue
+            layer._stacks = None
+            ps, qs, p, q = kept
+            stacks += [("A", p), ("B", q)]
+            seen.update(map(id, ps), map(id, qs))
+            count += len(ps) + len(qs)
+        return stacks if count == len(seen) and seen == self._matrices else None
 
 
 def adalora_update_and_allocate(model: nn.Module, step: int, importance_every: int = 1) -> None:
