@@ -87,6 +87,10 @@ class BenchSettings(BaseModel):
     # RandLoRA's scaled bases in plain autograd ops ("plain", the default) or through peft's UniqueBaseGrad
     # ("peft"; harness.methods.fast_peft.PLAIN_RANDLORA_SCALES)
     randlora_scales: Literal["plain", "peft"] | None = None
+    # eager low-rank forwards add their product into the base output in place and keep frozen weights'
+    # bf16 casts between steps (true, harness.methods.low_rank.EAGER_IN_PLACE's default); false: the plain
+    # sum with autocast's per-step casts, for an A/B
+    eager_in_place: Bool | None = None
     # torch.set_float32_matmul_precision for the run: "high" lets fp32 matmuls use TF32 tensor cores. Under
     # bf16 autocast the only fp32 matmuls are the merged forms' weight-sized products (RandLoRA, VeRA where
     # it merges), which an H200 runs about 15x slower than bf16 without TF32; measures what TF32 would win
@@ -229,9 +233,11 @@ def bench_methods(overrides: dict[str, Any]) -> dict[str, Any]:
     check_inductor_options(cfg.get("inductor"), "bench methods")
     work = _Workload(cfg, device)
     rows: dict[str, Any] = {}
-    align = low_rank.RANK_ALIGN
+    align, in_place = low_rank.RANK_ALIGN, low_rank.EAGER_IN_PLACE
     if cfg.get("rank_align") is not None:
         low_rank.RANK_ALIGN = cfg["rank_align"]
+    if cfg.get("eager_in_place") is not None:
+        low_rank.EAGER_IN_PLACE = cfg["eager_in_place"]
     from harness.methods import fast_peft  # heavy: harness.methods.fast_peft imports peft
 
     vera_merge, plain_scales = fast_peft.VERA_MERGE, fast_peft.PLAIN_RANDLORA_SCALES
@@ -275,7 +281,7 @@ def bench_methods(overrides: dict[str, Any]) -> dict[str, Any]:
                     rows[name] = runs[name].row(cfg, work, shared)
                     print(f"[bench] {name}: {rows[name]}", file=sys.stderr, flush=True)
     finally:
-        low_rank.RANK_ALIGN = align
+        low_rank.RANK_ALIGN, low_rank.EAGER_IN_PLACE = align, in_place
         fast_peft.VERA_MERGE, fast_peft.PLAIN_RANDLORA_SCALES = vera_merge, plain_scales
         grouped_operands.GROUPED_EAGER = grouped
         eva_init.FAST_INPUT_KEY = eva_key
@@ -283,6 +289,7 @@ def bench_methods(overrides: dict[str, Any]) -> dict[str, Any]:
     rows = {name: rows[name] for name in cfg["methods"]}
     cfg["rank_align"] = low_rank.RANK_ALIGN if cfg.get("rank_align") is None else cfg["rank_align"]
     cfg["grouped"] = grouped_operands.GROUPED_EAGER if cfg.get("grouped") is None else cfg["grouped"]
+    cfg["eager_in_place"] = low_rank.EAGER_IN_PLACE if cfg.get("eager_in_place") is None else cfg["eager_in_place"]
     for ref in ("full", "lora"):
         base = rows.get(ref, {}).get("ms_per_round")
         if not base:

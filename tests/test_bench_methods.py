@@ -186,19 +186,21 @@ def test_inductor_settings_are_checked_before_compute_and_apply_to_the_run_only(
 
 
 def test_grouped_and_randlora_scales_switch_the_before_paths_for_the_run_only():
-    """``grouped=false`` and ``randlora_scales=peft`` measure the code before issue 21's eager changes
-    (each layer its own operands; peft's UniqueBaseGrad), which dispatch other calls per step (on the tiny
+    """``grouped=false``, ``randlora_scales=peft`` and ``eager_in_place=false`` measure the code before
+    issue 21's eager changes (each layer its own operands; peft's UniqueBaseGrad; LoRA's product added by
+    a separate add), which dispatch other calls per step (on the tiny
     DT's pairs of layers about as many: the saving grows with the layers of a shape, tested in
     test_grouped_operands.py); the modules' defaults are back after the run."""
-    from harness.methods import fast_peft, grouped_operands
+    from harness.methods import fast_peft, grouped_operands, low_rank
 
     calls = {}
     for before in (False, True):
-        switches = {"grouped": False, "randlora_scales": "peft"} if before else {}
-        out = bench_methods({**TINY_DT, "methods": ["nola", "randlora"], "profile": True, "profile_steps": 1,
-                             **switches})
-        assert out["config"]["grouped"] is not before
-        assert grouped_operands.GROUPED_EAGER and fast_peft.PLAIN_RANDLORA_SCALES
+        switches = {"grouped": False, "randlora_scales": "peft", "eager_in_place": False} if before else {}
+        out = bench_methods({**TINY_DT, "methods": ["lora", "nola", "randlora"], "profile": True,
+                             "profile_steps": 1, **switches})
+        assert out["config"]["grouped"] is not before and out["config"]["eager_in_place"] is not before
+        assert grouped_operands.GROUPED_EAGER and fast_peft.PLAIN_RANDLORA_SCALES and low_rank.EAGER_IN_PLACE
         calls[before] = {m: sum(r["phases"]["aten_calls"].values()) for m, r in out["methods"].items()}
     assert calls[False]["nola"] != calls[True]["nola"]
     assert calls[False]["randlora"] != calls[True]["randlora"]
+    assert calls[False]["lora"] != calls[True]["lora"]

@@ -691,3 +691,80 @@ def test_fast_forward_dispatches_few_ops(name):
     x = torch.randn(64, 16)  # enough tokens for VeRA's merge to pay (merge_pays), as a training batch has
     layer(x)
     assert _top_level_aten_ops(lambda: layer(x)) <= FORWARD_OPS[name]
+
+
+def test_frozen_cast_is_kept_between_forwards_until_the_tensor_changes():
+    """Under autocast a frozen fp32 tensor's bf16 copy is made once and reused, equal to autocast's own
+    cast; an in-place change makes a new one; nothing is cast where the tensor trains, autocast is off or
+    inference mode is on (whose tensors a training step could not save)."""
+    from harness.methods.low_rank import frozen_cast
+
+    w = torch.randn(6, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        first = frozen_cast(w)
+        assert first.dtype == torch.bfloat16 and torch.equal(first, w.to(torch.bfloat16))
+        assert frozen_cast(w) is first
+        with torch.no_grad():
+            w.mul_(2)
+        second = frozen_cast(w)
+        assert second is not first and torch.equal(second, w.to(torch.bfloat16))
+        trained = w.clone().requires_grad_(True)
+        assert frozen_cast(trained) is trained and frozen_cast(None) is None
+        with torch.inference_mode():
+            assert frozen_cast(w) is w
+    assert frozen_cast(w) is w
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 12), (9, 12)])
+def test_low_rank_linear_eager_in_place_add_matches_the_plain_sum(shape):
+    """The eager form (the product's GEMM adding into the base output in place, the frozen weight's cast
+    kept) gives the plain sum's output and every gradient: fp32 to rounding, under bf16 autocast within
+    bf16's noise of the fp32 result, as close as the plain sum under autocast is."""
+    g = torch.Generator().manual_seed(7)
+    x, w, bias = torch.randn(*shape, generator=g), torch.randn(10, 12, generator=g), torch.randn(10, generator=g)
+    a, b = torch.randn(3, 12, generator=g), torch.randn(10, 3, generator=g)
+
+    def run(fn, autocast):
+        leaves = [t.clone().requires_grad_() for t in (x, a, b)]
+        for _ in range(2):  # the second forward takes the kept cast
+            for t in leaves:
+                t.grad = None
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = fn(leaves[0], w, bias, leaves[1], leaves[2] * 1.0)
+            out.float().square().sum().backward()
+        return out.detach().float(), [t.grad for t in leaves]
+
+    def plain(x, w, bias, a, b):
+        return nn.functional.linear(x, w, bias) + nn.functional.linear(nn.functional.linear(x, a), b)
+
+    out32, grads32 = run(plain, False)
+    out, grads = run(low_rank_linear, False)
+    torch.testing.assert_close(out, out32)
+    for got, want in zip(grads, grads32):
+        torch.testing.assert_close(got, want)
+    out_bf, grads_bf = run(low_rank_linear, True)
+    out_ref, grads_ref = run(plain, True)
+    assert _error(out_bf, out32) <= max(1.5 * _error(out_ref, out32), 1e-2)
+    for got, ref, want in zip(grads_bf, grads_ref, grads32):
+        assert got.dtype == want.dtype and _error(got, want) <= max(1.5 * _error(ref, want), 1e-2)
+
+
+def test_lora_eager_forward_under_autocast_copies_no_frozen_weight():
+    """Issue 21: autocast copied every frozen base weight to bf16 at every eager step (it caches only the
+    casts of tensors that train). From the second forward on, an adapted layer's forward copies no tensor
+    of its base weight's shape."""
+    from torch.profiler import ProfilerActivity, profile
+
+    layer = _wrapped("lora").blocks[0].fc1
+    shape = list(layer.get_base_layer().weight.shape)
+    x = torch.randn(4, 5, 16)
+
+    def weight_copies():
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                layer(x)
+        return sum(1 for e in prof.events() if e.name == "aten::_to_copy" and e.input_shapes[:1] == [shape])
+
+    layer(x)
+    assert weight_copies() == 1  # autocast off above: the first autocast forward makes the copy
+    assert weight_copies() == 0

@@ -38,7 +38,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from harness.methods.grouped_operands import GroupedOperands, GroupsOperands
-from harness.methods.low_rank import low_rank_linear
+from harness.methods.low_rank import frozen_cast, low_rank_linear
 
 
 def _fast_adapter(layer, args: tuple, kwargs: dict, names, dropouts) -> str | None:
@@ -82,7 +82,7 @@ class FastLoraLinear(lora_layer.Linear):
             weight = weight.to(base.weight.dtype)
         # the norm is a constant of the backward (DoRA section 4.3): computed on a detached copy
         norm = torch.linalg.norm(weight.detach(), dim=1)
-        return F.linear(x, (magnitude / norm).unsqueeze(1) * weight, base.bias)
+        return F.linear(x, (magnitude / norm).unsqueeze(1) * weight, frozen_cast(base.bias))
 
 
 class FastSVDLinear(SVDLinear, GroupsOperands):
@@ -199,7 +199,7 @@ class FastVeraLinear(VeraLinear):
                     weight = torch.addmm(base.weight, b, a)
                 else:
                     weight = base.weight + (b @ a).to(base.weight.dtype)
-            return F.linear(x, weight, base.bias)
+            return F.linear(x, weight, frozen_cast(base.bias))
         return low_rank_linear(x, base.weight, base.bias, a, b)
 
 
@@ -227,7 +227,7 @@ class FastRandLoraLinear(RandLoraLinear):
                 weight = torch.addmm(base.weight, second, first, alpha=self.scaling[name])
             else:
                 weight = base.weight + ((second @ first) * self.scaling[name]).to(base.weight.dtype)
-        return F.linear(x, weight, base.bias)
+        return F.linear(x, weight, frozen_cast(base.bias))
 
     def _scaled_bases(self, name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """peft's ``get_scaled_bases`` (the same slices, the same products, the same order) without its

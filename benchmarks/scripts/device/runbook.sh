@@ -29,10 +29,14 @@
 # the code before them), each with the host's top calls profiled; on ViT-B/16 (vitE, vitU) and the paper DT
 # (dtE, dtU); then vitRO, the same methods under CUDA graphs (the compiled path is meant to be unchanged,
 # RandLoRA's apart, whose scaled bases are now plain ops there too)
+# PLAN inplace (one GPU; issue 21, item 1, eager): bench methods eager without profiles, 10 rounds, on ViT-B/16
+# (vitA: the defaults; vitI: eager_in_place=false, the code before this plan's change: the plain sum and
+# autocast's per-step casts of frozen weights) and the paper DT (dtA, dtI); then vitRO7, every slow method
+# under CUDA graphs (the compiled path is meant to be unchanged)
 set -u
-out=$(realpath -m "${1:?usage: runbook.sh OUTDIR [h200|x2|eager]}")
+out=$(realpath -m "${1:?usage: runbook.sh OUTDIR [h200|x2|eager|inplace]}")
 plan=${2:-h200}
-case "$plan" in h200|x2|eager) ;; *) echo "runbook.sh: PLAN must be h200, x2 or eager, not $plan" >&2; exit 2;; esac
+case "$plan" in h200|x2|eager|inplace) ;; *) echo "runbook.sh: PLAN must be h200, x2, eager or inplace, not $plan" >&2; exit 2;; esac
 mkdir -p "$out"
 # run from a copy: each device call copies the working tree afresh into the repository root, and a step that
 # started during that copy once failed to import the harness (2026-12-03g's scaleD)
@@ -53,7 +57,18 @@ scale() { local name=$1 dir=$2; shift 2
   records "$name" "$dir"; }
 SLOW='methods=[full,lora,adalora,randlora,nola,glora,eigenlora]'
 BEFORE=(--set grouped=false --set randlora_scales=peft)
-if [ "$plan" = eager ]; then
+if [ "$plan" = inplace ]; then
+  ten=(--set rounds=10)
+  step vitA python -m harness bench methods --set "$SLOW" "${ten[@]}" --set steps=50 --out "$out/vit-eager.json"
+  step vitI python -m harness bench methods --set "$SLOW" "${ten[@]}" --set steps=50 --set eager_in_place=false \
+    --out "$out/vit-eager-plain-sum.json"
+  step dtA python -m harness bench methods --set model=dt --set "$SLOW" "${ten[@]}" --set steps=100 \
+    --out "$out/dt-eager.json"
+  step dtI python -m harness bench methods --set model=dt --set "$SLOW" "${ten[@]}" --set steps=100 \
+    --set eager_in_place=false --out "$out/dt-eager-plain-sum.json"
+  step vitRO7 python -m harness bench methods --set compile=true --set compile_mode=reduce-overhead --set "$SLOW" \
+    --out "$out/vit-ro.json"
+elif [ "$plan" = eager ]; then
   prof=(--set profile=true --set profile_top=25)
   step vitE python -m harness bench methods --set "$SLOW" "${prof[@]}" --out "$out/vit-eager.json"
   step vitU python -m harness bench methods --set "$SLOW" "${prof[@]}" "${BEFORE[@]}" --out "$out/vit-eager-before.json"
