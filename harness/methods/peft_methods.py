@@ -418,45 +418,46 @@ def adalora_update_and_allocate(model: nn.Module, step: int, importance_every: i
 
 
 def _mask_to_budget(alloc, inner: nn.Module, budget: int) -> dict[str, list[bool]]:
-    """peft's ``RankAllocator.mask_to_budget`` with one device-to-host copy instead of one per layer.
+    """peft's ``RankAllocator.mask_to_budget`` in batched ops, with one device-to-host copy.
 
-    The same scores from the same per-tensor operations in the same order (peft's own ``_element_score``
-    and ``_combine_ipt``), the same threshold (``kthvalue``, compared as a tensor of the scores' dtype
-    where peft compares with its ``.item()``: the same value) and the same in-place masking; only the
-    rank pattern's lists are read back together, where peft waits for the device once per layer (and
-    once more for the threshold) at every masking step.
+    The same scores as peft's: each triplet's ``E score + (mean of A's row scores + mean of B's column
+    scores)``, every element score ``exp_avg_ipt * exp_avg_unc`` (peft's ``_element_score``, here one
+    foreach product over all adapter tensors); the means over same-shape layers' stacked scores (the same
+    reduction per row as peft's per-layer means); the same threshold (``kthvalue``, compared as a tensor
+    of the scores' dtype where peft compares with its ``.item()``: the same value) and the same in-place
+    masking. peft dispatched some eight operations per layer and waited for the device once per layer (and
+    once more for the threshold); every ``deltaT`` steps that was AdaLoRA's costliest step on a GPU.
     """
     adapter = alloc.adapter_name
-    vector_ipt: dict[str, list[torch.Tensor]] = {}
-    value_ipt: dict[str, torch.Tensor] = {}
-    e_params: list[tuple[str, nn.Parameter]] = []
-    for n, p in inner.named_parameters():
-        if f"lora_A.{adapter}" in n:
-            vector_ipt.setdefault(n.replace("lora_A", "%s"), []).append(
-                torch.mean(alloc._element_score(n), dim=1, keepdim=True))
-        if f"lora_B.{adapter}" in n:
-            vector_ipt.setdefault(n.replace("lora_B", "%s"), []).append(
-                torch.mean(alloc._element_score(n), dim=0, keepdim=False).view(-1, 1))
-        if f"lora_E.{adapter}" in n:
-            value_ipt[n.replace("lora_E", "%s")] = alloc._element_score(n)
-            e_params.append((n, p))
-    triplet_ipt, all_score = {}, []
-    for name_m, parts in vector_ipt.items():
-        sum_ipt = alloc._combine_ipt(value_ipt[name_m], torch.cat(parts, dim=1))
-        triplet_ipt[name_m % "lora_E"] = sum_ipt.view(-1, 1)
-        all_score.append(sum_ipt.view(-1))
-    threshold = torch.kthvalue(torch.cat(all_score), k=alloc.init_bgt - budget)[0]
-    kept = []
+    e_params = [(n, p) for n, p in inner.named_parameters() if f"lora_E.{adapter}" in n]
+    if not e_params:
+        return {}
+    kinds = [[n.replace("lora_E", kind) for n, _ in e_params] for kind in ("lora_A", "lora_B", "lora_E")]
+    names = [n for names in kinds for n in names]
+    scores = torch._foreach_mul([alloc.exp_avg_ipt[n] for n in names], [alloc.exp_avg_unc[n] for n in names])
+    count = len(e_params)
+    a_scores, b_scores, e_scores = scores[:count], scores[count:2 * count], scores[2 * count:]
+    groups: dict[tuple, list[int]] = {}
+    for i, (a, b) in enumerate(zip(a_scores, b_scores)):
+        groups.setdefault((tuple(a.shape), tuple(b.shape)), []).append(i)
+    triplet: list[torch.Tensor] = [torch.empty(0)] * count
+    for members in groups.values():
+        mean_a = torch.stack([a_scores[i] for i in members]).mean(dim=2)  # (G, r): peft's mean over A's rows
+        mean_b = torch.stack([b_scores[i] for i in members]).mean(dim=1)  # over B's columns
+        e = torch.stack([e_scores[i] for i in members]).view(len(members), -1)
+        for i, row in zip(members, (e + (mean_a + mean_b)).unbind(0)):
+            triplet[i] = row
+    all_score = torch.cat(triplet)
+    threshold = torch.kthvalue(all_score, k=alloc.init_bgt - budget)[0]
     with torch.no_grad():
-        for n, p in e_params:
-            pruned = triplet_ipt[n] <= threshold
-            p.masked_fill_(pruned, 0.0)
-            kept.append(~pruned.view(-1))
-    flags = torch.cat(kept).tolist() if kept else []
+        pruned = all_score <= threshold
+        for (_, p), layer_pruned in zip(e_params, pruned.split([t.numel() for t in triplet])):
+            p.masked_fill_(layer_pruned.view(-1, 1), 0.0)
+    flags = (~pruned).tolist()
     pattern, start = {}, 0
-    for (n, _), k in zip(e_params, kept):
-        pattern[n] = flags[start:start + k.numel()]
-        start += k.numel()
+    for (n, _), t in zip(e_params, triplet):
+        pattern[n] = flags[start:start + t.numel()]
+        start += t.numel()
     return pattern
 
 
