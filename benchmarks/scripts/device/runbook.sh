@@ -31,7 +31,7 @@
 # RandLoRA's apart, whose scaled bases are now plain ops there too)
 # PLAN inplace (one GPU; issue 21, item 1, eager): bench methods eager without profiles, 10 rounds, on ViT-B/16
 # (vitA: the defaults; vitI: eager_in_place=false, the code before this plan's change: the plain sum and
-# autocast's per-step casts of frozen weights) and the paper DT (dtA, dtI); vitP: AdaLoRA's rank 12 padded to
+# autocast's per-step casts of frozen weights) and the paper DT (dtA, dtI, after vitP); vitP: AdaLoRA's rank 12 padded to
 # 16 (rank_align=8, never measured: its bf16 GEMMs ran as align-2 cutlass kernels in 2026-12-05b's profile);
 # then vitRO7, every slow method under CUDA graphs (the compiled path is meant to be unchanged)
 set -u
@@ -63,12 +63,12 @@ if [ "$plan" = inplace ]; then
   step vitA python -m harness bench methods --set "$SLOW" "${ten[@]}" --set steps=50 --out "$out/vit-eager.json"
   step vitI python -m harness bench methods --set "$SLOW" "${ten[@]}" --set steps=50 --set eager_in_place=false \
     --out "$out/vit-eager-plain-sum.json"
+  step vitP python -m harness bench methods --set 'methods=[full,lora,adalora]' "${ten[@]}" --set steps=50 \
+    --set rank_align=8 --out "$out/vit-eager-rank-align-8.json"
   step dtA python -m harness bench methods --set model=dt --set "$SLOW" "${ten[@]}" --set steps=100 \
     --out "$out/dt-eager.json"
   step dtI python -m harness bench methods --set model=dt --set "$SLOW" "${ten[@]}" --set steps=100 \
     --set eager_in_place=false --out "$out/dt-eager-plain-sum.json"
-  step vitP python -m harness bench methods --set 'methods=[full,lora,adalora]' "${ten[@]}" --set steps=50 \
-    --set rank_align=8 --out "$out/vit-eager-rank-align-8.json"
   step vitRO7 python -m harness bench methods --set compile=true --set compile_mode=reduce-overhead --set "$SLOW" \
     --out "$out/vit-ro.json"
 elif [ "$plan" = eager ]; then
