@@ -33,8 +33,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 # redistributed ranks hit this (both read slower than LoRA r=8 on the H200, BENCHMARKS.md, issue 21). The
 # zeros add exact zeros to every sum and the padding's gradient is dropped by the slice's backward, so
 # outputs and gradients are those of the unpadded product (tests/test_fast_paths.py); only the GEMMs'
-# rounding order may differ. Off until a GPU measures it: ``bench methods --set rank_align=8`` against
-# the default in one run.
+# rounding order may differ. Off: measured on an H100 (BENCHMARKS.md, 2026-12-05), AdaLoRA's eager ViT-B
+# step read 1.25x full fine-tuning padded against 1.23x unpadded (``bench methods --set rank_align=8``).
 RANK_ALIGN = 0
 
 
