@@ -538,9 +538,8 @@ def profile_phases(trainer: Trainer, hooks: MethodHooks, batch: Any, steps: int,
     for e in prof.events():
         if cuda:
             counted = e.device_type == torch.autograd.DeviceType.CUDA
-        else:  # an aten call not made by another aten call: one dispatch from Python or autograd
-            counted = e.name.startswith("aten::") and not (e.cpu_parent is not None
-                                                           and e.cpu_parent.name.startswith("aten::"))
+        else:
+            counted = top_level_aten_call(e)
         if counted:
             for name, (start, end) in spans.items():
                 if start <= e.time_range.start <= end:
@@ -550,6 +549,13 @@ def profile_phases(trainer: Trainer, hooks: MethodHooks, batch: Any, steps: int,
                     break
     return {"ms": {k: round(v * 1000 / steps, 3) for k, v in seconds.items()},
             "kernels" if cuda else "aten_calls": launches, **time_by_kind(prof, cuda, top)}
+
+
+def top_level_aten_call(event) -> bool:
+    """Whether a profiler event is an aten call not made by another aten call: one dispatch from Python or
+    autograd, what an eager step pays host time for (issue 21)."""
+    parent = event.cpu_parent
+    return event.name.startswith("aten::") and not (parent is not None and parent.name.startswith("aten::"))
 
 
 # Substrings that name a kernel's (CUDA) or an aten call's (CPU) kind, tried in this order.

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from harness.bench_methods import top_level_aten_call
 from harness.methods import MethodContext, fast_peft, get_method
 from harness.methods.base import method_state
 from harness.methods.low_rank import low_rank_linear, low_rank_linear_t, padded_rank
@@ -598,8 +599,7 @@ def _top_level_aten_ops(fn) -> int:
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    return sum(1 for e in prof.events() if e.name.startswith("aten::")
-               and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")))
+    return sum(map(top_level_aten_call, prof.events()))
 
 
 def test_glora_eager_sampled_forms_match_the_per_form_formula():

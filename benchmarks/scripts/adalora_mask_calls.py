@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 import timm  # noqa: E402
 
+from harness.bench_methods import top_level_aten_call  # noqa: E402
 from harness.methods import MethodContext, get_method  # noqa: E402
 from harness.methods import peft_methods as current  # noqa: E402
 from harness.methods.base import AdapterSite  # noqa: E402
@@ -52,8 +53,7 @@ def main(rev: str) -> None:
     for label, fn in ((rev, module_at(rev)._mask_to_budget), ("working tree", current._mask_to_budget)):
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             patterns[label] = fn(alloc, inner, alloc.init_bgt - 50)
-        calls = sum(1 for e in prof.events() if e.name.startswith("aten::")
-                    and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")))
+        calls = sum(map(top_level_aten_call, prof.events()))
         times = []
         for _ in range(20):
             started = time.perf_counter()

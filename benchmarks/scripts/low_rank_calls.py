@@ -12,6 +12,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from harness.bench_methods import top_level_aten_call  # noqa: E402
 from harness.methods import low_rank  # noqa: E402
 
 
@@ -20,8 +21,7 @@ def calls(fn) -> tuple[int, int]:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     events = [e for e in prof.events() if e.name.startswith("aten::")]
-    top = [e for e in events if not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))]
-    return len(top), len(events)
+    return sum(map(top_level_aten_call, events)), len(events)
 
 
 def main() -> None:
