@@ -13,7 +13,7 @@ Block Linears are named ``blocks.N.attn.qkv``, ``blocks.N.attn.proj``, ``blocks.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,8 @@ from harness.methods.base import AdapterSite
 from agents.tasks import ACT_DIM, EPISODE_LENGTH, OBS_DIM
 
 TOKENS_PER_STEP = 4
+ResidualDtype = Literal["float32", "bfloat16"]
+RESIDUAL_DTYPES: tuple[str, ...] = get_args(ResidualDtype)
 SITE = AdapterSite(targets=("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"), head=("action_head",),
                    feedforward=("mlp.fc2",))
 
@@ -38,6 +40,12 @@ class DTConfig:
     state_dim: int = OBS_DIM
     act_dim: int = ACT_DIM
     max_ep_len: int = EPISODE_LENGTH
+    # The residual stream's dtype under bf16 autocast. "float32" (the default, as autocast leaves it): the
+    # blocks' bf16 outputs are added into an fp32 stream, and every norm, residual add and their gradients
+    # move fp32 activations. "bfloat16": the stream is cast to bf16 after the embedding, so those move half
+    # the bytes (Megatron-LM's default; its --fp32-residual-connection is the float32 choice). The norms
+    # still compute in fp32. Without autocast (CPU) the weights are fp32 and the stream stays fp32.
+    residual_dtype: ResidualDtype = "float32"
 
     def __post_init__(self) -> None:
         for k in ("n_layer", "n_head", "n_embd", "context"):
@@ -47,13 +55,22 @@ class DTConfig:
             raise ConfigError(f"DT width n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"DT dropout must be in [0, 1), got {self.dropout}")
+        if self.residual_dtype not in RESIDUAL_DTYPES:
+            raise ConfigError(f"DT residual_dtype must be one of {', '.join(RESIDUAL_DTYPES)}, got "
+                              f"{self.residual_dtype!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The settings as a plain dict; the default fp32 residual is left out, so a pretrained base's
+        cache key and file metadata from before the setting existed still name the same model."""
+        d = asdict(self)
+        if d["residual_dtype"] == "float32":
+            del d["residual_dtype"]
+        return d
 
     def describe(self) -> str:
+        bf16 = ", residual=bfloat16" if self.residual_dtype == "bfloat16" else ""
         return (f"DecisionTransformer(layers={self.n_layer}, heads={self.n_head}, width={self.n_embd}, "
-                f"context={self.context})")
+                f"context={self.context}{bf16})")
 
 
 class Attention(nn.Module):
@@ -148,6 +165,8 @@ class DecisionTransformer(nn.Module):
                 rewards: torch.Tensor, timesteps: torch.Tensor,
                 attention_mask: torch.Tensor | None = None, **unused: Any) -> torch.Tensor:
         x = self.embed(states, actions, returns_to_go, rewards, timesteps)
+        if self.cfg.residual_dtype == "bfloat16" and _bf16_autocast(x.device.type):
+            x = x.to(torch.bfloat16)
         shift = None
         if attention_mask is not None:
             # Windows are left-padded (the sampler and the rollouts pad only before the first real step).
@@ -165,6 +184,10 @@ class DecisionTransformer(nn.Module):
         x = self.norm_f(x)
         rtg_hidden = x[:, 1::TOKENS_PER_STEP]  # token order s, R, a, r: R_t has seen s_t and R_t
         return torch.tanh(self.action_head(rtg_hidden))
+
+
+def _bf16_autocast(device_type: str) -> bool:
+    return torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.bfloat16
 
 
 def _rotate(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -411,8 +411,9 @@ def read_base(path: str | Path, expected: DTConfig | None = None, key: str = "pr
     except (ValueError, TypeError, KeyError) as e:
         raise ConfigError(f"{where}: unreadable settings in the file's metadata ({e})") from e
     if expected is not None:
-        diff = {k: (v, getattr(expected, k)) for k, v in model.to_dict().items()
-                if k != "dropout" and v != getattr(expected, k)}
+        # dropout and the residual stream's dtype are how a run trains, not what the weights are
+        diff = {k: (v, getattr(expected, k)) for k, v in asdict(model).items()
+                if k not in ("dropout", "residual_dtype") and v != getattr(expected, k)}
         if diff:
             raise ConfigError(f"{where}: the file's DT differs from the study's settings: "
                               + ", ".join(f"{k}: file {a!r}, settings {b!r}" for k, (a, b) in diff.items())

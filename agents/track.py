@@ -37,7 +37,7 @@ from harness.validation import Bool, Float, Int
 from agents.bench import bench as run_bench
 from agents.data import (DataSettings, Episodes, WindowSampler, build_datasets, data_report as build_report,
                          expert_hold, format_report, load_dataset, write_report)
-from agents.dt import SITE, DTConfig, DecisionTransformer, batch_loss, forward_batch, layer_tokens
+from agents.dt import SITE, DTConfig, DecisionTransformer, ResidualDtype, batch_loss, forward_batch, layer_tokens
 from agents.pretrain import (EVAL_KIND, BaseFile, CurveEval, OptimPlan, PretrainPlan, Pretrained, cached_eval,
                              export_base, load_model, pretrain as build_pretrained, read_base)
 from agents.return_targets import PAPERS_RULE, RECIPE_RULE, ReturnTarget, canonical_rule, return_target
@@ -72,6 +72,9 @@ class RLSettings(TrackSettings):
     n_embd: Int = Field(512, ge=1)
     context: Int = Field(50, ge=1)
     dropout: Float = Field(0.1, ge=0, lt=1)
+    # the residual stream under bf16 autocast: float32 (as autocast leaves it) or bfloat16 (half the bytes in
+    # every norm and residual add; agents.dt.DTConfig.residual_dtype, BENCHMARKS.md has what it saves)
+    residual_dtype: ResidualDtype = "float32"
     # the layers adapters go on (EVA section 4.1: every Linear of the blocks); slices of the fused qkv
     # (qkv.q, qkv.k, qkv.v) are split out as their own Linears (harness/targets.py)
     adapter_targets: list[str] = Field(default_factory=lambda: list(SITE.targets), min_length=1)
@@ -196,7 +199,8 @@ def task_targets(ts: RLSettings, tasks: Sequence[str]) -> dict[str, ReturnTarget
 
 
 def model_config(ts: RLSettings) -> DTConfig:
-    return DTConfig(n_layer=ts.n_layer, n_head=ts.n_head, n_embd=ts.n_embd, context=ts.context, dropout=ts.dropout)
+    return DTConfig(n_layer=ts.n_layer, n_head=ts.n_head, n_embd=ts.n_embd, context=ts.context, dropout=ts.dropout,
+                    residual_dtype=ts.residual_dtype)
 
 
 def pretrain_plan(ts: RLSettings) -> PretrainPlan:

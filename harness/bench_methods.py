@@ -59,6 +59,9 @@ class BenchSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: Literal["vit", "dt"] = "vit"
     tiny: Bool | None = None  # dt: a 2-layer width-32 DT (default on a CPU); vit: use `backbone`
+    # dt: agents.dt.DTConfig fields over the paper DT's (or tiny's), e.g. {"residual_dtype": "bfloat16"} or
+    # {"dropout": 0.0}: what a numerics choice saves in the update
+    dt: dict[str, Any] | None = None
     backbone: str | None = None
     img_size: Int | None = Field(None, ge=8)
     batch_size: Int | None = Field(None, ge=1)
@@ -150,6 +153,26 @@ def _defaults(cuda: bool, model: str) -> dict[str, Any]:
     return {**common, "backbone": "vit_tiny_patch16_224", "img_size": 64, "batch_size": 16, "methods": method_names()}
 
 
+def dt_config(cfg: dict[str, Any]):
+    """The DT ``bench methods`` times: the paper's (or with ``tiny`` a 2-layer width-32 one), with ``dt``'s
+    fields over it; an unknown field or a bad value is a :class:`ConfigError` naming the valid ones."""
+    from dataclasses import fields, replace
+
+    from agents.dt import DTConfig  # heavy: agents.dt imports metaworld
+
+    base = DTConfig(n_layer=2, n_head=2, n_embd=32, context=6) if cfg.get("tiny") else DTConfig()
+    given = cfg.get("dt") or {}
+    known = [f.name for f in fields(DTConfig)]
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise ConfigError(f"bench methods: 'dt' has no field {', '.join(map(repr, unknown))}; the DT's fields are "
+                          + ", ".join(known))
+    try:
+        return replace(base, **given)
+    except (TypeError, ValueError) as e:  # a value of the wrong type (DTConfig's own checks raise ConfigError)
+        raise ConfigError(f"bench methods: 'dt'={given!r}: {e}") from e
+
+
 class _Workload:
     """What a timed step needs of one model: a fresh copy, its adapter site, a batch and the loss."""
 
@@ -162,7 +185,7 @@ class _Workload:
             # heavy: agents.dt imports metaworld
             from agents.dt import SITE, DTConfig, batch_loss, forward_batch, layer_tokens
 
-            self.dt_cfg = (DTConfig(n_layer=2, n_head=2, n_embd=32, context=6) if cfg["tiny"] else DTConfig())
+            self.dt_cfg = dt_config(cfg)
             self.site = SITE
             self.batch = WindowSampler(random_episodes(64, self.dt_cfg), self.dt_cfg.context, seed=0,
                                        device=device).sample(n)
@@ -219,6 +242,8 @@ def bench_methods(overrides: dict[str, Any]) -> dict[str, Any]:
     if given["model"] == "dt" and ("backbone" in given or "img_size" in given):
         raise ConfigError("bench methods: 'backbone' and 'img_size' are ViT settings; with model=dt use "
                           "'tiny' (true: a 2-layer width-32 DT; false: the paper's DT) and 'batch_size'")
+    if given["model"] != "dt" and "dt" in given:
+        raise ConfigError("bench methods: 'dt' sets the DT's fields; add model=dt")
     cfg = {**_defaults(device.type == "cuda", given["model"]), **given}
     if given.get("compile_mode") and not cfg["compile"]:
         raise ConfigError(f"bench methods: 'compile_mode'={given['compile_mode']!r} needs compile=true")
@@ -231,6 +256,8 @@ def bench_methods(overrides: dict[str, Any]) -> dict[str, Any]:
     if cfg.get("inductor") and not cfg["compile"]:
         raise ConfigError("bench methods: 'inductor' settings change compiled code only; add compile=true")
     check_inductor_options(cfg.get("inductor"), "bench methods")
+    if cfg["model"] == "dt":
+        dt_config(cfg)  # a bad field fails before any model is built
     work = _Workload(cfg, device)
     rows: dict[str, Any] = {}
     align, in_place = low_rank.RANK_ALIGN, low_rank.EAGER_IN_PLACE
@@ -304,8 +331,17 @@ def bench_methods(overrides: dict[str, Any]) -> dict[str, Any]:
             r[f"time_vs_{ref}_min"], r[f"time_vs_{ref}_max"] = round(min(ratios), 3), round(max(ratios), 3)
             if r.get("peak_mb") and rows[ref].get("peak_mb"):
                 r[f"memory_vs_{ref}"] = round(r["peak_mb"] / rows[ref]["peak_mb"], 3)
-    return {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "config": cfg,
-            "methods": rows}
+    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "config": cfg,
+              "methods": rows}
+    if cfg["model"] == "dt":
+        from agents.dt import flops_per_step  # heavy: agents.dt imports metaworld
+
+        # full fine-tuning's model FLOPs (bench rl's count), so its row reads as a share of the chip's peak
+        flops = flops_per_step(work.dt_cfg, cfg["batch_size"])
+        result["full_flops_per_step"] = flops
+        if rows.get("full", {}).get("ms_per_step"):
+            rows["full"]["tflops_per_s"] = round(flops / rows["full"]["ms_per_step"] / 1e9, 1)
+    return result
 
 
 @contextlib.contextmanager

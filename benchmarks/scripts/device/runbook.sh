@@ -34,10 +34,15 @@
 # autocast's per-step casts of frozen weights) and the paper DT (dtA, dtI, after vitP); vitP: AdaLoRA's rank 12 padded to
 # 16 (rank_align=8, never measured: its bf16 GEMMs ran as align-2 cutlass kernels in 2026-12-05b's profile);
 # then vitRO7, every slow method under CUDA graphs (the compiled path is meant to be unchanged)
+# PLAN residual (one H200; issue 21, item 2): the paper DT's compiled update under CUDA graphs (full, LoRA;
+# 10 rounds) as it is (dtB), with the residual stream in bf16 (dtR), with that and no dropout (dtRD: what is
+# left when both numerics choices are taken), without dropout alone (dtD), and as it is again (dtB2: drift);
+# between them the quality check: the recipe's base pretrained 20K updates with the bf16 residual (ptR) and as
+# it is (ptF), same data and seed, scored on MT40 with 10 episodes per task; last, bench rl both ways (rlR, rlB)
 set -u
-out=$(realpath -m "${1:?usage: runbook.sh OUTDIR [h200|x2|eager|inplace]}")
+out=$(realpath -m "${1:?usage: runbook.sh OUTDIR [h200|x2|eager|inplace|residual]}")
 plan=${2:-h200}
-case "$plan" in h200|x2|eager|inplace) ;; *) echo "runbook.sh: PLAN must be h200, x2, eager or inplace, not $plan" >&2; exit 2;; esac
+case "$plan" in h200|x2|eager|inplace|residual) ;; *) echo "runbook.sh: PLAN must be h200, x2, eager, inplace or residual, not $plan" >&2; exit 2;; esac
 mkdir -p "$out"
 # run from a copy: each device call copies the working tree afresh into the repository root, and a step that
 # started during that copy once failed to import the harness (2026-12-03g's scaleD)
@@ -58,7 +63,22 @@ scale() { local name=$1 dir=$2; shift 2
   records "$name" "$dir"; }
 SLOW='methods=[full,lora,adalora,randlora,nola,glora,eigenlora]'
 BEFORE=(--set grouped=false --set randlora_scales=peft)
-if [ "$plan" = inplace ]; then
+if [ "$plan" = residual ]; then
+  dt() { local name=$1 file=$2; shift 2
+    step "$name" python -m harness bench methods --set model=dt --set compile=true --set compile_mode=reduce-overhead \
+      --set 'methods=[full,lora]' --set rounds=10 "$@" --out "$out/$file"; }
+  pt() { local name=$1; shift
+    step "$name" python -m harness pretrain rl --set pretrain_steps=20000 --set data_workers=16 --set eval_workers=16 "$@"; }
+  dt dtB dt-ro.json
+  dt dtR dt-ro-bf16-residual.json --set 'dt={"residual_dtype": "bfloat16"}'
+  dt dtRD dt-ro-bf16-residual-no-dropout.json --set 'dt={"residual_dtype": "bfloat16", "dropout": 0.0}'
+  pt ptR --set residual_dtype=bfloat16
+  pt ptF
+  dt dtD dt-ro-no-dropout.json --set 'dt={"dropout": 0.0}'
+  dt dtB2 dt-ro-2.json
+  step rlR python -m harness bench rl --set residual_dtype=bfloat16 --set eval_workers=16 --out "$out/rl-bf16-residual.json"
+  step rlB python -m harness bench rl --set eval_workers=16 --out "$out/rl.json"
+elif [ "$plan" = inplace ]; then
   ten=(--set rounds=10)
   step vitA python -m harness bench methods --set "$SLOW" "${ten[@]}" --set steps=50 --out "$out/vit-eager.json"
   step vitI python -m harness bench methods --set "$SLOW" "${ten[@]}" --set steps=50 --set eager_in_place=false \
