@@ -207,7 +207,9 @@ def test_bad_base_files_are_refused_before_compute(base_file, tmp_path):
         check_pretrained({**TINY, "n_embd": 64, "pretrained": str(path)})
     with pytest.raises(ConfigError, match="context: file 4, settings 8"):
         check_pretrained({**TINY, "context": 8, "pretrained": str(path)})
-    assert check_pretrained({**TINY, "dropout": 0.3, "pretrained": str(path)}) is not None  # not in the weights
+    # how a run trains, not what the weights are: dropout and the residual stream's dtype
+    assert check_pretrained({**TINY, "dropout": 0.3, "pretrained": str(path)}) is not None
+    assert check_pretrained({**TINY, "residual_dtype": "bfloat16", "pretrained": str(path)}) is not None
     # one changed byte near the end (tensor data): the checksum file no longer matches
     data = bytearray(path.read_bytes())
     data[-3] ^= 0xFF

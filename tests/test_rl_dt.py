@@ -244,3 +244,69 @@ def test_glora_search_scores_windows_under_the_trials_autocast(monkeypatch):
     with torch.no_grad():
         expected = -sum(float(batch_loss(m.eval(), b)) for b in windows) / len(windows)
     assert score == pytest.approx(expected, rel=1e-12)  # eval mode: dropout off, so the same numbers
+
+
+def test_bf16_residual_stream_under_autocast_only():
+    """``residual_dtype="bfloat16"`` carries the blocks' stream in bf16 under bf16 autocast, forward and
+    gradients, and stays close to the fp32 stream with the same weights; without autocast it is the fp32 model
+    exactly, since fp32 weights cannot take a bf16 stream."""
+    from agents.dt import DecisionTransformer, forward_batch
+
+    torch.manual_seed(0)
+    fp32 = DecisionTransformer(tiny_cfg()).eval()
+    bf16 = DecisionTransformer(tiny_cfg(residual_dtype="bfloat16")).eval()
+    bf16.load_state_dict(fp32.state_dict())
+    b = batch(pad=2)
+    seen: dict[str, list] = {"in": [], "grad": []}
+    bf16.blocks[1].register_forward_pre_hook(lambda mod, args: seen["in"].append(args[0].dtype))
+    bf16.blocks[1].register_full_backward_hook(lambda mod, gin, gout: seen["grad"].append(gout[0].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = forward_batch(fp32, b), forward_batch(bf16, b)
+    got.float().sum().backward()
+    assert seen == {"in": [torch.bfloat16], "grad": [torch.bfloat16]}
+    assert not torch.equal(got, want)  # the stream's rounding shows
+    assert torch.allclose(got.float(), want.float(), atol=2e-2)
+    seen["in"].clear()
+    with torch.no_grad():
+        assert torch.equal(forward_batch(bf16, b), forward_batch(fp32, b))
+    assert seen["in"] == [torch.float32]
+
+
+def test_residual_dtype_keeps_old_keys_and_is_checked():
+    """The default fp32 stream leaves the settings dict (a base's cache key and file metadata) as it was
+    before the setting existed; bf16 changes it; a bad name is refused with the valid ones."""
+    from agents.dt import DTConfig
+    from harness.errors import ConfigError
+
+    plain = DTConfig().to_dict()
+    assert "residual_dtype" not in plain and DTConfig(**plain) == DTConfig()
+    bf16 = DTConfig(residual_dtype="bfloat16")
+    assert bf16.to_dict() == {**plain, "residual_dtype": "bfloat16"} and DTConfig(**bf16.to_dict()) == bf16
+    assert "residual=bfloat16" in bf16.describe() and "residual" not in DTConfig().describe()
+    with pytest.raises(ConfigError, match="float32, bfloat16"):
+        DTConfig(residual_dtype="float16")
+
+
+def test_bench_methods_dt_fields():
+    """``bench methods --set dt={...}`` times a DT with those fields (here the bf16 stream, no dropout) and
+    gives full fine-tuning's TFLOP/s from the model's FLOPs; an unknown field, a wrong type and ``dt`` without
+    ``model=dt`` are refused before any model is built."""
+    from agents.dt import flops_per_step
+    from harness.bench_methods import bench_methods, dt_config
+    from harness.errors import ConfigError
+
+    given = {"residual_dtype": "bfloat16", "dropout": 0.0}
+    out = bench_methods({"model": "dt", "tiny": True, "methods": ["full", "lora"], "steps": 2, "warmup": 1,
+                         "batch_size": 4, "dt": given})
+    cfg = dt_config({"tiny": True, "dt": given})
+    assert cfg.residual_dtype == "bfloat16" and cfg.dropout == 0.0 and cfg.n_embd == 32
+    assert out["config"]["dt"] == given and out["full_flops_per_step"] == flops_per_step(cfg, 4)
+    full = out["methods"]["full"]
+    assert full["tflops_per_s"] == round(flops_per_step(cfg, 4) / full["ms_per_step"] / 1e9, 1)
+    assert "tflops_per_s" not in out["methods"]["lora"]
+    with pytest.raises(ConfigError, match="no field 'width'.*n_embd"):
+        bench_methods({"model": "dt", "dt": {"width": 64}})
+    with pytest.raises(ConfigError, match="'dt'="):
+        bench_methods({"model": "dt", "dt": {"dropout": "high"}})
+    with pytest.raises(ConfigError, match="add model=dt"):
+        bench_methods({"dt": {"dropout": 0.0}})
