@@ -36,9 +36,10 @@
 # then vitRO7, every slow method under CUDA graphs (the compiled path is meant to be unchanged)
 # PLAN residual (one H200; issue 21, item 2): the paper DT's compiled update under CUDA graphs (full, LoRA;
 # 10 rounds) as it is (dtB), with the residual stream in bf16 (dtR), with that and no dropout (dtRD: what is
-# left when both numerics choices are taken), without dropout alone (dtD), and as it is again (dtB2: drift);
+# left when both numerics choices are taken), as it is again (dtB2: drift), without dropout alone (dtD);
 # between them the quality check: the recipe's base pretrained 20K updates with the bf16 residual (ptR) and as
-# it is (ptF), same data and seed, scored on MT40 with 10 episodes per task; last, bench rl both ways (rlR, rlB)
+# it is (ptF), same data and seed, scored on MT40 with 10 episodes per task; then dtB2, bench rl both ways (rlR,
+# rlB) and dtD
 set -u
 out=$(realpath -m "${1:?usage: runbook.sh OUTDIR [h200|x2|eager|inplace|residual]}")
 plan=${2:-h200}
@@ -74,10 +75,10 @@ if [ "$plan" = residual ]; then
   dt dtRD dt-ro-bf16-residual-no-dropout.json --set 'dt={"residual_dtype": "bfloat16", "dropout": 0.0}'
   pt ptR --set residual_dtype=bfloat16
   pt ptF
-  dt dtD dt-ro-no-dropout.json --set 'dt={"dropout": 0.0}'
   dt dtB2 dt-ro-2.json
   step rlR python -m harness bench rl --set residual_dtype=bfloat16 --set eval_workers=16 --out "$out/rl-bf16-residual.json"
   step rlB python -m harness bench rl --set eval_workers=16 --out "$out/rl.json"
+  dt dtD dt-ro-no-dropout.json --set 'dt={"dropout": 0.0}'
 elif [ "$plan" = inplace ]; then
   ten=(--set rounds=10)
   step vitA python -m harness bench methods --set "$SLOW" "${ten[@]}" --set steps=50 --out "$out/vit-eager.json"
