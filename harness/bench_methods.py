@@ -183,7 +183,7 @@ class _Workload:
             from agents.bench import random_episodes  # heavy: agents.bench imports metaworld
             from agents.data import WindowSampler  # heavy: agents.data imports metaworld
             # heavy: agents.dt imports metaworld
-            from agents.dt import SITE, DTConfig, batch_loss, forward_batch, layer_tokens
+            from agents.dt import SITE, batch_loss, forward_batch, layer_tokens
 
             self.dt_cfg = dt_config(cfg)
             self.site = SITE
