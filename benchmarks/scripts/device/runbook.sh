@@ -71,8 +71,10 @@ if [ "$plan" = residual ]; then
   pt() { local name=$1; shift
     step "$name" python -m harness pretrain rl --set pretrain_steps=5000 --set data_workers=16 --set eval_workers=16 "$@"; }
   dt dtB dt-ro.json
-  dt dtR dt-ro-bf16-residual.json --set 'dt={"residual_dtype": "bfloat16"}'
-  dt dtRD dt-ro-bf16-residual-no-dropout.json --set 'dt={"residual_dtype": "bfloat16", "dropout": 0.0}'
+  # profiled (before the timed rounds): where the time goes once the stream is bf16
+  PROF=(--set profile=true --set profile_top=80)
+  dt dtR dt-ro-bf16-residual.json --set 'dt={"residual_dtype": "bfloat16"}' "${PROF[@]}"
+  dt dtRD dt-ro-bf16-residual-no-dropout.json --set 'dt={"residual_dtype": "bfloat16", "dropout": 0.0}' "${PROF[@]}"
   pt ptR --set residual_dtype=bfloat16
   pt ptF
   dt dtB2 dt-ro-2.json
