@@ -66,7 +66,10 @@ class StructureAffinity(FIFOScheduler):
     to the trial its scheduler chooses (``TuneController._maybe_add_actors``), so the process that just ran
     a structure runs it again and its compiled loss is reused. Trials that complete together queue their
     structures; each is served in turn. Tune calls :meth:`choose_trial_to_run` at every step and needs the
-    same answer until that trial starts, so a choice is kept while its trial is pending."""
+    same answer until that trial has a process, so a choice is kept while its trial waits for one. A trial
+    that has one is still pending while Tune resets the process for it (longer on a busy host); keeping the
+    choice then would leave the next finished trial's process to Tune's FIFO pick, so the choice moves on,
+    and pending trials that have a process are not chosen again."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -77,10 +80,10 @@ class StructureAffinity(FIFOScheduler):
         self._freed.append(_trial_structure(trial))
 
     def choose_trial_to_run(self, tune_controller: Any) -> Trial | None:
-        if self._chosen is not None and self._chosen.status == Trial.PENDING:
+        if self._chosen is not None and _waiting(self._chosen):
             return self._chosen
         self._chosen = None
-        pending = [t for t in tune_controller.get_trials() if t.status == Trial.PENDING]
+        pending = [t for t in tune_controller.get_trials() if _waiting(t)]
         while self._freed and pending:
             wanted = self._freed.popleft()
             match = next((t for t in pending if _trial_structure(t) == wanted), None)
@@ -94,6 +97,12 @@ class StructureAffinity(FIFOScheduler):
 
     def debug_string(self) -> str:
         return "FIFO scheduling; a finished trial's process runs its structure's next pending trial"
+
+
+def _waiting(trial: Trial) -> bool:
+    """Whether ``trial`` is pending with no process yet: Tune sets a trial's actor when it hands it a cached
+    one (then resets it) or when the trial's own actor has started, while the trial is still pending."""
+    return trial.status == Trial.PENDING and trial.temporary_state.ray_actor is None
 
 
 def _trial_structure(trial: Trial) -> str:

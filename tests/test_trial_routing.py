@@ -88,3 +88,37 @@ def test_a_finished_trials_process_runs_the_next_trial_of_its_structure_under_tu
     assert sum(len(set(seq)) for seq in runs.values()) <= 4 and _switches(runs) <= 2, runs
     fifo = _structures_per_process(tmp_path, "fifo", None)
     assert _switches(fifo) > _switches(runs), fifo
+
+
+class _Controller:
+    """What :class:`StructureAffinity` reads of Tune's controller: its trials."""
+
+    def __init__(self, trials: list) -> None:
+        self.trials = trials
+
+    def get_trials(self) -> list:
+        return self.trials
+
+
+def test_a_choice_that_has_a_process_gives_way_to_the_next_finished_structure():
+    """Tune gives the chosen trial a cached process and resets it there while the trial is still pending (long
+    on a busy host). The next trial to finish meanwhile must get a trial of its own structure, not the kept
+    choice, or Tune's FIFO pick takes its process (the under-Tune test above failed this way under CPU load)."""
+    from ray.tune.experiment import Trial
+
+    def trial(method: str, status: str) -> Trial:
+        t = Trial("trainable", config={"spec": _spec(method=method)}, stub=True)
+        t.set_status(status)
+        return t
+
+    a0, b0 = trial("lora", Trial.RUNNING), trial("dora", Trial.RUNNING)
+    b1, a1 = trial("dora", Trial.PENDING), trial("lora", Trial.PENDING)
+    tc, scheduler = _Controller([a0, b0, b1, a1]), StructureAffinity()
+    assert scheduler.choose_trial_to_run(tc) is b1  # nothing finished: FIFO
+    a0.set_status(Trial.TERMINATED)
+    scheduler.on_trial_complete(tc, a0, {})
+    assert scheduler.choose_trial_to_run(tc) is a1 and scheduler.choose_trial_to_run(tc) is a1  # kept
+    a1.temporary_state.ray_actor = object()  # what Tune sets when it hands a1 a0's process
+    b0.set_status(Trial.TERMINATED)
+    scheduler.on_trial_complete(tc, b0, {})
+    assert scheduler.choose_trial_to_run(tc) is b1
