@@ -55,6 +55,9 @@ class OptimPlan:
     grad_clip: float = 0.25
     batch_size: int = 128
     compile: bool = False
+    # torch.compile's mode where ``compile`` (the track's ``compile_mode``): ``reduce-overhead`` replays the
+    # update as CUDA graphs; like ``compile``, not in the key
+    compile_mode: str = "default"
     # torch's deterministic kernels (the study's ``deterministic``): a base pretrained afresh on a GPU then has
     # the same bits every time, so a sweep on an empty cache repeats its records; like ``compile``, not in the key
     deterministic: bool = False
@@ -213,8 +216,8 @@ def pretrain(plan: PretrainPlan, device: torch.device | None = None, data_worker
     t = plan.train
     # checkpoints are written here (with the clock and the curve), not by the loop; it only resumes
     cfg = LoopConfig(steps=t.steps, lr=t.lr, weight_decay=t.weight_decay, warmup=t.effective_warmup(),
-                     min_lr_ratio=t.min_lr_ratio, grad_clip=t.grad_clip, compile=t.compile, report_every=t.report_every,
-                     checkpoint=partial, checkpoint_every=0)
+                     min_lr_ratio=t.min_lr_ratio, grad_clip=t.grad_clip, compile=t.compile, compile_mode=t.compile_mode,
+                     report_every=t.report_every, checkpoint=partial, checkpoint_every=0)
     points = sorted({p for p in (curve.at if curve else ()) if p <= t.steps} | ({t.steps} if curve else set()))
     if curve is not None:
         curve.points[:] = [p for p in resumed.get("curve", []) if p["updates"] in points]
@@ -271,6 +274,8 @@ def pretrain(plan: PretrainPlan, device: torch.device | None = None, data_worker
         stats = trainer.finish()
     info = {"base_key": plan.base_key(), "final_loss": stats.final_loss, "steps_per_s": stats.steps_per_s,
             "wall_s": stats.wall_s, "resumed_from": stats.resumed_from, "params": model.num_params(),
+            # how the updates ran, for reading steps_per_s: "" when not compiled (CPU, or compile off)
+            "compile_mode": t.compile_mode if stats.compiled_step else "",
             "losses": stats.losses, "tasks": list(plan.tasks), "model": plan.model.to_dict(),
             "data_s": data_s, "clock_s": clock0 + train_s, "calls": calls,
             "curve": list(curve.points) if curve else []}

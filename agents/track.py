@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from harness.cache import ArtifactCache
 from harness.errors import ConfigError
@@ -33,7 +33,7 @@ from harness.process_cache import base_state
 from harness.randomness import TrialRandom, derive_seed, seeded
 from harness.tracks import Benchmark, FineTuneSetup, PlannedWork, Report, Track, TrackBudget, TrackSettings
 from harness.training import Schedule, autocast, pick_device
-from harness.validation import Bool, Float, Int
+from harness.validation import Bool, CompileMode, Float, Int, mode_needs_compile
 from agents.bench import bench as run_bench
 from agents.data import (DataSettings, Episodes, WindowSampler, build_datasets, data_report as build_report,
                          expert_hold, format_report, load_dataset, write_report)
@@ -94,6 +94,10 @@ class RLSettings(TrackSettings):
     pretrain_seed: Int = 0
     pretrain_eval_episodes: Int = Field(10, ge=0)
     pretrain_warmup: Int | None = Field(1000, ge=0)  # None: the shared ``warmup``
+    # torch.compile's mode for pretraining's updates, as ``compile_mode`` is for trials' (reduce-overhead: CUDA
+    # graphs); not in the base's key. Its own setting, default mode, until a GPU run has checked pretraining
+    # under graphs (benchmarks/scripts/device/pretrain_graphs.sh): the sweep files' trials run under graphs
+    pretrain_compile_mode: CompileMode = "default"
     # update counts at which pretraining scores MT40 (the time-to-quality curve), e.g. [2000, 5000, 10000]
     pretrain_eval_at: list[Int] = Field(default_factory=list)
     # a base file written by `pretrain rl --export FILE`: every trial starts from it instead of pretraining
@@ -131,6 +135,11 @@ class RLSettings(TrackSettings):
         if isinstance(data, dict) and data.get("preset", "recipe") in PRESETS:
             return {**PRESETS[data.get("preset", "recipe")], **data}
         return data
+
+    @field_validator("pretrain_compile_mode")
+    @classmethod
+    def _pretrain_mode_needs_compile(cls, v: str, info: ValidationInfo) -> str:
+        return mode_needs_compile("pretrain_compile_mode", v, info.data.get("compile"))
 
     @field_validator("return_target")
     @classmethod
@@ -207,7 +216,8 @@ def pretrain_plan(ts: RLSettings) -> PretrainPlan:
     warmup = ts.warmup if ts.pretrain_warmup is None else ts.pretrain_warmup
     optim = OptimPlan(steps=ts.pretrain_steps, lr=ts.pretrain_lr, weight_decay=ts.weight_decay, warmup=warmup,
                       min_lr_ratio=ts.min_lr_ratio, grad_clip=ts.grad_clip, batch_size=ts.pretrain_batch_size,
-                      compile=ts.compile, deterministic=ts.deterministic)
+                      compile=ts.compile, compile_mode=ts.pretrain_compile_mode,
+                      deterministic=ts.deterministic)
     return PretrainPlan(tasks=tuple(ts.pretrain_tasks), data=data_settings(ts), model=model_config(ts),
                         train=optim, seed=ts.pretrain_seed)
 

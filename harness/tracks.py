@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from harness import plugins
 from harness.errors import ConfigError, choices_message
-from harness.validation import Bool, CompileMode, Float, validate
+from harness.validation import Bool, CompileMode, Float, mode_needs_compile, validate
 
 if TYPE_CHECKING:
     import torch
@@ -133,10 +133,7 @@ class TrackSettings(BaseModel):
     @field_validator("compile_mode")
     @classmethod
     def _mode_needs_compile(cls, v: str, info: ValidationInfo) -> str:
-        if v != "default" and info.data.get("compile") is False:
-            raise ValueError(f"{v} applies to compiled steps only: set compile: true as well, or leave "
-                             "compile_mode out")
-        return v
+        return mode_needs_compile("compile_mode", v, info.data.get("compile"))
 
 
 class TrackBudget(BaseModel):

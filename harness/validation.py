@@ -32,6 +32,15 @@ Float = Annotated[float, BeforeValidator(_number), AllowInfNan(False)]  # .inf /
 # reduce-overhead (the step replayed as CUDA graphs), max-autotune-no-cudagraphs
 CompileMode = Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"]
 
+
+def mode_needs_compile(setting: str, mode: str, compile: bool | None) -> str:
+    """``mode`` (a :data:`CompileMode` setting named ``setting``), refused where ``compile`` is off: a mode
+    other than ``default`` only applies to compiled steps."""
+    if mode != "default" and compile is False:
+        raise ValueError(f"{mode} applies to compiled steps only: set compile: true as well, or leave "
+                         f"{setting} out")
+    return mode
+
 _EXPECTED = {
     "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
     "float_type": "a number", "float_parsing": "a number", "bool_type": "true or false",

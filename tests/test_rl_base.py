@@ -302,3 +302,21 @@ def test_presets_fill_only_the_keys_a_sweep_leaves_out():
     assert backbone_name(paper, Pretrained(Path("m.pt"), "bbbb", {})) == f"{shape} [base bbbb]"
     assert (backbone_name(RLSettings(return_target="max"), Pretrained(Path("m.pt"), "aaaa", {}))
             == f"{shape} [base aaaa]")
+
+
+def test_pretraining_takes_its_own_compile_mode_outside_the_key(cache):
+    """Pretraining ran torch's default mode whatever the settings said; `pretrain_compile_mode` (like
+    ``pretrain_lr`` beside ``lr``) now sets its mode, outside the key (as ``compile``: how the updates run, not
+    what they compute), and the base's info says how its updates ran ("" on a CPU, where nothing is compiled).
+    Trials' ``compile_mode`` leaves pretraining alone, and a mode without ``compile`` is refused."""
+    from agents.pretrain import pretrain
+    from agents.track import pretrain_plan
+
+    graphs = pretrain_plan(track.settings({**TINY, "compile": True, "pretrain_compile_mode": "reduce-overhead"}))
+    assert graphs.train.compile_mode == "reduce-overhead"
+    trials_only = track.settings({**TINY, "compile": True, "compile_mode": "reduce-overhead"})
+    assert pretrain_plan(trials_only).train.compile_mode == "default"
+    assert graphs.base_key() == pretrain_plan(track.settings({**TINY, "compile": True})).base_key()
+    with pytest.raises(ConfigError, match="pretrain_compile_mode"):
+        track.settings({**TINY, "compile": False, "pretrain_compile_mode": "reduce-overhead"})
+    assert pretrain(graphs, torch.device("cpu"), 1).info["compile_mode"] == ""
