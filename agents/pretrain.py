@@ -55,8 +55,8 @@ class OptimPlan:
     grad_clip: float = 0.25
     batch_size: int = 128
     compile: bool = False
-    # torch.compile's mode where ``compile`` (the track's ``compile_mode``): ``reduce-overhead`` replays the
-    # update as CUDA graphs; like ``compile``, not in the key
+    # torch.compile's mode where ``compile`` (the rl track's ``pretrain_compile_mode``): ``reduce-overhead``
+    # replays the update as CUDA graphs; like ``compile``, not in the key
     compile_mode: str = "default"
     # torch's deterministic kernels (the study's ``deterministic``): a base pretrained afresh on a GPU then has
     # the same bits every time, so a sweep on an empty cache repeats its records; like ``compile``, not in the key
