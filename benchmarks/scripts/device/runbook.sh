@@ -38,8 +38,8 @@
 # 10 rounds) as it is (dtB), with the residual stream in bf16 (dtR), with that and no dropout (dtRD: what is
 # left when both numerics choices are taken), as it is again (dtB2: drift), without dropout alone (dtD);
 # between them the quality check: the recipe's base pretrained 5K updates with the bf16 residual (ptR) and as
-# it is (ptF), same data and seed, scored on MT40 with 3 episodes per task (what device time allows); then dtB2, bench rl both ways (rlR,
-# rlB) and dtD
+# it is (ptF), same data and seed, scored on MT40 with 3 episodes per task (what device time allows); then
+# dtB2, bench rl both ways (rlR, rlB) and dtD
 set -u
 out=$(realpath -m "${1:?usage: runbook.sh OUTDIR [h200|x2|eager|inplace|residual]}")
 plan=${2:-h200}
@@ -69,7 +69,8 @@ if [ "$plan" = residual ]; then
     step "$name" python -m harness bench methods --set model=dt --set compile=true --set compile_mode=reduce-overhead \
       --set 'methods=[full,lora]' --set rounds=10 "$@" --out "$out/$file"; }
   pt() { local name=$1; shift
-    step "$name" python -m harness pretrain rl --set pretrain_steps=5000 --set pretrain_eval_episodes=3 --set data_workers=16 --set eval_workers=16 "$@"; }
+    step "$name" python -m harness pretrain rl --set pretrain_steps=5000 --set pretrain_eval_episodes=3 \
+      --set data_workers=16 --set eval_workers=16 "$@"; }
   dt dtB dt-ro.json
   # profiled (before the timed rounds): where the time goes once the stream is bf16
   PROF=(--set profile=true --set profile_top=80)
